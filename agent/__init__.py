@@ -1,0 +1,1 @@
+"""retransmit-agent: loads the BPF program, reads its maps, reports per-node results."""

@@ -1,0 +1,1 @@
+"""retransmit-operator: the kopf operator and the RetransmitTrace API (retransmit_operator.api)."""

@@ -1,0 +1,269 @@
+"""The RetransmitTrace API (retransmit.dev/v1alpha1): the single source of truth.
+
+The CRD's openAPIV3Schema is generated from these models (retransmit_operator.crd), the
+agent builds its node report with them, and the operator validates specs with them. This
+module imports nothing from kopf or kubernetes so the agent can use it.
+
+Kubernetes names (camelCase) are the aliases; Python code uses snake_case attributes.
+Model instances are dumped for the API with `to_api(model)`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "retransmit.dev"
+VERSION = "v1alpha1"
+KIND = "RetransmitTrace"
+PLURAL = "retransmittraces"
+SINGULAR = "retransmittrace"
+SHORT_NAME = "rtrace"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Go's time.ParseDuration syntax, restricted to units that make sense for a trace.
+GO_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+# TCP states as the kernel prints them in the tracepoint (show_tcp_state_name), minus TCP_.
+TCP_STATES: tuple[str, ...] = (
+    "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT", "CLOSE",
+    "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV", "BOUND_INACTIVE",
+)
+# Kernel enum value (include/net/tcp_states.h) for each name: the BPF program sees numbers.
+TCP_STATE_NUMBERS: dict[str, int] = {name: i + 1 for i, name in enumerate(TCP_STATES)}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go-style duration ("90s", "1m30s", "2h"); ValueError names the fix."""
+    if not re.fullmatch(GO_DURATION_PATTERN, text or ""):
+        raise ValueError(
+            f"{text!r} is not a duration: use a number and a unit (ms, s, m, h), e.g. '90s' or '1m30s'"
+        )
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+
+
+class IPFamily(str, Enum):
+    IPV4 = "IPv4"
+    IPV6 = "IPv6"
+
+
+TCPState = Enum("TCPState", {name: name for name in TCP_STATES}, type=str)  # type: ignore[misc]
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
+    )
+
+
+def to_api(model: BaseModel) -> dict[str, Any]:
+    """The JSON-ready dict the Kubernetes API expects (aliases, no unset optionals)."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# ---------------------------------------------------------------- spec
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Toleration(ApiModel):
+    """A core/v1 Toleration, so agents can run on tainted nodes."""
+
+    key: Optional[str] = Field(None, description="Taint key the toleration applies to; empty with operator Exists matches all taints.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: Optional[str] = Field(None, description="Taint value to match when operator is Equal.")
+    effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = Field(
+        None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: Optional[int] = Field(None, description="For NoExecute: how long the agent stays after the taint appears.")
+
+
+class LabelSelectorRequirement(ApiModel):
+    key: str = Field(description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[str] = Field(default_factory=list, description="Values for In and NotIn; empty for Exists and DoesNotExist.")
+
+
+class LabelSelector(ApiModel):
+    """A metav1.LabelSelector: matchLabels AND matchExpressions."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict, description="Labels a pod must carry, all of them.")
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, description="Set-based requirements, all of them.")
+
+
+class Filter(ApiModel):
+    """Which retransmits count. Applied in the kernel; an empty list means no restriction."""
+
+    ip_families: list[IPFamily] = Field(
+        default_factory=lambda: [IPFamily.IPV4, IPFamily.IPV6], max_length=2,
+        description="IP families to trace: IPv4, IPv6 or both (default both).",
+    )
+    ports: list[Port] = Field(default_factory=list, max_length=64, description="Keep flows whose local or remote port is one of these (1-65535).")
+    remote_cidrs: list[str] = Field(default_factory=list, max_length=64, alias="remoteCIDRs", description="Keep flows whose remote address is inside one of these CIDRs, e.g. 10.0.0.0/8 or fd00::/8.")
+    states: list[TCPState] = Field(default_factory=list, max_length=len(TCP_STATES), description="Keep retransmits that happened in these TCP states (kernel names without TCP_, e.g. ESTABLISHED, SYN_SENT).")
+
+    @field_validator("remote_cidrs")
+    @classmethod
+    def _cidrs_parse(cls, cidrs: list[str]) -> list[str]:
+        for i, cidr in enumerate(cidrs):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"remoteCIDRs[{i}]: {cidr!r} is not a CIDR: use ADDRESS/PREFIX such as 10.0.0.0/8 or fd00::/8") from None
+        return cidrs
+
+
+class Events(ApiModel):
+    """Per-event samples: rate-limited in the kernel, the most recent kept in status."""
+
+    max_per_second: int = Field(100, ge=0, le=10000, description="Samples per second per node sent to user space (0 disables samples); drops are counted in lostEvents.")
+    keep: int = Field(20, ge=0, le=100, description="How many recent samples each node keeps in status.nodes[].recentEvents.")
+
+
+class RetransmitTraceSpec(ApiModel):
+    """What to trace, where, and for how long. Every field is optional."""
+
+    duration: Optional[str] = Field(None, pattern=GO_DURATION_PATTERN, description="How long the trace runs, Go-style ('90s', '10m', '2h'); unset runs until the trace is deleted.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Run agents only on nodes with these labels (default: all Linux nodes).")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for the agent pods, to reach tainted nodes.")
+    namespaces: list[str] = Field(default_factory=list, description="Keep only flows whose local side is a pod in one of these namespaces (default: all).")
+    pod_selector: Optional[LabelSelector] = Field(None, description="Keep only flows whose local side is a pod matching this selector (default: all).")
+    filter: Filter = Field(default_factory=Filter, description="Kernel-side filters: families, ports, remote CIDRs, TCP states.")
+    report_interval: str = Field("10s", pattern=GO_DURATION_PATTERN, description="How often each agent writes its node entry (Go-style duration, at least 1s).")
+    top_flows: int = Field(10, ge=1, le=100, description="How many flows each node and the summary keep, busiest first.")
+    events: Events = Field(default_factory=Events, description="Per-event samples.")
+
+    @field_validator("report_interval")
+    @classmethod
+    def _interval_at_least_1s(cls, value: str) -> str:
+        if parse_duration(value) < 1:
+            raise ValueError(f"{value!r} is shorter than 1s: agents would flood the API server; use '1s' or more")
+        return value
+
+    @field_validator("duration")
+    @classmethod
+    def _duration_positive(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and parse_duration(value) <= 0:
+            raise ValueError(f"{value!r} is zero: omit duration to trace until deleted, or give e.g. '5m'")
+        return value
+
+    @property
+    def duration_seconds(self) -> Optional[float]:
+        return parse_duration(self.duration) if self.duration else None
+
+    @property
+    def report_interval_seconds(self) -> float:
+        return parse_duration(self.report_interval)
+
+
+# ---------------------------------------------------------------- status
+
+class Phase(str, Enum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+
+
+class Endpoint(ApiModel):
+    """One side of a connection; pod/namespace filled when the IP belongs to a known pod."""
+
+    ip: str = Field(description="IPv4 or IPv6 address.")
+    port: int = Field(ge=0, le=65535, description="TCP port.")
+    pod: Optional[str] = Field(None, description="Pod owning this address, when known.")
+    namespace: Optional[str] = Field(None, description="Namespace of that pod.")
+    node: Optional[str] = Field(None, description="Set when the address is a node's own (hostNetwork pods, node IPs).")
+
+
+class Flow(ApiModel):
+    """Retransmits of one connection. `local` is the side that retransmitted."""
+
+    local: Endpoint
+    remote: Endpoint
+    family: IPFamily
+    retransmits: int = Field(0, ge=0, description="tcp_retransmit_skb events (one per retransmitted skb).")
+    synack_retransmits: int = Field(0, ge=0, description="tcp_retransmit_synack events.")
+    last_state: Optional[TCPState] = Field(None, description="TCP state at the latest retransmit.")
+    first_seen: Optional[datetime] = None
+    last_seen: Optional[datetime] = None
+    node: Optional[str] = Field(None, description="Node that saw the flow (set in status.summary.topFlows).")
+
+
+class RecentEvent(ApiModel):
+    """One sampled retransmit."""
+
+    time: datetime
+    kind: Literal["retransmit", "synack"]
+    family: IPFamily
+    local: Endpoint
+    remote: Endpoint
+    state: Optional[TCPState] = None
+
+
+class NodeStatus(ApiModel):
+    """One node's entry in status.nodes[], written only by that node's agent."""
+
+    node: str = Field(description="Node name: the list-map key.")
+    phase: Phase = Field(Phase.PENDING, description="Running while counting; Failed with a message when the node cannot trace.")
+    retransmits: int = Field(0, ge=0, description="Every matched tcp_retransmit_skb event on this node, including flows evicted from the kernel map.")
+    synack_retransmits: int = Field(0, ge=0, description="Every matched tcp_retransmit_synack event.")
+    lost_events: int = Field(0, ge=0, description="Samples dropped by the rate limit or a full buffer; counts stay exact.")
+    flows: int = Field(0, ge=0, description="Distinct flows seen.")
+    by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.")
+    top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows, at most spec.topFlows.")
+    recent_events: list[RecentEvent] = Field(default_factory=list, description="Most recent samples, at most spec.events.keep.")
+    last_report_time: Optional[datetime] = None
+    kernel: Optional[str] = Field(None, description="Kernel release of the node.")
+    agent_version: Optional[str] = None
+    message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
+
+
+class PodCount(ApiModel):
+    pod: str
+    namespace: str
+    node: Optional[str] = None
+    retransmits: int = Field(0, ge=0)
+
+
+class Summary(ApiModel):
+    """The cluster-wide answer, aggregated by the operator from status.nodes[]."""
+
+    retransmits: int = Field(0, ge=0)
+    synack_retransmits: int = Field(0, ge=0)
+    lost_events: int = Field(0, ge=0)
+    nodes_desired: int = Field(0, ge=0, description="Agents the DaemonSet wants.")
+    nodes_reporting: int = Field(0, ge=0, description="Nodes with a Running entry.")
+    top_flows: list[Flow] = Field(default_factory=list)
+    top_pods: list[PodCount] = Field(default_factory=list)
+    by_state: dict[str, int] = Field(default_factory=dict)
+
+
+class Condition(ApiModel):
+    """metav1.Condition."""
+
+    type: Literal["Ready", "AgentsReady", "Degraded"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase reason.")
+    message: str = ""
+    last_transition_time: datetime
+    observed_generation: Optional[int] = None
+
+
+class RetransmitTraceStatus(ApiModel):
+    phase: Optional[Phase] = None
+    observed_generation: Optional[int] = None
+    start_time: Optional[datetime] = None
+    completion_time: Optional[datetime] = None
+    conditions: list[Condition] = Field(default_factory=list)
+    summary: Optional[Summary] = None
+    nodes: list[NodeStatus] = Field(default_factory=list)

@@ -1,0 +1,85 @@
+"""The operator-agent contract: how the DaemonSet template invokes `retransmit-agent cluster`.
+
+Declared once here; the operator renders it (render_agent_args/AGENT_ENV) and the agent
+parses it (parse_agent_args). The whole trace spec travels as one JSON argument validated
+by the same pydantic model on both sides, so a new spec field needs no new flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from .api import RetransmitTraceSpec, to_api
+
+AGENT_SUBCOMMAND = "cluster"
+
+# Environment the DaemonSet sets through the downward API.
+ENV_NODE_NAME = "RTRACE_NODE_NAME"          # spec.nodeName
+ENV_POD_NAME = "RTRACE_POD_NAME"            # metadata.name
+ENV_POD_NAMESPACE = "RTRACE_POD_NAMESPACE"  # metadata.namespace
+DOWNWARD_API_ENV: dict[str, str] = {
+    ENV_NODE_NAME: "spec.nodeName",
+    ENV_POD_NAME: "metadata.name",
+    ENV_POD_NAMESPACE: "metadata.namespace",
+}
+
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_MAX_WRITES_PER_SECOND = 5.0
+
+
+@dataclass(frozen=True)
+class AgentInvocation:
+    """Everything `retransmit-agent cluster` is told by its pod."""
+
+    trace: str
+    spec: RetransmitTraceSpec
+    metrics_port: int = DEFAULT_METRICS_PORT
+    # Ceiling on status writes per second for one trace across all its agents: each agent
+    # stretches its interval to nodes_desired / max_writes_per_second when that is longer.
+    max_writes_per_second: float = DEFAULT_MAX_WRITES_PER_SECOND
+    # Where to look for tracefs; only a test points it elsewhere (a node without the tracepoint).
+    tracefs: Optional[str] = None
+
+
+def render_agent_args(inv: AgentInvocation) -> list[str]:
+    """Container args (after the `retransmit-agent` command) for this invocation."""
+    args = [
+        AGENT_SUBCOMMAND,
+        "--trace", inv.trace,
+        "--spec", json.dumps(to_api(inv.spec), sort_keys=True, separators=(",", ":")),
+        "--metrics-port", str(inv.metrics_port),
+        "--max-writes-per-second", f"{inv.max_writes_per_second:g}",
+    ]
+    if inv.tracefs:
+        args += ["--tracefs", inv.tracefs]
+    return args
+
+
+def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `cluster` subcommand's options, matching render_agent_args."""
+    parser.add_argument("--trace", required=True, help="name of the RetransmitTrace")
+    parser.add_argument("--spec", required=True, help="the trace's spec as JSON")
+    parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    parser.add_argument("--max-writes-per-second", type=float, default=DEFAULT_MAX_WRITES_PER_SECOND)
+    parser.add_argument("--tracefs", default=None, help="tracefs mount to use instead of probing")
+
+
+def invocation_from_namespace(ns: argparse.Namespace) -> AgentInvocation:
+    return AgentInvocation(
+        trace=ns.trace,
+        spec=RetransmitTraceSpec.model_validate_json(ns.spec),
+        metrics_port=ns.metrics_port,
+        max_writes_per_second=ns.max_writes_per_second,
+        tracefs=ns.tracefs,
+    )
+
+
+def parse_agent_args(argv: Sequence[str]) -> AgentInvocation:
+    """Inverse of render_agent_args (argv without the program name)."""
+    parser = argparse.ArgumentParser(prog="retransmit-agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_agent_arguments(sub.add_parser(AGENT_SUBCOMMAND))
+    return invocation_from_namespace(parser.parse_args(list(argv)))
