@@ -75,7 +75,7 @@ tools: venv $(TOOLS)/helm $(TOOLS)/kubectl
 
 ## ---- the two commands -----------------------------------------------------
 demo: setup
-	$(PY) -m tests.demo
+	$(PY) -m tests.harness.demo_local
 
 # Every layer in one pytest run. pytest exit 5 (nothing collected) is a failure.
 test: setup k8s-binaries
@@ -101,5 +101,70 @@ k8s-binaries:
 	@echo ">> k8s-binaries: not built yet"; exit 1
 
 ## ---- image (issue: ship it) -------------------------------------------------
+# `make image` builds the one image (operator + agent) with podman from a Debian base made
+# here with debootstrap (no registry is reachable), then runs the image's agent privileged
+# against real retransmits (tests/deploy/test_image.py). The Dockerfile names the public
+# base; only this build maps it to the local import. crun fails on this machine's hybrid
+# cgroups and podman's default ulimits exceed the hard limit: hence runc and the ulimits.
+IMAGE        ?= localhost/retransmit-operator:dev
+BASE_IMAGE   := docker.io/library/debian:bookworm-slim
+BASE_TAR     := $(CACHE)/debian-bookworm-minbase.tar
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+IMAGE_APT    := podman buildah runc debootstrap
+PODMAN       := podman --runtime runc --cgroup-manager cgroupfs
+ULIMITS      := --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
+CHECKOV_VENV := $(CACHE)/checkov-venv
+CHECKOV      := $(CHECKOV_VENV)/bin/checkov
+export RTRACE_IMAGE := $(IMAGE)
+
+.PHONY: image image-tools image-base image-build manifests scan test-deploy
+
+image-tools:
+	@missing=$$(for p in $(IMAGE_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo ">> apt-get install $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo ">> podman, buildah, runc, debootstrap present"; fi
+
+# A minimal bookworm root filesystem, cached as a tarball outside the clone (about 40 s).
+$(BASE_TAR): | image-tools
+	@mkdir -p $(CACHE); rm -rf $(CACHE)/debootstrap.tmp
+	debootstrap --variant=minbase bookworm $(CACHE)/debootstrap.tmp $(DEBIAN_MIRROR) >/dev/null
+	tar -C $(CACHE)/debootstrap.tmp -cf $@.tmp . && mv $@.tmp $@ && rm -rf $(CACHE)/debootstrap.tmp
+
+image-base: image-tools $(BASE_TAR)
+	@podman image exists localhost/debian:bookworm-slim || \
+	  podman import $(BASE_TAR) localhost/debian:bookworm-slim >/dev/null
+	@podman tag localhost/debian:bookworm-slim $(BASE_IMAGE)
+	@echo ">> $(BASE_IMAGE) = local debootstrap import"
+
+# Behind a TLS-intercepting proxy pip needs the host's CA bundle (PIP_CERT): lend it to
+# the build read-only; it does not end up in the image.
+HOST_PIP_CERT := $(or $(PIP_CERT),$(shell test -f /etc/pip.conf && sed -n 's/^cert *= *//p' /etc/pip.conf))
+BUILD_CA := $(if $(HOST_PIP_CERT),--volume $(HOST_PIP_CERT):/run/build-ca.crt:ro --build-arg PIP_CERT=/run/build-ca.crt)
+
+image-build: image-base
+	$(PODMAN) build --pull=never --network host $(ULIMITS) $(BUILD_CA) -t $(IMAGE) $(ROOT)
+	@podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(IMAGE)
+
+image: venv image-build
+	$(PY) -m pytest tests/deploy/test_image.py -q
+
+# manifests/ is rendered from the chart (the one source of truth): edit the chart, then
+# run this; tests/deploy/test_manifests.py fails when the two drift.
+manifests: tools
+	$(PY) -m tests.deploy.render --write
+
+# checkov pins many dependencies: it lives in its own venv, never in .venv.
+# (cd /: from the repo root, operator/ would shadow the standard library's operator module.)
+$(CHECKOV):
+	cd / && /usr/bin/python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q checkov
+
+scan: tools $(CHECKOV)
+	$(PY) -m tests.deploy.scan
+
+test-deploy: setup
+	$(PY) -m pytest -m deploy tests
 
 ## ---- bench (issue: measure it) ----------------------------------------------

@@ -29,6 +29,58 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 # Go's time.ParseDuration syntax, restricted to units that make sense for a trace.
 GO_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+
+# CIDR shape for the CRD schema (RE2 and Python alike). IPv4 is checked exactly; IPv6 only
+# for its shape: the full syntax ("1:::2/64" has the shape but is not an address) is left to
+# pydantic in the operator. CEL's isCIDR() would check it all, but only API servers >= 1.32
+# accept it in a CRD, and OpenShift 4.14-4.18 run 1.27-1.31.
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+CIDR_PATTERN = (
+    rf"^(({_OCTET}\.){{3}}{_OCTET}/(3[0-2]|[12]?[0-9])"
+    r"|[0-9A-Fa-f]{0,4}(:[0-9A-Fa-f]{0,4}){1,7}(:[0-9.]{7,15})?/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))$"
+)
+# Kubernetes object and label syntax (apimachinery's validation), for fields the agent matches.
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+# The DaemonSet is named rtrace-<trace>: 7 + 56 = 63 keeps it a valid label value too.
+MAX_TRACE_NAME_LENGTH = 56
+
+
+def _cel(rule: str, message: str) -> dict[str, str]:
+    """One x-kubernetes-validations entry (CEL), evaluated by the API server at apply time."""
+    return {"rule": rule, "message": message}
+
+
+def k8s_extra(**extensions: Any) -> dict[str, Any]:
+    """json_schema_extra for Kubernetes schema extensions: x_kubernetes_list_type -> x-kubernetes-list-type."""
+    return {key.replace("_", "-"): value for key, value in extensions.items()}
+
+
+def check_label_key(key: str) -> Optional[str]:
+    """Why `key` is not a Kubernetes label key, or None when it is one."""
+    prefix, _, name = key.rpartition("/")
+    if not re.fullmatch(LABEL_KEY_PATTERN, key) or len(name) > 63 or len(prefix) > 253:
+        return f"{key!r} is not a label key: use NAME or PREFIX/NAME (NAME at most 63 of [A-Za-z0-9-_.], PREFIX a DNS subdomain)"
+    return None
+
+
+def check_label_value(value: str) -> Optional[str]:
+    """Why `value` is not a Kubernetes label value, or None when it is one."""
+    if len(value) > 63 or not re.fullmatch(LABEL_VALUE_PATTERN, value):
+        return f"{value!r} is not a label value: at most 63 of [A-Za-z0-9-_.], starting and ending alphanumeric"
+    return None
+
+
+def _check_labels(labels: dict[str, str]) -> dict[str, str]:
+    for key, value in labels.items():
+        problem = check_label_key(key) or check_label_value(value)
+        if problem:
+            raise ValueError(f"[{key!r}]: {problem}")
+    return labels
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -79,9 +131,18 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 class Toleration(ApiModel):
     """A core/v1 Toleration, so agents can run on tainted nodes."""
 
-    key: Optional[str] = Field(None, description="Taint key the toleration applies to; empty with operator Exists matches all taints.")
+    model_config = ConfigDict(json_schema_extra=k8s_extra(x_kubernetes_validations=[
+        _cel("self.operator == 'Exists' || (has(self.key) && self.key != '')",
+             "tolerations[]: an empty key needs operator Exists (it matches every taint); give a key or set operator: Exists"),
+        _cel("self.operator != 'Exists' || !has(self.value) || self.value == ''",
+             "tolerations[].value must be empty when operator is Exists: remove value or use operator: Equal"),
+        _cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+             "tolerations[].tolerationSeconds applies only to effect NoExecute: remove it or set effect: NoExecute"),
+    ]))
+
+    key: Optional[str] = Field(None, max_length=317, description="Taint key the toleration applies to; empty with operator Exists matches all taints.")
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
-    value: Optional[str] = Field(None, description="Taint value to match when operator is Equal.")
+    value: Optional[str] = Field(None, max_length=63, description="Taint value to match when operator is Equal.")
     effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = Field(
         None, description="Taint effect to match; empty matches all effects."
     )
@@ -89,16 +150,37 @@ class Toleration(ApiModel):
 
 
 class LabelSelectorRequirement(ApiModel):
-    key: str = Field(description="Label key.")
+    """One set-based requirement of a label selector."""
+
+    model_config = ConfigDict(json_schema_extra=k8s_extra(x_kubernetes_validations=[
+        _cel("self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0) : (!has(self.values) || size(self.values) == 0)",
+             "matchExpressions[]: operators In and NotIn need values, Exists and DoesNotExist take none"),
+    ]))
+
+    key: str = Field(max_length=317, description="Label key.")
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists or DoesNotExist.")
-    values: list[str] = Field(default_factory=list, description="Values for In and NotIn; empty for Exists and DoesNotExist.")
+    values: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=64, description="Values for In and NotIn; empty for Exists and DoesNotExist.")
+
+    @field_validator("key")
+    @classmethod
+    def _key_is_label_key(cls, key: str) -> str:
+        problem = check_label_key(key)
+        if problem:
+            raise ValueError(problem)
+        return key
 
 
 class LabelSelector(ApiModel):
     """A metav1.LabelSelector: matchLabels AND matchExpressions."""
 
-    match_labels: dict[str, str] = Field(default_factory=dict, description="Labels a pod must carry, all of them.")
-    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, description="Set-based requirements, all of them.")
+    match_labels: dict[str, Annotated[str, Field(json_schema_extra={"maxLength": 63, "pattern": LABEL_VALUE_PATTERN})]] = Field(
+        default_factory=dict, max_length=64, description="Labels a pod must carry, all of them.")
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32, description="Set-based requirements, all of them.")
+
+    @field_validator("match_labels")
+    @classmethod
+    def _labels_valid(cls, labels: dict[str, str]) -> dict[str, str]:
+        return _check_labels(labels)
 
 
 class Filter(ApiModel):
@@ -107,10 +189,17 @@ class Filter(ApiModel):
     ip_families: list[IPFamily] = Field(
         default_factory=lambda: [IPFamily.IPV4, IPFamily.IPV6], max_length=2,
         description="IP families to trace: IPv4, IPv6 or both (default both).",
+        json_schema_extra=k8s_extra(x_kubernetes_list_type="set"),
     )
-    ports: list[Port] = Field(default_factory=list, max_length=64, description="Keep flows whose local or remote port is one of these (1-65535).")
-    remote_cidrs: list[str] = Field(default_factory=list, max_length=64, alias="remoteCIDRs", description="Keep flows whose remote address is inside one of these CIDRs, e.g. 10.0.0.0/8 or fd00::/8.")
-    states: list[TCPState] = Field(default_factory=list, max_length=len(TCP_STATES), description="Keep retransmits that happened in these TCP states (kernel names without TCP_, e.g. ESTABLISHED, SYN_SENT).")
+    ports: list[Port] = Field(default_factory=list, max_length=64, description="Keep flows whose local or remote port is one of these (1-65535).",
+                              json_schema_extra=k8s_extra(x_kubernetes_list_type="set"))
+    # The pattern goes into the CRD only: pydantic's own check below gives the better message.
+    remote_cidrs: list[Annotated[str, Field(json_schema_extra={"pattern": CIDR_PATTERN, "maxLength": 64})]] = Field(
+        default_factory=list, max_length=64, alias="remoteCIDRs",
+        description="Keep flows whose remote address is inside one of these CIDRs, e.g. 10.0.0.0/8 or fd00::/8.",
+        json_schema_extra=k8s_extra(x_kubernetes_list_type="set"))
+    states: list[TCPState] = Field(default_factory=list, max_length=len(TCP_STATES), description="Keep retransmits that happened in these TCP states (kernel names without TCP_, e.g. ESTABLISHED, SYN_SENT).",
+                                   json_schema_extra=k8s_extra(x_kubernetes_list_type="set"))
 
     @field_validator("remote_cidrs")
     @classmethod
@@ -133,15 +222,29 @@ class Events(ApiModel):
 class RetransmitTraceSpec(ApiModel):
     """What to trace, where, and for how long. Every field is optional."""
 
-    duration: Optional[str] = Field(None, pattern=GO_DURATION_PATTERN, description="How long the trace runs, Go-style ('90s', '10m', '2h'); unset runs until the trace is deleted.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Run agents only on nodes with these labels (default: all Linux nodes).")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for the agent pods, to reach tainted nodes.")
-    namespaces: list[str] = Field(default_factory=list, description="Keep only flows whose local side is a pod in one of these namespaces (default: all).")
+    duration: Optional[str] = Field(None, pattern=GO_DURATION_PATTERN, max_length=64, description="How long the trace runs, Go-style ('90s', '10m', '2h'); unset runs until the trace is deleted.",
+                                    json_schema_extra=k8s_extra(x_kubernetes_validations=[
+                                        _cel("duration(self) > duration('0s')", "spec.duration must be longer than 0s: omit it to trace until deleted, or give e.g. '5m'"),
+                                    ]))
+    node_selector: dict[str, Annotated[str, Field(json_schema_extra={"maxLength": 63, "pattern": LABEL_VALUE_PATTERN})]] = Field(
+        default_factory=dict, max_length=64, description="Run agents only on nodes with these labels (default: all Linux nodes).")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations for the agent pods, to reach tainted nodes.")
+    namespaces: list[Annotated[str, Field(max_length=63, pattern=DNS_LABEL_PATTERN)]] = Field(
+        default_factory=list, max_length=256, description="Keep only flows whose local side is a pod in one of these namespaces (default: all).",
+        json_schema_extra=k8s_extra(x_kubernetes_list_type="set"))
     pod_selector: Optional[LabelSelector] = Field(None, description="Keep only flows whose local side is a pod matching this selector (default: all).")
     filter: Filter = Field(default_factory=Filter, description="Kernel-side filters: families, ports, remote CIDRs, TCP states.")
-    report_interval: str = Field("10s", pattern=GO_DURATION_PATTERN, description="How often each agent writes its node entry (Go-style duration, at least 1s).")
+    report_interval: str = Field("10s", pattern=GO_DURATION_PATTERN, max_length=64, description="How often each agent writes its node entry (Go-style duration, at least 1s).",
+                                 json_schema_extra=k8s_extra(x_kubernetes_validations=[
+                                     _cel("duration(self) >= duration('1s')", "spec.reportInterval must be at least 1s, or agents would flood the API server: use e.g. '10s'"),
+                                 ]))
     top_flows: int = Field(10, ge=1, le=100, description="How many flows each node and the summary keep, busiest first.")
     events: Events = Field(default_factory=Events, description="Per-event samples.")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _node_labels_valid(cls, labels: dict[str, str]) -> dict[str, str]:
+        return _check_labels(labels)
 
     @field_validator("report_interval")
     @classmethod
@@ -188,26 +291,26 @@ class Endpoint(ApiModel):
 class Flow(ApiModel):
     """Retransmits of one connection. `local` is the side that retransmitted."""
 
-    local: Endpoint
-    remote: Endpoint
-    family: IPFamily
+    local: Endpoint = Field(description="The side that retransmitted (the tracepoint's source address).")
+    remote: Endpoint = Field(description="The peer.")
+    family: IPFamily = Field(description="IPv4 or IPv6.")
     retransmits: int = Field(0, ge=0, description="tcp_retransmit_skb events (one per retransmitted skb).")
     synack_retransmits: int = Field(0, ge=0, description="tcp_retransmit_synack events.")
     last_state: Optional[TCPState] = Field(None, description="TCP state at the latest retransmit.")
-    first_seen: Optional[datetime] = None
-    last_seen: Optional[datetime] = None
+    first_seen: Optional[datetime] = Field(None, description="First retransmit of this flow during the trace.")
+    last_seen: Optional[datetime] = Field(None, description="Latest retransmit of this flow.")
     node: Optional[str] = Field(None, description="Node that saw the flow (set in status.summary.topFlows).")
 
 
 class RecentEvent(ApiModel):
     """One sampled retransmit."""
 
-    time: datetime
-    kind: Literal["retransmit", "synack"]
-    family: IPFamily
-    local: Endpoint
-    remote: Endpoint
-    state: Optional[TCPState] = None
+    time: datetime = Field(description="When the kernel saw it.")
+    kind: Literal["retransmit", "synack"] = Field(description="retransmit (tcp_retransmit_skb) or synack (tcp_retransmit_synack).")
+    family: IPFamily = Field(description="IPv4 or IPv6.")
+    local: Endpoint = Field(description="The side that retransmitted.")
+    remote: Endpoint = Field(description="The peer.")
+    state: Optional[TCPState] = Field(None, description="TCP state at the retransmit.")
 
 
 class NodeStatus(ApiModel):
@@ -222,48 +325,55 @@ class NodeStatus(ApiModel):
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows, at most spec.topFlows.")
     recent_events: list[RecentEvent] = Field(default_factory=list, description="Most recent samples, at most spec.events.keep.")
-    last_report_time: Optional[datetime] = None
+    last_report_time: Optional[datetime] = Field(None, description="When the agent last wrote this entry.")
     kernel: Optional[str] = Field(None, description="Kernel release of the node.")
-    agent_version: Optional[str] = None
+    agent_version: Optional[str] = Field(None, description="Version of the agent that wrote this entry.")
     message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
 
 
 class PodCount(ApiModel):
-    pod: str
-    namespace: str
-    node: Optional[str] = None
-    retransmits: int = Field(0, ge=0)
+    """Retransmits on connections of one pod, from the flows it is either side of."""
+
+    pod: str = Field(description="Pod name.")
+    namespace: str = Field(description="Pod namespace.")
+    node: Optional[str] = Field(None, description="Node the pod runs on.")
+    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) of the top flows this pod is an end of.")
 
 
 class Summary(ApiModel):
     """The cluster-wide answer, aggregated by the operator from status.nodes[]."""
 
-    retransmits: int = Field(0, ge=0)
-    synack_retransmits: int = Field(0, ge=0)
-    lost_events: int = Field(0, ge=0)
+    retransmits: int = Field(0, ge=0, description="tcp_retransmit_skb events on all nodes.")
+    synack_retransmits: int = Field(0, ge=0, description="tcp_retransmit_synack events on all nodes.")
+    lost_events: int = Field(0, ge=0, description="Event samples dropped on all nodes (counts stay exact).")
     nodes_desired: int = Field(0, ge=0, description="Agents the DaemonSet wants.")
-    nodes_reporting: int = Field(0, ge=0, description="Nodes with a Running entry.")
-    top_flows: list[Flow] = Field(default_factory=list)
-    top_pods: list[PodCount] = Field(default_factory=list)
-    by_state: dict[str, int] = Field(default_factory=dict)
+    nodes_reporting: int = Field(0, ge=0, description="Nodes whose agent reports counts: entries in phase Running (or Completed, after their final report).")
+    nodes: Optional[str] = Field(None, description="nodesReporting/nodesDesired, e.g. '2/3': the Nodes column of kubectl get.")
+    top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows cluster-wide (at most spec.topFlows), each with its node; remote pods attributed from the operator's pod index.")
+    top_pods: list[PodCount] = Field(default_factory=list, description="Pods on either end of the busiest flows, busiest first.")
+    by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes.")
 
 
 class Condition(ApiModel):
     """metav1.Condition."""
 
-    type: Literal["Ready", "AgentsReady", "Degraded"]
-    status: Literal["True", "False", "Unknown"]
+    type: Literal["Ready", "AgentsReady", "Degraded"] = Field(description="Ready (the summary), AgentsReady (every desired agent reports) or Degraded (a node failed).")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase reason.")
-    message: str = ""
-    last_transition_time: datetime
-    observed_generation: Optional[int] = None
+    message: str = Field("", description="What it means and, when something is wrong, how to fix it.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: Optional[int] = Field(None, description="metadata.generation the condition was computed for.")
 
 
 class RetransmitTraceStatus(ApiModel):
-    phase: Optional[Phase] = None
-    observed_generation: Optional[int] = None
-    start_time: Optional[datetime] = None
-    completion_time: Optional[datetime] = None
-    conditions: list[Condition] = Field(default_factory=list)
-    summary: Optional[Summary] = None
-    nodes: list[NodeStatus] = Field(default_factory=list)
+    """Written by the operator (phase, conditions, summary, times) and the agents (nodes[])."""
+
+    phase: Optional[Phase] = Field(None, description="Pending, Running, Completed or Failed.")
+    observed_generation: Optional[int] = Field(None, description="metadata.generation the operator last acted on.")
+    start_time: Optional[datetime] = Field(None, description="When the agents' DaemonSet was created; the trace ends at startTime + spec.duration.")
+    completion_time: Optional[datetime] = Field(None, description="When the trace completed.")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, AgentsReady and Degraded.",
+                                        json_schema_extra=k8s_extra(x_kubernetes_list_type="map", x_kubernetes_list_map_keys=["type"]))
+    summary: Optional[Summary] = Field(None, description="The cluster-wide answer, aggregated by the operator.")
+    nodes: list[NodeStatus] = Field(default_factory=list, description="One entry per node, each written by that node's agent (server-side apply).",
+                                    json_schema_extra=k8s_extra(x_kubernetes_list_type="map", x_kubernetes_list_map_keys=["node"]))

@@ -1,0 +1,386 @@
+"""`retransmit-agent cluster`: the DaemonSet agent that writes this node's entry into a trace's status.
+
+One agent per node and trace. It attaches the kernel program with the trace's filters,
+keeps the local-IP filter current from a watch on its node's pods, and every report
+interval server-side-applies status.nodes[<node>] (field manager rtrace-agent/<node>,
+force) when the entry changed. Counts survive everything that can happen to a pod:
+- restart (crash, kill -9, rollout): it reads its own last entry first and adds to it;
+- SIGTERM (trace completed or deleted, node drained): it writes a final report before exit;
+- API server away: the kernel keeps counting; writes retry with capped jittered backoff and
+  the next successful write carries the full cumulative totals.
+
+Kernel problems (tracefs not mounted, tracepoint missing, BPF not permitted) make the
+entry `phase: Failed` with the problem's one-line fix; the agent stays up and healthy
+(liveness ok, readiness false) instead of crash-looping. It does not retry opening the
+program: none of these problems heals while the pod runs (a new mount is not propagated
+into the pod's hostPath, a security context changes only with a new pod). The message
+says what to fix; deleting the agent pod after the fix makes the DaemonSet start a fresh
+one, which resumes the node's counts like any restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent
+from retransmit_operator.contract import ENV_NODE_NAME, AgentInvocation
+
+from .attribution import Owner, PodIndex, PodSelection, PodWatcher, attribute, node_addresses
+from .metrics import AgentState, MetricsServer
+from .reporter import (
+    ApiError,
+    Baseline,
+    StatusWriter,
+    backoff_delay,
+    cumulative_entry,
+    entry_changed,
+    find_entry,
+    jittered,
+    merge_flows,
+    nodes_desired,
+    report_interval,
+)
+
+log = logging.getLogger("retransmit_agent.cluster")
+
+TICK = 1.0                # seconds between drains of sampled events and liveness beats
+FINAL_REPORT_BUDGET = 20.0  # seconds SIGTERM leaves for the final write (grace period is 30s)
+POD_SYNC_WAIT = 15.0      # seconds to wait for the pod list before attaching a filtered program
+
+
+def agent_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("retransmit-operator")
+    except Exception:  # noqa: BLE001 - running from a tree that is not installed
+        return "unknown"
+
+
+def api_client() -> Any:
+    """In-cluster credentials (service account) when in a pod, else $KUBECONFIG."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def _with_owner(endpoint: Endpoint, owner: Optional[Owner]) -> Endpoint:
+    if owner is None:
+        return endpoint
+    return endpoint.model_copy(update={"pod": owner.pod, "namespace": owner.namespace, "node": owner.node})
+
+
+class ClusterAgent:
+    """The report loop. `stop()` (from SIGTERM) makes `run()` flush a final report and return."""
+
+    def __init__(self, inv: AgentInvocation, node: str, client: Any) -> None:
+        self.inv = inv
+        self.spec = inv.spec
+        self.node = node
+        self.writer = StatusWriter(client, inv.trace, node)
+        self._client = client
+        self.stop_event = threading.Event()
+        self.state = AgentState(trace=inv.trace, node=node)
+        self.index = PodIndex(node, node_addresses())
+        self.selection = PodSelection(frozenset(self.spec.namespaces), self.spec.pod_selector)
+        self._lock = threading.Lock()       # guards index and program between threads
+        self.program: Any = None
+        self.problem: Optional[str] = None
+        self.baseline: Optional[Baseline] = None
+        self.last_written: Optional[NodeStatus] = None
+        self.nodes_desired = 0
+        self.events: deque[RecentEvent] = deque(maxlen=max(1, self.spec.events.keep))
+        self._watcher: Optional[PodWatcher] = None
+        self._metrics: Optional[MetricsServer] = None
+        self._kernel_release = os.uname().release
+        self._version = agent_version()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self) -> int:
+        self._start_metrics()
+        self._start_pod_watch()
+        self._open_program()
+        self._read_baseline()
+        try:
+            self._loop()
+        finally:
+            self._final_report()
+            self._shutdown()
+        return 0
+
+    def _start_metrics(self) -> None:
+        try:
+            self._metrics = MetricsServer(self.state, self.inv.metrics_port).start()
+            log.info("metrics, /readyz and /livez on port %d", self._metrics.port)
+        except OSError as exc:
+            # Another agent on this host holds the port (two traces on one node): counting
+            # matters more than scraping, so go on without the endpoint.
+            log.error("cannot serve metrics on port %d (%s); counting goes on without /metrics",
+                      self.inv.metrics_port, exc)
+
+    def _start_pod_watch(self) -> None:
+        from kubernetes import client
+
+        self._watcher = PodWatcher(
+            client.CoreV1Api(self._client), self.index, self._lock, self._pods_changed,
+            lambda attempt: backoff_delay(attempt),
+        )
+        self._watcher.start()
+
+    def _open_program(self) -> None:
+        from .kernel import KernelProblem, RetransmitProgram
+
+        local_ips = None
+        if not self.selection.selects_everything:
+            # Count nothing from unknown pods: wait for the pod list, then start filtered.
+            self._watcher.synced.wait(POD_SYNC_WAIT)
+            with self._lock:
+                local_ips = self.index.selected_ips(self.selection)
+        try:
+            config = self._kernel_config(local_ips)
+            program = RetransmitProgram.open(config, tracefs=self.inv.tracefs)
+        except KernelProblem as exc:
+            self.problem = str(exc)
+            log.error("node %s cannot trace: %s", self.node, self.problem)
+            return
+        with self._lock:
+            self.program = program
+            # The pods may have changed while the program compiled.
+            if not self.selection.selects_everything:
+                program.set_local_ips(self.index.selected_ips(self.selection))
+        with self.state.lock:
+            self.state.attached = True
+        log.info("kernel program attached on node %s for trace %s", self.node, self.inv.trace)
+
+    def _kernel_config(self, local_ips: Optional[frozenset[str]]) -> Any:
+        from .kernel import KernelConfig
+
+        return KernelConfig.from_spec(self.spec, local_ips=local_ips)
+
+    def _pods_changed(self) -> None:
+        """Called by the pod watch after each change: keep the kernel's local-IP set current."""
+        if self.selection.selects_everything:
+            return
+        with self._lock:
+            if self.program is not None:
+                self.program.set_local_ips(self.index.selected_ips(self.selection))
+
+    def _read_baseline(self) -> None:
+        """What this node already reported. Without it no write happens: it could lower counts."""
+        attempt = 0
+        while not self.stop_event.is_set():
+            try:
+                trace = self.writer.read_trace()
+            except ApiError as exc:
+                delay = backoff_delay(attempt)
+                attempt += 1
+                log.warning("reading trace %s failed (%s); retrying in %.1fs", self.inv.trace, exc, delay)
+                self._count_errors()
+                self._wait(delay)
+                continue
+            previous = find_entry(trace, self.node)
+            self.baseline = Baseline.from_entry(previous)
+            self.nodes_desired = nodes_desired(trace)
+            if previous is not None and not self.baseline.empty:
+                log.info("resuming node %s from %d retransmits, %d SYN-ACK retransmits",
+                         self.node, previous.retransmits, previous.synack_retransmits)
+            return
+
+    def _shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        with self._lock:
+            if self.program is not None:
+                self.program.close()
+                self.program = None
+        with self.state.lock:
+            self.state.attached = False
+        if self._metrics is not None:
+            self._metrics.stop()
+
+    # ---------------------------------------------------------------- the loop
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`, draining samples and beating every TICK; returns early on stop."""
+        deadline = time.monotonic() + seconds
+        while not self.stop_event.is_set():
+            self._drain()
+            self.state.beat()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.stop_event.wait(min(TICK, left))
+
+    def _interval(self) -> float:
+        interval = report_interval(self.spec.report_interval_seconds, self.nodes_desired,
+                                   self.inv.max_writes_per_second)
+        with self.state.lock:
+            self.state.interval = interval
+        # The liveness bound follows the stretched interval plus the longest backoff.
+        self.state.liveness_bound = max(120.0, 3 * interval)
+        return interval
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self.stop_event.is_set():
+            if self._report():
+                failures = 0
+                self._wait(jittered(self._interval()))
+            else:
+                delay = min(backoff_delay(failures), self._interval())
+                failures += 1
+                self._wait(delay)
+
+    def _drain(self) -> None:
+        with self._lock:
+            program = self.program
+            if program is None:
+                return
+            fresh = program.drain_events()
+        if fresh and self.spec.events.keep > 0:
+            self.events.extend(fresh)
+
+    def _count_errors(self) -> None:
+        with self.state.lock:
+            self.state.report_errors += 1
+
+    # ---------------------------------------------------------------- one report
+
+    def build_entry(self) -> NodeStatus:
+        """The cumulative entry for this node right now (no I/O but reading the kernel maps)."""
+        from .report import build_node_report
+
+        baseline = self.baseline or Baseline()
+        now = datetime.now(timezone.utc)
+        with self._lock:
+            program = self.program
+            snapshot = program.snapshot() if program is not None else None
+            table = self.index.lookup_table()
+        if snapshot is None:
+            base = NodeStatus(node=self.node, phase=Phase.FAILED if self.problem else Phase.PENDING,
+                              message=self.problem, kernel=self._kernel_release,
+                              agent_version=self._version, last_report_time=now)
+            merged: list[Flow] = list(baseline.top_flows.values())
+            return cumulative_entry(baseline, base, merged, self.spec.top_flows, self.spec.events.keep)
+        fresh = build_node_report(
+            self.node, snapshot, list(self.events)[::-1], 0, self._kernel_release, self._version,
+        )
+        fresh = fresh.model_copy(update={"phase": Phase.RUNNING, "message": None, "last_report_time": now})
+        merged = [self._attributed(f, table) for f in merge_flows(baseline, fresh.top_flows)]
+        events = [self._attributed_event(e, table) for e in fresh.recent_events]
+        fresh = fresh.model_copy(update={"recent_events": events})
+        self._publish_metrics(fresh, baseline, merged)
+        return cumulative_entry(baseline, fresh, merged, self.spec.top_flows, self.spec.events.keep)
+
+    def _attributed(self, flow: Flow, table: dict) -> Flow:
+        return flow.model_copy(update={
+            "local": _with_owner(flow.local, attribute(table, flow.local.ip, self.node)),
+            "remote": _with_owner(flow.remote, attribute(table, flow.remote.ip, self.node)),
+        })
+
+    def _attributed_event(self, event: RecentEvent, table: dict) -> RecentEvent:
+        return event.model_copy(update={
+            "local": _with_owner(event.local, attribute(table, event.local.ip, self.node)),
+            "remote": _with_owner(event.remote, attribute(table, event.remote.ip, self.node)),
+        })
+
+    def _publish_metrics(self, fresh: NodeStatus, baseline: Baseline, merged: list[Flow]) -> None:
+        by_pod_port: dict[tuple[str, str, str], int] = {}
+        for flow in merged:
+            namespace = flow.local.namespace or ""
+            pod = flow.local.pod or flow.local.node or ""
+            key = (namespace, pod, str(flow.remote.port))
+            by_pod_port[key] = by_pod_port.get(key, 0) + flow.retransmits
+        self.state.publish_counts(
+            baseline.retransmits + fresh.retransmits,
+            baseline.synack_retransmits + fresh.synack_retransmits,
+            baseline.lost_events + fresh.lost_events,
+            by_pod_port,
+        )
+
+    def _report(self) -> bool:
+        """Write the entry if it changed. True when nothing is left to write."""
+        if self.baseline is None:
+            return False
+        entry = self.build_entry()
+        if self.last_written is not None and not entry_changed(self.last_written, entry):
+            return True
+        try:
+            stored = self.writer.apply(entry)
+        except ApiError as exc:
+            self._count_errors()
+            log.warning("writing node %s of trace %s failed: %s", self.node, self.inv.trace, exc)
+            return False
+        self.last_written = entry
+        self.nodes_desired = nodes_desired(stored) or self.nodes_desired
+        with self.state.lock:
+            self.state.reports += 1
+        return True
+
+    def _final_report(self) -> None:
+        """SIGTERM: everything counted so far goes into the status before the pod ends."""
+        deadline = time.monotonic() + FINAL_REPORT_BUDGET
+        if self.baseline is None:
+            # Never got the earlier entry: one last try, else writing could lower the counts.
+            try:
+                trace = self.writer.read_trace()
+                self.baseline = Baseline.from_entry(find_entry(trace, self.node))
+            except ApiError as exc:
+                log.error("final report skipped: earlier entry unreadable (%s)", exc)
+                return
+        self._drain()
+        attempt = 0
+        while True:
+            if self._report():
+                log.info("final report written for node %s", self.node)
+                return
+            delay = backoff_delay(attempt, cap=5.0)
+            attempt += 1
+            if time.monotonic() + delay > deadline:
+                log.error("final report for node %s not written within %.0fs", self.node, FINAL_REPORT_BUDGET)
+                return
+            time.sleep(delay)
+
+
+def run(invocation: AgentInvocation) -> int:
+    """Entry point of `retransmit-agent cluster`."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node = os.environ.get(ENV_NODE_NAME, "")
+    if not node:
+        print(f"retransmit-agent cluster: environment variable {ENV_NODE_NAME} is not set: "
+              f"set it from the downward API (fieldRef spec.nodeName), as the operator's DaemonSet does",
+              file=sys.stderr)
+        return 2
+    try:
+        client = api_client()
+    except Exception as exc:  # noqa: BLE001 - no credentials at all
+        print(f"retransmit-agent cluster: no Kubernetes credentials ({exc}): run inside a pod "
+              f"with a service account, or set KUBECONFIG", file=sys.stderr)
+        return 2
+    agent = ClusterAgent(invocation, node, client)
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: writing a final report, then exiting", signum)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    return agent.run()

@@ -1,0 +1,386 @@
+"""The kernel program's Python side: configure, attach, read counters, drain samples.
+
+    program = RetransmitProgram.open(KernelConfig(ports=frozenset({443})))
+    snapshot = program.snapshot()        # KernelSnapshot: exact totals, byState, flows
+    samples = program.drain_events()     # list[RecentEvent] since the last drain
+    program.set_local_ips({"10.1.2.3"})  # live: the cluster agent follows its pods
+    program.close()
+
+Every problem that prevents tracing raises KernelProblem with one actionable line.
+The C source is package data (retransmit_bpf); its layouts live in bpf/retransmit.h and
+reach Python only through bcc's map types and table.event().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import sys
+import tempfile
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+from retransmit_operator.api import TCP_STATE_NUMBERS, TCP_STATES, RecentEvent, RetransmitTraceSpec
+
+from .flows import (
+    AF_INET,
+    AF_INET6,
+    FlowCounters,
+    flow_counters,
+    recent_event,
+    state_name,
+    wall_clock_offset_ns,
+)
+from .preflight import (
+    KernelProblem,
+    find_tracefs,
+    require_kernel_headers,
+    require_privileges,
+    require_tracepoints,
+    ringbuf_supported,
+)
+
+__all__ = ["KernelConfig", "KernelProblem", "KernelSnapshot", "RetransmitProgram", "FlowCounters"]
+
+FAMILY_BITS = {"IPv4": 1, "IPv6": 2}
+MAX_PENDING_EVENTS = 10_000   # samples kept between drains; more are counted as lost
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """What the kernel program counts. Empty sets mean "no restriction".
+
+    families: "IPv4"/"IPv6"; ports: local or remote port; remote_cidrs: CIDR strings;
+    states: kernel state names without TCP_; local_ips: None = no local-address filter,
+    else only flows whose local address is in the set (an empty set matches nothing);
+    samples_per_second: sampled events sent to user space (0 = none); flow_capacity:
+    entries per family in the LRU flow maps; ring_pages: ring buffer size (power of two).
+    """
+
+    families: frozenset[str] = frozenset(FAMILY_BITS)
+    ports: frozenset[int] = frozenset()
+    remote_cidrs: tuple[str, ...] = ()
+    states: frozenset[str] = frozenset()
+    local_ips: Optional[frozenset[str]] = None
+    samples_per_second: int = 100
+    flow_capacity: int = 16384
+    ring_pages: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.families or not set(self.families) <= set(FAMILY_BITS):
+            raise ValueError(f"families {sorted(self.families)}: use IPv4 and/or IPv6")
+        for port in self.ports:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is outside 1-65535")
+        for cidr in self.remote_cidrs:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the value
+        unknown = set(self.states) - set(TCP_STATES)
+        if unknown:
+            raise ValueError(f"unknown TCP states {sorted(unknown)}: use {', '.join(TCP_STATES)}")
+        for ip in self.local_ips or ():
+            ipaddress.ip_address(ip)
+        if self.samples_per_second < 0:
+            raise ValueError("samples_per_second must be 0 or more")
+        if self.flow_capacity < 1:
+            raise ValueError("flow_capacity must be at least 1")
+        if self.ring_pages < 1 or self.ring_pages & (self.ring_pages - 1):
+            raise ValueError(f"ring_pages {self.ring_pages} is not a power of two")
+
+    @classmethod
+    def from_spec(cls, spec: RetransmitTraceSpec, local_ips: Optional[Iterable[str]] = None) -> "KernelConfig":
+        """The kernel configuration a trace spec asks for (spec.filter, spec.events)."""
+        f = spec.filter
+        return cls(
+            families=frozenset(str(getattr(x, "value", x)) for x in f.ip_families),
+            ports=frozenset(f.ports),
+            remote_cidrs=tuple(f.remote_cidrs),
+            states=frozenset(str(getattr(x, "value", x)) for x in f.states),
+            local_ips=None if local_ips is None else frozenset(local_ips),
+            samples_per_second=spec.events.max_per_second,
+        )
+
+
+@dataclass(frozen=True)
+class KernelSnapshot:
+    """The kernel's counters at one moment, cumulative since the program was opened.
+
+    Totals and by_state count every event that passed the filters, including flows the
+    LRU maps evicted; `flows` holds the flows still in the maps. lost_events counts samples
+    dropped by the rate limit or a full buffer. by_state includes SYN-ACK retransmits under
+    SYN_RECV (their tracepoint has no state: a request socket is what `ss` calls SYN-RECV).
+    """
+
+    retransmits: int
+    synack_retransmits: int
+    lost_events: int
+    sampled_events: int
+    by_state: dict[str, int]
+    flows: list[FlowCounters]
+    taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """Collect what C code (clang, libbpf) prints on fd 2 while compiling and loading."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode(errors="replace").splitlines())
+
+
+def _bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
+    text = [line.strip() for line in output if line.strip()]
+    errors = [line for line in text if "error" in line.lower() or "denied" in line.lower()
+              or "not permitted" in line.lower() or "invalid" in line.lower()]
+    detail = (errors or text or [str(exc)])[-1]
+    return KernelProblem(
+        f"the kernel rejected the BPF program ({exc}; {detail}): run as root on a kernel with "
+        "CONFIG_BPF_SYSCALL and CONFIG_BPF_EVENTS, and check `dmesg` and the kernel lockdown mode"
+    )
+
+
+class RetransmitProgram:
+    """The attached kernel program. Thread-safe; use open() to create one."""
+
+    def __init__(self, bpf: Any, config: KernelConfig, ringbuf: bool, tracefs: Path) -> None:
+        self._bpf = bpf
+        self._config = config
+        self.uses_ringbuf = ringbuf
+        self.tracefs = tracefs
+        self._lock = threading.Lock()
+        self._pending: deque[tuple] = deque()
+        self._dropped_in_python = 0
+        self._events_table = bpf["events"]
+        self._local_ips: Optional[frozenset[str]] = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    def open(cls, config: KernelConfig, tracefs: Optional[str] = None) -> "RetransmitProgram":
+        """Check the node, compile and attach the program, then start counting with `config`."""
+        require_privileges()  # first: without it tracefs looks empty
+        path = find_tracefs(tracefs)
+        require_tracepoints(path)
+        require_kernel_headers()
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise KernelProblem(
+                "python module bcc is missing: install python3-bpfcc (Debian/Ubuntu) or python3-bcc (RHEL)"
+            ) from None
+        ringbuf = ringbuf_supported()
+        source = resources.files("retransmit_bpf")
+        with resources.as_file(source) as folder:
+            cflags = [
+                f"-I{folder}",
+                f"-DFLOW_CAPACITY={config.flow_capacity}",
+                f"-DRINGBUF_PAGES={config.ring_pages}",
+            ] + (["-DUSE_RINGBUF"] if ringbuf else [])
+            with _stderr_captured() as output:
+                try:
+                    bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
+                except Exception as exc:  # bcc raises bare Exception for compile and load errors
+                    failure = exc
+                else:
+                    failure = None
+            if failure is not None:
+                raise _bcc_failure(failure, output)
+        program = cls(bpf, config, ringbuf, path)
+        try:
+            program._start()
+        except Exception:
+            bpf.cleanup()
+            raise
+        return program
+
+    def _start(self) -> None:
+        if self.uses_ringbuf:
+            self._events_table.open_ring_buffer(self._on_event)
+        else:
+            self._events_table.open_perf_buffer(
+                self._on_perf_event, page_cnt=self._config.ring_pages, lost_cb=lambda lost: None,
+                wakeup_events=64,
+            )
+        c = self._config
+        self._fill(self._bpf["ports"], (self._bpf["ports"].Key(p) for p in c.ports))
+        self._fill_cidrs(c.remote_cidrs)
+        self._write_local_ips(c.local_ips or frozenset())
+        self._local_ips = c.local_ips
+        self._write_config()  # last: families != 0 is what starts counting
+
+    def close(self) -> None:
+        """Detach the program and free its maps."""
+        with self._lock:
+            if self._bpf is not None:
+                self._bpf.cleanup()
+                self._bpf = None
+
+    def __enter__(self) -> "RetransmitProgram":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- configuration maps
+
+    def _write_config(self) -> None:
+        c = self._config
+        table = self._bpf["config"]
+        leaf = table.Leaf()
+        leaf.families = sum(FAMILY_BITS[f] for f in c.families)
+        leaf.states = sum(1 << TCP_STATE_NUMBERS[s] for s in c.states)
+        leaf.ports_enabled = int(bool(c.ports))
+        leaf.cidrs_enabled = int(bool(c.remote_cidrs))
+        leaf.local_ips_enabled = int(self._local_ips is not None)
+        leaf.max_per_second = c.samples_per_second
+        table[table.Key(0)] = leaf
+
+    @staticmethod
+    def _fill(table: Any, keys: Iterable[Any]) -> None:
+        for key in keys:
+            table[key] = table.Leaf(1)
+
+    def _fill_cidrs(self, cidrs: Iterable[str]) -> None:
+        for text in cidrs:
+            net = ipaddress.ip_network(text, strict=False)
+            table = self._bpf["cidrs4" if net.version == 4 else "cidrs6"]
+            key = table.Key()
+            key.prefixlen = net.prefixlen
+            for i, byte in enumerate(net.network_address.packed):
+                key.addr[i] = byte
+            table[key] = table.Leaf(1)
+
+    def _local_keys(self, ips: Iterable[str]) -> tuple[list[Any], list[Any]]:
+        t4, t6 = self._bpf["local4"], self._bpf["local6"]
+        keys4, keys6 = [], []
+        for ip in ips:
+            packed = ipaddress.ip_address(ip).packed
+            if len(packed) == 4:
+                keys4.append(t4.Key(int.from_bytes(packed, sys.byteorder)))  # u32 holding network-order bytes
+            else:
+                key = t6.Key()
+                for i, byte in enumerate(packed):
+                    key.addr[i] = byte
+                keys6.append(key)
+        return keys4, keys6
+
+    def _write_local_ips(self, ips: frozenset[str]) -> None:
+        """Make local4/local6 hold exactly `ips` (new entries first, then stale ones go)."""
+        keep4, keep6 = self._local_keys(ips)
+        for table, keep in ((self._bpf["local4"], keep4), (self._bpf["local6"], keep6)):
+            wanted = {bytes(k): k for k in keep}
+            for key in wanted.values():
+                table[key] = table.Leaf(1)
+            for key in list(table.keys()):
+                if bytes(key) not in wanted:
+                    with contextlib.suppress(KeyError):
+                        del table[key]
+
+    def set_local_ips(self, ips: Optional[Iterable[str]]) -> None:
+        """Count only flows whose local address is in `ips` (None: any local address).
+
+        Takes effect at once, without reloading; an empty set counts nothing.
+        """
+        new = None if ips is None else frozenset(str(ipaddress.ip_address(ip)) for ip in ips)
+        with self._lock:
+            if self._bpf is None:
+                return
+            if new is None:
+                self._local_ips = None
+                self._write_config()
+                self._write_local_ips(frozenset())
+            else:
+                self._write_local_ips(new)
+                self._local_ips = new
+                self._write_config()
+
+    @property
+    def config(self) -> KernelConfig:
+        return self._config
+
+    # ---------------------------------------------------------------- reading
+
+    def snapshot(self) -> KernelSnapshot:
+        """Exact totals, retransmits per state, and every flow still in the maps."""
+        with self._lock:
+            if self._bpf is None:
+                raise KernelProblem("the kernel program is closed")
+            offset = wall_clock_offset_ns()
+            per_cpu = self._bpf["totals"][0]
+            retransmits = synack = lost = sampled = 0
+            states = [0] * len(per_cpu[0].by_state)
+            for cpu in per_cpu:
+                retransmits += cpu.retransmits
+                synack += cpu.synack_retransmits
+                lost += cpu.lost
+                sampled += cpu.sampled
+                for i, n in enumerate(cpu.by_state):
+                    states[i] += n
+            flows = list(self._read_flows(offset))
+            lost += self._dropped_in_python
+        by_state = {}
+        for number, n in enumerate(states):
+            if n:
+                by_state[state_name(number) or "UNKNOWN"] = n
+        return KernelSnapshot(
+            retransmits=retransmits, synack_retransmits=synack, lost_events=lost,
+            sampled_events=sampled, by_state=by_state, flows=flows,
+        )
+
+    def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
+        for family, name in ((AF_INET, "flows4"), (AF_INET6, "flows6")):
+            for key, stats in self._bpf[name].items():
+                if family == AF_INET:
+                    saddr = key.saddr.to_bytes(4, sys.byteorder)
+                    daddr = key.daddr.to_bytes(4, sys.byteorder)
+                else:
+                    saddr, daddr = bytes(key.saddr), bytes(key.daddr)
+                yield flow_counters(
+                    family, saddr, daddr, key.sport, key.dport, stats.retransmits,
+                    stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state, offset,
+                )
+
+    # ---------------------------------------------------------------- samples
+
+    def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
+        e = self._events_table.event(data)
+        if len(self._pending) >= MAX_PENDING_EVENTS:
+            self._dropped_in_python += 1
+        else:
+            self._pending.append((e.ts_ns, e.family, e.kind, e.state, e.sport, e.dport,
+                                  bytes(e.saddr), bytes(e.daddr)))
+        return 0
+
+    def _on_perf_event(self, _cpu: int, data: Any, size: int) -> None:
+        self._on_event(None, data, size)
+
+    def drain_events(self) -> list[RecentEvent]:
+        """Samples that arrived since the last call, oldest first.
+
+        The program submits without waking user space; this reads the buffer on the
+        caller's timer. Call it at least every few seconds so the buffer does not fill.
+        """
+        with self._lock:
+            if self._bpf is None:
+                return []
+            if self.uses_ringbuf:
+                self._bpf.ring_buffer_consume()
+            else:
+                self._bpf.perf_buffer_consume()
+            raw = list(self._pending)
+            self._pending.clear()
+        offset = wall_clock_offset_ns()
+        return [recent_event(*fields, offset_ns=offset) for fields in raw]

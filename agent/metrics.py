@@ -1,0 +1,156 @@
+"""The agent's HTTP endpoints: Prometheus /metrics, /readyz (program attached), /livez (loop alive).
+
+`AgentState` is what the report loop publishes after each round; the collector turns it into
+metrics when Prometheus scrapes, so there is one source for the numbers (the same cumulative
+counts that go into status.nodes[]).
+
+Metrics (all carry the label `trace`):
+- rtrace_retransmits_total{namespace,pod,remote_port}: tcp_retransmit_skb events by the
+  local pod (empty for addresses that are no pod's; pod "" with namespace "" and the node's
+  own addresses under namespace "" pod "<node>") and remote port. One series per
+  distinct (namespace, pod, remote port) among the flows the kernel map holds, so the
+  cardinality is bounded by that map. A series never decreases: when the kernel's LRU map
+  evicts a flow, the series keeps its highest value.
+- rtrace_node_retransmits_total, rtrace_node_synack_retransmits_total: the node's exact totals.
+- rtrace_lost_events_total: samples dropped (rate limit, full buffer); counts stay exact.
+- rtrace_report_errors_total: status writes that failed (API server away, refused).
+- rtrace_reports_total: status writes that succeeded.
+- rtrace_program_attached: 1 while the kernel program is attached.
+- rtrace_report_interval_seconds: the interval after the write budget stretched it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterable, Optional
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentState:
+    """Shared between the report loop (writer) and the HTTP server (reader), under `lock`."""
+
+    trace: str
+    node: str
+    # How long the report loop may stay silent before /livez fails.
+    liveness_bound: float = 120.0
+    attached: bool = False
+    last_loop: float = field(default_factory=time.monotonic)
+    retransmits: int = 0
+    synack_retransmits: int = 0
+    lost_events: int = 0
+    report_errors: int = 0
+    reports: int = 0
+    interval: float = 0.0
+    by_pod_port: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def beat(self) -> None:
+        """The report loop is alive."""
+        with self.lock:
+            self.last_loop = time.monotonic()
+
+    def alive(self, now: Optional[float] = None) -> bool:
+        with self.lock:
+            return (now if now is not None else time.monotonic()) - self.last_loop <= self.liveness_bound
+
+    def publish_counts(self, retransmits: int, synack: int, lost: int,
+                       by_pod_port: dict[tuple[str, str, str], int]) -> None:
+        with self.lock:
+            self.retransmits = max(self.retransmits, retransmits)
+            self.synack_retransmits = max(self.synack_retransmits, synack)
+            self.lost_events = max(self.lost_events, lost)
+            for key, value in by_pod_port.items():
+                if value > self.by_pod_port.get(key, 0):
+                    self.by_pod_port[key] = value
+
+
+class AgentCollector:
+    """Reads AgentState at scrape time."""
+
+    def __init__(self, state: AgentState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterable:
+        s = self._state
+        with s.lock:
+            per_pod = CounterMetricFamily(
+                "rtrace_retransmits", "Retransmitted skbs by local pod and remote port.",
+                labels=["trace", "namespace", "pod", "remote_port"],
+            )
+            for (namespace, pod, port), value in sorted(s.by_pod_port.items()):
+                per_pod.add_metric([s.trace, namespace, pod, port], value)
+            yield per_pod
+            for name, doc, value in (
+                ("rtrace_node_retransmits", "Every matched tcp_retransmit_skb event on this node.", s.retransmits),
+                ("rtrace_node_synack_retransmits", "Every matched tcp_retransmit_synack event on this node.", s.synack_retransmits),
+                ("rtrace_lost_events", "Samples dropped by the rate limit or a full buffer.", s.lost_events),
+                ("rtrace_report_errors", "Status writes that failed.", s.report_errors),
+                ("rtrace_reports", "Status writes that succeeded.", s.reports),
+            ):
+                family = CounterMetricFamily(name, doc, labels=["trace", "node"])
+                family.add_metric([s.trace, s.node], value)
+                yield family
+            attached = GaugeMetricFamily("rtrace_program_attached", "1 while the kernel program is attached.", labels=["trace", "node"])
+            attached.add_metric([s.trace, s.node], 1.0 if s.attached else 0.0)
+            yield attached
+            interval = GaugeMetricFamily("rtrace_report_interval_seconds", "Report interval after the write budget.", labels=["trace", "node"])
+            interval.add_metric([s.trace, s.node], s.interval)
+            yield interval
+
+
+def _handler(state: AgentState, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/readyz":
+                with state.lock:
+                    ok = state.attached
+                self._send(200 if ok else 503, b"ok\n" if ok else b"kernel program not attached\n")
+            elif path == "/livez":
+                ok = state.alive()
+                self._send(200 if ok else 503, b"ok\n" if ok else b"report loop stalled\n")
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt: str, *args: object) -> None:
+            log.debug("metrics: " + fmt, *args)
+
+    return Handler
+
+
+class MetricsServer:
+    """/metrics, /readyz and /livez on `port` (0 picks a free port), served from a daemon thread."""
+
+    def __init__(self, state: AgentState, port: int, host: str = "") -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentCollector(state))
+        self._server = ThreadingHTTPServer((host, port), _handler(state, self.registry))
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

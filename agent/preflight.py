@@ -1,0 +1,109 @@
+"""Checks made before compiling the kernel program, each failing with one actionable line.
+
+tracefs mounted, both tracepoints present, privileges to load BPF, kernel headers for bcc,
+and whether the kernel has BPF ring buffers (probed, never guessed from the version).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+TRACEPOINTS = (("tcp", "tcp_retransmit_skb"), ("tcp", "tcp_retransmit_synack"))
+
+CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
+CAP_BPF = 39
+BPF_MAP_TYPE_RINGBUF = 27
+
+
+class KernelProblem(Exception):
+    """The node cannot trace. str(problem) is one line: what is wrong and how to fix it."""
+
+
+def find_tracefs(explicit: Optional[str] = None) -> Path:
+    """The tracefs mount to use: `explicit` when given, else the first mounted candidate."""
+    if explicit:
+        path = Path(explicit)
+        if not (path / "events").is_dir():
+            raise KernelProblem(
+                f"no tracefs at {path} (no events/ directory): mount it with "
+                f"'mount -t tracefs tracefs {path}' or pass the path of a mounted tracefs"
+            )
+        return path
+    for candidate in TRACEFS_CANDIDATES:
+        if (Path(candidate) / "events").is_dir():
+            return Path(candidate)
+    raise KernelProblem(
+        "tracefs is not mounted (neither /sys/kernel/tracing nor /sys/kernel/debug/tracing has events/): "
+        "run 'mount -t tracefs tracefs /sys/kernel/tracing' on the host; in a pod, mount the host's "
+        "/sys/kernel/tracing (or /sys/kernel/debug) as a hostPath volume"
+    )
+
+
+def require_tracepoints(tracefs: Path) -> None:
+    """Both tcp tracepoints exist under `tracefs` (they appeared in Linux 4.15/4.16)."""
+    for category, event in TRACEPOINTS:
+        if not (tracefs / "events" / category / event / "format").is_file():
+            raise KernelProblem(
+                f"tracepoint {category}:{event} is missing ({tracefs}/events/{category}/{event} "
+                f"does not exist): this kernel cannot be traced; use Linux 4.16 or later built "
+                f"with CONFIG_TRACEPOINTS"
+            )
+
+
+def effective_capabilities() -> int:
+    """CapEff of this process as a bit mask (0 when /proc is unreadable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def require_privileges() -> None:
+    """Loading a tracing BPF program needs CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON."""
+    caps = effective_capabilities()
+    has = lambda cap: bool(caps & (1 << cap))  # noqa: E731
+    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
+        return
+    raise KernelProblem(
+        f"not permitted to load BPF programs (uid {os.geteuid()}, no CAP_SYS_ADMIN or CAP_BPF+CAP_PERFMON): "
+        "run as root (sudo) or, in a pod, set securityContext.privileged: true"
+    )
+
+
+def require_kernel_headers(release: Optional[str] = None) -> None:
+    """bcc compiles against /lib/modules/<release>/build, kheaders, or $BCC_KERNEL_SOURCE."""
+    release = release or os.uname().release
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return
+    if Path(f"/lib/modules/{release}/build/include").is_dir():
+        return
+    if Path("/sys/kernel/kheaders.tar.xz").exists():
+        return
+    raise KernelProblem(
+        f"no kernel headers for {release} (/lib/modules/{release}/build is missing): install "
+        f"linux-headers-{release} (Debian/Ubuntu) or kernel-devel (RHEL), or load the kheaders "
+        "module ('modprobe kheaders'); `make setup` links generic headers on this machine"
+    )
+
+
+def ringbuf_supported() -> bool:
+    """True when the kernel can create a BPF_MAP_TYPE_RINGBUF map (5.8+, RHEL 8.4+)."""
+    import ctypes
+
+    from bcc.libbcc import lib
+
+    create = lib.bcc_create_map
+    create.restype = ctypes.c_int
+    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fd = create(BPF_MAP_TYPE_RINGBUF, b"rtrace_probe", 0, 0, os.sysconf("SC_PAGE_SIZE"), 0)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True

@@ -1,0 +1,287 @@
+"""Writing one node's entry into a RetransmitTrace's status, without ever losing counts.
+
+The pure parts decide what to write and when:
+- `Baseline` is what an earlier agent on this node already reported (read back from
+  status.nodes[] at start-up); `merge_snapshot` adds it to the kernel's fresh counts, so a
+  restarted agent continues instead of starting over and counts never go backwards.
+- `report_interval` stretches the interval so one trace sees at most `max_writes_per_second`
+  status writes across all its nodes; `backoff_delay` spaces out retries (capped, jittered).
+- `entry_changed` skips writes that would change nothing but the timestamp.
+- `apply_body` is the server-side-apply document that carries only this node's entry.
+
+`StatusWriter` is the thin I/O edge: read the trace, apply the entry to the /status
+subresource with field manager `rtrace-agent/<node>` and force, nothing else.
+
+Write budget and the cluster size it allows: with the default 5 writes/s per trace and the
+default reportInterval of 10s, up to 50 nodes report every 10s; beyond that each agent
+stretches its interval to nodesDesired / 5 s (1,000 nodes -> one write per node every
+200s, 5,000 nodes -> every 1,000s). The API server then sees at most 5 status writes/s
+per trace whatever the cluster size; the price is staler node entries on big clusters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from retransmit_operator.api import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    Flow,
+    NodeStatus,
+    RecentEvent,
+    to_api,
+)
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER_PREFIX = "rtrace-agent/"
+
+
+def field_manager(node: str) -> str:
+    """Each node's agent is its own server-side-apply writer."""
+    return f"{FIELD_MANAGER_PREFIX}{node}"
+
+
+# ---------------------------------------------------------------- when to write
+
+def report_interval(spec_interval: float, nodes_desired: int, max_writes_per_second: float) -> float:
+    """max(reportInterval, nodesDesired / maxWritesPerSecond): the per-trace write budget."""
+    if max_writes_per_second <= 0:
+        return spec_interval
+    return max(spec_interval, nodes_desired / max_writes_per_second)
+
+
+def backoff_delay(
+    attempt: int, base: float = 1.0, cap: float = 30.0, rng: Callable[[], float] = random.random
+) -> float:
+    """Delay before retry number `attempt` (0-based): exponential, capped, "equal jitter".
+
+    Half the capped step is fixed and half random, so retries from many nodes spread out
+    and the delay never collapses to zero (no spinning).
+    """
+    step = min(cap, base * (2 ** min(attempt, 32)))
+    return step / 2 + rng() * step / 2
+
+
+def jittered(interval: float, rng: Callable[[], float] = random.random, spread: float = 0.1) -> float:
+    """The interval +-10%, so agents started together do not write in lock-step."""
+    return interval * (1 - spread + 2 * spread * rng())
+
+
+def _comparable(entry: NodeStatus) -> dict[str, Any]:
+    doc = to_api(entry)
+    doc.pop("lastReportTime", None)
+    return doc
+
+
+def entry_changed(previous: Optional[NodeStatus], current: NodeStatus) -> bool:
+    """True when `current` differs from the last written entry in more than its timestamp."""
+    return previous is None or _comparable(previous) != _comparable(current)
+
+
+# ---------------------------------------------------------------- resume
+
+@dataclass(frozen=True)
+class FlowKey:
+    """Identity of a flow across agent restarts (the kernel's map key, as text)."""
+
+    family: str
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
+
+    @classmethod
+    def of_flow(cls, flow: Flow) -> "FlowKey":
+        return cls(str(flow.family), flow.local.ip, flow.local.port, flow.remote.ip, flow.remote.port)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Counts an earlier agent on this node already reported; zero when there was none."""
+
+    retransmits: int = 0
+    synack_retransmits: int = 0
+    lost_events: int = 0
+    flows: int = 0
+    by_state: Mapping[str, int] = field(default_factory=dict)
+    top_flows: Mapping[FlowKey, Flow] = field(default_factory=dict)
+    recent_events: Sequence[RecentEvent] = ()
+
+    @classmethod
+    def from_entry(cls, entry: Optional[NodeStatus]) -> "Baseline":
+        if entry is None:
+            return cls()
+        return cls(
+            retransmits=entry.retransmits,
+            synack_retransmits=entry.synack_retransmits,
+            lost_events=entry.lost_events,
+            flows=entry.flows,
+            by_state=dict(entry.by_state),
+            top_flows={FlowKey.of_flow(f): f for f in entry.top_flows},
+            recent_events=tuple(entry.recent_events),
+        )
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.retransmits == 0 and self.synack_retransmits == 0 and self.lost_events == 0
+            and not self.top_flows and not self.recent_events and self.flows == 0
+        )
+
+
+def find_entry(trace: Mapping[str, Any], node: str) -> Optional[NodeStatus]:
+    """This node's entry in a RetransmitTrace object (JSON dict), or None."""
+    for raw in ((trace.get("status") or {}).get("nodes") or []):
+        if raw.get("node") == node:
+            try:
+                return NodeStatus.model_validate(raw)
+            except ValueError as exc:
+                log.warning("ignoring unreadable entry for node %s: %s", node, exc)
+                return None
+    return None
+
+
+def nodes_desired(trace: Mapping[str, Any]) -> int:
+    """status.summary.nodesDesired as the operator wrote it (0 when not yet known)."""
+    summary = (trace.get("status") or {}).get("summary") or {}
+    try:
+        return max(0, int(summary.get("nodesDesired") or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _max_time(a: Optional[datetime], b: Optional[datetime]) -> Optional[datetime]:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _min_time(a: Optional[datetime], b: Optional[datetime]) -> Optional[datetime]:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def merge_flows(baseline: Baseline, fresh_flows: Sequence[Flow]) -> list[Flow]:
+    """Every flow with its cumulative counts: this agent's flows plus earlier agents' top flows.
+
+    A flow reported before a restart and seen again adds up; baseline flows the kernel has
+    not seen (yet) keep their old counts, so they stay in the running for the top N.
+    """
+    merged: dict[FlowKey, Flow] = dict(baseline.top_flows)
+    for flow in fresh_flows:
+        key = FlowKey.of_flow(flow)
+        old = merged.get(key)
+        if old is None:
+            merged[key] = flow
+            continue
+        merged[key] = flow.model_copy(update={
+            "retransmits": old.retransmits + flow.retransmits,
+            "synack_retransmits": old.synack_retransmits + flow.synack_retransmits,
+            "first_seen": _min_time(old.first_seen, flow.first_seen),
+            "last_seen": _max_time(old.last_seen, flow.last_seen),
+            "last_state": flow.last_state or old.last_state,
+        })
+    return list(merged.values())
+
+
+def top_flows(flows: Sequence[Flow], top_n: int) -> list[Flow]:
+    """Busiest first (retransmits + SYN-ACK retransmits, then most recent), at most top_n (0 = all)."""
+    ordered = sorted(flows, key=_busiest_first)
+    return ordered[:top_n] if top_n > 0 else ordered
+
+
+def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequence[Flow], top_n: int, keep: int) -> NodeStatus:
+    """The entry to write: this agent's report `fresh` plus what earlier agents reported.
+
+    Totals, byState and lostEvents add; `flows` never shrinks; top flows come from
+    `merged_flows` (see merge_flows); recent events: this agent's first, then older ones.
+    """
+    by_state = dict(baseline.by_state)
+    for state, count in fresh.by_state.items():
+        by_state[state] = by_state.get(state, 0) + count
+    events = (list(fresh.recent_events) + list(baseline.recent_events))[:keep] if keep > 0 else []
+    return fresh.model_copy(update={
+        "retransmits": baseline.retransmits + fresh.retransmits,
+        "synack_retransmits": baseline.synack_retransmits + fresh.synack_retransmits,
+        "lost_events": baseline.lost_events + fresh.lost_events,
+        "flows": max(baseline.flows, len(merged_flows), fresh.flows),
+        "by_state": by_state,
+        "top_flows": top_flows(merged_flows, top_n),
+        "recent_events": events,
+    })
+
+
+def _busiest_first(flow: Flow) -> tuple:
+    last = flow.last_seen.timestamp() if flow.last_seen else 0.0
+    return (-(flow.retransmits + flow.synack_retransmits), -last, flow.local.ip, flow.local.port,
+            flow.remote.ip, flow.remote.port)
+
+
+# ---------------------------------------------------------------- the write
+
+def status_path(trace: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/{PLURAL}/{trace}/status"
+
+
+def apply_body(trace: str, entry: NodeStatus) -> dict[str, Any]:
+    """The apply document: only this node's entry, so the field manager owns nothing else."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": trace},
+        "status": {"nodes": [to_api(entry)]},
+    }
+
+
+class ApiError(Exception):
+    """A failed API call, with the HTTP status when there was one (0 = no answer)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+
+
+class StatusWriter:
+    """Reads the trace and applies this node's entry. The only API calls of the reporter."""
+
+    def __init__(self, api_client: Any, trace: str, node: str, timeout: float = 10.0) -> None:
+        self._api = api_client
+        self.trace = trace
+        self.node = node
+        self._timeout = timeout
+
+    def _call(self, method: str, path: str, query: list, body: Optional[str], content_type: Optional[str]) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            response = self._api.call_api(
+                path, method, query_params=query, header_params=headers, body=body,
+                auth_settings=["BearerToken"], _preload_content=False,
+                _request_timeout=self._timeout, _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            raise ApiError(exc.status or 0, (exc.body or exc.reason or str(exc)).strip()[:500]) from None
+        except Exception as exc:  # noqa: BLE001 - connection refused, timeouts, TLS: no answer
+            raise ApiError(0, f"{type(exc).__name__}: {exc}"[:500]) from None
+        return json.loads(response.data or b"{}")
+
+    def read_trace(self) -> dict[str, Any]:
+        return self._call("GET", f"/apis/{GROUP}/{VERSION}/{PLURAL}/{self.trace}", [], None, None)
+
+    def apply(self, entry: NodeStatus) -> dict[str, Any]:
+        """Server-side apply of status.nodes[<node>]; returns the whole trace as stored."""
+        return self._call(
+            "PATCH", status_path(self.trace),
+            [("fieldManager", field_manager(self.node)), ("force", "true")],
+            json.dumps(apply_body(self.trace, entry)), "application/apply-patch+yaml",
+        )

@@ -1,0 +1,43 @@
+"""The live table of `retransmit-agent local`: a NodeStatus rendered with rich (pure)."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from retransmit_operator.api import NodeStatus
+
+from .flows import format_endpoint
+
+
+def render_report(report: NodeStatus, elapsed: float, duration: float | None) -> Group:
+    """Totals line, per-state line and the top-flows table."""
+    limit = f" of {duration:g}s" if duration else ""
+    header = Text.assemble(
+        ("retransmits ", "bold"), str(report.retransmits),
+        ("   SYN-ACK retransmits ", "bold"), str(report.synack_retransmits),
+        ("   flows ", "bold"), str(report.flows),
+        ("   lost samples ", "bold"), str(report.lost_events),
+        ("   elapsed ", "dim"), f"{elapsed:.0f}s{limit}",
+    )
+    states = Text("by state: " + ("  ".join(f"{k} {v}" for k, v in report.by_state.items()) or "-"), style="dim")
+    table = Table(title=f"top flows on {report.node}", title_justify="left", expand=False)
+    table.add_column("family")
+    table.add_column("local (retransmitting)")
+    table.add_column("remote")
+    table.add_column("retransmits", justify="right")
+    table.add_column("SYN-ACK", justify="right")
+    table.add_column("last state")
+    table.add_column("last seen (UTC)")
+    for flow in report.top_flows:
+        table.add_row(
+            str(flow.family),
+            format_endpoint(flow.local.ip, flow.local.port),
+            format_endpoint(flow.remote.ip, flow.remote.port),
+            str(flow.retransmits),
+            str(flow.synack_retransmits),
+            str(flow.last_state or "-"),
+            flow.last_seen.strftime("%H:%M:%S") if flow.last_seen else "-",
+        )
+    return Group(header, states, table)

@@ -1,0 +1,113 @@
+/* Shared layout of retransmit.bpf.c's maps and events: the one source of truth.
+ *
+ * Python never re-declares these structs: bcc exposes map keys/values as ctypes types
+ * (table.Key / table.Leaf) and events through table.event(data).
+ * Addresses are kept as the tracepoint gives them (network byte order bytes);
+ * ports are host byte order (the tcp tracepoints store ntohs()).
+ */
+#ifndef RETRANSMIT_H
+#define RETRANSMIT_H
+
+/* Compile-time knobs (cflags -D...), chosen by the agent. */
+#ifndef FLOW_CAPACITY
+#define FLOW_CAPACITY 16384      /* entries in each of flows4 and flows6 (LRU) */
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 64         /* ring buffer size in pages (power of two) */
+#endif
+#ifndef FILTER_CAPACITY
+#define FILTER_CAPACITY 1024     /* entries in each filter map (ports, CIDRs, local IPs) */
+#endif
+
+#define AF_INET_ 2
+#define AF_INET6_ 10
+
+/* config.families bits */
+#define FAMILY_IPV4 1
+#define FAMILY_IPV6 2
+
+/* TCP states are 1..13 (include/net/tcp_states.h); index 0 collects anything else. */
+#define STATE_SLOTS 16
+/* tcp_retransmit_synack carries no state: a request socket is in NEW_SYN_RECV, which
+ * `ss` and users call SYN-RECV. SYN-ACK retransmits are filed under TCP_SYN_RECV. */
+#define TCP_SYN_RECV_ 3
+
+#define KIND_RETRANSMIT 0
+#define KIND_SYNACK 1
+
+/* The single entry of the `config` array; written by the agent before counting. */
+struct config {
+    u32 families;          /* FAMILY_* bits allowed; the agent always sets at least one */
+    u32 states;            /* bit (1 << state) allowed; 0 = every state */
+    u32 ports_enabled;     /* 1: keep only flows whose local or remote port is in `ports` */
+    u32 cidrs_enabled;     /* 1: keep only flows whose remote address is in cidrs4/cidrs6 */
+    u32 local_ips_enabled; /* 1: keep only flows whose local address is in local4/local6 */
+    u32 max_per_second;    /* sampled events per second to user space; 0 = no samples */
+};
+
+struct flow_key4 {
+    u32 saddr;             /* local (retransmitting) side, network byte order */
+    u32 daddr;             /* remote side */
+    u16 sport;             /* local port, host byte order */
+    u16 dport;             /* remote port */
+};
+
+struct flow_key6 {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;
+    u16 dport;
+};
+
+struct flow_stats {
+    u64 retransmits;         /* tcp_retransmit_skb events */
+    u64 synack_retransmits;  /* tcp_retransmit_synack events */
+    u64 first_ns;            /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the first event */
+    u64 last_ns;             /* ... of the latest event */
+    u32 last_state;          /* TCP state at the latest event */
+    u32 pad;
+};
+
+/* Per-CPU exact totals: every event that passed the filters, whatever the flow maps
+ * and the sample path did with it. */
+struct totals {
+    u64 retransmits;
+    u64 synack_retransmits;
+    u64 sampled;               /* samples handed to the ring/perf buffer */
+    u64 lost;                  /* samples dropped: rate limit or full buffer */
+    u64 by_state[STATE_SLOTS]; /* retransmits + synack retransmits per TCP state */
+};
+
+/* Global one-second sampling window (shared by all CPUs). */
+struct sample_window {
+    u64 start_ns;
+    u64 count;
+};
+
+struct cidr4_key {
+    u32 prefixlen;
+    u8 addr[4];
+};
+
+struct cidr6_key {
+    u32 prefixlen;
+    u8 addr[16];
+};
+
+struct ip6_addr {
+    u8 addr[16];
+};
+
+/* One sampled event. IPv4 addresses occupy the first 4 bytes of saddr/daddr. */
+struct event {
+    u64 ts_ns;
+    u16 family;
+    u8 kind;               /* KIND_* */
+    u8 state;
+    u16 sport;
+    u16 dport;
+    u8 saddr[16];
+    u8 daddr[16];
+};
+
+#endif /* RETRANSMIT_H */

@@ -1,0 +1,95 @@
+"""status.summary from status.nodes[]: the cluster-wide answer, as a pure function.
+
+Totals and byState are exact sums of the nodes' exact counters. Top flows and top pods come
+from each node's own top flows (the only flows in status), so they are exact for the flows
+they list: a flow that is in no node's top list cannot be in the cluster's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Optional
+
+from .api import Endpoint, Flow, NodeStatus, Phase, PodCount, Summary
+from .podindex import PodLookup
+
+# Entries whose agent counts: Running while the trace runs, Completed after its final report.
+REPORTING_PHASES = frozenset({Phase.RUNNING.value, Phase.COMPLETED.value})
+
+
+def _phase(node: NodeStatus) -> str:
+    return node.phase.value if isinstance(node.phase, Phase) else str(node.phase)
+
+
+def attribute(endpoint: Endpoint, pods: Optional[PodLookup]) -> Endpoint:
+    """The endpoint with pod/namespace (or node, for host addresses) filled from the index,
+    unless the agent already attributed it."""
+    if pods is None or endpoint.pod or endpoint.node:
+        return endpoint
+    ref = pods.lookup(endpoint.ip)
+    if ref is None:
+        return endpoint
+    if ref.host_network:
+        return endpoint.model_copy(update={"node": ref.node})
+    return endpoint.model_copy(update={"pod": ref.pod, "namespace": ref.namespace})
+
+
+def _weight(flow: Flow) -> int:
+    return flow.retransmits + flow.synack_retransmits
+
+
+def _flow_order(flow: Flow) -> tuple:
+    # Busiest first; ties broken by identity so the summary does not flap between writes.
+    return (-_weight(flow), flow.node or "", str(flow.family), flow.local.ip, flow.local.port,
+            flow.remote.ip, flow.remote.port)
+
+
+def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup]) -> list[Flow]:
+    """Every node's top flows, tagged with their node and attributed on both sides."""
+    flows = []
+    for node in nodes:
+        for flow in node.top_flows:
+            flows.append(flow.model_copy(update={
+                "node": node.node,
+                "local": attribute(flow.local, pods),
+                "remote": attribute(flow.remote, pods),
+            }))
+    return sorted(flows, key=_flow_order)
+
+
+def top_pods(flows: Iterable[Flow], pods: Optional[PodLookup], top_n: int) -> list[PodCount]:
+    """Pods on either end of the flows, by the retransmits of those flows."""
+    counts: Counter[tuple[str, str]] = Counter()
+    node_of: dict[tuple[str, str], Optional[str]] = {}
+    for flow in flows:
+        ends = []
+        if flow.local.pod and flow.local.namespace:
+            ends.append(((flow.local.namespace, flow.local.pod), flow.node))
+        if flow.remote.pod and flow.remote.namespace:
+            ref = pods.lookup(flow.remote.ip) if pods is not None else None
+            ends.append(((flow.remote.namespace, flow.remote.pod), ref.node if ref else None))
+        for key, node in dict(ends).items():  # a pod talking to itself counts once
+            counts[key] += _weight(flow)
+            node_of.setdefault(key, node)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top_n]
+    return [PodCount(namespace=ns, pod=pod, node=node_of.get((ns, pod)), retransmits=n) for (ns, pod), n in ranked]
+
+
+def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, pod_index: Optional[PodLookup]) -> Summary:
+    """The summary the operator writes: sums, cluster-wide top flows and pods, node counts."""
+    by_state: Counter[str] = Counter()
+    for node in nodes:
+        by_state.update({state: count for state, count in node.by_state.items() if count})
+    flows = cluster_flows(nodes, pod_index)
+    reporting = sum(1 for node in nodes if _phase(node) in REPORTING_PHASES)
+    return Summary(
+        retransmits=sum(n.retransmits for n in nodes),
+        synack_retransmits=sum(n.synack_retransmits for n in nodes),
+        lost_events=sum(n.lost_events for n in nodes),
+        nodes_desired=nodes_desired,
+        nodes_reporting=reporting,
+        nodes=f"{reporting}/{nodes_desired}",
+        top_flows=flows[:top_n],
+        top_pods=top_pods(flows, pod_index, top_n),
+        by_state=dict(sorted(by_state.items())),
+    )

@@ -1,0 +1,175 @@
+"""Phase, conditions and completion of a trace, as pure functions of what the operator observed.
+
+Everything is derived from the object itself (status.startTime, spec.duration, the nodes'
+entries) and the DaemonSet, never from operator memory: an operator restart changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Optional, Sequence
+
+from .api import ApiModel, Condition, NodeStatus, Phase, Summary
+from pydantic import Field
+
+READY, AGENTS_READY, DEGRADED = "Ready", "AgentsReady", "Degraded"
+CONDITION_TYPES = (READY, AGENTS_READY, DEGRADED)
+INVALID_SPEC = "InvalidSpec"
+MAX_MESSAGE = 1024  # condition messages stay short; the node entries hold the details
+
+
+def utcnow() -> datetime:
+    """Now, to the second (metav1.Time's precision), so equal states serialize equally."""
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def deadline(start_time: Optional[datetime], duration_seconds: Optional[float]) -> Optional[datetime]:
+    """When the trace ends: startTime + spec.duration, or None (runs until deleted / not started)."""
+    if start_time is None or duration_seconds is None:
+        return None
+    return start_time + timedelta(seconds=duration_seconds)
+
+
+def is_due(start_time: Optional[datetime], duration_seconds: Optional[float], now: datetime) -> bool:
+    end = deadline(start_time, duration_seconds)
+    return end is not None and now >= end
+
+
+class OperatorStatus(ApiModel):
+    """The status fields the operator owns (field manager rtrace-operator). status.nodes is the
+    agents' and never part of this."""
+
+    phase: Phase
+    observed_generation: Optional[int] = None
+    start_time: Optional[datetime] = None
+    completion_time: Optional[datetime] = None
+    conditions: list[Condition] = Field(default_factory=list)
+    summary: Optional[Summary] = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the operator saw of one trace in one pass."""
+
+    generation: Optional[int]
+    spec_error: Optional[str]          # why the spec is invalid (names the field), or None
+    start_time: Optional[datetime]     # status.startTime, set when the DaemonSet was first created
+    completion_time: Optional[datetime]
+    nodes: Sequence[NodeStatus]
+    summary: Summary
+    now: datetime
+
+
+def _trim(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def phase_of(obs: Observation) -> Phase:
+    if obs.spec_error is not None:
+        return Phase.FAILED
+    if obs.completion_time is not None:
+        return Phase.COMPLETED
+    if obs.start_time is None:
+        return Phase.PENDING
+    return Phase.RUNNING
+
+
+def failed_nodes(nodes: Sequence[NodeStatus]) -> list[NodeStatus]:
+    return sorted((n for n in nodes if str(getattr(n.phase, "value", n.phase)) == Phase.FAILED.value), key=lambda n: n.node)
+
+
+def _agents(obs: Observation, phase: Phase) -> tuple[str, str, str]:
+    """(status, reason, message) of AgentsReady."""
+    s = obs.summary
+    counts = f"{s.nodes_reporting}/{s.nodes_desired} nodes reporting"
+    if phase is Phase.FAILED:
+        return "False", INVALID_SPEC, "no agents run while the spec is invalid"
+    if phase is Phase.COMPLETED:
+        return "False", "TraceCompleted", f"agents removed at completion; {counts} in the final results"
+    if phase is Phase.PENDING:
+        return "False", "DaemonSetPending", "creating the agents' DaemonSet"
+    if s.nodes_desired == 0:
+        return "False", "NoMatchingNodes", ("no node runs an agent: check spec.nodeSelector (kubernetes.io/os=linux "
+                                            "is added) and spec.tolerations against the nodes' labels and taints")
+    failed = failed_nodes(obs.nodes)
+    if failed:
+        return "False", "NodesFailed", f"{counts}; {len(failed)} failed (see the Degraded condition)"
+    if s.nodes_reporting >= s.nodes_desired:
+        return "True", "AllAgentsReporting", counts
+    return "False", "AgentsStarting", f"{counts}; waiting for the other agents to attach and report"
+
+
+def _degraded(obs: Observation) -> tuple[str, str, str]:
+    failed = failed_nodes(obs.nodes)
+    if not failed:
+        return "False", "NoNodeFailed", "no node reported a failure"
+    details = "; ".join(f"{n.node}: {n.message or 'failed without a message'}" for n in failed)
+    return "True", "NodeFailed", f"{len(failed)} node(s) cannot trace: {details}"
+
+
+def _ready(obs: Observation, phase: Phase, agents: tuple[str, str, str]) -> tuple[str, str, str]:
+    if phase is Phase.FAILED:
+        return "False", INVALID_SPEC, obs.spec_error or ""
+    if phase is Phase.COMPLETED:
+        return "True", "Completed", "trace completed; results stay in status.summary and status.nodes"
+    if phase is Phase.PENDING:
+        return "False", "Pending", agents[2]
+    if agents[0] == "True":
+        return "True", "Running", f"counting retransmits; {agents[2]}"
+    return "False", agents[1], agents[2]
+
+
+def merge_condition(previous: Sequence[Condition], type_: str, status: str, reason: str, message: str,
+                    generation: Optional[int], now: datetime) -> Condition:
+    """A condition whose lastTransitionTime moves only when its status changes."""
+    old = next((c for c in previous if c.type == type_), None)
+    changed = old is None or old.status != status
+    return Condition(
+        type=type_, status=status, reason=reason, message=_trim(message),
+        last_transition_time=now if changed else old.last_transition_time,  # type: ignore[union-attr]
+        observed_generation=generation,
+    )
+
+
+def compute_status(obs: Observation, previous_conditions: Sequence[Condition]) -> OperatorStatus:
+    """The operator-owned status for this observation."""
+    phase = phase_of(obs)
+    agents = _agents(obs, phase)
+    wanted = {
+        READY: _ready(obs, phase, agents),
+        AGENTS_READY: agents,
+        DEGRADED: _degraded(obs),
+    }
+    conditions = [merge_condition(previous_conditions, t, *wanted[t], obs.generation, obs.now) for t in CONDITION_TYPES]
+    return OperatorStatus(
+        phase=phase,
+        observed_generation=obs.generation,
+        start_time=obs.start_time,
+        completion_time=obs.completion_time,
+        conditions=conditions,
+        summary=obs.summary,
+    )
+
+
+def transitions(before: Optional[OperatorStatus], after: OperatorStatus) -> list[tuple[str, str, str]]:
+    """Kubernetes Events (type, reason, message) for the moments a user cares about."""
+    events: list[tuple[str, str, str]] = []
+    old_phase = before.phase if before else None
+    old = {c.type: c for c in (before.conditions if before else [])}
+    new = {c.type: c for c in after.conditions}
+    if after.phase != old_phase:
+        if after.phase == Phase.FAILED:
+            events.append(("Warning", INVALID_SPEC, new[READY].message))
+        elif after.phase == Phase.COMPLETED:
+            s = after.summary
+            totals = f"{s.retransmits} retransmits, {s.synack_retransmits} SYN-ACK retransmits" if s else "no results"
+            events.append(("Normal", "Completed", f"trace completed: {totals}; agents removed"))
+    agents_new, agents_old = new[AGENTS_READY], old.get(AGENTS_READY)
+    if agents_new.status == "True" and (agents_old is None or agents_old.status != "True"):
+        events.append(("Normal", "AgentsReady", agents_new.message))
+    degraded_new, degraded_old = new[DEGRADED], old.get(DEGRADED)
+    if degraded_new.status == "True" and (degraded_old is None or degraded_old.status != "True"
+                                          or degraded_old.message != degraded_new.message):
+        events.append(("Warning", "NodeFailed", degraded_new.message))
+    return events

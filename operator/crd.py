@@ -1,0 +1,262 @@
+"""The RetransmitTrace CRD, generated from the pydantic models in retransmit_operator.api.
+
+pydantic writes JSON Schema; Kubernetes wants a *structural* OpenAPI v3 schema: no $ref, no
+anyOf/oneOf around types, no `additionalProperties: false`, no `null` types, a `type` on
+every node. `structural()` turns one into the other; Kubernetes extensions
+(x-kubernetes-list-type, CEL rules in x-kubernetes-validations) come from the models'
+json_schema_extra. Defaults are kept under spec (the API server fills them in, so
+`kubectl get -o yaml` shows the effective values) and dropped under status (status holds
+exactly what its writers wrote).
+
+    python -m retransmit_operator.crd            print the CRD
+    python -m retransmit_operator.crd --write    write manifests/crd.yaml and the Helm chart's copy
+    python -m retransmit_operator.crd --check    exit 1 when a checked-in copy differs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from . import api
+
+CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
+# Relative to the repository root.
+CRD_PATHS = (Path("manifests/crd.yaml"), Path("helm/retransmit-operator/crds/retransmittraces.yaml"))
+HEADER = (
+    "# Generated from operator/api.py by `python -m retransmit_operator.crd --write` (make crd).\n"
+    "# Do not edit: change the pydantic models and regenerate; a unit test fails on drift.\n"
+)
+
+# JSON Schema keywords Kubernetes does not accept (or that only carry pydantic's bookkeeping).
+_DROPPED_KEYWORDS = {"title", "$defs", "examples"}
+
+
+class SchemaError(ValueError):
+    """The models use a JSON Schema construct a structural CRD schema cannot express."""
+
+
+def structural(node: dict[str, Any], defs: dict[str, Any], *, keep_defaults: bool, path: str = "") -> dict[str, Any]:
+    """A structural Kubernetes schema for one pydantic JSON Schema node (refs inlined)."""
+    node = dict(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        # Keywords next to the $ref (the field's description, extras) win over the class's.
+        node = {**target, **node}
+    if "anyOf" in node or "oneOf" in node:
+        variants = [v for v in node.pop("anyOf", None) or node.pop("oneOf") if v.get("type") != "null"]
+        if len(variants) != 1:
+            raise SchemaError(f"{path or '<root>'}: a union of {len(variants)} types has no structural form")
+        variant = variants[0]
+        if "$ref" in variant:
+            variant = {**defs[variant["$ref"].rsplit("/", 1)[-1]]}
+        node = {**variant, **node}  # Optional[X]: X with the field's own keywords
+        if node.get("default", ...) is None:
+            del node["default"]
+    if "allOf" in node:
+        parts = node.pop("allOf")
+        if len(parts) != 1:
+            raise SchemaError(f"{path}: allOf with {len(parts)} parts")
+        return structural({**parts[0], **node}, defs, keep_defaults=keep_defaults, path=path)
+    if "$ref" in node:  # an Optional[Model] resolved above still points at the model
+        return structural(node, defs, keep_defaults=keep_defaults, path=path)
+
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if "enum" in node and "type" not in node:
+        node["type"] = "string"
+
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROPPED_KEYWORDS:
+            continue
+        if key == "default" and (not keep_defaults or value is None):
+            continue
+        if key == "additionalProperties":
+            if value is False or value is True:
+                continue  # unknown fields are pruned; kubectl's strict field validation reports them
+            out[key] = structural(value, defs, keep_defaults=keep_defaults, path=f"{path}[*]")
+        elif key == "properties":
+            out[key] = {
+                name: structural(sub, defs, keep_defaults=keep_defaults, path=f"{path}.{name}" if path else name)
+                for name, sub in value.items()
+            }
+        elif key == "items":
+            out[key] = structural(value, defs, keep_defaults=keep_defaults, path=f"{path}[]")
+        else:
+            out[key] = copy.deepcopy(value)
+    if "type" not in out:
+        if "properties" in out or "additionalProperties" in out:
+            out["type"] = "object"
+        else:
+            raise SchemaError(f"{path or '<root>'}: no type (a structural schema needs one on every node)")
+    if out.get("type") == "object" and "properties" in out and not out.get("required"):
+        out.pop("required", None)
+    # Kubernetes orders nothing, but a stable, readable order makes diffs reviewable.
+    order = ["description", "type", "format", "enum", "pattern", "minimum", "maximum", "minLength", "maxLength",
+             "minItems", "maxItems", "maxProperties", "default", "required"]
+    return {k: out[k] for k in sorted(out, key=lambda k: (order.index(k) if k in order else len(order), k))}
+
+
+def model_schema(model: type, *, keep_defaults: bool) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return structural(raw, raw.get("$defs", {}), keep_defaults=keep_defaults)
+
+
+def _field_at(schema: dict[str, Any], json_path: str) -> dict[str, Any]:
+    """The schema node a printer column's JSONPath points at; KeyError if the models lack it."""
+    node = schema
+    for part in json_path.strip(".").split("."):
+        node = node["properties"][part]
+    return node
+
+
+def printer_columns(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """Columns of `kubectl get rtrace`. Paths are checked against the generated schema.
+
+    A printer column takes one JSONPath, so "Nodes" shows status.summary.nodes, a
+    "reporting/desired" string the operator writes next to the two counts.
+    """
+    columns = [
+        ("Phase", ".status.phase", 0),
+        ("Nodes", ".status.summary.nodes", 0),
+        ("Retransmits", ".status.summary.retransmits", 0),
+        ("Duration", ".spec.duration", 1),
+        ("Lost", ".status.summary.lostEvents", 1),
+    ]
+    out = []
+    for name, path, priority in columns:
+        field = _field_at(schema, path)
+        column = {"name": name, "type": field["type"], "jsonPath": path, "description": field.get("description", "")}
+        if priority:
+            column["priority"] = priority
+        out.append(column)
+    out.append({"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"})
+    return out
+
+
+def openapi_schema() -> dict[str, Any]:
+    spec = model_schema(api.RetransmitTraceSpec, keep_defaults=True)
+    spec["default"] = {}  # so the nested defaults apply to `spec: {}` and to a missing spec alike
+    status = model_schema(api.RetransmitTraceStatus, keep_defaults=False)
+    return {
+        "description": (
+            "RetransmitTrace counts TCP retransmits (kernel tracepoints tcp:tcp_retransmit_skb and "
+            "tcp:tcp_retransmit_synack) on the selected nodes and reports which nodes, pods and "
+            "connections retransmitted, in which TCP state, and when. Cluster-scoped: a trace runs "
+            "privileged agents on nodes and sees every pod's traffic."
+        ),
+        "type": "object",
+        "properties": {
+            "apiVersion": {"type": "string", "description": "retransmit.dev/v1alpha1"},
+            "kind": {"type": "string", "description": "RetransmitTrace"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": [
+            {
+                "rule": f"size(self.metadata.name) <= {api.MAX_TRACE_NAME_LENGTH}",
+                "message": (
+                    f"metadata.name: at most {api.MAX_TRACE_NAME_LENGTH} characters, so the agents' "
+                    "DaemonSet rtrace-<name> is a valid label value; choose a shorter name"
+                ),
+            },
+        ],
+    }
+
+
+def build_crd() -> dict[str, Any]:
+    schema = openapi_schema()
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": CRD_NAME,
+            "labels": {"app.kubernetes.io/name": "retransmit-operator", "app.kubernetes.io/part-of": "retransmit-operator"},
+        },
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Cluster",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": [api.SHORT_NAME],
+                "categories": ["retransmit"],
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": printer_columns(schema),
+                    "schema": {"openAPIV3Schema": schema},
+                }
+            ],
+        },
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, long strings unwrapped, keys in the order built."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_Dumper.add_representer(str, _str_representer)
+
+
+def render_yaml() -> str:
+    return HEADER + yaml.dump(build_crd(), Dumper=_Dumper, sort_keys=False, width=10_000, allow_unicode=True)
+
+
+def repo_root(start: Optional[Path] = None) -> Path:
+    """The checkout this package lives in (editable install), else the working directory."""
+    for candidate in (Path(__file__).resolve().parent.parent, (start or Path.cwd()).resolve()):
+        if (candidate / "pyproject.toml").exists() and (candidate / "operator").is_dir():
+            return candidate
+    raise SystemExit("cannot find the repository root (pyproject.toml next to operator/): run from the checkout")
+
+
+def drifted(root: Path) -> list[Path]:
+    """Checked-in copies that differ from what the models generate."""
+    wanted = render_yaml()
+    return [p for p in CRD_PATHS if not (root / p).exists() or (root / p).read_text() != wanted]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m retransmit_operator.crd", description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--write", action="store_true", help="write the CRD into manifests/ and the Helm chart")
+    group.add_argument("--check", action="store_true", help="exit 1 if a checked-in copy drifted from the models")
+    parser.add_argument("--root", type=Path, default=None, help="repository root (default: found from the package)")
+    args = parser.parse_args(argv)
+    if not (args.write or args.check):
+        sys.stdout.write(render_yaml())
+        return 0
+    root = args.root or repo_root()
+    if args.check:
+        stale = drifted(root)
+        for p in stale:
+            print(f"{p}: differs from the models; run `make crd` (python -m retransmit_operator.crd --write)", file=sys.stderr)
+        return 1 if stale else 0
+    text = render_yaml()
+    for p in CRD_PATHS:
+        (root / p).parent.mkdir(parents=True, exist_ok=True)
+        (root / p).write_text(text)
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""The agents' DaemonSet for one trace: a pure function of the trace and the settings.
+
+The pod template is the operator-agent contract (retransmit_operator.contract): the agent
+reads its whole configuration from the args and the downward-API env rendered here.
+
+Security modes (RTRACE_AGENT_SECURITY_MODE):
+- privileged (default): works on every kernel and runtime; what OpenShift's privileged SCC
+  and Pod Security "privileged" expect for a tracing agent.
+- capabilities: not privileged, every capability dropped except BPF (load programs, create
+  maps), PERFMON (perf_event_open on a tracepoint) and SYS_RESOURCE (raise RLIMIT_MEMLOCK:
+  kernels before 5.11 charge BPF maps to it). No SYS_ADMIN: BPF + PERFMON cover what the
+  agent does since Linux 5.8, and SYS_ADMIN is most of root; kernels before 5.8 have neither
+  capability and need the privileged mode. The seccomp profile is Unconfined because runtimes'
+  default profiles allow bpf() and perf_event_open() only with SYS_ADMIN (Docker, CRI-O) or
+  depend on the version (containerd). The agent runs as uid 0 so it may read tracefs and
+  debugfs (mode 0700, owned by root) without DAC_OVERRIDE.
+
+Host paths use type "" (no check before mounting): a node without /sys/kernel/btf or
+/usr/src, or with tracefs not mounted, still starts the pod, and the agent then reports
+exactly what is missing in its status entry (phase Failed with a message) instead of the
+pod hanging in ContainerCreating. DirectoryOrCreate would create folders on the host.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import zlib
+from typing import Any
+
+from .api import API_VERSION, KIND, RetransmitTraceSpec
+from .contract import DOWNWARD_API_ENV, AgentInvocation, render_agent_args
+from .settings import Settings
+
+APP_NAME = "retransmit-operator"
+MANAGED_BY = "retransmit-operator"
+TRACE_LABEL = "retransmit.dev/trace"
+SPEC_HASH_ANNOTATION = "retransmit.dev/spec-hash"
+DAEMONSET_PREFIX = "rtrace-"
+TERMINATION_GRACE_SECONDS = 30  # SIGTERM -> final report; a write takes well under a second
+METRICS_PORT_SPAN = 100
+
+# (volume name, host path, mount path, mount propagation)
+HOST_MOUNTS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("debugfs", "/sys/kernel/debug", "/sys/kernel/debug", "HostToContainer"),
+    ("tracefs", "/sys/kernel/tracing", "/sys/kernel/tracing", "HostToContainer"),
+    ("btf", "/sys/kernel/btf", "/sys/kernel/btf", None),
+    ("modules", "/lib/modules", "/lib/modules", None),
+    ("usr-src", "/usr/src", "/usr/src", None),
+)
+AGENT_CAPABILITIES = ("BPF", "PERFMON", "SYS_RESOURCE")
+
+
+def daemonset_name(trace_name: str) -> str:
+    return f"{DAEMONSET_PREFIX}{trace_name}"
+
+
+def agent_metrics_port(trace_name: str, settings: Settings) -> int:
+    """The agents of one trace listen on base + a stable offset: agents use the host network,
+    so two traces on one node need different ports (the scheduler refuses a clash)."""
+    return settings.agent_metrics_port + zlib.crc32(trace_name.encode()) % METRICS_PORT_SPAN
+
+
+def selector_labels(trace_name: str) -> dict[str, str]:
+    """Labels that pick one trace's agent pods (the DaemonSet selector: never changes)."""
+    return {
+        "app.kubernetes.io/name": APP_NAME,
+        "app.kubernetes.io/component": "agent",
+        TRACE_LABEL: trace_name,
+    }
+
+
+def labels(trace_name: str) -> dict[str, str]:
+    return {
+        **selector_labels(trace_name),
+        "app.kubernetes.io/instance": daemonset_name(trace_name),
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/part-of": APP_NAME,
+    }
+
+
+def owner_reference(trace_name: str, trace_uid: str) -> dict[str, Any]:
+    """The trace owns the DaemonSet: deleting the trace garbage-collects the agents."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": trace_name,
+        "uid": trace_uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def security_context(mode: str) -> dict[str, Any]:
+    if mode == "privileged":
+        return {"privileged": True, "runAsUser": 0, "readOnlyRootFilesystem": True}
+    return {
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "runAsUser": 0,
+        "runAsNonRoot": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"], "add": list(AGENT_CAPABILITIES)},
+        "seccompProfile": {"type": "Unconfined"},
+    }
+
+
+def _tolerations(spec: RetransmitTraceSpec) -> list[dict[str, Any]]:
+    return [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in spec.tolerations]
+
+
+def render_pod_template(trace_name: str, spec: RetransmitTraceSpec, settings: Settings) -> dict[str, Any]:
+    port = agent_metrics_port(trace_name, settings)
+    args = render_agent_args(AgentInvocation(
+        trace=trace_name, spec=spec, metrics_port=port, max_writes_per_second=settings.max_writes_per_second,
+    ))
+    env = [{"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+           for name, path in DOWNWARD_API_ENV.items()]
+    env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
+
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}]
+    for name, host_path, mount_path, propagation in HOST_MOUNTS:
+        mount = {"name": name, "mountPath": mount_path, "readOnly": True}
+        if propagation:
+            mount["mountPropagation"] = propagation
+        mounts.append(mount)
+        volumes.append({"name": name, "hostPath": {"path": host_path, "type": ""}})
+
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": path, "port": port, "scheme": "HTTP"},
+            "periodSeconds": period,
+            "timeoutSeconds": 5,
+            "failureThreshold": failures,
+        }
+
+    container = {
+        "name": "agent",
+        "image": settings.agent_image,
+        "imagePullPolicy": settings.agent_image_pull_policy,
+        "command": list(settings.agent_command),
+        "args": args,
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
+        "resources": copy.deepcopy(settings.agent_resources),
+        "securityContext": security_context(settings.agent_security_mode),
+        "volumeMounts": mounts,
+        # Compiling the program takes seconds (more on a busy node): the startup probe gives
+        # it two minutes before liveness counts.
+        "startupProbe": probe("/livez", 5, 24),
+        "readinessProbe": probe("/readyz", 10, 3),
+        "livenessProbe": probe("/livez", 20, 3),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec = {
+        "serviceAccountName": settings.agent_service_account,
+        "automountServiceAccountToken": True,
+        "hostNetwork": True,
+        "dnsPolicy": "ClusterFirstWithHostNet",
+        "nodeSelector": {**spec.node_selector, "kubernetes.io/os": "linux"},
+        "tolerations": _tolerations(spec),
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "restartPolicy": "Always",
+        "containers": [container],
+        "volumes": volumes,
+    }
+    return {"metadata": {"labels": labels(trace_name)}, "spec": pod_spec}
+
+
+def spec_hash(template: dict[str, Any]) -> str:
+    """A short digest of the pod template: a new value rolls the agents."""
+    return hashlib.sha256(json.dumps(template, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def render_daemonset(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec, settings: Settings) -> dict[str, Any]:
+    """The DaemonSet rtrace-<trace> in the operator's namespace, owned by the trace."""
+    template = render_pod_template(trace_name, spec, settings)
+    digest = spec_hash(template)
+    template["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": daemonset_name(trace_name),
+            "namespace": settings.namespace,
+            "labels": labels(trace_name),
+            "annotations": {SPEC_HASH_ANNOTATION: digest},
+            "ownerReferences": [owner_reference(trace_name, trace_uid)],
+        },
+        "spec": {
+            "selector": {"matchLabels": selector_labels(trace_name)},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%"}},
+            "template": template,
+        },
+    }

@@ -1,0 +1,132 @@
+"""An independent reference counter on the same tcp tracepoints: the tests' ground truth.
+
+Deliberately shares nothing with bpf/retransmit.bpf.c or agent/: its own minimal C, one
+plain hash keyed by everything (family, addresses, ports, kind, state), no filters, no
+LRU, no sampling. Start it before the load, read it after the namespace is quiet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from retransmit_operator.api import TCP_STATES
+
+SOURCE = r"""
+struct ref_key {
+    u16 family;
+    u16 lport;
+    u16 rport;
+    u8 synack;
+    u8 state;
+    u8 laddr[16];
+    u8 raddr[16];
+};
+BPF_HASH(counts, struct ref_key, u64, 262144);
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
+{
+    struct ref_key k = {};
+    k.family = args->family;
+    k.lport = args->sport;
+    k.rport = args->dport;
+    k.state = args->state;
+    if (k.family == 2) {
+        __builtin_memcpy(k.laddr, args->saddr, 4);
+        __builtin_memcpy(k.raddr, args->daddr, 4);
+    } else {
+        __builtin_memcpy(k.laddr, args->saddr_v6, 16);
+        __builtin_memcpy(k.raddr, args->daddr_v6, 16);
+    }
+    counts.atomic_increment(k);
+    return 0;
+}
+
+TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
+{
+    struct ref_key k = {};
+    k.family = args->family;
+    k.lport = args->sport;
+    k.rport = args->dport;
+    k.synack = 1;
+    if (k.family == 2) {
+        __builtin_memcpy(k.laddr, args->saddr, 4);
+        __builtin_memcpy(k.raddr, args->daddr, 4);
+    } else {
+        __builtin_memcpy(k.laddr, args->saddr_v6, 16);
+        __builtin_memcpy(k.raddr, args->daddr_v6, 16);
+    }
+    counts.atomic_increment(k);
+    return 0;
+}
+"""
+
+FlowKey = tuple[str, str, int, str, int]   # family, local ip, local port, remote ip, remote port
+
+
+@dataclass(frozen=True)
+class RefEvent:
+    """One distinct (flow, kind, state) combination and how often it fired."""
+
+    family: str
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
+    synack: bool
+    state: Optional[str]   # None for SYN-ACK retransmits (that tracepoint has no state)
+
+    @property
+    def flow(self) -> FlowKey:
+        return (self.family, self.local_ip, self.local_port, self.remote_ip, self.remote_port)
+
+
+class ReferenceCounter:
+    def __init__(self) -> None:
+        self._bpf = None
+
+    def start(self) -> "ReferenceCounter":
+        from bcc import BPF
+
+        self._bpf = BPF(text=SOURCE)
+        return self
+
+    def stop(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> "ReferenceCounter":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def read(self) -> Counter:
+        """Counter of RefEvent -> events so far."""
+        out: Counter = Counter()
+        for k, v in self._bpf["counts"].items():
+            v4 = k.family == 2
+            size = 4 if v4 else 16
+            ip = lambda raw: str(ipaddress.ip_address(bytes(raw[:size])))  # noqa: E731
+            state = None if k.synack else (TCP_STATES[k.state - 1] if 1 <= k.state <= len(TCP_STATES) else f"#{k.state}")
+            out[RefEvent("IPv4" if v4 else "IPv6", ip(k.laddr), k.lport, ip(k.raddr), k.rport,
+                         bool(k.synack), state)] += v.value
+        return out
+
+
+def per_flow(counts: Counter, keep: Callable[[RefEvent], bool] = lambda e: True) -> dict[FlowKey, tuple[int, int]]:
+    """flow -> (retransmits, synack retransmits) over the events `keep` accepts."""
+    flows: dict[FlowKey, list[int]] = {}
+    for event, n in counts.items():
+        if keep(event):
+            entry = flows.setdefault(event.flow, [0, 0])
+            entry[1 if event.synack else 0] += n
+    return {k: (a, b) for k, (a, b) in flows.items()}
+
+
+def involving(addresses: set[str]) -> Callable[[RefEvent], bool]:
+    """Events whose local or remote address is one of `addresses` (a test's own)."""
+    return lambda e: e.local_ip in addresses or e.remote_ip in addresses

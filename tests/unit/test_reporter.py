@@ -1,0 +1,205 @@
+"""The reporter's pure core: resume from an earlier entry, write budget, backoff, change detection."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from retransmit_agent.reporter import (
+    Baseline,
+    FlowKey,
+    apply_body,
+    backoff_delay,
+    cumulative_entry,
+    entry_changed,
+    field_manager,
+    find_entry,
+    jittered,
+    merge_flows,
+    nodes_desired,
+    report_interval,
+    status_path,
+    top_flows,
+)
+from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent, to_api
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def flow(local_port, retransmits, synack=0, *, remote_port=5201, family="IPv4", seen=0, state="ESTABLISHED"):
+    ip_l, ip_r = ("198.18.0.2", "198.18.0.3") if family == "IPv4" else ("fd00::2", "fd00::3")
+    return Flow(
+        local=Endpoint(ip=ip_l, port=local_port), remote=Endpoint(ip=ip_r, port=remote_port),
+        family=family, retransmits=retransmits, synack_retransmits=synack, last_state=state,
+        first_seen=T0 + timedelta(seconds=seen), last_seen=T0 + timedelta(seconds=seen + 1),
+    )
+
+
+def event(second):
+    return RecentEvent(time=T0 + timedelta(seconds=second), kind="retransmit", family="IPv4",
+                       local=Endpoint(ip="198.18.0.2", port=1), remote=Endpoint(ip="198.18.0.3", port=2))
+
+
+def entry(**kw):
+    base = dict(node="n1", phase=Phase.RUNNING)
+    base.update(kw)
+    return NodeStatus(**base)
+
+
+# ---------------------------------------------------------------- write budget
+
+def test_interval_is_the_spec_interval_while_the_budget_allows_it():
+    # 5 writes/s * 10 s = 50 nodes before stretching
+    assert report_interval(10.0, 50, 5.0) == 10.0
+    assert report_interval(10.0, 1, 5.0) == 10.0
+
+
+def test_interval_stretches_to_keep_the_per_trace_write_rate():
+    assert report_interval(10.0, 51, 5.0) == pytest.approx(10.2)
+    assert report_interval(10.0, 1000, 5.0) == 200.0
+    # whatever the cluster size, nodes / interval stays within the budget
+    for nodes in (1, 49, 50, 51, 300, 5000):
+        assert nodes / report_interval(10.0, nodes, 5.0) <= 5.0 + 1e-9
+
+
+def test_unknown_node_count_or_no_budget_keeps_the_spec_interval():
+    assert report_interval(10.0, 0, 5.0) == 10.0
+    assert report_interval(10.0, 1000, 0.0) == 10.0
+
+
+def test_jitter_stays_within_ten_percent():
+    assert jittered(100.0, rng=lambda: 0.0) == pytest.approx(90.0)
+    assert jittered(100.0, rng=lambda: 1.0) == pytest.approx(110.0)
+
+
+# ---------------------------------------------------------------- backoff
+
+def test_backoff_grows_exponentially_then_caps():
+    mid = [backoff_delay(n, base=1.0, cap=30.0, rng=lambda: 0.5) for n in range(8)]
+    assert mid[:5] == [0.75, 1.5, 3.0, 6.0, 12.0]
+    assert mid[5:] == [22.5, 22.5, 22.5]
+
+
+def test_backoff_jitter_never_reaches_zero_nor_exceeds_the_cap():
+    for attempt in range(50):
+        low = backoff_delay(attempt, base=1.0, cap=30.0, rng=lambda: 0.0)
+        high = backoff_delay(attempt, base=1.0, cap=30.0, rng=lambda: 1.0)
+        assert low >= 0.5 and high <= 30.0 and low < high
+
+
+# ---------------------------------------------------------------- change detection
+
+def test_a_new_timestamp_alone_is_no_change():
+    a = entry(retransmits=3, last_report_time=T0)
+    b = entry(retransmits=3, last_report_time=T0 + timedelta(seconds=10))
+    assert not entry_changed(a, b)
+
+
+def test_new_counts_or_phase_are_a_change():
+    a = entry(retransmits=3)
+    assert entry_changed(a, entry(retransmits=4))
+    assert entry_changed(a, entry(retransmits=3, phase=Phase.FAILED, message="x"))
+    assert entry_changed(None, a)
+
+
+# ---------------------------------------------------------------- resume
+
+def test_no_earlier_entry_means_an_empty_baseline():
+    assert Baseline.from_entry(None).empty
+    assert find_entry({"status": {"nodes": [{"node": "other", "retransmits": 5}]}}, "n1") is None
+    assert find_entry({}, "n1") is None
+
+
+def test_own_entry_is_found_among_other_nodes():
+    trace = {"status": {"nodes": [
+        {"node": "other", "phase": "Running", "retransmits": 5},
+        {"node": "n1", "phase": "Running", "retransmits": 7, "byState": {"ESTABLISHED": 7}},
+    ]}}
+    found = find_entry(trace, "n1")
+    assert found.retransmits == 7 and found.by_state == {"ESTABLISHED": 7}
+
+
+def test_resumed_totals_add_to_the_kernels_new_counts():
+    before = entry(retransmits=100, synack_retransmits=4, lost_events=2, flows=3,
+                   by_state={"ESTABLISHED": 90, "SYN_RECV": 10},
+                   top_flows=[flow(1000, 60), flow(1001, 40)], recent_events=[event(5)])
+    baseline = Baseline.from_entry(before)
+    fresh_flows = [flow(1000, 7, seen=20), flow(1002, 3, seen=21)]
+    fresh = entry(retransmits=10, synack_retransmits=1, lost_events=1, flows=2,
+                  by_state={"ESTABLISHED": 10, "FIN_WAIT1": 1},
+                  top_flows=fresh_flows, recent_events=[event(30)])
+    merged = merge_flows(baseline, fresh.top_flows)
+    out = cumulative_entry(baseline, fresh, merged, top_n=10, keep=20)
+    assert (out.retransmits, out.synack_retransmits, out.lost_events) == (110, 5, 3)
+    assert out.by_state == {"ESTABLISHED": 100, "SYN_RECV": 10, "FIN_WAIT1": 1}
+    counts = {f.local.port: f.retransmits for f in out.top_flows}
+    assert counts == {1000: 67, 1001: 40, 1002: 3}
+    assert out.flows == 3  # never fewer than before
+    assert [e.time for e in out.recent_events] == [T0 + timedelta(seconds=30), T0 + timedelta(seconds=5)]
+    f1000 = next(f for f in out.top_flows if f.local.port == 1000)
+    assert f1000.first_seen == T0 and f1000.last_seen == T0 + timedelta(seconds=21)
+
+
+def test_counts_never_go_backwards_across_repeated_restarts():
+    """Three agents in a row on one node, each seeing some events: totals only grow."""
+    previous = None
+    reported = []
+    for generation, new in enumerate([5, 0, 8]):
+        baseline = Baseline.from_entry(previous)
+        fresh = entry(retransmits=new, top_flows=[flow(2000, new)] if new else [])
+        out = cumulative_entry(baseline, fresh, merge_flows(baseline, fresh.top_flows), 10, 20)
+        reported.append(out.retransmits)
+        previous = NodeStatus.model_validate(to_api(out))  # what the next agent reads back
+    assert reported == [5, 5, 13]
+    assert previous.top_flows[0].retransmits == 13
+
+
+def test_a_flow_busy_before_and_after_a_restart_ranks_by_its_total():
+    """The kernel's fresh count of flow A is small, but with its baseline it is the busiest."""
+    baseline = Baseline.from_entry(entry(retransmits=50, top_flows=[flow(1, 50)]))
+    fresh_flows = [flow(1, 2)] + [flow(100 + i, 10) for i in range(5)]
+    fresh = entry(retransmits=52, top_flows=fresh_flows)
+    out = cumulative_entry(baseline, fresh, merge_flows(baseline, fresh_flows), top_n=3, keep=0)
+    assert [f.local.port for f in out.top_flows][0] == 1
+    assert out.top_flows[0].retransmits == 52
+    assert len(out.top_flows) == 3
+    assert out.recent_events == []
+
+
+def test_top_flows_orders_busiest_first_and_zero_means_all():
+    flows = [flow(1, 1), flow(2, 5), flow(3, 0, synack=9), flow(4, 5, seen=50)]
+    assert [f.local.port for f in top_flows(flows, 2)] == [3, 4]
+    assert len(top_flows(flows, 0)) == 4
+
+
+def test_ipv4_and_ipv6_flows_with_equal_ports_stay_apart():
+    a, b = flow(1, 3, family="IPv4"), flow(1, 4, family="IPv6")
+    assert FlowKey.of_flow(a) != FlowKey.of_flow(b)
+    baseline = Baseline.from_entry(entry(top_flows=[a]))
+    merged = merge_flows(baseline, [b])
+    assert sorted(f.retransmits for f in merged) == [3, 4]
+
+
+# ---------------------------------------------------------------- the write
+
+def test_apply_body_carries_only_this_nodes_entry():
+    body = apply_body("t1", entry(retransmits=3, by_state={"ESTABLISHED": 3}))
+    assert body["apiVersion"] == "retransmit.dev/v1alpha1" and body["kind"] == "RetransmitTrace"
+    assert body["metadata"] == {"name": "t1"}
+    assert list(body["status"]) == ["nodes"]
+    assert body["status"]["nodes"] == [{"node": "n1", "phase": "Running", "retransmits": 3,
+                                        "synackRetransmits": 0, "lostEvents": 0, "flows": 0,
+                                        "byState": {"ESTABLISHED": 3}, "topFlows": [],
+                                        "recentEvents": []}]
+
+
+def test_field_manager_and_path_name_the_node_and_the_status_subresource():
+    assert field_manager("worker-7") == "rtrace-agent/worker-7"
+    assert status_path("t1") == "/apis/retransmit.dev/v1alpha1/retransmittraces/t1/status"
+
+
+def test_nodes_desired_comes_from_the_operators_summary():
+    assert nodes_desired({"status": {"summary": {"nodesDesired": 120}}}) == 120
+    assert nodes_desired({"status": {}}) == 0
+    assert nodes_desired({}) == 0

@@ -1,0 +1,77 @@
+"""The agent's /metrics, /readyz and /livez, served for real on a free local port."""
+
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from retransmit_agent.metrics import AgentState, MetricsServer
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def served():
+    state = AgentState(trace="t1", node="n1")
+    server = MetricsServer(state, 0, host="127.0.0.1").start()
+    yield state, f"http://127.0.0.1:{server.port}"
+    server.stop()
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def samples(text):
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_readyz_follows_the_attached_program(served):
+    state, url = served
+    assert get(url + "/readyz")[0] == 503
+    state.attached = True
+    assert get(url + "/readyz") == (200, "ok\n")
+
+
+def test_livez_fails_when_the_report_loop_stalls(served):
+    state, url = served
+    assert get(url + "/livez")[0] == 200
+    state.last_loop = time.monotonic() - state.liveness_bound - 1
+    assert get(url + "/livez")[0] == 503
+    state.beat()
+    assert get(url + "/livez")[0] == 200
+
+
+def test_metrics_expose_counts_by_pod_and_remote_port(served):
+    state, url = served
+    state.publish_counts(12, 3, 4, {("shop", "web", "5201"): 10, ("", "n1", "22"): 2})
+    state.report_errors = 2
+    code, text = get(url + "/metrics")
+    assert code == 200
+    got = samples(text)
+    assert got[("rtrace_retransmits_total", (("namespace", "shop"), ("pod", "web"), ("remote_port", "5201"), ("trace", "t1")))] == 10
+    assert got[("rtrace_retransmits_total", (("namespace", ""), ("pod", "n1"), ("remote_port", "22"), ("trace", "t1")))] == 2
+    assert got[("rtrace_node_retransmits_total", (("node", "n1"), ("trace", "t1")))] == 12
+    assert got[("rtrace_node_synack_retransmits_total", (("node", "n1"), ("trace", "t1")))] == 3
+    assert got[("rtrace_lost_events_total", (("node", "n1"), ("trace", "t1")))] == 4
+    assert got[("rtrace_report_errors_total", (("node", "n1"), ("trace", "t1")))] == 2
+
+
+def test_counters_never_decrease_when_a_flow_leaves_the_kernel_map(served):
+    state, url = served
+    state.publish_counts(10, 0, 0, {("shop", "web", "5201"): 10})
+    state.publish_counts(10, 0, 0, {("shop", "web", "5201"): 4})  # flow evicted, a new one counted
+    got = samples(get(url + "/metrics")[1])
+    assert got[("rtrace_retransmits_total", (("namespace", "shop"), ("pod", "web"), ("remote_port", "5201"), ("trace", "t1")))] == 10
+
+
+def test_unknown_paths_are_404(served):
+    _, url = served
+    assert get(url + "/nope")[0] == 404
