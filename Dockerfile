@@ -3,6 +3,8 @@
 #   retransmit-agent     the bcc agent (DaemonSet rendered by the operator; runs as root,
 #                        privileged or with BPF+PERFMON+SYS_RESOURCE, set by the pod)
 # Build locally: `make image` (podman, base from debootstrap; see the Makefile).
+#
+# checkov:skip=CKV_DOCKER_2: No HEALTHCHECK: Kubernetes ignores it; the operator Deployment has probes and the agent serves /metrics and readiness to its DaemonSet.
 
 # ---- generic kernel headers ----------------------------------------------------------
 # bcc compiles the agent's tracepoint program on the node, against kernel headers. Nodes
@@ -41,27 +43,11 @@ RUN apt-get update \
 
 COPY --from=headers /out/kernel-headers /opt/retransmit/kernel-headers
 
-# The venv sees Debian's site-packages so `import bcc` works (bcc is not on PyPI).
-# Dependencies (and the build backend) first, read from pyproject.toml: source edits do not
-# reinstall them. PIP_CERT: a CA bundle for builds behind a TLS-intercepting proxy (the
-# Makefile passes the host's); empty means pip's own.
 ENV VIRTUAL_ENV=/opt/retransmit/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     RTRACE_KERNEL_HEADERS=/opt/retransmit/kernel-headers
 ENV PATH=/usr/local/bin:$VIRTUAL_ENV/bin:/usr/sbin:/usr/bin:/sbin:/bin
-ARG PIP_CERT=""
-COPY pyproject.toml /tmp/build/pyproject.toml
-RUN cd / \
- && python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
- && python3 -c 'import tomllib; p = tomllib.load(open("/tmp/build/pyproject.toml", "rb")); print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' > /tmp/build/requirements.txt \
- && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir --disable-pip-version-check -q ${PIP_CERT:+--cert "$PIP_CERT"} -r /tmp/build/requirements.txt
-
-COPY . /tmp/build/
-RUN cd / \
- && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir --disable-pip-version-check -q --no-index --no-build-isolation --no-deps /tmp/build \
- && rm -rf /tmp/build \
- && "$VIRTUAL_ENV/bin/python" -c 'import bcc, kopf, retransmit_operator, retransmit_agent, retransmit_bpf'
 
 # `retransmit-agent` as the pod runs it: bcc looks for headers at
 # /lib/modules/$(uname -r)/build. When the node provides none there (the DaemonSet mounts
@@ -78,6 +64,23 @@ RUN printf '%s\n' \
       'exec "$VIRTUAL_ENV/bin/retransmit-agent" "$@"' \
       > /usr/local/bin/retransmit-agent \
  && chmod 0755 /usr/local/bin/retransmit-agent
+
+# The venv sees Debian's site-packages so `import bcc` works (bcc is not on PyPI).
+# Dependencies (and the build backend) first, read from pyproject.toml: source edits do not
+# reinstall them. PIP_CERT: a CA bundle for builds behind a TLS-intercepting proxy (the
+# Makefile passes the host's); empty means pip's own.
+ARG PIP_CERT=""
+COPY pyproject.toml /tmp/build/pyproject.toml
+RUN cd / \
+ && python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
+ && python3 -c 'import tomllib; p = tomllib.load(open("/tmp/build/pyproject.toml", "rb")); print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' > /tmp/build/requirements.txt \
+ && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir --disable-pip-version-check -q ${PIP_CERT:+--cert "$PIP_CERT"} -r /tmp/build/requirements.txt
+
+COPY . /tmp/build/
+RUN cd / \
+ && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir --disable-pip-version-check -q --no-index --no-build-isolation --no-deps /tmp/build \
+ && rm -rf /tmp/build \
+ && "$VIRTUAL_ENV/bin/python" -c 'import bcc, kopf, retransmit_operator, retransmit_agent, retransmit_bpf'
 
 # The operator's user (distroless "nonroot" id). The agent's pod sets runAsUser: 0.
 USER 65532:65532

@@ -44,6 +44,7 @@ from .preflight import (
     require_privileges,
     require_tracepoints,
     ringbuf_supported,
+    tracepoint_fields,
 )
 
 __all__ = ["KernelConfig", "KernelProblem", "KernelSnapshot", "RetransmitProgram", "FlowCounters"]
@@ -112,7 +113,8 @@ class KernelSnapshot:
 
     Totals and by_state count every event that passed the filters, including flows the
     LRU maps evicted; `flows` holds the flows still in the maps. lost_events counts samples
-    dropped by the rate limit or a full buffer. by_state includes SYN-ACK retransmits under
+    dropped by the rate limit or a full buffer. failed_attempts: retransmits the kernel
+    tried and failed (Linux 6.17+ reports them; they are in no other count). by_state includes SYN-ACK retransmits under
     SYN_RECV (their tracepoint has no state: a request socket is what `ss` calls SYN-RECV).
     """
 
@@ -120,9 +122,21 @@ class KernelSnapshot:
     synack_retransmits: int
     lost_events: int
     sampled_events: int
+    failed_attempts: int
     by_state: dict[str, int]
     flows: list[FlowCounters]
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+def compile_flags(config: KernelConfig, include: Path, ringbuf: bool, has_err: bool,
+                  coarse_clock: bool = True) -> list[str]:
+    """cflags for retransmit.bpf.c: the compile-time half of the configuration."""
+    return [
+        f"-I{include}",
+        f"-DFLOW_CAPACITY={config.flow_capacity}",
+        f"-DRINGBUF_PAGES={config.ring_pages}",
+    ] + (["-DUSE_RINGBUF"] if ringbuf else []) + (["-DHAVE_RETRANSMIT_ERR"] if has_err else []) + (
+        ["-DHAVE_KTIME_COARSE"] if coarse_clock else [])
 
 
 @contextlib.contextmanager
@@ -163,14 +177,20 @@ class RetransmitProgram:
         self._lock = threading.Lock()
         self._pending: deque[tuple] = deque()
         self._dropped_in_python = 0
-        self._events_table = bpf["events"]
+        self._events_table = bpf[b"events"]
         self._local_ips: Optional[frozenset[str]] = None
 
     # ---------------------------------------------------------------- lifecycle
 
     @classmethod
-    def open(cls, config: KernelConfig, tracefs: Optional[str] = None) -> "RetransmitProgram":
-        """Check the node, compile and attach the program, then start counting with `config`."""
+    def open(cls, config: KernelConfig, tracefs: Optional[str] = None,
+             ringbuf: Optional[bool] = None) -> "RetransmitProgram":
+        """Check the node, compile and attach the program, then start counting with `config`.
+
+        tracefs: a tracefs mount to check instead of probing the usual places.
+        ringbuf: None probes the kernel (BPF ring buffer when it can create one, else a
+        perf buffer); True/False forces the choice (a perf buffer works on every kernel).
+        """
         require_privileges()  # first: without it tracefs looks empty
         path = find_tracefs(tracefs)
         require_tracepoints(path)
@@ -181,21 +201,23 @@ class RetransmitProgram:
             raise KernelProblem(
                 "python module bcc is missing: install python3-bpfcc (Debian/Ubuntu) or python3-bcc (RHEL)"
             ) from None
-        ringbuf = ringbuf_supported()
+        if ringbuf is None:
+            ringbuf = ringbuf_supported()
+        has_err = "err" in tracepoint_fields(path, "tcp", "tcp_retransmit_skb")
         source = resources.files("retransmit_bpf")
         with resources.as_file(source) as folder:
-            cflags = [
-                f"-I{folder}",
-                f"-DFLOW_CAPACITY={config.flow_capacity}",
-                f"-DRINGBUF_PAGES={config.ring_pages}",
-            ] + (["-DUSE_RINGBUF"] if ringbuf else [])
-            with _stderr_captured() as output:
-                try:
-                    bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
-                except Exception as exc:  # bcc raises bare Exception for compile and load errors
-                    failure = exc
-                else:
-                    failure = None
+            # bpf_ktime_get_coarse_ns is cheaper but needs Linux 5.11: probed by loading.
+            for coarse_clock in (True, False):
+                cflags = compile_flags(config, folder, ringbuf=ringbuf, has_err=has_err, coarse_clock=coarse_clock)
+                with _stderr_captured() as output:
+                    try:
+                        bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
+                    except Exception as exc:  # bcc raises bare Exception for compile and load errors
+                        failure = exc
+                    else:
+                        failure = None
+                if failure is None:
+                    break
             if failure is not None:
                 raise _bcc_failure(failure, output)
         program = cls(bpf, config, ringbuf, path)
@@ -215,7 +237,7 @@ class RetransmitProgram:
                 wakeup_events=64,
             )
         c = self._config
-        self._fill(self._bpf["ports"], (self._bpf["ports"].Key(p) for p in c.ports))
+        self._fill(self._bpf[b"ports"], (self._bpf[b"ports"].Key(p) for p in c.ports))
         self._fill_cidrs(c.remote_cidrs)
         self._write_local_ips(c.local_ips or frozenset())
         self._local_ips = c.local_ips
@@ -225,6 +247,7 @@ class RetransmitProgram:
         """Detach the program and free its maps."""
         with self._lock:
             if self._bpf is not None:
+                self._events_table = None  # bcc closes perf buffers when the last reference goes
                 self._bpf.cleanup()
                 self._bpf = None
 
@@ -238,7 +261,7 @@ class RetransmitProgram:
 
     def _write_config(self) -> None:
         c = self._config
-        table = self._bpf["config"]
+        table = self._bpf[b"config"]
         leaf = table.Leaf()
         leaf.families = sum(FAMILY_BITS[f] for f in c.families)
         leaf.states = sum(1 << TCP_STATE_NUMBERS[s] for s in c.states)
@@ -256,7 +279,7 @@ class RetransmitProgram:
     def _fill_cidrs(self, cidrs: Iterable[str]) -> None:
         for text in cidrs:
             net = ipaddress.ip_network(text, strict=False)
-            table = self._bpf["cidrs4" if net.version == 4 else "cidrs6"]
+            table = self._bpf[b"cidrs4" if net.version == 4 else b"cidrs6"]
             key = table.Key()
             key.prefixlen = net.prefixlen
             for i, byte in enumerate(net.network_address.packed):
@@ -264,7 +287,7 @@ class RetransmitProgram:
             table[key] = table.Leaf(1)
 
     def _local_keys(self, ips: Iterable[str]) -> tuple[list[Any], list[Any]]:
-        t4, t6 = self._bpf["local4"], self._bpf["local6"]
+        t4, t6 = self._bpf[b"local4"], self._bpf[b"local6"]
         keys4, keys6 = [], []
         for ip in ips:
             packed = ipaddress.ip_address(ip).packed
@@ -280,7 +303,7 @@ class RetransmitProgram:
     def _write_local_ips(self, ips: frozenset[str]) -> None:
         """Make local4/local6 hold exactly `ips` (new entries first, then stale ones go)."""
         keep4, keep6 = self._local_keys(ips)
-        for table, keep in ((self._bpf["local4"], keep4), (self._bpf["local6"], keep6)):
+        for table, keep in ((self._bpf[b"local4"], keep4), (self._bpf[b"local6"], keep6)):
             wanted = {bytes(k): k for k in keep}
             for key in wanted.values():
                 table[key] = table.Leaf(1)
@@ -319,14 +342,15 @@ class RetransmitProgram:
             if self._bpf is None:
                 raise KernelProblem("the kernel program is closed")
             offset = wall_clock_offset_ns()
-            per_cpu = self._bpf["totals"][0]
-            retransmits = synack = lost = sampled = 0
+            per_cpu = self._bpf[b"totals"][0]
+            retransmits = synack = lost = sampled = failed = 0
             states = [0] * len(per_cpu[0].by_state)
             for cpu in per_cpu:
                 retransmits += cpu.retransmits
                 synack += cpu.synack_retransmits
                 lost += cpu.lost
                 sampled += cpu.sampled
+                failed += cpu.failed
                 for i, n in enumerate(cpu.by_state):
                     states[i] += n
             flows = list(self._read_flows(offset))
@@ -337,12 +361,12 @@ class RetransmitProgram:
                 by_state[state_name(number) or "UNKNOWN"] = n
         return KernelSnapshot(
             retransmits=retransmits, synack_retransmits=synack, lost_events=lost,
-            sampled_events=sampled, by_state=by_state, flows=flows,
+            sampled_events=sampled, failed_attempts=failed, by_state=by_state, flows=flows,
         )
 
     def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
         for family, name in ((AF_INET, "flows4"), (AF_INET6, "flows6")):
-            for key, stats in self._bpf[name].items():
+            for key, stats in self._bpf[name.encode()].items():
                 if family == AF_INET:
                     saddr = key.saddr.to_bytes(4, sys.byteorder)
                     daddr = key.daddr.to_bytes(4, sys.byteorder)

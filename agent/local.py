@@ -61,7 +61,15 @@ def run_local(options: LocalOptions, out: TextIO = sys.stdout) -> int:
     """
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    program = RetransmitProgram.open(options.config, tracefs=options.tracefs)
+    try:
+        program = RetransmitProgram.open(options.config, tracefs=options.tracefs)
+    except BaseException:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise
+    transport = "ring buffer" if program.uses_ringbuf else "perf buffer"
+    print(f"retransmit-agent local: counting on tcp:tcp_retransmit_skb and tcp:tcp_retransmit_synack "
+          f"(samples via {transport}); Ctrl-C stops", file=sys.stderr, flush=True)
     node, release, version = socket.gethostname(), os.uname().release, agent_version()
     recent: deque[RecentEvent] = deque(maxlen=KEEP_EVENTS)
     started = time.monotonic()
@@ -85,7 +93,9 @@ def run_local(options: LocalOptions, out: TextIO = sys.stdout) -> int:
             from .table import render_report
 
             # With --events, stdout carries NDJSON: the table goes to stderr.
-            console = Console(file=sys.stderr if options.events else out)
+            stream = sys.stderr if options.events else out
+            # Not a terminal (a pipe, a log): wide enough that addresses are never cut.
+            console = Console(file=stream, width=None if stream.isatty() else 140)
             live = Live(render_report(report(), 0, options.duration), console=console,
                         auto_refresh=False, transient=False)
             live.start()

@@ -54,6 +54,17 @@ def require_tracepoints(tracefs: Path) -> None:
             )
 
 
+def tracepoint_fields(tracefs: Path, category: str, event: str) -> set[str]:
+    """Field names in a tracepoint's format file (what bcc will put in `args`)."""
+    fields = set()
+    for line in (tracefs / "events" / category / event / "format").read_text().splitlines():
+        line = line.strip()
+        if line.startswith("field:"):
+            declaration = line.split(";", 1)[0].removeprefix("field:")
+            fields.add(declaration.split()[-1].split("[", 1)[0])
+    return fields
+
+
 def effective_capabilities() -> int:
     """CapEff of this process as a bit mask (0 when /proc is unreadable)."""
     try:

@@ -252,36 +252,31 @@ class StatusWriter:
     """Reads the trace and applies this node's entry. The only API calls of the reporter."""
 
     def __init__(self, api_client: Any, trace: str, node: str, timeout: float = 10.0) -> None:
-        self._api = api_client
+        from kubernetes import client
+
+        self._objects = client.CustomObjectsApi(api_client)
         self.trace = trace
         self.node = node
         self._timeout = timeout
 
-    def _call(self, method: str, path: str, query: list, body: Optional[str], content_type: Optional[str]) -> dict[str, Any]:
+    def _call(self, request: Callable[[], Any]) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
 
-        headers = {"Accept": "application/json"}
-        if content_type:
-            headers["Content-Type"] = content_type
         try:
-            response = self._api.call_api(
-                path, method, query_params=query, header_params=headers, body=body,
-                auth_settings=["BearerToken"], _preload_content=False,
-                _request_timeout=self._timeout, _return_http_data_only=True,
-            )
+            result = request()
         except ApiException as exc:
-            raise ApiError(exc.status or 0, (exc.body or exc.reason or str(exc)).strip()[:500]) from None
+            raise ApiError(exc.status or 0, str(exc.body or exc.reason or exc).strip()[:500]) from None
         except Exception as exc:  # noqa: BLE001 - connection refused, timeouts, TLS: no answer
             raise ApiError(0, f"{type(exc).__name__}: {exc}"[:500]) from None
-        return json.loads(response.data or b"{}")
+        return result if isinstance(result, dict) else {}
 
     def read_trace(self) -> dict[str, Any]:
-        return self._call("GET", f"/apis/{GROUP}/{VERSION}/{PLURAL}/{self.trace}", [], None, None)
+        return self._call(lambda: self._objects.get_cluster_custom_object(
+            GROUP, VERSION, PLURAL, self.trace, _request_timeout=self._timeout))
 
     def apply(self, entry: NodeStatus) -> dict[str, Any]:
         """Server-side apply of status.nodes[<node>]; returns the whole trace as stored."""
-        return self._call(
-            "PATCH", status_path(self.trace),
-            [("fieldManager", field_manager(self.node)), ("force", "true")],
-            json.dumps(apply_body(self.trace, entry)), "application/apply-patch+yaml",
-        )
+        return self._call(lambda: self._objects.patch_cluster_custom_object_status(
+            GROUP, VERSION, PLURAL, self.trace, apply_body(self.trace, entry),
+            field_manager=field_manager(self.node), force=True,
+            _content_type="application/apply-patch+yaml", _request_timeout=self._timeout))

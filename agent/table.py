@@ -23,16 +23,16 @@ def render_report(report: NodeStatus, elapsed: float, duration: float | None) ->
     )
     states = Text("by state: " + ("  ".join(f"{k} {v}" for k, v in report.by_state.items()) or "-"), style="dim")
     table = Table(title=f"top flows on {report.node}", title_justify="left", expand=False)
-    table.add_column("family")
-    table.add_column("local (retransmitting)")
-    table.add_column("remote")
+    table.add_column("fam")
+    table.add_column("local (retransmitting)", no_wrap=True)
+    table.add_column("remote", no_wrap=True)
     table.add_column("retransmits", justify="right")
     table.add_column("SYN-ACK", justify="right")
-    table.add_column("last state")
-    table.add_column("last seen (UTC)")
+    table.add_column("last state", no_wrap=True)
+    table.add_column("last seen", no_wrap=True)
     for flow in report.top_flows:
         table.add_row(
-            str(flow.family),
+            "v4" if str(flow.family) == "IPv4" else "v6",
             format_endpoint(flow.local.ip, flow.local.port),
             format_endpoint(flow.remote.ip, flow.remote.port),
             str(flow.retransmits),

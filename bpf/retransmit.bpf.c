@@ -4,7 +4,11 @@
  * fields are read (bcc builds `args` from the tracefs format file), so the program follows
  * the running kernel's layout and needs no struct sock.
  *
- * Compile-time switches (cflags): USE_RINGBUF (else a perf buffer), FLOW_CAPACITY,
+ * Compile-time switches (cflags): USE_RINGBUF (else a perf buffer), HAVE_KTIME_COARSE
+ * (bpf_ktime_get_coarse_ns, Linux 5.11+: timestamps at tick resolution for a fraction of
+ * bpf_ktime_get_ns's cost, which is a third of this program's), HAVE_RETRANSMIT_ERR
+ * (the tracepoint has Linux 6.17's `err` field: it then also fires for failed attempts,
+ * which are set aside so every kernel counts the same thing), FLOW_CAPACITY,
  * RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
  * `cidrs4`, `cidrs6`, `local4`, `local6`, filled by the agent.
  */
@@ -24,18 +28,26 @@ BPF_TABLE("lru_hash", struct flow_key6, struct flow_stats, flows6, FLOW_CAPACITY
 BPF_PERCPU_ARRAY(totals, struct totals, 1);
 BPF_ARRAY(sample_window, struct sample_window, 1);
 
+#ifdef HAVE_KTIME_COARSE
+#define NOW_NS() bpf_ktime_get_coarse_ns()   /* CLOCK_MONOTONIC_COARSE */
+#else
+#define NOW_NS() bpf_ktime_get_ns()          /* CLOCK_MONOTONIC */
+#endif
+
 #ifdef USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #else
 BPF_PERF_OUTPUT(events);
 #endif
 
+/* A plain increment is exact for retransmits: the kernel retransmits for one socket (one
+ * flow key) only under that socket's lock, so two CPUs never update the same flow at once. */
 static __always_inline void add_flow(struct flow_stats *stats, u8 kind, u64 now, u32 state)
 {
-    if (kind == KIND_SYNACK)
+    if (kind == KIND_SYNACK)  /* timer and a duplicate SYN may race on a request socket */
         __sync_fetch_and_add(&stats->synack_retransmits, 1);
     else
-        __sync_fetch_and_add(&stats->retransmits, 1);
+        stats->retransmits++;
     stats->last_ns = now;
     stats->last_state = state;
 }
@@ -132,7 +144,7 @@ static __always_inline int handle(void *ctx, struct event *ev)
         t->retransmits++;
     t->by_state[slot & (STATE_SLOTS - 1)]++;
 
-    u64 now = bpf_ktime_get_ns();
+    u64 now = NOW_NS();
     ev->ts_ns = now;
     struct flow_stats *stats;
     if (is_v4)
@@ -180,6 +192,15 @@ static __always_inline int handle(void *ctx, struct event *ev)
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
+#ifdef HAVE_RETRANSMIT_ERR
+    if (args->err) {
+        u32 zero = 0;
+        struct totals *t = totals.lookup(&zero);
+        if (t)
+            t->failed++;
+        return 0;
+    }
+#endif
     struct event ev = {.kind = KIND_RETRANSMIT};
     int state = args->state;
     ev.state = (state > 0 && state < STATE_SLOTS) ? state : 0;

@@ -62,7 +62,7 @@ struct flow_key6 {
 struct flow_stats {
     u64 retransmits;         /* tcp_retransmit_skb events */
     u64 synack_retransmits;  /* tcp_retransmit_synack events */
-    u64 first_ns;            /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) of the first event */
+    u64 first_ns;            /* CLOCK_MONOTONIC(_COARSE) time of the first event */
     u64 last_ns;             /* ... of the latest event */
     u32 last_state;          /* TCP state at the latest event */
     u32 pad;
@@ -75,6 +75,8 @@ struct totals {
     u64 synack_retransmits;
     u64 sampled;               /* samples handed to the ring/perf buffer */
     u64 lost;                  /* samples dropped: rate limit or full buffer */
+    u64 failed;                /* failed retransmit attempts (err != 0, Linux 6.17+), before
+                                  any filter; counted nowhere else: older kernels never report them */
     u64 by_state[STATE_SLOTS]; /* retransmits + synack retransmits per TCP state */
 };
 

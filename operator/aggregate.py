@@ -8,6 +8,7 @@ they list: a flow that is in no node's top list cannot be in the cluster's.
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime, timedelta
 from typing import Iterable, Optional
 
 from .api import Endpoint, Flow, NodeStatus, Phase, PodCount, Summary
@@ -75,20 +76,33 @@ def top_pods(flows: Iterable[Flow], pods: Optional[PodLookup], top_n: int) -> li
     return [PodCount(namespace=ns, pod=pod, node=node_of.get((ns, pod)), retransmits=n) for (ns, pod), n in ranked]
 
 
-def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, pod_index: Optional[PodLookup]) -> Summary:
-    """The summary the operator writes: sums, cluster-wide top flows and pods, node counts."""
+def reporting(node: NodeStatus, now: Optional[datetime], stale_after: Optional[timedelta]) -> bool:
+    """The node's agent counts: a Running (or Completed) entry, written recently when a bound
+    is given (an agent whose node vanished leaves a Running entry behind)."""
+    if _phase(node) not in REPORTING_PHASES:
+        return False
+    if stale_after is None or now is None or node.last_report_time is None:
+        return True
+    return now - node.last_report_time <= stale_after
+
+
+def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, pod_index: Optional[PodLookup],
+                      *, now: Optional[datetime] = None, stale_after: Optional[timedelta] = None) -> Summary:
+    """The summary the operator writes: sums, cluster-wide top flows and pods, node counts.
+
+    Totals include every entry, stale or failed: counts are cumulative and never go back."""
     by_state: Counter[str] = Counter()
     for node in nodes:
         by_state.update({state: count for state, count in node.by_state.items() if count})
     flows = cluster_flows(nodes, pod_index)
-    reporting = sum(1 for node in nodes if _phase(node) in REPORTING_PHASES)
+    reporting_nodes = sum(1 for node in nodes if reporting(node, now, stale_after))
     return Summary(
         retransmits=sum(n.retransmits for n in nodes),
         synack_retransmits=sum(n.synack_retransmits for n in nodes),
         lost_events=sum(n.lost_events for n in nodes),
         nodes_desired=nodes_desired,
-        nodes_reporting=reporting,
-        nodes=f"{reporting}/{nodes_desired}",
+        nodes_reporting=reporting_nodes,
+        nodes=f"{reporting_nodes}/{nodes_desired}",
         top_flows=flows[:top_n],
         top_pods=top_pods(flows, pod_index, top_n),
         by_state=dict(sorted(by_state.items())),

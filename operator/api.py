@@ -189,7 +189,7 @@ class Filter(ApiModel):
     ip_families: list[IPFamily] = Field(
         default_factory=lambda: [IPFamily.IPV4, IPFamily.IPV6], max_length=2,
         description="IP families to trace: IPv4, IPv6 or both (default both).",
-        json_schema_extra=k8s_extra(x_kubernetes_list_type="set"),
+        json_schema_extra=k8s_extra(x_kubernetes_list_type="set", default=["IPv4", "IPv6"]),
     )
     ports: list[Port] = Field(default_factory=list, max_length=64, description="Keep flows whose local or remote port is one of these (1-65535).",
                               json_schema_extra=k8s_extra(x_kubernetes_list_type="set"))
@@ -224,7 +224,8 @@ class RetransmitTraceSpec(ApiModel):
 
     duration: Optional[str] = Field(None, pattern=GO_DURATION_PATTERN, max_length=64, description="How long the trace runs, Go-style ('90s', '10m', '2h'); unset runs until the trace is deleted.",
                                     json_schema_extra=k8s_extra(x_kubernetes_validations=[
-                                        _cel("duration(self) > duration('0s')", "spec.duration must be longer than 0s: omit it to trace until deleted, or give e.g. '5m'"),
+                                        _cel(f"!self.matches(r'{GO_DURATION_PATTERN}') || duration(self) > duration('0s')",
+                                             "spec.duration must be longer than 0s: omit it to trace until deleted, or give e.g. '5m'"),
                                     ]))
     node_selector: dict[str, Annotated[str, Field(json_schema_extra={"maxLength": 63, "pattern": LABEL_VALUE_PATTERN})]] = Field(
         default_factory=dict, max_length=64, description="Run agents only on nodes with these labels (default: all Linux nodes).")
@@ -233,13 +234,15 @@ class RetransmitTraceSpec(ApiModel):
         default_factory=list, max_length=256, description="Keep only flows whose local side is a pod in one of these namespaces (default: all).",
         json_schema_extra=k8s_extra(x_kubernetes_list_type="set"))
     pod_selector: Optional[LabelSelector] = Field(None, description="Keep only flows whose local side is a pod matching this selector (default: all).")
-    filter: Filter = Field(default_factory=Filter, description="Kernel-side filters: families, ports, remote CIDRs, TCP states.")
+    filter: Filter = Field(default_factory=Filter, description="Kernel-side filters: families, ports, remote CIDRs, TCP states.",
+                           json_schema_extra={"default": {}})
     report_interval: str = Field("10s", pattern=GO_DURATION_PATTERN, max_length=64, description="How often each agent writes its node entry (Go-style duration, at least 1s).",
                                  json_schema_extra=k8s_extra(x_kubernetes_validations=[
-                                     _cel("duration(self) >= duration('1s')", "spec.reportInterval must be at least 1s, or agents would flood the API server: use e.g. '10s'"),
+                                     _cel(f"!self.matches(r'{GO_DURATION_PATTERN}') || duration(self) >= duration('1s')",
+                                          "spec.reportInterval must be at least 1s, or agents would flood the API server: use e.g. '10s'"),
                                  ]))
     top_flows: int = Field(10, ge=1, le=100, description="How many flows each node and the summary keep, busiest first.")
-    events: Events = Field(default_factory=Events, description="Per-event samples.")
+    events: Events = Field(default_factory=Events, description="Per-event samples.", json_schema_extra={"default": {}})
 
     @field_validator("node_selector")
     @classmethod

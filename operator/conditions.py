@@ -59,6 +59,8 @@ class Observation:
     nodes: Sequence[NodeStatus]
     summary: Summary
     now: datetime
+    # False while the DaemonSet controller has not yet counted the nodes for the current spec.
+    nodes_desired_known: bool = True
 
 
 def _trim(text: str) -> str:
@@ -89,6 +91,8 @@ def _agents(obs: Observation, phase: Phase) -> tuple[str, str, str]:
         return "False", "TraceCompleted", f"agents removed at completion; {counts} in the final results"
     if phase is Phase.PENDING:
         return "False", "DaemonSetPending", "creating the agents' DaemonSet"
+    if not obs.nodes_desired_known:
+        return "False", "AgentsScheduling", "waiting for the DaemonSet controller to place the agents"
     if s.nodes_desired == 0:
         return "False", "NoMatchingNodes", ("no node runs an agent: check spec.nodeSelector (kubernetes.io/os=linux "
                                             "is added) and spec.tolerations against the nodes' labels and taints")

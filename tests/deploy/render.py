@@ -50,8 +50,10 @@ def tool(name: str) -> str:
 
 
 def helm_template(*args: str, release: str = RELEASE, namespace: str = NAMESPACE) -> str:
-    """`helm template` of the chart; extra args such as --set k=v or --include-crds."""
-    done = subprocess.run([tool("helm"), "template", release, str(CHART), "--namespace", namespace, *args],
+    """`helm template` of the chart into `namespace` (the operator's: namespace.name);
+    extra args such as --set k=v."""
+    done = subprocess.run([tool("helm"), "template", release, str(CHART), "--namespace", namespace,
+                           *([] if namespace == NAMESPACE else ["--set", f"namespace.name={namespace}"]), *args],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"helm template {' '.join(args)} failed: {done.stderr.strip()}")

@@ -434,6 +434,25 @@ class ControlPlane:
         (self.workdir / f"{name}.pid").write_text(f"{comp.proc.pid}\n")
         return comp
 
+    def component(self, name: str) -> Component:
+        """The running component `name` (etcd, kube-apiserver, kube-controller-manager,
+        kube-scheduler): .proc (Popen, .pid), .log."""
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        raise KeyError(f"no running component {name!r}; have {[c.name for c in self.components]}")
+
+    @contextlib.contextmanager
+    def paused(self, name: str = "kube-apiserver"):
+        """Freeze a component (SIGSTOP) for the duration of the block, e.g. to test clients
+        riding out an API server outage; SIGCONT on exit, even when the block fails."""
+        pid = self.component(name).proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """End every component (reverse start order) by its pid; safe to call twice."""
         for comp in reversed(self.components):
@@ -554,3 +573,36 @@ class ControlPlane:
     def env(self) -> dict[str, str]:
         """Environment for subprocesses (kubectl, helm, the operator) to use this cluster."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0, interval: float = 0.2):
+    """Poll `predicate()` until it returns something truthy and return that; raise
+    TimeoutError naming `what` otherwise. Exceptions from the predicate count as "not yet"
+    and the last one is reported. The timeout only guards against hanging, it is no assertion
+    about speed: keep it generous."""
+    deadline = time.monotonic() + timeout
+    last: Optional[BaseException] = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}"
+                               + (f" (last error: {last!r})" if last else ""))
+        time.sleep(interval)
+
+
+def wait_pod(core, namespace: str, name: str, what: str, predicate, timeout: float = 60.0):
+    """Wait until predicate(pod) holds for pod namespace/name (a CoreV1Api read) and return it."""
+    def check():
+        pod = core.read_namespaced_pod(name, namespace)
+        return pod if predicate(pod) else None
+    return wait_until(check, f"pod {namespace}/{name} {what}", timeout=timeout)
+
+
+def pod_ready(pod) -> bool:
+    """The pod's Ready condition is True."""
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])

@@ -136,7 +136,8 @@ class LossNamespace:
 
     def drop_syns(self, port: int, percent: int = 100) -> None:
         """Drop SYNs to `port`: the client retransmits them in SYN_SENT."""
-        self._rules(f"tcp dport {port} tcp flags & (syn | ack) == syn numgen random mod 100 < {percent} drop")
+        chance = "" if percent >= 100 else f" numgen random mod 100 < {percent}"
+        self._rules(f"tcp dport {port} tcp flags & (syn | ack) == syn{chance} drop")
 
     def drop_handshake_acks(self, port: int) -> None:
         """Drop every non-SYN segment to `port`: the handshake's final ACK never arrives,

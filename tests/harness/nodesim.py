@@ -45,6 +45,7 @@ import base64
 import contextlib
 import datetime
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -82,6 +83,8 @@ NODE_STATUS_SECONDS = 30
 # (--service-account-extend-token-expiration), so a long-running agent never needs a refresh.
 TOKEN_SECONDS = 3607
 NETNS_PREFIX = "rtsim-"
+MERGE = "application/merge-patch+json"                  # lists replaced whole
+STRATEGIC = "application/strategic-merge-patch+json"    # lists merged by key (pod conditions)
 
 
 def now_iso() -> str:
@@ -146,15 +149,19 @@ def slot_prefixes(slot: int) -> tuple[str, str]:
 
 # ---- the bridge "CNI plugin" ----------------------------------------------------------------
 
+_sandbox_serial = itertools.count(1)   # names stay unique across simulators in one process
+
+
 class PodNetwork:
-    """A host bridge and one network namespace + veth per pod (like the CNI bridge plugin)."""
+    """A host bridge and one network namespace + veth per pod (like the CNI bridge plugin).
+    Names carry this process's pid (bridge rtb<pid>s<slot>, veth rv<pid>x<n>, netns
+    rtsim-<pid>-<n>), so a later simulator can remove what a dead one left behind."""
 
     def __init__(self, slot: int, nodes: list[SimNode]):
         self.slot = slot
         self.tag = f"{os.getpid():x}"
-        self.bridge = f"rtb{self.tag}"
+        self.bridge = f"rtb{self.tag}s{slot}"
         self.nodes = nodes
-        self._next = 0
         self._lock = threading.Lock()
         self._used: dict[str, set[int]] = {n.name: set() for n in nodes}
 
@@ -178,8 +185,7 @@ class PodNetwork:
             used = self._used[node.name]
             k = next(i for i in range(2, 255) if i not in used)
             used.add(k)
-            self._next += 1
-            serial = self._next
+        serial = next(_sandbox_serial)
         sb = PodSandbox(
             netns=f"{NETNS_PREFIX}{os.getpid()}-{serial}",
             veth=f"rv{self.tag}x{serial:x}"[:15],
@@ -231,7 +237,7 @@ def cleanup_stale() -> None:
         if m and not pid_alive(int(m.group(1))):
             run("ip", "netns", "del", name, check=False)
     out = run("ip", "-o", "link", "show", "type", "bridge", check=False).stdout
-    for m in re.finditer(r"^\d+: (rtb([0-9a-f]+)):", out, re.M):
+    for m in re.finditer(r"^\d+: (rtb([0-9a-f]+)s\d+):", out, re.M):
         if not pid_alive(int(m.group(2), 16)):
             run("ip", "link", "del", m.group(1), check=False)
 
@@ -288,6 +294,32 @@ class TcpProxy:
     def close(self) -> None:
         self._stop.set()
         self.sock.close()
+
+
+_proxies: dict[tuple, list] = {}     # (listen, target) -> [TcpProxy, users]: one per apiserver
+_proxies_lock = threading.Lock()
+
+
+def share_proxy(listen_ip: str, listen_port: int, target_host: str, target_port: int) -> tuple:
+    """A TcpProxy shared by the simulators of this process that serve the same cluster."""
+    key = (listen_ip, listen_port, target_host, target_port)
+    with _proxies_lock:
+        entry = _proxies.get(key)
+        if entry is None:
+            entry = _proxies[key] = [TcpProxy(*key), 0]
+        entry[1] += 1
+    return key
+
+
+def release_proxy(key: tuple) -> None:
+    with _proxies_lock:
+        entry = _proxies.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            entry[0].close()
+            del _proxies[key]
 
 
 # ---- pods ---------------------------------------------------------------------------------
@@ -372,6 +404,7 @@ class PodWorker(threading.Thread):
         self.start_time = now_iso()
         self.transitions: dict[str, tuple[str, str]] = {}
         self._last_status: Optional[str] = None
+        self.kubeconfig_path: Optional[Path] = None
 
     # -- events from the watch --
 
@@ -414,7 +447,8 @@ class PodWorker(threading.Thread):
             if self._deleting() and not self.stopping.is_set():
                 self._finalize_delete()
         finally:
-            self._kill_all(grace=0 if self.stopping.is_set() else self._grace())
+            # On simulator shutdown a pod still gets a short SIGTERM grace (an agent's final flush).
+            self._kill_all(grace=min(self._grace(), 5) if self.stopping.is_set() else self._grace())
             if self.sandbox:
                 self.sim.network.release(self.sandbox)
                 self.sandbox = None
@@ -558,7 +592,8 @@ class PodWorker(threading.Thread):
     def _env(self, spec: dict) -> dict[str, str]:
         env: dict[str, str] = {
             "PATH": self.sim.path,
-            "HOSTNAME": self.pod_name if not self.host_network else socket.gethostname(),
+            # A hostNetwork pod has its node's hostname (no UTS namespace here: `hostname` says the host's).
+            "HOSTNAME": self.node.name if self.host_network else self.pod_name,
             "HOME": os.environ.get("HOME", "/root"),
         }
         svc = self.sim.apiserver_service
@@ -606,8 +641,6 @@ class PodWorker(threading.Thread):
         return env
 
     # -- service account --
-
-    kubeconfig_path: Optional[Path] = None
 
     def _write_credentials(self) -> None:
         spec = self.pod["spec"]
@@ -746,7 +779,8 @@ class PodWorker(threading.Thread):
             return
         try:
             self.sim.core.patch_namespaced_pod_status(
-                self.pod_name, self.namespace, {"metadata": {"uid": self.uid}, "status": status})
+                self.pod_name, self.namespace, {"metadata": {"uid": self.uid}, "status": status},
+                _content_type=STRATEGIC)
             self._last_status = body
         except Exception as e:
             if getattr(e, "status", None) == 404:
@@ -828,9 +862,10 @@ class NodeSimulator:
         self._workers_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._proxy: Optional[TcpProxy] = None
+        self._proxy: Optional[tuple] = None
         self._slot_fd: Optional[int] = None
         self._boot_id = str(uuid.uuid4())
+        self._transitions: dict[tuple[str, str], tuple[str, str]] = {}
         self._started = False
 
     # -- lifecycle --
@@ -883,7 +918,8 @@ class NodeSimulator:
         for t in self._threads:
             t.join(15)
         if self._proxy:
-            self._proxy.close()
+            release_proxy(self._proxy)
+            self._proxy = None
         if self.delete_nodes:
             for node in self.nodes:
                 with contextlib.suppress(Exception):
@@ -978,7 +1014,7 @@ class NodeSimulator:
         ip, port = svc.spec.cluster_ip, svc.spec.ports[0].port
         target = urlparse(self.server)
         self.network.add_local_address(ip)
-        self._proxy = TcpProxy(ip, port, target.hostname, target.port or 443)
+        self._proxy = share_proxy(ip, port, target.hostname, target.port or 443)
         self.apiserver_service = (ip, port)
 
     # -- nodes --
@@ -1027,8 +1063,6 @@ class NodeSimulator:
             },
         }
 
-    _transitions: dict = {}
-
     def _transition(self, node: SimNode, kind: str, status: str) -> str:
         key = (node.name, kind)
         prev = self._transitions.get(key)
@@ -1045,8 +1079,9 @@ class NodeSimulator:
         except ApiException as e:
             if e.status != 409:
                 raise
-            self.core.patch_node(node.name, {"metadata": {"labels": obj["metadata"]["labels"]}})
-        self.core.patch_node_status(node.name, {"status": obj["status"]})
+            self.core.patch_node(node.name, {"metadata": {"labels": obj["metadata"]["labels"]}},
+                                 _content_type=MERGE)
+        self.core.patch_node_status(node.name, {"status": obj["status"]}, _content_type=MERGE)
         self._renew_lease(node)
 
     def _renew_lease(self, node: SimNode) -> None:
@@ -1056,7 +1091,7 @@ class NodeSimulator:
         coord = kubernetes.client.CoordinationV1Api(self.api)
         spec = {"holderIdentity": node.name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": now_micro()}
         try:
-            coord.patch_namespaced_lease(node.name, "kube-node-lease", {"spec": spec})
+            coord.patch_namespaced_lease(node.name, "kube-node-lease", {"spec": spec}, _content_type=MERGE)
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -1073,7 +1108,8 @@ class NodeSimulator:
                 try:
                     self._renew_lease(node)
                     if time.monotonic() - last_status >= NODE_STATUS_SECONDS:
-                        self.core.patch_node_status(node.name, {"status": self._node_status(node)})
+                        self.core.patch_node_status(node.name, {"status": self._node_status(node)},
+                                                    _content_type=MERGE)
                 except Exception as e:
                     log.warning("node %s: heartbeat failed: %s", node.name, e)
             if time.monotonic() - last_status >= NODE_STATUS_SECONDS:
@@ -1101,9 +1137,10 @@ class NodeSimulator:
                 while not self._stop.is_set():
                     w = kubernetes.watch.Watch()
                     for ev in w.stream(self.core.list_pod_for_all_namespaces, resource_version=rv,
-                                       timeout_seconds=5, allow_watch_bookmarks=True,
-                                       _preload_content=False):
+                                       timeout_seconds=5, allow_watch_bookmarks=True):
                         obj = ev["raw_object"]
+                        if ev["type"] == "ERROR":   # e.g. 410 Gone: list again
+                            raise RuntimeError(f"watch error: {obj.get('message')}")
                         rv = obj["metadata"].get("resourceVersion", rv)
                         if ev["type"] in ("ADDED", "MODIFIED", "DELETED"):
                             self._dispatch(ev["type"], obj)
@@ -1112,10 +1149,9 @@ class NodeSimulator:
             except Exception as e:
                 if self._stop.is_set():
                     return
-                if getattr(e, "status", None) != 410:
-                    log.warning("pod watch: %s; re-listing in %.1fs", e, backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 10)
+                log.warning("pod watch: %s; re-listing in %.1fs", e, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10)
 
     def _dispatch(self, kind: str, pod: dict) -> None:
         node = (pod.get("spec") or {}).get("nodeName")

@@ -8,6 +8,7 @@ LRU, no sampling. Start it before the load, read it after the namespace is quiet
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -23,6 +24,7 @@ struct ref_key {
     u8 state;
     u8 laddr[16];
     u8 raddr[16];
+    int err;
 };
 BPF_HASH(counts, struct ref_key, u64, 262144);
 
@@ -33,6 +35,9 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     k.lport = args->sport;
     k.rport = args->dport;
     k.state = args->state;
+#ifdef TP_HAS_ERR
+    k.err = args->err;
+#endif
     if (k.family == 2) {
         __builtin_memcpy(k.laddr, args->saddr, 4);
         __builtin_memcpy(k.raddr, args->daddr, 4);
@@ -77,6 +82,7 @@ class RefEvent:
     remote_port: int
     synack: bool
     state: Optional[str]   # None for SYN-ACK retransmits (that tracepoint has no state)
+    err: int = 0           # Linux 6.17+ also reports failed attempts (err != 0)
 
     @property
     def flow(self) -> FlowKey:
@@ -90,7 +96,11 @@ class ReferenceCounter:
     def start(self) -> "ReferenceCounter":
         from bcc import BPF
 
-        self._bpf = BPF(text=SOURCE)
+        fmt = "/sys/kernel/debug/tracing/events/tcp/tcp_retransmit_skb/format"
+        if not os.path.exists(fmt):
+            fmt = "/sys/kernel/tracing/events/tcp/tcp_retransmit_skb/format"
+        has_err = "int err;" in open(fmt).read()
+        self._bpf = BPF(text=SOURCE, cflags=["-DTP_HAS_ERR"] if has_err else [])
         return self
 
     def stop(self) -> None:
@@ -107,13 +117,13 @@ class ReferenceCounter:
     def read(self) -> Counter:
         """Counter of RefEvent -> events so far."""
         out: Counter = Counter()
-        for k, v in self._bpf["counts"].items():
+        for k, v in self._bpf[b"counts"].items():
             v4 = k.family == 2
             size = 4 if v4 else 16
             ip = lambda raw: str(ipaddress.ip_address(bytes(raw[:size])))  # noqa: E731
             state = None if k.synack else (TCP_STATES[k.state - 1] if 1 <= k.state <= len(TCP_STATES) else f"#{k.state}")
             out[RefEvent("IPv4" if v4 else "IPv6", ip(k.laddr), k.lport, ip(k.raddr), k.rport,
-                         bool(k.synack), state)] += v.value
+                         bool(k.synack), state, k.err)] += v.value
         return out
 
 
@@ -125,6 +135,11 @@ def per_flow(counts: Counter, keep: Callable[[RefEvent], bool] = lambda e: True)
             entry = flows.setdefault(event.flow, [0, 0])
             entry[1 if event.synack else 0] += n
     return {k: (a, b) for k, (a, b) in flows.items()}
+
+
+def succeeded(event: RefEvent) -> bool:
+    """Retransmits that went out (older kernels report nothing else)."""
+    return event.err == 0
 
 
 def involving(addresses: set[str]) -> Callable[[RefEvent], bool]:

@@ -145,7 +145,8 @@ def iperf(args: argparse.Namespace) -> list[dict]:
     try:
         time.sleep(0.3)
         subprocess.run(["iperf3", "-c", args.server_ip, "-p", str(args.port), "-t", f"{args.seconds:g}",
-                        "-P", str(args.connections)] + (["-R"] if args.duplex else []),
+                        "-P", str(args.connections)] + (["-R"] if args.duplex else [])
+                       + (["-B", args.client_ip] if args.client_ip else []),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     finally:
         server.wait(timeout=30)

@@ -18,6 +18,11 @@
 {{- end }}
 {{- end }}
 
+{{/* Where the operator and its agents run: namespace.name, else the release namespace. */}}
+{{- define "retransmit-operator.namespace" -}}
+{{- default .Release.Namespace .Values.namespace.name }}
+{{- end }}
+
 {{- define "retransmit-operator.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -46,6 +51,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-agent" (include "retransmit-operator.fullname" . | trunc 57 | trimSuffix "-") }}
 {{- end }}
 
+{{/* repository:tag, or repository@sha256:... when image.tag is a digest. */}}
 {{- define "retransmit-operator.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if hasPrefix "sha256:" $tag }}
+{{- printf "%s@%s" .Values.image.repository $tag }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
 {{- end }}

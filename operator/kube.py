@@ -1,0 +1,183 @@
+"""Every Kubernetes API call the operator makes (besides kopf's own watches), in one place.
+
+The kubernetes client is synchronous; KubeApi runs each call in a worker thread so kopf's
+event loop never blocks. Writes use server-side apply with the operator's own field manager,
+so the agents' status.nodes[] entries (field managers rtrace-agent/<node>) are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import kopf
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from .conditions import utcnow
+
+FIELD_MANAGER = "rtrace-operator"
+# Events about cluster-scoped objects live in "default" with an empty involvedObject.namespace:
+# that is what the API server's validation allows and what `kubectl describe` searches.
+EVENTS_NAMESPACE = "default"
+APPLY = "application/apply-patch+yaml"
+
+log = logging.getLogger(__name__)
+
+
+def client_configuration(kubeconfig: Optional[str]) -> kubernetes.client.Configuration:
+    """The API server and credentials: the kubeconfig given, else in-cluster, else ~/.kube/config."""
+    cfg = kubernetes.client.Configuration()
+    if kubeconfig:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        return cfg
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=cfg)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=cfg)
+    return cfg
+
+
+def connection_info(cfg: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same configuration KubeApi uses (as kopf.login_via_client)."""
+    if cfg.refresh_api_key_hook is not None:
+        cfg.refresh_api_key_hook(cfg)  # re-read a rotated service-account token
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+    )
+
+
+@dataclass(frozen=True)
+class ApiFailure(Exception):
+    """An API call failed; `permanent` when retrying the same request cannot help (4xx but
+    conflicts and throttling)."""
+
+    operation: str
+    status: int
+    reason: str
+    message: str
+
+    @property
+    def permanent(self) -> bool:
+        return 400 <= self.status < 500 and self.status not in (408, 409, 429)
+
+    def __str__(self) -> str:
+        return f"{self.operation}: {self.status} {self.reason}: {self.message}"
+
+
+def _failure(operation: str, e: ApiException) -> ApiFailure:
+    message = e.reason or ""
+    try:
+        body = json.loads(e.body or "{}")
+        message = body.get("message") or message
+    except (ValueError, TypeError):
+        pass
+    return ApiFailure(operation, e.status or 0, e.reason or "", message)
+
+
+class KubeApi:
+    def __init__(self, cfg: kubernetes.client.Configuration) -> None:
+        self.cfg = cfg
+        self._client = kubernetes.client.ApiClient(cfg)
+        self._apps = kubernetes.client.AppsV1Api(self._client)
+        self._core = kubernetes.client.CoreV1Api(self._client)
+        self._custom = kubernetes.client.CustomObjectsApi(self._client)
+        self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
+
+    def close(self) -> None:
+        self._client.close()
+
+    async def _call(self, operation: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except ApiException as e:
+            raise _failure(operation, e) from None
+
+    # ------------------------------------------------------------ DaemonSet
+
+    async def get_daemonset(self, namespace: str, name: str) -> Optional[dict[str, Any]]:
+        try:
+            return await self._call("get daemonset", self._get_daemonset, namespace, name)
+        except ApiFailure as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def _get_daemonset(self, namespace: str, name: str) -> dict[str, Any]:
+        return self._apps.api_client.sanitize_for_serialization(self._apps.read_namespaced_daemon_set(name, namespace))
+
+    async def apply_daemonset(self, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
+        result = await self._call(
+            "apply daemonset", self._apps.patch_namespaced_daemon_set, meta["name"], meta["namespace"], body,
+            field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
+        )
+        return self._client.sanitize_for_serialization(result)
+
+    async def delete_daemonset(self, namespace: str, name: str) -> bool:
+        """Delete it (pods follow in the background); False when it was already gone."""
+        try:
+            await self._call("delete daemonset", self._apps.delete_namespaced_daemon_set, name, namespace,
+                             propagation_policy="Background")
+            return True
+        except ApiFailure as e:
+            if e.status == 404:
+                return False
+            raise
+
+    # ------------------------------------------------------------ the trace
+
+    async def apply_status(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of the operator's status fields on /status (nothing else)."""
+        body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "status": status}
+        return await self._call(
+            "apply status", self._custom.patch_cluster_custom_object_status, GROUP, VERSION, PLURAL, name, body,
+            field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
+        )
+
+    async def post_event(self, trace: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event about the trace; failures are logged, never raised (events are best effort)."""
+        meta = trace.get("metadata") or {}
+        now = _timestamp()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta.get('name')}.{uuid.uuid4().hex[:12]}", "namespace": EVENTS_NAMESPACE},
+            "involvedObject": {"apiVersion": API_VERSION, "kind": KIND, "name": meta.get("name"),
+                               "uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")},
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": "retransmit.dev/operator",
+            "reportingInstance": self._instance[:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self._call("post event", self._core.create_namespaced_event, EVENTS_NAMESPACE, body)
+        except ApiFailure as e:
+            log.warning("event %s for %s not posted: %s", reason, meta.get("name"), e)
+
+
+def _timestamp() -> str:
+    return utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")

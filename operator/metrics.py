@@ -1,0 +1,70 @@
+"""The operator's HTTP endpoints: Prometheus /metrics, /healthz (liveness), /readyz (readiness).
+
+Each operator instance has its own registry, so several can live in one process (tests).
+
+Metrics:
+- rtrace_operator_reconciles_total{trigger,result}: passes over a trace (create, resume,
+  update, sync) and how they ended (ok, api_error, error).
+- rtrace_operator_reconcile_seconds: time per pass.
+- rtrace_operator_status_writes_total: server-side applies of a trace's status (only when
+  something changed).
+- rtrace_operator_daemonset_applies_total: DaemonSet creations and rolls.
+- rtrace_operator_events_total{reason}: Kubernetes Events posted.
+- rtrace_operator_traces{phase}: traces by phase at the last sync.
+- rtrace_operator_pod_index_addresses: pod IPs known for remote attribution.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from .handlers import Reconciler
+
+PHASES = ("Pending", "Running", "Completed", "Failed", "Unknown")
+
+
+class OperatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.reconciles = Counter("rtrace_operator_reconciles", "Passes over a trace", ["trigger", "result"], registry=r)
+        self.reconcile_seconds = Histogram("rtrace_operator_reconcile_seconds", "Time per pass over a trace", registry=r)
+        self.status_writes = Counter("rtrace_operator_status_writes", "Server-side applies of trace status", registry=r)
+        self.daemonset_applies = Counter("rtrace_operator_daemonset_applies", "DaemonSet creations and rolls", registry=r)
+        self.events = Counter("rtrace_operator_events", "Kubernetes Events posted", ["reason"], registry=r)
+        self.traces = Gauge("rtrace_operator_traces", "Traces by phase at the last sync", ["phase"], registry=r)
+        self.pod_index_addresses = Gauge("rtrace_operator_pod_index_addresses", "Pod IPs in the attribution index", registry=r)
+        self._runner: Optional[web.AppRunner] = None
+
+    def set_traces(self, by_phase: dict[str, int]) -> None:
+        for phase in PHASES:
+            self.traces.labels(phase=phase).set(by_phase.get(phase, 0))
+
+    async def serve(self, port: int, reconciler: "Reconciler", host: str = "0.0.0.0") -> None:
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            ok = reconciler.healthy()
+            return web.Response(status=200 if ok else 500, text="ok\n" if ok else "sync loop stalled\n")
+
+        async def readyz(_: web.Request) -> web.Response:
+            ready = reconciler.last_sync is not None
+            return web.Response(status=200 if ready else 503, text="ready\n" if ready else "starting\n")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

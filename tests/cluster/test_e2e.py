@@ -1,0 +1,444 @@
+"""End to end on the real API server and the real kernel: apply a RetransmitTrace, read real
+retransmits from its status.
+
+The operator runs embedded (its real handlers), renders the agents' DaemonSet; the real
+controller-manager and scheduler place the pods; the node simulator runs each agent pod's
+command exactly as rendered (hostNetwork, downward-API env, its own ServiceAccount token),
+so `retransmit-agent cluster` attaches real BPF and server-side-applies its node entry.
+Client and server are pods with network namespaces and addresses of their own; loss is
+injected in the server pod. Ground truth: an independent reference counter on the same
+tracepoints, restricted to the test's own pod addresses.
+
+All simulated nodes share this machine's kernel, so every agent sees every retransmit of
+the host: the traces here select the test's own pods (namespaces/podSelector), which the
+agents turn into the kernel's local-IP filter.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+import uuid
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import kubernetes
+import pytest
+import yaml
+
+from retransmit_operator.api import GROUP, PLURAL, VERSION, NodeStatus
+from retransmit_operator.main import EmbeddedOperator
+from retransmit_operator.render import selector_labels
+from retransmit_operator.settings import Settings
+from tests.harness import podtraffic
+from tests.harness.controlplane import wait_until
+from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[2]
+SYSTEM_NS = "retransmit-system"
+AGENT_SA = "retransmit-operator-agent"
+MANIFESTS = ["00-namespace.yaml", "crd.yaml", "agent-serviceaccount.yaml",
+             "agent-clusterrole.yaml", "agent-clusterrolebinding.yaml"]
+NODE_A, NODE_B = "node-a", "node-b"
+REPORT = "1s"
+
+
+# ---------------------------------------------------------------- fixtures
+
+def apply_manifest(api: Any, doc: dict) -> None:
+    from kubernetes.dynamic import DynamicClient
+
+    dyn = DynamicClient(api)
+    resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+    dyn.server_side_apply(resource, body=doc, field_manager="rtrace-e2e", force_conflicts=True)
+
+
+@pytest.fixture(scope="module")
+def installed(control_plane):
+    """CRD, namespace and the agent's ServiceAccount + RBAC from manifests/, as a user installs them."""
+    with control_plane.api_client() as api:
+        for name in MANIFESTS:
+            for doc in yaml.safe_load_all((ROOT / "manifests" / name).read_text()):
+                if doc:
+                    apply_manifest(api, doc)
+        ext = kubernetes.client.ApiextensionsV1Api(api)
+        wait_until(lambda: any(c.type == "Established" and c.status == "True"
+                               for c in ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []),
+                   "the CRD to be established")
+    return control_plane
+
+
+@pytest.fixture(scope="module")
+def agent_state(tmp_path_factory):
+    """The agent command the DaemonSet runs: retransmit-agent, except on a node whose marker
+    file exists, where it is pointed (--tracefs) at a tracefs without the tcp tracepoints."""
+    state = tmp_path_factory.mktemp("agent")
+    empty = state / "tracefs-without-tcp"
+    (empty / "events" / "sched").mkdir(parents=True)
+    wrapper = state / "agent"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ -e "{state}/broken-$RTRACE_NODE_NAME" ]; then exec retransmit-agent "$@" --tracefs "{empty}"; fi\n'
+        'exec retransmit-agent "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    return state
+
+
+@pytest.fixture(scope="module")
+def operator(installed, node_simulator, agent_state):
+    settings = Settings(
+        namespace=SYSTEM_NS, agent_service_account=AGENT_SA, agent_command=(str(agent_state / "agent"),),
+        sync_interval=1.0, metrics_port=0, kubeconfig=str(installed.kubeconfig),
+    )
+    op = EmbeddedOperator(settings).start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with ReferenceCounter() as ref:
+        yield ref
+
+
+@pytest.fixture
+def objects(kube):
+    return kubernetes.client.CustomObjectsApi(kube)
+
+
+class Pods:
+    """A server and a client pod on node-a, labelled, each with its own netns and addresses."""
+
+    def __init__(self, core: Any, sim: Any, namespace: str, node: str = NODE_A) -> None:
+        podtraffic.create_pod(core, namespace, "server", node, {"app": "server"})
+        podtraffic.create_pod(core, namespace, "client", node, {"app": "client"})
+        self.namespace = namespace
+        self.server_ips = podtraffic.wait_pod_ips(core, namespace, "server")
+        self.client_ips = podtraffic.wait_pod_ips(core, namespace, "client")
+        self.server = podtraffic.PodNet.of(sim, namespace, "server")
+        self.client = podtraffic.PodNet.of(sim, namespace, "client")
+
+    @property
+    def owners(self) -> dict[str, str]:
+        return {**{ip: "server" for ip in self.server_ips}, **{ip: "client" for ip in self.client_ips}}
+
+    def lossy_bulk(self, loss: int = 10, connections: int = 3, nbytes: int = 1 << 20, port: int = 5201) -> None:
+        """IPv4 and IPv6 duplex bulk client -> server under `loss`% in the server pod, then quiet."""
+        self.server.random_loss(loss)
+        try:
+            for i, ip in enumerate(self.server_ips):
+                podtraffic.bulk(self.server, self.client, ip, port + i, connections, nbytes)
+        finally:
+            self.server.clear_loss()
+        self.quiet()
+
+    def synack(self, port: int = 5301) -> None:
+        podtraffic.synack(self.server, self.client, self.server_ips[0], port, connections=2)
+        self.quiet()
+
+    def quiet(self) -> None:
+        self.server.wait_quiet()
+        self.client.wait_quiet()
+
+
+@pytest.fixture
+def pods(core, node_simulator, namespace):
+    return Pods(core, node_simulator, namespace)
+
+
+# ---------------------------------------------------------------- helpers
+
+def trace_body(name: str, **spec: Any) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RetransmitTrace", "metadata": {"name": name},
+            "spec": {"reportInterval": REPORT, "topFlows": 100, **spec}}
+
+
+class Trace:
+    def __init__(self, objects: Any, core: Any, name: str, **spec: Any) -> None:
+        self.objects, self.core, self.name = objects, core, name
+        objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, trace_body(name, **spec))
+
+    def get(self) -> dict:
+        return self.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.name)
+
+    def entry(self, node: str = NODE_A) -> Optional[NodeStatus]:
+        for raw in (self.get().get("status") or {}).get("nodes") or []:
+            if raw["node"] == node:
+                return NodeStatus.model_validate(raw)
+        return None
+
+    def wait_entry(self, what: str, predicate: Callable[[NodeStatus], bool], node: str = NODE_A,
+                   timeout: float = 120.0) -> NodeStatus:
+        def check():
+            e = self.entry(node)
+            return e if e is not None and predicate(e) else None
+        return wait_until(check, f"trace {self.name} node {node}: {what}", timeout=timeout, interval=0.5)
+
+    def agent_pod(self, node: str = NODE_A) -> str:
+        selector = ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
+        for pod in self.core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items:
+            if pod.spec.node_name == node and pod.metadata.deletion_timestamp is None:
+                return pod.metadata.name
+        raise LookupError(f"no agent pod of trace {self.name} on {node}")
+
+    def delete(self) -> None:
+        try:
+            self.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, self.name)
+        except kubernetes.client.ApiException as e:
+            if e.status != 404:
+                raise
+        selector = ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
+        wait_until(lambda: not self.core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items,
+                   f"agent pods of {self.name} gone", timeout=120)
+
+
+@pytest.fixture
+def traces(objects, core):
+    made: list[Trace] = []
+
+    def make(**spec: Any) -> Trace:
+        t = Trace(objects, core, f"e2e-{uuid.uuid4().hex[:6]}", **spec)
+        made.append(t)
+        return t
+    yield make
+    for t in made:
+        t.delete()
+
+
+def expected(counts: Counter, local_ips: set[str], before: Optional[Counter] = None) -> dict:
+    """Reference per flow (retransmits, synack) for events whose local side is in `local_ips`."""
+    diff = counts - before if before is not None else counts
+    return per_flow(diff, lambda e: succeeded(e) and e.local_ip in local_ips)
+
+
+def totals(flows: dict) -> tuple[int, int]:
+    return sum(r for r, _ in flows.values()), sum(s for _, s in flows.values())
+
+
+def entry_flows(entry: NodeStatus) -> dict:
+    return {(f.family, f.local.ip, f.local.port, f.remote.ip, f.remote.port): (f.retransmits, f.synack_retransmits)
+            for f in entry.top_flows}
+
+
+def running(e: NodeStatus) -> bool:
+    return e.phase == "Running"
+
+
+# ---------------------------------------------------------------- the tests
+
+def test_a_30s_trace_equals_the_reference_and_names_both_pods(operator, reference, pods, traces):
+    trace = traces(duration="30s", namespaces=[pods.namespace],
+                   nodeSelector={"kubernetes.io/hostname": NODE_A})
+    trace.wait_entry("agent attached and reporting", running)
+    before = reference.read()
+    pods.lossy_bulk()
+    pods.synack()
+    after = reference.read()
+    traffic_done = time.time()
+
+    # The operator ends the trace at startTime + 30s; the agent's SIGTERM flush carries the rest.
+    done = wait_until(lambda: (trace.get().get("status") or {}).get("phase") == "Completed" and trace.get(),
+                      "the trace to complete", timeout=120)
+    completed_at = datetime.fromisoformat(done["status"]["completionTime"].replace("Z", "+00:00"))
+    assert completed_at.timestamp() >= traffic_done - 1, (
+        "the load outlasted the trace's 30s, so the reference saw events the trace could not: "
+        "this machine was too busy to finish the load in time")
+
+    want = expected(after, set(pods.server_ips + pods.client_ips), before)
+    want_r, want_s = totals(want)
+    assert want_r > 0 and want_s > 0
+    assert {f[0] for f in want} == {"IPv4", "IPv6"}
+
+    entry = trace.wait_entry("final counts", lambda e: (e.retransmits, e.synack_retransmits) == (want_r, want_s),
+                             timeout=60)
+    assert entry_flows(entry) == want
+    assert entry.by_state.get("SYN_RECV", 0) >= want_s
+    assert sum(entry.by_state.values()) == want_r + want_s
+
+    summary = wait_until(lambda: (lambda s: s if s.get("retransmits") == want_r else None)(
+        trace.get()["status"].get("summary") or {}), "the summary to follow the final entry", timeout=60)
+    assert summary["synackRetransmits"] == want_s
+    assert summary["byState"] == entry.by_state
+
+    owners = pods.owners
+    for flow in entry.top_flows:
+        assert (flow.local.pod, flow.local.namespace) == (owners[flow.local.ip], pods.namespace), flow
+        assert (flow.remote.pod, flow.remote.namespace) == (owners[flow.remote.ip], pods.namespace), flow
+    for flow in summary["topFlows"]:
+        assert flow["local"]["pod"] == owners[flow["local"]["ip"]], flow
+        assert flow["remote"]["pod"] == owners[flow["remote"]["ip"]], flow
+        assert flow["local"]["namespace"] == flow["remote"]["namespace"] == pods.namespace
+
+
+def test_two_traces_with_different_filters_get_exactly_their_own_flows(operator, reference, pods, traces):
+    servers = traces(namespaces=[pods.namespace], podSelector={"matchLabels": {"app": "server"}},
+                     nodeSelector={"kubernetes.io/hostname": NODE_A})
+    clients_v6 = traces(namespaces=[pods.namespace], podSelector={"matchLabels": {"app": "client"}},
+                        filter={"ipFamilies": ["IPv6"]}, nodeSelector={"kubernetes.io/hostname": NODE_A})
+    servers.wait_entry("attached", running)
+    clients_v6.wait_entry("attached", running)
+    before = reference.read()
+    pods.lossy_bulk()
+    after = reference.read()
+
+    want_servers = expected(after, set(pods.server_ips), before)
+    want_clients = {k: v for k, v in expected(after, set(pods.client_ips), before).items() if k[0] == "IPv6"}
+    assert want_servers and want_clients, (want_servers, want_clients, pods.server_ips, pods.client_ips,
+                                           Counter({e.local_ip: n for e, n in (after - before).items()}))
+    e1 = servers.wait_entry("server flows", lambda e: entry_flows(e) == want_servers)
+    e2 = clients_v6.wait_entry("client IPv6 flows", lambda e: entry_flows(e) == want_clients)
+    assert (e1.retransmits, e1.synack_retransmits) == totals(want_servers)
+    assert (e2.retransmits, e2.synack_retransmits) == totals(want_clients)
+    assert all(f.local.pod == "server" for f in e1.top_flows)
+    assert all(f.local.pod == "client" and f.family == "IPv6" for f in e2.top_flows)
+
+
+def _kill_agent(sim: Any, trace: Trace, sig: int) -> int:
+    pod = trace.agent_pod()
+    pids = sim.pids(SYSTEM_NS, pod)
+    assert pids, f"agent pod {pod} has no running process"
+    pid = next(iter(pids.values()))
+    os.kill(pid, sig)
+    return pid
+
+
+def test_kill_9_loses_at_most_the_last_interval_and_sigterm_loses_nothing(operator, reference, pods, traces,
+                                                                          node_simulator):
+    trace = traces(namespaces=[pods.namespace], nodeSelector={"kubernetes.io/hostname": NODE_A},
+                   reportInterval="3s")
+    ips = set(pods.server_ips + pods.client_ips)
+    trace.wait_entry("attached", running)
+    seen: list[int] = []
+
+    def observe(e: NodeStatus) -> NodeStatus:
+        seen.append(e.retransmits + e.synack_retransmits)
+        return e
+
+    start = reference.read()
+    pods.lossy_bulk(connections=2)
+    phase_a = sum(totals(expected(reference.read(), ips, start)))
+    trace.wait_entry("phase A reported", lambda e: observe(e).retransmits + e.synack_retransmits == phase_a)
+
+    # Phase B, then kill -9 at once: what was not yet reported is lost, nothing else.
+    b_start = reference.read()
+    pods.lossy_bulk(connections=2)
+    phase_b = sum(totals(expected(reference.read(), ips, b_start)))
+    killed = _kill_agent(node_simulator, trace, signal.SIGKILL)
+    at_kill = observe(trace.entry())
+    reported_at_kill = at_kill.retransmits + at_kill.synack_retransmits
+    lost = phase_a + phase_b - reported_at_kill
+    assert 0 <= lost <= phase_b
+
+    restarted = trace.wait_entry(
+        "the restarted agent reporting",
+        lambda e: observe(e).last_report_time > at_kill.last_report_time and running(e)
+        and next(iter(node_simulator.pids(SYSTEM_NS, trace.agent_pod()).values()), killed) != killed)
+    assert restarted.retransmits + restarted.synack_retransmits >= reported_at_kill
+
+    c_start = reference.read()
+    pods.lossy_bulk(connections=2)
+    phase_c = sum(totals(expected(reference.read(), ips, c_start)))
+    trace.wait_entry("phase C added to the resumed counts",
+                     lambda e: observe(e).retransmits + e.synack_retransmits == reported_at_kill + phase_c)
+
+    # SIGTERM right after phase D: the final report carries all of it.
+    d_start = reference.read()
+    pods.lossy_bulk(connections=2)
+    phase_d = sum(totals(expected(reference.read(), ips, d_start)))
+    _kill_agent(node_simulator, trace, signal.SIGTERM)
+    final = trace.wait_entry("the SIGTERM flush",
+                             lambda e: observe(e).retransmits + e.synack_retransmits
+                             == reported_at_kill + phase_c + phase_d)
+    assert seen == sorted(seen), f"counts went backwards: {seen}"
+    assert final.phase == "Running"
+
+
+def test_counts_are_complete_after_the_api_server_was_stopped_for_30s(operator, reference, pods, traces,
+                                                                      control_plane):
+    trace = traces(namespaces=[pods.namespace], nodeSelector={"kubernetes.io/hostname": NODE_A})
+    ips = set(pods.server_ips + pods.client_ips)
+    trace.wait_entry("attached", running)
+    before = reference.read()
+    apiserver = next(c for c in control_plane.components if c.name == "kube-apiserver")
+    stopped_at = time.monotonic()
+    os.kill(apiserver.proc.pid, signal.SIGSTOP)
+    try:
+        pods.lossy_bulk()
+        during = sum(totals(expected(reference.read(), ips, before)))
+        time.sleep(max(0.0, 30 - (time.monotonic() - stopped_at)))
+    finally:
+        os.kill(apiserver.proc.pid, signal.SIGCONT)
+    assert during > 0
+    want = expected(reference.read(), ips, before)
+    entry = trace.wait_entry("the full totals after the outage",
+                             lambda e: (e.retransmits, e.synack_retransmits) == totals(want), timeout=180)
+    assert entry_flows(entry) == want
+
+
+def test_agent_service_account_may_patch_only_trace_status_and_read_pods(operator, installed, objects, traces):
+    trace = traces(nodeSelector={"kubernetes.io/hostname": "no-such-node"})
+    token = installed.service_account_token(SYSTEM_NS, AGENT_SA, create=False)
+    with installed.api_client(token=token) as api:
+        as_agent = kubernetes.client.CustomObjectsApi(api)
+        core = kubernetes.client.CoreV1Api(api)
+        # Allowed: read the trace, apply its own node entry, list and watch pods.
+        as_agent.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace.name)
+        as_agent.patch_cluster_custom_object_status(
+            GROUP, VERSION, PLURAL, trace.name,
+            {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RetransmitTrace", "metadata": {"name": trace.name},
+             "status": {"nodes": [{"node": "rbac-probe", "phase": "Running"}]}},
+            field_manager="rtrace-agent/rbac-probe", force=True, _content_type="application/apply-patch+yaml")
+        core.list_pod_for_all_namespaces(field_selector="spec.nodeName=node-a")
+
+        refused = {
+            "patch the trace's spec": lambda: as_agent.patch_cluster_custom_object(
+                GROUP, VERSION, PLURAL, trace.name, {"spec": {"topFlows": 3}}),
+            "delete the trace": lambda: as_agent.delete_cluster_custom_object(GROUP, VERSION, PLURAL, trace.name),
+            "create a trace": lambda: as_agent.create_cluster_custom_object(GROUP, VERSION, PLURAL, trace_body("evil")),
+            "patch a pod": lambda: core.patch_namespaced_pod("x", SYSTEM_NS, {"metadata": {"labels": {"a": "b"}}}),
+            "create a config map": lambda: core.create_namespaced_config_map(SYSTEM_NS, {"metadata": {"name": "x"}}),
+            "read secrets": lambda: core.list_namespaced_secret(SYSTEM_NS),
+            "read nodes": lambda: core.list_node(),
+        }
+        for what, call in refused.items():
+            with pytest.raises(kubernetes.client.ApiException) as err:
+                call()
+            assert err.value.status == 403, f"{what}: {err.value.status}"
+    assert any(n["node"] == "rbac-probe" for n in trace.get()["status"]["nodes"])
+
+
+def test_a_node_without_the_tracepoint_fails_while_the_other_counts(operator, reference, pods, traces,
+                                                                    agent_state):
+    marker = agent_state / f"broken-{NODE_B}"
+    marker.touch()
+    try:
+        trace = traces(namespaces=[pods.namespace])
+        broken = trace.wait_entry("Failed with a message", lambda e: e.phase == "Failed", node=NODE_B)
+        trace.wait_entry("attached", running, node=NODE_A)
+    finally:
+        marker.unlink()
+    assert "tcp_retransmit_skb is missing" in broken.message and str(agent_state) in broken.message
+    before = reference.read()
+    pods.lossy_bulk(connections=2)
+    want = expected(reference.read(), set(pods.server_ips + pods.client_ips), before)
+    trace.wait_entry("node-a counts", lambda e: entry_flows(e) == want, node=NODE_A)
+
+    def degraded():
+        status = trace.get().get("status") or {}
+        cond = {c["type"]: c for c in status.get("conditions") or []}
+        return status if cond.get("Degraded", {}).get("status") == "True" else None
+    status = wait_until(degraded, "Degraded=True", timeout=60)
+    cond = {c["type"]: c for c in status["conditions"]}
+    assert NODE_B in cond["Degraded"]["message"] and "tcp_retransmit_skb" in cond["Degraded"]["message"]
+    assert status["phase"] == "Running"
+    assert status["summary"]["retransmits"] == totals(want)[0]
+    # The failed agent stays up (no crash loop): same process, no restarts.
+    pod = trace.agent_pod(NODE_B)
+    statuses = kubernetes.client.CoreV1Api(trace.objects.api_client).read_namespaced_pod(pod, SYSTEM_NS).status
+    assert all(c.restart_count == 0 for c in statuses.container_statuses or [])

@@ -1,0 +1,121 @@
+"""The chart's objects as the real API server sees them: server-side dry-run apply of every
+variant, Pod Security admission of the operator pod, and the OpenShift SCC binding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.deploy.kube import CHART, can_i, helm, install_crd, kubectl, unique
+from tests.deploy.render import MANIFESTS, helm_template, split_by_template
+
+pytestmark = pytest.mark.deploy
+
+VARIANTS = {
+    "default": [],
+    "openshift": ["--set", "openshift.enabled=true"],
+    "capabilities": ["--set", "agent.securityMode=capabilities"],
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(control_plane):
+    install_crd(control_plane)
+    return control_plane
+
+
+@pytest.fixture
+def release_namespace(cluster):
+    """A namespace that exists (namespaced objects cannot be dry-run into a missing one)."""
+    name = unique("rtrace-dry")
+    kubectl(cluster, "create", "namespace", name)
+    yield name
+    kubectl(cluster, "delete", "namespace", name, "--wait=false")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_server_side_dry_run_accepts_every_object(cluster, release_namespace, variant):
+    release = unique("dry")
+    rendered = helm_template(*VARIANTS[variant], release=release, namespace=release_namespace)
+    docs = split_by_template(rendered)
+    done = kubectl(cluster, "apply", "--server-side", "--force-conflicts", "--dry-run=server", "-o", "json", "-f", "-",
+                   input=rendered)
+    applied = json.loads(done.stdout)
+    items = applied.get("items", [applied])
+    assert len(items) == len(docs)
+    kinds = {i["kind"] for i in items}
+    assert {"Deployment", "ClusterRole", "ValidatingAdmissionPolicy", "NetworkPolicy"} <= kinds
+    # Dry-run: nothing was created.
+    assert kubectl(cluster, "get", "clusterrole", release + "-retransmit-operator", check=False).returncode != 0
+
+
+def test_server_side_dry_run_refuses_a_broken_object(cluster, release_namespace):
+    """The dry-run really validates: a Deployment with a bad field is refused."""
+    rendered = helm_template(release=unique("dry"), namespace=release_namespace)
+    broken = rendered.replace("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: maybe")
+    done = kubectl(cluster, "apply", "--server-side", "--dry-run=server", "-f", "-", input=broken, check=False)
+    assert done.returncode != 0 and "readOnlyRootFilesystem" in done.stderr
+
+
+def test_samples_are_accepted_by_the_crd(cluster):
+    done = kubectl(cluster, "apply", "--server-side", "--dry-run=server", "-f", str(MANIFESTS / "samples"))
+    assert done.stdout.count("serverside-applied (server dry run)") == 3, done.stdout
+
+
+def pod_from(template: dict, name: str, namespace: str) -> str:
+    return yaml.safe_dump({"apiVersion": "v1", "kind": "Pod",
+                           "metadata": {"name": name, "namespace": namespace, "labels": template["metadata"]["labels"]},
+                           "spec": template["spec"]})
+
+
+def test_operator_pod_meets_pod_security_restricted(cluster):
+    """Only the agents need `privileged`: the operator pod passes the `restricted` level."""
+    ns = unique("rtrace-restricted")
+    kubectl(cluster, "create", "namespace", ns)
+    try:
+        kubectl(cluster, "label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+        kubectl(cluster, "-n", ns, "create", "serviceaccount", "psa-retransmit-operator")
+        kubectl(cluster, "-n", ns, "create", "serviceaccount", "psa-agent")
+        docs = split_by_template(helm_template(release="psa", namespace=ns))
+        deployment = yaml.safe_load(docs["operator-deployment.yaml"])
+        done = kubectl(cluster, "create", "--dry-run=server", "-f", "-",
+                       input=pod_from(deployment["spec"]["template"], "operator", ns), check=False)
+        assert done.returncode == 0, done.stderr
+        assert "Warning" not in done.stderr, done.stderr
+
+        # The same namespace refuses an agent pod as the operator renders it: the check is real.
+        from retransmit_operator.api import RetransmitTraceSpec
+        from retransmit_operator.render import render_daemonset
+        from retransmit_operator.settings import Settings
+
+        ds = render_daemonset("psa", "0", RetransmitTraceSpec(), Settings(namespace=ns, agent_security_mode="capabilities",
+                                                                   agent_service_account="psa-agent"))
+        done = kubectl(cluster, "create", "--dry-run=server", "-f", "-",
+                       input=pod_from(ds["spec"]["template"], "agent", ns), check=False)
+        assert done.returncode != 0 and "violates PodSecurity" in done.stderr, done.stderr
+    finally:
+        kubectl(cluster, "delete", "namespace", ns, "--wait=false")
+
+
+def test_openshift_install_lets_only_the_agent_use_the_privileged_scc(cluster):
+    """A real `helm install` with openshift.enabled (then `helm uninstall`). The SCC objects
+    are plain RBAC (a ClusterRole whose rule names security.openshift.io), which any API
+    server stores, so no SecurityContextConstraints stand-in is needed to check them."""
+    ns, release = unique("rtrace-ocp"), unique("ocp")
+    helm(cluster, "install", release, str(CHART), "--set", "namespace.name=" + ns, "--set", "openshift.enabled=true",
+         "--set", "fullnameOverride=" + release)  # no --wait: no node runs the operator in this test
+    try:
+        labels = json.loads(kubectl(cluster, "get", "namespace", ns, "-o", "json").stdout)["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+        scc = ("use", "securitycontextconstraints.security.openshift.io/privileged")
+        assert can_i(cluster, *scc, as_sa=(ns, release + "-agent"), namespace=ns)
+        assert not can_i(cluster, *scc, as_sa=(ns, release), namespace=ns)
+        assert not can_i(cluster, "use", "securitycontextconstraints.security.openshift.io/anyuid",
+                         as_sa=(ns, release + "-agent"), namespace=ns)
+    finally:
+        helm(cluster, "uninstall", release, "--wait", "--timeout", "120s")
+    assert kubectl(cluster, "get", "clusterrole", release + "-agent-scc", check=False).returncode != 0
+    gone = kubectl(cluster, "get", "namespace", ns, "-o", "jsonpath={.status.phase}", check=False)
+    assert gone.returncode != 0 or gone.stdout == "Terminating"

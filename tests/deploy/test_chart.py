@@ -1,0 +1,131 @@
+"""The Helm chart on its own: lint, values schema, and manifests/ rendered from it (no drift)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from tests.deploy import render
+from tests.deploy.render import CHART, helm_template, split_by_template, tool
+
+pytestmark = pytest.mark.deploy
+
+VARIANTS = {
+    "default": [],
+    "openshift": ["--set", "openshift.enabled=true"],
+    "capabilities": ["--set", "agent.securityMode=capabilities"],
+}
+
+
+def objects(*args: str) -> dict[str, dict]:
+    """kind/name -> object of the chart rendered with args."""
+    docs = [yaml.safe_load(d) for d in split_by_template(helm_template(*args)).values()]
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
+
+
+def operator_env(objs: dict[str, dict]) -> dict[str, object]:
+    container = objs["Deployment/retransmit-operator"]["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_helm_lint_is_clean(variant):
+    done = subprocess.run([tool("helm"), "lint", "--strict", str(CHART), *VARIANTS[variant]],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[WARNING]" not in done.stdout and "[ERROR]" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("setting, message", [
+    (["--set", "agent.securityMode=root"], "at '/agent/securityMode': value must be one of 'privileged', 'capabilities'"),
+    (["--set", "image.pullPolicy=Sometimes"], "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'"),
+    (["--set", "agent.maxWritesPerSecond=0"], "at '/agent/maxWritesPerSecond': minimum"),
+    (["--set", "operator.resources.limits.memory=lots"], "at '/operator/resources/limits/memory': 'lots' does not match pattern"),
+    (["--set", "openshift.enabled=yes"], "at '/openshift/enabled': got string, want boolean"),
+    (["--set", "agent.metricsPort=80"], "at '/agent/metricsPort': minimum"),
+    (["--set", "image.tag=v1:2"], "at '/image/tag'"),
+    (["--set", "agent.securityMod=capabilities"], "additional properties 'securityMod' not allowed"),
+])
+def test_values_schema_refuses_bad_values_with_a_clear_message(setting, message):
+    done = subprocess.run([tool("helm"), "template", "x", str(CHART), *setting], capture_output=True, text=True)
+    assert done.returncode != 0, f"{setting} was accepted"
+    assert message in done.stderr, done.stderr
+
+
+def test_manifests_are_the_chart_rendered_with_default_values():
+    """manifests/ (except crd.yaml and samples/) is `make manifests` output: no drift."""
+    assert render.drift() == []
+
+
+def test_openshift_only_adds_the_agents_use_of_the_privileged_scc():
+    plain, openshift = objects(), objects(*VARIANTS["openshift"])
+    added = {k: v for k, v in openshift.items() if k not in plain}
+    assert set(added) == {"ClusterRole/retransmit-operator-agent-scc", "RoleBinding/retransmit-operator-agent-scc"}
+    role, binding = added["ClusterRole/retransmit-operator-agent-scc"], added["RoleBinding/retransmit-operator-agent-scc"]
+    assert role["rules"] == [{"apiGroups": ["security.openshift.io"], "resources": ["securitycontextconstraints"],
+                              "resourceNames": ["privileged"], "verbs": ["use"]}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "retransmit-operator-agent",
+                                    "namespace": render.NAMESPACE}]
+    assert all(openshift[k] == v for k, v in plain.items())
+
+
+def test_operator_settings_come_from_values():
+    env = operator_env(objects("--set", "agent.securityMode=capabilities", "--set-json", "agent.maxWritesPerSecond=2.5",
+                               "--set", "image.repository=quay.io/me/rt", "--set", "image.tag=v9",
+                               "--set", "agent.resources.limits.memory=300Mi"))
+    assert env["RTRACE_AGENT_SECURITY_MODE"] == "capabilities"
+    assert env["RTRACE_MAX_WRITES_PER_SECOND"] == "2.5"
+    assert env["RTRACE_AGENT_IMAGE"] == "quay.io/me/rt:v9"
+    assert json.loads(env["RTRACE_AGENT_RESOURCES"])["limits"]["memory"] == "300Mi"
+    assert env["RTRACE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_operator_reads_the_env_the_chart_gives_it():
+    """The chart <-> operator contract: the operator parses every value the chart renders."""
+    from retransmit_operator.settings import Settings
+
+    objs = objects()
+    env = {k: v for k, v in operator_env(objs).items() if isinstance(v, str)}
+    settings = Settings.from_env(env)
+    assert settings.agent_service_account == "retransmit-operator-agent"
+    assert "ServiceAccount/" + settings.agent_service_account in objs
+    assert settings.agent_image == "ghcr.io/retransmit-operator/retransmit-operator:0.1.0"
+    assert settings.agent_resources["limits"] == {"cpu": "1", "memory": "512Mi"}
+    assert settings.metrics_port == 8080 and settings.agent_metrics_port == 9464
+
+
+def test_image_tag_may_be_a_digest():
+    digest = "sha256:" + "ab" * 32
+    env = operator_env(objects("--set", f"image.tag={digest}"))
+    assert env["RTRACE_AGENT_IMAGE"] == f"ghcr.io/retransmit-operator/retransmit-operator@{digest}"
+
+
+def test_operator_pod_is_locked_down():
+    pod = objects()["Deployment/retransmit-operator"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert container["command"] == ["retransmit-operator"]
+    assert {"livenessProbe", "readinessProbe", "resources"} <= set(container)
+
+
+def test_samples_are_valid_traces():
+    from retransmit_operator.api import RetransmitTraceSpec
+
+    samples = sorted((render.MANIFESTS / "samples").glob("*.yaml"))
+    assert {p.name for p in samples} == {"whole-cluster.yaml", "namespace-filtered.yaml", "port-cidr-filtered.yaml"}
+    for path in samples:
+        doc = yaml.safe_load(path.read_text())
+        assert (doc["apiVersion"], doc["kind"]) == ("retransmit.dev/v1alpha1", "RetransmitTrace")
+        RetransmitTraceSpec.model_validate(doc["spec"])
+
+
+def test_chart_crd_is_the_generated_one():
+    """crds/ is generated with manifests/crd.yaml from the API models (operator/crd.py)."""
+    chart_crd = CHART / "crds" / "retransmittraces.yaml"
+    assert chart_crd.read_text() == (render.MANIFESTS / "crd.yaml").read_text()

@@ -1,0 +1,129 @@
+"""`make cluster-up` / `make cluster-down`: the test control plane plus node simulator, run by
+hand in the background so kubectl, helm and the operator can be pointed at it.
+
+    python -m tests.harness.cluster_cli up   [--state DIR] [--nodes node-a,node-b]
+    python -m tests.harness.cluster_cli down [--state DIR]
+    python -m tests.harness.cluster_cli run  [--state DIR]   # foreground, what `up` starts
+
+State (kubeconfig, logs, pid file, pod dirs) lives in DIR (default /tmp/rtrace-cluster).
+`up` prints `export KUBECONFIG=DIR/kubeconfig` on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_STATE = Path(os.environ.get("RTRACE_CLUSTER_DIR", "/tmp/rtrace-cluster"))
+
+
+def _pid(state: Path):
+    try:
+        pid = int((state / "cluster.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+def run(state: Path, nodes: list[str]) -> int:
+    """Foreground: start both, write DIR/kubeconfig and DIR/ready, wait for SIGTERM/SIGINT."""
+    from .controlplane import ControlPlane
+    from .nodesim import NodeSimulator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    (state / "cluster.pid").write_text(f"{os.getpid()}\n")
+    cp_dir = state / "control-plane"
+    shutil.rmtree(cp_dir, ignore_errors=True)
+    with ControlPlane(workdir=cp_dir) as cp:
+        with NodeSimulator(cp.kubeconfig, nodes, state_dir=state / "nodes") as sim:
+            kubeconfig = state / "kubeconfig"
+            shutil.copy(cp.kubeconfig, kubeconfig)
+            (state / "ready").write_text(f"{cp.server}\n")
+            print(f"control plane {cp.server} up in {cp.startup_seconds:.1f}s; nodes "
+                  f"{', '.join(n.name for n in sim.nodes)}; logs in {cp_dir}, pod logs in "
+                  f"{sim.state_dir / 'pods'}", flush=True)
+            done.wait()
+    (state / "ready").unlink(missing_ok=True)
+    (state / "cluster.pid").unlink(missing_ok=True)
+    return 0
+
+
+def up(state: Path, nodes: list[str], timeout: float = 180) -> int:
+    if _pid(state) and (state / "ready").exists():
+        print(f"cluster already running (pid {_pid(state)})", file=sys.stderr)
+        print(f"export KUBECONFIG={state / 'kubeconfig'}")
+        return 0
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "ready").unlink(missing_ok=True)
+    logfile = state / "cluster.log"
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.harness.cluster_cli", "run", "--state", str(state),
+             "--nodes", ",".join(nodes)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (state / "ready").exists():
+        if proc.poll() is not None:
+            print(f"cluster failed to start (exit {proc.returncode}); see {logfile}:", file=sys.stderr)
+            print(logfile.read_text(errors="replace")[-3000:], file=sys.stderr)
+            return 1
+        if time.monotonic() > deadline:
+            proc.terminate()
+            print(f"cluster not ready after {timeout:.0f}s; see {logfile}", file=sys.stderr)
+            return 1
+        time.sleep(0.3)
+    print(f"cluster up (pid {proc.pid}, API {(state / 'ready').read_text().strip()}); "
+          f"logs: {logfile}; stop with `make cluster-down`", file=sys.stderr)
+    print(f"export KUBECONFIG={state / 'kubeconfig'}")
+    return 0
+
+
+def down(state: Path, timeout: float = 60) -> int:
+    pid = _pid(state)
+    if pid is None:
+        print(f"no cluster running from {state}")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _pid(state) == pid and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _pid(state) == pid:
+        os.kill(pid, signal.SIGKILL)  # its children die with it (PR_SET_PDEATHSIG)
+        print(f"cluster (pid {pid}) did not stop in {timeout:.0f}s: killed")
+    else:
+        print(f"cluster (pid {pid}) stopped")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.harness.cluster_cli", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["up", "down", "run"])
+    parser.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    parser.add_argument("--nodes", default="node-a,node-b")
+    args = parser.parse_args(argv)
+    nodes = [n for n in args.nodes.split(",") if n]
+    if args.command == "up":
+        return up(args.state, nodes)
+    if args.command == "down":
+        return down(args.state)
+    return run(args.state, nodes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""A kernel snapshot becomes the API's node entry (NodeStatus)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from retransmit_agent.flows import FlowCounters
+from retransmit_agent.kernel import KernelSnapshot
+from retransmit_agent.report import build_node_report
+from retransmit_operator.api import Endpoint, NodeStatus, RecentEvent, to_api
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def flow(port: int, retransmits: int, synacks: int = 0, family: str = "IPv4") -> FlowCounters:
+    local, remote = ("10.0.0.1", "10.0.0.2") if family == "IPv4" else ("fd00::1", "fd00::2")
+    return FlowCounters(family, local, port, remote, 443, retransmits, synacks, "ESTABLISHED",
+                        T0, T0 + timedelta(seconds=port))
+
+
+def snapshot(flows: list[FlowCounters]) -> KernelSnapshot:
+    return KernelSnapshot(retransmits=1000, synack_retransmits=3, lost_events=17, sampled_events=986,
+                          failed_attempts=0, by_state={"SYN_RECV": 3, "ESTABLISHED": 1000}, flows=flows)
+
+
+def test_totals_come_from_the_kernel_totals_not_the_flow_sum():
+    report = build_node_report("node-a", snapshot([flow(1, 5)]), [], 10, "6.18", "0.1.0", report_time=T0)
+    assert (report.retransmits, report.synack_retransmits, report.lost_events) == (1000, 3, 17)
+    assert report.flows == 1
+    assert report.by_state == {"ESTABLISHED": 1000, "SYN_RECV": 3}
+    assert report.phase == "Running" and report.node == "node-a"
+    assert report.kernel == "6.18" and report.agent_version == "0.1.0" and report.last_report_time == T0
+
+
+def test_top_n_keeps_the_busiest_flows_and_zero_keeps_all():
+    flows = [flow(1, 5), flow(2, 50), flow(3, 0, synacks=9), flow(4, 1, family="IPv6")]
+    top2 = build_node_report("n", snapshot(flows), [], 2, None, None)
+    assert [f.local.port for f in top2.top_flows] == [2, 3]
+    assert top2.flows == 4
+    everything = build_node_report("n", snapshot(flows), [], 0, None, None)
+    assert [f.local.port for f in everything.top_flows] == [2, 3, 1, 4]
+
+
+def test_report_serialises_with_the_api_names():
+    events = [RecentEvent(time=T0, kind="retransmit", family="IPv4", local=Endpoint(ip="10.0.0.1", port=1),
+                          remote=Endpoint(ip="10.0.0.2", port=443), state="ESTABLISHED")] * 3
+    report = build_node_report("n", snapshot([flow(7, 2, family="IPv6")]), events, 10, None, None, keep_events=2)
+    doc = to_api(report)
+    assert {"retransmits", "synackRetransmits", "lostEvents", "flows", "topFlows", "byState", "recentEvents"} <= set(doc)
+    top = doc["topFlows"][0]
+    assert top["family"] == "IPv6" and top["local"] == {"ip": "fd00::1", "port": 7}
+    assert top["remote"] == {"ip": "fd00::2", "port": 443}
+    assert top["lastState"] == "ESTABLISHED" and top["firstSeen"].startswith("2026-01-01T00:00:00")
+    assert len(doc["recentEvents"]) == 2
+    assert NodeStatus.model_validate(doc) == report
