@@ -89,6 +89,7 @@ class Reconciler:
         self.metrics = metrics
         self.pods = PodIndex()
         self.traces: dict[str, dict[str, Any]] = {}
+        self._deleted: set[str] = set()  # uids: a late write response must not resurrect a trace
         self._locks: dict[str, asyncio.Lock] = {}
         self.last_sync: Optional[float] = None
 
@@ -183,7 +184,13 @@ class Reconciler:
         )
         new = compute_status(observation, current.conditions if current else [])
         if current is None or to_api(new) != to_api(current):
-            written = await self.kube.apply_status(name, to_api(new))
+            try:
+                written = await self.kube.apply_status(name, to_api(new))
+            except ApiFailure as e:
+                if e.status != 404:
+                    raise
+                self.observe_trace("DELETED", body)  # gone meanwhile; its DaemonSet goes by GC
+                return new
             self.observe_trace("MODIFIED", written)  # the next pass starts from what we wrote
             self.metrics.status_writes.inc()
             events += transitions(current, new)
@@ -229,9 +236,13 @@ class Reconciler:
 
     def observe_trace(self, event_type: Optional[str], body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
+        uid = body["metadata"].get("uid")
         if event_type == "DELETED":
+            self._deleted.add(uid)
             self.traces.pop(name, None)
             self._locks.pop(name, None)
+            return
+        if uid in self._deleted:
             return
         known = self.traces.get(name)
         if known is None or not _newer(known, body):

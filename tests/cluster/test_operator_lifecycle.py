@@ -413,16 +413,28 @@ def test_completion_time_survives_an_operator_restart_mid_trace(operator, operat
     assert operator.starts >= 2 and uid
 
 
-def test_deleting_a_trace_garbage_collects_its_daemonset_and_pods(operator, operator_namespace, traces, custom, apps, core):
+@pytest.mark.parametrize("propagation", ["Background", "Foreground"])
+def test_deleting_a_trace_garbage_collects_its_daemonset_and_pods(operator, operator_namespace, traces, custom, apps, core, propagation):
     name = traces({"nodeSelector": SIM_SELECTOR})
     wait_until(lambda: daemonset(apps, operator_namespace, name), "the DaemonSet")
     wait_until(lambda: len(core.list_namespaced_pod(operator_namespace, label_selector=f"retransmit.dev/trace={name}").items) == 2,
                "two agent pods")
     assert not get_trace(custom, name)["metadata"].get("finalizers")  # nothing blocks deletion
-    custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name, propagation_policy=propagation)
     wait_until(lambda: daemonset(apps, operator_namespace, name) is None, "the DaemonSet to be collected")
     wait_until(lambda: not core.list_namespaced_pod(operator_namespace, label_selector=f"retransmit.dev/trace={name}").items,
                "the agent pods to be collected")
+
+    def trace_gone():
+        try:
+            get_trace(custom, name)
+            return False
+        except ApiException as e:
+            return e.status == 404
+    wait_until(trace_gone, "the trace to be gone")
+    # The operator does not bring the agents back for a trace that is gone or going.
+    time.sleep(3)
+    assert daemonset(apps, operator_namespace, name) is None
 
 
 # ---------------------------------------------------------------------------- invalid specs

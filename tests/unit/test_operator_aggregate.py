@@ -123,3 +123,13 @@ def test_pod_index_ip_reuse_and_deletion():
     assert i.lookup("198.18.0.5") is None   # finished pods release their IPs
     i.observe(pod("v6", "ns", "n1", ["FD00::0001"]))
     assert i.lookup("fd00::1").pod == "v6" and i.lookup("::ffff:198.18.0.5") is None
+
+
+def test_stale_running_entry_stops_counting_as_reporting_but_keeps_its_counts(index):
+    from datetime import datetime, timedelta, timezone
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    fresh = node("a", retransmits=1).model_copy(update={"last_report_time": now - timedelta(seconds=10)})
+    stale = node("b", retransmits=2).model_copy(update={"last_report_time": now - timedelta(minutes=10)})
+    s = aggregate_summary([fresh, stale], nodes_desired=2, top_n=10, pod_index=index, now=now, stale_after=timedelta(minutes=1))
+    assert (s.nodes, s.retransmits) == ("1/2", 3)
+    assert aggregate_summary([fresh, stale], 2, 10, index).nodes == "2/2"  # no bound: completed traces

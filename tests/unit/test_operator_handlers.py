@@ -1,0 +1,39 @@
+"""The pure helpers the handlers use to read what the API server says."""
+
+from __future__ import annotations
+
+import pytest
+
+from retransmit_operator.handlers import _newer, desired_nodes, node_entries, operator_status
+
+pytestmark = pytest.mark.unit
+
+
+def test_desired_nodes_only_once_the_controller_saw_the_current_generation():
+    assert desired_nodes(None) is None
+    ds = {"metadata": {"generation": 2}, "status": {"observedGeneration": 1, "desiredNumberScheduled": 5}}
+    assert desired_nodes(ds) is None
+    ds["status"]["observedGeneration"] = 2
+    assert desired_nodes(ds) == 5
+    assert desired_nodes({"metadata": {"generation": 1}, "status": {"observedGeneration": 1}}) == 0
+
+
+def test_operator_status_reads_only_operator_fields_and_tolerates_junk():
+    assert operator_status({}) is None
+    assert operator_status({"nodes": [{"node": "a"}]}) is None
+    s = operator_status({"phase": "Running", "observedGeneration": 3, "nodes": [{"node": "a"}]})
+    assert s.phase == "Running" and s.observed_generation == 3
+    assert operator_status({"phase": "Sideways"}) is None
+
+
+def test_node_entries_skip_what_does_not_parse():
+    nodes = node_entries({"nodes": [{"node": "a", "retransmits": 1}, {"node": "b", "retransmits": -5}]})
+    assert [n.node for n in nodes] == ["a"]
+
+
+def test_newer_compares_resource_versions_of_the_same_object_only():
+    a = {"metadata": {"uid": "u", "resourceVersion": "10"}}
+    b = {"metadata": {"uid": "u", "resourceVersion": "9"}}
+    assert _newer(a, b) and not _newer(b, a)
+    assert not _newer(a, {"metadata": {"uid": "other", "resourceVersion": "1"}})
+    assert not _newer({"metadata": {"uid": "u", "resourceVersion": "x"}}, b)
