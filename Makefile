@@ -185,3 +185,10 @@ test-deploy: setup k8s-binaries
 	$(PY) -m pytest -m deploy tests
 
 ## ---- bench (issue: measure it) ----------------------------------------------
+# One run of every measurement side by side (kernel cost against a floor program, exactness
+# against the reference counter, agent against a per-event baseline at several rates, N
+# simulated nodes on the real API server with the real operator): bench/results/latest.json
+# and latest.png. Root; about 10 minutes on 2 cores. Figures and keys: bench/README.md.
+.PHONY: bench
+bench: setup k8s-binaries
+	cd $(ROOT) && $(PY) -m bench.run

@@ -20,6 +20,7 @@ one, which resumes the node's counts like any restart.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from .metrics import AgentState, MetricsServer
 from .reporter import (
     ApiError,
     Baseline,
+    FlowKey,
     StatusWriter,
     backoff_delay,
     cumulative_entry,
@@ -265,6 +267,7 @@ class ClusterAgent:
 
     def build_entry(self) -> NodeStatus:
         """The cumulative entry for this node right now (no I/O but reading the kernel maps)."""
+        from .flows import busiest_first
         from .report import build_node_report
 
         baseline = self.baseline or Baseline()
@@ -273,21 +276,31 @@ class ClusterAgent:
             program = self.program
             snapshot = program.snapshot() if program is not None else None
             table = self.index.lookup_table()
+        top_n, keep = self.spec.top_flows, self.spec.events.keep
         if snapshot is None:
             base = NodeStatus(node=self.node, phase=Phase.FAILED if self.problem else Phase.PENDING,
                               message=self.problem, kernel=self._kernel_release,
                               agent_version=self._version, last_report_time=now)
-            merged: list[Flow] = list(baseline.top_flows.values())
-            return cumulative_entry(baseline, base, merged, self.spec.top_flows, self.spec.events.keep)
+            return cumulative_entry(baseline, base, list(baseline.top_flows.values()), top_n, keep)
+        # Only flows that can make the top N after adding the baseline become API objects:
+        # the busiest fresh ones and those the baseline already knows (the map may hold 32k).
+        ordered = busiest_first(snapshot.flows)
+        candidates = ordered[: 2 * top_n] + [
+            f for f in ordered[2 * top_n:]
+            if FlowKey(f.family, f.local_ip, f.local_port, f.remote_ip, f.remote_port) in baseline.top_flows
+        ]
         fresh = build_node_report(
-            self.node, snapshot, list(self.events)[::-1], 0, self._kernel_release, self._version,
+            self.node, dataclasses.replace(snapshot, flows=candidates), list(self.events)[::-1], 0,
+            self._kernel_release, self._version, keep_events=keep, report_time=now,
         )
-        fresh = fresh.model_copy(update={"phase": Phase.RUNNING, "message": None, "last_report_time": now})
-        merged = [self._attributed(f, table) for f in merge_flows(baseline, fresh.top_flows)]
-        events = [self._attributed_event(e, table) for e in fresh.recent_events]
-        fresh = fresh.model_copy(update={"recent_events": events})
-        self._publish_metrics(fresh, baseline, merged)
-        return cumulative_entry(baseline, fresh, merged, self.spec.top_flows, self.spec.events.keep)
+        fresh = fresh.model_copy(update={"phase": Phase.RUNNING, "message": None, "flows": len(snapshot.flows)})
+        merged = merge_flows(baseline, fresh.top_flows)
+        entry = cumulative_entry(baseline, fresh, merged, top_n, keep)
+        self._publish_metrics(entry, baseline, snapshot.flows, table)
+        return entry.model_copy(update={
+            "top_flows": [self._attributed(f, table) for f in entry.top_flows],
+            "recent_events": [self._attributed_event(e, table) for e in entry.recent_events],
+        })
 
     def _attributed(self, flow: Flow, table: dict) -> Flow:
         return flow.model_copy(update={
@@ -301,19 +314,25 @@ class ClusterAgent:
             "remote": _with_owner(event.remote, attribute(table, event.remote.ip, self.node)),
         })
 
-    def _publish_metrics(self, fresh: NodeStatus, baseline: Baseline, merged: list[Flow]) -> None:
+    def _publish_metrics(self, entry: NodeStatus, baseline: Baseline, flows: list, table: dict) -> None:
+        """Retransmits by local pod and remote port over every flow (kernel map + baseline)."""
         by_pod_port: dict[tuple[str, str, str], int] = {}
-        for flow in merged:
-            namespace = flow.local.namespace or ""
-            pod = flow.local.pod or flow.local.node or ""
-            key = (namespace, pod, str(flow.remote.port))
-            by_pod_port[key] = by_pod_port.get(key, 0) + flow.retransmits
-        self.state.publish_counts(
-            baseline.retransmits + fresh.retransmits,
-            baseline.synack_retransmits + fresh.synack_retransmits,
-            baseline.lost_events + fresh.lost_events,
-            by_pod_port,
-        )
+
+        def add(local_ip: str, remote_port: int, count: int) -> None:
+            owner = attribute(table, local_ip, self.node)
+            namespace = (owner.namespace or "") if owner else ""
+            pod = (owner.pod or owner.node or "") if owner else ""
+            key = (namespace, pod, str(remote_port))
+            by_pod_port[key] = by_pod_port.get(key, 0) + count
+
+        for f in flows:
+            old = baseline.top_flows.get(FlowKey(f.family, f.local_ip, f.local_port, f.remote_ip, f.remote_port))
+            add(f.local_ip, f.remote_port, f.retransmits + (old.retransmits if old else 0))
+        seen = {FlowKey(f.family, f.local_ip, f.local_port, f.remote_ip, f.remote_port) for f in flows}
+        for key, old in baseline.top_flows.items():
+            if key not in seen:
+                add(key.local_ip, key.remote_port, old.retransmits)
+        self.state.publish_counts(entry.retransmits, entry.synack_retransmits, entry.lost_events, by_pod_port)
 
     def _report(self) -> bool:
         """Write the entry if it changed. True when nothing is left to write."""

@@ -128,15 +128,59 @@ class KernelSnapshot:
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
-def compile_flags(config: KernelConfig, include: Path, ringbuf: bool, has_err: bool,
-                  coarse_clock: bool = True) -> list[str]:
+@dataclass(frozen=True)
+class FlowEntry:
+    """A flow's raw counters as the kernel keeps them (struct flow_stats or a pending run)."""
+
+    retransmits: int
+    synack_retransmits: int
+    first_ns: int
+    last_ns: int
+    last_state: int
+
+
+def merge_pending_runs(
+    entries: dict[tuple, FlowEntry],
+    runs: Iterable[tuple[tuple, FlowEntry]],
+    floors: dict[tuple, tuple[int, int]],
+) -> tuple[dict[tuple, FlowEntry], dict[tuple, tuple[int, int]]]:
+    """Flow-map entries plus per-CPU pending runs, with counts never below `floors`.
+
+    Returns the merged entries and the floors for the next call (only for flows present
+    now, so evicted flows do not accumulate).
+    """
+    merged = dict(entries)
+    for key, run in runs:
+        entry = merged.get(key)
+        if entry is None:
+            merged[key] = run
+            continue
+        latest = run if run.last_ns >= entry.last_ns else entry
+        merged[key] = FlowEntry(
+            entry.retransmits + run.retransmits,
+            entry.synack_retransmits + run.synack_retransmits,
+            min(entry.first_ns, run.first_ns),
+            latest.last_ns,
+            latest.last_state,
+        )
+    next_floors = {}
+    for key, entry in merged.items():
+        low_r, low_s = floors.get(key, (0, 0))
+        if entry.retransmits < low_r or entry.synack_retransmits < low_s:
+            entry = FlowEntry(max(entry.retransmits, low_r), max(entry.synack_retransmits, low_s),
+                              entry.first_ns, entry.last_ns, entry.last_state)
+            merged[key] = entry
+        next_floors[key] = (entry.retransmits, entry.synack_retransmits)
+    return merged, next_floors
+
+
+def compile_flags(config: KernelConfig, include: Path, ringbuf: bool, has_err: bool) -> list[str]:
     """cflags for retransmit.bpf.c: the compile-time half of the configuration."""
     return [
         f"-I{include}",
         f"-DFLOW_CAPACITY={config.flow_capacity}",
         f"-DRINGBUF_PAGES={config.ring_pages}",
-    ] + (["-DUSE_RINGBUF"] if ringbuf else []) + (["-DHAVE_RETRANSMIT_ERR"] if has_err else []) + (
-        ["-DHAVE_KTIME_COARSE"] if coarse_clock else [])
+    ] + (["-DUSE_RINGBUF"] if ringbuf else []) + (["-DHAVE_RETRANSMIT_ERR"] if has_err else [])
 
 
 @contextlib.contextmanager
@@ -157,8 +201,15 @@ def _stderr_captured() -> Iterator[list[str]]:
 
 def _bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
     text = [line.strip() for line in output if line.strip()]
-    errors = [line for line in text if "error" in line.lower() or "denied" in line.lower()
-              or "not permitted" in line.lower() or "invalid" in line.lower()]
+    if "compile" in str(exc).lower():
+        errors = [line for line in text if "error:" in line]
+        detail = (errors or text or [str(exc)])[0]
+        return KernelProblem(
+            f"bcc could not compile the BPF program ({detail}): the kernel headers under "
+            f"/lib/modules/{os.uname().release}/build do not fit bcc; install the headers of the running kernel"
+        )
+    errors = [line for line in text if any(word in line.lower() for word in
+                                           ("error", "denied", "not permitted", "invalid", "cannot"))]
     detail = (errors or text or [str(exc)])[-1]
     return KernelProblem(
         f"the kernel rejected the BPF program ({exc}; {detail}): run as root on a kernel with "
@@ -179,6 +230,8 @@ class RetransmitProgram:
         self._dropped_in_python = 0
         self._events_table = bpf[b"events"]
         self._local_ips: Optional[frozenset[str]] = None
+        self._floors: dict[tuple, tuple[int, int]] = {}
+        self._generation = 0
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -206,18 +259,14 @@ class RetransmitProgram:
         has_err = "err" in tracepoint_fields(path, "tcp", "tcp_retransmit_skb")
         source = resources.files("retransmit_bpf")
         with resources.as_file(source) as folder:
-            # bpf_ktime_get_coarse_ns is cheaper but needs Linux 5.11: probed by loading.
-            for coarse_clock in (True, False):
-                cflags = compile_flags(config, folder, ringbuf=ringbuf, has_err=has_err, coarse_clock=coarse_clock)
-                with _stderr_captured() as output:
-                    try:
-                        bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
-                    except Exception as exc:  # bcc raises bare Exception for compile and load errors
-                        failure = exc
-                    else:
-                        failure = None
-                if failure is None:
-                    break
+            cflags = compile_flags(config, folder, ringbuf=ringbuf, has_err=has_err)
+            with _stderr_captured() as output:
+                try:
+                    bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
+                except Exception as exc:  # bcc raises bare Exception for compile and load errors
+                    failure = exc
+                else:
+                    failure = None
             if failure is not None:
                 raise _bcc_failure(failure, output)
         program = cls(bpf, config, ringbuf, path)
@@ -269,6 +318,8 @@ class RetransmitProgram:
         leaf.cidrs_enabled = int(bool(c.remote_cidrs))
         leaf.local_ips_enabled = int(self._local_ips is not None)
         leaf.max_per_second = c.samples_per_second
+        self._generation += 1
+        leaf.generation = self._generation
         table[table.Key(0)] = leaf
 
     @staticmethod
@@ -365,17 +416,55 @@ class RetransmitProgram:
         )
 
     def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
-        for family, name in ((AF_INET, "flows4"), (AF_INET6, "flows6")):
-            for key, stats in self._bpf[name.encode()].items():
-                if family == AF_INET:
-                    saddr = key.saddr.to_bytes(4, sys.byteorder)
-                    daddr = key.daddr.to_bytes(4, sys.byteorder)
-                else:
-                    saddr, daddr = bytes(key.saddr), bytes(key.daddr)
-                yield flow_counters(
-                    family, saddr, daddr, key.sport, key.dport, stats.retransmits,
-                    stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state, offset,
-                )
+        """Flow map entries plus the runs still pending on each CPU (see struct run4).
+
+        The map is read before the runs: a run the kernel moves into the map in between
+        is missed by this snapshot (never counted twice), so a flow's count can lag for
+        one snapshot; floors keep each flow's reported counts from going backwards.
+        """
+        entries: dict[tuple, FlowEntry] = {}
+        for family, name in ((AF_INET, b"flows4"), (AF_INET6, b"flows6")):
+            for key, stats in self._bpf[name].items():
+                entries[self._raw_key(family, key)] = FlowEntry(
+                    stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state)
+        runs: list[tuple[tuple, FlowEntry]] = []
+        for family, name in ((AF_INET, b"runs4"), (AF_INET6, b"runs6")):
+            for run in self._bpf[name][0]:
+                if run.retransmits:
+                    runs.append((self._raw_key(family, run.key), FlowEntry(
+                        run.retransmits, 0, run.first_ns, run.last_ns, run.last_state)))
+        merged, self._floors = merge_pending_runs(entries, runs, self._floors)
+        for (family, saddr, daddr, sport, dport), e in merged.items():
+            yield flow_counters(family, saddr, daddr, sport, dport, e.retransmits, e.synack_retransmits,
+                                e.first_ns, e.last_ns, e.last_state, offset)
+
+    @staticmethod
+    def _raw_key(family: int, key: Any) -> tuple:
+        if family == AF_INET:
+            saddr = key.saddr.to_bytes(4, sys.byteorder)
+            daddr = key.daddr.to_bytes(4, sys.byteorder)
+        else:
+            saddr, daddr = bytes(key.saddr), bytes(key.daddr)
+        return (family, saddr, daddr, key.sport, key.dport)
+
+    def kernel_cost(self) -> dict[str, tuple[int, int]]:
+        """Per probe: (run_time_ns, run_cnt) from the kernel's BPF statistics.
+
+        Both stay 0 unless `sysctl kernel.bpf_stats_enabled=1`; for overhead measurements.
+        """
+        out = {}
+        with self._lock:
+            if self._bpf is None:
+                return out
+            for name, fn in self._bpf.funcs.items():
+                fields = {}
+                with contextlib.suppress(OSError):
+                    for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
+                        key, _, value = line.partition(":")
+                        fields[key.strip()] = value.strip()
+                probe = (name.decode() if isinstance(name, bytes) else name).rsplit("__", 1)[-1]
+                out[probe] = (int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0)))
+        return out
 
     # ---------------------------------------------------------------- samples
 

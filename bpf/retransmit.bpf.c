@@ -4,9 +4,12 @@
  * fields are read (bcc builds `args` from the tracefs format file), so the program follows
  * the running kernel's layout and needs no struct sock.
  *
- * Compile-time switches (cflags): USE_RINGBUF (else a perf buffer), HAVE_KTIME_COARSE
- * (bpf_ktime_get_coarse_ns, Linux 5.11+: timestamps at tick resolution for a fraction of
- * bpf_ktime_get_ns's cost, which is a third of this program's), HAVE_RETRANSMIT_ERR
+ * Cost per event is kept near a bare counter's: filters are skipped unless enabled, flow
+ * keys are small (one map per family), and consecutive retransmits of one flow on a CPU
+ * (the common case: they come in bursts) are counted in a per-CPU run without a hash
+ * lookup or a clock read (see struct run4 and struct clock in retransmit.h).
+ *
+ * Compile-time switches (cflags): USE_RINGBUF (else a perf buffer), HAVE_RETRANSMIT_ERR
  * (the tracepoint has Linux 6.17's `err` field: it then also fires for failed attempts,
  * which are set aside so every kernel counts the same thing), FLOW_CAPACITY,
  * RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
@@ -15,7 +18,7 @@
 #include "retransmit.h"
 
 BPF_ARRAY(config, struct config, 1);
-BPF_HASH(ports, u16, u8, FILTER_CAPACITY);
+BPF_ARRAY(ports, u8, 65536);   /* indexed by port: an inlined lookup, not a hash */
 BPF_LPM_TRIE(cidrs4, struct cidr4_key, u8, FILTER_CAPACITY);
 BPF_LPM_TRIE(cidrs6, struct cidr6_key, u8, FILTER_CAPACITY);
 BPF_HASH(local4, u32, u8, FILTER_CAPACITY);
@@ -26,13 +29,10 @@ BPF_TABLE("lru_hash", struct flow_key4, struct flow_stats, flows4, FLOW_CAPACITY
 BPF_TABLE("lru_hash", struct flow_key6, struct flow_stats, flows6, FLOW_CAPACITY);
 
 BPF_PERCPU_ARRAY(totals, struct totals, 1);
+BPF_PERCPU_ARRAY(runs4, struct run4, 1);
+BPF_PERCPU_ARRAY(runs6, struct run6, 1);
+BPF_ARRAY(clock, struct clock, 1);
 BPF_ARRAY(sample_window, struct sample_window, 1);
-
-#ifdef HAVE_KTIME_COARSE
-#define NOW_NS() bpf_ktime_get_coarse_ns()   /* CLOCK_MONOTONIC_COARSE */
-#else
-#define NOW_NS() bpf_ktime_get_ns()          /* CLOCK_MONOTONIC */
-#endif
 
 #ifdef USE_RINGBUF
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -40,16 +40,151 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 #endif
 
-/* A plain increment is exact for retransmits: the kernel retransmits for one socket (one
- * flow key) only under that socket's lock, so two CPUs never update the same flow at once. */
-static __always_inline void add_flow(struct flow_stats *stats, u8 kind, u64 now, u32 state)
+/* Add counts to a flow's map entry, creating it if needed. Atomic adds: two CPUs may
+ * flush runs of the same flow at once (the socket moved between CPUs). */
+static __always_inline void add_to_flow4(struct flow_key4 *key, u64 retransmits,
+                                    u64 synacks, u64 first_ns, u64 last_ns,
+                                    u32 state)
 {
-    if (kind == KIND_SYNACK)  /* timer and a duplicate SYN may race on a request socket */
-        __sync_fetch_and_add(&stats->synack_retransmits, 1);
-    else
-        stats->retransmits++;
-    stats->last_ns = now;
-    stats->last_state = state;
+    struct flow_stats *stats = flows4.lookup(key);
+    if (!stats) {
+        struct flow_stats init = {.retransmits = retransmits,
+                                  .synack_retransmits = synacks, .first_ns = first_ns,
+                                  .last_ns = last_ns, .last_state = state};
+        if (flows4.insert(key, &init) == 0)
+            return;
+        stats = flows4.lookup(key); /* another CPU inserted it first */
+        if (!stats)
+            return;
+    }
+    if (retransmits)
+        __sync_fetch_and_add(&stats->retransmits, retransmits);
+    if (synacks)
+        __sync_fetch_and_add(&stats->synack_retransmits, synacks);
+    if (last_ns > stats->last_ns) {
+        stats->last_ns = last_ns;
+        stats->last_state = state;
+    }
+}
+
+
+static __always_inline void add_to_flow6(struct flow_key6 *key, u64 retransmits,
+                                    u64 synacks, u64 first_ns, u64 last_ns,
+                                    u32 state)
+{
+    struct flow_stats *stats = flows6.lookup(key);
+    if (!stats) {
+        struct flow_stats init = {.retransmits = retransmits,
+                                  .synack_retransmits = synacks, .first_ns = first_ns,
+                                  .last_ns = last_ns, .last_state = state};
+        if (flows6.insert(key, &init) == 0)
+            return;
+        stats = flows6.lookup(key); /* another CPU inserted it first */
+        if (!stats)
+            return;
+    }
+    if (retransmits)
+        __sync_fetch_and_add(&stats->retransmits, retransmits);
+    if (synacks)
+        __sync_fetch_and_add(&stats->synack_retransmits, synacks);
+    if (last_ns > stats->last_ns) {
+        stats->last_ns = last_ns;
+        stats->last_state = state;
+    }
+}
+
+
+static __always_inline int same_key4(struct flow_key4 *a, struct flow_key4 *b)
+{
+    return a->saddr == b->saddr && a->daddr == b->daddr && a->sport == b->sport &&
+           a->dport == b->dport;
+}
+
+static __always_inline int same_key6(struct flow_key6 *a, struct flow_key6 *b)
+{
+    u64 *x = (u64 *)a->saddr, *y = (u64 *)b->saddr;
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] &&
+           a->sport == b->sport && a->dport == b->dport;
+}
+
+/* The event's time if it continues this CPU's run of flow `key` (counted), else 0. */
+static __always_inline u64 continue_run4(struct run4 *run, struct clock *clk,
+                                           struct flow_key4 *key, u32 state, u32 generation)
+{
+    if (!run->retransmits || run->generation != generation || !same_key4(&run->key, key))
+        return 0;
+    u64 npj = clk->ns_per_jiffy;
+    u64 now = npj ? run->first_ns + (bpf_jiffies64() - run->first_jiffies) * npj
+                  : bpf_ktime_get_ns();
+    run->retransmits++;
+    run->last_ns = now;
+    run->last_state = state;
+    return now;
+}
+
+/* Move this CPU's run into the flow map and start a new one with `key`; returns the time. */
+static __always_inline u64 start_run4(struct run4 *run, struct clock *clk,
+                                        struct flow_key4 *key, u32 state, u32 generation)
+{
+    u64 now = bpf_ktime_get_ns();
+    u64 jiffies = bpf_jiffies64();
+    if (!clk->base_jiffies) {
+        clk->base_ns = now;
+        clk->base_jiffies = jiffies;
+    } else if (jiffies - clk->base_jiffies >= 16) {
+        clk->ns_per_jiffy = (now - clk->base_ns) / (jiffies - clk->base_jiffies);
+    }
+    if (run->retransmits)
+        add_to_flow4(&run->key, run->retransmits, 0, run->first_ns, run->last_ns,
+                     run->last_state);
+    run->key = *key;
+    run->generation = generation;
+    run->retransmits = 1;
+    run->first_ns = now;
+    run->first_jiffies = jiffies;
+    run->last_ns = now;
+    run->last_state = state;
+    return now;
+}
+
+/* The event's time if it continues this CPU's run of flow `key` (counted), else 0. */
+static __always_inline u64 continue_run6(struct run6 *run, struct clock *clk,
+                                           struct flow_key6 *key, u32 state, u32 generation)
+{
+    if (!run->retransmits || run->generation != generation || !same_key6(&run->key, key))
+        return 0;
+    u64 npj = clk->ns_per_jiffy;
+    u64 now = npj ? run->first_ns + (bpf_jiffies64() - run->first_jiffies) * npj
+                  : bpf_ktime_get_ns();
+    run->retransmits++;
+    run->last_ns = now;
+    run->last_state = state;
+    return now;
+}
+
+/* Move this CPU's run into the flow map and start a new one with `key`; returns the time. */
+static __always_inline u64 start_run6(struct run6 *run, struct clock *clk,
+                                        struct flow_key6 *key, u32 state, u32 generation)
+{
+    u64 now = bpf_ktime_get_ns();
+    u64 jiffies = bpf_jiffies64();
+    if (!clk->base_jiffies) {
+        clk->base_ns = now;
+        clk->base_jiffies = jiffies;
+    } else if (jiffies - clk->base_jiffies >= 16) {
+        clk->ns_per_jiffy = (now - clk->base_ns) / (jiffies - clk->base_jiffies);
+    }
+    if (run->retransmits)
+        add_to_flow6(&run->key, run->retransmits, 0, run->first_ns, run->last_ns,
+                     run->last_state);
+    run->key = *key;
+    run->generation = generation;
+    run->retransmits = 1;
+    run->first_ns = now;
+    run->first_jiffies = jiffies;
+    run->last_ns = now;
+    run->last_state = state;
+    return now;
 }
 
 /* Hand one sample to user space unless the per-second budget is spent. */
@@ -88,86 +223,98 @@ static __always_inline void sample(void *ctx, struct config *cfg, struct totals 
 #endif
 }
 
+static __always_inline void count_totals(struct totals *t, u8 kind, u32 slot)
+{
+    if (kind == KIND_SYNACK)
+        t->synack_retransmits++;
+    else
+        t->retransmits++;
+    t->by_state[slot & (STATE_SLOTS - 1)]++;
+}
+
 /* Filter, count and sample one event; `ev` holds the tracepoint's fields (ts_ns unset). */
 static __always_inline int handle(void *ctx, struct event *ev)
 {
     u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
-    if (!cfg)
+    struct totals *t = totals.lookup(&zero);
+    struct clock *clk = clock.lookup(&zero);
+    if (!cfg || !t || !clk)
         return 0;
 
+    /* Cheap filters: a bit test and an array index. */
     int is_v4 = ev->family == AF_INET_;
     if (!(cfg->families & (is_v4 ? FAMILY_IPV4 : FAMILY_IPV6)))
         return 0;
     u32 slot = ev->state;
     if (cfg->states && !(cfg->states & (1U << slot)))
         return 0;
-    if (cfg->ports_enabled && !ports.lookup(&ev->sport) && !ports.lookup(&ev->dport))
-        return 0;
+    if (cfg->ports_enabled) {
+        u32 sport = ev->sport, dport = ev->dport;
+        u8 *s = ports.lookup(&sport), *d = ports.lookup(&dport);
+        if (!(s && *s) && !(d && *d))
+            return 0;
+    }
+    int synack = ev->kind == KIND_SYNACK;
 
-    struct flow_key4 key4 = {};
-    struct flow_key6 key6 = {};
     if (is_v4) {
-        __builtin_memcpy(&key4.saddr, ev->saddr, 4);
-        __builtin_memcpy(&key4.daddr, ev->daddr, 4);
-        key4.sport = ev->sport;
-        key4.dport = ev->dport;
-        if (cfg->cidrs_enabled) {
-            struct cidr4_key c = {.prefixlen = 32};
-            __builtin_memcpy(c.addr, ev->daddr, 4);
-            if (!cidrs4.lookup(&c))
-                return 0;
-        }
-        if (cfg->local_ips_enabled && !local4.lookup(&key4.saddr))
+        struct flow_key4 key = {};
+        __builtin_memcpy(&key.saddr, ev->saddr, 4);
+        __builtin_memcpy(&key.daddr, ev->daddr, 4);
+        key.sport = ev->sport;
+        key.dport = ev->dport;
+        struct run4 *run = runs4.lookup(&zero);
+        if (!run)
             return 0;
+        /* The flow of this CPU's run passed the address filters under this generation. */
+        u64 now = synack ? 0 : continue_run4(run, clk, &key, slot, cfg->generation);
+        if (!now) {
+            if (cfg->cidrs_enabled) {
+                struct cidr4_key c = {.prefixlen = 32};
+                __builtin_memcpy(c.addr, ev->daddr, 4);
+                if (!cidrs4.lookup(&c))
+                    return 0;
+            }
+            if (cfg->local_ips_enabled && !local4.lookup(&key.saddr))
+                return 0;
+            if (synack) {   /* rare: straight into the flow map */
+                now = bpf_ktime_get_ns();
+                add_to_flow4(&key, 0, 1, now, now, slot);
+            } else {
+                now = start_run4(run, clk, &key, slot, cfg->generation);
+            }
+        }
+        ev->ts_ns = now;
     } else {
-        __builtin_memcpy(key6.saddr, ev->saddr, 16);
-        __builtin_memcpy(key6.daddr, ev->daddr, 16);
-        key6.sport = ev->sport;
-        key6.dport = ev->dport;
-        if (cfg->cidrs_enabled) {
-            struct cidr6_key c = {.prefixlen = 128};
-            __builtin_memcpy(c.addr, ev->daddr, 16);
-            if (!cidrs6.lookup(&c))
-                return 0;
-        }
-        if (cfg->local_ips_enabled && !local6.lookup((struct ip6_addr *)key6.saddr))
+        struct flow_key6 key = {};
+        __builtin_memcpy(key.saddr, ev->saddr, 16);
+        __builtin_memcpy(key.daddr, ev->daddr, 16);
+        key.sport = ev->sport;
+        key.dport = ev->dport;
+        struct run6 *run = runs6.lookup(&zero);
+        if (!run)
             return 0;
+        u64 now = synack ? 0 : continue_run6(run, clk, &key, slot, cfg->generation);
+        if (!now) {
+            if (cfg->cidrs_enabled) {
+                struct cidr6_key c = {.prefixlen = 128};
+                __builtin_memcpy(c.addr, ev->daddr, 16);
+                if (!cidrs6.lookup(&c))
+                    return 0;
+            }
+            if (cfg->local_ips_enabled && !local6.lookup((struct ip6_addr *)key.saddr))
+                return 0;
+            if (synack) {
+                now = bpf_ktime_get_ns();
+                add_to_flow6(&key, 0, 1, now, now, slot);
+            } else {
+                now = start_run6(run, clk, &key, slot, cfg->generation);
+            }
+        }
+        ev->ts_ns = now;
     }
 
-    struct totals *t = totals.lookup(&zero);
-    if (!t)
-        return 0;
-    if (ev->kind == KIND_SYNACK)
-        t->synack_retransmits++;
-    else
-        t->retransmits++;
-    t->by_state[slot & (STATE_SLOTS - 1)]++;
-
-    u64 now = NOW_NS();
-    ev->ts_ns = now;
-    struct flow_stats *stats;
-    if (is_v4)
-        stats = flows4.lookup(&key4);
-    else
-        stats = flows6.lookup(&key6);
-    if (stats) {
-        add_flow(stats, ev->kind, now, slot);
-    } else {
-        struct flow_stats init = {.first_ns = now, .last_ns = now, .last_state = slot};
-        if (ev->kind == KIND_SYNACK)
-            init.synack_retransmits = 1;
-        else
-            init.retransmits = 1;
-        int err = is_v4 ? flows4.insert(&key4, &init) : flows6.insert(&key6, &init);
-        if (err) {
-            /* Another CPU inserted the flow first: count on its entry. */
-            stats = is_v4 ? flows4.lookup(&key4) : flows6.lookup(&key6);
-            if (stats)
-                add_flow(stats, ev->kind, now, slot);
-        }
-    }
-
+    count_totals(t, ev->kind, slot);
     if (cfg->max_per_second)
         sample(ctx, cfg, t, ev);
     return 0;

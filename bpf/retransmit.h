@@ -16,7 +16,7 @@
 #define RINGBUF_PAGES 64         /* ring buffer size in pages (power of two) */
 #endif
 #ifndef FILTER_CAPACITY
-#define FILTER_CAPACITY 1024     /* entries in each filter map (ports, CIDRs, local IPs) */
+#define FILTER_CAPACITY 1024     /* entries in each filter map (CIDRs, local IPs) */
 #endif
 
 #define AF_INET_ 2
@@ -43,6 +43,8 @@ struct config {
     u32 cidrs_enabled;     /* 1: keep only flows whose remote address is in cidrs4/cidrs6 */
     u32 local_ips_enabled; /* 1: keep only flows whose local address is in local4/local6 */
     u32 max_per_second;    /* sampled events per second to user space; 0 = no samples */
+    u32 generation;        /* bumped by the agent on every change: ends the per-CPU runs,
+                              whose flows passed the address filters of the old settings */
 };
 
 struct flow_key4 {
@@ -66,6 +68,39 @@ struct flow_stats {
     u64 last_ns;             /* ... of the latest event */
     u32 last_state;          /* TCP state at the latest event */
     u32 pad;
+};
+
+/* The run of consecutive retransmits of one flow on one CPU, not yet added to flows4/6.
+ * Retransmits come in bursts per socket, so most events only bump `retransmits` here,
+ * an inlined per-CPU array access instead of hash and trie lookups (the address filters
+ * are skipped too: the run's flow passed them). The run is added to the flow
+ * map when the CPU sees another flow; the agent adds pending runs when it reads. */
+struct run4 {
+    struct flow_key4 key;
+    u32 last_state;
+    u32 generation;        /* config.generation when the run started */
+    u64 retransmits;       /* 0: no run pending */
+    u64 first_ns;          /* bpf_ktime_get_ns() at the run's first event */
+    u64 first_jiffies;
+    u64 last_ns;           /* estimated from jiffies (see struct clock) */
+};
+
+struct run6 {
+    struct flow_key6 key;
+    u32 last_state;
+    u32 generation;
+    u64 retransmits;
+    u64 first_ns;
+    u64 first_jiffies;
+    u64 last_ns;
+};
+
+/* jiffies -> ns calibration, so most events need bpf_jiffies64() (a load) rather than
+ * bpf_ktime_get_ns() (a clock read; tracing programs may not use the coarse clock). */
+struct clock {
+    u64 base_ns;
+    u64 base_jiffies;
+    u64 ns_per_jiffy;      /* 0 until 16 ticks have passed: then events read the clock */
 };
 
 /* Per-CPU exact totals: every event that passed the filters, whatever the flow maps

@@ -20,10 +20,14 @@ AGENT_SUBCOMMAND = "cluster"
 ENV_NODE_NAME = "RTRACE_NODE_NAME"          # spec.nodeName
 ENV_POD_NAME = "RTRACE_POD_NAME"            # metadata.name
 ENV_POD_NAMESPACE = "RTRACE_POD_NAMESPACE"  # metadata.namespace
+# The agent binds /metrics, /readyz and /livez to this address (the node's IP: the pod is
+# hostNetwork), so probes reach this pod's agent even when several nodes share one host.
+ENV_POD_IP = "RTRACE_POD_IP"                # status.podIP
 DOWNWARD_API_ENV: dict[str, str] = {
     ENV_NODE_NAME: "spec.nodeName",
     ENV_POD_NAME: "metadata.name",
     ENV_POD_NAMESPACE: "metadata.namespace",
+    ENV_POD_IP: "status.podIP",
 }
 
 DEFAULT_METRICS_PORT = 9464

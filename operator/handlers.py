@@ -33,6 +33,8 @@ from .validation import validate_trace
 
 log = logging.getLogger("retransmit_operator")
 
+Event = tuple[str, str, str]  # Kubernetes Event: type, reason, message
+
 OPERATOR_FIELDS = ("phase", "observedGeneration", "startTime", "completionTime", "conditions", "summary")
 
 
@@ -48,11 +50,13 @@ def operator_status(status: dict[str, Any]) -> Optional[OperatorStatus]:
 
 
 def node_entries(status: dict[str, Any]) -> list[NodeStatus]:
-    """The agents' entries; one that does not parse is skipped (and logged), never fatal."""
+    """The agents' entries as far as aggregation needs them (recentEvents are the largest part
+    and stay per node, so they are not parsed); one that does not parse is skipped (and
+    logged), never fatal."""
     nodes = []
     for raw in status.get("nodes") or []:
         try:
-            nodes.append(NodeStatus.model_validate(raw))
+            nodes.append(NodeStatus.model_validate({k: v for k, v in raw.items() if k != "recentEvents"}))
         except ValidationError as e:
             log.warning("status.nodes entry %r ignored: %s", raw.get("node"), e.errors()[:1])
     return nodes
@@ -124,14 +128,16 @@ class Reconciler:
             return operator_status(body.get("status") or {}) or OperatorStatus(phase=Phase.PENDING)
         status = body.get("status") or {}
         current = operator_status(status)
-        nodes = node_entries(status)
+        if current is not None and current.phase == Phase.FAILED and current.observed_generation == generation:
+            return current  # failed for this very spec: nothing to retry until the spec changes
+        nodes = await asyncio.to_thread(node_entries, status)  # CPU-bound at 1,000 nodes: off the loop
         spec, spec_error = validate_trace(name, body.get("spec"))
         now = utcnow()
         start = current.start_time if current else None
         completion = current.completion_time if current else None
         ns, ds_name = self.settings.namespace, daemonset_name(name)
         daemonset: Optional[dict[str, Any]] = None
-        events: list[tuple[str, str, str]] = []
+        events: list[Event] = []
 
         if spec_error is not None:
             if await self.kube.delete_daemonset(ns, ds_name):
@@ -141,28 +147,7 @@ class Reconciler:
             await self.kube.delete_daemonset(ns, ds_name)
             completion = now
         elif completion is None:
-            daemonset = await self.kube.get_daemonset(ns, ds_name)
-            rendered = render_daemonset(name, uid, spec, self.settings)
-            wanted_hash = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-            have_hash = ((daemonset or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
-            if roll or daemonset is None or have_hash != wanted_hash:
-                try:
-                    daemonset = await self.kube.apply_daemonset(rendered)
-                    self.metrics.daemonset_applies.inc()
-                except ApiFailure as e:
-                    if e.status not in (400, 422):
-                        raise
-                    # The API server refused what the spec rendered to (a node-selector key
-                    # the schema cannot check, say): the spec is at fault, not the operator.
-                    spec_error = f"the agents' DaemonSet was refused by the API server: {e.message}"
-                    daemonset = None
-                else:
-                    if have_hash is None:
-                        events.append(("Normal", "AgentsScheduled",
-                                       f"DaemonSet {ns}/{ds_name} created: one agent per node matching "
-                                       f"{sorted(rendered['spec']['template']['spec']['nodeSelector'].items())}"))
-                    elif have_hash != wanted_hash:
-                        events.append(("Normal", "AgentsUpdated", f"DaemonSet {ns}/{ds_name} rolled to the new spec"))
+            daemonset, spec_error, events = await self._ensure_daemonset(name, uid, spec, roll=roll)
             if start is None and spec_error is None:
                 start = now
 
@@ -199,6 +184,37 @@ class Reconciler:
             await self.kube.post_event(body, type_, reason, message)
             self.metrics.events.labels(reason=reason).inc()
         return new
+
+    async def _ensure_daemonset(self, name: str, uid: str, spec: RetransmitTraceSpec, *, roll: bool
+                                ) -> tuple[Optional[dict[str, Any]], Optional[str], list[Event]]:
+        """The trace's agents as its spec says: (DaemonSet, why the spec cannot run, events)."""
+        ns, ds_name = self.settings.namespace, daemonset_name(name)
+        daemonset = await self.kube.get_daemonset(ns, ds_name)
+        rendered = render_daemonset(name, uid, spec, self.settings)
+        wanted = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        have = ((daemonset or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+        if not (roll or daemonset is None or have != wanted):
+            return daemonset, None, []
+        try:
+            applied = await self.kube.apply_daemonset(rendered)
+        except ApiFailure as e:
+            if e.status not in (400, 422):
+                raise
+            # The API server refused what the spec rendered to (a toleration key, say, which
+            # only Pod validation checks): the spec is at fault. Its fields keep their names in
+            # the pod template, so the message points at the trace's own field.
+            if daemonset is not None:
+                await self.kube.delete_daemonset(ns, ds_name)
+            detail = e.message.replace("spec.template.spec.", "spec.")
+            return None, f"the agents' DaemonSet was refused by the API server: {detail}", []
+        self.metrics.daemonset_applies.inc()
+        if have is None:
+            selector = sorted(rendered["spec"]["template"]["spec"]["nodeSelector"].items())
+            return applied, None, [("Normal", "AgentsScheduled",
+                                    f"DaemonSet {ns}/{ds_name} created: one agent per node matching {selector}")]
+        if have != wanted:
+            return applied, None, [("Normal", "AgentsUpdated", f"DaemonSet {ns}/{ds_name} rolled to the new spec")]
+        return applied, None, []
 
     def _stale_after(self, spec: RetransmitTraceSpec, nodes_desired: int) -> timedelta:
         """How long an entry may go unwritten before its node stops counting as reporting:
@@ -258,8 +274,8 @@ class Reconciler:
 def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
                       kube: Optional[KubeApi] = None, metrics: Optional[OperatorMetrics] = None) -> Reconciler:
     """Wire the operator into `registry`; returns the Reconciler (its state is inspectable)."""
-    kube = kube or KubeApi(kube_module.client_configuration(settings.kubeconfig))
     metrics = metrics or OperatorMetrics()
+    kube = kube or KubeApi(kube_module.client_configuration(settings.kubeconfig), metrics)
     reconciler = Reconciler(settings, kube, metrics)
     tasks: list[asyncio.Task[Any]] = []
     trace = dict(group=GROUP, version=VERSION, plural=PLURAL, registry=registry)
@@ -330,5 +346,5 @@ def kopf_settings(settings: Settings) -> kopf.OperatorSettings:
     s.watching.connect_timeout = 30
     s.networking.request_timeout = 60
     s.execution.max_workers = 4
-    s.batching.error_delays = (1, 2, 5, 10, 30, 60)
+    s.queueing.error_delays = (1, 2, 5, 10, 30, 60)
     return s

@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import kopf
 import kubernetes
@@ -22,6 +22,9 @@ from kubernetes.client.exceptions import ApiException
 
 from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from .conditions import utcnow
+
+if TYPE_CHECKING:
+    from .metrics import OperatorMetrics
 
 FIELD_MANAGER = "rtrace-operator"
 # Events about cluster-scoped objects live in "default" with an empty involvedObject.namespace:
@@ -94,8 +97,9 @@ def _failure(operation: str, e: ApiException) -> ApiFailure:
 
 
 class KubeApi:
-    def __init__(self, cfg: kubernetes.client.Configuration) -> None:
+    def __init__(self, cfg: kubernetes.client.Configuration, metrics: Optional["OperatorMetrics"] = None) -> None:
         self.cfg = cfg
+        self._metrics = metrics
         self._client = kubernetes.client.ApiClient(cfg)
         self._apps = kubernetes.client.AppsV1Api(self._client)
         self._core = kubernetes.client.CoreV1Api(self._client)
@@ -106,10 +110,15 @@ class KubeApi:
         self._client.close()
 
     async def _call(self, operation: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        code = "200"
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except ApiException as e:
+            code = str(e.status or 0)
             raise _failure(operation, e) from None
+        finally:
+            if self._metrics is not None:
+                self._metrics.api_requests.labels(operation=operation, code=code).inc()
 
     # ------------------------------------------------------------ DaemonSet
 

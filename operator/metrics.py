@@ -12,6 +12,8 @@ Metrics:
 - rtrace_operator_events_total{reason}: Kubernetes Events posted.
 - rtrace_operator_traces{phase}: traces by phase at the last sync.
 - rtrace_operator_pod_index_addresses: pod IPs known for remote attribution.
+- rtrace_operator_api_requests_total{operation,code}: the operator's own API requests (kopf's
+  watches and annotation patches aside).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class OperatorMetrics:
         self.daemonset_applies = Counter("rtrace_operator_daemonset_applies", "DaemonSet creations and rolls", registry=r)
         self.events = Counter("rtrace_operator_events", "Kubernetes Events posted", ["reason"], registry=r)
         self.traces = Gauge("rtrace_operator_traces", "Traces by phase at the last sync", ["phase"], registry=r)
+        self.api_requests = Counter("rtrace_operator_api_requests", "Kubernetes API requests (not kopf's watches)",
+                                    ["operation", "code"], registry=r)
         self.pod_index_addresses = Gauge("rtrace_operator_pod_index_addresses", "Pod IPs in the attribution index", registry=r)
         self._runner: Optional[web.AppRunner] = None
 

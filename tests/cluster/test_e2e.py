@@ -6,7 +6,7 @@ controller-manager and scheduler place the pods; the node simulator runs each ag
 command exactly as rendered (hostNetwork, downward-API env, its own ServiceAccount token),
 so `retransmit-agent cluster` attaches real BPF and server-side-applies its node entry.
 Client and server are pods with network namespaces and addresses of their own; loss is
-injected in the server pod. Ground truth: an independent reference counter on the same
+injected where segments arrive in the pods. Ground truth: an independent reference counter on the same
 tracepoints, restricted to the test's own pod addresses.
 
 All simulated nodes share this machine's kernel, so every agent sees every retransmit of
@@ -129,13 +129,15 @@ class Pods:
         return {**{ip: "server" for ip in self.server_ips}, **{ip: "client" for ip in self.client_ips}}
 
     def lossy_bulk(self, loss: int = 10, connections: int = 3, nbytes: int = 1 << 20, port: int = 5201) -> None:
-        """IPv4 and IPv6 duplex bulk client -> server under `loss`% in the server pod, then quiet."""
+        """IPv4 and IPv6 duplex bulk client <-> server under `loss`% (arriving at either pod), then quiet."""
         self.server.random_loss(loss)
+        self.client.random_loss(loss)
         try:
             for i, ip in enumerate(self.server_ips):
                 podtraffic.bulk(self.server, self.client, ip, port + i, connections, nbytes)
         finally:
             self.server.clear_loss()
+            self.client.clear_loss()
         self.quiet()
 
     def synack(self, port: int = 5301) -> None:
@@ -432,8 +434,9 @@ def test_a_node_without_the_tracepoint_fails_while_the_other_counts(operator, re
     def degraded():
         status = trace.get().get("status") or {}
         cond = {c["type"]: c for c in status.get("conditions") or []}
-        return status if cond.get("Degraded", {}).get("status") == "True" else None
-    status = wait_until(degraded, "Degraded=True", timeout=60)
+        summed = (status.get("summary") or {}).get("retransmits") == totals(want)[0]
+        return status if cond.get("Degraded", {}).get("status") == "True" and summed else None
+    status = wait_until(degraded, "Degraded=True and the summary of node-a's counts", timeout=60)
     cond = {c["type"]: c for c in status["conditions"]}
     assert NODE_B in cond["Degraded"]["message"] and "tcp_retransmit_skb" in cond["Degraded"]["message"]
     assert status["phase"] == "Running"

@@ -210,6 +210,12 @@ def traces(custom):
                 raise
 
 
+def api_requests(operator: OperatorProcess) -> float:
+    """The operator's own API requests so far (rtrace_operator_api_requests_total, all labels)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in operator.metrics().splitlines()
+               if line.startswith("rtrace_operator_api_requests_total{"))
+
+
 def get_trace(custom, name: str) -> dict:
     return custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
 
@@ -334,6 +340,11 @@ def test_node_entries_from_two_agents_are_aggregated_with_remote_pod_attribution
     assert {"pod": "db", "namespace": namespace, "node": "node-b", "retransmits": 11} in s["topPods"]
     assert condition(done, "Ready")["status"] == "True" and condition(done, "AgentsReady")["reason"] == "AllAgentsReporting"
 
+    # Written only when something changed: with nothing new, the object stays as it is.
+    version = done["metadata"]["resourceVersion"]
+    time.sleep(3)
+    assert get_trace(custom, name)["metadata"]["resourceVersion"] == version
+
     # Each writer owns its own fields: both agents' entries survive the operator's writes.
     managers = {m["manager"] for m in done["metadata"]["managedFields"] if m.get("subresource") == "status"}
     assert {"rtrace-agent/node-a", "rtrace-agent/node-b", "rtrace-operator"} <= managers
@@ -355,6 +366,9 @@ def test_kubectl_get_shows_phase_nodes_retransmits_age_and_explain_documents_the
     header, row = out.splitlines()[:2]
     assert header.split() == ["NAME", "PHASE", "NODES", "RETRANSMITS", "AGE"]
     assert row.split()[:4] == [name, "Running", "1/2", "3"]
+    describe = subprocess.run([str(KUBECTL), "describe", "rtrace", name], env=control_plane.env(),
+                              capture_output=True, text=True, check=True).stdout
+    assert "AgentsScheduled" in describe  # Events about the cluster-scoped trace are found
     explain = subprocess.run([str(KUBECTL), "explain", "rtrace.spec.filter"], env=control_plane.env(),
                              capture_output=True, text=True, check=True).stdout
     assert "remoteCIDRs" in explain and "Kernel-side filters" in explain and "10.0.0.0/8" in explain
@@ -405,12 +419,14 @@ def test_completion_time_survives_an_operator_restart_mid_trace(operator, operat
     assert operator.stop() == 0, operator.tail()   # SIGTERM: a clean exit
     time.sleep(5)                                   # the trace keeps running without an operator
     operator.start()
+    ds = daemonset(apps, operator_namespace, name)
+    if ds is not None:                              # still before the end: the same agents go on
+        assert ds.metadata.uid == uid
     done = wait_trace(custom, name, "Completed", lambda t: phase(t) == "Completed", timeout=120)
     assert done["status"]["startTime"] == start     # the restart did not restart the clock
     end = datetime.fromisoformat(done["status"]["completionTime"].replace("Z", "+00:00"))
     assert end - datetime.fromisoformat(start.replace("Z", "+00:00")) >= timedelta(seconds=20)
     assert daemonset(apps, operator_namespace, name) is None
-    assert operator.starts >= 2 and uid
 
 
 @pytest.mark.parametrize("propagation", ["Background", "Foreground"])
@@ -498,10 +514,13 @@ def test_specs_past_the_schema_end_failed_invalid_spec_without_crash_or_retry_st
         assert field in ready["message"], ready["message"]
         assert daemonset(apps, operator_namespace, name) is None
         assert any(e.reason == "InvalidSpec" and e.type == "Warning" for e in trace_events(core, name))
-    # No retry storm: nothing is written again while nothing changes (a few sync passes).
+    # No retry storm: while nothing changes, a few sync passes write nothing and ask the API
+    # server nothing (a trace fails once per spec generation).
     versions = {n: get_trace(custom, n)["metadata"]["resourceVersion"] for n in names}
+    requests = api_requests(operator)
     time.sleep(4)
     assert {n: get_trace(custom, n)["metadata"]["resourceVersion"] for n in names} == versions
+    assert api_requests(operator) == requests
     assert operator.alive(), operator.tail()
     assert 'rtrace_operator_traces{phase="Failed"}' in operator.metrics()
 

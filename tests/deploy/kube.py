@@ -52,4 +52,25 @@ def can_i(cp, verb: str, resource: str, *, as_sa: tuple[str, str], namespace: Op
     return answer == "yes"
 
 
-__all__ = ["CHART", "kubectl", "helm", "install_crd", "unique", "can_i"]
+def access_review(cp, sa: tuple[str, str], verb: str, group: str, resource: str, *,
+                  namespace: Optional[str] = None, name: Optional[str] = None) -> bool:
+    """A SubjectAccessReview for a ServiceAccount: what the API server's own admission (for
+    example OpenShift's SCC admission asking for `use`) gets. Works for resource types the
+    server does not serve, where `kubectl auth can-i` cannot resolve the type."""
+    import kubernetes
+
+    attrs = {"verb": verb, "group": group, "resource": resource}
+    if namespace:
+        attrs["namespace"] = namespace
+    if name:
+        attrs["name"] = name
+    body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": f"system:serviceaccount:{sa[0]}:{sa[1]}",
+                     "groups": ["system:serviceaccounts", f"system:serviceaccounts:{sa[0]}", "system:authenticated"],
+                     "resourceAttributes": attrs}}
+    with cp.api_client() as api:
+        review = kubernetes.client.AuthorizationV1Api(api).create_subject_access_review(body)
+    return bool(review.status.allowed)
+
+
+__all__ = ["CHART", "kubectl", "helm", "install_crd", "unique", "can_i", "access_review"]

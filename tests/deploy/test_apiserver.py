@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from tests.deploy.kube import CHART, can_i, helm, install_crd, kubectl, unique
+from tests.deploy.kube import CHART, access_review, helm, install_crd, kubectl, unique
 from tests.deploy.render import MANIFESTS, helm_template, split_by_template
 
 pytestmark = pytest.mark.deploy
@@ -109,13 +109,34 @@ def test_openshift_install_lets_only_the_agent_use_the_privileged_scc(cluster):
     try:
         labels = json.loads(kubectl(cluster, "get", "namespace", ns, "-o", "json").stdout)["metadata"]["labels"]
         assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
-        scc = ("use", "securitycontextconstraints.security.openshift.io/privileged")
-        assert can_i(cluster, *scc, as_sa=(ns, release + "-agent"), namespace=ns)
-        assert not can_i(cluster, *scc, as_sa=(ns, release), namespace=ns)
-        assert not can_i(cluster, "use", "securitycontextconstraints.security.openshift.io/anyuid",
-                         as_sa=(ns, release + "-agent"), namespace=ns)
+        def use(sa: str, scc: str) -> bool:
+            return access_review(cluster, (ns, sa), "use", "security.openshift.io", "securitycontextconstraints",
+                                 namespace=ns, name=scc)
+
+        assert use(release + "-agent", "privileged")
+        assert not use(release, "privileged")          # the operator's account
+        assert not use(release + "-agent", "anyuid")
+        assert not use("default", "privileged")
     finally:
         helm(cluster, "uninstall", release, "--wait", "--timeout", "120s")
     assert kubectl(cluster, "get", "clusterrole", release + "-agent-scc", check=False).returncode != 0
     gone = kubectl(cluster, "get", "namespace", ns, "-o", "jsonpath={.status.phase}", check=False)
     assert gone.returncode != 0 or gone.stdout == "Terminating"
+
+
+def test_plain_manifests_apply_in_file_order_and_delete_cleanly(cluster):
+    """`kubectl apply -f manifests/ && kubectl apply -f manifests/openshift/` on a cluster
+    without the namespace: files apply in name order, so 00-namespace.yaml must come first."""
+    assert kubectl(cluster, "get", "namespace", "retransmit-system", check=False).returncode != 0
+    files = [p for p in sorted(MANIFESTS.glob("*.yaml")) if p.name != "crd.yaml"]  # delete all but the CRD (others use it)
+    args = [a for p in files for a in ("-f", str(p))]
+    try:
+        kubectl(cluster, "apply", "-f", str(MANIFESTS))      # as the README says (not recursive: no samples)
+        kubectl(cluster, "apply", "-f", str(MANIFESTS / "openshift"))
+        deployment = json.loads(kubectl(cluster, "get", "deployment", "-n", "retransmit-system", "retransmit-operator",
+                                        "-o", "json").stdout)
+        assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "retransmit-operator"
+        assert kubectl(cluster, "get", "validatingadmissionpolicy", "retransmit-operator-spec-guard").returncode == 0
+    finally:
+        kubectl(cluster, "delete", "--ignore-not-found", "--wait=false", "-f", str(MANIFESTS / "openshift"))
+        kubectl(cluster, "delete", "--ignore-not-found", "--wait=false", *args)

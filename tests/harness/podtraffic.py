@@ -4,7 +4,7 @@ The pods themselves only hold an identity and a network namespace (`sleep infini
 test drives traffic inside those namespaces:
 
     server, client = PodNet.of(sim, ns, "server"), PodNet.of(sim, ns, "client")
-    server.random_loss(10)
+    server.random_loss(10); client.random_loss(10)
     bulk(server, client, server_ip, 5201, connections=4, nbytes=1 << 20)
     server.clear_loss()
 
@@ -100,9 +100,14 @@ class PodNet:
         self.nft(script)
 
     def random_loss(self, percent: int) -> None:
-        """Drop `percent`% of non-SYN TCP segments entering and leaving the pod."""
-        rule = f"meta l4proto tcp tcp flags & syn == 0 numgen random mod 100 < {percent} drop"
-        self._rules(("input", rule), ("output", rule))
+        """Drop `percent`% of the non-SYN TCP segments arriving at the pod.
+
+        Only on the way in: a drop on the way out is reported to the sender at once (the
+        retransmit fails with an error, which the tracepoint reports as a failed attempt),
+        which is not what loss on a network looks like. Loss in both directions means this
+        on both pods.
+        """
+        self._rules(("input", f"meta l4proto tcp tcp flags & syn == 0 numgen random mod 100 < {percent} drop"))
 
     def drop_handshake_acks(self, port: int) -> None:
         """Drop every non-SYN segment to `port`: the server retransmits its SYN-ACKs."""

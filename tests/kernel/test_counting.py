@@ -8,6 +8,7 @@ programs whose totals are compared carry a filter that keeps only those flows.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 
 import pytest
@@ -163,13 +164,13 @@ def test_flows_evicted_from_a_tiny_map_still_count_in_totals(ns, reference):
     mine = loads.own_addresses(ns)
     config = KernelConfig(remote_cidrs=loads.own_cidrs(ns), flow_capacity=4)
     with RetransmitProgram.open(config) as program:
-        loads.bulk(ns, loss=10, connections=10, nbytes=256 << 10)
+        loads.bulk(ns, loss=10, connections=12, nbytes=256 << 10)
         counts = reference.read()
         snapshot = program.snapshot()
 
     expected = expected_flows(counts, mine)
-    assert len(expected) > 4
-    assert len(snapshot.flows) <= 4 < len(expected)
+    # the map holds 4 flows; runs still pending on a CPU add at most one flow per CPU and family
+    assert len(snapshot.flows) <= 4 + 2 * os.cpu_count() < len(expected)
     assert_totals_exact(snapshot, expected)
     assert sum(snapshot.by_state.values()) == snapshot.retransmits
     # a flow still in the map has at most what the reference saw (it may have been evicted and re-added)

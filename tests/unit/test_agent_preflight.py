@@ -62,6 +62,6 @@ def test_fields_parsed_from_the_format_file(tmp_path):
 def test_compile_flags_carry_the_compile_time_configuration(tmp_path):
     flags = compile_flags(KernelConfig(flow_capacity=99, ring_pages=8), tmp_path, ringbuf=True, has_err=True)
     assert flags == [f"-I{tmp_path}", "-DFLOW_CAPACITY=99", "-DRINGBUF_PAGES=8", "-DUSE_RINGBUF",
-                     "-DHAVE_RETRANSMIT_ERR", "-DHAVE_KTIME_COARSE"]
-    plain = compile_flags(KernelConfig(), tmp_path, ringbuf=False, has_err=False, coarse_clock=False)
-    assert not {"-DUSE_RINGBUF", "-DHAVE_RETRANSMIT_ERR", "-DHAVE_KTIME_COARSE"} & set(plain)
+                     "-DHAVE_RETRANSMIT_ERR"]
+    plain = compile_flags(KernelConfig(), tmp_path, ringbuf=False, has_err=False)
+    assert not {"-DUSE_RINGBUF", "-DHAVE_RETRANSMIT_ERR"} & set(plain)

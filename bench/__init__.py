@@ -1,0 +1,1 @@
+"""Measurements of the agent, the kernel program and the operator: `make bench`."""

@@ -1,0 +1,356 @@
+"""Control-plane figures: one trace on a real kube-apiserver + etcd with N simulated nodes
+writing their entries the way the agent does, and the real operator aggregating them.
+
+- Simulated nodes: bench.synthetic (the agent's report code on synthetic kernel counters),
+  written with the agent's StatusWriter (server-side apply, field manager per node).
+- The operator: `retransmit-operator` as a subprocess at its default settings (sync every
+  2s, 5 writes/s per trace), admin credentials.
+- For N in 100, 500, 1000: first every node writes once (seeding, as fast as the API server
+  takes it), then for a window the nodes write at the agents' budget: 5 writes/s per trace
+  in total, each node every max(reportInterval, N / 5) s (reporter.report_interval), round
+  robin. Measured: object size, API server write requests/s and request bytes/s (the API
+  server's own metrics), bytes/s stored (object size x writes), and the operator's lag from
+  a node's write (request sent) to the first summary that includes it (seen on a watch).
+- operator_reconcile_s: `kubectl apply -f trace.yaml` started -> the DaemonSet exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from bench import procstat
+from bench.synthetic import SyntheticNode
+from retransmit_agent.reporter import ApiError, StatusWriter, apply_body, report_interval
+from retransmit_operator.api import GROUP, PLURAL, VERSION, to_api
+from retransmit_operator.contract import DEFAULT_MAX_WRITES_PER_SECOND
+from tests.harness.controlplane import ControlPlane, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBECTL = Path(os.environ.get("RTRACE_CACHE") or Path.home() / ".cache" / "retransmit-operator") / "bin" / "kubectl"
+OPERATOR = Path(sys.executable).parent / "retransmit-operator"
+SPEC_REPORT_INTERVAL = 10.0   # spec.reportInterval default
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------- helpers
+
+def _ssa(api: Any, body: dict) -> None:
+    import kubernetes.dynamic
+
+    dyn = kubernetes.dynamic.DynamicClient(api)
+    resource = dyn.resources.get(api_version=body["apiVersion"], kind=body["kind"])
+    resource.server_side_apply(body=body, name=body["metadata"]["name"], namespace=body["metadata"].get("namespace"),
+                               field_manager="rtrace-bench", force_conflicts=True)
+
+
+def install_crd(api: Any) -> None:
+    import kubernetes
+
+    _ssa(api, yaml.safe_load((ROOT / "manifests" / "crd.yaml").read_text()))
+    ext = kubernetes.client.ApiextensionsV1Api(api)
+    wait_until(lambda: any(c.type == "Established" and c.status == "True"
+                           for c in ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []),
+               "the CRD to be established")
+
+
+def apiserver_counters(api: Any) -> dict[str, float]:
+    """Write requests to retransmittraces and their body bytes, from the API server's /metrics."""
+    text = api.call_api("GET", api.configuration.host + "/metrics").read().decode()
+    return parse_write_metrics(text)
+
+
+WRITE_VERBS = {"apply", "patch", "update", "create"}
+
+
+def parse_write_metrics(text: str) -> dict[str, float]:
+    """Sum apiserver_request_total and apiserver_request_body_size_bytes_sum over write
+    verbs on retransmittraces (any subresource) from Prometheus text."""
+    out = {"requests": 0.0, "body_bytes": 0.0}
+    for line in text.splitlines():
+        if line.startswith("#") or "retransmittraces" not in line:
+            continue
+        verb = re.search(r'verb="([A-Za-z]+)"', line)
+        if not verb or verb.group(1).lower() not in WRITE_VERBS:
+            continue
+        name, value = line.split("{", 1)[0], float(line.rsplit(" ", 1)[1])
+        if name == "apiserver_request_total":
+            out["requests"] += value
+        elif name == "apiserver_request_body_size_bytes_sum":
+            out["body_bytes"] += value
+    return out
+
+
+class OperatorProcess:
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
+        self.port = free_port()
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "RTRACE_NAMESPACE": namespace,
+               "RTRACE_METRICS_PORT": str(self.port), "RTRACE_LOG_LEVEL": "WARNING",
+               "RTRACE_AGENT_COMMAND": f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(1e9)'"}
+        self.log = open(log, "a")
+        self.proc = subprocess.Popen([str(OPERATOR)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(self._ready, "the operator's /readyz", timeout=120)
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the operator exited with {self.proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+class SummaryWatch:
+    """A watch on one trace, recording (time received, summary.retransmits) of every version."""
+
+    def __init__(self, api: Any, trace: str) -> None:
+        self.api, self.trace = api, trace
+        self.seen: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import kubernetes
+
+        custom = kubernetes.client.CustomObjectsApi(self.api)
+        while not self._stop.is_set():
+            w = kubernetes.watch.Watch()
+            try:
+                for event in w.stream(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL,
+                                      field_selector=f"metadata.name={self.trace}", timeout_seconds=30):
+                    summary = ((event["object"].get("status") or {}).get("summary") or {})
+                    self.seen.append((time.monotonic(), int(summary.get("retransmits") or 0)))
+                    if self._stop.is_set():
+                        break
+            except Exception:  # noqa: BLE001 - a dropped watch is re-opened
+                time.sleep(0.2)
+            finally:
+                w.stop()
+
+    def first_at_least(self, total: int, after: float) -> Optional[float]:
+        for at, value in list(self.seen):
+            if at >= after and value >= total:
+                return at
+        return None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def trace_manifest(name: str) -> str:
+    return yaml.safe_dump({"apiVersion": f"{GROUP}/{VERSION}", "kind": "RetransmitTrace",
+                           "metadata": {"name": name}, "spec": {}})
+
+
+def measure_reconcile(cp: ControlPlane, apps: Any, namespace: str, name: str, workdir: Path) -> float:
+    """Seconds from starting `kubectl apply -f` to the trace's DaemonSet existing."""
+    from kubernetes.client.exceptions import ApiException
+
+    path = workdir / f"{name}.yaml"
+    path.write_text(trace_manifest(name))
+
+    def exists() -> bool:
+        try:
+            apps.read_namespaced_daemon_set(f"rtrace-{name}", namespace)
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    started = time.monotonic()
+    subprocess.run([str(KUBECTL), "apply", "-f", str(path)], env=cp.env(), check=True, capture_output=True)
+    wait_until(exists, f"DaemonSet rtrace-{name}", timeout=60, interval=0.01)
+    return time.monotonic() - started
+
+
+def object_sizes(obj: dict) -> dict[str, int]:
+    compact = lambda x: len(json.dumps(x, separators=(",", ":")))  # noqa: E731
+    meta = obj.get("metadata") or {}
+    return {"object": compact(obj), "status": compact(obj.get("status") or {}),
+            "managed_fields": compact(meta.get("managedFields") or [])}
+
+
+# ---------------------------------------------------------------- the run
+
+def run(counts=(100, 500, 1000), window: float = 60.0, log=print) -> dict:
+    import kubernetes
+
+    results: dict[str, Any] = {"scale": []}
+    workdir = Path(tempfile.mkdtemp(prefix="rtrace-bench-"))
+    with ControlPlane(controllers=False) as cp:
+        admin = cp.api_client()
+        custom = kubernetes.client.CustomObjectsApi(admin)
+        apps = kubernetes.client.AppsV1Api(admin)
+        install_crd(admin)
+        namespace = f"rtrace-bench-{uuid.uuid4().hex[:6]}"
+        kubernetes.client.CoreV1Api(admin).create_namespace({"metadata": {"name": namespace}})
+        operator = OperatorProcess(cp.kubeconfig, namespace, workdir / "operator.log")
+        try:
+            times = [measure_reconcile(cp, apps, namespace, f"bench-{i}", workdir) for i in range(3)]
+            results["operator_reconcile_s"] = sorted(times)[1]
+            results["operator_reconcile_samples_s"] = times
+            log(f"operator reconcile (kubectl apply -> DaemonSet): {times}")
+            trace = "bench-0"
+            for i in (1, 2):
+                custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, f"bench-{i}")
+            results.update(scale(admin, custom, trace, counts, window, log))
+        finally:
+            operator.stop()
+            admin.close()
+    return results
+
+
+def _write(writer: StatusWriter, node: SyntheticNode) -> tuple[bool, int, str]:
+    entry = node.next_entry()
+    body_bytes = len(json.dumps(apply_body(writer.trace, entry), separators=(",", ":")))
+    try:
+        writer.apply(entry)
+        return True, body_bytes, ""
+    except ApiError as e:
+        return False, body_bytes, str(e)[:300]
+
+
+def scale(admin: Any, custom: Any, trace: str, counts, window: float, log) -> dict:
+    nodes = [SyntheticNode(f"node-{i:04d}", seed=i) for i in range(max(counts))]
+    writers = [StatusWriter(admin, trace, n.name, timeout=60) for n in nodes]
+    written = 0            # nodes[:written] have an entry
+    failure = ""
+    watch = SummaryWatch(admin, trace)
+    out: dict[str, Any] = {"scale": []}
+    entry_bytes = len(json.dumps(to_api(nodes[0].next_entry()), separators=(",", ":")))
+    out["node_entry_bytes"] = entry_bytes
+    out["empty_object_bytes"] = object_sizes(custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace))["object"]
+    try:
+        for n in counts:
+            point: dict[str, Any] = {"nodes": n}
+            out["scale"].append(point)
+            if failure:
+                point.update(stored=False, error=failure)
+                continue
+            started = time.monotonic()
+            with ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(lambda i: _write(writers[i], nodes[i]), range(written, n)))
+            errors = [r[2] for r in results if not r[0]]
+            ok = sum(1 for r in results if r[0])
+            point["seed_s"] = time.monotonic() - started
+            point["seed_writes_failed"] = len(errors)
+            if errors:
+                failure = errors[0]
+                obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
+                stored = len((obj.get("status") or {}).get("nodes") or [])
+                sizes = object_sizes(obj)
+                point.update(stored=False, nodes_stored=stored, error=failure,
+                             status_bytes_at_limit=sizes["object"])
+                out["max_nodes_stored"] = stored
+                log(f"{n} nodes: {len(errors)} writes refused, {stored} entries stored ({sizes['object']} bytes): {failure}")
+                written = n
+                # Still measure what the API server gets at the budget: writes that are refused.
+                point.update(budget_window(admin, watch, nodes[:n], writers[:n], min(window, 20.0)))
+                log(f"{n} nodes at the budget: {point['writes_per_second']:.2f} writes/s, "
+                    f"{point['agent_writes_failed']}/{point['agent_writes']} refused")
+                continue
+            written = n
+            expected = sum(node.retransmits for node in nodes[:n])
+            wait_until(lambda: watch.first_at_least(expected, 0.0) is not None, "the summary to include every node",
+                       timeout=120)
+            obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
+            sizes = object_sizes(obj)
+            point.update(stored=True, status_bytes=sizes["object"], status_only_bytes=sizes["status"],
+                         managed_fields_bytes=sizes["managed_fields"])
+            point.update(budget_window(admin, watch, nodes[:n], writers[:n], window))
+            log(f"{n} nodes: object {sizes['object']} bytes, {point['writes_per_second']:.2f} writes/s, "
+                f"lag p50 {point['aggregation_lag_p50_s']:.2f} s p99 {point['aggregation_lag_p99_s']:.2f} s")
+    finally:
+        watch.stop()
+    stored = [p for p in out["scale"] if p.get("stored")]
+    if stored:
+        # Bytes the object grows by per node entry (entry + its field manager's managedFields).
+        first = stored[0]
+        out["object_bytes_per_node"] = (first["status_bytes"] - out["empty_object_bytes"]) / first["nodes"]
+    return out
+
+
+def budget_window(admin: Any, watch: SummaryWatch, nodes: list[SyntheticNode], writers: list[StatusWriter],
+                  window: float) -> dict[str, Any]:
+    """Nodes write round robin at the per-trace budget for `window` seconds."""
+    import kubernetes
+
+    n = len(nodes)
+    rate = DEFAULT_MAX_WRITES_PER_SECOND
+    interval = report_interval(SPEC_REPORT_INTERVAL, n, rate)
+    per_second = min(rate, n / interval)
+    before = apiserver_counters(admin)
+    t0 = time.monotonic()
+    writes: list[tuple[float, int, bool, float]] = []   # (sent at, summary total to reach, ok, latency)
+    body = 0
+    i = 0
+    while time.monotonic() - t0 < window:
+        due = t0 + i / per_second
+        time.sleep(max(0.0, due - time.monotonic()))
+        node, writer = nodes[i % n], writers[i % n]
+        node.grow(7)
+        sent = time.monotonic()
+        ok, size, _err = _write(writer, node)
+        body += size
+        writes.append((sent, sum(x.retransmits for x in nodes), ok, time.monotonic() - sent))
+        i += 1
+    elapsed = time.monotonic() - t0
+    after = apiserver_counters(admin)
+    time.sleep(10)   # let the last writes reach the summary
+    lags = []
+    for sent, total, ok, _latency in writes:
+        seen = watch.first_at_least(total, sent) if ok else None
+        if seen is not None:
+            lags.append(seen - sent)
+    obj_bytes = object_sizes(kubernetes.client.CustomObjectsApi(admin).get_cluster_custom_object(
+        GROUP, VERSION, PLURAL, writers[0].trace))["object"]
+    return {
+        "node_report_interval_s": interval,
+        "window_s": round(elapsed, 2),
+        "agent_writes": len(writes),
+        "agent_writes_failed": sum(1 for w in writes if not w[2]),
+        "writes_per_second": (after["requests"] - before["requests"]) / elapsed,
+        "agent_writes_per_second": len(writes) / elapsed,
+        "write_request_bytes_per_second": (after["body_bytes"] - before["body_bytes"]) / elapsed
+        if after["body_bytes"] else body / elapsed,
+        "agent_request_bytes_per_second": body / elapsed,
+        # Each accepted write stores the whole object in etcd and returns it in the response.
+        "stored_bytes_per_second": sum(1 for w in writes if w[2]) / elapsed * obj_bytes,
+        "write_latency_p50_s": procstat.percentile([w[3] for w in writes], 50),
+        "write_latency_p99_s": procstat.percentile([w[3] for w in writes], 99),
+        "aggregation_lag_p50_s": procstat.percentile(lags, 50),
+        "aggregation_lag_p99_s": procstat.percentile(lags, 99),
+        "aggregation_lag_max_s": max(lags) if lags else None,
+        "aggregation_lag_samples": len(lags),
+    }
+
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv
+    print(json.dumps(run(counts=(20, 50) if quick else (100, 500, 1000), window=15 if quick else 60), indent=2))

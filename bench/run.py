@@ -1,0 +1,82 @@
+"""`make bench`: run every measurement once and write bench/results/latest.json and latest.png.
+
+    python -m bench.run [--skip-node] [--skip-controlplane] [--window 60]
+
+Needs root (BPF, network namespaces), `make setup` and `make k8s-binaries`. About 10 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from bench import controlplane_bench, kernel_bench, report
+from bench.plot import plot
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def meta() -> dict:
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True).stdout.strip()
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kernel": platform.release(),
+        "git_commit": commit,
+        "git_dirty": bool(dirty),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-node", action="store_true", help="skip the kernel/agent measurements")
+    parser.add_argument("--skip-controlplane", action="store_true", help="skip the API server/operator measurements")
+    parser.add_argument("--window", type=float, default=60.0, help="control-plane write window per node count (s)")
+    parser.add_argument("--output", default=str(RESULTS / "latest.json"))
+    args = parser.parse_args(argv)
+
+    started = time.monotonic()
+    results: dict = {"meta": meta()}
+    if not args.skip_node:
+        log("node: kernel cost, exactness, agent vs baseline overhead, sweep")
+        results["node"] = kernel_bench.run(log=log)
+    if not args.skip_controlplane:
+        log("control plane: operator reconcile, N simulated nodes on one trace")
+        results["controlplane"] = controlplane_bench.run(window=args.window, log=log)
+    results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
+
+    summary = report.headline(results.get("node", {}), results.get("controlplane", {}))
+    document = {**summary, "units": report.UNITS, "targets": report.targets(summary), **results}
+    document = report.clean(document)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n")
+    log(f"wrote {out}")
+    if "node" in results:
+        png = plot(document, out.with_suffix(".png"))
+        log(f"wrote {png}")
+    print(json.dumps({k: document[k] for k in summary}, indent=2))
+    missed = [name for name, t in document["targets"].items() if t["met"] is False]
+    log(f"targets missed: {', '.join(missed) if missed else 'none'} ({results['meta']['duration_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""A simulated node for the control-plane bench: a synthetic kernel snapshot turned into the
+node entry by the agent's own code (report.build_node_report, reporter.cumulative_entry).
+
+Entries are as large as a busy node makes them at the default settings: topFlows=10 out
+of more flows, events.keep=20 recent events, local sides attributed to pods, a mix of IPv4
+and IPv6. Each `next_entry()` adds retransmits, as a node would between two reports.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+from dataclasses import dataclass, field
+
+from retransmit_agent.flows import AF_INET, AF_INET6, KIND_RETRANSMIT, flow_counters, recent_event
+from retransmit_agent.kernel import KernelSnapshot
+from retransmit_agent.report import build_node_report
+from retransmit_agent.reporter import Baseline, cumulative_entry, merge_flows
+from retransmit_operator.api import Endpoint, NodeStatus
+
+TOP_FLOWS = 10      # spec.topFlows default
+KEEP_EVENTS = 20    # spec.events.keep default
+FLOWS_PER_NODE = 24
+ESTABLISHED, SYN_SENT, FIN_WAIT1 = 1, 2, 4
+
+
+def _v4(rng: random.Random) -> bytes:
+    return bytes([10, rng.randrange(256), rng.randrange(256), rng.randrange(1, 255)])
+
+
+def _v6(rng: random.Random) -> bytes:
+    return bytes([0xfd, 0x00] + [rng.randrange(256) for _ in range(14)])
+
+
+@dataclass
+class SyntheticNode:
+    """One simulated node's kernel counters, growing a little with every report."""
+
+    name: str
+    seed: int = 0
+    kernel: str = "6.1.0-28-amd64"
+    agent_version: str = "0.1.0"
+    flows: list[list] = field(default_factory=list)   # [family, saddr, daddr, sport, dport, count, state]
+    pods: dict[str, tuple[str, str]] = field(default_factory=dict)   # local IP -> (pod, namespace)
+
+    def __post_init__(self) -> None:
+        rng = random.Random(self.seed)
+        self._rng = rng
+        for i in range(FLOWS_PER_NODE):
+            family = AF_INET6 if i % 4 == 3 else AF_INET
+            addr = _v6 if family == AF_INET6 else _v4
+            saddr, daddr = addr(rng), addr(rng)
+            self.flows.append([family, saddr, daddr, rng.randrange(32768, 61000), rng.choice((443, 5432, 6379, 8080, 9092)),
+                               rng.randrange(1, 5000), rng.choice((ESTABLISHED, ESTABLISHED, SYN_SENT, FIN_WAIT1))])
+            self.pods[str(ipaddress.ip_address(saddr))] = (f"svc-{rng.randrange(100):02d}-7d9f8c6b5-{rng.randrange(36**5):05x}",
+                                f"team-{rng.randrange(20):02d}")
+        self._start_ns = time.monotonic_ns() - 600 * 10**9
+
+    @property
+    def retransmits(self) -> int:
+        return sum(f[5] for f in self.flows)
+
+    def grow(self, events: int) -> None:
+        """`events` more retransmits spread over a few of the node's flows."""
+        for _ in range(events):
+            self._rng.choice(self.flows[:8])[5] += 1
+
+    def snapshot(self) -> KernelSnapshot:
+        now = time.monotonic_ns()
+        offset = time.time_ns() - now
+        counters = [flow_counters(f[0], f[1], f[2], f[3], f[4], f[5], 0, self._start_ns, now - i * 10**6, f[6], offset)
+                    for i, f in enumerate(self.flows)]
+        by_state: dict[str, int] = {}
+        for c in counters:
+            by_state[c.last_state] = by_state.get(c.last_state, 0) + c.retransmits
+        return KernelSnapshot(retransmits=self.retransmits, synack_retransmits=0, lost_events=self.retransmits // 2,
+                              sampled_events=100, failed_attempts=0, by_state=by_state, flows=counters)
+
+    def _attributed(self, endpoint: Endpoint) -> Endpoint:
+        pod, namespace = self.pods[endpoint.ip]
+        return endpoint.model_copy(update={"pod": pod, "namespace": namespace})
+
+    def next_entry(self) -> NodeStatus:
+        """The entry the cluster agent would write now: report, pod attribution, cumulative."""
+        now = time.monotonic_ns()
+        offset = time.time_ns() - now
+        snap = self.snapshot()
+        events = []
+        for i in range(KEEP_EVENTS):
+            f = self.flows[i % len(self.flows)]
+            e = recent_event(now - i * 10**7, f[0], KIND_RETRANSMIT, f[6], f[3], f[4], f[1], f[2], offset)
+            events.append(e.model_copy(update={"local": self._attributed(e.local)}))
+        fresh = build_node_report(self.name, snap, events, TOP_FLOWS, self.kernel, self.agent_version,
+                                  keep_events=KEEP_EVENTS)
+        flows = [f.model_copy(update={"local": self._attributed(f.local)}) for f in fresh.top_flows]
+        fresh = fresh.model_copy(update={"top_flows": flows})
+        return cumulative_entry(Baseline(), fresh, merge_flows(Baseline(), flows), TOP_FLOWS, KEEP_EVENTS)

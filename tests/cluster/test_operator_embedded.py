@@ -1,0 +1,52 @@
+"""The operator embedded in a thread of the test process (EmbeddedOperator), for tests that
+want to look at its in-memory state."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import kubernetes
+import kubernetes.dynamic
+import pytest
+import yaml
+
+from retransmit_operator.api import GROUP, PLURAL, VERSION
+from retransmit_operator.main import EmbeddedOperator
+from retransmit_operator.settings import Settings
+from tests.harness.controlplane import wait_until
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_embedded_operator_creates_agents_and_indexes_pods_then_stops_cleanly(control_plane, node_simulator, namespace):
+    api = control_plane.api_client()
+    crd = yaml.safe_load((ROOT / "manifests" / "crd.yaml").read_text())
+    kubernetes.dynamic.DynamicClient(api).server_side_apply(
+        kubernetes.dynamic.DynamicClient(api).resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition"),
+        body=crd, name=crd["metadata"]["name"], field_manager="rtrace-test", force_conflicts=True)
+    custom = kubernetes.client.CustomObjectsApi(api)
+    apps = kubernetes.client.AppsV1Api(api)
+    kubernetes.client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": "retransmit-agent"}})
+    settings = Settings(kubeconfig=str(control_plane.kubeconfig), namespace=namespace, metrics_port=0, sync_interval=1.0,
+                        agent_command=("/bin/sh", "-c", "exec sleep 1000", "--"))
+    op = EmbeddedOperator(settings).start()
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        wait_until(lambda: custom.list_cluster_custom_object(GROUP, VERSION, PLURAL) is not None, "the CRD to serve")
+        custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "RetransmitTrace", "metadata": {"name": name},
+            "spec": {"nodeSelector": {"rtrace.dev/simulated": "true"}}})
+        wait_until(lambda: apps.read_namespaced_daemon_set(f"rtrace-{name}", namespace), "the DaemonSet")
+        assert name in op.reconciler.traces
+        # The cluster-wide pod index sees the agent pods' (host network) addresses as their nodes'.
+        node_a = next(n for n in node_simulator.nodes if n.name == "node-a")
+        ref = wait_until(lambda: op.reconciler.pods.lookup(node_a.ip_v4), "node-a's address in the pod index")
+        assert ref.host_network and ref.node == "node-a"
+    finally:
+        custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        op.stop()
+        api.close()
+    assert not op.alive() and op.error is None
