@@ -114,7 +114,9 @@ class KernelSnapshot:
     Totals and by_state count every event that passed the filters, including flows the
     LRU maps evicted; `flows` holds the flows still in the maps. lost_events counts samples
     dropped by the rate limit or a full buffer. failed_attempts: retransmits the kernel
-    tried and failed (Linux 6.17+ reports them; they are in no other count). by_state includes SYN-ACK retransmits under
+    tried and failed (Linux 6.17+ reports them; they are in no other count). missed_events:
+    tracepoint hits the kernel did not run the program for, because another BPF program
+    was running on that CPU (every program on the tracepoint misses those alike). by_state includes SYN-ACK retransmits under
     SYN_RECV (their tracepoint has no state: a request socket is what `ss` calls SYN-RECV).
     """
 
@@ -123,6 +125,7 @@ class KernelSnapshot:
     lost_events: int
     sampled_events: int
     failed_attempts: int
+    missed_events: int
     by_state: dict[str, int]
     flows: list[FlowCounters]
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
@@ -406,13 +409,14 @@ class RetransmitProgram:
                     states[i] += n
             flows = list(self._read_flows(offset))
             lost += self._dropped_in_python
+            missed = sum(f.get("recursion_misses", 0) for f in self._probe_stats().values())
         by_state = {}
         for number, n in enumerate(states):
             if n:
                 by_state[state_name(number) or "UNKNOWN"] = n
         return KernelSnapshot(
             retransmits=retransmits, synack_retransmits=synack, lost_events=lost,
-            sampled_events=sampled, failed_attempts=failed, by_state=by_state, flows=flows,
+            sampled_events=sampled, failed_attempts=failed, missed_events=missed, by_state=by_state, flows=flows,
         )
 
     def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
@@ -424,7 +428,7 @@ class RetransmitProgram:
         """
         entries: dict[tuple, FlowEntry] = {}
         for family, name in ((AF_INET, b"flows4"), (AF_INET6, b"flows6")):
-            for key, stats in self._bpf[name].items():
+            for key, stats in self._entries(self._bpf[name]):
                 entries[self._raw_key(family, key)] = FlowEntry(
                     stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state)
         runs: list[tuple[tuple, FlowEntry]] = []
@@ -439,6 +443,14 @@ class RetransmitProgram:
                                 e.first_ns, e.last_ns, e.last_state, offset)
 
     @staticmethod
+    def _entries(table: Any) -> Iterable[tuple[Any, Any]]:
+        """All (key, value) pairs: one batched syscall series on Linux 5.6+, else one by one."""
+        try:
+            return list(table.items_lookup_batch())
+        except Exception:  # noqa: BLE001 - older kernels: EINVAL/ENOTSUPP from the batch call
+            return list(table.items())
+
+    @staticmethod
     def _raw_key(family: int, key: Any) -> tuple:
         if family == AF_INET:
             saddr = key.saddr.to_bytes(4, sys.byteorder)
@@ -447,24 +459,30 @@ class RetransmitProgram:
             saddr, daddr = bytes(key.saddr), bytes(key.daddr)
         return (family, saddr, daddr, key.sport, key.dport)
 
+    def _probe_stats(self) -> dict[str, dict[str, int]]:
+        """Per probe, the kernel's counters for the program (/proc/self/fdinfo)."""
+        out = {}
+        for name, fn in self._bpf.funcs.items():
+            fields = {}
+            with contextlib.suppress(OSError, ValueError):
+                for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key.strip() in ("run_time_ns", "run_cnt", "recursion_misses"):
+                        fields[key.strip()] = int(value)
+            probe = (name.decode() if isinstance(name, bytes) else name).rsplit("__", 1)[-1]
+            out[probe] = fields
+        return out
+
     def kernel_cost(self) -> dict[str, tuple[int, int]]:
         """Per probe: (run_time_ns, run_cnt) from the kernel's BPF statistics.
 
         Both stay 0 unless `sysctl kernel.bpf_stats_enabled=1`; for overhead measurements.
         """
-        out = {}
         with self._lock:
             if self._bpf is None:
-                return out
-            for name, fn in self._bpf.funcs.items():
-                fields = {}
-                with contextlib.suppress(OSError):
-                    for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
-                        key, _, value = line.partition(":")
-                        fields[key.strip()] = value.strip()
-                probe = (name.decode() if isinstance(name, bytes) else name).rsplit("__", 1)[-1]
-                out[probe] = (int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0)))
-        return out
+                return {}
+            stats = self._probe_stats()
+        return {probe: (f.get("run_time_ns", 0), f.get("run_cnt", 0)) for probe, f in stats.items()}
 
     # ---------------------------------------------------------------- samples
 

@@ -31,7 +31,7 @@ def render_report(report: NodeStatus, elapsed: float, duration: float | None) ->
     table.add_column("last state", no_wrap=True)
     table.add_column("last seen", no_wrap=True)
     for flow in report.top_flows:
-        table.add_row(
+        cells = (
             "v4" if str(flow.family) == "IPv4" else "v6",
             format_endpoint(flow.local.ip, flow.local.port),
             format_endpoint(flow.remote.ip, flow.remote.port),
@@ -40,4 +40,5 @@ def render_report(report: NodeStatus, elapsed: float, duration: float | None) ->
             str(flow.last_state or "-"),
             flow.last_seen.strftime("%H:%M:%S") if flow.last_seen else "-",
         )
+        table.add_row(*(Text(cell) for cell in cells))  # Text: "[fd00::1]:443" is not markup
     return Group(header, states, table)

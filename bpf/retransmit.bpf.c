@@ -195,7 +195,8 @@ static __always_inline void sample(void *ctx, struct config *cfg, struct totals 
     struct sample_window *w = sample_window.lookup(&zero);
     if (!w)
         return;
-    if (ev->ts_ns - w->start_ns >= 1000000000ULL) {
+    /* Signed: event times estimated from jiffies may trail another CPU's clock read. */
+    if ((s64)(ev->ts_ns - w->start_ns) >= 1000000000LL) {
         /* Racy between CPUs by design: the budget may be exceeded by a few samples. */
         w->start_ns = ev->ts_ns;
         w->count = 0;

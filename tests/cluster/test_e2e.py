@@ -20,6 +20,7 @@ import os
 import signal
 import stat
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from datetime import datetime
@@ -32,10 +33,10 @@ import yaml
 
 from retransmit_operator.api import GROUP, PLURAL, VERSION, NodeStatus
 from retransmit_operator.main import EmbeddedOperator
-from retransmit_operator.render import selector_labels
+from retransmit_operator.render import agent_metrics_port, selector_labels
 from retransmit_operator.settings import Settings
 from tests.harness import podtraffic
-from tests.harness.controlplane import wait_until
+from tests.harness.controlplane import end_process, start_process, wait_until
 from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -361,26 +362,54 @@ def test_kill_9_loses_at_most_the_last_interval_and_sigterm_loses_nothing(operat
     assert final.phase == "Running"
 
 
+def _restart_apiserver_after(control_plane: Any, seconds: float, during: Callable[[], None]) -> None:
+    """Stop kube-apiserver (its process ends: connections are refused), run `during`, keep it
+    down for `seconds` in all, then start it again with the same arguments and wait for /readyz.
+
+    TODO(control plane harness): a ControlPlane.stop_apiserver()/start_apiserver() pair would
+    replace this; until then the component's Popen is swapped in place, so the control
+    plane's teardown ends the new process."""
+    component = next(c for c in control_plane.components if c.name == "kube-apiserver")
+    argv = list(component.proc.args)
+    stopped_at = time.monotonic()
+    end_process(component.proc, grace=10)
+    try:
+        during()
+        time.sleep(max(0.0, seconds - (time.monotonic() - stopped_at)))
+    finally:
+        component.proc = start_process(argv, component.log)
+    with control_plane.api_client() as api:
+        wait_until(lambda: kubernetes.client.VersionApi(api).get_code(), "kube-apiserver back", timeout=120)
+
+
+def _agent_metrics(trace: Trace) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = agent_metrics_port(trace.name, Settings())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels.get("pod")}
+
+
 def test_counts_are_complete_after_the_api_server_was_stopped_for_30s(operator, reference, pods, traces,
                                                                       control_plane):
     trace = traces(namespaces=[pods.namespace], nodeSelector={"kubernetes.io/hostname": NODE_A})
     ips = set(pods.server_ips + pods.client_ips)
     trace.wait_entry("attached", running)
     before = reference.read()
-    apiserver = next(c for c in control_plane.components if c.name == "kube-apiserver")
-    stopped_at = time.monotonic()
-    os.kill(apiserver.proc.pid, signal.SIGSTOP)
-    try:
-        pods.lossy_bulk()
-        during = sum(totals(expected(reference.read(), ips, before)))
-        time.sleep(max(0.0, 30 - (time.monotonic() - stopped_at)))
-    finally:
-        os.kill(apiserver.proc.pid, signal.SIGCONT)
-    assert during > 0
-    want = expected(reference.read(), ips, before)
+    errors_before = _agent_metrics(trace)["rtrace_report_errors_total"]
+
+    _restart_apiserver_after(control_plane, 30, pods.lossy_bulk)
+
+    during = expected(reference.read(), ips, before)
+    assert sum(totals(during)) > 0
     entry = trace.wait_entry("the full totals after the outage",
-                             lambda e: (e.retransmits, e.synack_retransmits) == totals(want), timeout=180)
-    assert entry_flows(entry) == want
+                             lambda e: (e.retransmits, e.synack_retransmits) == totals(during), timeout=180)
+    assert entry_flows(entry) == during
+    metrics = _agent_metrics(trace)
+    assert metrics["rtrace_report_errors_total"] > errors_before  # it did try, and failed, meanwhile
+    assert metrics["rtrace_node_retransmits_total"] == entry.retransmits
+    assert metrics["rtrace_program_attached"] == 1
 
 
 def test_agent_service_account_may_patch_only_trace_status_and_read_pods(operator, installed, objects, traces):

@@ -254,6 +254,12 @@ def trace_events(core, name: str) -> list:
     return [e for e in core.list_namespaced_event("default").items if e.involved_object.name == name]
 
 
+def wait_event(core, name: str, reason: str, type_: str = "Normal"):
+    """The operator posts an Event right after the status write that made the transition."""
+    return wait_until(lambda: [e for e in trace_events(core, name) if (e.reason, e.type) == (reason, type_)],
+                      f"a {type_} {reason} event about {name}")
+
+
 def daemonset(apps, ns: str, trace: str):
     try:
         return apps.read_namespaced_daemon_set(f"rtrace-{trace}", ns)
@@ -306,7 +312,7 @@ def test_sample_trace_gets_an_owned_daemonset_rendered_from_its_spec(operator, o
     assert running["status"]["summary"]["nodes"] == "0/2"
     assert condition(running, "AgentsReady")["status"] == "False"
     assert condition(running, "Ready")["observedGeneration"] == 1
-    assert "AgentsScheduled" in [e.reason for e in trace_events(core, name)]
+    wait_event(core, name, "AgentsScheduled")
 
 
 def test_node_entries_from_two_agents_are_aggregated_with_remote_pod_attribution(operator, operator_namespace, traces, custom, core, admin, namespace):
@@ -354,7 +360,7 @@ def test_node_entries_from_two_agents_are_aggregated_with_remote_pod_attribution
     apply_node_entry(admin, name, node_entry("node-b", 4, [], phase_="Failed", message="tracefs not mounted: mount -t tracefs"))
     degraded = wait_trace(custom, name, "Degraded", lambda t: condition(t, "Degraded").get("status") == "True")
     assert "node-b: tracefs not mounted" in condition(degraded, "Degraded")["message"]
-    assert "NodeFailed" in [e.reason for e in trace_events(core, name)]
+    wait_event(core, name, "NodeFailed", "Warning")
 
 
 def test_kubectl_get_shows_phase_nodes_retransmits_age_and_explain_documents_the_filter(operator, traces, custom, admin, control_plane):
@@ -401,7 +407,7 @@ def test_trace_with_duration_completes_removes_its_agents_and_keeps_results(oper
     assert end - start >= timedelta(seconds=20)
     assert done["status"]["summary"]["retransmits"] == 12 and done["status"]["nodes"][0]["retransmits"] == 12
     assert condition(done, "Ready")["reason"] == "Completed"
-    assert "Completed" in [e.reason for e in trace_events(core, name)]
+    wait_event(core, name, "Completed")
     # Agents' pods go with their DaemonSet.
     wait_until(lambda: not core.list_namespaced_pod(operator_namespace, label_selector=f"retransmit.dev/trace={name}").items,
                "the agent pods to go")
@@ -513,7 +519,7 @@ def test_specs_past_the_schema_end_failed_invalid_spec_without_crash_or_retry_st
         assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
         assert field in ready["message"], ready["message"]
         assert daemonset(apps, operator_namespace, name) is None
-        assert any(e.reason == "InvalidSpec" and e.type == "Warning" for e in trace_events(core, name))
+        wait_event(core, name, "InvalidSpec", "Warning")
     # No retry storm: while nothing changes, a few sync passes write nothing and ask the API
     # server nothing (a trace fails once per spec generation).
     versions = {n: get_trace(custom, n)["metadata"]["resourceVersion"] for n in names}

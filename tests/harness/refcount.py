@@ -100,7 +100,7 @@ class ReferenceCounter:
         if not os.path.exists(fmt):
             fmt = "/sys/kernel/tracing/events/tcp/tcp_retransmit_skb/format"
         has_err = "int err;" in open(fmt).read()
-        self._bpf = BPF(text=SOURCE, cflags=["-DTP_HAS_ERR"] if has_err else [])
+        self._bpf = BPF(text=SOURCE.encode(), cflags=["-DTP_HAS_ERR"] if has_err else [])
         return self
 
     def stop(self) -> None:

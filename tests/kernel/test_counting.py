@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import Counter
 
 import pytest
@@ -78,7 +79,7 @@ def test_bulk_transfer_under_random_loss_matches_reference_exactly(ns, reference
     assert all(f.first_seen <= f.last_seen for f in filtered.flows)
     # RetransSegs counts segments, the tracepoint skbs: events <= segments <= events * max segs/skb
     segments = after["RetransSegs"] - before["RetransSegs"]
-    assert events <= segments <= events * MAX_SEGMENTS_PER_SKB
+    assert events <= segments <= (events + filtered.missed_events) * MAX_SEGMENTS_PER_SKB
 
 
 def test_syn_retransmits_counted_per_flow_in_syn_sent(ns, reference):
@@ -97,8 +98,11 @@ def test_syn_retransmits_counted_per_flow_in_syn_sent(ns, reference):
     assert_totals_exact(snapshot, expected)
     assert snapshot.by_state == {"SYN_SENT": snapshot.retransmits}
     assert {f.last_state for f in snapshot.flows} == {"SYN_SENT"}
-    # a SYN is one segment in one skb: here RetransSegs and events agree exactly
-    assert after["RetransSegs"] - before["RetransSegs"] == snapshot.retransmits
+    # A SYN is one segment in one skb: RetransSegs and events agree, except for tracepoint
+    # hits no BPF program saw because another BPF program was running on that CPU (the
+    # kernel counts those per program; the reference missed the same ones, see above).
+    segments = after["RetransSegs"] - before["RetransSegs"]
+    assert snapshot.retransmits <= segments <= snapshot.retransmits + snapshot.missed_events
 
 
 def test_synack_retransmits_counted_on_the_server_side(ns, reference):
@@ -119,7 +123,8 @@ def test_synack_retransmits_counted_on_the_server_side(ns, reference):
     assert snapshot.synack_retransmits > 0
     assert snapshot.by_state.get("SYN_RECV") == snapshot.synack_retransmits
     # SYN-ACKs are single segments too, and the kernel counts them in RetransSegs
-    assert after["RetransSegs"] - before["RetransSegs"] == snapshot.retransmits + snapshot.synack_retransmits
+    events = snapshot.retransmits + snapshot.synack_retransmits
+    assert events <= after["RetransSegs"] - before["RetransSegs"] <= events + snapshot.missed_events
 
 
 @pytest.mark.parametrize("ringbuf", [True, False], ids=["ringbuf", "perfbuf"])
@@ -128,16 +133,19 @@ def test_rate_limited_samples_are_counted_as_lost_and_totals_stay_exact(ns, refe
     config = KernelConfig(remote_cidrs=loads.own_cidrs(ns), samples_per_second=5)
     with RetransmitProgram.open(config, ringbuf=ringbuf) as program:
         assert program.uses_ringbuf is ringbuf
-        drained = []
+        started = time.monotonic()
         loads.bulk(ns, loss=10, connections=3, nbytes=1 << 20)
-        drained += program.drain_events()
+        drained = program.drain_events()
         counts = reference.read()
         snapshot = program.snapshot()
+        windows = math.ceil(time.monotonic() - started) + 1
 
     expected = expected_flows(counts, mine)
     assert_totals_exact(snapshot, expected)
     assert snapshot.lost_events > 0
     assert len(drained) == snapshot.sampled_events > 0
+    # at most 5 per one-second window, plus CPUs racing at a window's start
+    assert snapshot.sampled_events <= windows * (5 + os.cpu_count())
     assert all(e.local.ip in mine and e.remote.ip in mine for e in drained)
     assert {(e.family, e.local.ip, e.local.port, e.remote.ip, e.remote.port) for e in drained} <= set(expected)
 

@@ -1,0 +1,65 @@
+"""`retransmit-agent` argument handling and the live table, without the kernel."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+
+import pytest
+from rich.console import Console
+
+from retransmit_agent.cli import build_parser, local_options
+from retransmit_agent.filters import UsageError
+from retransmit_agent.flows import FlowCounters
+from retransmit_agent.kernel import KernelConfig, KernelSnapshot
+from retransmit_agent.report import build_node_report
+from retransmit_agent.table import render_report
+
+pytestmark = pytest.mark.unit
+
+
+def options(*argv: str):
+    return local_options(build_parser().parse_args(["local", *argv]))
+
+
+def test_local_defaults():
+    o = options()
+    assert o.duration is None and o.interval == 2 and o.top == 10 and o.output == "table" and not o.events
+    assert o.config == KernelConfig()
+
+
+def test_local_options_become_one_kernel_config():
+    o = options("--duration", "1m30s", "--interval", "5s", "--top", "0", "--output", "json", "--events",
+                "--family", "IPv4", "--port", "443", "--port", "8443", "--remote-cidr", "10.0.0.0/8",
+                "--state", "established", "--max-events-per-second", "7", "--flow-capacity", "128")
+    assert (o.duration, o.interval, o.top, o.output, o.events) == (90, 5, 0, "json", True)
+    assert o.config == KernelConfig(families=frozenset({"IPv4"}), ports=frozenset({443, 8443}),
+                                    remote_cidrs=("10.0.0.0/8",), states=frozenset({"ESTABLISHED"}),
+                                    samples_per_second=7, flow_capacity=128)
+
+
+@pytest.mark.parametrize("argv,option", [(["--duration", "soon"], "--duration"), (["--top", "x"], "--top"),
+                                         (["--flow-capacity", "0"], "--flow-capacity"),
+                                         (["--max-events-per-second", "-1"], "--max-events-per-second")])
+def test_bad_values_name_their_option(argv, option):
+    with pytest.raises(UsageError, match=option):
+        options(*argv)
+
+
+def test_cluster_subcommand_takes_the_contract_arguments():
+    ns = build_parser().parse_args(["cluster", "--trace", "t", "--spec", "{}"])
+    assert ns.command == "cluster" and ns.trace == "t" and ns.spec == "{}"
+
+
+def test_table_shows_totals_and_flows():
+    t = datetime(2026, 1, 1, 12, 30, 5, tzinfo=timezone.utc)
+    flow = FlowCounters("IPv6", "fd00::1", 443, "fd00::2", 50000, 42, 1, "FIN_WAIT1", t, t)
+    snapshot = KernelSnapshot(retransmits=42, synack_retransmits=1, lost_events=3, sampled_events=40,
+                              failed_attempts=0, missed_events=0, by_state={"FIN_WAIT1": 42, "SYN_RECV": 1},
+                              flows=[flow])
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(render_report(build_node_report("node-a", snapshot, [], 10), 12.0, 30.0))
+    text = console.export_text()
+    for part in ("retransmits 42", "SYN-ACK retransmits 1", "lost samples 3", "FIN_WAIT1 42",
+                 "[fd00::1]:443", "[fd00::2]:50000", "12:30:05", "top flows on node-a", "12s of 30s"):
+        assert part in text
