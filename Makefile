@@ -117,8 +117,9 @@ cluster-down:
 
 ## ---- image (issue: ship it) -------------------------------------------------
 # `make image` builds the one image (operator + agent) with podman from a Debian base made
-# here with debootstrap (no registry is reachable), then runs the image's agent privileged
-# against real retransmits (tests/deploy/test_image.py). The Dockerfile names the public
+# here with debootstrap (no registry is reachable), then runs the image's agent in a
+# container (privileged, then capabilities-only, as the operator renders them) against real
+# retransmits and compares with a reference counter (tests/deploy/test_image.py). The Dockerfile names the public
 # base; only this build maps it to the local import. crun fails on this machine's hybrid
 # cgroups and podman's default ulimits exceed the hard limit: hence runc and the ulimits.
 IMAGE        ?= localhost/retransmit-operator:dev
@@ -166,7 +167,7 @@ image: venv image-build
 	$(PY) -m pytest tests/deploy/test_image.py -q
 
 # manifests/ is rendered from the chart (the one source of truth): edit the chart, then
-# run this; tests/deploy/test_manifests.py fails when the two drift.
+# run this; tests/deploy/test_chart.py fails when the two drift.
 manifests: tools
 	$(PY) -m tests.deploy.render --write
 
@@ -178,6 +179,7 @@ $(CHECKOV):
 
 checkov: $(CHECKOV)
 
+# Security scan: Dockerfile, manifests/, chart variants, the operator-rendered agent DaemonSet.
 scan: tools $(CHECKOV)
 	$(PY) -m tests.deploy.scan
 

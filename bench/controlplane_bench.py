@@ -5,8 +5,8 @@ writing their entries the way the agent does, and the real operator aggregating 
   written with the agent's StatusWriter (server-side apply, field manager per node).
 - The operator: `retransmit-operator` as a subprocess at its default settings (sync every
   2s, 5 writes/s per trace), admin credentials.
-- For N in 100, 500, 1000: first every node writes once (seeding, as fast as the API server
-  takes it), then for a window the nodes write at the agents' budget: 5 writes/s per trace
+- For N in 20, 100, 500, 1000: first every node writes once (seeding, one after the other,
+  until the object is full), then for a window the nodes write at the agents' budget: 5 writes/s per trace
   in total, each node every max(reportInterval, N / 5) s (reporter.report_interval), round
   robin. Measured: object size, API server write requests/s and request bytes/s (the API
   server's own metrics), bytes/s stored (object size x writes), and the operator's lag from
@@ -35,15 +35,16 @@ import yaml
 
 from bench import procstat
 from bench.synthetic import SyntheticNode
-from retransmit_agent.reporter import ApiError, StatusWriter, apply_body, report_interval
+from retransmit_agent.reporter import ApiError, StatusWriter, apply_body, backoff_delay, report_interval
 from retransmit_operator.api import GROUP, PLURAL, VERSION, to_api
 from retransmit_operator.contract import DEFAULT_MAX_WRITES_PER_SECOND
-from tests.harness.controlplane import ControlPlane, free_port, wait_until
+from tests.harness.controlplane import ControlPlane, free_port, start_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBECTL = Path(os.environ.get("RTRACE_CACHE") or Path.home() / ".cache" / "retransmit-operator") / "bin" / "kubectl"
 OPERATOR = Path(sys.executable).parent / "retransmit-operator"
 SPEC_REPORT_INTERVAL = 10.0   # spec.reportInterval default
+COUNTS = (20, 100, 500, 1000)  # simulated nodes on one trace
 MiB = 1 << 20
 
 
@@ -101,8 +102,8 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "RTRACE_NAMESPACE": namespace,
                "RTRACE_METRICS_PORT": str(self.port), "RTRACE_LOG_LEVEL": "WARNING",
                "RTRACE_AGENT_COMMAND": f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(1e9)'"}
-        self.log = open(log, "a")
-        self.proc = subprocess.Popen([str(OPERATOR)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # Ends with this process (PR_SET_PDEATHSIG) even when the bench is killed.
+        self.proc = start_process([str(OPERATOR)], log, env=env)
         wait_until(self._ready, "the operator's /readyz", timeout=120)
 
     def _ready(self) -> bool:
@@ -121,7 +122,6 @@ class OperatorProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.log.close()
 
 
 class SummaryWatch:
@@ -198,7 +198,7 @@ def object_sizes(obj: dict) -> dict[str, int]:
 
 # ---------------------------------------------------------------- the run
 
-def run(counts=(100, 500, 1000), window: float = 60.0, log=print) -> dict:
+def run(counts=COUNTS, window: float = 30.0, log=print) -> dict:
     import kubernetes
 
     results: dict[str, Any] = {"scale": []}
@@ -215,82 +215,123 @@ def run(counts=(100, 500, 1000), window: float = 60.0, log=print) -> dict:
             times = [measure_reconcile(cp, apps, namespace, f"bench-{i}", workdir) for i in range(3)]
             results["operator_reconcile_s"] = sorted(times)[1]
             results["operator_reconcile_samples_s"] = times
-            log(f"operator reconcile (kubectl apply -> DaemonSet): {times}")
-            trace = "bench-0"
+            log(f"operator reconcile (kubectl apply -> DaemonSet): {', '.join(f'{t:.3f}' for t in times)} s")
             for i in (1, 2):
                 custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, f"bench-{i}")
-            results.update(scale(admin, custom, trace, counts, window, log))
+            apiserver = cp.component("kube-apiserver").proc.pid
+            results.update(scale(admin, custom, apiserver, "bench-0", counts, window, log))
         finally:
             operator.stop()
             admin.close()
+    results["entry_sizes"] = entry_sizes(results.get("managed_fields_bytes_per_node", 0.0))
     return results
 
 
-def _write(writer: StatusWriter, node: SyntheticNode) -> tuple[bool, int, str]:
+def entry_sizes(managed_per_node: float) -> list[dict[str, Any]]:
+    """Bytes per node (entry + its managedFields) and the nodes that fit in 1 MiB, by settings."""
+    out = []
+    for top, keep in ((10, 20), (10, 0), (3, 0), (1, 0)):
+        node = SyntheticNode("node-0000", seed=0, top_flows=top, keep_events=keep)
+        entry = len(json.dumps(to_api(node.next_entry()), separators=(",", ":"))) + 1
+        per_node = entry + managed_per_node
+        out.append({"topFlows": top, "events.keep": keep, "entry_bytes": entry,
+                    "bytes_per_node": round(per_node), "nodes_under_1MiB": int(MiB // per_node)})
+    return out
+
+
+def _write(writer: StatusWriter, node: SyntheticNode) -> tuple[bool, int, str, int]:
+    """One agent write; (ok, request body bytes, error, HTTP status)."""
     entry = node.next_entry()
     body_bytes = len(json.dumps(apply_body(writer.trace, entry), separators=(",", ":")))
     try:
         writer.apply(entry)
-        return True, body_bytes, ""
+        return True, body_bytes, "", 200
     except ApiError as e:
-        return False, body_bytes, str(e)[:300]
+        return False, body_bytes, str(e)[:300], e.status
 
 
-def scale(admin: Any, custom: Any, trace: str, counts, window: float, log) -> dict:
+def too_large(error: str, status: int) -> bool:
+    """The API server (or etcd behind it) refused the write because of the object's size."""
+    return status == 413 or "too large" in error.lower() or "too long" in error.lower()
+
+
+def seed(writers: list[StatusWriter], nodes: list[SyntheticNode], log) -> tuple[int, str]:
+    """Each node writes once, one after the other (no conflicts), retrying transient errors
+    like the agent does. Stops at the first size refusal; returns (entries written, refusal)."""
+    for i, (writer, node) in enumerate(zip(writers, nodes)):
+        for attempt in range(4):
+            ok, _size, error, status = _write(writer, node)
+            if ok:
+                break
+            if too_large(error, status):
+                return i, error
+            time.sleep(backoff_delay(attempt))
+        else:
+            raise RuntimeError(f"{node.name}: seeding write failed 4 times: {error}")
+    return len(nodes), ""
+
+
+def scale(admin: Any, custom: Any, apiserver: int, trace: str, counts, window: float, log) -> dict:
     nodes = [SyntheticNode(f"node-{i:04d}", seed=i) for i in range(max(counts))]
-    writers = [StatusWriter(admin, trace, n.name, timeout=60) for n in nodes]
-    written = 0            # nodes[:written] have written once
-    failure = ""
+    writers = [StatusWriter(admin, trace, n.name, timeout=30) for n in nodes]
+    written = 0            # nodes[:written] have an entry
+    refusal = ""
     watch = SummaryWatch(admin, trace)
     out: dict[str, Any] = {"scale": []}
     out["node_entry_bytes"] = len(json.dumps(to_api(nodes[0].next_entry()), separators=(",", ":")))
-    out["empty_object_bytes"] = object_sizes(custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace))["object"]
+    empty = object_sizes(custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace))
+    out["empty_object_bytes"] = empty["object"]
     try:
         for n in counts:
             point: dict[str, Any] = {"nodes": n}
             out["scale"].append(point)
-            if not failure:
+            if not refusal and written < n:
                 started = time.monotonic()
-                with ThreadPoolExecutor(4) as pool:
-                    results = list(pool.map(lambda i: _write(writers[i], nodes[i]), range(written, n)))
-                written = n
-                errors = [r[2] for r in results if not r[0]]
-                point["seed_s"] = time.monotonic() - started
-                point["seed_writes_failed"] = len(errors)
-                failure = errors[0] if errors else ""
+                added, refusal = seed(writers[written:n], nodes[written:n], log)
+                written += added
+                point["seed_s"] = round(time.monotonic() - started, 2)
             obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
             sizes = object_sizes(obj)
             stored = len((obj.get("status") or {}).get("nodes") or [])
-            if failure:
-                # The object cannot hold n entries: the API server refuses the writes that would
-                # make it bigger. Still measured: what the API server gets at the write budget.
-                out.setdefault("max_nodes_stored", stored)
-                point.update(stored=False, nodes_stored=stored, error=failure, status_bytes_at_limit=sizes["object"])
-                log(f"{n} nodes: only {stored} entries fit ({sizes['object']} bytes): {failure}")
-                point.update(budget_window(admin, watch, nodes[:n], writers[:n], min(window, 20.0)))
+            if refusal:
+                # The object cannot hold n entries. Still measured: what the API server gets
+                # when n agents write at the budget (the writes that would grow it are refused).
+                out["max_nodes_stored"] = stored
+                out["max_object_bytes"] = sizes["object"]
+                point.update(stored=False, nodes_stored=stored, error=refusal, status_bytes_at_limit=sizes["object"])
+                log(f"{n} nodes: only {stored} entries fit ({sizes['object']} bytes): {refusal}")
+                point.update(budget_window(admin, apiserver, watch, nodes[:n], writers[:n], min(window, 20.0)))
                 log(f"{n} nodes at the budget: {point['writes_per_second']:.2f} writes/s, "
-                    f"{point['agent_writes_failed']}/{point['agent_writes']} refused")
+                    f"{point['agent_writes_failed']}/{point['agent_writes']} failed, "
+                    f"API server {point['apiserver_cpu_percent']:.0f}% CPU")
                 continue
             expected = sum(node.retransmits for node in nodes[:n])
-            wait_until(lambda: watch.first_at_least(expected, 0.0) is not None, "the summary to include every node",
-                       timeout=120)
+            try:
+                wait_until(lambda: watch.first_at_least(expected, 0.0) is not None,
+                           "the summary to include every node", timeout=60)
+            except TimeoutError as e:
+                point["summary_wait_error"] = str(e)
             point.update(stored=True, status_bytes=sizes["object"], status_only_bytes=sizes["status"],
                          managed_fields_bytes=sizes["managed_fields"])
-            point.update(budget_window(admin, watch, nodes[:n], writers[:n], window))
-            log(f"{n} nodes: object {sizes['object']} bytes, {point['writes_per_second']:.2f} writes/s, "
-                f"lag p50 {point['aggregation_lag_p50_s']:.2f} s p99 {point['aggregation_lag_p99_s']:.2f} s")
+            point.update(budget_window(admin, apiserver, watch, nodes[:n], writers[:n], window))
+            log(f"{n} nodes: object {sizes['object']} bytes, {point['writes_per_second']:.2f} writes/s "
+                f"({point['agent_writes_failed']}/{point['agent_writes']} failed), write p99 "
+                f"{point['write_latency_p99_s']:.2f} s, API server {point['apiserver_cpu_percent']:.0f}% CPU, "
+                f"lag p50 {point['aggregation_lag_p50_s']:.2f} s p99 {point['aggregation_lag_p99_s']:.2f} s "
+                f"({point['aggregation_lag_samples']} samples)")
     finally:
         watch.stop()
     stored_points = [p for p in out["scale"] if p.get("stored")]
     if stored_points:
         # Bytes the object grows by per node entry (the entry plus its field manager's managedFields).
-        first = stored_points[-1]
-        out["object_bytes_per_node"] = (first["status_bytes"] - out["empty_object_bytes"]) / first["nodes"]
+        last = stored_points[-1]
+        out["object_bytes_per_node"] = (last["status_bytes"] - out["empty_object_bytes"]) / last["nodes"]
+        out["managed_fields_bytes_per_node"] = (last["managed_fields_bytes"] - empty["managed_fields"]) / last["nodes"]
     return out
 
 
-def budget_window(admin: Any, watch: SummaryWatch, nodes: list[SyntheticNode], writers: list[StatusWriter],
-                  window: float) -> dict[str, Any]:
+def budget_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[SyntheticNode],
+                  writers: list[StatusWriter], window: float) -> dict[str, Any]:
     """Nodes write round robin at the per-trace budget for `window` seconds.
 
     Each node is its own agent, so writes are sent on schedule whether or not earlier ones
@@ -306,10 +347,11 @@ def budget_window(admin: Any, watch: SummaryWatch, nodes: list[SyntheticNode], w
     records: list[dict[str, Any]] = []
 
     def send(node: SyntheticNode, writer: StatusWriter, record: dict[str, Any]) -> None:
-        ok, size, _err = _write(writer, node)
+        ok, size, _err, _status = _write(writer, node)
         record.update(ok=ok, bytes=size, latency=time.monotonic() - record["sent"])
 
     before = apiserver_counters(admin)
+    cpu_before = procstat.cpu_ticks(apiserver)
     t0 = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         i = 0
@@ -324,9 +366,10 @@ def budget_window(admin: Any, watch: SummaryWatch, nodes: list[SyntheticNode], w
             records.append(record)
             pool.submit(send, node, writer, record)
             i += 1
-    elapsed = time.monotonic() - t0
-    after = apiserver_counters(admin)
-    time.sleep(10)   # let the last writes reach the summary
+        elapsed = time.monotonic() - t0
+        after = apiserver_counters(admin)
+        cpu = procstat.cpu_percent(procstat.cpu_ticks(apiserver) - cpu_before, elapsed)
+    time.sleep(5)   # let the last writes reach the summary
     lags = []
     for r in records:
         seen = watch.first_at_least(r["total"], r["sent"]) if r.get("ok") else None
@@ -336,6 +379,7 @@ def budget_window(admin: Any, watch: SummaryWatch, nodes: list[SyntheticNode], w
         GROUP, VERSION, PLURAL, writers[0].trace))["object"]
     ok = [r for r in records if r.get("ok")]
     body = sum(r.get("bytes", 0) for r in records)
+    latencies = [r["latency"] for r in records if "latency" in r]
     return {
         "node_report_interval_s": interval,
         "window_s": round(elapsed, 2),
@@ -348,8 +392,9 @@ def budget_window(admin: Any, watch: SummaryWatch, nodes: list[SyntheticNode], w
         "agent_request_bytes_per_second": body / elapsed,
         # Each accepted write stores the whole object in etcd and returns it in the response.
         "stored_bytes_per_second": len(ok) / elapsed * obj_bytes,
-        "write_latency_p50_s": procstat.percentile([r["latency"] for r in records if "latency" in r], 50),
-        "write_latency_p99_s": procstat.percentile([r["latency"] for r in records if "latency" in r], 99),
+        "apiserver_cpu_percent": cpu,
+        "write_latency_p50_s": procstat.percentile(latencies, 50),
+        "write_latency_p99_s": procstat.percentile(latencies, 99),
         "aggregation_lag_p50_s": procstat.percentile(lags, 50),
         "aggregation_lag_p99_s": procstat.percentile(lags, 99),
         "aggregation_lag_max_s": max(lags) if lags else None,
@@ -359,4 +404,4 @@ def budget_window(admin: Any, watch: SummaryWatch, nodes: list[SyntheticNode], w
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
-    print(json.dumps(run(counts=(20, 50) if quick else (100, 500, 1000), window=15 if quick else 60), indent=2))
+    print(json.dumps(run(counts=(20, 50) if quick else COUNTS, window=15 if quick else 30), indent=2))

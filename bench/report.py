@@ -28,6 +28,8 @@ UNITS: dict[str, str] = {
     "write_bytes_per_second_1000_nodes": "request body bytes/s of those writes",
     "aggregation_lag_p50_s": "s, a node's write sent to the first summary including it, median",
     "aggregation_lag_p99_s": "s, same, 99th percentile (largest node count that fits in one object)",
+    "max_nodes_stored": "node entries the trace object held when the API server refused to grow it",
+    "object_bytes_per_node": "bytes the trace object grows by per node entry (entry + its managedFields)",
 }
 
 
@@ -75,6 +77,7 @@ def headline(node: dict, cp: dict) -> dict[str, Any]:
     out["aggregation_lag_p99_s"] = largest.get("aggregation_lag_p99_s")
     out["aggregation_lag_nodes"] = largest.get("nodes")
     out["max_nodes_stored"] = cp.get("max_nodes_stored")
+    out["object_bytes_per_node"] = cp.get("object_bytes_per_node")
     return out
 
 

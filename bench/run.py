@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--skip-node", action="store_true", help="skip the kernel/agent measurements")
     parser.add_argument("--skip-controlplane", action="store_true", help="skip the API server/operator measurements")
-    parser.add_argument("--window", type=float, default=60.0, help="control-plane write window per node count (s)")
+    parser.add_argument("--window", type=float, default=30.0, help="control-plane write window per node count (s)")
     parser.add_argument("--output", default=str(RESULTS / "latest.json"))
     args = parser.parse_args(argv)
 

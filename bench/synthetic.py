@@ -41,6 +41,8 @@ class SyntheticNode:
     seed: int = 0
     kernel: str = "6.1.0-28-amd64"
     agent_version: str = "0.1.0"
+    top_flows: int = TOP_FLOWS
+    keep_events: int = KEEP_EVENTS
     flows: list[list] = field(default_factory=list)   # [family, saddr, daddr, sport, dport, count, state]
     pods: dict[str, tuple[str, str]] = field(default_factory=dict)   # local IP -> (pod, namespace)
 
@@ -88,12 +90,12 @@ class SyntheticNode:
         offset = time.time_ns() - now
         snap = self.snapshot()
         events = []
-        for i in range(KEEP_EVENTS):
+        for i in range(self.keep_events):
             f = self.flows[i % len(self.flows)]
             e = recent_event(now - i * 10**7, f[0], KIND_RETRANSMIT, f[6], f[3], f[4], f[1], f[2], offset)
             events.append(e.model_copy(update={"local": self._attributed(e.local)}))
-        fresh = build_node_report(self.name, snap, events, TOP_FLOWS, self.kernel, self.agent_version,
-                                  keep_events=KEEP_EVENTS)
+        fresh = build_node_report(self.name, snap, events, self.top_flows, self.kernel, self.agent_version,
+                                  keep_events=self.keep_events)
         flows = [f.model_copy(update={"local": self._attributed(f.local)}) for f in fresh.top_flows]
         fresh = fresh.model_copy(update={"top_flows": flows})
-        return cumulative_entry(Baseline(), fresh, merge_flows(Baseline(), flows), TOP_FLOWS, KEEP_EVENTS)
+        return cumulative_entry(Baseline(), fresh, merge_flows(Baseline(), flows), self.top_flows, self.keep_events)

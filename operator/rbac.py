@@ -4,9 +4,10 @@ manifests/ and the Helm chart turn these into a ClusterRole, a Role in the opera
 namespace and a Role in "default"; the cluster tests run the operator with exactly these.
 
 Why each one:
-- retransmittraces get/list/watch: kopf's watch of the traces. patch: kopf keeps its
-  progress and diff-base in the trace's annotations (not in status, which belongs to the API).
-- retransmittraces/status get/patch: server-side apply of the operator's status fields.
+- retransmittraces list/watch: kopf's watch of the traces. patch: kopf keeps its progress and
+  diff-base in the trace's annotations (not in status, which belongs to the API).
+- retransmittraces/status patch: server-side apply of the operator's status fields (the
+  operator reads status from the watch, never with a GET).
 - retransmittraces/finalizers update: the DaemonSet's ownerReference has blockOwnerDeletion,
   which the OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift) allows
   only to who may update the owner's finalizers. The operator adds no finalizer.
@@ -23,8 +24,8 @@ from typing import Any
 from .api import GROUP, PLURAL
 
 CLUSTER_RULES: list[dict[str, Any]] = [
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch", "patch"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
 ]

@@ -197,8 +197,13 @@ class Trace:
             if e.status != 404:
                 raise
         selector = ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
-        wait_until(lambda: not self.core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items,
-                   f"agent pods of {self.name} gone", timeout=120)
+        try:
+            wait_until(lambda: not self.core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items,
+                       f"agent pods of {self.name} gone", timeout=120)
+        except TimeoutError as e:
+            left = [(p.metadata.name, p.status.phase, p.metadata.deletion_timestamp, p.metadata.owner_references)
+                    for p in self.core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items]
+            raise TimeoutError(f"{e}: {left}") from None
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ from kubernetes.client.exceptions import ApiException
 from retransmit_operator import rbac
 from retransmit_operator.api import GROUP, PLURAL, VERSION
 from retransmit_operator.contract import parse_agent_args
-from tests.harness.controlplane import free_port, wait_until
+from tests.harness.controlplane import free_port
+from tests.harness.controlplane import wait_until as _wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -49,6 +50,11 @@ SIM_SELECTOR = {"rtrace.dev/simulated": "true"}
 
 
 # ---------------------------------------------------------------------------- helpers
+
+def wait_until(predicate, what: str, timeout: float = 180):
+    """The harness's wait with a generous bound: two shared cores, other suites running."""
+    return _wait_until(predicate, what, timeout=timeout)
+
 
 class OperatorProcess:
     """`retransmit-operator` as a subprocess of the test."""
@@ -74,7 +80,7 @@ class OperatorProcess:
         self.proc = subprocess.Popen([str(Path(sys.executable).parent / "retransmit-operator")],
                                      env=self.env, stdout=out, stderr=subprocess.STDOUT)
         self.starts += 1
-        wait_until(self._ready, "the operator's /readyz", timeout=60)
+        wait_until(self._ready, "the operator's /readyz", timeout=120)
         return self
 
     def _ready(self) -> bool:
@@ -224,7 +230,7 @@ def condition(trace: dict, type_: str) -> dict:
     return next((c for c in (trace.get("status") or {}).get("conditions", []) if c["type"] == type_), {})
 
 
-def wait_trace(custom, name: str, what: str, predicate, timeout: float = 90) -> dict:
+def wait_trace(custom, name: str, what: str, predicate, timeout: float = 180) -> dict:
     def check():
         t = get_trace(custom, name)
         return t if predicate(t) else None
@@ -400,7 +406,7 @@ def test_trace_with_duration_completes_removes_its_agents_and_keeps_results(oper
     wait_until(lambda: daemonset(apps, operator_namespace, name), "the DaemonSet")
     wait_trace(custom, name, "Running", lambda t: phase(t) == "Running")
     apply_node_entry(admin, name, node_entry("node-a", 12, []))
-    done = wait_trace(custom, name, "Completed", lambda t: phase(t) == "Completed", timeout=120)
+    done = wait_trace(custom, name, "Completed", lambda t: phase(t) == "Completed")
     assert daemonset(apps, operator_namespace, name) is None
     start = datetime.fromisoformat(done["status"]["startTime"].replace("Z", "+00:00"))
     end = datetime.fromisoformat(done["status"]["completionTime"].replace("Z", "+00:00"))
@@ -428,7 +434,7 @@ def test_completion_time_survives_an_operator_restart_mid_trace(operator, operat
     ds = daemonset(apps, operator_namespace, name)
     if ds is not None:                              # still before the end: the same agents go on
         assert ds.metadata.uid == uid
-    done = wait_trace(custom, name, "Completed", lambda t: phase(t) == "Completed", timeout=120)
+    done = wait_trace(custom, name, "Completed", lambda t: phase(t) == "Completed")
     assert done["status"]["startTime"] == start     # the restart did not restart the clock
     end = datetime.fromisoformat(done["status"]["completionTime"].replace("Z", "+00:00"))
     assert end - datetime.fromisoformat(start.replace("Z", "+00:00")) >= timedelta(seconds=20)

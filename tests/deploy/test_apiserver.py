@@ -138,5 +138,6 @@ def test_plain_manifests_apply_in_file_order_and_delete_cleanly(cluster):
         assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "retransmit-operator"
         assert kubectl(cluster, "get", "validatingadmissionpolicy", "retransmit-operator-spec-guard").returncode == 0
     finally:
-        kubectl(cluster, "delete", "--ignore-not-found", "--wait=false", "-f", str(MANIFESTS / "openshift"))
-        kubectl(cluster, "delete", "--ignore-not-found", "--wait=false", *args)
+        # Waits until the namespace is gone: later tests of the session may use the same names.
+        kubectl(cluster, "delete", "--ignore-not-found", "-f", str(MANIFESTS / "openshift"))
+        kubectl(cluster, "delete", "--ignore-not-found", "--timeout=180s", *args)

@@ -129,3 +129,29 @@ def test_chart_crd_is_the_generated_one():
     """crds/ is generated with manifests/crd.yaml from the API models (operator/crd.py)."""
     chart_crd = CHART / "crds" / "retransmittraces.yaml"
     assert chart_crd.read_text() == (render.MANIFESTS / "crd.yaml").read_text()
+
+
+def test_every_value_has_a_comment_starting_with_its_key():
+    """values.yaml: each setting (top level and one level down) is documented, and the
+    comment starts with the dotted key, so `grep '# agent.securityMode'` finds it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    parents: list[str] = []
+    undocumented = []
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        if not stripped or stripped.startswith("#") or stripped.startswith("-") or ":" not in stripped:
+            continue
+        depth = (len(line) - len(stripped)) // 2
+        key = stripped.split(":", 1)[0]
+        parents = parents[:depth] + [key]
+        if depth > 1:
+            continue
+        dotted = ".".join(parents)
+        comments = []
+        j = i - 1
+        while j >= 0 and lines[j].lstrip().startswith("#"):
+            comments.append(lines[j].strip())
+            j -= 1
+        if not any(c.startswith(f"# {dotted} ") for c in comments):
+            undocumented.append(dotted)
+    assert undocumented == []

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import uuid
 
 import pytest
 
 from tests.deploy.render import ROOT
 from tests.harness.netns import LossNamespace
-from tests.harness.refcount import ReferenceCounter, per_flow, involving
+from tests.harness.refcount import ReferenceCounter, involving, per_flow
 
 pytestmark = pytest.mark.deploy
 
@@ -55,16 +54,34 @@ def test_image_runs_the_operator_as_a_non_root_user(image):
     assert "usage: retransmit-operator" in done.stdout
 
 
-def test_image_agent_counts_real_retransmits_with_its_generic_kernel_headers(image):
-    """No /lib/modules or /usr/src from the host (as on RHCOS): bcc must compile against the
+def podman_security(context: dict) -> list[str]:
+    """podman flags for a container securityContext as the operator renders it for agents."""
+    flags = ["--user", str(context.get("runAsUser", 0))]
+    if context.get("privileged"):
+        flags.append("--privileged")
+    caps = context.get("capabilities") or {}
+    flags += [f"--cap-drop={c}" for c in caps.get("drop", [])] + [f"--cap-add={c}" for c in caps.get("add", [])]
+    if (context.get("seccompProfile") or {}).get("type") == "Unconfined":
+        flags += ["--security-opt", "seccomp=unconfined"]
+    if context.get("readOnlyRootFilesystem"):
+        flags += ["--read-only", "--tmpfs", "/tmp"]     # the DaemonSet mounts an emptyDir at /tmp
+    return flags
+
+
+@pytest.mark.parametrize("mode", ["privileged", "capabilities"])
+def test_image_agent_counts_real_retransmits_with_its_generic_kernel_headers(image, mode):
+    """The agent container with the securityContext the operator renders for `mode`, and
+    no /lib/modules or /usr/src from the host (as on RHCOS): bcc must compile against the
     image's generic headers, and the counts must match the reference counter exactly."""
+    from retransmit_operator.render import security_context
+
     name = f"rtrace-image-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     with ReferenceCounter() as ref, LossNamespace(prefix="rtimg") as ns:
         ours = set(ns.v4)
         port = 20000 + os.getpid() % 20000
         agent = podman_run(
-            "--privileged", "--user", "0", "--network", "host",
-            "-v", "/sys/kernel/debug:/sys/kernel/debug:ro", "-v", "/sys/kernel/tracing:/sys/kernel/tracing",
+            *podman_security(security_context(mode)), "--network", "host",
+            "-v", "/sys/kernel/debug:/sys/kernel/debug:ro", "-v", "/sys/kernel/tracing:/sys/kernel/tracing:ro",
             image, "retransmit-agent", "local", "--duration", "300s", "--output", "json", "--top", "0",
             *[arg for ip in ours for arg in ("--remote-cidr", f"{ip}/32")],
             name=name, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -94,4 +111,4 @@ def test_image_agent_counts_real_retransmits_with_its_generic_kernel_headers(ima
     got = {(f["family"], f["local"]["ip"], f["local"]["port"], f["remote"]["ip"], f["remote"]["port"]): f["retransmits"]
            for f in report["topFlows"]}
     assert got == {flow: r for flow, (r, _s) in expected.items() if r}
-    print(f"image agent: {report['retransmits']} retransmits over {len(got)} flows, reference {want_total}")
+    print(f"image agent ({mode}): {report['retransmits']} retransmits over {len(got)} flows, reference {want_total}")

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from bench import report
-from bench.controlplane_bench import parse_write_metrics
+from bench.controlplane_bench import entry_sizes, parse_write_metrics, too_large
 from bench.synthetic import KEEP_EVENTS, TOP_FLOWS, SyntheticNode
 from retransmit_operator.api import NodeStatus, to_api
 
@@ -92,3 +92,19 @@ def test_a_simulated_node_writes_a_valid_full_size_entry_that_only_grows():
 def test_simulated_nodes_differ_from_each_other():
     a, b = SyntheticNode("a", seed=1).next_entry(), SyntheticNode("b", seed=2).next_entry()
     assert {f.local.ip for f in a.top_flows}.isdisjoint({f.local.ip for f in b.top_flows})
+
+
+def test_only_size_refusals_count_as_a_full_object():
+    assert too_large('HTTP 500: {"message":"etcdserver: request is too large","code":500}', 500)
+    assert too_large("Request entity too large", 413)
+    assert not too_large("Timeout: request did not complete within requested timeout", 504)
+    assert not too_large("HTTP 409: conflict", 409)
+
+
+def test_smaller_entries_fit_more_nodes_in_one_object():
+    sizes = entry_sizes(managed_per_node=500.0)
+    assert [s["topFlows"] for s in sizes] == [10, 10, 3, 1]
+    per_node = [s["bytes_per_node"] for s in sizes]
+    assert per_node == sorted(per_node, reverse=True)
+    assert all(s["nodes_under_1MiB"] == (1 << 20) // s["bytes_per_node"] or
+               s["nodes_under_1MiB"] == (1 << 20) // (s["bytes_per_node"] + 1) for s in sizes)
