@@ -204,6 +204,15 @@ def _stderr_captured() -> Iterator[list[str]]:
 
 def _bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
     text = [line.strip() for line in output if line.strip()]
+    denied = [line for line in text if any(word in line.lower() for word in
+                                           ("operation not permitted", "permission denied", "eperm"))]
+    if denied:
+        # bcc creates maps while "compiling": a seccomp filter or missing capabilities fail
+        # there, and blaming the headers would send the user the wrong way.
+        return KernelProblem(
+            f"the kernel denied BPF ({denied[0]}): run the agent privileged, or with CAP_BPF, "
+            "CAP_PERFMON and CAP_SYS_RESOURCE and seccomp Unconfined"
+        )
     if "compile" in str(exc).lower():
         errors = [line for line in text if "error:" in line]
         detail = (errors or text or [str(exc)])[0]
