@@ -29,6 +29,8 @@ help:
 	@echo "make cluster-up / cluster-down   a real control plane on 127.0.0.1 for kubectl"
 	@echo "make image      build the container image with podman and check it counts"
 	@echo "make bench      measure overhead and scale into bench/results/"
+	@echo "make scan       checkov over Dockerfile, manifests/, chart and the rendered agent DaemonSet"
+	@echo "make manifests  render manifests/ from the Helm chart (the source of truth)"
 
 ## ---- set-up ---------------------------------------------------------------
 setup: apt kernel-headers tracefs venv tools

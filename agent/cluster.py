@@ -132,8 +132,9 @@ class ClusterAgent:
             self._metrics = MetricsServer(self.state, self.inv.metrics_port).start()
             log.info("metrics, /readyz and /livez on port %d", self._metrics.port)
         except OSError as exc:
-            # Another agent on this host holds the port (two traces on one node): counting
-            # matters more than scraping, so go on without the endpoint.
+            # The operator gives each trace its own port; a clash means something else on the
+            # host holds it (or two simulated nodes share one host). Counting matters more
+            # than scraping: go on without the endpoint rather than crash-loop.
             log.error("cannot serve metrics on port %d (%s); counting goes on without /metrics",
                       self.inv.metrics_port, exc)
 
@@ -338,6 +339,9 @@ class ClusterAgent:
         """Write the entry if it changed. True when nothing is left to write."""
         if self.baseline is None:
             return False
+        addresses = node_addresses()  # the node's own addresses can change (DHCP, new bridges)
+        with self._lock:
+            self.index.set_node_addresses(addresses)
         entry = self.build_entry()
         if self.last_written is not None and not entry_changed(self.last_written, entry):
             return True

@@ -280,11 +280,11 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
     tasks: list[asyncio.Task[Any]] = []
     trace = dict(group=GROUP, version=VERSION, plural=PLURAL, registry=registry)
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(registry=registry, id="login")
     def login(**_: Any) -> kopf.ConnectionInfo:
         return kube_module.connection_info(kube.cfg)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(registry=registry, id="start-sync")
     async def startup(**_: Any) -> None:
         tasks.append(asyncio.create_task(reconciler.sync_forever(), name="rtrace-sync"))
         if settings.metrics_port:
@@ -292,7 +292,7 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
         log.info("operator started: agents in namespace %s, image %s, security mode %s",
                  settings.namespace, settings.agent_image, settings.agent_security_mode)
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(registry=registry, id="stop-sync")
     async def cleanup(**_: Any) -> None:
         for task in tasks:
             task.cancel()
@@ -310,23 +310,23 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
                 return
             raise kopf.TemporaryError(str(e), delay=5)
 
-    @kopf.on.create(**trace)
+    @kopf.on.create(**trace, id="create")
     async def on_create(body: kopf.Body, **_: Any) -> None:
         await apply(body, "create")
 
-    @kopf.on.resume(**trace)
+    @kopf.on.resume(**trace, id="resume")
     async def on_resume(body: kopf.Body, **_: Any) -> None:
         await apply(body, "resume")
 
-    @kopf.on.update(**trace, field="spec")
+    @kopf.on.update(**trace, field="spec", id="spec")
     async def on_spec_change(body: kopf.Body, **_: Any) -> None:
         await apply(body, "update")
 
-    @kopf.on.event(**trace)
+    @kopf.on.event(**trace, id="trace-cache")
     def on_trace_event(event: kopf.RawEvent, **_: Any) -> None:
         reconciler.observe_trace(event.get("type"), event["object"])
 
-    @kopf.on.event("", "v1", "pods", registry=registry)
+    @kopf.on.event("", "v1", "pods", registry=registry, id="pod-index")
     def on_pod_event(event: kopf.RawEvent, **_: Any) -> None:
         reconciler.pods.observe(event["object"], deleted=event.get("type") == "DELETED")
 

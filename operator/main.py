@@ -17,8 +17,10 @@ from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 import kopf
+from kubernetes.config import ConfigException
 
 from .handlers import Reconciler, kopf_settings, register_handlers
+from .kube import client_configuration
 from .settings import Settings, SettingsError
 
 
@@ -92,6 +94,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "metrics_port": args.metrics_port, "log_level": args.log_level.upper() if args.log_level else None,
     }.items() if v is not None}
     settings = replace(settings, **overrides)
+    try:
+        client_configuration(settings.kubeconfig)
+    except (ConfigException, OSError) as e:
+        print(f"retransmit-operator: no Kubernetes credentials ({e}): run in a pod with a service account, "
+              "or pass --kubeconfig / set KUBECONFIG", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf reports every handled watch event at INFO (pods included): that is DEBUG detail here.
     if settings.log_level != "DEBUG":

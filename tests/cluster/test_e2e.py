@@ -33,7 +33,7 @@ import yaml
 
 from retransmit_operator.api import GROUP, PLURAL, VERSION, NodeStatus
 from retransmit_operator.main import EmbeddedOperator
-from retransmit_operator.render import agent_metrics_port, selector_labels
+from retransmit_operator.render import agent_metrics_port, daemonset_name, selector_labels
 from retransmit_operator.settings import Settings
 from tests.harness import podtraffic
 from tests.harness.controlplane import end_process, start_process, wait_until
@@ -48,6 +48,7 @@ MANIFESTS = ["00-namespace.yaml", "crd.yaml", "agent-serviceaccount.yaml",
              "agent-clusterrole.yaml", "agent-clusterrolebinding.yaml"]
 NODE_A, NODE_B = "node-a", "node-b"
 REPORT = "1s"
+WRITES_PER_SECOND = 0.5
 
 
 # ---------------------------------------------------------------- fixtures
@@ -96,6 +97,8 @@ def operator(installed, node_simulator, agent_state):
     settings = Settings(
         namespace=SYSTEM_NS, agent_service_account=AGENT_SA, agent_command=(str(agent_state / "agent"),),
         sync_interval=1.0, metrics_port=0, kubeconfig=str(installed.kubeconfig),
+        # A write budget small enough to show: one node may write every 1 / 0.5 = 2 s.
+        max_writes_per_second=WRITES_PER_SECOND,
     )
     op = EmbeddedOperator(settings).start()
     yield op
@@ -193,6 +196,15 @@ class Trace:
     def delete(self) -> None:
         try:
             self.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, self.name)
+        except kubernetes.client.ApiException as e:
+            if e.status != 404:
+                raise
+        # Garbage collection would remove the DaemonSet too, but the controller-manager's
+        # collector resolves the owner (a custom resource) only after its periodic discovery,
+        # and it backs off after an API server restart: delete it here so teardown is prompt.
+        apps = kubernetes.client.AppsV1Api(self.core.api_client)
+        try:
+            apps.delete_namespaced_daemon_set(daemonset_name(self.name), SYSTEM_NS)
         except kubernetes.client.ApiException as e:
             if e.status != 404:
                 raise
@@ -415,6 +427,9 @@ def test_counts_are_complete_after_the_api_server_was_stopped_for_30s(operator, 
     assert metrics["rtrace_report_errors_total"] > errors_before  # it did try, and failed, meanwhile
     assert metrics["rtrace_node_retransmits_total"] == entry.retransmits
     assert metrics["rtrace_program_attached"] == 1
+    # The write budget: reportInterval 1s stretched to nodesDesired (1) / 0.5 writes/s = 2s.
+    assert trace.get()["status"]["summary"]["nodesDesired"] == 1
+    assert metrics["rtrace_report_interval_seconds"] == 1 / WRITES_PER_SECOND
 
 
 def test_agent_service_account_may_patch_only_trace_status_and_read_pods(operator, installed, objects, traces):
@@ -479,3 +494,19 @@ def test_a_node_without_the_tracepoint_fails_while_the_other_counts(operator, re
     pod = trace.agent_pod(NODE_B)
     statuses = kubernetes.client.CoreV1Api(trace.objects.api_client).read_namespaced_pod(pod, SYSTEM_NS).status
     assert all(c.restart_count == 0 for c in statuses.container_statuses or [])
+
+
+def test_pods_started_after_the_trace_are_selected_as_they_come(operator, reference, traces, core,
+                                                                node_simulator, namespace):
+    """The agent's pod watch feeds the kernel's local-IP filter live: at the start the
+    namespace has no pod (the filter matches nothing), then the pods come."""
+    trace = traces(namespaces=[namespace], nodeSelector={"kubernetes.io/hostname": NODE_A})
+    trace.wait_entry("attached", running)
+    late = Pods(core, node_simulator, namespace)
+    time.sleep(2)  # the pod watch's event reaches the agent; a real client would not wait either
+    before = reference.read()
+    late.lossy_bulk(connections=2)
+    want = expected(reference.read(), set(late.server_ips + late.client_ips), before)
+    assert want
+    entry = trace.wait_entry("the late pods' flows", lambda e: entry_flows(e) == want)
+    assert {f.local.pod for f in entry.top_flows} <= {"server", "client"}

@@ -309,8 +309,8 @@ def test_sample_trace_gets_an_owned_daemonset_rendered_from_its_spec(operator, o
         return pods if sorted(p.spec.node_name or "" for p in pods) == ["node-a", "node-b"] else None
     pods = wait_until(agent_pods, "one agent pod per node")
     for p in pods:
-        log = node_simulator.log_path(operator_namespace, p.metadata.name)
-        wait_until(lambda: log.exists() and f"stand-in agent for trace {name}" in log.read_text(), f"{p.metadata.name} started")
+        wait_until(lambda: f"stand-in agent for trace {name}" in node_simulator.log_path(operator_namespace, p.metadata.name).read_text(),
+                   f"{p.metadata.name} to start the stand-in")
 
     running = wait_trace(custom, name, "Running with the desired count", lambda t: phase(t) == "Running"
                          and ((t["status"].get("summary") or {}).get("nodesDesired") == 2))

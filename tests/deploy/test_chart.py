@@ -155,3 +155,24 @@ def test_every_value_has_a_comment_starting_with_its_key():
         if not any(c.startswith(f"# {dotted} ") for c in comments):
             undocumented.append(dotted)
     assert undocumented == []
+
+
+def _rule_set(rules: list[dict]) -> set[tuple]:
+    """Rules as comparable facts: one (group, resource, verb) per granted combination."""
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"]
+            for v in rule["verbs"]}
+
+
+def test_chart_grants_the_operator_exactly_the_rules_its_code_declares():
+    """retransmit_operator.rbac is what the operator's code needs (the cluster tests run the
+    operator with exactly those rules); the chart must grant no more and no less."""
+    from retransmit_operator import rbac
+
+    objs = objects()
+    roles = {kind_name: o for kind_name, o in objs.items() if o["kind"] in ("ClusterRole", "Role")}
+    cluster = roles["ClusterRole/retransmit-operator"]["rules"]
+    assert _rule_set(cluster) == _rule_set(rbac.CLUSTER_RULES)
+    namespaced = [o for o in roles.values() if o["kind"] == "Role"]
+    by_namespace = {o["metadata"]["namespace"]: _rule_set(o["rules"]) for o in namespaced}
+    assert by_namespace["retransmit-system"] == _rule_set(rbac.NAMESPACE_RULES)
+    assert by_namespace["default"] == _rule_set(rbac.EVENTS_RULES)

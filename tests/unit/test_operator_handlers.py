@@ -37,3 +37,17 @@ def test_newer_compares_resource_versions_of_the_same_object_only():
     assert _newer(a, b) and not _newer(b, a)
     assert not _newer(a, {"metadata": {"uid": "other", "resourceVersion": "1"}})
     assert not _newer({"metadata": {"uid": "u", "resourceVersion": "x"}}, b)
+
+
+def test_api_failure_is_permanent_for_client_errors_but_conflicts_and_throttling():
+    from kubernetes.client.exceptions import ApiException
+
+    from retransmit_operator.kube import _failure
+
+    e = ApiException(status=422, reason="Unprocessable Entity")
+    e.body = '{"message": "DaemonSet.apps \\"rtrace-x\\" is invalid: spec.template.spec.tolerations[0].key: Invalid value"}'
+    failure = _failure("apply daemonset", e)
+    assert failure.permanent and "tolerations[0].key" in failure.message and "apply daemonset: 422" in str(failure)
+    for status in (409, 429, 500, 503):
+        assert not _failure("x", ApiException(status=status, reason="r")).permanent
+    assert _failure("x", ApiException(status=403, reason="Forbidden")).permanent
