@@ -167,7 +167,7 @@ class ClusterAgent:
             self.program = program
             # The pods may have changed while the program compiled.
             if not self.selection.selects_everything:
-                program.set_local_ips(self.index.selected_ips(self.selection))
+                self._set_local_ips(program)
         with self.state.lock:
             self.state.attached = True
         log.info("kernel program attached on node %s for trace %s", self.node, self.inv.trace)
@@ -183,7 +183,14 @@ class ClusterAgent:
             return
         with self._lock:
             if self.program is not None:
-                self.program.set_local_ips(self.index.selected_ips(self.selection))
+                self._set_local_ips(self.program)
+
+    def _set_local_ips(self, program: Any) -> None:
+        """Push the selected pods' addresses into the kernel filter (caller holds _lock)."""
+        ips = self.index.selected_ips(self.selection)
+        program.set_local_ips(ips)
+        with self.state.lock:
+            self.state.selected_ips = None if ips is None else len(ips)
 
     def _read_baseline(self) -> None:
         """What this node already reported. Without it no write happens: it could lower counts."""

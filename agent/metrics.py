@@ -17,6 +17,8 @@ Metrics (all carry the label `trace`):
 - rtrace_reports_total: status writes that succeeded.
 - rtrace_program_attached: 1 while the kernel program is attached.
 - rtrace_report_interval_seconds: the interval after the write budget stretched it.
+- rtrace_selected_local_ips: pod addresses in the kernel's local-IP filter, when the trace
+  selects pods (namespaces, podSelector); follows the pods as they come and go.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class AgentState:
     report_errors: int = 0
     reports: int = 0
     interval: float = 0.0
+    selected_ips: Optional[int] = None   # addresses in the kernel's local-IP filter; None = no filter
     by_pod_port: dict[tuple[str, str, str], int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -102,6 +105,10 @@ class AgentCollector:
             attached = GaugeMetricFamily("rtrace_program_attached", "1 while the kernel program is attached.", labels=["trace", "node"])
             attached.add_metric([s.trace, s.node], 1.0 if s.attached else 0.0)
             yield attached
+            if s.selected_ips is not None:
+                selected = GaugeMetricFamily("rtrace_selected_local_ips", "Pod addresses in the kernel's local-IP filter (namespaces/podSelector).", labels=["trace", "node"])
+                selected.add_metric([s.trace, s.node], s.selected_ips)
+                yield selected
             interval = GaugeMetricFamily("rtrace_report_interval_seconds", "Report interval after the write budget.", labels=["trace", "node"])
             interval.add_metric([s.trace, s.node], s.interval)
             yield interval

@@ -502,8 +502,10 @@ def test_pods_started_after_the_trace_are_selected_as_they_come(operator, refere
     namespace has no pod (the filter matches nothing), then the pods come."""
     trace = traces(namespaces=[namespace], nodeSelector={"kubernetes.io/hostname": NODE_A})
     trace.wait_entry("attached", running)
+    assert _agent_metrics(trace)["rtrace_selected_local_ips"] == 0
     late = Pods(core, node_simulator, namespace)
-    time.sleep(2)  # the pod watch's event reaches the agent; a real client would not wait either
+    wait_until(lambda: _agent_metrics(trace).get("rtrace_selected_local_ips") == 4,
+               "the agent to put the pods' 4 addresses into the kernel filter")
     before = reference.read()
     late.lossy_bulk(connections=2)
     want = expected(reference.read(), set(late.server_ips + late.client_ips), before)
