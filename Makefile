@@ -19,7 +19,7 @@ export RTRACE_CACHE := $(CACHE)
 APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip linux-headers-amd64 \
                 nftables iperf3 ethtool iproute2 procps openssl
 
-.PHONY: help setup apt kernel-headers tracefs venv tools demo test test-unit test-kernel \
+.PHONY: help setup apt kernel-headers tracefs venv tools demo demo-local test test-unit test-kernel \
         test-cluster test-deploy lint crd clean
 
 help:
@@ -76,7 +76,11 @@ $(TOOLS)/helm $(TOOLS)/kubectl:
 tools: venv $(TOOLS)/helm $(TOOLS)/kubectl
 
 ## ---- the two commands -----------------------------------------------------
-demo: setup
+demo: setup k8s-binaries
+	$(PY) -m tests.harness.demo
+
+# The agent alone on this host: a lossy private namespace and the live table, no cluster.
+demo-local: setup
 	$(PY) -m tests.harness.demo_local
 
 # Every layer in one pytest run. pytest exit 5 (nothing collected) is a failure.

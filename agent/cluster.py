@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent
-from retransmit_operator.contract import ENV_NODE_NAME, AgentInvocation
+from retransmit_operator.contract import ENV_NODE_NAME, ENV_POD_IP, AgentInvocation
 
 from .attribution import Owner, PodIndex, PodSelection, PodWatcher, attribute, node_addresses
 from .metrics import AgentState, MetricsServer
@@ -129,8 +129,11 @@ class ClusterAgent:
 
     def _start_metrics(self) -> None:
         try:
-            self._metrics = MetricsServer(self.state, self.inv.metrics_port).start()
-            log.info("metrics, /readyz and /livez on port %d", self._metrics.port)
+            # Bind to the pod's IP (the node's, as the pod is hostNetwork): probes and scrapes
+            # go there, and agents of nodes that share one host do not take each other's port.
+            host = os.environ.get(ENV_POD_IP, "")
+            self._metrics = MetricsServer(self.state, self.inv.metrics_port, host=host).start()
+            log.info("metrics, /readyz and /livez on %s:%d", host or "*", self._metrics.port)
         except OSError as exc:
             # The operator gives each trace its own port; a clash means something else on the
             # host holds it (or two simulated nodes share one host). Counting matters more

@@ -21,8 +21,6 @@ per trace whatever the cluster size; the price is staler node entries on big clu
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -225,10 +223,6 @@ def _busiest_first(flow: Flow) -> tuple:
 
 
 # ---------------------------------------------------------------- the write
-
-def status_path(trace: str) -> str:
-    return f"/apis/{GROUP}/{VERSION}/{PLURAL}/{trace}/status"
-
 
 def apply_body(trace: str, entry: NodeStatus) -> dict[str, Any]:
     """The apply document: only this node's entry, so the field manager owns nothing else."""

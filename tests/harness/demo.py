@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from retransmit_operator.api import GROUP, PLURAL, VERSION
@@ -92,7 +93,8 @@ def endpoint(side: dict) -> str:
     ip = side.get("ip", "")
     addr = f"[{ip}]:{side.get('port')}" if ":" in ip else f"{ip}:{side.get('port')}"
     who = f"{side['namespace']}/{side['pod']}" if side.get("pod") else (f"node {side['node']}" if side.get("node") else "")
-    return f"{addr}\n[dim]{who}[/dim]" if who else addr
+    addr = escape(addr)  # "[fd00::2]:80" is no rich markup tag
+    return f"{addr}\n[dim]{escape(who)}[/dim]" if who else addr
 
 
 def flows_table(status: dict) -> Table:
@@ -100,9 +102,10 @@ def flows_table(status: dict) -> Table:
     table = Table(title=f"top flows of {TRACE}: {summary.get('retransmits', 0)} retransmits, "
                         f"{summary.get('synackRetransmits', 0)} SYN-ACK retransmits on "
                         f"{summary.get('nodesReporting', 0)}/{summary.get('nodesDesired', 0)} nodes")
-    for column, justify in (("local (retransmitted)", "left"), ("remote", "left"), ("family", "left"),
-                            ("retransmits", "right"), ("SYN-ACK", "right"), ("last state", "left"), ("node", "left")):
-        table.add_column(column, justify=justify)
+    for column, justify, width in (("local (retransmitted)", "left", 30), ("remote", "left", 30), ("family", "left", 6),
+                                   ("retransmits", "right", 11), ("SYN-ACK", "right", 7), ("last state", "left", 11),
+                                   ("node", "left", 8)):
+        table.add_column(column, justify=justify, min_width=width, overflow="fold")
     for flow in summary.get("topFlows") or []:
         table.add_row(endpoint(flow["local"]), endpoint(flow["remote"]), flow.get("family", ""),
                       str(flow.get("retransmits", 0)), str(flow.get("synackRetransmits", 0)),

@@ -17,7 +17,6 @@ from retransmit_agent.reporter import (
     merge_flows,
     nodes_desired,
     report_interval,
-    status_path,
     top_flows,
 )
 from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent, to_api
@@ -194,9 +193,8 @@ def test_apply_body_carries_only_this_nodes_entry():
                                         "recentEvents": []}]
 
 
-def test_field_manager_and_path_name_the_node_and_the_status_subresource():
+def test_each_node_writes_with_its_own_field_manager():
     assert field_manager("worker-7") == "rtrace-agent/worker-7"
-    assert status_path("t1") == "/apis/retransmit.dev/v1alpha1/retransmittraces/t1/status"
 
 
 def test_nodes_desired_comes_from_the_operators_summary():
