@@ -43,8 +43,10 @@ from .reporter import (
     StatusWriter,
     backoff_delay,
     cumulative_entry,
+    entry_budget_bytes,
     entry_changed,
     find_entry,
+    fit_entry,
     jittered,
     merge_flows,
     nodes_desired,
@@ -308,10 +310,11 @@ class ClusterAgent:
         merged = merge_flows(baseline, fresh.top_flows)
         entry = cumulative_entry(baseline, fresh, merged, top_n, keep)
         self._publish_metrics(entry, baseline, snapshot.flows, table)
-        return entry.model_copy(update={
+        attributed = entry.model_copy(update={
             "top_flows": [self._attributed(f, table) for f in entry.top_flows],
             "recent_events": [self._attributed_event(e, table) for e in entry.recent_events],
         })
+        return fit_entry(attributed, entry_budget_bytes(self.nodes_desired))
 
     def _attributed(self, flow: Flow, table: dict) -> Flow:
         return flow.model_copy(update={

@@ -6,6 +6,8 @@ The pure parts decide what to write and when:
   restarted agent continues instead of starting over and counts never go backwards.
 - `report_interval` stretches the interval so one trace sees at most `max_writes_per_second`
   status writes across all its nodes; `backoff_delay` spaces out retries (capped, jittered).
+- `fit_entry` keeps the entry inside its share of the object (etcd's 1.5 MiB limit): on
+  big clusters nodes keep fewer flows and samples, never fewer counts.
 - `entry_changed` skips writes that would change nothing but the timestamp.
 - `apply_body` is the server-side-apply document that carries only this node's entry.
 
@@ -21,6 +23,7 @@ per trace whatever the cluster size; the price is staler node entries on big clu
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -214,6 +217,36 @@ def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequen
         "top_flows": top_flows(merged_flows, top_n),
         "recent_events": events,
     })
+
+
+# etcd refuses objects over 1.5 MiB. The node entries share 1 MiB of the trace (the rest is
+# left for the summary, conditions and metadata), split evenly between the nodes.
+NODES_STATUS_BUDGET_BYTES = 1024 * 1024
+
+
+def entry_budget_bytes(nodes_desired: int, budget: int = NODES_STATUS_BUDGET_BYTES) -> int:
+    """This node's share of the status: the whole budget over the nodes the trace runs on."""
+    return budget // max(1, nodes_desired)
+
+
+def entry_size(entry: NodeStatus) -> int:
+    """Bytes the entry takes in the stored object (compact JSON, as etcd holds it)."""
+    return len(json.dumps(to_api(entry), separators=(",", ":")))
+
+
+def fit_entry(entry: NodeStatus, budget_bytes: int) -> NodeStatus:
+    """The entry trimmed to `budget_bytes`: recent events go first (oldest first), then the
+    least busy flows. Counts, byState and phase always stay: they are what the summary adds
+    up, so a big cluster loses detail, never totals."""
+    events, flows = list(entry.recent_events), list(entry.top_flows)
+    trimmed = entry
+    while entry_size(trimmed) > budget_bytes and (events or flows):
+        if events:
+            events.pop()
+        else:
+            flows.pop()
+        trimmed = entry.model_copy(update={"recent_events": events, "top_flows": flows})
+    return trimmed
 
 
 def _busiest_first(flow: Flow) -> tuple:
