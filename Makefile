@@ -61,7 +61,8 @@ tracefs:
 
 # The venv uses Debian's Python so that `import bcc` (python3-bpfcc) works.
 $(VENV)/.stamp: pyproject.toml
-	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@# cd /: from the repo root, operator/ would shadow the standard library's operator module.
+	@test -x $(PY) || (cd / && /usr/bin/python3 -m venv --system-site-packages $(VENV))
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
 	@$(PY) -c 'import bcc, kopf, kubernetes, pydantic' && touch $@
