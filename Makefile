@@ -63,8 +63,8 @@ tracefs:
 $(VENV)/.stamp: pyproject.toml
 	@# cd /: from the repo root, operator/ would shadow the standard library's operator module.
 	@test -x $(PY) || (cd / && /usr/bin/python3 -m venv --system-site-packages $(VENV))
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	cd / && $(PY) -m pip install -q --upgrade pip
+	cd / && $(PY) -m pip install -q -e '$(ROOT)[test,bench]'
 	@$(PY) -c 'import bcc, kopf, kubernetes, pydantic' && touch $@
 
 venv: apt $(VENV)/.stamp
