@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent
 from retransmit_operator.contract import ENV_NODE_NAME, ENV_POD_IP, AgentInvocation
@@ -40,9 +40,11 @@ from .reporter import (
     ApiError,
     Baseline,
     FlowKey,
+    PodKey,
     StatusWriter,
     backoff_delay,
     cumulative_entry,
+    cumulative_pods,
     entry_budget_bytes,
     entry_changed,
     find_entry,
@@ -50,6 +52,8 @@ from .reporter import (
     jittered,
     merge_flows,
     nodes_desired,
+    pod_totals,
+    ranked_pods,
     report_interval,
 )
 
@@ -105,6 +109,7 @@ class ClusterAgent:
         self.problem: Optional[str] = None
         self.baseline: Optional[Baseline] = None
         self.last_written: Optional[NodeStatus] = None
+        self.pod_counts: dict[PodKey, int] = {}  # every local pod's count so far (see cumulative_pods)
         self.nodes_desired = 0
         self.events: deque[RecentEvent] = deque(maxlen=max(1, self.spec.events.keep))
         self._watcher: Optional[PodWatcher] = None
@@ -294,7 +299,9 @@ class ClusterAgent:
             base = NodeStatus(node=self.node, phase=Phase.FAILED if self.problem else Phase.PENDING,
                               message=self.problem, kernel=self._kernel_release,
                               agent_version=self._version, last_report_time=now)
-            return cumulative_entry(baseline, base, list(baseline.top_flows.values()), top_n, keep)
+            entry = cumulative_entry(baseline, base, list(baseline.top_flows.values()), top_n, keep)
+            self.pod_counts = cumulative_pods(baseline, {}, self.pod_counts)
+            return entry.model_copy(update={"top_pods": ranked_pods(self.pod_counts, self.node, top_n)})
         # Only flows that can make the top N after adding the baseline become API objects:
         # the busiest fresh ones and those the baseline already knows (the map may hold 32k).
         ordered = busiest_first(snapshot.flows)
@@ -310,11 +317,21 @@ class ClusterAgent:
         merged = merge_flows(baseline, fresh.top_flows)
         entry = cumulative_entry(baseline, fresh, merged, top_n, keep)
         self._publish_metrics(entry, baseline, snapshot.flows, table)
+        # Pods over every flow in the kernel map, not just the top flows.
+        self.pod_counts = cumulative_pods(baseline, pod_totals(snapshot.flows, self._pod_of(table)), self.pod_counts)
         attributed = entry.model_copy(update={
             "top_flows": [self._attributed(f, table) for f in entry.top_flows],
+            "top_pods": ranked_pods(self.pod_counts, self.node, top_n),
             "recent_events": [self._attributed_event(e, table) for e in entry.recent_events],
         })
         return fit_entry(attributed, entry_budget_bytes(self.nodes_desired))
+
+    def _pod_of(self, table: dict) -> Callable[[str], Optional[PodKey]]:
+        """(namespace, pod) owning a local address; None for the node's own and unknown ones."""
+        def pod_of(ip: str) -> Optional[PodKey]:
+            owner = attribute(table, ip, self.node)
+            return (owner.namespace, owner.pod) if owner and owner.pod and owner.namespace else None
+        return pod_of
 
     def _attributed(self, flow: Flow, table: dict) -> Flow:
         return flow.model_copy(update={

@@ -6,8 +6,10 @@ The pure parts decide what to write and when:
   restarted agent continues instead of starting over and counts never go backwards.
 - `report_interval` stretches the interval so one trace sees at most `max_writes_per_second`
   status writes across all its nodes; `backoff_delay` spaces out retries (capped, jittered).
+- `pod_totals` / `cumulative_pods` / `ranked_pods` give each local pod's retransmits over
+  every flow in the kernel map (not only the top flows), resumed like the totals.
 - `fit_entry` keeps the entry inside its share of the object (etcd's 1.5 MiB limit): on
-  big clusters nodes keep fewer flows and samples, never fewer counts.
+  big clusters nodes keep fewer samples, flows and pods, never fewer counts.
 - `entry_changed` skips writes that would change nothing but the timestamp.
 - `apply_body` is the server-side-apply document that carries only this node's entry.
 
@@ -28,7 +30,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from retransmit_operator.api import (
     API_VERSION,
@@ -38,6 +40,7 @@ from retransmit_operator.api import (
     VERSION,
     Flow,
     NodeStatus,
+    PodCount,
     RecentEvent,
     to_api,
 )
@@ -106,6 +109,10 @@ class FlowKey:
         return cls(str(flow.family), flow.local.ip, flow.local.port, flow.remote.ip, flow.remote.port)
 
 
+# (namespace, pod): a pod's identity in per-pod counts.
+PodKey = tuple[str, str]
+
+
 @dataclass(frozen=True)
 class Baseline:
     """Counts an earlier agent on this node already reported; zero when there was none."""
@@ -117,6 +124,7 @@ class Baseline:
     by_state: Mapping[str, int] = field(default_factory=dict)
     top_flows: Mapping[FlowKey, Flow] = field(default_factory=dict)
     recent_events: Sequence[RecentEvent] = ()
+    top_pods: Mapping[PodKey, int] = field(default_factory=dict)
 
     @classmethod
     def from_entry(cls, entry: Optional[NodeStatus]) -> "Baseline":
@@ -130,6 +138,7 @@ class Baseline:
             by_state=dict(entry.by_state),
             top_flows={FlowKey.of_flow(f): f for f in entry.top_flows},
             recent_events=tuple(entry.recent_events),
+            top_pods=_baseline_pods(entry),
         )
 
     @property
@@ -137,7 +146,21 @@ class Baseline:
         return (
             self.retransmits == 0 and self.synack_retransmits == 0 and self.lost_events == 0
             and not self.top_flows and not self.recent_events and self.flows == 0
+            and not self.top_pods
         )
+
+
+def _baseline_pods(entry: NodeStatus) -> dict[PodKey, int]:
+    """Per-pod counts an earlier agent reported: its topPods; for an agent that predates
+    topPods, the local pods of its top flows (a lower bound, the best the entry holds)."""
+    if entry.top_pods is not None:
+        return {(p.namespace, p.pod): p.retransmits for p in entry.top_pods}
+    counts: dict[PodKey, int] = {}
+    for flow in entry.top_flows:
+        if flow.local.pod and flow.local.namespace:
+            key = (flow.local.namespace, flow.local.pod)
+            counts[key] = counts.get(key, 0) + flow.retransmits + flow.synack_retransmits
+    return counts
 
 
 def find_entry(trace: Mapping[str, Any], node: str) -> Optional[NodeStatus]:
@@ -219,6 +242,42 @@ def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequen
     })
 
 
+def pod_totals(flows: Iterable[Any], pod_of: Callable[[str], Optional[PodKey]]) -> dict[PodKey, int]:
+    """Retransmits (skb + SYN-ACK) by local pod over `flows` (the kernel map's FlowCounters).
+
+    `pod_of(ip)` names the pod owning a local address, None for addresses that are no pod
+    (hostNetwork pods, the node's own addresses, unknown ones): those flows are skipped.
+    """
+    totals: dict[PodKey, int] = {}
+    for flow in flows:
+        key = pod_of(flow.local_ip)
+        count = flow.retransmits + flow.synack_retransmits
+        if key is not None and count:
+            totals[key] = totals.get(key, 0) + count
+    return totals
+
+
+def cumulative_pods(baseline: Baseline, fresh: Mapping[PodKey, int], previous: Mapping[PodKey, int]) -> dict[PodKey, int]:
+    """Per-pod counts to report: max(what this agent reported before, baseline + fresh).
+
+    A restarted agent's kernel map starts empty, so baseline + fresh is the pod's count
+    since the trace began. The max with `previous` (this agent's last result) keeps a count
+    from going down when the kernel's LRU map evicts a flow or a pod leaves the index.
+    """
+    counts = dict(previous)
+    for key in set(baseline.top_pods) | set(fresh):
+        counts[key] = max(counts.get(key, 0), baseline.top_pods.get(key, 0) + fresh.get(key, 0))
+    return counts
+
+
+def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int) -> list[PodCount]:
+    """The busiest pods (ties by namespace, name), at most top_n (0 = all), on `node`."""
+    ordered = sorted(((key, n) for key, n in counts.items() if n > 0), key=lambda item: (-item[1], item[0]))
+    if top_n > 0:
+        ordered = ordered[:top_n]
+    return [PodCount(namespace=ns, pod=pod, node=node, retransmits=n) for (ns, pod), n in ordered]
+
+
 # etcd refuses objects over 1.5 MiB. The node entries share 1 MiB of the trace (the rest is
 # left for the summary, conditions and metadata), split evenly between the nodes.
 NODES_STATUS_BUDGET_BYTES = 1024 * 1024
@@ -236,16 +295,23 @@ def entry_size(entry: NodeStatus) -> int:
 
 def fit_entry(entry: NodeStatus, budget_bytes: int) -> NodeStatus:
     """The entry trimmed to `budget_bytes`: recent events go first (oldest first), then the
-    least busy flows. Counts, byState and phase always stay: they are what the summary adds
-    up, so a big cluster loses detail, never totals."""
-    events, flows = list(entry.recent_events), list(entry.top_flows)
+    least busy flows, then the least busy pods. Counts, byState and phase always stay: they
+    are what the summary adds up, so a big cluster loses detail, never totals.
+
+    Pods go after flows: a pod count is a third of a flow's size, it is the exact per-pod
+    answer the summary's topPods sums (flows only give a lower bound), and it is what a
+    restarted agent resumes pod counts from."""
+    events, flows, pods = list(entry.recent_events), list(entry.top_flows), list(entry.top_pods or [])
     trimmed = entry
-    while entry_size(trimmed) > budget_bytes and (events or flows):
+    while entry_size(trimmed) > budget_bytes and (events or flows or pods):
         if events:
             events.pop()
-        else:
+        elif flows:
             flows.pop()
-        trimmed = entry.model_copy(update={"recent_events": events, "top_flows": flows})
+        else:
+            pods.pop()
+        trimmed = entry.model_copy(update={"recent_events": events, "top_flows": flows,
+                                           "top_pods": pods if entry.top_pods is not None else None})
     return trimmed
 
 

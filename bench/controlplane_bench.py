@@ -45,6 +45,7 @@ KUBECTL = Path(os.environ.get("RTRACE_CACHE") or Path.home() / ".cache" / "retra
 OPERATOR = Path(sys.executable).parent / "retransmit-operator"
 SPEC_REPORT_INTERVAL = 10.0   # spec.reportInterval default
 COUNTS = (20, 100, 500, 1000)  # simulated nodes on one trace
+ONE_BY_ONE = 100               # up to this many nodes, seeding is one apply per node
 MiB = 1 << 20
 
 
@@ -275,6 +276,57 @@ def seed(writers: list[StatusWriter], nodes: list[SyntheticNode], log) -> tuple[
     return len(nodes), ""
 
 
+def managed_fields_entry(entry: dict[str, Any], manager: str, apply_time: str) -> dict[str, Any]:
+    """The managedFields record a node's agent gets for its server-side apply of `entry`
+    (same shape as the API server writes: atomic lists, granular byState map)."""
+    fields: dict[str, Any] = {".": {}}
+    for key, value in entry.items():
+        fields[f"f:{key}"] = {f"f:{k}": {} for k in value} if key == "byState" else {}
+    node_key = "k:" + json.dumps({"node": entry["node"]}, separators=(",", ":"))
+    return {"apiVersion": f"{GROUP}/{VERSION}", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:status": {"f:nodes": {node_key: fields}}},
+            "manager": manager, "operation": "Apply", "subresource": "status", "time": apply_time}
+
+
+def bulk_seed(custom: Any, trace: str, nodes: list[SyntheticNode]) -> str:
+    """Every node's entry in two requests instead of one apply per node: the status with
+    all entries, then metadata.managedFields as each node's own apply would have left it
+    (one field manager per node). Seeding 1000 nodes one apply at a time costs the API
+    server ~1 s of CPU per write at this object size. Returns the refusal, or ""."""
+    from kubernetes.client.exceptions import ApiException
+
+    entries = [to_api(node.next_entry()) for node in nodes]
+    names = {e["node"] for e in entries}
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for step in ("status", "managedFields"):
+        for attempt in range(6):
+            obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
+            try:
+                if step == "status":
+                    kept = [e for e in (obj.get("status") or {}).get("nodes") or [] if e["node"] not in names]
+                    obj.setdefault("status", {})["nodes"] = kept + entries
+                    custom.replace_cluster_custom_object_status(GROUP, VERSION, PLURAL, trace, obj,
+                                                                field_manager="rtrace-bench-seed")
+                else:
+                    managed = [m for m in obj["metadata"].get("managedFields") or []
+                               if m["manager"] != "rtrace-bench-seed" and m["manager"].removeprefix("rtrace-agent/") not in names]
+                    managed += [managed_fields_entry(e, f"rtrace-agent/{e['node']}", stamp) for e in entries]
+                    obj["metadata"]["managedFields"] = managed
+                    custom.replace_cluster_custom_object(GROUP, VERSION, PLURAL, trace, obj,
+                                                         field_manager="rtrace-bench-seed")
+                break
+            except ApiException as e:
+                if e.status == 409:     # the operator wrote meanwhile: read again
+                    continue
+                text = f"HTTP {e.status}: {str(e.body or e.reason)[:300]}"
+                if too_large(text, e.status or 0):
+                    return text
+                time.sleep(backoff_delay(attempt))
+        else:
+            return f"bulk seeding ({step}) kept failing"
+    return ""
+
+
 def settle(custom: Any, trace: str, timeout: float = 120.0) -> None:
     """Wait until a read of the trace is quick again (a saturated API server drains its backlog)."""
     def quick() -> bool:
@@ -301,11 +353,18 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, counts, window: f
         for n in counts:
             point: dict[str, Any] = {"nodes": n}
             out["scale"].append(point)
+            for node in nodes[:n]:
+                node.nodes_desired = n     # as if the DaemonSet controller counted n nodes
             if not refusal and written < n:
                 settle(custom, trace)
                 started = time.monotonic()
-                added, refusal = seed(writers[written:n], nodes[written:n], log)
-                written += added
+                if n <= ONE_BY_ONE:
+                    added, refusal = seed(writers[written:n], nodes[written:n], log)
+                    written += added
+                else:
+                    refusal = bulk_seed(custom, trace, nodes[:n])
+                    written = n if not refusal else written
+                    point["seeded_in_bulk"] = True
                 point["seed_s"] = round(time.monotonic() - started, 2)
             obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
             sizes = object_sizes(obj)
@@ -346,7 +405,20 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, counts, window: f
         last = stored_points[-1]
         out["object_bytes_per_node"] = (last["status_bytes"] - out["empty_object_bytes"]) / last["nodes"]
         out["managed_fields_bytes_per_node"] = (last["managed_fields_bytes"] - empty["managed_fields"]) / last["nodes"]
+        out["projected_object_bytes"] = {str(n): projected_bytes(nodes[:n], out["empty_object_bytes"],
+                                                                 out["managed_fields_bytes_per_node"]) for n in counts}
     return out
+
+
+def projected_bytes(nodes: list[SyntheticNode], empty: int, managed_per_node: float) -> int:
+    """The object's size with these nodes' entries at their budget for len(nodes) nodes:
+    the empty object, every entry, and the measured managedFields per node."""
+    size = 0
+    for node in nodes:
+        saved, node.nodes_desired = node.nodes_desired, len(nodes)
+        size += len(json.dumps(to_api(node.next_entry()), separators=(",", ":"))) + 1
+        node.nodes_desired = saved
+    return round(empty + size + len(nodes) * managed_per_node)
 
 
 def budget_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[SyntheticNode],
@@ -366,6 +438,11 @@ def budget_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[S
     records: list[dict[str, Any]] = []
 
     def send(node: SyntheticNode, writer: StatusWriter, record: dict[str, Any]) -> None:
+        if time.monotonic() - record["sent"] > 30:
+            # Queued behind 16 writes that are still waiting for the API server: counted as
+            # failed unsent (an agent whose write times out retries later).
+            record.update(ok=False, unsent=True)
+            return
         ok, size, _err, _status = _write(writer, node)
         record.update(ok=ok, bytes=size, latency=time.monotonic() - record["sent"])
 
@@ -404,6 +481,7 @@ def budget_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[S
         "window_s": round(elapsed, 2),
         "agent_writes": len(records),
         "agent_writes_failed": len(records) - len(ok),
+        "agent_writes_unsent": sum(1 for r in records if r.get("unsent")),
         "writes_per_second": (after["requests"] - before["requests"]) / elapsed,
         "agent_writes_per_second": len(records) / elapsed,
         "write_request_bytes_per_second": (after["body_bytes"] - before["body_bytes"]) / elapsed

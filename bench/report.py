@@ -64,9 +64,9 @@ def headline(node: dict, cp: dict) -> dict[str, Any]:
     if at_scale.get("stored"):
         out["status_bytes_1000_nodes"] = at_scale["status_bytes"]
         out["status_bytes_1000_nodes_measured"] = True
-    elif cp.get("object_bytes_per_node") is not None:
-        # Does not fit: the size it would have, from the measured growth per node entry.
-        out["status_bytes_1000_nodes"] = round(cp["empty_object_bytes"] + NODES_AT_SCALE * cp["object_bytes_per_node"])
+    elif (cp.get("projected_object_bytes") or {}).get(str(NODES_AT_SCALE)) is not None:
+        # Not stored: the size it would have (entries at their budget + measured managedFields).
+        out["status_bytes_1000_nodes"] = cp["projected_object_bytes"][str(NODES_AT_SCALE)]
         out["status_bytes_1000_nodes_measured"] = False
     else:
         out["status_bytes_1000_nodes"] = None

@@ -1,8 +1,11 @@
 """status.summary from status.nodes[]: the cluster-wide answer, as a pure function.
 
-Totals and byState are exact sums of the nodes' exact counters. Top flows and top pods come
-from each node's own top flows (the only flows in status), so they are exact for the flows
-they list: a flow that is in no node's top list cannot be in the cluster's.
+Totals and byState are exact sums of the nodes' exact counters. Top flows come from each
+node's own top flows (the only flows in status), so they are exact for the flows they list:
+a flow that is in no node's top list cannot be in the cluster's. Top pods are the sums of
+the nodes' topPods, which each agent counts by local pod over every flow it knows, so a
+pod's count is the retransmits it sent; for entries without topPods (agents that predate
+it) the pods on either end of that node's top flows count instead, as before.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup]) -> lis
 
 
 def top_pods(flows: Iterable[Flow], pods: Optional[PodLookup], top_n: int) -> list[PodCount]:
-    """Pods on either end of the flows, by the retransmits of those flows."""
+    """Pods on either end of the flows, by the retransmits of those flows (top_n 0 = all)."""
     counts: Counter[tuple[str, str]] = Counter()
     node_of: dict[tuple[str, str], Optional[str]] = {}
     for flow in flows:
@@ -72,6 +75,27 @@ def top_pods(flows: Iterable[Flow], pods: Optional[PodLookup], top_n: int) -> li
         for key, node in dict(ends).items():  # a pod talking to itself counts once
             counts[key] += _weight(flow)
             node_of.setdefault(key, node)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    if top_n > 0:
+        ranked = ranked[:top_n]
+    return [PodCount(namespace=ns, pod=pod, node=node_of.get((ns, pod)), retransmits=n) for (ns, pod), n in ranked]
+
+
+def summary_pods(nodes: list[NodeStatus], flows: list[Flow], pods: Optional[PodLookup], top_n: int) -> list[PodCount]:
+    """The busiest pods cluster-wide: the nodes' topPods summed (exact, local side), plus,
+    for entries without topPods, the pods on either end of their top flows (`top_pods`)."""
+    counts: Counter[tuple[str, str]] = Counter()
+    node_of: dict[tuple[str, str], Optional[str]] = {}
+    legacy = {node.node for node in nodes if node.top_pods is None}
+    reported = [pod.model_copy(update={"node": pod.node or node.node})
+                for node in sorted(nodes, key=lambda n: n.node) for pod in node.top_pods or []]
+    if legacy:
+        reported += top_pods([f for f in flows if f.node in legacy], pods, 0)
+    for pod in reported:
+        key = (pod.namespace, pod.pod)
+        counts[key] += pod.retransmits
+        if node_of.get(key) is None:  # a pod name reused on another node keeps its first node
+            node_of[key] = pod.node
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top_n]
     return [PodCount(namespace=ns, pod=pod, node=node_of.get((ns, pod)), retransmits=n) for (ns, pod), n in ranked]
 
@@ -104,6 +128,6 @@ def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, p
         nodes_reporting=reporting_nodes,
         nodes=f"{reporting_nodes}/{nodes_desired}",
         top_flows=flows[:top_n],
-        top_pods=top_pods(flows, pod_index, top_n),
+        top_pods=summary_pods(nodes, flows, pod_index, top_n),
         by_state=dict(sorted(by_state.items())),
     )

@@ -316,6 +316,15 @@ class RecentEvent(ApiModel):
     state: Optional[TCPState] = Field(None, description="TCP state at the retransmit.")
 
 
+class PodCount(ApiModel):
+    """Retransmits of one pod: those it sent (its node's topPods), or on the flows it is an end of."""
+
+    pod: str = Field(description="Pod name.")
+    namespace: str = Field(description="Pod namespace.")
+    node: Optional[str] = Field(None, description="Node the pod runs on.")
+    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent, over every flow its node's agent knows; for nodes whose agent does not report topPods (older agents), those of the node's top flows this pod is an end of.")
+
+
 class NodeStatus(ApiModel):
     """One node's entry in status.nodes[], written only by that node's agent."""
 
@@ -327,20 +336,13 @@ class NodeStatus(ApiModel):
     flows: int = Field(0, ge=0, description="Distinct flows seen.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows, at most spec.topFlows.")
+    # Optional: absent means an agent that predates topPods (the operator then counts pods from topFlows).
+    top_pods: Optional[list[PodCount]] = Field(None, description="Local-side pods on this node with their retransmits (tcp_retransmit_skb + synack) over every flow the agent knows, busiest first, at most spec.topFlows.")
     recent_events: list[RecentEvent] = Field(default_factory=list, description="Most recent samples, at most spec.events.keep.")
     last_report_time: Optional[datetime] = Field(None, description="When the agent last wrote this entry.")
     kernel: Optional[str] = Field(None, description="Kernel release of the node.")
     agent_version: Optional[str] = Field(None, description="Version of the agent that wrote this entry.")
     message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
-
-
-class PodCount(ApiModel):
-    """Retransmits on connections of one pod, from the flows it is either side of."""
-
-    pod: str = Field(description="Pod name.")
-    namespace: str = Field(description="Pod namespace.")
-    node: Optional[str] = Field(None, description="Node the pod runs on.")
-    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) of the top flows this pod is an end of.")
 
 
 class Summary(ApiModel):
@@ -353,7 +355,7 @@ class Summary(ApiModel):
     nodes_reporting: int = Field(0, ge=0, description="Nodes whose agent reports counts: entries in phase Running (or Completed, after their final report).")
     nodes: Optional[str] = Field(None, description="nodesReporting/nodesDesired, e.g. '2/3': the Nodes column of kubectl get.")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows cluster-wide (at most spec.topFlows), each with its node; remote pods attributed from the operator's pod index.")
-    top_pods: list[PodCount] = Field(default_factory=list, description="Pods on either end of the busiest flows, busiest first.")
+    top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods), busiest first, at most spec.topFlows; nodes without topPods (older agents) add the pods on either end of their top flows.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes.")
 
 

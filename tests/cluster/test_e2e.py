@@ -287,6 +287,13 @@ def test_a_30s_trace_equals_the_reference_and_names_both_pods(operator, referenc
     assert summary["byState"] == entry.by_state
 
     owners = pods.owners
+    # Per pod: everything the pod retransmitted (local side, skb + SYN-ACK), from every flow.
+    want_pods = Counter()
+    for (_family, local_ip, _lport, _rip, _rport), (r, s) in want.items():
+        want_pods[(pods.namespace, owners[local_ip])] += r + s
+    assert {(p.namespace, p.pod): p.retransmits for p in entry.top_pods or []} == dict(want_pods)
+    assert {(p["namespace"], p["pod"]): p["retransmits"] for p in summary.get("topPods", [])} == dict(want_pods)
+    assert all(p["node"] == NODE_A for p in summary["topPods"])
     for flow in entry.top_flows:
         assert (flow.local.pod, flow.local.namespace) == (owners[flow.local.ip], pods.namespace), flow
         assert (flow.remote.pod, flow.remote.namespace) == (owners[flow.remote.ip], pods.namespace), flow

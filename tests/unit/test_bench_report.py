@@ -32,12 +32,13 @@ def test_status_size_at_1000_nodes_is_measured_when_the_object_holds_them():
     assert h["aggregation_lag_p99_s"] == 3.0 and h["aggregation_lag_nodes"] == 1000
 
 
-def test_status_size_at_1000_nodes_is_projected_from_the_growth_per_node_when_it_does_not_fit():
+def test_status_size_at_1000_nodes_is_the_projection_when_the_object_cannot_hold_them():
     scale = [{"nodes": 100, "stored": True, "status_bytes": 901_000, "aggregation_lag_p99_s": 2.5,
               "aggregation_lag_samples": 100},
              {"nodes": 1000, "stored": False, "writes_per_second": 5.0}]
-    h = report.headline(NODE, cp(scale, object_bytes_per_node=9_000.0, max_nodes_stored=170))
-    assert h["status_bytes_1000_nodes"] == 1000 + 1000 * 9_000
+    h = report.headline(NODE, cp(scale, projected_object_bytes={"100": 900_000, "1000": 1_600_000},
+                                 max_nodes_stored=170))
+    assert h["status_bytes_1000_nodes"] == 1_600_000
     assert h["status_bytes_1000_nodes_measured"] is False
     assert h["aggregation_lag_p99_s"] == 2.5 and h["aggregation_lag_nodes"] == 100
     assert h["max_nodes_stored"] == 170
@@ -108,3 +109,22 @@ def test_smaller_entries_fit_more_nodes_in_one_object():
     assert per_node == sorted(per_node, reverse=True)
     assert all(s["nodes_under_1MiB"] == (1 << 20) // s["bytes_per_node"] or
                s["nodes_under_1MiB"] == (1 << 20) // (s["bytes_per_node"] + 1) for s in sizes)
+
+
+def test_a_node_of_a_big_trace_keeps_to_its_share_of_the_object():
+    small, big = SyntheticNode("n", seed=3, nodes_desired=10), SyntheticNode("n", seed=3, nodes_desired=1000)
+    a, b = small.next_entry(), big.next_entry()
+    assert len(json.dumps(to_api(b), separators=(",", ":"))) <= (1 << 20) // 1000
+    assert len(b.top_flows) + len(b.recent_events) < len(a.top_flows) + len(a.recent_events)
+    assert (b.retransmits, b.by_state) == (a.retransmits, a.by_state)   # detail goes, counts stay
+
+
+def test_seeded_managed_fields_name_every_field_of_the_entry():
+    from bench.controlplane_bench import managed_fields_entry
+
+    entry = to_api(SyntheticNode("node-0003", seed=3).next_entry())
+    record = managed_fields_entry(entry, "rtrace-agent/node-0003", "2026-01-01T00:00:00Z")
+    fields = record["fieldsV1"]["f:status"]["f:nodes"]['k:{"node":"node-0003"}']
+    assert set(fields) == {"."} | {f"f:{k}" for k in entry}
+    assert set(fields["f:byState"]) == {f"f:{state}" for state in entry["byState"]}
+    assert (record["manager"], record["operation"], record["subresource"]) == ("rtrace-agent/node-0003", "Apply", "status")

@@ -28,11 +28,14 @@ def flow(lip, lport, rip, rport, n, family="IPv4", synack=0, local_pod=None, loc
             "retransmits": n, "synackRetransmits": synack, "lastState": "ESTABLISHED"}
 
 
-def node(name, phase="Running", flows=(), retransmits=0, synack=0, lost=0, by_state=None, message=None):
-    return NodeStatus.model_validate({
+def node(name, phase="Running", flows=(), retransmits=0, synack=0, lost=0, by_state=None, message=None, pods=None):
+    raw = {
         "node": name, "phase": phase, "retransmits": retransmits, "synackRetransmits": synack,
         "lostEvents": lost, "byState": by_state or {}, "topFlows": list(flows), "message": message,
-    })
+    }
+    if pods is not None:  # agents that predate topPods leave it out
+        raw["topPods"] = [{"namespace": ns, "pod": name_, "node": name, "retransmits": n} for ns, name_, n in pods]
+    return NodeStatus.model_validate(raw)
 
 
 @pytest.fixture
@@ -100,6 +103,44 @@ def test_top_pods_from_both_ends_of_all_node_flows(index):
     s = aggregate_summary(nodes, nodes_desired=2, top_n=10, pod_index=index)
     assert [(p.namespace, p.pod, p.node, p.retransmits) for p in s.top_pods] == [
         ("data", "db", "node-b", 12), ("shop", "client", "node-a", 12),
+    ]
+
+
+def test_top_pods_are_the_sums_of_the_nodes_top_pods_not_of_their_top_flows(index):
+    """The demo's case: the top flows hold 190 of a pod's 2,208 retransmits; its topPods all."""
+    nodes = [
+        node("node-a", retransmits=2300, flows=[flow("198.18.0.10", 40000, "198.18.1.20", 5432, 190)],
+             pods=[("shop", "client", 2208), ("shop", "cart", 92)]),
+        node("node-b", retransmits=700, flows=[flow("198.18.1.20", 5432, "198.18.0.10", 40000, 150)],
+             pods=[("data", "db", 700)]),
+    ]
+    s = aggregate_summary(nodes, nodes_desired=2, top_n=10, pod_index=index)
+    assert [(p.namespace, p.pod, p.node, p.retransmits) for p in s.top_pods] == [
+        ("shop", "client", "node-a", 2208), ("data", "db", "node-b", 700), ("shop", "cart", "node-a", 92),
+    ]
+    assert sum(p.retransmits for p in s.top_pods) == s.retransmits
+    assert s.top_flows[0].remote.pod == "db"  # remote-side attribution of flows stays
+    assert [p.pod for p in aggregate_summary(nodes, 2, 2, index).top_pods] == ["client", "db"]
+
+
+def test_a_pod_reported_by_two_nodes_adds_up(index):
+    """Two simulated nodes on one host, or a pod name reused after a move: counts add."""
+    nodes = [node("node-a", pods=[("shop", "client", 5)]), node("node-b", pods=[("shop", "client", 7)])]
+    s = aggregate_summary(nodes, 2, 10, index)
+    assert [(p.pod, p.node, p.retransmits) for p in s.top_pods] == [("client", "node-a", 12)]
+
+
+def test_entries_without_top_pods_count_both_ends_of_their_flows_entries_with_them_do_not(index):
+    nodes = [
+        # an older agent: its flow counts for both ends, as before topPods existed
+        node("node-a", flows=[flow("198.18.0.10", 40000, "198.18.1.20", 5432, 7, synack=1)]),
+        # a current agent: its pods' own counts; its host's flow to a pod adds nothing to that pod
+        node("node-b", flows=[flow("10.0.0.2", 22, "198.18.0.10", 40000, 50)], pods=[("data", "db", 3)]),
+        node("node-c", flows=[flow("10.0.0.3", 22, "198.18.1.20", 5432, 40)], pods=[]),
+    ]
+    s = aggregate_summary(nodes, 3, 10, index)
+    assert [(p.namespace, p.pod, p.node, p.retransmits) for p in s.top_pods] == [
+        ("data", "db", "node-b", 11), ("shop", "client", "node-a", 8),
     ]
 
 

@@ -13,7 +13,7 @@ from retransmit_agent.cluster import ClusterAgent
 from retransmit_agent.flows import FlowCounters
 from retransmit_agent.kernel import KernelSnapshot
 from retransmit_agent.reporter import Baseline
-from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RetransmitTraceSpec
+from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, PodCount, RetransmitTraceSpec
 from retransmit_operator.contract import AgentInvocation
 
 pytestmark = pytest.mark.unit
@@ -35,15 +35,15 @@ class RecordedProgram:
         return []
 
 
-def counters(local_ip, local_port, retransmits, remote_ip="203.0.113.9", remote_port=443, family="IPv4"):
+def counters(local_ip, local_port, retransmits, remote_ip="203.0.113.9", remote_port=443, family="IPv4", synack=0):
     return FlowCounters(family=family, local_ip=local_ip, local_port=local_port, remote_ip=remote_ip,
-                        remote_port=remote_port, retransmits=retransmits, synack_retransmits=0,
+                        remote_port=remote_port, retransmits=retransmits, synack_retransmits=synack,
                         last_state="ESTABLISHED", first_seen=T0, last_seen=T0 + timedelta(seconds=1))
 
 
 def snapshot(flows):
     total = sum(f.retransmits for f in flows)
-    return KernelSnapshot(retransmits=total, synack_retransmits=0, lost_events=0, sampled_events=0,
+    return KernelSnapshot(retransmits=total, synack_retransmits=sum(f.synack_retransmits for f in flows), lost_events=0, sampled_events=0,
                           failed_attempts=0, missed_events=0, by_state={"ESTABLISHED": total}, flows=flows)
 
 
@@ -104,3 +104,36 @@ def test_metrics_count_by_local_pod_and_remote_port(agent):
     agent.build_entry()
     assert agent.state.by_pod_port == {("shop", "web", "5432"): 7, ("shop", "db", "443"): 2}
     assert agent.state.retransmits == 9
+
+
+def test_top_pods_count_every_flow_in_the_kernel_map_by_local_pod_and_skip_the_node(agent):
+    agent.baseline = Baseline()
+    # 3 top flows kept, 40 flows counted: web's many small flows are all in its count.
+    flows = [counters(WEB, 1000 + i, 2) for i in range(30)]
+    flows += [counters(DB, 5432, 20, family="IPv6", remote_ip="fd00::9", synack=3), counters("198.18.0.3", 5433, 4)]
+    flows += [counters("10.1.0.5", 2200 + i, 50 + i) for i in range(8)]  # the node's own address: no pod
+    agent.program = RecordedProgram(snapshot(flows))
+    entry = agent.build_entry()
+    assert len(entry.top_flows) == 3 and all(f.local.node == "n1" for f in entry.top_flows)
+    assert [(p.namespace, p.pod, p.node, p.retransmits) for p in entry.top_pods] == [
+        ("shop", "web", "n1", 60), ("shop", "db", "n1", 27),
+    ]
+
+
+def test_a_restarted_agent_continues_its_pods_counts_and_they_never_drop(agent):
+    agent.baseline = Baseline.from_entry(NodeStatus(node="n1", phase=Phase.RUNNING, retransmits=500, top_pods=[
+        PodCount(namespace="shop", pod="web", node="n1", retransmits=400),
+        PodCount(namespace="shop", pod="db", node="n1", retransmits=100)]))
+    agent.program = RecordedProgram(snapshot([counters(WEB, 1, 7), counters(WEB, 2, 3)]))
+    assert [(p.pod, p.retransmits) for p in agent.build_entry().top_pods] == [("web", 410), ("db", 100)]
+    # The kernel's LRU map evicted flow 2: web's count holds.
+    agent.program = RecordedProgram(snapshot([counters(WEB, 1, 8)]))
+    assert [(p.pod, p.retransmits) for p in agent.build_entry().top_pods] == [("web", 410), ("db", 100)]
+
+
+def test_a_node_that_cannot_trace_keeps_its_earlier_pods(agent):
+    agent.baseline = Baseline.from_entry(NodeStatus(node="n1", phase=Phase.RUNNING, retransmits=42, top_pods=[
+        PodCount(namespace="shop", pod="web", node="n1", retransmits=42)]))
+    agent.problem = "BPF not permitted"
+    entry = agent.build_entry()
+    assert entry.phase == "Failed" and [(p.pod, p.retransmits) for p in entry.top_pods] == [("web", 42)]

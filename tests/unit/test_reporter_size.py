@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 import pytest
 
 from retransmit_agent.reporter import entry_budget_bytes, entry_size, fit_entry
-from retransmit_operator.api import Endpoint, Flow, NodeStatus, RecentEvent, RetransmitTraceStatus, to_api
+from retransmit_operator.api import Endpoint, Flow, NodeStatus, PodCount, RecentEvent, RetransmitTraceStatus, to_api
 
 pytestmark = pytest.mark.unit
 
@@ -20,13 +20,16 @@ def endpoint(i: int, pod: str) -> Endpoint:
 
 
 def full_entry(node: int) -> NodeStatus:
-    """A node entry at the spec's defaults (10 flows, 20 events), every side attributed."""
+    """A node entry at the spec's defaults (10 flows, 10 pods, 20 events), every side attributed."""
     flows = [Flow(local=endpoint(node * 100 + k, "checkout"), remote=endpoint(node * 100 + k + 50, "ledger"),
                   family="IPv6", retransmits=1000 - k, synack_retransmits=k, last_state="ESTABLISHED",
                   first_seen=NOW, last_seen=NOW) for k in range(10)]
     events = [RecentEvent(time=NOW, kind="retransmit", family="IPv6", local=endpoint(k, "checkout"),
                           remote=endpoint(k + 1, "ledger"), state="ESTABLISHED") for k in range(20)]
-    return NodeStatus(node=f"ip-10-0-{node // 256}-{node % 256}.eu-west-1.compute.internal", phase="Running",
+    name = f"ip-10-0-{node // 256}-{node % 256}.eu-west-1.compute.internal"
+    pods = [PodCount(namespace="payments-production", pod=f"checkout-7d9c8b6f5-{node * 100 + k:05d}", node=name,
+                     retransmits=100000 - k) for k in range(10)]
+    return NodeStatus(node=name, phase="Running", top_pods=pods,
                       retransmits=123456789, synack_retransmits=4321, lost_events=98765, flows=31234,
                       by_state={"ESTABLISHED": 123000000, "SYN_SENT": 456789, "SYN_RECV": 4321},
                       top_flows=flows, recent_events=events, last_report_time=NOW,
