@@ -327,10 +327,15 @@ class ClusterAgent:
         return fit_entry(attributed, entry_budget_bytes(self.nodes_desired))
 
     def _pod_of(self, table: dict) -> Callable[[str], Optional[PodKey]]:
-        """(namespace, pod) owning a local address; None for the node's own and unknown ones."""
+        """(namespace, pod) owning a local address; None for the node's own and unknown ones.
+        Memoized per report: the kernel map holds many flows but few local addresses."""
+        known: dict[str, Optional[PodKey]] = {}
+
         def pod_of(ip: str) -> Optional[PodKey]:
-            owner = attribute(table, ip, self.node)
-            return (owner.namespace, owner.pod) if owner and owner.pod and owner.namespace else None
+            if ip not in known:
+                owner = attribute(table, ip, self.node)
+                known[ip] = (owner.namespace, owner.pod) if owner and owner.pod and owner.namespace else None
+            return known[ip]
         return pod_of
 
     def _attributed(self, flow: Flow, table: dict) -> Flow:

@@ -73,7 +73,28 @@ def installed(control_plane):
         wait_until(lambda: any(c.type == "Established" and c.status == "True"
                                for c in ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []),
                    "the CRD to be established")
-    return control_plane
+    yield control_plane
+    # Leave the shared cluster as found (the deploy tests install the chart into a cluster
+    # without retransmit-system): everything but the CRD, which other modules use too.
+    with control_plane.api_client() as api:
+        core = kubernetes.client.CoreV1Api(api)
+        rbac = kubernetes.client.RbacAuthorizationV1Api(api)
+        for delete in (lambda: core.delete_namespace(SYSTEM_NS),
+                       lambda: rbac.delete_cluster_role_binding(AGENT_SA),
+                       lambda: rbac.delete_cluster_role(AGENT_SA)):
+            try:
+                delete()
+            except kubernetes.client.ApiException as e:
+                if e.status != 404:
+                    raise
+
+        def namespace_gone() -> bool:
+            try:
+                core.read_namespace(SYSTEM_NS)
+                return False
+            except kubernetes.client.ApiException as e:
+                return e.status == 404
+        wait_until(namespace_gone, f"namespace {SYSTEM_NS} deleted", timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -342,9 +363,11 @@ def test_kill_9_loses_at_most_the_last_interval_and_sigterm_loses_nothing(operat
     ips = set(pods.server_ips + pods.client_ips)
     trace.wait_entry("attached", running)
     seen: list[int] = []
+    pods_seen: list[dict] = []
 
     def observe(e: NodeStatus) -> NodeStatus:
         seen.append(e.retransmits + e.synack_retransmits)
+        pods_seen.append({(p.namespace, p.pod): p.retransmits for p in e.top_pods or []})
         return e
 
     start = reference.read()
@@ -384,6 +407,10 @@ def test_kill_9_loses_at_most_the_last_interval_and_sigterm_loses_nothing(operat
                              == reported_at_kill + phase_c + phase_d)
     assert seen == sorted(seen), f"counts went backwards: {seen}"
     assert final.phase == "Running"
+    # Every retransmit here is a selected pod's: the pods' counts resume and add up to the totals.
+    assert sum(p.retransmits for p in final.top_pods) == final.retransmits + final.synack_retransmits
+    for earlier, later in zip(pods_seen, pods_seen[1:]):
+        assert all(later.get(pod, 0) >= n for pod, n in earlier.items()), f"a pod's count went backwards: {pods_seen}"
 
 
 def _restart_apiserver_after(control_plane: Any, seconds: float, during: Callable[[], None]) -> None:
@@ -410,7 +437,9 @@ def _agent_metrics(trace: Trace) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     port = agent_metrics_port(trace.name, Settings())
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+    # The agent serves on its pod's IP (the simulated node's address: hostNetwork).
+    ip = trace.core.read_namespaced_pod(trace.agent_pod(), SYSTEM_NS).status.pod_ip
+    with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
     return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels.get("pod")}
 
