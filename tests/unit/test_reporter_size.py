@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from retransmit_agent.reporter import entry_budget_bytes, entry_size, fit_entry
+from retransmit_agent.reporter import MANAGED_FIELDS_BYTES_PER_NODE, entry_budget_bytes, entry_size, fit_entry
 from retransmit_operator.api import Endpoint, Flow, NodeStatus, PodCount, RecentEvent, RetransmitTraceStatus, to_api
 
 pytestmark = pytest.mark.unit
@@ -46,7 +46,8 @@ def test_all_entries_together_stay_under_a_mebibyte_and_keep_their_counts(nodes)
     entries = [fit_entry(full_entry(n), entry_budget_bytes(nodes)) for n in range(nodes)]
     status = RetransmitTraceStatus(nodes=entries)
     size = len(json.dumps(to_api(status), separators=(",", ":")))
-    assert size <= 1024 * 1024 < ETCD_LIMIT
+    # Each node's field manager adds a managedFields record to the object: it counts too.
+    assert size + nodes * MANAGED_FIELDS_BYTES_PER_NODE <= 1024 * 1024 < ETCD_LIMIT
     for entry in entries:
         assert entry.retransmits == 123456789 and entry.by_state["ESTABLISHED"] == 123000000
         assert entry_size(entry) <= entry_budget_bytes(nodes)
