@@ -368,7 +368,8 @@ class ClusterAgent:
         for key, old in baseline.top_flows.items():
             if key not in seen:
                 add(key.local_ip, key.remote_port, old.retransmits)
-        self.state.publish_counts(entry.retransmits, entry.synack_retransmits, entry.lost_events, by_pod_port)
+        self.state.publish_counts(entry.retransmits, entry.synack_retransmits, entry.lost_events, by_pod_port,
+                                  missed=entry.missed_events)
 
     def _report(self) -> bool:
         """Write the entry if it changed. True when nothing is left to write."""

@@ -13,6 +13,8 @@ Metrics (all carry the label `trace`):
   evicts a flow, the series keeps its highest value.
 - rtrace_node_retransmits_total, rtrace_node_synack_retransmits_total: the node's exact totals.
 - rtrace_lost_events_total: samples dropped (rate limit, full buffer); counts stay exact.
+- rtrace_missed_events_total: tracepoint hits the kernel did not run the program for
+  (another BPF program was running on that CPU); the true counts may be higher by this much.
 - rtrace_report_errors_total: status writes that failed (API server away, refused).
 - rtrace_reports_total: status writes that succeeded.
 - rtrace_program_attached: 1 while the kernel program is attached.
@@ -49,6 +51,7 @@ class AgentState:
     retransmits: int = 0
     synack_retransmits: int = 0
     lost_events: int = 0
+    missed_events: int = 0
     report_errors: int = 0
     reports: int = 0
     interval: float = 0.0
@@ -66,11 +69,12 @@ class AgentState:
             return (now if now is not None else time.monotonic()) - self.last_loop <= self.liveness_bound
 
     def publish_counts(self, retransmits: int, synack: int, lost: int,
-                       by_pod_port: dict[tuple[str, str, str], int]) -> None:
+                       by_pod_port: dict[tuple[str, str, str], int], missed: int = 0) -> None:
         with self.lock:
             self.retransmits = max(self.retransmits, retransmits)
             self.synack_retransmits = max(self.synack_retransmits, synack)
             self.lost_events = max(self.lost_events, lost)
+            self.missed_events = max(self.missed_events, missed)
             for key, value in by_pod_port.items():
                 if value > self.by_pod_port.get(key, 0):
                     self.by_pod_port[key] = value
@@ -96,6 +100,7 @@ class AgentCollector:
                 ("rtrace_node_retransmits", "Every matched tcp_retransmit_skb event on this node.", s.retransmits),
                 ("rtrace_node_synack_retransmits", "Every matched tcp_retransmit_synack event on this node.", s.synack_retransmits),
                 ("rtrace_lost_events", "Samples dropped by the rate limit or a full buffer.", s.lost_events),
+                ("rtrace_missed_events", "Tracepoint hits the kernel did not run the program for (another BPF program was running on that CPU).", s.missed_events),
                 ("rtrace_report_errors", "Status writes that failed.", s.report_errors),
                 ("rtrace_reports", "Status writes that succeeded.", s.reports),
             ):

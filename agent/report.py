@@ -42,6 +42,7 @@ def build_node_report(
         retransmits=snapshot.retransmits,
         synack_retransmits=snapshot.synack_retransmits,
         lost_events=snapshot.lost_events,
+        missed_events=snapshot.missed_events,
         flows=len(snapshot.flows),
         by_state=dict(sorted(snapshot.by_state.items())),
         top_flows=[f.to_flow() for f in flows],

@@ -120,6 +120,7 @@ class Baseline:
     retransmits: int = 0
     synack_retransmits: int = 0
     lost_events: int = 0
+    missed_events: int = 0
     flows: int = 0
     by_state: Mapping[str, int] = field(default_factory=dict)
     top_flows: Mapping[FlowKey, Flow] = field(default_factory=dict)
@@ -134,6 +135,7 @@ class Baseline:
             retransmits=entry.retransmits,
             synack_retransmits=entry.synack_retransmits,
             lost_events=entry.lost_events,
+            missed_events=entry.missed_events,
             flows=entry.flows,
             by_state=dict(entry.by_state),
             top_flows={FlowKey.of_flow(f): f for f in entry.top_flows},
@@ -145,6 +147,7 @@ class Baseline:
     def empty(self) -> bool:
         return (
             self.retransmits == 0 and self.synack_retransmits == 0 and self.lost_events == 0
+            and self.missed_events == 0
             and not self.top_flows and not self.recent_events and self.flows == 0
             and not self.top_pods
         )
@@ -224,7 +227,7 @@ def top_flows(flows: Sequence[Flow], top_n: int) -> list[Flow]:
 def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequence[Flow], top_n: int, keep: int) -> NodeStatus:
     """The entry to write: this agent's report `fresh` plus what earlier agents reported.
 
-    Totals, byState and lostEvents add; `flows` never shrinks; top flows come from
+    Totals, byState, lostEvents and missedEvents add; `flows` never shrinks; top flows come from
     `merged_flows` (see merge_flows); recent events: this agent's first, then older ones.
     """
     by_state = dict(baseline.by_state)
@@ -235,6 +238,7 @@ def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequen
         "retransmits": baseline.retransmits + fresh.retransmits,
         "synack_retransmits": baseline.synack_retransmits + fresh.synack_retransmits,
         "lost_events": baseline.lost_events + fresh.lost_events,
+        "missed_events": baseline.missed_events + fresh.missed_events,
         "flows": max(baseline.flows, len(merged_flows), fresh.flows),
         "by_state": by_state,
         "top_flows": top_flows(merged_flows, top_n),

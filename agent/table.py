@@ -19,6 +19,7 @@ def render_report(report: NodeStatus, elapsed: float, duration: float | None) ->
         ("   SYN-ACK retransmits ", "bold"), str(report.synack_retransmits),
         ("   flows ", "bold"), str(report.flows),
         ("   lost samples ", "bold"), str(report.lost_events),
+        ("   missed hits ", "bold"), str(report.missed_events),
         ("   elapsed ", "dim"), f"{elapsed:.0f}s{limit}",
     )
     states = Text("by state: " + ("  ".join(f"{k} {v}" for k, v in report.by_state.items()) or "-"), style="dim")

@@ -124,6 +124,7 @@ def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, p
         retransmits=sum(n.retransmits for n in nodes),
         synack_retransmits=sum(n.synack_retransmits for n in nodes),
         lost_events=sum(n.lost_events for n in nodes),
+        missed_events=sum(n.missed_events for n in nodes),
         nodes_desired=nodes_desired,
         nodes_reporting=reporting_nodes,
         nodes=f"{reporting_nodes}/{nodes_desired}",

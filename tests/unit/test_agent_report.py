@@ -24,12 +24,13 @@ def flow(port: int, retransmits: int, synacks: int = 0, family: str = "IPv4") ->
 
 def snapshot(flows: list[FlowCounters]) -> KernelSnapshot:
     return KernelSnapshot(retransmits=1000, synack_retransmits=3, lost_events=17, sampled_events=986,
-                          failed_attempts=0, missed_events=0, by_state={"SYN_RECV": 3, "ESTABLISHED": 1000}, flows=flows)
+                          failed_attempts=2, missed_events=5, by_state={"SYN_RECV": 3, "ESTABLISHED": 1000}, flows=flows)
 
 
 def test_totals_come_from_the_kernel_totals_not_the_flow_sum():
     report = build_node_report("node-a", snapshot([flow(1, 5)]), [], 10, "6.18", "0.1.0", report_time=T0)
     assert (report.retransmits, report.synack_retransmits, report.lost_events) == (1000, 3, 17)
+    assert report.missed_events == 5  # hits the kernel skipped: the counts may be low by this much
     assert report.flows == 1
     assert report.by_state == {"ESTABLISHED": 1000, "SYN_RECV": 3}
     assert report.phase == "Running" and report.node == "node-a"
@@ -50,10 +51,11 @@ def test_report_serialises_with_the_api_names():
                           remote=Endpoint(ip="10.0.0.2", port=443), state="ESTABLISHED")] * 3
     report = build_node_report("n", snapshot([flow(7, 2, family="IPv6")]), events, 10, None, None, keep_events=2)
     doc = to_api(report)
-    assert {"retransmits", "synackRetransmits", "lostEvents", "flows", "topFlows", "byState", "recentEvents"} <= set(doc)
+    assert {"retransmits", "synackRetransmits", "lostEvents", "missedEvents", "flows", "topFlows", "byState", "recentEvents"} <= set(doc)
     top = doc["topFlows"][0]
     assert top["family"] == "IPv6" and top["local"] == {"ip": "fd00::1", "port": 7}
     assert top["remote"] == {"ip": "fd00::2", "port": 443}
     assert top["lastState"] == "ESTABLISHED" and top["firstSeen"].startswith("2026-01-01T00:00:00")
     assert len(doc["recentEvents"]) == 2
+    assert doc["missedEvents"] == 5
     assert NodeStatus.model_validate(doc) == report

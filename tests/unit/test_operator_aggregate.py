@@ -28,10 +28,10 @@ def flow(lip, lport, rip, rport, n, family="IPv4", synack=0, local_pod=None, loc
             "retransmits": n, "synackRetransmits": synack, "lastState": "ESTABLISHED"}
 
 
-def node(name, phase="Running", flows=(), retransmits=0, synack=0, lost=0, by_state=None, message=None, pods=None):
+def node(name, phase="Running", flows=(), retransmits=0, synack=0, lost=0, by_state=None, message=None, pods=None, missed=0):
     raw = {
         "node": name, "phase": phase, "retransmits": retransmits, "synackRetransmits": synack,
-        "lostEvents": lost, "byState": by_state or {}, "topFlows": list(flows), "message": message,
+        "lostEvents": lost, "missedEvents": missed, "byState": by_state or {}, "topFlows": list(flows), "message": message,
     }
     if pods is not None:  # agents that predate topPods leave it out
         raw["topPods"] = [{"namespace": ns, "pod": name_, "node": name, "retransmits": n} for ns, name_, n in pods]
@@ -49,11 +49,11 @@ def index():
 
 def test_totals_and_by_state_are_exact_sums(index):
     nodes = [
-        node("node-a", retransmits=10, synack=2, lost=1, by_state={"ESTABLISHED": 8, "SYN_SENT": 2}),
-        node("node-b", retransmits=5, synack=0, lost=3, by_state={"ESTABLISHED": 5}),
+        node("node-a", retransmits=10, synack=2, lost=1, missed=7, by_state={"ESTABLISHED": 8, "SYN_SENT": 2}),
+        node("node-b", retransmits=5, synack=0, lost=3, missed=2, by_state={"ESTABLISHED": 5}),
     ]
     s = aggregate_summary(nodes, nodes_desired=2, top_n=10, pod_index=index)
-    assert (s.retransmits, s.synack_retransmits, s.lost_events) == (15, 2, 4)
+    assert (s.retransmits, s.synack_retransmits, s.lost_events, s.missed_events) == (15, 2, 4, 9)
     assert s.by_state == {"ESTABLISHED": 13, "SYN_SENT": 2}
 
 

@@ -120,17 +120,17 @@ def test_own_entry_is_found_among_other_nodes():
 
 
 def test_resumed_totals_add_to_the_kernels_new_counts():
-    before = entry(retransmits=100, synack_retransmits=4, lost_events=2, flows=3,
+    before = entry(retransmits=100, synack_retransmits=4, lost_events=2, missed_events=6, flows=3,
                    by_state={"ESTABLISHED": 90, "SYN_RECV": 10},
                    top_flows=[flow(1000, 60), flow(1001, 40)], recent_events=[event(5)])
     baseline = Baseline.from_entry(before)
     fresh_flows = [flow(1000, 7, seen=20), flow(1002, 3, seen=21)]
-    fresh = entry(retransmits=10, synack_retransmits=1, lost_events=1, flows=2,
+    fresh = entry(retransmits=10, synack_retransmits=1, lost_events=1, missed_events=4, flows=2,
                   by_state={"ESTABLISHED": 10, "FIN_WAIT1": 1},
                   top_flows=fresh_flows, recent_events=[event(30)])
     merged = merge_flows(baseline, fresh.top_flows)
     out = cumulative_entry(baseline, fresh, merged, top_n=10, keep=20)
-    assert (out.retransmits, out.synack_retransmits, out.lost_events) == (110, 5, 3)
+    assert (out.retransmits, out.synack_retransmits, out.lost_events, out.missed_events) == (110, 5, 3, 10)
     assert out.by_state == {"ESTABLISHED": 100, "SYN_RECV": 10, "FIN_WAIT1": 1}
     counts = {f.local.port: f.retransmits for f in out.top_flows}
     assert counts == {1000: 67, 1001: 40, 1002: 3}
@@ -188,7 +188,7 @@ def test_apply_body_carries_only_this_nodes_entry():
     assert body["metadata"] == {"name": "t1"}
     assert list(body["status"]) == ["nodes"]
     assert body["status"]["nodes"] == [{"node": "n1", "phase": "Running", "retransmits": 3,
-                                        "synackRetransmits": 0, "lostEvents": 0, "flows": 0,
+                                        "synackRetransmits": 0, "lostEvents": 0, "missedEvents": 0, "flows": 0,
                                         "byState": {"ESTABLISHED": 3}, "topFlows": [],
                                         "recentEvents": []}]
 
@@ -201,3 +201,15 @@ def test_nodes_desired_comes_from_the_operators_summary():
     assert nodes_desired({"status": {"summary": {"nodesDesired": 120}}}) == 120
     assert nodes_desired({"status": {}}) == 0
     assert nodes_desired({}) == 0
+
+
+def test_missed_events_alone_make_a_baseline_and_survive_restarts():
+    # An entry whose only count is missedEvents must still be resumed, and an entry written
+    # before the field existed reads back as 0.
+    baseline = Baseline.from_entry(entry(missed_events=3))
+    assert not baseline.empty and baseline.missed_events == 3
+    assert Baseline.from_entry(NodeStatus.model_validate({"node": "n1", "phase": "Running"})).missed_events == 0
+    first = cumulative_entry(baseline, entry(missed_events=2), [], top_n=10, keep=0)
+    second = cumulative_entry(Baseline.from_entry(first), entry(missed_events=0), [], top_n=10, keep=0)
+    assert (first.missed_events, second.missed_events) == (5, 5)
+    assert to_api(second)["missedEvents"] == 5

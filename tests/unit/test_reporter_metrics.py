@@ -51,7 +51,7 @@ def test_livez_fails_when_the_report_loop_stalls(served):
 
 def test_metrics_expose_counts_by_pod_and_remote_port(served):
     state, url = served
-    state.publish_counts(12, 3, 4, {("shop", "web", "5201"): 10, ("", "n1", "22"): 2})
+    state.publish_counts(12, 3, 4, {("shop", "web", "5201"): 10, ("", "n1", "22"): 2}, missed=6)
     state.report_errors = 2
     code, text = get(url + "/metrics")
     assert code == 200
@@ -61,6 +61,7 @@ def test_metrics_expose_counts_by_pod_and_remote_port(served):
     assert got[("rtrace_node_retransmits_total", (("node", "n1"), ("trace", "t1")))] == 12
     assert got[("rtrace_node_synack_retransmits_total", (("node", "n1"), ("trace", "t1")))] == 3
     assert got[("rtrace_lost_events_total", (("node", "n1"), ("trace", "t1")))] == 4
+    assert got[("rtrace_missed_events_total", (("node", "n1"), ("trace", "t1")))] == 6
     assert got[("rtrace_report_errors_total", (("node", "n1"), ("trace", "t1")))] == 2
 
 
