@@ -111,6 +111,7 @@ class ClusterAgent:
         self.last_written: Optional[NodeStatus] = None
         self.pod_counts: dict[PodKey, int] = {}  # every local pod's count so far (see cumulative_pods)
         self.nodes_desired = 0
+        self.object_bytes = 0  # the trace's size as last seen: larger objects get fewer writes
         self.events: deque[RecentEvent] = deque(maxlen=max(1, self.spec.events.keep))
         self._watcher: Optional[PodWatcher] = None
         self._metrics: Optional[MetricsServer] = None
@@ -218,6 +219,7 @@ class ClusterAgent:
             previous = find_entry(trace, self.node)
             self.baseline = Baseline.from_entry(previous)
             self.nodes_desired = nodes_desired(trace)
+            self.object_bytes = object_size(trace)
             if previous is not None and not self.baseline.empty:
                 log.info("resuming node %s from %d retransmits, %d SYN-ACK retransmits",
                          self.node, previous.retransmits, previous.synack_retransmits)
@@ -250,7 +252,7 @@ class ClusterAgent:
 
     def _interval(self) -> float:
         interval = report_interval(self.spec.report_interval_seconds, self.nodes_desired,
-                                   self.inv.max_writes_per_second)
+                                   self.inv.max_writes_per_second, self.object_bytes)
         with self.state.lock:
             self.state.interval = interval
         # The liveness bound follows the stretched interval plus the longest backoff.
@@ -389,6 +391,7 @@ class ClusterAgent:
             return False
         self.last_written = entry
         self.nodes_desired = nodes_desired(stored) or self.nodes_desired
+        self.object_bytes = object_size(stored)
         with self.state.lock:
             self.state.reports += 1
         return True

@@ -8,8 +8,8 @@ writing their entries the way the agent does, and the real operator aggregating 
 - For N in 20, 100, 500, 1000 (each node's entry trimmed to its share for N nodes, as the
   agent does): the nodes not in the object yet write once (one apply per node up to 100
   nodes, beyond that in bulk with the same managedFields), then for a window the nodes write
-  at the agents' budget: 5 writes/s per trace in total, each node every
-  max(reportInterval, N / 5) s (reporter.report_interval), round robin. Measured: object
+  at the agents' budget: 5 writes/s per trace in total, fewer for objects over 160 KiB
+  (reporter.report_interval: the same bytes per second), round robin. Measured: object
   size, API server write requests/s and request bytes/s (the API server's own metrics) and
   CPU, bytes/s stored (object size x accepted writes), and the operator's lag from a node's
   write (request sent) to the first summary that includes it (seen on a watch).
@@ -396,7 +396,7 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, counts, window: f
                 point["summary_wait_error"] = str(e)
             point.update(stored=True, status_bytes=sizes["object"], status_only_bytes=sizes["status"],
                          managed_fields_bytes=sizes["managed_fields"])
-            point.update(budget_window(admin, apiserver, watch, nodes[:n], writers[:n], window))
+            point.update(budget_window(admin, apiserver, watch, nodes[:n], writers[:n], window, sizes["object"]))
             log(f"{n} nodes: object {sizes['object']} bytes, {point['writes_per_second']:.2f} writes/s "
                 f"({point['agent_writes_failed']}/{point['agent_writes']} failed), write p99 "
                 f"{point['write_latency_p99_s']:.2f} s, API server {point['apiserver_cpu_percent']:.0f}% CPU, "
@@ -427,7 +427,7 @@ def projected_bytes(nodes: list[SyntheticNode], empty: int, managed_per_node: fl
 
 
 def budget_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[SyntheticNode],
-                  writers: list[StatusWriter], window: float) -> dict[str, Any]:
+                  writers: list[StatusWriter], window: float, object_bytes: int = 0) -> dict[str, Any]:
     """Nodes write round robin at the per-trace budget for `window` seconds.
 
     Each node is its own agent, so writes are sent on schedule whether or not earlier ones
@@ -438,7 +438,8 @@ def budget_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[S
 
     n = len(nodes)
     rate = DEFAULT_MAX_WRITES_PER_SECOND
-    interval = report_interval(SPEC_REPORT_INTERVAL, n, rate)
+    # The agents' own budget: fewer writes for objects larger than BUDGET_OBJECT_BYTES.
+    interval = report_interval(SPEC_REPORT_INTERVAL, n, rate, object_bytes)
     per_second = min(rate, n / interval)
     records: list[dict[str, Any]] = []
 

@@ -213,3 +213,23 @@ def test_missed_events_alone_make_a_baseline_and_survive_restarts():
     second = cumulative_entry(Baseline.from_entry(first), entry(missed_events=0), [], top_n=10, keep=0)
     assert (first.missed_events, second.missed_events) == (5, 5)
     assert to_api(second)["missedEvents"] == 5
+
+
+def test_objects_larger_than_the_budget_size_get_proportionally_fewer_writes():
+    from retransmit_agent.reporter import BUDGET_OBJECT_BYTES
+
+    # Up to the budget size nothing changes ...
+    assert report_interval(10.0, 1000, 5.0, BUDGET_OBJECT_BYTES) == 200.0
+    assert report_interval(10.0, 20, 5.0, 100_000) == 10.0
+    # ... beyond it the API server sees the same bytes per second, not the same writes.
+    for size in (BUDGET_OBJECT_BYTES * 2, 900_000, 1_400_000):
+        interval = report_interval(10.0, 1000, 5.0, size)
+        assert 1000 / interval * size == pytest.approx(5.0 * BUDGET_OBJECT_BYTES)
+    # A 1,000-node trace of about 0.85 MB: each node writes about every 18 minutes.
+    assert 1000 < report_interval(10.0, 1000, 5.0, 857_000) < 1100
+
+
+def test_object_size_is_the_compact_json_the_api_server_returned():
+    from retransmit_agent.reporter import object_size
+
+    assert object_size({"a": [1, 2], "b": "x"}) == len('{"a":[1,2],"b":"x"}')
