@@ -303,9 +303,12 @@ def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int) -> list[Pod
     return [PodCount(namespace=ns, pod=pod, node=node, retransmits=n) for (ns, pod), n in ordered]
 
 
-# etcd refuses objects over 1.5 MiB. The node entries share 1 MiB of the trace (the rest is
-# left for the summary, conditions and metadata), split evenly between the nodes.
-NODES_STATUS_BUDGET_BYTES = 1024 * 1024
+# etcd refuses objects over 1.5 MiB, and every write rewrites the whole object (see
+# BUDGET_OBJECT_BYTES): the node entries share 256 KiB of the trace, split evenly. Up to
+# about 20 nodes that is every flow and sample the spec asks for; at 100 nodes counts, top
+# pods and the busiest flows; from about 400 nodes counts only (the floor: at 1,000 nodes
+# the object is about 0.9 MB, still well under etcd's limit).
+NODES_STATUS_BUDGET_BYTES = 256 * 1024
 
 
 # Each agent is its own field manager, so the object also carries one metadata.managedFields
@@ -327,18 +330,19 @@ def entry_size(entry: NodeStatus) -> int:
 
 def fit_entry(entry: NodeStatus, budget_bytes: int) -> NodeStatus:
     """The entry trimmed to `budget_bytes`: recent events go first (oldest first), then the
-    least busy flows, then the least busy pods. Counts, byState and phase always stay: they
-    are what the summary adds up, so a big cluster loses detail, never totals.
+    least busy flows and pods, one of each in turn. Counts, byState and phase always stay:
+    they are what the summary adds up, so a big cluster loses detail, never totals.
 
-    Pods go after flows: a pod count is a third of a flow's size, it is the exact per-pod
-    answer the summary's topPods sums (flows only give a lower bound), and it is what a
-    restarted agent resumes pod counts from."""
+    Flows and pods shrink together because the summary needs both: flows answer "which
+    connections", pods are the exact per-pod totals the summary's topPods adds up (and what
+    a restarted agent resumes pod counts from). Where they are equally many, the flow goes
+    first: it is three times a pod's size."""
     events, flows, pods = list(entry.recent_events), list(entry.top_flows), list(entry.top_pods or [])
     trimmed = entry
     while entry_size(trimmed) > budget_bytes and (events or flows or pods):
         if events:
             events.pop()
-        elif flows:
+        elif flows and len(flows) >= len(pods):
             flows.pop()
         else:
             pods.pop()

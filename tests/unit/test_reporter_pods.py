@@ -100,17 +100,19 @@ def full_entry():
     return entry(retransmits=5000, top_flows=flows, recent_events=events, top_pods=pods)
 
 
-def test_fit_entry_drops_samples_then_flows_then_the_least_busy_pods():
+def test_fit_entry_drops_samples_then_flows_and_pods_in_turn_least_busy_first():
     full = full_entry()
     no_events = full.model_copy(update={"recent_events": []})
-    no_flows = no_events.model_copy(update={"top_flows": []})
     assert fit_entry(full, entry_size(no_events)) == no_events
-    assert fit_entry(full, entry_size(no_flows)) == no_flows
-    fewer = fit_entry(full, entry_size(no_flows) - 1)
-    assert fewer.top_flows == [] and fewer.top_pods == full.top_pods[:len(fewer.top_pods)]
-    assert 0 < len(fewer.top_pods) < 10 and fewer.retransmits == 5000
+    for budget in range(entry_size(no_events) - 1, 0, -97):
+        fewer = fit_entry(full, budget)
+        # the busiest of each stay; flows go first, so there is never more than one pod extra
+        assert fewer.top_flows == full.top_flows[:len(fewer.top_flows)]
+        assert fewer.top_pods == full.top_pods[:len(fewer.top_pods)]
+        assert len(fewer.top_pods) - 1 <= len(fewer.top_flows) <= len(fewer.top_pods)
+        assert fewer.retransmits == 5000
     bare = fit_entry(full, 1)
-    assert bare.top_pods == [] and bare.retransmits == 5000
+    assert bare.top_pods == [] and bare.top_flows == [] and bare.retransmits == 5000
 
 
 def test_fit_entry_leaves_an_entry_without_top_pods_without_them():

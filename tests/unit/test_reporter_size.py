@@ -50,7 +50,9 @@ def test_all_entries_together_stay_under_a_mebibyte_and_keep_their_counts(nodes)
     assert size + nodes * MANAGED_FIELDS_BYTES_PER_NODE <= 1024 * 1024 < ETCD_LIMIT
     for entry in entries:
         assert entry.retransmits == 123456789 and entry.by_state["ESTABLISHED"] == 123000000
-        assert entry_size(entry) <= entry_budget_bytes(nodes)
+        # Within its share, or down to counts only where even those exceed it (the floor).
+        counts_only = entry.model_copy(update={"top_flows": [], "recent_events": [], "top_pods": []})
+        assert entry_size(entry) <= max(entry_budget_bytes(nodes), entry_size(counts_only))
 
 
 def test_samples_go_before_flows_and_the_busiest_flows_stay():
@@ -60,3 +62,15 @@ def test_samples_go_before_flows_and_the_busiest_flows_stay():
     assert trimmed.recent_events == [] and trimmed.top_flows == entry.top_flows
     fewer = fit_entry(entry, entry_size(without_events) - 10)
     assert fewer.top_flows == entry.top_flows[:len(fewer.top_flows)] and len(fewer.top_flows) < 10
+
+
+def test_a_hundred_node_trace_keeps_some_flows_and_some_pods_per_node():
+    """The summary needs both: which connections (flows) and exact per-pod totals (pods)."""
+    entry = fit_entry(full_entry(3).model_copy(update={"top_pods": _pods(10)}), entry_budget_bytes(100))
+    assert entry.top_flows and entry.top_pods and entry.recent_events == []
+
+
+def _pods(n: int):
+    from retransmit_operator.api import PodCount
+    return [PodCount(pod=f"checkout-{i:05d}", namespace="payments-production", node="n", retransmits=100 - i)
+            for i in range(n)]
