@@ -52,6 +52,7 @@ from .reporter import (
     jittered,
     merge_flows,
     nodes_desired,
+    object_size,
     pod_totals,
     ranked_pods,
     report_interval,
