@@ -36,7 +36,7 @@ from retransmit_operator.main import EmbeddedOperator
 from retransmit_operator.render import agent_metrics_port, daemonset_name, selector_labels
 from retransmit_operator.settings import Settings
 from tests.harness import podtraffic
-from tests.harness.controlplane import end_process, start_process, wait_until
+from tests.harness.controlplane import wait_until
 from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -415,22 +415,11 @@ def test_kill_9_loses_at_most_the_last_interval_and_sigterm_loses_nothing(operat
 
 def _restart_apiserver_after(control_plane: Any, seconds: float, during: Callable[[], None]) -> None:
     """Stop kube-apiserver (its process ends: connections are refused), run `during`, keep it
-    down for `seconds` in all, then start it again with the same arguments and wait for /readyz.
-
-    TODO(control plane harness): a ControlPlane.stop_apiserver()/start_apiserver() pair would
-    replace this; until then the component's Popen is swapped in place, so the control
-    plane's teardown ends the new process."""
-    component = next(c for c in control_plane.components if c.name == "kube-apiserver")
-    argv = list(component.proc.args)
+    down for `seconds` in all, then start it again and wait until it answers."""
     stopped_at = time.monotonic()
-    end_process(component.proc, grace=10)
-    try:
+    with control_plane.stopped("kube-apiserver"):
         during()
         time.sleep(max(0.0, seconds - (time.monotonic() - stopped_at)))
-    finally:
-        component.proc = start_process(argv, component.log)
-    with control_plane.api_client() as api:
-        wait_until(lambda: kubernetes.client.VersionApi(api).get_code(), "kube-apiserver back", timeout=120)
 
 
 def _agent_metrics(trace: Trace) -> dict[str, float]:

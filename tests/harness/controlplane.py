@@ -453,6 +453,25 @@ class ControlPlane:
         finally:
             os.kill(pid, signal.SIGCONT)
 
+    @contextlib.contextmanager
+    def stopped(self, name: str = "kube-apiserver"):
+        """End a component's process for the duration of the block (connections are refused,
+        unlike paused()), then start it again with the same arguments and, for the API
+        server, wait until it answers. Teardown ends the new process like the old one."""
+        comp = self.component(name)
+        argv = list(comp.proc.args)
+        end_process(comp.proc, grace=10)
+        try:
+            yield
+        finally:
+            comp.proc = start_process(argv, comp.log)
+            (self.workdir / f"{name}.pid").write_text(f"{comp.proc.pid}\n")
+        if name == "kube-apiserver":
+            import kubernetes
+
+            with self.api_client() as api:
+                self._wait_for("kube-apiserver back", lambda: kubernetes.client.VersionApi(api).get_code())
+
     def stop(self) -> None:
         """End every component (reverse start order) by its pid; safe to call twice."""
         for comp in reversed(self.components):
