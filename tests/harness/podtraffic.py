@@ -213,7 +213,8 @@ def _serve(args: argparse.Namespace) -> list:
     return []
 
 
-def _connect(args: argparse.Namespace) -> list:
+def _open_connections(args: argparse.Namespace) -> tuple[list[socket.socket], list[dict]]:
+    """args.connections connected sockets to the server, and each one's flow (both ends)."""
     family = socket.AF_INET6 if ":" in args.server_ip else socket.AF_INET
     socks, flows = [], []
     for _ in range(args.connections):
@@ -222,6 +223,11 @@ def _connect(args: argparse.Namespace) -> list:
         name = c.getsockname()
         flows.append({"client": [name[0], name[1]], "server": [args.server_ip, args.port]})
         socks.append(c)
+    return socks, flows
+
+
+def _connect(args: argparse.Namespace) -> list:
+    socks, flows = _open_connections(args)
     threads = [threading.Thread(target=lambda c=c: (_send_all_then_drain(c, args.bytes), c.close())) for c in socks]
     for t in threads:
         t.start()
@@ -241,14 +247,7 @@ def _synack_serve(args: argparse.Namespace) -> list:
 
 
 def _synack_connect(args: argparse.Namespace) -> list:
-    family = socket.AF_INET6 if ":" in args.server_ip else socket.AF_INET
-    socks, flows = [], []
-    for _ in range(args.connections):
-        c = socket.socket(family, socket.SOCK_STREAM)
-        c.connect((args.server_ip, args.port))
-        name = c.getsockname()
-        flows.append({"client": [name[0], name[1]], "server": [args.server_ip, args.port]})
-        socks.append(c)
+    socks, flows = _open_connections(args)
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         raise SystemExit("expected 'go' on stdin")
