@@ -186,16 +186,6 @@ def custom(admin):
 
 
 @pytest.fixture
-def apps(admin):
-    return kubernetes.client.AppsV1Api(admin)
-
-
-@pytest.fixture
-def core(admin):
-    return kubernetes.client.CoreV1Api(admin)
-
-
-@pytest.fixture
 def traces(custom):
     """Create traces through this; they are deleted after the test."""
     made: list[str] = []
