@@ -86,6 +86,14 @@ def api_client() -> Any:
     return client.ApiClient(configuration)
 
 
+def _pod_of(owner_of: Callable[[str], Optional[Owner]]) -> Callable[[str], Optional[PodKey]]:
+    """(namespace, pod) owning a local address; None for the node's own and unknown ones."""
+    def pod_of(ip: str) -> Optional[PodKey]:
+        owner = owner_of(ip)
+        return (owner.namespace, owner.pod) if owner and owner.pod and owner.namespace else None
+    return pod_of
+
+
 def _with_owner(endpoint: Endpoint, owner: Optional[Owner]) -> Endpoint:
     if owner is None:
         return endpoint
@@ -319,9 +327,12 @@ class ClusterAgent:
         fresh = fresh.model_copy(update={"phase": Phase.RUNNING, "message": None, "flows": len(snapshot.flows)})
         merged = merge_flows(baseline, fresh.top_flows)
         entry = cumulative_entry(baseline, fresh, merged, top_n, keep)
-        self._publish_metrics(entry, baseline, snapshot.flows, table)
+        # Every flow in the kernel map is attributed twice below (metrics, pod totals), but it
+        # holds few local addresses: look each up once.
+        owner_of = self._owner_lookup(table)
+        self._publish_metrics(entry, baseline, snapshot.flows, owner_of)
         # Pods over every flow in the kernel map, not just the top flows.
-        self.pod_counts = cumulative_pods(baseline, pod_totals(snapshot.flows, self._pod_of(table)), self.pod_counts)
+        self.pod_counts = cumulative_pods(baseline, pod_totals(snapshot.flows, _pod_of(owner_of)), self.pod_counts)
         attributed = entry.model_copy(update={
             "top_flows": [self._attributed(f, table) for f in entry.top_flows],
             "top_pods": ranked_pods(self.pod_counts, self.node, top_n),
@@ -329,17 +340,16 @@ class ClusterAgent:
         })
         return fit_entry(attributed, entry_budget_bytes(self.nodes_desired))
 
-    def _pod_of(self, table: dict) -> Callable[[str], Optional[PodKey]]:
-        """(namespace, pod) owning a local address; None for the node's own and unknown ones.
-        Memoized per report: the kernel map holds many flows but few local addresses."""
-        known: dict[str, Optional[PodKey]] = {}
+    def _owner_lookup(self, table: dict) -> Callable[[str], Optional[Owner]]:
+        """attribute() for this report's table, memoized: the kernel map holds many flows but
+        few local addresses."""
+        known: dict[str, Optional[Owner]] = {}
 
-        def pod_of(ip: str) -> Optional[PodKey]:
+        def owner_of(ip: str) -> Optional[Owner]:
             if ip not in known:
-                owner = attribute(table, ip, self.node)
-                known[ip] = (owner.namespace, owner.pod) if owner and owner.pod and owner.namespace else None
+                known[ip] = attribute(table, ip, self.node)
             return known[ip]
-        return pod_of
+        return owner_of
 
     def _attributed(self, flow: Flow, table: dict) -> Flow:
         return flow.model_copy(update={
@@ -353,12 +363,13 @@ class ClusterAgent:
             "remote": _with_owner(event.remote, attribute(table, event.remote.ip, self.node)),
         })
 
-    def _publish_metrics(self, entry: NodeStatus, baseline: Baseline, flows: list, table: dict) -> None:
+    def _publish_metrics(self, entry: NodeStatus, baseline: Baseline, flows: list,
+                         owner_of: Callable[[str], Optional[Owner]]) -> None:
         """Retransmits by local pod and remote port over every flow (kernel map + baseline)."""
         by_pod_port: dict[tuple[str, str, str], int] = {}
 
         def add(local_ip: str, remote_port: int, count: int) -> None:
-            owner = attribute(table, local_ip, self.node)
+            owner = owner_of(local_ip)
             namespace = (owner.namespace or "") if owner else ""
             pod = (owner.pod or owner.node or "") if owner else ""
             key = (namespace, pod, str(remote_port))
