@@ -27,6 +27,7 @@ help:
 	@echo "make test       set up, then run every test"
 	@echo "make setup      only install what the project needs (idempotent)"
 	@echo "make cluster-up / cluster-down   a real control plane on 127.0.0.1 for kubectl"
+	@echo "make cluster-up REAL_NODE=1      ... plus a real kubelet + containerd node with the image"
 	@echo "make image      build the container image with podman and check it counts"
 	@echo "make bench      measure overhead and scale into bench/results/"
 	@echo "make scan       checkov over Dockerfile, manifests/, chart and the rendered agent DaemonSet"
@@ -85,7 +86,7 @@ demo-local: setup
 	$(PY) -m tests.harness.demo_local
 
 # Every layer in one pytest run. pytest exit 5 (nothing collected) is a failure.
-test: setup k8s-binaries
+test: setup k8s-binaries real-node-tools
 	@$(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
@@ -110,14 +111,27 @@ clean:
 GO          ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 CLUSTER_DIR ?= /tmp/rtrace-cluster
 
-.PHONY: k8s-binaries cluster-up cluster-down
+.PHONY: k8s-binaries cluster-up cluster-down real-node-tools
 
+# Also builds kubelet and the real node's pause program (tests/harness/realnode.py).
 k8s-binaries:
 	@GO=$(GO) bash tests/harness/k8sbuild/build.sh $(CACHE)
 
+# The real node's runtime (tests/harness/realnode.py): Debian's containerd 1.6, runc, CNI plugins.
+REAL_NODE_APT := containerd runc containernetworking-plugins
+real-node-tools:
+	@missing=$$(for p in $(REAL_NODE_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo ">> apt-get install $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo ">> containerd, runc, CNI plugins present"; fi
+
 # Prints `export KUBECONFIG=...` on its last line: eval "$(make -s cluster-up | tail -1)".
-cluster-up: venv tools k8s-binaries
-	@RTRACE_CLUSTER_DIR=$(CLUSTER_DIR) $(PY) -m tests.harness.cluster_cli up --state $(CLUSTER_DIR)
+# REAL_NODE=1 adds a real kubelet + containerd node running the image (IMAGE) beside the
+# simulated nodes: `helm install` onto it with image.pullPolicy=Never (README: a real node).
+cluster-up: venv tools k8s-binaries $(if $(REAL_NODE),real-node-tools image-build)
+	@RTRACE_CLUSTER_DIR=$(CLUSTER_DIR) $(PY) -m tests.harness.cluster_cli up --state $(CLUSTER_DIR) \
+	  $(if $(REAL_NODE),--real-node --image $(IMAGE))
 
 cluster-down:
 	@$(PY) -m tests.harness.cluster_cli down --state $(CLUSTER_DIR)
@@ -190,7 +204,7 @@ checkov: $(CHECKOV)
 scan: tools $(CHECKOV)
 	$(PY) -m tests.deploy.scan
 
-test-deploy: setup k8s-binaries
+test-deploy: setup k8s-binaries real-node-tools
 	$(PY) -m pytest -m deploy tests
 
 ## ---- bench (issue: measure it) ----------------------------------------------

@@ -1,17 +1,22 @@
 """`make cluster-up` / `make cluster-down`: the test control plane plus node simulator, run by
 hand in the background so kubectl, helm and the operator can be pointed at it.
 
-    python -m tests.harness.cluster_cli up   [--state DIR] [--nodes node-a,node-b]
+    python -m tests.harness.cluster_cli up   [--state DIR] [--nodes node-a,node-b] [--real-node [--image IMG]]
     python -m tests.harness.cluster_cli down [--state DIR]
     python -m tests.harness.cluster_cli run  [--state DIR]   # foreground, what `up` starts
 
 State (kubeconfig, logs, pid file, pod dirs) lives in DIR (default /tmp/rtrace-cluster).
 `up` prints `export KUBECONFIG=DIR/kubeconfig` on its last line.
+
+--real-node adds a real node (tests/harness/realnode.py: kubelet + containerd on this host,
+state in DIR/real-node) beside the simulated ones, with the project image IMG (default
+$RTRACE_IMAGE) imported: `helm install` onto it with image.pullPolicy=Never.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -37,10 +42,11 @@ def _pid(state: Path):
     return pid
 
 
-def run(state: Path, nodes: list[str]) -> int:
+def run(state: Path, nodes: list[str], real_node: bool = False, image: str = "") -> int:
     """Foreground: start both, write DIR/kubeconfig and DIR/ready, wait for SIGTERM/SIGINT."""
     from .controlplane import ControlPlane
     from .nodesim import NodeSimulator
+    from .realnode import RealNode
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     done = threading.Event()
@@ -50,20 +56,25 @@ def run(state: Path, nodes: list[str]) -> int:
     cp_dir = state / "control-plane"
     shutil.rmtree(cp_dir, ignore_errors=True)
     with ControlPlane(workdir=cp_dir) as cp:
-        with NodeSimulator(cp.kubeconfig, nodes, state_dir=state / "nodes") as sim:
+        with NodeSimulator(cp.kubeconfig, nodes, state_dir=state / "nodes") as sim, \
+                (RealNode(cp, image=image or None, state_dir=state / "real-node") if real_node
+                 else contextlib.nullcontext()) as real:
             kubeconfig = state / "kubeconfig"
             shutil.copy(cp.kubeconfig, kubeconfig)
             (state / "ready").write_text(f"{cp.server}\n")
             print(f"control plane {cp.server} up in {cp.startup_seconds:.1f}s; nodes "
                   f"{', '.join(n.name for n in sim.nodes)}; logs in {cp_dir}, pod logs in "
                   f"{sim.state_dir / 'pods'}", flush=True)
+            if real is not None:
+                print(f"real node {real.name} (kubelet + containerd) up in {real.timings['total']:.1f}s "
+                      f"with image {image or '(none)'}; logs in {real.state}", flush=True)
             done.wait()
     (state / "ready").unlink(missing_ok=True)
     (state / "cluster.pid").unlink(missing_ok=True)
     return 0
 
 
-def up(state: Path, nodes: list[str], timeout: float = 180) -> int:
+def up(state: Path, nodes: list[str], real_node: bool = False, image: str = "", timeout: float = 420) -> int:
     if _pid(state) and (state / "ready").exists():
         print(f"cluster already running (pid {_pid(state)})", file=sys.stderr)
         print(f"export KUBECONFIG={state / 'kubeconfig'}")
@@ -74,7 +85,7 @@ def up(state: Path, nodes: list[str], timeout: float = 180) -> int:
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.harness.cluster_cli", "run", "--state", str(state),
-             "--nodes", ",".join(nodes)],
+             "--nodes", ",".join(nodes), *(["--real-node", "--image", image] if real_node else [])],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=Path(__file__).resolve().parents[2], start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -94,7 +105,7 @@ def up(state: Path, nodes: list[str], timeout: float = 180) -> int:
     return 0
 
 
-def down(state: Path, timeout: float = 60) -> int:
+def down(state: Path, timeout: float = 240) -> int:
     pid = _pid(state)
     if pid is None:
         print(f"no cluster running from {state}")
@@ -116,13 +127,16 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=["up", "down", "run"])
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE)
     parser.add_argument("--nodes", default="node-a,node-b")
+    parser.add_argument("--real-node", action="store_true", help="add a real kubelet + containerd node")
+    parser.add_argument("--image", default=os.environ.get("RTRACE_IMAGE", ""),
+                        help="project image to import into the real node (podman)")
     args = parser.parse_args(argv)
     nodes = [n for n in args.nodes.split(",") if n]
     if args.command == "up":
-        return up(args.state, nodes)
+        return up(args.state, nodes, args.real_node, args.image)
     if args.command == "down":
         return down(args.state)
-    return run(args.state, nodes)
+    return run(args.state, nodes, args.real_node, args.image)
 
 
 if __name__ == "__main__":

@@ -299,11 +299,17 @@ class ControlPlane:
     keep: bool = bool(os.environ.get("RTRACE_KEEP_CLUSTER"))  # keep workdir after stop
     start_timeout: float = 120.0
     bin_dir: Optional[Path] = None
+    # The API server may call kubelets (kubectl logs/exec/port-forward on a real node,
+    # tests/harness/realnode.py): it reaches them on their InternalIP with a client
+    # certificate of this CA (group system:masters, which the kubelet's webhook
+    # authorization allows) and checks their serving certificates against this CA.
+    kubelet_access: bool = True
 
     server: str = field(init=False, default="")
     kubeconfig: Path = field(init=False, default=None)
     ca_file: Path = field(init=False, default=None)
     service_cidr: str = field(init=False, default="")
+    ca: Optional["CertificateAuthority"] = field(init=False, default=None)   # issues node certificates
     components: list[Component] = field(init=False, default_factory=list)
     _slot_fd: Optional[int] = field(init=False, default=None)
     _own_workdir: bool = field(init=False, default=False)
@@ -341,7 +347,7 @@ class ControlPlane:
         self.service_cidr = f"198.19.{slot}.0/24"
         service_ip = str(next(ipaddress.ip_network(self.service_cidr).hosts()))
 
-        ca = CertificateAuthority(pki)
+        ca = self.ca = CertificateAuthority(pki)
         self.ca_file = ca.pair.cert
         serving = ca.issue(
             "apiserver", "kube-apiserver",
@@ -382,6 +388,7 @@ class ControlPlane:
             "--authorization-mode=Node,RBAC",
             f"--service-cluster-ip-range={self.service_cidr}",
             "--allow-privileged=true",
+            *self._kubelet_client_flags(ca),
             # The apiserver listens on loopback, which an Endpoints object may not name.
             "--endpoint-reconciler-type=none",
             "--profiling=false", "--v=1",
@@ -426,6 +433,15 @@ class ControlPlane:
             # kube-root-ca.crt: controllers are running and talking to the apiserver.
             self._wait_for("the controller-manager to create ServiceAccount default/default",
                            self._default_service_account_exists)
+
+    def _kubelet_client_flags(self, ca: CertificateAuthority) -> list[str]:
+        if not self.kubelet_access:
+            return []
+        client = ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+                          organizations=("system:masters",))
+        return [f"--kubelet-client-certificate={client.cert}", f"--kubelet-client-key={client.key}",
+                f"--kubelet-certificate-authority={ca.pair.cert}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname"]
 
     def _spawn(self, name: str, argv: list[str]) -> Component:
         log = self.workdir / f"{name}.log"

@@ -68,7 +68,9 @@ def wait_pod_ips(core: Any, namespace: str, name: str, timeout: float = 60.0) ->
 
 @dataclass
 class PodNet:
-    """A pod's network namespace: run things in it, inject loss."""
+    """A pod's network namespace: run things in it, inject loss. `netns` is a name for
+    `ip netns exec` (node simulator pods) or a path such as /proc/<pid>/ns/net (real-node
+    pods, whose namespaces are mounted only inside the node's own mount namespace)."""
 
     netns: str
     table: str = ""
@@ -87,8 +89,14 @@ class PodNet:
                 raise TimeoutError(f"pod {namespace}/{pod} has no network namespace")
             time.sleep(0.2)
 
+    def enter(self, *argv: str) -> list[str]:
+        """argv run inside the pod's network namespace."""
+        if self.netns.startswith("/"):
+            return ["nsenter", f"--net={self.netns}", "--", *argv]
+        return ["ip", "netns", "exec", self.netns, *argv]
+
     def nft(self, script: str) -> None:
-        subprocess.run(["ip", "netns", "exec", self.netns, "nft", "-f", "-"], input=script,
+        subprocess.run(self.enter("nft", "-f", "-"), input=script,
                        text=True, check=True, capture_output=True)
 
     def _rules(self, *rules: tuple[str, str]) -> None:
@@ -114,17 +122,15 @@ class PodNet:
         self._rules(("input", f"tcp dport {port} tcp flags & syn == 0 drop"))
 
     def clear_loss(self) -> None:
-        subprocess.run(["ip", "netns", "exec", self.netns, "nft", "delete", "table", "inet", self.table],
+        subprocess.run(self.enter("nft", "delete", "table", "inet", self.table),
                        capture_output=True)
 
     def python(self, *args: str, **kwargs: Any) -> subprocess.Popen:
         kwargs.setdefault("cwd", str(ROOT))
-        return subprocess.Popen(["ip", "netns", "exec", self.netns, sys.executable, "-m",
-                                 "tests.harness.podtraffic", *args], **kwargs)
+        return subprocess.Popen(self.enter(sys.executable, "-m", "tests.harness.podtraffic", *args), **kwargs)
 
     def busy_sockets(self) -> list[str]:
-        out = subprocess.run(["ip", "netns", "exec", self.netns, "ss", "-Htan", "state", "all",
-                              "exclude", "listening", "exclude", "time-wait"],
+        out = subprocess.run(self.enter("ss", "-Htan", "state", "all", "exclude", "listening", "exclude", "time-wait"),
                              capture_output=True, text=True).stdout
         return [line for line in out.splitlines() if line.strip()]
 

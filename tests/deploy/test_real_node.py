@@ -1,0 +1,353 @@
+"""The chart on a real node: kubelet + containerd on this host (tests/harness/realnode.py) run
+the project image as real containers, with the image, mounts, probes, securityContext and
+resource limits the chart and the operator render (the node simulator applies none of them).
+
+One module, in order: helm install with the chart's defaults (privileged agents), then the
+capabilities security mode with the operator at an arbitrary uid, then helm uninstall and the
+node's teardown, compared with the host as it was before. Each trace's agent counts lossy
+IPv4, IPv6 and SYN-ACK traffic between two pods of the node with addresses of their own; its
+node report must equal the reference counter.
+
+Test values (beside the chart's defaults): the local image with pullPolicy Never (no
+registry), and the operator pinned to the real node (simulated nodes may share the cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections import Counter
+from datetime import datetime
+from typing import Any, Optional
+
+import kubernetes
+import pytest
+
+from retransmit_operator.api import GROUP, PLURAL, VERSION, NodeStatus
+from retransmit_operator.render import selector_labels
+from tests.deploy.kube import CHART, helm, kubectl, unique
+from tests.deploy.render import ROOT
+from tests.harness import podtraffic
+from tests.harness.controlplane import wait_until
+from tests.harness.realnode import BRIDGE, SANDBOX_IMAGE, RealNode
+from tests.harness.realnode_host import HostState
+from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
+
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1500)]
+
+IMAGE = os.environ.get("RTRACE_IMAGE", "localhost/retransmit-operator:dev")
+ARBITRARY_UID = 1000680000          # as OpenShift's restricted-v2 SCC assigns, with gid 0
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    """The image as the tree is now (layers cached: seconds when nothing changed), and the
+    node's runtime packages."""
+    subprocess.run(["make", "-s", "-C", str(ROOT), "real-node-tools", "image-build", f"IMAGE={IMAGE}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return IMAGE
+
+
+class Node:
+    """The started RealNode and the host as it was before it started."""
+
+    def __init__(self, node: RealNode, before: HostState) -> None:
+        self.node, self.before = node, before
+
+    def host_now(self) -> HostState:
+        return HostState.capture(self.node.state, re.compile(f"^{BRIDGE}$"))
+
+
+@pytest.fixture(scope="module")
+def real(control_plane, image):
+    node = RealNode(control_plane, image=image)
+    before = HostState.capture(node.state, re.compile(f"^{BRIDGE}$"))
+    node.start()
+    print(f"\nreal node set-up {node.timings['total']:.1f}s: "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in node.timings.items() if k != "total"))
+    yield Node(node, before)
+    node.stop()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with ReferenceCounter() as ref:
+        yield ref
+
+
+class Release:
+    """One helm release of the chart, its operator pinned to the real node."""
+
+    def __init__(self, cp, node: RealNode) -> None:
+        self.cp, self.node = cp, node
+        self.name = unique("rn")
+        self.ns = unique("rtrace-rn")
+        repository, tag = IMAGE.rsplit(":", 1)
+        self.values = ["--set", f"namespace.name={self.ns}", "--set", f"fullnameOverride={self.name}",
+                       "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+                       "--set", "image.pullPolicy=Never",
+                       "--set-json", f"operator.nodeSelector={json.dumps({'kubernetes.io/hostname': node.name})}"]
+
+    def install(self, *extra: str) -> None:
+        helm(self.cp, "install", self.name, str(CHART), *self.values, *extra, "--wait", "--timeout", "300s")
+
+    def upgrade(self, *extra: str) -> None:
+        helm(self.cp, "upgrade", self.name, str(CHART), *self.values, *extra, "--wait", "--timeout", "300s")
+
+    def uninstall(self) -> None:
+        helm(self.cp, "uninstall", self.name, "--wait", "--timeout", "300s")
+
+    def pods(self, **labels: str) -> list[dict]:
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        out = kubectl(self.cp, "get", "pods", "-n", self.ns, "-l", selector, "-o", "json")
+        return [p for p in json.loads(out.stdout)["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+@pytest.fixture(scope="module")
+def release(control_plane, real):
+    rel = Release(control_plane, real.node)
+    rel.install()
+    yield rel
+    helm(control_plane, "uninstall", rel.name, "--wait", "--timeout", "300s", check=False)
+
+
+# ---------------------------------------------------------------- helpers
+
+def ready(pod: dict) -> bool:
+    return pod["status"].get("phase") == "Running" and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or [])
+
+
+def container_status(pod: dict, name: str) -> dict:
+    return next(c for c in pod["status"]["containerStatuses"] if c["name"] == name)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = open(f"/proc/{pid}/status").read().splitlines()
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in lines)}
+
+
+def mounts(pid: int) -> dict[str, str]:
+    """mount point -> mount options, as the process sees them (its container's namespace)."""
+    out = {}
+    for line in open(f"/proc/{pid}/mountinfo"):
+        fields = line.split()
+        out[fields[4]] = fields[5]
+    return out
+
+
+def main_pid(node: RealNode, pod: dict, container: str) -> int:
+    """The container's first process (its entry point), from its cgroup."""
+    procs = (node.container_cgroup(pod, container, "pids") / "cgroup.procs").read_text().split()
+    assert procs, f"container {container} of {pod['metadata']['name']} has no process"
+    return min(int(p) for p in procs)
+
+
+def capabilities(mask: str) -> set[str]:
+    from tests.harness.runc_capfilter import CAPABILITIES
+
+    value = int(mask, 16)
+    return {name for bit, name in enumerate(CAPABILITIES) if value >> bit & 1}
+
+
+class PodPair:
+    """A server and a client pod on the real node (the sandbox image, nothing else), each
+    with its own network namespace and IPv4 + IPv6 addresses from the node's CNI bridge."""
+
+    def __init__(self, core: Any, node: RealNode, namespace: str) -> None:
+        self.namespace = namespace
+        for name in ("server", "client"):
+            core.create_namespaced_pod(namespace, {
+                "metadata": {"name": name, "labels": {"app": name}},
+                "spec": {"nodeName": node.name, "terminationGracePeriodSeconds": 1,
+                         "containers": [{"name": "main", "image": SANDBOX_IMAGE, "imagePullPolicy": "Never"}]}})
+        self.server_ips = podtraffic.wait_pod_ips(core, namespace, "server", timeout=120)
+        self.client_ips = podtraffic.wait_pod_ips(core, namespace, "client", timeout=120)
+        uid = {n: core.read_namespaced_pod(n, namespace).metadata.uid for n in ("server", "client")}
+        self.server = podtraffic.PodNet(node.netns_path(uid["server"]))
+        self.client = podtraffic.PodNet(node.netns_path(uid["client"]))
+
+    @property
+    def ips(self) -> set[str]:
+        return set(self.server_ips + self.client_ips)
+
+    @property
+    def owners(self) -> dict[str, str]:
+        return {**{ip: "server" for ip in self.server_ips}, **{ip: "client" for ip in self.client_ips}}
+
+    def lossy_traffic(self, port: int) -> None:
+        """Duplex bulk over IPv4 and IPv6 with 10% loss arriving at either pod, then SYN-ACK
+        retransmits (the server never gets the handshake's last ACK), then quiet."""
+        self.server.random_loss(10)
+        self.client.random_loss(10)
+        try:
+            for i, ip in enumerate(self.server_ips):
+                podtraffic.bulk(self.server, self.client, ip, port + i, connections=3, nbytes=1 << 20)
+        finally:
+            self.server.clear_loss()
+            self.client.clear_loss()
+        podtraffic.synack(self.server, self.client, self.server_ips[0], port + 10, connections=2)
+        for pod in (self.server, self.client):
+            pod.wait_quiet()
+
+
+def entry_flows(entry: NodeStatus) -> dict:
+    return {(f.family, f.local.ip, f.local.port, f.remote.ip, f.remote.port): (f.retransmits, f.synack_retransmits)
+            for f in entry.top_flows}
+
+
+class Trace:
+    def __init__(self, cp, node: RealNode, namespace: str) -> None:
+        self.cp, self.node = cp, node
+        self.name = unique("rn-trace")
+        self.objects = kubernetes.client.CustomObjectsApi(cp.api_client())
+        self.objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "RetransmitTrace", "metadata": {"name": self.name},
+            "spec": {"namespaces": [namespace], "nodeSelector": {"kubernetes.io/hostname": node.name},
+                     "reportInterval": "2s", "topFlows": 100}})
+
+    def entry(self) -> Optional[NodeStatus]:
+        status = self.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.name).get("status") or {}
+        for raw in status.get("nodes") or []:
+            if raw["node"] == self.node.name:
+                return NodeStatus.model_validate(raw)
+        return None
+
+    def wait_entry(self, what: str, predicate, timeout: float = 180) -> NodeStatus:
+        def check():
+            e = self.entry()
+            return e if e is not None and predicate(e) else None
+        try:
+            return wait_until(check, f"trace {self.name} on {self.node.name}: {what}", timeout=timeout, interval=0.5)
+        except TimeoutError as e:
+            raise AssertionError(f"{e}; last entry: {self.entry()}") from None
+
+    def delete(self) -> None:
+        self.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, self.name)
+
+
+def run_trace_and_compare(cp, release: Release, real: Node, reference, core, namespace: str, port: int) -> dict:
+    """A trace on the real node, lossy traffic between two pods there, the node's report equal
+    to the reference; returns the agent pod and the figures measured on it."""
+    node = real.node
+    pods = PodPair(core, node, namespace)
+    trace = Trace(cp, node, namespace)
+    labels = selector_labels(trace.name)
+    agent = wait_until(lambda: next((p for p in release.pods(**labels) if ready(p)), None),
+                       f"the agent pod of {trace.name} Running and Ready", timeout=240)
+    assert agent["spec"]["nodeName"] == node.name
+    assert container_status(agent, "agent")["image"].endswith(IMAGE.split("/", 1)[1])
+    trace.wait_entry("agent attached and reporting", lambda e: e.phase == "Running")
+
+    before = reference.read()
+    pods.lossy_traffic(port)
+    after = reference.read()
+    want = per_flow(after - before, lambda e: succeeded(e) and e.local_ip in pods.ips)
+    want_r, want_s = sum(r for r, _ in want.values()), sum(s for _, s in want.values())
+    assert want_r > 0 and want_s > 0, f"the loss made no retransmits ({want_r}, {want_s}): the test proves nothing"
+    assert {flow[0] for flow in want} == {"IPv4", "IPv6"}
+
+    entry = trace.wait_entry(f"{want_r} retransmits and {want_s} SYN-ACK retransmits, flow by flow",
+                             lambda e: entry_flows(e) == want)
+    assert (entry.retransmits, entry.synack_retransmits) == (want_r, want_s)
+    owners = pods.owners
+    for flow in entry.top_flows:     # both ends attributed to their pods
+        assert (flow.local.pod, flow.local.namespace) == (owners[flow.local.ip], namespace), flow
+        assert (flow.remote.pod, flow.remote.namespace) == (owners[flow.remote.ip], namespace), flow
+    want_pods = Counter()
+    for (_family, local_ip, *_rest), (r, s) in want.items():
+        want_pods[(namespace, owners[local_ip])] += r + s
+    assert {(p.namespace, p.pod): p.retransmits for p in entry.top_pods or []} == dict(want_pods)
+
+    # The agent as a real container: its own mounts, read-only root, kubectl logs through the kubelet.
+    agent = core.api_client.sanitize_for_serialization(core.read_namespaced_pod(agent["metadata"]["name"], release.ns))
+    pid = main_pid(node, agent, "agent")
+    seen = mounts(pid)
+    assert {"/sys/kernel/debug", "/sys/kernel/tracing", "/tmp"} <= set(seen), sorted(seen)
+    assert "ro" in seen["/"].split(","), seen["/"]
+    logs = kubectl(cp, "logs", "-n", release.ns, agent["metadata"]["name"], "--timestamps").stdout
+    attached = next((line for line in logs.splitlines() if "kernel program attached" in line), None)
+    assert attached, f"kubectl logs of the agent has no 'kernel program attached' line:\n{logs[-3000:]}"
+
+    status = container_status(agent, "agent")
+    assert status["restartCount"] == 0, status
+    started = datetime.fromisoformat(status["state"]["running"]["startedAt"].replace("Z", "+00:00"))
+    attached_at = datetime.fromisoformat(attached.split()[0].replace("Z", "+00:00"))
+    memory = node.container_cgroup(agent, "agent", "memory")
+    figures = {
+        "retransmits": want_r, "synack_retransmits": want_s, "flows": len(want),
+        "agent_peak_memory_mib": int((memory / "memory.max_usage_in_bytes").read_text()) / 2**20,
+        "agent_memory_limit_mib": int((memory / "memory.limit_in_bytes").read_text()) / 2**20,
+        "agent_start_to_attached_s": (attached_at - started).total_seconds(),
+        "agent_restarts": status["restartCount"],
+        "agent_capabilities": sorted(capabilities(proc_status(pid)["CapEff"])),
+        "agent_uid": proc_status(pid)["Uid"].split()[0],
+    }
+
+    # Deleting the trace removes its agent pods (the DaemonSet goes with its owner).
+    trace.delete()
+    wait_until(lambda: not release.pods(**labels), f"the agent pods of {trace.name} gone", timeout=240)
+    return figures
+
+
+# ---------------------------------------------------------------- the tests
+
+def test_default_install_runs_on_real_containers_and_counts_like_the_reference(
+        control_plane, real, release, reference, core, namespace):
+    operator = wait_until(lambda: next((p for p in release.pods(**{"app.kubernetes.io/component": "operator"})
+                                        if ready(p)), None), "the operator pod Ready", timeout=300)
+    assert operator["spec"]["nodeName"] == real.node.name
+    pid = main_pid(real.node, operator, "operator")
+    assert proc_status(pid)["Uid"].split()[0] == "65532"          # the image's user: non-root
+    assert "ro" in mounts(pid)["/"].split(",")                      # read-only root filesystem
+    assert capabilities(proc_status(pid)["CapEff"]) == set()
+
+    figures = run_trace_and_compare(control_plane, release, real, reference, core, namespace, port=5401)
+    assert figures["agent_uid"] == "0"
+    print(f"\nprivileged agent on the real node: {figures}")
+    operator = core.api_client.sanitize_for_serialization(
+        core.read_namespaced_pod(operator["metadata"]["name"], release.ns))
+    assert ready(operator) and container_status(operator, "operator")["restartCount"] == 0
+
+
+def test_capabilities_mode_with_the_operator_at_an_arbitrary_uid(control_plane, real, release, reference, core,
+                                                                   namespace):
+    release.upgrade("--set", "agent.securityMode=capabilities")
+    # OpenShift's restricted-v2 runs the operator as an arbitrary uid with gid 0 and no
+    # passwd entry: the same Deployment must come up Ready.
+    kubectl(control_plane, "patch", "deployment", "-n", release.ns, release.name, "--type", "merge", "-p",
+            json.dumps({"spec": {"template": {"spec": {"securityContext": {
+                "runAsUser": ARBITRARY_UID, "runAsGroup": 0}}}}}))
+    operator = wait_until(lambda: next((p for p in release.pods(**{"app.kubernetes.io/component": "operator"})
+                                        if ready(p) and p["spec"]["securityContext"].get("runAsUser") == ARBITRARY_UID),
+                                       None), f"the operator Ready as uid {ARBITRARY_UID}", timeout=300)
+    pid = main_pid(real.node, operator, "operator")
+    assert proc_status(pid)["Uid"].split()[0] == str(ARBITRARY_UID)
+    assert proc_status(pid)["Gid"].split()[0] == "0"
+
+    figures = run_trace_and_compare(control_plane, release, real, reference, core, namespace, port=5501)
+    # The chart asks for BPF, PERFMON and SYS_RESOURCE; this host cannot grant SYS_RESOURCE
+    # (the test-only runc wrapper drops it), and the agent counts with the other two.
+    assert figures["agent_capabilities"] == ["BPF", "PERFMON"]
+    print(f"\ncapabilities agent on the real node: {figures}")
+
+
+def test_helm_uninstall_and_teardown_leave_the_host_as_it_was(control_plane, real, release, core):
+    release.uninstall()
+
+    def gone() -> bool:
+        try:
+            core.read_namespace(release.ns)
+            return False
+        except kubernetes.client.ApiException as e:
+            return e.status == 404
+    wait_until(gone, f"namespace {release.ns} deleted", timeout=300)
+    # The earlier tests' traffic pods go with their namespaces.
+    wait_until(lambda: not core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={real.node.name}").items,
+               f"no pods left on {real.node.name}", timeout=300)
+
+    real.node.stop()
+    after = real.host_now()
+    assert real.before.differences(after) == {}
