@@ -71,6 +71,11 @@ def real(control_plane, image):
     node.stop()
 
 
+@pytest.fixture
+def core(kube):
+    return kubernetes.client.CoreV1Api(kube)
+
+
 @pytest.fixture(scope="module")
 def reference():
     with ReferenceCounter() as ref:

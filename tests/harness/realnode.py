@@ -71,6 +71,7 @@ LOCK = SLOT_DIR / "real-node.lock"
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
 CNI_BIN = "/usr/lib/cni"
+TEARDOWN_TAINT = "rtrace.dev/real-node-teardown"
 
 
 class RealNodeError(ControlPlaneError):
@@ -493,13 +494,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
         with self.cp.api_client() as api:
             core = kubernetes.client.CoreV1Api(api)
+            # Controllers would put deleted pods back (a DaemonSet's, a Deployment's): a
+            # NoExecute taint keeps them off (the DaemonSet controller removes its pods too).
+            core.patch_node(self.name, {"spec": {"unschedulable": True, "taints": [
+                {"key": TEARDOWN_TAINT, "value": "", "effect": "NoExecute"}]}})
             selector = f"spec.nodeName={self.name}"
-            for pod in core.list_pod_for_all_namespaces(field_selector=selector).items:
-                with contextlib.suppress(kubernetes.client.ApiException):
-                    core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=1)
+
+            def gone() -> bool:
+                pods = core.list_pod_for_all_namespaces(field_selector=selector).items
+                for pod in pods:
+                    if pod.metadata.deletion_timestamp is None:
+                        with contextlib.suppress(kubernetes.client.ApiException):
+                            core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace,
+                                                       grace_period_seconds=1)
+                return not pods
             # kubelet confirms each deletion after stopping the pod's containers and sandbox.
-            wait_until(lambda: not core.list_pod_for_all_namespaces(field_selector=selector).items,
-                       f"pods on {self.name} gone", timeout=90)
+            wait_until(gone, f"pods on {self.name} gone", timeout=90, interval=1.0)
 
     def _kill_containers(self) -> None:
         tasks = self.ctr("tasks", "ls", "-q", check=False).stdout.split()
