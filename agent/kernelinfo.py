@@ -76,6 +76,18 @@ def read_layout(tracefs: Path) -> TracepointLayout:
     return TracepointLayout(skb=fields(SKB), synack=fields(SYNACK))
 
 
+def misses_counted(release: str) -> bool:
+    """Whether the kernel counts tracepoint hits it skipped (recursion protection) for
+    tracepoint programs: fdinfo's recursion_misses exists since 5.12, but trace_call_bpf()
+    counts into it only since 6.7. Nothing can be probed here without provoking a
+    recursion, so this one fact follows the version (it only labels a figure unknown)."""
+    try:
+        major, minor = (int(part) for part in release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (6, 7)
+
+
 # ---- BPF helper probing -----------------------------------------------------------------
 
 BPF_PROG_LOAD = 5
