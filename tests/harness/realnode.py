@@ -19,7 +19,8 @@ What start() does (about a minute cold, see `timings`):
     restrict_oom_score_adj, runtime binary: the test-only capability filter
     runc_capfilter.py, because this host's bounding set lacks CAP_SYS_RESOURCE);
   - the sandbox image (SANDBOX_IMAGE, made from the `pause` program make k8s-binaries builds)
-    and the project image (podman save, cached by image id; ctr import) in namespace k8s.io;
+    and the project image (podman save; ctr import) in namespace k8s.io. containerd's root
+    (images only) stays in the cache dir, so an unchanged image is not imported again;
   - kubelet (node client and serving certificates from the control plane's CA, webhook
     authentication and authorization, cgroupfs, image GC off), waits for the Node to be
     Ready and sets its podCIDRs.
@@ -139,23 +140,17 @@ def sandbox_image_archive(pause: Path, out: Path, ref: str = SANDBOX_IMAGE) -> P
     return out
 
 
-def podman_archive(image: str) -> Path:
-    """`podman save` of `image`, cached in the cache dir by image id (older ones removed)."""
+def podman_image_id(image: str) -> str:
     inspect = run("podman", "image", "inspect", "--format", "{{.Id}}", image, check=False)
     if inspect.returncode != 0:
         raise RealNodeError(f"image {image} not found in podman: run `make image-build` ({inspect.stderr.strip()})")
-    image_id = inspect.stdout.strip()[:16]
-    folder = cache_dir() / "real-node-images"
-    folder.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", image)
-    archive = folder / f"{safe}-{image_id}.tar"
-    if not archive.exists():
-        for old in folder.glob(f"{safe}-*.tar"):
-            old.unlink()
-        tmp = archive.with_suffix(".tmp")
-        run("podman", "save", "--format", "docker-archive", "-o", str(tmp), image, timeout=600)
-        tmp.rename(archive)
-    return archive
+    return inspect.stdout.strip()
+
+
+def podman_archive(image: str, out: Path) -> Path:
+    """`podman save` of `image` (docker-archive, which `ctr images import` reads)."""
+    run("podman", "save", "--format", "docker-archive", "-o", str(out), image, timeout=600)
+    return out
 
 
 # ---- the node ---------------------------------------------------------------------------
@@ -166,6 +161,7 @@ class RealNode:
         self.cp, self.image, self.name, self.start_timeout = cp, image, name, start_timeout
         self._own_state = state_dir is None
         self.state = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="rtrace-realnode-"))
+        self.store = cache_dir() / "real-node-containerd"     # images only, see _open_store
         self.timings: dict[str, float] = {}
         self.before: Optional[HostState] = None
         self._lock_fd: Optional[int] = None
@@ -242,14 +238,13 @@ class RealNode:
         t = self._step("network+namespace", t)
         self._start_containerd()
         t = self._step("containerd", t)
-        self._import(sandbox_image_archive(bins / "pause", self.state / "pause-oci.tar"))
+        pause = bins / "pause"
+        self._ensure_image(SANDBOX_IMAGE, hashlib.sha256(pause.read_bytes()).hexdigest(),
+                           lambda: sandbox_image_archive(pause, self.state / "pause-oci.tar"))
         if self.image:
-            archive_started = time.monotonic()
-            archive = podman_archive(self.image)
-            self.timings["image-save"] = time.monotonic() - archive_started
-            t = time.monotonic()
-            self._import(archive)
-        t = self._step("image-import", t)
+            self._ensure_image(self.image, podman_image_id(self.image), lambda: podman_archive(self.image, self.state / "image.tar"))
+        self._prune_images()
+        t = self._step("images", t)
         self._start_kubelet(bins / "kubelet")
         self._step("kubelet-ready", t)
 
@@ -301,11 +296,12 @@ class RealNode:
 
     def _start_containerd(self) -> None:
         s = self.state
+        self._open_store()
         (s / "net.d").mkdir(exist_ok=True)
         (s / "net.d" / "10-rtrace.conflist").write_text(json.dumps(self._cni_config(), indent=1))
         cri = 'plugins."io.containerd.grpc.v1.cri"'
         config = f"""version = 2
-root = "{s / 'containerd' / 'root'}"
+root = "{self.store}"
 state = "{s / 'containerd' / 'state'}"
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
@@ -346,6 +342,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 raise RealNodeError(f"containerd exited: {log_tail(self.log_file('containerd'))}")
             return self.socket.exists() and self.ctr("version", check=False, timeout=10).returncode == 0
         wait_until(answers, "containerd to answer", timeout=60)
+        if self.ctr("containers", "ls", "-q").stdout.split():
+            log.warning("containers left in %s by an earlier run: wiping the image store", self.store)
+            end_process(self._containerd, grace=15)
+            shutil.rmtree(self.store)
+            self._start_containerd()
 
     def _cni_config(self) -> dict:
         # The bridge exists already with the gateway addresses: isGateway stays false, so the
@@ -359,8 +360,43 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             {"type": "loopback"},
         ]}
 
-    def _import(self, archive: Path) -> None:
-        self.ctr("images", "import", "--snapshotter", "overlayfs", str(archive), timeout=600)
+    def _open_store(self) -> None:
+        """containerd's root, kept in the cache dir between runs so an unchanged image is not
+        imported again (20-40 s for the project image). Only images live on: teardown removes
+        every container, and this drops the CRI's and the runtime's per-container folders. A
+        store with containers left in it (a run that died) is wiped and filled again."""
+        self.store.mkdir(parents=True, exist_ok=True)
+        for folder in ("io.containerd.grpc.v1.cri", "io.containerd.runtime.v2.task"):
+            shutil.rmtree(self.store / folder, ignore_errors=True)
+
+    def _imported(self) -> dict[str, str]:
+        try:
+            return json.loads((self.store / "imported.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _ensure_image(self, ref: str, version: str, archive) -> None:
+        """Import `ref` unless the store holds it at `version` already."""
+        present = self.ctr("images", "ls", "-q", f"name=={ref}", check=False).stdout.split()
+        if present and self._imported().get(ref) == version:
+            return
+        started = time.monotonic()
+        path = archive()
+        self.timings[f"archive {ref}"] = time.monotonic() - started
+        started = time.monotonic()
+        self.ctr("images", "import", "--snapshotter", "overlayfs", str(path), timeout=600)
+        self.timings[f"import {ref}"] = time.monotonic() - started
+        imported = {**self._imported(), ref: version}
+        (self.store / "imported.json").write_text(json.dumps(imported, indent=1))
+
+    def _prune_images(self) -> None:
+        """Drop image references to older versions (containerd's GC then frees their layers)."""
+        rows = [line.split() for line in self.ctr("images", "ls").stdout.splitlines()[1:] if line.strip()]
+        wanted = {SANDBOX_IMAGE, *([self.image] if self.image else [])}
+        keep = {row[2] for row in rows if row[0] in wanted}
+        for row in rows:
+            if row[0] not in wanted and row[2] not in keep:
+                self.ctr("images", "rm", row[0], check=False)
 
     def _start_kubelet(self, kubelet: Path) -> None:
         s = self.state
@@ -469,6 +505,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         step("kill processes left in kubepods cgroups", self._kill_kubepods)
         if self._holder is not None:
             step("end the mount namespace", lambda: end_process(self._holder, grace=5))
+        if self._containerd is not None:
+            step("drop per-container folders from the store", self._open_store)
         step("delete the Node", self._delete_node)
         if self._proxy_key is not None:
             from .nodesim import release_proxy
@@ -512,11 +550,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             wait_until(gone, f"pods on {self.name} gone", timeout=90, interval=1.0)
 
     def _kill_containers(self) -> None:
+        """Every container's task killed, then every container (sandboxes too) removed, so
+        only images stay in the store."""
         tasks = self.ctr("tasks", "ls", "-q", check=False).stdout.split()
         for task in tasks:
             self.ctr("tasks", "kill", "--signal", "SIGKILL", task, check=False)
         for task in tasks:
             self.ctr("tasks", "delete", "--force", task, check=False)
+        for container in self.ctr("containers", "ls", "-q", check=False).stdout.split():
+            self.ctr("containers", "delete", container, check=False)
 
     def _shim_pids(self) -> list[int]:
         return [int(line.split()[0]) for line in processes_matching(("containerd-shim",))
