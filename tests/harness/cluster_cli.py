@@ -105,9 +105,29 @@ def up(state: Path, nodes: list[str], real_node: bool = False, image: str = "", 
     return 0
 
 
+def clean_up_dead_real_node(state: Path) -> None:
+    """A real node whose cluster process was killed leaves containers, its bridge and host
+    changes behind: undo them (only when no real node is alive on this host)."""
+    from .realnode import RealNodeError, acquire_node_lock, clean_up_dead_node
+
+    if not (state / "real-node" / "host-before.json").exists():
+        return
+    try:
+        fd = acquire_node_lock()
+    except RealNodeError as e:
+        print(f"not cleaning up {state / 'real-node'}: {e}")
+        return
+    try:
+        clean_up_dead_node(state / "real-node")
+        print(f"cleaned up after the real node of a dead cluster ({state / 'real-node'})")
+    finally:
+        os.close(fd)
+
+
 def down(state: Path, timeout: float = 240) -> int:
     pid = _pid(state)
     if pid is None:
+        clean_up_dead_real_node(state)
         print(f"no cluster running from {state}")
         return 0
     os.kill(pid, signal.SIGTERM)
@@ -117,6 +137,10 @@ def down(state: Path, timeout: float = 240) -> int:
     if _pid(state) == pid:
         os.kill(pid, signal.SIGKILL)  # its children die with it (PR_SET_PDEATHSIG)
         print(f"cluster (pid {pid}) did not stop in {timeout:.0f}s: killed")
+        deadline = time.monotonic() + 30
+        while _pid(state) == pid and time.monotonic() < deadline:
+            time.sleep(0.2)
+        clean_up_dead_real_node(state)
     else:
         print(f"cluster (pid {pid}) stopped")
     return 0

@@ -196,16 +196,7 @@ class RealNode:
     def start(self) -> "RealNode":
         require_tools()
         self.state.mkdir(parents=True, exist_ok=True)
-        SLOT_DIR.mkdir(parents=True, exist_ok=True)
-        fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(LOCK).read_text().strip()
-            os.close(fd)
-            raise RealNodeError(f"another real node runs on this host (lock {LOCK} held by {holder}); "
-                                "one per host: its paths, cgroups and bridge are fixed") from None
-        self._lock_fd = fd
+        self._lock_fd = fd = acquire_node_lock()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {self.state}\n".encode())
         atexit.register(self.stop)
@@ -517,7 +508,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             step("delete the bridge", lambda: run("ip", "link", "del", BRIDGE))
             self._bridge_made = False
         if self.before is not None:
-            step("restore the host", lambda: restore(self.before, log=log.info))
+            step("restore the host", self._restore_host)
         self._kubelet = self._containerd = self._holder = None
         if self._own_state and not os.environ.get("RTRACE_KEEP_CLUSTER"):
             shutil.rmtree(self.state, ignore_errors=True)
@@ -526,6 +517,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         atexit.unregister(self.stop)
         if problems:
             log.error("real node teardown had problems: %s", "; ".join(problems))
+
+    def _restore_host(self) -> None:
+        restore(self.before, log=log.info)
+        (self.state / "host-before.json").unlink(missing_ok=True)   # nothing left to undo
 
     def _delete_pods(self) -> None:
         import kubernetes
@@ -591,23 +586,44 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     raise
 
     def _cleanup_stale(self) -> None:
-        """What a real node that died without teardown (its lock is free now) left behind."""
-        saved = self.state / "host-before.json"
-        if saved.exists():       # a state dir given again (make cluster-up) after a crash
+        clean_up_dead_node(self.state)
+
+
+def clean_up_dead_node(*state_dirs: Path) -> None:
+    """Undo what a real node that died without its teardown (SIGKILL) left: its containers'
+    processes and shims, its bridge, and the host changes recorded in host-before.json in
+    `state_dirs` or in temp state dirs. Call it holding LOCK (no live real node then)."""
+    if run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+        log.warning("removing bridge %s left by an earlier real node", BRIDGE)
+        run("ip", "link", "del", BRIDGE)
+    leftovers = [int(p.split()[0]) for p in processes_matching(("containerd-shim",))] + pids_in_kubepods()
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not processes_matching(("containerd-shim",)) and not pids_in_kubepods(),
+               "processes of a dead real node gone", timeout=30)
+    saved_files = [Path(d) / "host-before.json" for d in state_dirs]
+    saved_files += Path(tempfile.gettempdir()).glob("rtrace-realnode-*/host-before.json")
+    for saved in saved_files:
+        if saved.exists():
             log.warning("restoring the host as recorded in %s by an earlier real node", saved)
             restore(HostState.load(saved), log=log.info)
-            for child in self.state.iterdir():
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        if run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
-            log.warning("removing bridge %s left by an earlier real node", BRIDGE)
-            run("ip", "link", "del", BRIDGE)
-        leftovers = [int(p.split()[0]) for p in processes_matching(("containerd-shim",))]
-        for pid in leftovers + pids_in_kubepods():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for saved in Path(tempfile.gettempdir()).glob("rtrace-realnode-*/host-before.json"):
-            if saved.parent != self.state:
-                log.warning("restoring the host as recorded in %s by an earlier real node", saved)
-                with contextlib.suppress(Exception):
-                    restore(HostState.load(saved), log=log.info)
+            if saved.parent.name.startswith("rtrace-realnode-"):
                 shutil.rmtree(saved.parent, ignore_errors=True)
+            else:       # a state dir given again (make cluster-up): empty it
+                for child in saved.parent.iterdir():
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def acquire_node_lock() -> int:
+    """An fd holding LOCK (one real node per host: its paths, cgroups and bridge are fixed);
+    RealNodeError when a live real node holds it."""
+    SLOT_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RealNodeError(f"another real node runs on this host (lock {LOCK} held by "
+                            f"{Path(LOCK).read_text().strip()}); one per host") from None
+    return fd
