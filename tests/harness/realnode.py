@@ -170,7 +170,6 @@ class RealNode:
         self._kubelet: Optional[subprocess.Popen] = None
         self._proxy_key: Optional[tuple] = None
         self._bridge_made = False
-        self._started = False
 
     # -- paths --
 
@@ -210,7 +209,6 @@ class RealNode:
             self.stop()
             raise
         self.timings["total"] = time.monotonic() - started
-        self._started = True
         log.info("real node %s up in %.1fs (%s)", self.name, self.timings["total"],
                  ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         return self
@@ -233,7 +231,8 @@ class RealNode:
         self._ensure_image(SANDBOX_IMAGE, hashlib.sha256(pause.read_bytes()).hexdigest(),
                            lambda: sandbox_image_archive(pause, self.state / "pause-oci.tar"))
         if self.image:
-            self._ensure_image(self.image, podman_image_id(self.image), lambda: podman_archive(self.image, self.state / "image.tar"))
+            self._ensure_image(self.image, podman_image_id(self.image),
+                               lambda: podman_archive(self.image, self.state / "image.tar"))
         self._prune_images()
         t = self._step("images", t)
         self._start_kubelet(bins / "kubelet")
@@ -377,6 +376,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         started = time.monotonic()
         self.ctr("images", "import", "--snapshotter", "overlayfs", str(path), timeout=600)
         self.timings[f"import {ref}"] = time.monotonic() - started
+        path.unlink()
         imported = {**self._imported(), ref: version}
         (self.store / "imported.json").write_text(json.dumps(imported, indent=1))
 
