@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1500)]
 
 IMAGE = os.environ.get("RTRACE_IMAGE", "localhost/retransmit-operator:dev")
 ARBITRARY_UID = 1000680000          # as OpenShift's restricted-v2 SCC assigns, with gid 0
+TEST_LABEL = "rtrace.dev/real-node-test"
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ class PodPair:
         self.namespace = namespace
         for name in ("server", "client"):
             core.create_namespaced_pod(namespace, {
-                "metadata": {"name": name, "labels": {"app": name}},
+                "metadata": {"name": name, "labels": {"app": name, TEST_LABEL: "traffic"}},
                 "spec": {"nodeName": node.name, "terminationGracePeriodSeconds": 1,
                          "containers": [{"name": "main", "image": SANDBOX_IMAGE, "imagePullPolicy": "Never"}]}})
         self.server_ips = podtraffic.wait_pod_ips(core, namespace, "server", timeout=120)
@@ -349,9 +350,10 @@ def test_helm_uninstall_and_teardown_leave_the_host_as_it_was(control_plane, rea
         except kubernetes.client.ApiException as e:
             return e.status == 404
     wait_until(gone, f"namespace {release.ns} deleted", timeout=300)
-    # The earlier tests' traffic pods go with their namespaces.
-    wait_until(lambda: not core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={real.node.name}").items,
-               f"no pods left on {real.node.name}", timeout=300)
+    # The earlier tests' traffic pods go with their namespaces. (Pods of other modules'
+    # leftovers, if any, are the node teardown's to drain.)
+    wait_until(lambda: not core.list_pod_for_all_namespaces(label_selector=TEST_LABEL).items,
+               "this module's traffic pods gone", timeout=300)
 
     real.node.stop()
     after = real.host_now()
