@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from retransmit_agent.kernel import KernelConfig, KernelSnapshot, RetransmitProgram
+from retransmit_agent.preflight import TRACEPOINTS, find_tracefs, tracepoint_fields
 from tests.harness import loads
 from tests.harness.netns import LossNamespace
 from tests.harness.refcount import ReferenceCounter, on_the_wire, per_flow, succeeded
@@ -92,7 +94,10 @@ def _reference_totals(counts: Counter) -> tuple[int, int]:
 
 
 def run(out: Path) -> bool:
-    result: dict = {"kernel": {"release": os.uname().release}, "programs": {}, "scenarios": {}, "matched": False}
+    started = time.monotonic()
+    result: dict = {"kernel": {"release": os.uname().release, "fields": {
+        event: sorted(tracepoint_fields(find_tracefs(), "tcp", event)) for _, event in TRACEPOINTS}},
+        "programs": {}, "scenarios": {}, "matched": False, "seconds": {}}
     all_matched = True
 
     def save() -> None:
@@ -107,6 +112,7 @@ def run(out: Path) -> bool:
             for mode, program in programs.items():
                 result["programs"][mode] = {"uses_ringbuf": program.uses_ringbuf, "tracefs": str(program.tracefs),
                                             "drained_events": 0}
+            result["seconds"]["attached"] = round(time.monotonic() - started, 1)
             print(f"vm_scenarios: {result['kernel']['release']}: programs attached "
                   f"(ring buffer probed: {probed.uses_ringbuf})", flush=True)
             before_ref = (0, 0)
@@ -156,15 +162,25 @@ def run(out: Path) -> bool:
                 entry["matched"] = not entry["mismatches"]
                 all_matched &= entry["matched"]
                 result["scenarios"][scenario.name] = entry
+                result["seconds"][scenario.name] = round(time.monotonic() - started, 1)
                 print(f"vm_scenarios: {scenario.name}: reference {entry['expected']['retransmits']} retransmits, "
                       f"{entry['expected']['synack_retransmits']} SYN-ACK, {len(expected)} flows: "
                       + ("matched" if entry["matched"] else "MISMATCH " + "; ".join(entry["mismatches"])), flush=True)
                 save()
+            # byState over the whole run; SYN-ACK retransmits have no state, the agent files them under SYN_RECV
+            states: Counter = Counter()
+            for e, n in on_the_wire(reference.read()).items():
+                if succeeded(e):
+                    states["SYN_RECV" if e.synack else e.state] += n
+            result["expected_by_state"] = dict(states)
             for mode, program in programs.items():
                 snapshot = program.snapshot()
                 info = result["programs"][mode]
                 info.update(sampled_events=snapshot.sampled_events, lost_events=snapshot.lost_events,
                             by_state=snapshot.by_state)
+                if snapshot.by_state != result["expected_by_state"]:
+                    all_matched = False
+                    info["by_state_mismatch"] = f"{snapshot.by_state} != reference {result['expected_by_state']}"
                 # every counted event was handed to user space or counted as lost, and what
                 # was handed over came through this mode's buffer
                 if snapshot.sampled_events + snapshot.lost_events != snapshot.retransmits + snapshot.synack_retransmits \
