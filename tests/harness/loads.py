@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from typing import Optional
 
 from .netns import LossNamespace
 
@@ -31,24 +30,14 @@ def _finish(proc: subprocess.Popen, timeout: float) -> list[dict]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _listen_args(listen_ip: Optional[str]) -> list[str]:
-    return ["--listen-ip", listen_ip] if listen_ip else []
-
-
 def bulk(ns: LossNamespace, loss: int, family: str = "IPv4", port: int = 5001, connections: int = 4,
-         nbytes: int = 2 << 20, duplex: bool = True, settle: bool = True,
-         listen_ip: Optional[str] = None) -> list[dict]:
-    """Both directions send `nbytes` per connection under `loss`% random loss (SYNs exempt).
-
-    listen_ip: where the server listens, when not on its `family` address: "::" with
-    family="IPv4" is a dual-stack server (an IPv6 socket) with IPv4 clients.
-    """
+         nbytes: int = 2 << 20, duplex: bool = True, settle: bool = True) -> list[dict]:
+    """Both directions send `nbytes` per connection under `loss`% random loss (SYNs exempt)."""
     client, server = ns.v4 if family == "IPv4" else ns.v6
     ns.random_loss(loss)
     proc = ns.python("tests.harness.traffic", "bulk", "--server-ip", server, "--client-ip", client,
                      "--port", str(port), "--connections", str(connections), "--bytes", str(nbytes),
-                     *(["--duplex"] if duplex else []), *_listen_args(listen_ip),
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     *(["--duplex"] if duplex else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         flows = _finish(proc, timeout=300)
     finally:
@@ -92,16 +81,12 @@ def syn_drops(ns: LossNamespace, port: int = 5003, connections: int = 6, seconds
 
 
 def synack_drops(ns: LossNamespace, port: int = 5004, connections: int = 6, seconds: float = 3.5,
-                 family: str = "IPv4", listen_ip: Optional[str] = None) -> list[dict]:
-    """The handshake's final ACK to `port` dropped for `seconds`: the server retransmits SYN-ACKs.
-
-    listen_ip: as for bulk ("::" with family="IPv4": IPv4 clients of a dual-stack listener).
-    """
+                 family: str = "IPv4") -> list[dict]:
+    """The handshake's final ACK to `port` dropped for `seconds`: the server retransmits SYN-ACKs."""
     server = ns.v4[1] if family == "IPv4" else ns.v6[1]
     ns.drop_handshake_acks(port)
     proc = ns.python("tests.harness.traffic", "synack", "--server-ip", server, "--port", str(port),
-                     "--connections", str(connections), *_listen_args(listen_ip),
-                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     "--connections", str(connections), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

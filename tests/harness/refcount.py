@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from retransmit_operator.api import TCP_STATES
@@ -135,29 +135,6 @@ def per_flow(counts: Counter, keep: Callable[[RefEvent], bool] = lambda e: True)
             entry = flows.setdefault(event.flow, [0, 0])
             entry[1 if event.synack else 0] += n
     return {k: (a, b) for k, (a, b) in flows.items()}
-
-
-def as_on_the_wire(event: RefEvent) -> RefEvent:
-    """The event as the wire shows it: an IPv6 socket talking IPv4 (a dual-stack server on
-    `[::]`) reports family AF_INET6 with v4-mapped addresses (::ffff:a.b.c.d); on the wire,
-    and in the design's flow model, that is an IPv4 flow with plain IPv4 addresses.
-
-    Written here from the address rule alone (RFC 4291 2.5.5.2), sharing nothing with the agent.
-    """
-    if event.family != "IPv6":
-        return event
-    local, remote = ipaddress.IPv6Address(event.local_ip), ipaddress.IPv6Address(event.remote_ip)
-    if local.ipv4_mapped is None or remote.ipv4_mapped is None:
-        return event
-    return replace(event, family="IPv4", local_ip=str(local.ipv4_mapped), remote_ip=str(remote.ipv4_mapped))
-
-
-def on_the_wire(counts: Counter) -> Counter:
-    """read()'s counter with every event as_on_the_wire."""
-    out: Counter = Counter()
-    for event, n in counts.items():
-        out[as_on_the_wire(event)] += n
-    return out
 
 
 def succeeded(event: RefEvent) -> bool:

@@ -51,21 +51,11 @@ def _send_all_then_drain(sock: socket.socket, nbytes: int) -> None:
     sender.join()
 
 
-def _listen(args: argparse.Namespace) -> socket.socket:
-    """The server socket: on --listen-ip when given (e.g. '::', a dual-stack listener that
-    IPv4 clients reach through --server-ip), else on --server-ip."""
-    address = args.listen_ip or args.server_ip
-    server = socket.socket(_family(address), socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if server.family == socket.AF_INET6 and args.listen_ip:
-        server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)   # whatever net.ipv6.bindv6only says
-    server.bind((address, args.port))
-    server.listen(args.connections + 8)
-    return server
-
-
 def bulk(args: argparse.Namespace) -> list[dict]:
-    server = _listen(args)
+    server = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((args.server_ip, args.port))
+    server.listen(args.connections + 8)
     peer_bytes = args.bytes if args.duplex else 0
 
     def serve_one(conn: socket.socket) -> None:
@@ -123,7 +113,10 @@ def syn(args: argparse.Namespace) -> list[dict]:
 
 
 def synack(args: argparse.Namespace) -> list[dict]:
-    server = _listen(args)
+    server = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((args.server_ip, args.port))
+    server.listen(args.connections + 8)
     clients, flows = [], []
     for _ in range(args.connections):
         c = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
@@ -165,8 +158,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("mode", choices=["bulk", "syn", "synack", "iperf"])
     parser.add_argument("--server-ip", required=True)
     parser.add_argument("--client-ip", default=None, help="bind clients to this address")
-    parser.add_argument("--listen-ip", default=None,
-                        help="bulk, synack: the server binds here (e.g. '::' for a dual-stack listener)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--bytes", type=int, default=1 << 20, help="bulk: bytes per direction")
