@@ -26,7 +26,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from retransmit_operator.api import TCP_STATE_NUMBERS, TCP_STATES, RecentEvent, RetransmitTraceSpec
+from retransmit_operator.api import (
+    TCP_STATE_NUMBERS,
+    TCP_STATES,
+    UNKNOWN_STATE,
+    RecentEvent,
+    RetransmitTraceSpec,
+)
 
 from .flows import (
     AF_INET,
@@ -37,14 +43,13 @@ from .flows import (
     state_name,
     wall_clock_offset_ns,
 )
+from .kernelinfo import KernelFeatures, probe_features
 from .preflight import (
     KernelProblem,
     find_tracefs,
     require_kernel_headers,
     require_privileges,
     require_tracepoints,
-    ringbuf_supported,
-    tracepoint_fields,
 )
 
 __all__ = ["KernelConfig", "KernelProblem", "KernelSnapshot", "RetransmitProgram", "FlowCounters"]
@@ -177,13 +182,27 @@ def merge_pending_runs(
     return merged, next_floors
 
 
-def compile_flags(config: KernelConfig, include: Path, ringbuf: bool, has_err: bool) -> list[str]:
+def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures) -> list[str]:
     """cflags for retransmit.bpf.c: the compile-time half of the configuration."""
     return [
         f"-I{include}",
         f"-DFLOW_CAPACITY={config.flow_capacity}",
         f"-DRINGBUF_PAGES={config.ring_pages}",
-    ] + (["-DUSE_RINGBUF"] if ringbuf else []) + (["-DHAVE_RETRANSMIT_ERR"] if has_err else [])
+    ] + features.switches()
+
+
+def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> None:
+    """The kernel's tracepoints have what the program and `config` need, else KernelProblem."""
+    missing = features.layout.missing()
+    if missing:
+        raise KernelProblem(
+            f"the tcp tracepoints lack fields every kernel since 4.15 has ({', '.join(missing)}): "
+            "this kernel's tracepoints are patched; report its format files to the project")
+    if config.states and not features.layout.has("state"):
+        raise KernelProblem(
+            f"a TCP state filter ({', '.join(sorted(config.states))}) needs the `state` field of "
+            f"tcp:tcp_retransmit_skb, which Linux {os.uname().release} does not have (added in 5.0): "
+            "remove the states filter (spec.filter.states / --state); retransmits are counted under UNKNOWN")
 
 
 @contextlib.contextmanager
@@ -213,18 +232,24 @@ def _bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
             f"the kernel denied BPF ({denied[0]}): run the agent privileged, or with CAP_BPF, "
             "CAP_PERFMON and CAP_SYS_RESOURCE and seccomp Unconfined"
         )
+    release = os.uname().release
     if "compile" in str(exc).lower():
         errors = [line for line in text if "error:" in line]
         detail = (errors or text or [str(exc)])[0]
+        if "no member named" in detail:
+            # The program asked for a tracepoint field this kernel lacks: our bug, not the headers.
+            return KernelProblem(
+                f"the BPF program does not fit this kernel's tracepoint layout ({detail}) on Linux "
+                f"{release}: report it with /sys/kernel/tracing/events/tcp/*/format to the project")
         return KernelProblem(
             f"bcc could not compile the BPF program ({detail}): the kernel headers under "
-            f"/lib/modules/{os.uname().release}/build do not fit bcc; install the headers of the running kernel"
+            f"/lib/modules/{release}/build do not fit bcc; install the headers of the running kernel"
         )
     errors = [line for line in text if any(word in line.lower() for word in
                                            ("error", "denied", "not permitted", "invalid", "cannot"))]
     detail = (errors or text or [str(exc)])[-1]
     return KernelProblem(
-        f"the kernel rejected the BPF program ({exc}; {detail}): run as root on a kernel with "
+        f"Linux {release} rejected the BPF program ({exc}; {detail}): run as root on a kernel with "
         "CONFIG_BPF_SYSCALL and CONFIG_BPF_EVENTS, and check `dmesg` and the kernel lockdown mode"
     )
 
@@ -232,10 +257,11 @@ def _bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
 class RetransmitProgram:
     """The attached kernel program. Thread-safe; use open() to create one."""
 
-    def __init__(self, bpf: Any, config: KernelConfig, ringbuf: bool, tracefs: Path) -> None:
+    def __init__(self, bpf: Any, config: KernelConfig, features: KernelFeatures, tracefs: Path) -> None:
         self._bpf = bpf
         self._config = config
-        self.uses_ringbuf = ringbuf
+        self.features = features
+        self.uses_ringbuf = features.ringbuf
         self.tracefs = tracefs
         self._lock = threading.Lock()
         self._pending: deque[tuple] = deque()
@@ -249,12 +275,13 @@ class RetransmitProgram:
 
     @classmethod
     def open(cls, config: KernelConfig, tracefs: Optional[str] = None,
-             ringbuf: Optional[bool] = None) -> "RetransmitProgram":
+             ringbuf: Optional[bool] = None, jiffies64: Optional[bool] = None) -> "RetransmitProgram":
         """Check the node, compile and attach the program, then start counting with `config`.
 
         tracefs: a tracefs mount to check instead of probing the usual places.
         ringbuf: None probes the kernel (BPF ring buffer when it can create one, else a
         perf buffer); True/False forces the choice (a perf buffer works on every kernel).
+        jiffies64: None probes for bpf_jiffies64(); False reads the clock every event.
         """
         require_privileges()  # first: without it tracefs looks empty
         path = find_tracefs(tracefs)
@@ -266,12 +293,11 @@ class RetransmitProgram:
             raise KernelProblem(
                 "python module bcc is missing: install python3-bpfcc (Debian/Ubuntu) or python3-bcc (RHEL)"
             ) from None
-        if ringbuf is None:
-            ringbuf = ringbuf_supported()
-        has_err = "err" in tracepoint_fields(path, "tcp", "tcp_retransmit_skb")
+        features = probe_features(path, ringbuf=ringbuf, jiffies64=jiffies64)
+        require_fitting_layout(config, features)
         source = resources.files("retransmit_bpf")
         with resources.as_file(source) as folder:
-            cflags = compile_flags(config, folder, ringbuf=ringbuf, has_err=has_err)
+            cflags = compile_flags(config, folder, features)
             with _stderr_captured() as output:
                 try:
                     bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
@@ -281,7 +307,7 @@ class RetransmitProgram:
                     failure = None
             if failure is not None:
                 raise _bcc_failure(failure, output)
-        program = cls(bpf, config, ringbuf, path)
+        program = cls(bpf, config, features, path)
         try:
             program._start()
         except Exception:
@@ -422,7 +448,7 @@ class RetransmitProgram:
         by_state = {}
         for number, n in enumerate(states):
             if n:
-                by_state[state_name(number) or "UNKNOWN"] = n
+                by_state[state_name(number) or UNKNOWN_STATE] = n
         return KernelSnapshot(
             retransmits=retransmits, synack_retransmits=synack, lost_events=lost,
             sampled_events=sampled, failed_attempts=failed, missed_events=missed, by_state=by_state, flows=flows,
@@ -481,6 +507,15 @@ class RetransmitProgram:
             probe = (name.decode() if isinstance(name, bytes) else name).rsplit("__", 1)[-1]
             out[probe] = fields
         return out
+
+    def instruction_counts(self) -> dict[str, int]:
+        """Per probe, the program's size in BPF instructions (kernels before 5.2 load at most
+        kernelinfo.OLD_KERNEL_MAX_INSNS)."""
+        with self._lock:
+            if self._bpf is None:
+                return {}
+            return {name.decode().rsplit("__", 1)[-1]: len(self._bpf.dump_func(name)) // 8
+                    for name in (b"tracepoint__tcp__tcp_retransmit_skb", b"tracepoint__tcp__tcp_retransmit_synack")}
 
     def kernel_cost(self) -> dict[str, tuple[int, int]]:
         """Per probe: (run_time_ns, run_cnt) from the kernel's BPF statistics.

@@ -9,10 +9,15 @@
  * (the common case: they come in bursts) are counted in a per-CPU run without a hash
  * lookup or a clock read (see struct run4 and struct clock in retransmit.h).
  *
- * Compile-time switches (cflags): USE_RINGBUF (else a perf buffer), HAVE_RETRANSMIT_ERR
- * (the tracepoint has Linux 6.17's `err` field: it then also fires for failed attempts,
- * which are set aside so every kernel counts the same thing), FLOW_CAPACITY,
- * RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
+ * Only the fields every kernel since 4.15 has are assumed: skaddr, sport, dport, saddr,
+ * daddr, saddr_v6, daddr_v6. Compile-time switches (cflags), chosen by the agent from the
+ * running kernel's format files and helper probes (agent/kernelinfo.py):
+ *   HAVE_SKB_STATE  tcp_retransmit_skb has `state` (Linux 5.0+); else state UNKNOWN (0)
+ *   HAVE_SKB_ERR    ... has `err` (6.17+): it then also fires for failed attempts, which
+ *                   are set aside so every kernel counts the same thing
+ *   HAVE_JIFFIES64  bpf_jiffies64() exists (5.5+): runs estimate time without the clock
+ *   USE_RINGBUF     BPF ring buffer (5.8+, RHEL 8.4+), else a perf buffer
+ * and FLOW_CAPACITY, RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
  * `cidrs4`, `cidrs6`, `local4`, `local6`, filled by the agent.
  */
 #include "retransmit.h"
@@ -40,59 +45,47 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 #endif
 
-/* Add counts to a flow's map entry, creating it if needed. Atomic adds: two CPUs may
- * flush runs of the same flow at once (the socket moved between CPUs). */
-static __always_inline void add_to_flow4(struct flow_key4 *key, u64 retransmits,
-                                    u64 synacks, u64 first_ns, u64 last_ns,
-                                    u32 state)
+/* Add `add`'s counts to a flow's entry. Atomic adds: two CPUs may flush runs of the same
+ * flow at once (the socket moved between CPUs). */
+static __always_inline void merge_stats(struct flow_stats *stats, struct flow_stats *add)
+{
+    if (add->retransmits)
+        __sync_fetch_and_add(&stats->retransmits, add->retransmits);
+    if (add->synack_retransmits)
+        __sync_fetch_and_add(&stats->synack_retransmits, add->synack_retransmits);
+    if (add->last_ns > stats->last_ns) {
+        stats->last_ns = add->last_ns;
+        stats->last_state = add->last_state;
+    }
+}
+
+/* Add counts to a flow's map entry, creating it if needed. `key` and `add` must be on the
+ * stack: before Linux 4.18 a map value cannot be a helper's key argument. */
+static __always_inline void add_to_flow4(struct flow_key4 *key, struct flow_stats *add)
 {
     struct flow_stats *stats = flows4.lookup(key);
     if (!stats) {
-        struct flow_stats init = {.retransmits = retransmits,
-                                  .synack_retransmits = synacks, .first_ns = first_ns,
-                                  .last_ns = last_ns, .last_state = state};
-        if (flows4.insert(key, &init) == 0)
+        if (flows4.insert(key, add) == 0)
             return;
         stats = flows4.lookup(key); /* another CPU inserted it first */
         if (!stats)
             return;
     }
-    if (retransmits)
-        __sync_fetch_and_add(&stats->retransmits, retransmits);
-    if (synacks)
-        __sync_fetch_and_add(&stats->synack_retransmits, synacks);
-    if (last_ns > stats->last_ns) {
-        stats->last_ns = last_ns;
-        stats->last_state = state;
-    }
+    merge_stats(stats, add);
 }
 
-
-static __always_inline void add_to_flow6(struct flow_key6 *key, u64 retransmits,
-                                    u64 synacks, u64 first_ns, u64 last_ns,
-                                    u32 state)
+static __always_inline void add_to_flow6(struct flow_key6 *key, struct flow_stats *add)
 {
     struct flow_stats *stats = flows6.lookup(key);
     if (!stats) {
-        struct flow_stats init = {.retransmits = retransmits,
-                                  .synack_retransmits = synacks, .first_ns = first_ns,
-                                  .last_ns = last_ns, .last_state = state};
-        if (flows6.insert(key, &init) == 0)
+        if (flows6.insert(key, add) == 0)
             return;
-        stats = flows6.lookup(key); /* another CPU inserted it first */
+        stats = flows6.lookup(key);
         if (!stats)
             return;
     }
-    if (retransmits)
-        __sync_fetch_and_add(&stats->retransmits, retransmits);
-    if (synacks)
-        __sync_fetch_and_add(&stats->synack_retransmits, synacks);
-    if (last_ns > stats->last_ns) {
-        stats->last_ns = last_ns;
-        stats->last_state = state;
-    }
+    merge_stats(stats, add);
 }
-
 
 static __always_inline int same_key4(struct flow_key4 *a, struct flow_key4 *b)
 {
@@ -107,15 +100,52 @@ static __always_inline int same_key6(struct flow_key6 *a, struct flow_key6 *b)
            a->sport == b->sport && a->dport == b->dport;
 }
 
+/* ---- the clock: family-free, shared by both families' runs ---------------------------- */
+
+#ifdef HAVE_JIFFIES64
+/* Read the clock for a run's first event and refine the jiffies -> ns calibration. */
+static __always_inline u64 start_clock(struct clock *clk, u64 *jiffies)
+{
+    u64 now = bpf_ktime_get_ns();
+    *jiffies = bpf_jiffies64();
+    if (!clk->base_jiffies) {
+        clk->base_ns = now;
+        clk->base_jiffies = *jiffies;
+    } else if (*jiffies - clk->base_jiffies >= 16) {
+        clk->ns_per_jiffy = (now - clk->base_ns) / (*jiffies - clk->base_jiffies);
+    }
+    return now;
+}
+
+/* A later event of a run: its time estimated from jiffies (a load, not a clock read). */
+static __always_inline u64 run_clock(struct clock *clk, u64 first_ns, u64 first_jiffies)
+{
+    u64 npj = clk->ns_per_jiffy;
+    return npj ? first_ns + (bpf_jiffies64() - first_jiffies) * npj : bpf_ktime_get_ns();
+}
+#else
+/* No bpf_jiffies64() (before Linux 5.5): every event reads the clock. */
+static __always_inline u64 start_clock(struct clock *clk, u64 *jiffies)
+{
+    *jiffies = 0;
+    return bpf_ktime_get_ns();
+}
+
+static __always_inline u64 run_clock(struct clock *clk, u64 first_ns, u64 first_jiffies)
+{
+    return bpf_ktime_get_ns();
+}
+#endif
+
+/* ---- per-CPU runs ----------------------------------------------------------------------- */
+
 /* The event's time if it continues this CPU's run of flow `key` (counted), else 0. */
 static __always_inline u64 continue_run4(struct run4 *run, struct clock *clk,
-                                           struct flow_key4 *key, u32 state, u32 generation)
+                                         struct flow_key4 *key, u32 state, u32 generation)
 {
     if (!run->retransmits || run->generation != generation || !same_key4(&run->key, key))
         return 0;
-    u64 npj = clk->ns_per_jiffy;
-    u64 now = npj ? run->first_ns + (bpf_jiffies64() - run->first_jiffies) * npj
-                  : bpf_ktime_get_ns();
+    u64 now = run_clock(clk, run->first_ns, run->first_jiffies);
     run->retransmits++;
     run->last_ns = now;
     run->last_state = state;
@@ -124,19 +154,16 @@ static __always_inline u64 continue_run4(struct run4 *run, struct clock *clk,
 
 /* Move this CPU's run into the flow map and start a new one with `key`; returns the time. */
 static __always_inline u64 start_run4(struct run4 *run, struct clock *clk,
-                                        struct flow_key4 *key, u32 state, u32 generation)
+                                      struct flow_key4 *key, u32 state, u32 generation)
 {
-    u64 now = bpf_ktime_get_ns();
-    u64 jiffies = bpf_jiffies64();
-    if (!clk->base_jiffies) {
-        clk->base_ns = now;
-        clk->base_jiffies = jiffies;
-    } else if (jiffies - clk->base_jiffies >= 16) {
-        clk->ns_per_jiffy = (now - clk->base_ns) / (jiffies - clk->base_jiffies);
+    u64 jiffies;
+    u64 now = start_clock(clk, &jiffies);
+    if (run->retransmits) {
+        struct flow_key4 done = run->key;
+        struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
+                                 .last_ns = run->last_ns, .last_state = run->last_state};
+        add_to_flow4(&done, &add);
     }
-    if (run->retransmits)
-        add_to_flow4(&run->key, run->retransmits, 0, run->first_ns, run->last_ns,
-                     run->last_state);
     run->key = *key;
     run->generation = generation;
     run->retransmits = 1;
@@ -147,36 +174,29 @@ static __always_inline u64 start_run4(struct run4 *run, struct clock *clk,
     return now;
 }
 
-/* The event's time if it continues this CPU's run of flow `key` (counted), else 0. */
 static __always_inline u64 continue_run6(struct run6 *run, struct clock *clk,
-                                           struct flow_key6 *key, u32 state, u32 generation)
+                                         struct flow_key6 *key, u32 state, u32 generation)
 {
     if (!run->retransmits || run->generation != generation || !same_key6(&run->key, key))
         return 0;
-    u64 npj = clk->ns_per_jiffy;
-    u64 now = npj ? run->first_ns + (bpf_jiffies64() - run->first_jiffies) * npj
-                  : bpf_ktime_get_ns();
+    u64 now = run_clock(clk, run->first_ns, run->first_jiffies);
     run->retransmits++;
     run->last_ns = now;
     run->last_state = state;
     return now;
 }
 
-/* Move this CPU's run into the flow map and start a new one with `key`; returns the time. */
 static __always_inline u64 start_run6(struct run6 *run, struct clock *clk,
-                                        struct flow_key6 *key, u32 state, u32 generation)
+                                      struct flow_key6 *key, u32 state, u32 generation)
 {
-    u64 now = bpf_ktime_get_ns();
-    u64 jiffies = bpf_jiffies64();
-    if (!clk->base_jiffies) {
-        clk->base_ns = now;
-        clk->base_jiffies = jiffies;
-    } else if (jiffies - clk->base_jiffies >= 16) {
-        clk->ns_per_jiffy = (now - clk->base_ns) / (jiffies - clk->base_jiffies);
+    u64 jiffies;
+    u64 now = start_clock(clk, &jiffies);
+    if (run->retransmits) {
+        struct flow_key6 done = run->key;
+        struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
+                                 .last_ns = run->last_ns, .last_state = run->last_state};
+        add_to_flow6(&done, &add);
     }
-    if (run->retransmits)
-        add_to_flow6(&run->key, run->retransmits, 0, run->first_ns, run->last_ns,
-                     run->last_state);
     run->key = *key;
     run->generation = generation;
     run->retransmits = 1;
@@ -280,7 +300,9 @@ static __always_inline int handle(void *ctx, struct event *ev)
                 return 0;
             if (synack) {   /* rare: straight into the flow map */
                 now = bpf_ktime_get_ns();
-                add_to_flow4(&key, 0, 1, now, now, slot);
+                struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
+                                         .last_ns = now, .last_state = slot};
+                add_to_flow4(&key, &add);
             } else {
                 now = start_run4(run, clk, &key, slot, cfg->generation);
             }
@@ -307,7 +329,9 @@ static __always_inline int handle(void *ctx, struct event *ev)
                 return 0;
             if (synack) {
                 now = bpf_ktime_get_ns();
-                add_to_flow6(&key, 0, 1, now, now, slot);
+                struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
+                                         .last_ns = now, .last_state = slot};
+                add_to_flow6(&key, &add);
             } else {
                 now = start_run6(run, clk, &key, slot, cfg->generation);
             }
@@ -321,26 +345,39 @@ static __always_inline int handle(void *ctx, struct event *ev)
     return 0;
 }
 
-/* Copy the tracepoint's fields into `ev` (constant-offset context reads only). */
+/* An IPv4 connection has a v4-mapped daddr_v6 (::ffff:a.b.c.d) on every kernel: the
+ * tracepoints store an AF_INET socket's addresses that way, and an AF_INET6 socket talking
+ * IPv4 (a dual-stack server on [::]) has them so. The `family` field (5.12+) says the
+ * socket's family, which for the latter is AF_INET6: the wire's family comes from here.
+ * IPv4 addresses then move to the first 4 bytes, as struct event expects. */
+static __always_inline void classify_family(struct event *ev)
+{
+    u32 *s = (u32 *)ev->saddr, *d = (u32 *)ev->daddr;
+    if (d[0] == 0 && d[1] == 0 && ev->daddr[8] == 0 && ev->daddr[9] == 0 &&
+        ev->daddr[10] == 0xff && ev->daddr[11] == 0xff) {
+        ev->family = AF_INET_;
+        s[0] = s[3];
+        d[0] = d[3];
+        s[1] = s[2] = s[3] = 0;
+        d[1] = d[2] = d[3] = 0;
+    } else {
+        ev->family = AF_INET6_;
+    }
+}
+
+/* Copy the fields every kernel since 4.15 has (constant-offset context reads only). */
 #define COPY_FIELDS(ev, args)                                          \
     do {                                                               \
-        (ev).family = (args)->family;                                  \
         (ev).sport = (args)->sport;                                    \
         (ev).dport = (args)->dport;                                    \
-        if ((ev).family == AF_INET_) {                                 \
-            __builtin_memcpy((ev).saddr, (args)->saddr, 4);            \
-            __builtin_memcpy((ev).daddr, (args)->daddr, 4);            \
-        } else if ((ev).family == AF_INET6_) {                         \
-            __builtin_memcpy((ev).saddr, (args)->saddr_v6, 16);        \
-            __builtin_memcpy((ev).daddr, (args)->daddr_v6, 16);        \
-        } else {                                                       \
-            return 0;                                                  \
-        }                                                              \
+        __builtin_memcpy((ev).saddr, (args)->saddr_v6, 16);            \
+        __builtin_memcpy((ev).daddr, (args)->daddr_v6, 16);            \
+        classify_family(&(ev));                                        \
     } while (0)
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
-#ifdef HAVE_RETRANSMIT_ERR
+#ifdef HAVE_SKB_ERR
     if (args->err) {
         u32 zero = 0;
         struct totals *t = totals.lookup(&zero);
@@ -350,8 +387,11 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     }
 #endif
     struct event ev = {.kind = KIND_RETRANSMIT};
+#ifdef HAVE_SKB_STATE
     int state = args->state;
     ev.state = (state > 0 && state < STATE_SLOTS) ? state : 0;
+#endif
+    /* else state 0: filed under UNKNOWN (the agent refuses a states filter there) */
     COPY_FIELDS(ev, args);
     return handle(args, &ev);
 }

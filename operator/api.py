@@ -89,6 +89,9 @@ TCP_STATES: tuple[str, ...] = (
     "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT", "CLOSE",
     "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV", "BOUND_INACTIVE",
 )
+# by_state's key for retransmits whose state the kernel does not report: tcp_retransmit_skb
+# has no `state` field before Linux 5.0.
+UNKNOWN_STATE = "UNKNOWN"
 # Kernel enum value (include/net/tcp_states.h) for each name: the BPF program sees numbers.
 TCP_STATE_NUMBERS: dict[str, int] = {name: i + 1 for i, name in enumerate(TCP_STATES)}
 

@@ -29,6 +29,22 @@ def _family(ip: str) -> int:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
+def _listener(args: argparse.Namespace) -> socket.socket:
+    """The server socket: on --server-ip, or with --dual-stack an IPv6 socket on [::] that
+    accepts IPv4 too (how Go, Java, nginx and iperf3 listen by default)."""
+    if args.dual_stack:
+        server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address = ("::", args.port)
+    else:
+        server = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
+        address = (args.server_ip, args.port)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(address)
+    server.listen(args.connections + 8)
+    return server
+
+
 def _endpoint(sock: socket.socket) -> list:
     name = sock.getsockname()
     return [name[0], name[1]]
@@ -52,10 +68,7 @@ def _send_all_then_drain(sock: socket.socket, nbytes: int) -> None:
 
 
 def bulk(args: argparse.Namespace) -> list[dict]:
-    server = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((args.server_ip, args.port))
-    server.listen(args.connections + 8)
+    server = _listener(args)
     peer_bytes = args.bytes if args.duplex else 0
 
     def serve_one(conn: socket.socket) -> None:
@@ -113,10 +126,7 @@ def syn(args: argparse.Namespace) -> list[dict]:
 
 
 def synack(args: argparse.Namespace) -> list[dict]:
-    server = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((args.server_ip, args.port))
-    server.listen(args.connections + 8)
+    server = _listener(args)
     clients, flows = [], []
     for _ in range(args.connections):
         c = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
@@ -161,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--bytes", type=int, default=1 << 20, help="bulk: bytes per direction")
+    parser.add_argument("--dual-stack", action="store_true",
+                        help="bulk, synack: the server listens on [::] (IPv6 socket) and clients use --server-ip")
     parser.add_argument("--duplex", action="store_true", help="bulk: the server sends too; iperf: -R")
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args(argv)
