@@ -30,6 +30,8 @@ def vm(tmp_path_factory):
     """(exit status, vng output, result JSON) of one boot running every scenario."""
     rwdir = tmp_path_factory.mktemp("kernelvm")
     run = run_in_vm(".venv/bin/python -m tests.harness.vm_scenarios --out {rwdir}/result.json", rwdir, timeout=1200)
+    # the guest's one line per scenario (counts and verdict): shown with -s or -rA
+    print("\n".join(line for line in run.output.splitlines() if line.startswith("vm_scenarios:")))
     path = rwdir / "result.json"
     assert path.is_file(), f"the VM wrote no result (exit {run.returncode}); vng output:\n{run.output[-6000:]}"
     result = json.loads(path.read_text())
