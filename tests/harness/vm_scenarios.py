@@ -124,7 +124,7 @@ def run(out: Path) -> bool:
                 result["programs"][mode] = {"uses_ringbuf": program.uses_ringbuf, "tracefs": str(program.tracefs),
                                             "features": program.features.describe(), "drained_events": 0}
             result["seconds"]["attached"] = round(time.monotonic() - started, 1)
-            print(f"vm_scenarios: {result['kernel']['release']}: programs attached "
+            print(f"vm_scenarios: {result['kernel']['release']}: programs attached after {result['seconds']['attached']} s "
                   f"(ring buffer probed: {probed.uses_ringbuf})", flush=True)
             before_ref = (0, 0)
             before = {mode: (0, 0) for mode in MODES}
@@ -171,10 +171,11 @@ def run(out: Path) -> bool:
                 if total == 0:
                     entry["mismatches"].append("the scenario made no retransmits")
                 entry["matched"] = not entry["mismatches"]
+                result["seconds"][scenario.name] = round(time.monotonic() - started, 1)
                 all_matched &= entry["matched"]
                 result["scenarios"][scenario.name] = entry
-                result["seconds"][scenario.name] = round(time.monotonic() - started, 1)
-                print(f"vm_scenarios: {scenario.name}: reference {entry['expected']['retransmits']} retransmits, "
+                print(f"vm_scenarios: {scenario.name} (at {result['seconds'][scenario.name]} s): "
+                      f"reference {entry['expected']['retransmits']} retransmits, "
                       f"{entry['expected']['synack_retransmits']} SYN-ACK, {len(expected)} flows: "
                       + ("matched" if entry["matched"] else "MISMATCH " + "; ".join(entry["mismatches"])), flush=True)
                 save()
