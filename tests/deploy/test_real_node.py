@@ -312,6 +312,8 @@ def test_default_install_runs_on_real_containers_and_counts_like_the_reference(
 
     figures = run_trace_and_compare(control_plane, release, real, reference, core, namespace, port=5401)
     assert figures["agent_uid"] == "0"
+    assert {"BPF", "PERFMON", "SYS_ADMIN"} <= set(figures["agent_capabilities"])
+    figures["agent_capabilities"] = f"{len(figures['agent_capabilities'])} (privileged)"
     print(f"\nprivileged agent on the real node: {figures}")
     operator = core.api_client.sanitize_for_serialization(
         core.read_namespaced_pod(operator["metadata"]["name"], release.ns))
