@@ -151,6 +151,15 @@ def main_pid(node: RealNode, pod: dict, container: str) -> int:
     return min(int(p) for p in procs)
 
 
+def chart_agent_memory_limit() -> int:
+    """agent.resources.limits.memory of the chart's values, in bytes (Ki/Mi/Gi)."""
+    import yaml
+
+    value = yaml.safe_load((CHART / "values.yaml").read_text())["agent"]["resources"]["limits"]["memory"]
+    number, unit = re.fullmatch(r"(\d+)([KMG]i)", value).groups()
+    return int(number) * {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[unit]
+
+
 def capabilities(mask: str) -> set[str]:
     from tests.harness.runc_capfilter import CAPABILITIES
 
@@ -281,11 +290,12 @@ def run_trace_and_compare(cp, release: Release, real: Node, reference, core, nam
     assert status["restartCount"] == 0, status
     started = datetime.fromisoformat(status["state"]["running"]["startedAt"].replace("Z", "+00:00"))
     attached_at = datetime.fromisoformat(attached.split()[0].replace("Z", "+00:00"))
-    memory = node.container_cgroup(agent, "agent", "memory")
+    peak, limit = node.memory_peak_and_limit(node.container_cgroup(agent, "agent", "memory"))
+    assert limit == chart_agent_memory_limit(), f"the agent's cgroup limit {limit} is not the chart's"
     figures = {
         "retransmits": want_r, "synack_retransmits": want_s, "flows": len(want),
-        "agent_peak_memory_mib": int((memory / "memory.max_usage_in_bytes").read_text()) / 2**20,
-        "agent_memory_limit_mib": int((memory / "memory.limit_in_bytes").read_text()) / 2**20,
+        "agent_peak_memory_mib": round(peak / 2**20, 1),
+        "agent_memory_limit_mib": limit / 2**20,
         "agent_start_to_attached_s": (attached_at - started).total_seconds(),
         "agent_restarts": status["restartCount"],
         "agent_capabilities": sorted(capabilities(proc_status(pid)["CapEff"])),

@@ -460,14 +460,25 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         return f"/proc/{pids[0]}/ns/net"
 
     def container_cgroup(self, pod: dict, container: str, controller: str = "memory") -> Path:
-        """The cgroup v1 directory of a running container (pod: the Pod as JSON)."""
+        """The cgroup directory of a running container (pod: the Pod as JSON): the
+        `controller` hierarchy's on cgroup v1, the one unified directory on v2."""
         status = next(c for c in pod["status"]["containerStatuses"] if c["name"] == container)
         cid = status["containerID"].split("://", 1)[1]
-        root = Path("/sys/fs/cgroup") / controller / "kubepods"
+        v1 = Path("/sys/fs/cgroup") / controller
+        root = (v1 if v1.is_dir() else Path("/sys/fs/cgroup")) / "kubepods"
         found = [Path(d) for d, dirs, _ in os.walk(root) if Path(d).name == cid]
         if not found:
             raise LookupError(f"no {controller} cgroup for container {container} ({cid}) under {root}")
         return found[0]
+
+    @staticmethod
+    def memory_peak_and_limit(cgroup: Path) -> tuple[int, int]:
+        """A container's peak memory and its limit in bytes, from its memory cgroup (v1 or v2)."""
+        if (cgroup / "memory.max_usage_in_bytes").exists():
+            return (int((cgroup / "memory.max_usage_in_bytes").read_text()),
+                    int((cgroup / "memory.limit_in_bytes").read_text()))
+        limit = (cgroup / "memory.max").read_text().strip()
+        return int((cgroup / "memory.peak").read_text()), (-1 if limit == "max" else int(limit))
 
     # -- teardown --
 

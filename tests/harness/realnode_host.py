@@ -53,11 +53,12 @@ def write_sysctl(name: str, value: str) -> None:
 def kubepods_cgroups() -> list[str]:
     """Every kubepods cgroup directory (any depth), per hierarchy."""
     found = []
-    for hierarchy in sorted(CGROUP_ROOT.iterdir()) if CGROUP_ROOT.is_dir() else []:
-        top = hierarchy / KUBEPODS
+    # cgroup v1: one hierarchy per folder of /sys/fs/cgroup; v2: /sys/fs/cgroup is the root.
+    tops = [CGROUP_ROOT / KUBEPODS] + [h / KUBEPODS for h in (sorted(CGROUP_ROOT.iterdir()) if CGROUP_ROOT.is_dir() else [])]
+    for top in tops:
         if top.is_dir():
             found += [str(Path(d)) for d, _dirs, _files in os.walk(top)]
-    return sorted(found)
+    return sorted(set(found))
 
 
 def links(pattern: re.Pattern) -> list[str]:
