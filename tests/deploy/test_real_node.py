@@ -114,9 +114,11 @@ class Release:
 @pytest.fixture(scope="module")
 def release(control_plane, real):
     rel = Release(control_plane, real.node)
-    rel.install()
-    yield rel
-    helm(control_plane, "uninstall", rel.name, "--wait", "--timeout", "300s", check=False)
+    try:
+        rel.install()
+        yield rel
+    finally:
+        helm(control_plane, "uninstall", rel.name, "--wait", "--timeout", "300s", check=False)
 
 
 # ---------------------------------------------------------------- helpers
@@ -135,12 +137,13 @@ def proc_status(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, v in (line.split(":", 1) for line in lines)}
 
 
-def mounts(pid: int) -> dict[str, str]:
-    """mount point -> mount options, as the process sees them (its container's namespace)."""
+def mounts(pid: int) -> dict[str, tuple[str, list[str]]]:
+    """mount point -> (mount options, propagation fields such as master:N), as the process
+    sees them (its container's mount namespace)."""
     out = {}
     for line in open(f"/proc/{pid}/mountinfo"):
         fields = line.split()
-        out[fields[4]] = fields[5]
+        out[fields[4]] = (fields[5], fields[6:fields.index("-")])
     return out
 
 
@@ -280,8 +283,10 @@ def run_trace_and_compare(cp, release: Release, real: Node, reference, core, nam
     agent = core.api_client.sanitize_for_serialization(core.read_namespaced_pod(agent["metadata"]["name"], release.ns))
     pid = main_pid(node, agent, "agent")
     seen = mounts(pid)
-    assert {"/sys/kernel/debug", "/sys/kernel/tracing", "/tmp"} <= set(seen), sorted(seen)
-    assert "ro" in seen["/"].split(","), seen["/"]
+    assert {"/sys/kernel/debug", "/sys/kernel/tracing", "/sys/kernel/btf", "/tmp"} <= set(seen), sorted(seen)
+    assert "ro" in seen["/"][0].split(","), seen["/"]
+    for path in ("/sys/kernel/debug", "/sys/kernel/tracing"):   # mountPropagation: HostToContainer
+        assert "ro" in seen[path][0].split(",") and any(f.startswith("master:") for f in seen[path][1]), seen[path]
     logs = kubectl(cp, "logs", "-n", release.ns, agent["metadata"]["name"], "--timestamps").stdout
     attached = next((line for line in logs.splitlines() if "kernel program attached" in line), None)
     assert attached, f"kubectl logs of the agent has no 'kernel program attached' line:\n{logs[-3000:]}"
@@ -317,7 +322,7 @@ def test_default_install_runs_on_real_containers_and_counts_like_the_reference(
     assert operator["spec"]["nodeName"] == real.node.name
     pid = main_pid(real.node, operator, "operator")
     assert proc_status(pid)["Uid"].split()[0] == "65532"          # the image's user: non-root
-    assert "ro" in mounts(pid)["/"].split(",")                      # read-only root filesystem
+    assert "ro" in mounts(pid)["/"][0].split(",")                   # read-only root filesystem
     assert capabilities(proc_status(pid)["CapEff"]) == set()
 
     figures = run_trace_and_compare(control_plane, release, real, reference, core, namespace, port=5401)
