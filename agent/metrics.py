@@ -12,12 +12,19 @@ Metrics (all carry the label `trace`):
   cardinality is bounded by that map. A series never decreases: when the kernel's LRU map
   evicts a flow, the series keeps its highest value.
 - rtrace_node_retransmits_total, rtrace_node_synack_retransmits_total: the node's exact totals.
+- rtrace_node_retransmits_by_state_total{state}: tcp_retransmit_skb and tcp_retransmit_synack
+  events by the socket's TCP state as the kernel names it without `TCP_` (SYN-ACK retransmits
+  under SYN_RECV; UNKNOWN on kernels whose tracepoint has no state): at most the kernel's dozen
+  states plus UNKNOWN per node. The node's status.nodes[].byState, as a counter.
 - rtrace_lost_events_total: samples dropped (rate limit, full buffer); counts stay exact.
 - rtrace_missed_events_total: tracepoint hits the kernel did not run the program for
   (another BPF program was running on that CPU); the true counts may be higher by this much.
 - rtrace_report_errors_total: status writes that failed (API server away, refused).
 - rtrace_reports_total: status writes that succeeded.
 - rtrace_program_attached: 1 while the kernel program is attached.
+- rtrace_agent_failed: 1 when this node cannot trace (tracefs, tracepoint or BPF permission
+  missing: the node's report says `phase: Failed` and why); 0 otherwise, including while the
+  program compiles (attached 0, failed 0 = starting).
 - rtrace_report_interval_seconds: the interval after the write budget stretched it.
 - rtrace_selected_local_ips: pod addresses in the kernel's local-IP filter, when the trace
   selects pods (namespaces, podSelector); follows the pods as they come and go.
@@ -55,7 +62,9 @@ class AgentState:
     report_errors: int = 0
     reports: int = 0
     interval: float = 0.0
+    failed: bool = False                 # the kernel program cannot be opened on this node
     selected_ips: Optional[int] = None   # addresses in the kernel's local-IP filter; None = no filter
+    by_state: dict[str, int] = field(default_factory=dict)
     by_pod_port: dict[tuple[str, str, str], int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -69,8 +78,11 @@ class AgentState:
             return (now if now is not None else time.monotonic()) - self.last_loop <= self.liveness_bound
 
     def publish_counts(self, retransmits: int, synack: int, lost: int,
-                       by_pod_port: dict[tuple[str, str, str], int], missed: int = 0) -> None:
+                       by_pod_port: dict[tuple[str, str, str], int], missed: int = 0,
+                       by_state: Optional[dict[str, int]] = None) -> None:
         with self.lock:
+            for state, value in (by_state or {}).items():
+                self.by_state[state] = max(self.by_state.get(state, 0), value)
             self.retransmits = max(self.retransmits, retransmits)
             self.synack_retransmits = max(self.synack_retransmits, synack)
             self.lost_events = max(self.lost_events, lost)
@@ -96,6 +108,13 @@ class AgentCollector:
             for (namespace, pod, port), value in sorted(s.by_pod_port.items()):
                 per_pod.add_metric([s.trace, namespace, pod, port], value)
             yield per_pod
+            by_state = CounterMetricFamily(
+                "rtrace_node_retransmits_by_state", "Retransmit and SYN-ACK retransmit events by TCP state.",
+                labels=["trace", "node", "state"],
+            )
+            for state, value in sorted(s.by_state.items()):
+                by_state.add_metric([s.trace, s.node, state], value)
+            yield by_state
             for name, doc, value in (
                 ("rtrace_node_retransmits", "Every matched tcp_retransmit_skb event on this node.", s.retransmits),
                 ("rtrace_node_synack_retransmits", "Every matched tcp_retransmit_synack event on this node.", s.synack_retransmits),
@@ -110,6 +129,10 @@ class AgentCollector:
             attached = GaugeMetricFamily("rtrace_program_attached", "1 while the kernel program is attached.", labels=["trace", "node"])
             attached.add_metric([s.trace, s.node], 1.0 if s.attached else 0.0)
             yield attached
+            failed = GaugeMetricFamily("rtrace_agent_failed", "1 when this node cannot trace (its report says phase Failed and why).",
+                                       labels=["trace", "node"])
+            failed.add_metric([s.trace, s.node], 1.0 if s.failed else 0.0)
+            yield failed
             if s.selected_ips is not None:
                 selected = GaugeMetricFamily("rtrace_selected_local_ips", "Pod addresses in the kernel's local-IP filter (namespaces/podSelector).", labels=["trace", "node"])
                 selected.add_metric([s.trace, s.node], s.selected_ips)
