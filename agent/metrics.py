@@ -7,10 +7,12 @@ counts that go into status.nodes[]).
 Metrics (all carry the label `trace`):
 - rtrace_retransmits_total{namespace,pod,remote_port}: tcp_retransmit_skb events by the
   local pod (empty for addresses that are no pod's; pod "" with namespace "" and the node's
-  own addresses under namespace "" pod "<node>") and remote port. One series per
-  distinct (namespace, pod, remote port) among the flows the kernel map holds, so the
-  cardinality is bounded by that map. A series never decreases: when the kernel's LRU map
-  evicts a flow, the series keeps its highest value.
+  own addresses under namespace "" pod "<node>") and remote port. Remote ports from 32768 up
+  (Linux's default ephemeral range: the clients' side of connections to a server pod) are
+  one value, "ephemeral", so a series is a (pod, service port) pair, never a flow: a server
+  pod has one series for all its clients, a client pod one per server port it talks to
+  below 32768. A series never decreases: when the kernel's LRU map evicts a flow, the series
+  keeps its highest value.
 - rtrace_node_retransmits_total, rtrace_node_synack_retransmits_total: the node's exact totals.
 - rtrace_node_retransmits_by_state_total{state}: tcp_retransmit_skb and tcp_retransmit_synack
   events by the socket's TCP state as the kernel names it without `TCP_` (SYN-ACK retransmits
@@ -43,6 +45,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
+
+
+# rtrace_retransmits_total's remote_port: ports from here up are "ephemeral" (see above).
+EPHEMERAL_PORTS_FROM = 32768
+
+
+def remote_port_label(port: str) -> str:
+    """The port, or "ephemeral" from 32768 up: clients' ports would make a series per flow.
+    (Servers listening that high, e.g. gRPC's 50051, fall under "ephemeral" too; the trace's
+    status names every flow with both ports.)"""
+    return "ephemeral" if port.isdigit() and int(port) >= EPHEMERAL_PORTS_FROM else port
 
 
 @dataclass
@@ -87,7 +100,11 @@ class AgentState:
             self.synack_retransmits = max(self.synack_retransmits, synack)
             self.lost_events = max(self.lost_events, lost)
             self.missed_events = max(self.missed_events, missed)
-            for key, value in by_pod_port.items():
+            labelled: dict[tuple[str, str, str], int] = {}
+            for (namespace, pod, port), value in by_pod_port.items():
+                key = (namespace, pod, remote_port_label(port))
+                labelled[key] = labelled.get(key, 0) + value
+            for key, value in labelled.items():
                 if value > self.by_pod_port.get(key, 0):
                     self.by_pod_port[key] = value
 

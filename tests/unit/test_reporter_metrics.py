@@ -112,3 +112,14 @@ def test_an_agent_whose_kernel_cannot_trace_exports_failed_1_and_attached_0(tmp_
         server.stop()
     assert after[("rtrace_agent_failed", (("node", "n1"), ("trace", "t1")))] == 1
     assert after[("rtrace_program_attached", (("node", "n1"), ("trace", "t1")))] == 0
+
+
+def test_clients_ephemeral_ports_are_one_remote_port_value_so_a_series_is_never_a_flow(served):
+    """A server pod retransmitting to many clients: one series, not one per client port."""
+    state, url = served
+    state.publish_counts(10, 0, 0, {("shop", "db", "41234"): 3, ("shop", "db", "58000"): 4, ("shop", "db", "32768"): 1,
+                                    ("shop", "web", "5432"): 2, ("shop", "web", "32767"): 1})
+    got = samples(get(url + "/metrics")[1])
+    per_pod = {(dict(labels)["pod"], dict(labels)["remote_port"]): value for (name, labels), value in got.items()
+               if name == "rtrace_retransmits_total"}
+    assert per_pod == {("db", "ephemeral"): 8, ("web", "5432"): 2, ("web", "32767"): 1}
