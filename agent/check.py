@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from .kernelinfo import VMLINUX_BTF as BTF_PATH
 from .kernelinfo import (
     BPF_FUNC_JIFFIES64,
     OPTIONAL_FIELDS,
@@ -20,6 +21,7 @@ from .kernelinfo import (
     TracepointLayout,
     helper_supported,
     misses_counted,
+    resolve_sock_offsets,
     read_layout,
     ringbuf_supported,
 )
@@ -32,7 +34,6 @@ from .preflight import (
 )
 
 Status = Literal["ok", "degraded", "fail"]
-BTF_PATH = "/sys/kernel/btf/vmlinux"
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class HostFacts:
     tracefs_how: str                        # "tracefs", "debugfs (tracing/ inside)", ...
     tracepoints: dict[str, bool]            # tracepoint name -> format file present
     layout: Optional[TracepointLayout]      # None when the format files are unreadable
-    btf: bool
+    btf_problem: str                        # "" when the socket offsets resolved from BTF
     ringbuf: Optional[bool]                 # None: could not tell (no permission, no bcc)
     jiffies64: Optional[bool]
     capabilities: int
@@ -134,7 +135,7 @@ def gather_facts(tracefs: Optional[str] = None) -> HostFacts:
             ringbuf = None
     return HostFacts(
         release=release, tracefs=found, tracefs_how=how, tracepoints=tracepoints, layout=layout,
-        btf=Path(BTF_PATH).is_file(), ringbuf=ringbuf, jiffies64=helper_supported(BPF_FUNC_JIFFIES64),
+        btf_problem=resolve_sock_offsets(BTF_PATH)[1], ringbuf=ringbuf, jiffies64=helper_supported(BPF_FUNC_JIFFIES64),
         capabilities=caps, headers=_headers(release), bcc_version=bcc_version, bcc_has_ringbuf_api=has_rb_api,
         misses_counted=misses_counted(release),
     )
@@ -200,8 +201,13 @@ def evaluate(facts: HostFacts) -> list[CheckLine]:
     else:
         lines.append(CheckLine("missed events", "degraded", "the kernel does not count tracepoint hits it skipped "
                                "(before 6.7): missedEvents is reported as unknown"))
-    lines.append(CheckLine("BTF", "ok" if facts.btf else "degraded",
-                           f"{BTF_PATH} {'present' if facts.btf else 'missing'} (not needed for counting)"))
+    if not facts.btf_problem:
+        lines.append(CheckLine("retransmit causes", "ok", f"socket offsets resolved from {BTF_PATH}: "
+                               "timeout / fast / probe per retransmit, srtt and cwnd per flow"))
+    else:
+        lines.append(CheckLine("retransmit causes", "degraded", f"unknown ({facts.btf_problem}); counts unchanged",
+                               "a kernel with BTF (CONFIG_DEBUG_INFO_BTF: RHEL 8.2+, RHCOS, Ubuntu 20.10+, Debian 11+, "
+                               "Amazon Linux 2 5.10, COS, Bottlerocket) and /sys/kernel/btf mounted into the agent"))
     if facts.headers:
         lines.append(CheckLine("kernel headers", "ok", facts.headers))
     else:
@@ -223,6 +229,7 @@ def mode_line(facts: HostFacts, ok: bool) -> CheckLine:
     has = facts.layout.has if facts.layout else (lambda _name: False)
     parts = ["exact per-flow counts (IPv4, IPv6, dual-stack as IPv4)",
              "by TCP state" if has("state") else "state UNKNOWN",
+             "causes from BTF" if not facts.btf_problem else "causes unknown",
              "failed attempts reported" if has("err") else "no failed attempts (kernel does not report them)",
              "ring buffer" if facts.ringbuf else "perf buffer"]
     return CheckLine("mode", "ok", "; ".join(parts))

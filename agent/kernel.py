@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from retransmit_operator.api import (
+    RETRANSMIT_CAUSES,
     TCP_STATE_NUMBERS,
     TCP_STATES,
     UNKNOWN_STATE,
@@ -38,12 +39,14 @@ from .flows import (
     AF_INET,
     AF_INET6,
     FlowCounters,
+    SocketState,
+    causes_by_name,
     flow_counters,
     recent_event,
     state_name,
     wall_clock_offset_ns,
 )
-from .kernelinfo import KernelFeatures, probe_features
+from .kernelinfo import VMLINUX_BTF, KernelFeatures, probe_features
 from .preflight import (
     KernelProblem,
     find_tracefs,
@@ -133,25 +136,35 @@ class KernelSnapshot:
     missed_events: int
     by_state: dict[str, int]
     flows: list[FlowCounters]
+    by_cause: dict[str, int] = field(default_factory=dict)   # retransmits + SYN-ACKs per cause
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 @dataclass(frozen=True)
 class FlowEntry:
-    """A flow's raw counters as the kernel keeps them (struct flow_stats or a pending run)."""
+    """A flow's raw counters as the kernel keeps them (struct flow_stats or a pending run).
+
+    by_cause: counts per CAUSE_* index; socket: the socket at the latest event (None when
+    the kernel read none)."""
 
     retransmits: int
     synack_retransmits: int
     first_ns: int
     last_ns: int
     last_state: int
+    by_cause: tuple[int, ...] = (0,) * len(RETRANSMIT_CAUSES)
+    socket: Optional[SocketState] = None
+
+    def counts(self) -> tuple[int, ...]:
+        """Everything that must never go backwards between snapshots."""
+        return (self.retransmits, self.synack_retransmits, *self.by_cause)
 
 
 def merge_pending_runs(
     entries: dict[tuple, FlowEntry],
     runs: Iterable[tuple[tuple, FlowEntry]],
-    floors: dict[tuple, tuple[int, int]],
-) -> tuple[dict[tuple, FlowEntry], dict[tuple, tuple[int, int]]]:
+    floors: dict[tuple, tuple[int, ...]],
+) -> tuple[dict[tuple, FlowEntry], dict[tuple, tuple[int, ...]]]:
     """Flow-map entries plus per-CPU pending runs, with counts never below `floors`.
 
     Returns the merged entries and the floors for the next call (only for flows present
@@ -170,15 +183,17 @@ def merge_pending_runs(
             min(entry.first_ns, run.first_ns),
             latest.last_ns,
             latest.last_state,
+            tuple(a + b for a, b in zip(entry.by_cause, run.by_cause)),
+            latest.socket or entry.socket or run.socket,
         )
     next_floors = {}
     for key, entry in merged.items():
-        low_r, low_s = floors.get(key, (0, 0))
-        if entry.retransmits < low_r or entry.synack_retransmits < low_s:
-            entry = FlowEntry(max(entry.retransmits, low_r), max(entry.synack_retransmits, low_s),
-                              entry.first_ns, entry.last_ns, entry.last_state)
+        floor = floors.get(key)
+        if floor is not None and any(now < low for now, low in zip(entry.counts(), floor)):
+            r, s, *causes = (max(now, low) for now, low in zip(entry.counts(), floor))
+            entry = FlowEntry(r, s, entry.first_ns, entry.last_ns, entry.last_state, tuple(causes), entry.socket)
             merged[key] = entry
-        next_floors[key] = (entry.retransmits, entry.synack_retransmits)
+        next_floors[key] = entry.counts()
     return merged, next_floors
 
 
@@ -254,6 +269,14 @@ def _bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
     )
 
 
+def _socket_state(sock: Any) -> Optional[SocketState]:
+    """A struct sock_info from a map value, None when the kernel read no socket."""
+    if not sock.valid:
+        return None
+    return SocketState(srtt_us=sock.srtt_us, snd_cwnd=sock.snd_cwnd, packets_out=sock.packets_out,
+                       retrans_out=sock.retrans_out, timeouts=sock.timeouts)
+
+
 class RetransmitProgram:
     """The attached kernel program. Thread-safe; use open() to create one."""
 
@@ -275,13 +298,16 @@ class RetransmitProgram:
 
     @classmethod
     def open(cls, config: KernelConfig, tracefs: Optional[str] = None,
-             ringbuf: Optional[bool] = None, jiffies64: Optional[bool] = None) -> "RetransmitProgram":
+             ringbuf: Optional[bool] = None, jiffies64: Optional[bool] = None,
+             btf: Optional[str] = VMLINUX_BTF) -> "RetransmitProgram":
         """Check the node, compile and attach the program, then start counting with `config`.
 
         tracefs: a tracefs mount to check instead of probing the usual places.
         ringbuf: None probes the kernel (BPF ring buffer when it can create one, else a
         perf buffer); True/False forces the choice (a perf buffer works on every kernel).
         jiffies64: None probes for bpf_jiffies64(); False reads the clock every event.
+        btf: the kernel's BTF, for the socket fields behind each retransmit's cause; None or a
+        missing file: causes are unknown, counts unchanged.
         """
         require_privileges()  # first: without it tracefs looks empty
         path = find_tracefs(tracefs)
@@ -293,7 +319,7 @@ class RetransmitProgram:
             raise KernelProblem(
                 "python module bcc is missing: install python3-bpfcc (Debian/Ubuntu) or python3-bcc (RHEL)"
             ) from None
-        features = probe_features(path, ringbuf=ringbuf, jiffies64=jiffies64)
+        features = probe_features(path, ringbuf=ringbuf, jiffies64=jiffies64, btf_path=btf)
         require_fitting_layout(config, features)
         source = resources.files("retransmit_bpf")
         with resources.as_file(source) as folder:
@@ -434,7 +460,10 @@ class RetransmitProgram:
             per_cpu = self._bpf[b"totals"][0]
             retransmits = synack = lost = sampled = failed = 0
             states = [0] * len(per_cpu[0].by_state)
+            causes = [0] * len(per_cpu[0].by_cause)
             for cpu in per_cpu:
+                for i, n in enumerate(cpu.by_cause):
+                    causes[i] += n
                 retransmits += cpu.retransmits
                 synack += cpu.synack_retransmits
                 lost += cpu.lost
@@ -452,6 +481,7 @@ class RetransmitProgram:
         return KernelSnapshot(
             retransmits=retransmits, synack_retransmits=synack, lost_events=lost,
             sampled_events=sampled, failed_attempts=failed, missed_events=missed, by_state=by_state, flows=flows,
+            by_cause=causes_by_name(causes),
         )
 
     def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
@@ -465,17 +495,19 @@ class RetransmitProgram:
         for family, name in ((AF_INET, b"flows4"), (AF_INET6, b"flows6")):
             for key, stats in self._entries(self._bpf[name]):
                 entries[self._raw_key(family, key)] = FlowEntry(
-                    stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state)
+                    stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state,
+                    tuple(stats.by_cause), _socket_state(stats.sock))
         runs: list[tuple[tuple, FlowEntry]] = []
         for family, name in ((AF_INET, b"runs4"), (AF_INET6, b"runs6")):
             for run in self._bpf[name][0]:
                 if run.retransmits:
                     runs.append((self._raw_key(family, run.key), FlowEntry(
-                        run.retransmits, 0, run.first_ns, run.last_ns, run.last_state)))
+                        run.retransmits, 0, run.first_ns, run.last_ns, run.last_state,
+                        tuple(run.by_cause), _socket_state(run.sock))))
         merged, self._floors = merge_pending_runs(entries, runs, self._floors)
         for (family, saddr, daddr, sport, dport), e in merged.items():
             yield flow_counters(family, saddr, daddr, sport, dport, e.retransmits, e.synack_retransmits,
-                                e.first_ns, e.last_ns, e.last_state, offset)
+                                e.first_ns, e.last_ns, e.last_state, offset, e.by_cause, e.socket)
 
     @staticmethod
     def _entries(table: Any) -> Iterable[tuple[Any, Any]]:

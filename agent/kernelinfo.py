@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from retransmit_operator.api import RETRANSMIT_CAUSES
+
 SKB = "tcp_retransmit_skb"
 SYNACK = "tcp_retransmit_synack"
 
@@ -32,6 +34,8 @@ OPTIONAL_FIELDS: dict[str, tuple[str, Optional[str]]] = {
     "family": ("5.12", None),   # the socket's family; the wire's comes from the addresses
     "err": ("6.17", "HAVE_SKB_ERR"),
 }
+
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 # Linux 5.2 raised the program size limit from 4,096 instructions (BPF_MAXINSNS).
 OLD_KERNEL_MAX_INSNS = 4096
@@ -93,6 +97,7 @@ def misses_counted(release: str) -> bool:
 BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_FUNC_JIFFIES64 = 118
+BPF_FUNC_PROBE_READ_KERNEL = 113
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351}
 
 
@@ -153,6 +158,65 @@ def ringbuf_supported() -> bool:
     return True
 
 
+# ---- socket fields through BTF -------------------------------------------------------------
+
+# The program's SOCK_* constant -> (struct, member). skaddr points at the start of a
+# struct tcp_sock, whose first members nest inet_connection_sock, inet_sock and sock at
+# offset 0, so an offset inside any of them is an offset from skaddr.
+SOCK_FIELDS: dict[str, tuple[str, str]] = {
+    "SOCK_CA_STATE": ("inet_connection_sock", "icsk_ca_state"),
+    "SOCK_RETRANSMITS": ("inet_connection_sock", "icsk_retransmits"),
+    "SOCK_SRTT_US": ("tcp_sock", "srtt_us"),
+    "SOCK_SND_CWND": ("tcp_sock", "snd_cwnd"),
+    "SOCK_PACKETS_OUT": ("tcp_sock", "packets_out"),
+    "SOCK_RETRANS_OUT": ("tcp_sock", "retrans_out"),
+}
+# Each field's size in bits as the program reads it; another size means another layout.
+SOCK_FIELD_BITS = {"SOCK_CA_STATE": (1, 8), "SOCK_RETRANSMITS": (8, 8), "SOCK_SRTT_US": (32, 32),
+                   "SOCK_SND_CWND": (32, 32), "SOCK_PACKETS_OUT": (32, 32), "SOCK_RETRANS_OUT": (32, 32)}
+
+
+@dataclass(frozen=True)
+class SockOffsets:
+    """Where the socket fields the program reads live on this kernel: -D constants."""
+
+    defines: tuple[tuple[str, int], ...]
+
+    def switches(self) -> list[str]:
+        return ["-DHAVE_SOCK_BTF"] + [f"-D{name}={value}" for name, value in self.defines]
+
+
+def resolve_sock_offsets(btf_path: str) -> tuple[Optional[SockOffsets], str]:
+    """(offsets, "") from the node's BTF, or (None, why not) when it is missing or its
+    layout is not one the program can read (little-endian bitfields only)."""
+    import sys
+
+    from .btf import Btf, BtfError
+
+    if sys.byteorder != "little":
+        return None, "causes need a little-endian kernel (bitfield layout)"
+    try:
+        btf = Btf.load(btf_path)
+        members = {name: btf.member(struct_name, member) for name, (struct_name, member) in SOCK_FIELDS.items()}
+    except BtfError as e:
+        return None, str(e)
+    defines: list[tuple[str, int]] = []
+    for name, member in members.items():
+        low, high = SOCK_FIELD_BITS[name]
+        if not low <= member.bit_size <= high:
+            return None, f"{SOCK_FIELDS[name][1]} is {member.bit_size} bits in this kernel's BTF, not {high}"
+        if name == "SOCK_CA_STATE":
+            defines += [("SOCK_CA_STATE_BYTE", member.byte_offset), ("SOCK_CA_STATE_SHIFT", member.bit_offset % 8),
+                        ("SOCK_CA_STATE_MASK", (1 << member.bit_size) - 1)]
+            if member.bit_offset % 8 + member.bit_size > 8:
+                return None, "icsk_ca_state crosses a byte boundary in this kernel's BTF"
+        else:
+            if member.bit_offset % 8:
+                return None, f"{SOCK_FIELDS[name][1]} is not byte-aligned in this kernel's BTF"
+            defines.append((name, member.byte_offset))
+    return SockOffsets(tuple(defines)), ""
+
+
 @dataclass(frozen=True)
 class KernelFeatures:
     """Everything the program's compile-time switches depend on."""
@@ -160,25 +224,36 @@ class KernelFeatures:
     layout: TracepointLayout
     jiffies64: bool
     ringbuf: bool
+    sock: Optional[SockOffsets] = None      # None: causes unknown (see sock_problem)
+    sock_problem: str = "not probed"
+    probe_read_kernel: bool = True
 
     def switches(self) -> list[str]:
+        causes = [f"-DCAUSE_{name.upper()}={index}" for index, name in enumerate(RETRANSMIT_CAUSES)]
         names = self.layout.switches()
         names += ["HAVE_JIFFIES64"] if self.jiffies64 else []
         names += ["USE_RINGBUF"] if self.ringbuf else []
-        return [f"-D{name}" for name in names]
+        names += ["HAVE_PROBE_READ_KERNEL"] if self.sock and self.probe_read_kernel else []
+        return [f"-D{name}" for name in names] + (self.sock.switches() if self.sock else []) + causes
 
     def describe(self) -> str:
         """One line on the mode the program runs in, for logs and the node's report."""
         fields = ", ".join(f"{name} {'yes' if self.layout.has(name) else 'no'}" for name in OPTIONAL_FIELDS)
+        causes = "causes from BTF" if self.sock else f"causes unknown ({self.sock_problem})"
         return (f"tracepoint fields: {fields}; {'ring buffer' if self.ringbuf else 'perf buffer'}; "
-                f"{'bpf_jiffies64' if self.jiffies64 else 'clock per event'}")
+                f"{'bpf_jiffies64' if self.jiffies64 else 'clock per event'}; {causes}")
 
 
-def probe_features(tracefs: Path, ringbuf: Optional[bool] = None,
-                   jiffies64: Optional[bool] = None) -> KernelFeatures:
-    """Probe the running kernel; `ringbuf`/`jiffies64` force a choice (False works everywhere)."""
+def probe_features(tracefs: Path, ringbuf: Optional[bool] = None, jiffies64: Optional[bool] = None,
+                   btf_path: Optional[str] = VMLINUX_BTF) -> KernelFeatures:
+    """Probe the running kernel; `ringbuf`/`jiffies64` force a choice (False works everywhere);
+    btf_path None (or a missing file) leaves causes unknown."""
+    sock, problem = resolve_sock_offsets(btf_path) if btf_path else (None, "BTF disabled")
     return KernelFeatures(
         layout=read_layout(tracefs),
         jiffies64=bool(helper_supported(BPF_FUNC_JIFFIES64)) if jiffies64 is None else jiffies64,
         ringbuf=ringbuf_supported() if ringbuf is None else ringbuf,
+        sock=sock,
+        sock_problem=problem,
+        probe_read_kernel=bool(helper_supported(BPF_FUNC_PROBE_READ_KERNEL)) if sock else True,
     )

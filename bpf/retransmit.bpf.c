@@ -17,6 +17,9 @@
  *                   are set aside so every kernel counts the same thing
  *   HAVE_JIFFIES64  bpf_jiffies64() exists (5.5+): runs estimate time without the clock
  *   USE_RINGBUF     BPF ring buffer (5.8+, RHEL 8.4+), else a perf buffer
+ *   HAVE_SOCK_BTF   the node's BTF gave the socket fields' offsets (SOCK_* constants):
+ *                   each retransmit gets a cause and the flow the socket's RTT and window
+ *   HAVE_PROBE_READ_KERNEL  bpf_probe_read_kernel() (5.5+), else bpf_probe_read()
  * and FLOW_CAPACITY, RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
  * `cidrs4`, `cidrs6`, `local4`, `local6`, filled by the agent.
  */
@@ -53,9 +56,15 @@ static __always_inline void merge_stats(struct flow_stats *stats, struct flow_st
         __sync_fetch_and_add(&stats->retransmits, add->retransmits);
     if (add->synack_retransmits)
         __sync_fetch_and_add(&stats->synack_retransmits, add->synack_retransmits);
+#pragma unroll
+    for (int i = 0; i < CAUSE_SLOTS; i++)
+        if (add->by_cause[i])
+            __sync_fetch_and_add(&stats->by_cause[i], add->by_cause[i]);
     if (add->last_ns > stats->last_ns) {
         stats->last_ns = add->last_ns;
         stats->last_state = add->last_state;
+        if (add->sock.valid)
+            stats->sock = add->sock;
     }
 }
 
@@ -141,69 +150,87 @@ static __always_inline u64 run_clock(struct clock *clk, u64 first_ns, u64 first_
 
 /* The event's time if it continues this CPU's run of flow `key` (counted), else 0. */
 static __always_inline u64 continue_run4(struct run4 *run, struct clock *clk,
-                                         struct flow_key4 *key, u32 state, u32 generation)
+                                         struct flow_key4 *key, u32 state, u32 generation,
+                                         u8 cause, struct sock_info *sock)
 {
     if (!run->retransmits || run->generation != generation || !same_key4(&run->key, key))
         return 0;
     u64 now = run_clock(clk, run->first_ns, run->first_jiffies);
     run->retransmits++;
+    run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
     run->last_ns = now;
     run->last_state = state;
+    run->sock = *sock;
     return now;
 }
 
 /* Move this CPU's run into the flow map and start a new one with `key`; returns the time. */
 static __always_inline u64 start_run4(struct run4 *run, struct clock *clk,
-                                      struct flow_key4 *key, u32 state, u32 generation)
+                                      struct flow_key4 *key, u32 state, u32 generation,
+                                      u8 cause, struct sock_info *sock)
 {
     u64 jiffies;
     u64 now = start_clock(clk, &jiffies);
     if (run->retransmits) {
         struct flow_key4 done = run->key;
         struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
-                                 .last_ns = run->last_ns, .last_state = run->last_state};
+                                 .last_ns = run->last_ns, .last_state = run->last_state,
+                                 .sock = run->sock};
+        __builtin_memcpy(add.by_cause, run->by_cause, sizeof(add.by_cause));
         add_to_flow4(&done, &add);
     }
     run->key = *key;
     run->generation = generation;
     run->retransmits = 1;
+    __builtin_memset(run->by_cause, 0, sizeof(run->by_cause));
+    run->by_cause[cause & (CAUSE_SLOTS - 1)] = 1;
     run->first_ns = now;
     run->first_jiffies = jiffies;
     run->last_ns = now;
     run->last_state = state;
+    run->sock = *sock;
     return now;
 }
 
 static __always_inline u64 continue_run6(struct run6 *run, struct clock *clk,
-                                         struct flow_key6 *key, u32 state, u32 generation)
+                                         struct flow_key6 *key, u32 state, u32 generation,
+                                         u8 cause, struct sock_info *sock)
 {
     if (!run->retransmits || run->generation != generation || !same_key6(&run->key, key))
         return 0;
     u64 now = run_clock(clk, run->first_ns, run->first_jiffies);
     run->retransmits++;
+    run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
     run->last_ns = now;
     run->last_state = state;
+    run->sock = *sock;
     return now;
 }
 
 static __always_inline u64 start_run6(struct run6 *run, struct clock *clk,
-                                      struct flow_key6 *key, u32 state, u32 generation)
+                                      struct flow_key6 *key, u32 state, u32 generation,
+                                      u8 cause, struct sock_info *sock)
 {
     u64 jiffies;
     u64 now = start_clock(clk, &jiffies);
     if (run->retransmits) {
         struct flow_key6 done = run->key;
         struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
-                                 .last_ns = run->last_ns, .last_state = run->last_state};
+                                 .last_ns = run->last_ns, .last_state = run->last_state,
+                                 .sock = run->sock};
+        __builtin_memcpy(add.by_cause, run->by_cause, sizeof(add.by_cause));
         add_to_flow6(&done, &add);
     }
     run->key = *key;
     run->generation = generation;
     run->retransmits = 1;
+    __builtin_memset(run->by_cause, 0, sizeof(run->by_cause));
+    run->by_cause[cause & (CAUSE_SLOTS - 1)] = 1;
     run->first_ns = now;
     run->first_jiffies = jiffies;
     run->last_ns = now;
     run->last_state = state;
+    run->sock = *sock;
     return now;
 }
 
@@ -244,17 +271,55 @@ static __always_inline void sample(void *ctx, struct config *cfg, struct totals 
 #endif
 }
 
-static __always_inline void count_totals(struct totals *t, u8 kind, u32 slot)
+static __always_inline void count_totals(struct totals *t, u8 kind, u32 slot, u8 cause)
 {
     if (kind == KIND_SYNACK)
         t->synack_retransmits++;
     else
         t->retransmits++;
     t->by_state[slot & (STATE_SLOTS - 1)]++;
+    t->by_cause[cause & (CAUSE_SLOTS - 1)]++;
 }
 
+/* The cause of a retransmit from the socket's congestion-avoidance state (see CAUSE_*). */
+static __always_inline u8 cause_of(struct sock_info *sock, u32 state)
+{
+    if (!sock->valid)
+        return CAUSE_UNKNOWN;
+    if (state == TCP_SYN_SENT_ || sock->ca_state == 4)    /* TCP_CA_Loss */
+        return CAUSE_TIMEOUT;
+    if (sock->ca_state >= 2)                               /* TCP_CA_Recovery, TCP_CA_CWR */
+        return CAUSE_FAST;
+    return CAUSE_PROBE;                                    /* TCP_CA_Open, TCP_CA_Disorder */
+}
+
+#ifdef HAVE_SOCK_BTF
+#ifdef HAVE_PROBE_READ_KERNEL
+#define read_kernel bpf_probe_read_kernel
+#else
+#define read_kernel bpf_probe_read          /* before Linux 5.5 */
+#endif
+/* The socket's fields at offsets the agent resolved from this kernel's BTF (SOCK_*). */
+static __always_inline void read_sock(const void *sk, struct sock_info *sock)
+{
+    const char *base = sk;
+    u8 ca = 0;
+    u32 srtt = 0;
+    if (read_kernel(&ca, 1, base + SOCK_CA_STATE_BYTE) ||
+        read_kernel(&sock->timeouts, 1, base + SOCK_RETRANSMITS) ||
+        read_kernel(&srtt, 4, base + SOCK_SRTT_US) ||
+        read_kernel(&sock->snd_cwnd, 4, base + SOCK_SND_CWND) ||
+        read_kernel(&sock->packets_out, 4, base + SOCK_PACKETS_OUT) ||
+        read_kernel(&sock->retrans_out, 4, base + SOCK_RETRANS_OUT))
+        return;   /* valid stays 0: cause unknown */
+    sock->ca_state = (ca >> SOCK_CA_STATE_SHIFT) & SOCK_CA_STATE_MASK;
+    sock->srtt_us = srtt >> 3;   /* the kernel keeps srtt_us scaled by 8 */
+    sock->valid = 1;
+}
+#endif
+
 /* Filter, count and sample one event; `ev` holds the tracepoint's fields (ts_ns unset). */
-static __always_inline int handle(void *ctx, struct event *ev)
+static __always_inline int handle(void *ctx, struct event *ev, struct sock_info *sock)
 {
     u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
@@ -277,6 +342,7 @@ static __always_inline int handle(void *ctx, struct event *ev)
             return 0;
     }
     int synack = ev->kind == KIND_SYNACK;
+    u8 cause = cause_of(sock, slot);
 
     if (is_v4) {
         struct flow_key4 key = {};
@@ -288,7 +354,7 @@ static __always_inline int handle(void *ctx, struct event *ev)
         if (!run)
             return 0;
         /* The flow of this CPU's run passed the address filters under this generation. */
-        u64 now = synack ? 0 : continue_run4(run, clk, &key, slot, cfg->generation);
+        u64 now = synack ? 0 : continue_run4(run, clk, &key, slot, cfg->generation, cause, sock);
         if (!now) {
             if (cfg->cidrs_enabled) {
                 struct cidr4_key c = {.prefixlen = 32};
@@ -302,9 +368,10 @@ static __always_inline int handle(void *ctx, struct event *ev)
                 now = bpf_ktime_get_ns();
                 struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
                                          .last_ns = now, .last_state = slot};
+                add.by_cause[CAUSE_UNKNOWN] = 1;
                 add_to_flow4(&key, &add);
             } else {
-                now = start_run4(run, clk, &key, slot, cfg->generation);
+                now = start_run4(run, clk, &key, slot, cfg->generation, cause, sock);
             }
         }
         ev->ts_ns = now;
@@ -317,7 +384,7 @@ static __always_inline int handle(void *ctx, struct event *ev)
         struct run6 *run = runs6.lookup(&zero);
         if (!run)
             return 0;
-        u64 now = synack ? 0 : continue_run6(run, clk, &key, slot, cfg->generation);
+        u64 now = synack ? 0 : continue_run6(run, clk, &key, slot, cfg->generation, cause, sock);
         if (!now) {
             if (cfg->cidrs_enabled) {
                 struct cidr6_key c = {.prefixlen = 128};
@@ -331,15 +398,16 @@ static __always_inline int handle(void *ctx, struct event *ev)
                 now = bpf_ktime_get_ns();
                 struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
                                          .last_ns = now, .last_state = slot};
+                add.by_cause[CAUSE_UNKNOWN] = 1;
                 add_to_flow6(&key, &add);
             } else {
-                now = start_run6(run, clk, &key, slot, cfg->generation);
+                now = start_run6(run, clk, &key, slot, cfg->generation, cause, sock);
             }
         }
         ev->ts_ns = now;
     }
 
-    count_totals(t, ev->kind, slot);
+    count_totals(t, ev->kind, slot, cause);
     if (cfg->max_per_second)
         sample(ctx, cfg, t, ev);
     return 0;
@@ -393,12 +461,17 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 #endif
     /* else state 0: filed under UNKNOWN (the agent refuses a states filter there) */
     COPY_FIELDS(ev, args);
-    return handle(args, &ev);
+    struct sock_info sock = {};
+#ifdef HAVE_SOCK_BTF
+    read_sock(args->skaddr, &sock);
+#endif
+    return handle(args, &ev, &sock);
 }
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
     struct event ev = {.kind = KIND_SYNACK, .state = TCP_SYN_RECV_};
     COPY_FIELDS(ev, args);
-    return handle(args, &ev);
+    struct sock_info sock = {};   /* a request socket: cause unknown */
+    return handle(args, &ev, &sock);
 }

@@ -89,6 +89,9 @@ TCP_STATES: tuple[str, ...] = (
     "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT", "CLOSE",
     "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV", "BOUND_INACTIVE",
 )
+# Why a segment was retransmitted (byCause keys), in the kernel program's CAUSE_* order:
+# the agent passes each index to the program as -DCAUSE_<NAME>. See bpf/retransmit.h.
+RETRANSMIT_CAUSES: tuple[str, ...] = ("unknown", "timeout", "fast", "probe")
 # by_state's key for retransmits whose state the kernel does not report: tcp_retransmit_skb
 # has no `state` field before Linux 5.0.
 UNKNOWN_STATE = "UNKNOWN"

@@ -148,6 +148,62 @@ def synack(args: argparse.Namespace) -> list[dict]:
     return flows
 
 
+def rr(args: argparse.Namespace) -> list[dict]:
+    """Request/response: each client sends a 1-byte request and reads a --bytes response,
+    --rounds times on one connection, or for --seconds when --rounds is 0 (the
+    response's last segment carries PSH)."""
+    server = _listener(args)
+    response = b"r" * args.bytes
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(1):
+                conn.sendall(response)
+
+    def accept_all() -> None:
+        threads = []
+        for _ in range(args.connections):
+            conn, _addr = server.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threads.append(threading.Thread(target=serve, args=(conn,)))
+            threads[-1].start()
+        for t in threads:
+            t.join()
+
+    acceptor = threading.Thread(target=accept_all)
+    acceptor.start()
+    flows = []
+
+    def client() -> None:
+        c = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
+        if args.client_ip:
+            c.bind((args.client_ip, 0))
+        c.connect((args.server_ip, args.port))
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        flows.append({"client": _endpoint(c), "server": [args.server_ip, args.port]})
+        ends = time.monotonic() + args.seconds
+        with c:
+            rounds = 0
+            while rounds < args.rounds if args.rounds else time.monotonic() < ends:
+                rounds += 1
+                c.sendall(b"q")
+                left = args.bytes
+                while left > 0:
+                    chunk = c.recv(CHUNK)
+                    if not chunk:
+                        raise SystemExit("server closed early")
+                    left -= len(chunk)
+
+    clients = [threading.Thread(target=client) for _ in range(args.connections)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    acceptor.join()
+    server.close()
+    return flows
+
+
 def iperf(args: argparse.Namespace) -> list[dict]:
     """iperf3 server and client on --server-ip for --seconds with --parallel streams."""
     server = subprocess.Popen(["iperf3", "-s", "-1", "-B", args.server_ip, "-p", str(args.port)],
@@ -165,7 +221,7 @@ def iperf(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.harness.traffic")
-    parser.add_argument("mode", choices=["bulk", "syn", "synack", "iperf"])
+    parser.add_argument("mode", choices=["bulk", "syn", "synack", "rr", "iperf"])
     parser.add_argument("--server-ip", required=True)
     parser.add_argument("--client-ip", default=None, help="bind clients to this address")
     parser.add_argument("--port", type=int, required=True)
@@ -175,8 +231,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="bulk, synack: the server listens on [::] (IPv6 socket) and clients use --server-ip")
     parser.add_argument("--duplex", action="store_true", help="bulk: the server sends too; iperf: -R")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=100, help="rr: requests per connection (0: for --seconds)")
     args = parser.parse_args(argv)
-    flows = {"bulk": bulk, "syn": syn, "synack": synack, "iperf": iperf}[args.mode](args)
+    flows = {"bulk": bulk, "syn": syn, "synack": synack, "rr": rr, "iperf": iperf}[args.mode](args)
     print(json.dumps(flows), flush=True)
 
 

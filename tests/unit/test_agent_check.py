@@ -17,7 +17,7 @@ HEALTHY = HostFacts(
     release="6.1.0-57-amd64", tracefs="/sys/kernel/tracing", tracefs_how="tracefs at /sys/kernel/tracing",
     tracepoints={"tcp_retransmit_skb": True, "tcp_retransmit_synack": True},
     layout=TracepointLayout(skb=frozenset(BASE | {"state", "family"}), synack=frozenset(BASE | {"family"})),
-    btf=True, ringbuf=True, jiffies64=True, capabilities=(1 << CAP_BPF) | (1 << CAP_PERFMON),
+    btf_problem="", ringbuf=True, jiffies64=True, capabilities=(1 << CAP_BPF) | (1 << CAP_PERFMON),
     headers="/usr/src/linux-headers-6.1.0-57-amd64 (matching)", bcc_version="0.26.0", misses_counted=False,
 )
 
@@ -51,11 +51,13 @@ def test_each_missing_requirement_fails_with_its_fix(change, failing, fix_words)
 
 
 def test_an_old_kernel_is_degraded_not_failed():
-    old = replace(HEALTHY, release="4.18.0-553.el8", ringbuf=False, jiffies64=False, btf=False,
+    old = replace(HEALTHY, release="4.18.0-553.el8", ringbuf=False, jiffies64=False,
+                  btf_problem="/sys/kernel/btf/vmlinux: No such file or directory",
                   layout=TracepointLayout(skb=frozenset(BASE), synack=frozenset(BASE)))
     lines = by_name(old)
     assert can_count(list(lines.values()))
-    assert {lines[n].status for n in ("TCP states", "ring buffer", "bpf_jiffies64", "BTF")} == {"degraded"}
+    assert {lines[n].status for n in ("TCP states", "ring buffer", "bpf_jiffies64", "retransmit causes")} == {"degraded"}
+    assert "CONFIG_DEBUG_INFO_BTF" in lines["retransmit causes"].fix and "causes unknown" in lines["mode"].detail
     assert "state UNKNOWN" in lines["mode"].detail and "perf buffer" in lines["mode"].detail
 
 

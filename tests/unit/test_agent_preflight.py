@@ -65,6 +65,7 @@ def test_compile_flags_carry_the_compile_time_configuration(tmp_path):
     flags = compile_flags(KernelConfig(flow_capacity=99, ring_pages=8), tmp_path,
                           KernelFeatures(layout, jiffies64=True, ringbuf=True))
     assert flags == [f"-I{tmp_path}", "-DFLOW_CAPACITY=99", "-DRINGBUF_PAGES=8", "-DHAVE_SKB_STATE",
-                     "-DHAVE_SKB_ERR", "-DHAVE_JIFFIES64", "-DUSE_RINGBUF"]
+                     "-DHAVE_SKB_ERR", "-DHAVE_JIFFIES64", "-DUSE_RINGBUF", "-DCAUSE_UNKNOWN=0",
+                     "-DCAUSE_TIMEOUT=1", "-DCAUSE_FAST=2", "-DCAUSE_PROBE=3"]
     plain = compile_flags(KernelConfig(), tmp_path, KernelFeatures(layout, jiffies64=False, ringbuf=False))
     assert not {"-DUSE_RINGBUF", "-DHAVE_JIFFIES64"} & set(plain)
