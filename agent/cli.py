@@ -15,6 +15,7 @@ from typing import NoReturn, Optional, Sequence
 from retransmit_operator.contract import AGENT_SUBCOMMAND, add_agent_arguments, invocation_from_namespace
 
 from .filters import UsageError, kernel_config, parse_count, parse_seconds
+from .kernelinfo import VMLINUX_BTF
 from .preflight import KernelProblem
 
 PROG = "retransmit-agent"
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--flow-capacity", default="16384", metavar="N",
                        help="flows kept per IP family in the kernel (LRU); totals stay exact beyond it")
     local.add_argument("--tracefs", default=None, help="tracefs mount to use instead of probing")
+    local.add_argument("--btf", default=VMLINUX_BTF, metavar="PATH",
+                       help=f"kernel BTF for retransmit causes (default {VMLINUX_BTF}; a missing file: causes unknown)")
 
     check = sub.add_parser("check", help="one line per requirement: can this node count, in which mode")
     check.add_argument("--output", choices=["table", "json"], default="table")
@@ -79,6 +82,7 @@ def local_options(ns: argparse.Namespace):
         output=ns.output,
         events=ns.events,
         tracefs=ns.tracefs,
+        btf=ns.btf,
     )
 
 

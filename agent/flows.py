@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
-from retransmit_operator.api import RETRANSMIT_CAUSES, TCP_STATES, Endpoint, Flow, IPFamily, RecentEvent
+from retransmit_operator.api import (
+    RETRANSMIT_CAUSES,
+    TCP_STATES,
+    Endpoint,
+    Flow,
+    IPFamily,
+    RecentEvent,
+    SocketSnapshot,
+)
 
 AF_INET = 2
 AF_INET6 = 10
@@ -74,6 +82,11 @@ class SocketState:
     retrans_out: int    # retransmitted segments in flight
     timeouts: int       # consecutive unrecovered retransmission timeouts (the black-hole signal)
 
+    def to_api(self) -> SocketSnapshot:
+        return SocketSnapshot(srtt_microseconds=self.srtt_us, congestion_window=self.snd_cwnd,
+                              segments_in_flight=self.packets_out, retransmitted_in_flight=self.retrans_out,
+                              consecutive_timeouts=self.timeouts)
+
 
 def causes_by_name(counts) -> dict[str, int]:
     """{cause name: count} for a CAUSE_*-indexed sequence, leaving out zeros."""
@@ -115,6 +128,8 @@ class FlowCounters:
             last_state=self.last_state,
             first_seen=self.first_seen,
             last_seen=self.last_seen,
+            by_cause=self.by_cause,
+            socket=self.socket.to_api() if self.socket else None,
         )
 
 

@@ -7,6 +7,8 @@
     program.close()
 
 Every problem that prevents tracing raises KernelProblem with one actionable line.
+Beside it: kernelconfig.py (what to count, cflags), kernelinfo.py (what the kernel offers),
+runs.py (merging per-CPU runs), bccerrors.py (compiler and verifier output to one line).
 The C source is package data (retransmit_bpf); its layouts live in bpf/retransmit.h and
 reach Python only through bcc's map types and table.event().
 """
@@ -15,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import sys
-import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,14 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from retransmit_operator.api import (
-    RETRANSMIT_CAUSES,
-    TCP_STATE_NUMBERS,
-    TCP_STATES,
-    UNKNOWN_STATE,
-    RecentEvent,
-    RetransmitTraceSpec,
-)
+from retransmit_operator.api import TCP_STATE_NUMBERS, UNKNOWN_STATE, RecentEvent
 
 from .flows import (
     AF_INET,
@@ -46,7 +39,10 @@ from .flows import (
     state_name,
     wall_clock_offset_ns,
 )
+from .bccerrors import bcc_failure, stderr_captured
+from .kernelconfig import FAMILY_BITS, KernelConfig, compile_flags, require_fitting_layout
 from .kernelinfo import VMLINUX_BTF, KernelFeatures, probe_features
+from .runs import FlowEntry, merge_pending_runs
 from .preflight import (
     KernelProblem,
     find_tracefs,
@@ -57,62 +53,7 @@ from .preflight import (
 
 __all__ = ["KernelConfig", "KernelProblem", "KernelSnapshot", "RetransmitProgram", "FlowCounters"]
 
-FAMILY_BITS = {"IPv4": 1, "IPv6": 2}
 MAX_PENDING_EVENTS = 10_000   # samples kept between drains; more are counted as lost
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """What the kernel program counts. Empty sets mean "no restriction".
-
-    families: "IPv4"/"IPv6"; ports: local or remote port; remote_cidrs: CIDR strings;
-    states: kernel state names without TCP_; local_ips: None = no local-address filter,
-    else only flows whose local address is in the set (an empty set matches nothing);
-    samples_per_second: sampled events sent to user space (0 = none); flow_capacity:
-    entries per family in the LRU flow maps; ring_pages: ring buffer size (power of two).
-    """
-
-    families: frozenset[str] = frozenset(FAMILY_BITS)
-    ports: frozenset[int] = frozenset()
-    remote_cidrs: tuple[str, ...] = ()
-    states: frozenset[str] = frozenset()
-    local_ips: Optional[frozenset[str]] = None
-    samples_per_second: int = 100
-    flow_capacity: int = 16384
-    ring_pages: int = 64
-
-    def __post_init__(self) -> None:
-        if not self.families or not set(self.families) <= set(FAMILY_BITS):
-            raise ValueError(f"families {sorted(self.families)}: use IPv4 and/or IPv6")
-        for port in self.ports:
-            if not 1 <= port <= 65535:
-                raise ValueError(f"port {port} is outside 1-65535")
-        for cidr in self.remote_cidrs:
-            ipaddress.ip_network(cidr, strict=False)  # ValueError names the value
-        unknown = set(self.states) - set(TCP_STATES)
-        if unknown:
-            raise ValueError(f"unknown TCP states {sorted(unknown)}: use {', '.join(TCP_STATES)}")
-        for ip in self.local_ips or ():
-            ipaddress.ip_address(ip)
-        if self.samples_per_second < 0:
-            raise ValueError("samples_per_second must be 0 or more")
-        if self.flow_capacity < 1:
-            raise ValueError("flow_capacity must be at least 1")
-        if self.ring_pages < 1 or self.ring_pages & (self.ring_pages - 1):
-            raise ValueError(f"ring_pages {self.ring_pages} is not a power of two")
-
-    @classmethod
-    def from_spec(cls, spec: RetransmitTraceSpec, local_ips: Optional[Iterable[str]] = None) -> "KernelConfig":
-        """The kernel configuration a trace spec asks for (spec.filter, spec.events)."""
-        f = spec.filter
-        return cls(
-            families=frozenset(str(getattr(x, "value", x)) for x in f.ip_families),
-            ports=frozenset(f.ports),
-            remote_cidrs=tuple(f.remote_cidrs),
-            states=frozenset(str(getattr(x, "value", x)) for x in f.states),
-            local_ips=None if local_ips is None else frozenset(local_ips),
-            samples_per_second=spec.events.max_per_second,
-        )
 
 
 @dataclass(frozen=True)
@@ -138,135 +79,6 @@ class KernelSnapshot:
     flows: list[FlowCounters]
     by_cause: dict[str, int] = field(default_factory=dict)   # retransmits + SYN-ACKs per cause
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-
-
-@dataclass(frozen=True)
-class FlowEntry:
-    """A flow's raw counters as the kernel keeps them (struct flow_stats or a pending run).
-
-    by_cause: counts per CAUSE_* index; socket: the socket at the latest event (None when
-    the kernel read none)."""
-
-    retransmits: int
-    synack_retransmits: int
-    first_ns: int
-    last_ns: int
-    last_state: int
-    by_cause: tuple[int, ...] = (0,) * len(RETRANSMIT_CAUSES)
-    socket: Optional[SocketState] = None
-
-    def counts(self) -> tuple[int, ...]:
-        """Everything that must never go backwards between snapshots."""
-        return (self.retransmits, self.synack_retransmits, *self.by_cause)
-
-
-def merge_pending_runs(
-    entries: dict[tuple, FlowEntry],
-    runs: Iterable[tuple[tuple, FlowEntry]],
-    floors: dict[tuple, tuple[int, ...]],
-) -> tuple[dict[tuple, FlowEntry], dict[tuple, tuple[int, ...]]]:
-    """Flow-map entries plus per-CPU pending runs, with counts never below `floors`.
-
-    Returns the merged entries and the floors for the next call (only for flows present
-    now, so evicted flows do not accumulate).
-    """
-    merged = dict(entries)
-    for key, run in runs:
-        entry = merged.get(key)
-        if entry is None:
-            merged[key] = run
-            continue
-        latest = run if run.last_ns >= entry.last_ns else entry
-        merged[key] = FlowEntry(
-            entry.retransmits + run.retransmits,
-            entry.synack_retransmits + run.synack_retransmits,
-            min(entry.first_ns, run.first_ns),
-            latest.last_ns,
-            latest.last_state,
-            tuple(a + b for a, b in zip(entry.by_cause, run.by_cause)),
-            latest.socket or entry.socket or run.socket,
-        )
-    next_floors = {}
-    for key, entry in merged.items():
-        floor = floors.get(key)
-        if floor is not None and any(now < low for now, low in zip(entry.counts(), floor)):
-            r, s, *causes = (max(now, low) for now, low in zip(entry.counts(), floor))
-            entry = FlowEntry(r, s, entry.first_ns, entry.last_ns, entry.last_state, tuple(causes), entry.socket)
-            merged[key] = entry
-        next_floors[key] = entry.counts()
-    return merged, next_floors
-
-
-def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures) -> list[str]:
-    """cflags for retransmit.bpf.c: the compile-time half of the configuration."""
-    return [
-        f"-I{include}",
-        f"-DFLOW_CAPACITY={config.flow_capacity}",
-        f"-DRINGBUF_PAGES={config.ring_pages}",
-    ] + features.switches()
-
-
-def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> None:
-    """The kernel's tracepoints have what the program and `config` need, else KernelProblem."""
-    missing = features.layout.missing()
-    if missing:
-        raise KernelProblem(
-            f"the tcp tracepoints lack fields every kernel since 4.15 has ({', '.join(missing)}): "
-            "this kernel's tracepoints are patched; report its format files to the project")
-    if config.states and not features.layout.has("state"):
-        raise KernelProblem(
-            f"a TCP state filter ({', '.join(sorted(config.states))}) needs the `state` field of "
-            f"tcp:tcp_retransmit_skb, which Linux {os.uname().release} does not have (added in 5.0): "
-            "remove the states filter (spec.filter.states / --state); retransmits are counted under UNKNOWN")
-
-
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[list[str]]:
-    """Collect what C code (clang, libbpf) prints on fd 2 while compiling and loading."""
-    lines: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            lines.extend(tmp.read().decode(errors="replace").splitlines())
-
-
-def _bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
-    text = [line.strip() for line in output if line.strip()]
-    denied = [line for line in text if any(word in line.lower() for word in
-                                           ("operation not permitted", "permission denied", "eperm"))]
-    if denied:
-        # bcc creates maps while "compiling": a seccomp filter or missing capabilities fail
-        # there, and blaming the headers would send the user the wrong way.
-        return KernelProblem(
-            f"the kernel denied BPF ({denied[0]}): run the agent privileged, or with CAP_BPF, "
-            "CAP_PERFMON and CAP_SYS_RESOURCE and seccomp Unconfined"
-        )
-    release = os.uname().release
-    if "compile" in str(exc).lower():
-        errors = [line for line in text if "error:" in line]
-        detail = (errors or text or [str(exc)])[0]
-        if "no member named" in detail:
-            # The program asked for a tracepoint field this kernel lacks: our bug, not the headers.
-            return KernelProblem(
-                f"the BPF program does not fit this kernel's tracepoint layout ({detail}) on Linux "
-                f"{release}: report it with /sys/kernel/tracing/events/tcp/*/format to the project")
-        return KernelProblem(
-            f"bcc could not compile the BPF program ({detail}): the kernel headers under "
-            f"/lib/modules/{release}/build do not fit bcc; install the headers of the running kernel"
-        )
-    errors = [line for line in text if any(word in line.lower() for word in
-                                           ("error", "denied", "not permitted", "invalid", "cannot"))]
-    detail = (errors or text or [str(exc)])[-1]
-    return KernelProblem(
-        f"Linux {release} rejected the BPF program ({exc}; {detail}): run as root on a kernel with "
-        "CONFIG_BPF_SYSCALL and CONFIG_BPF_EVENTS, and check `dmesg` and the kernel lockdown mode"
-    )
 
 
 def _socket_state(sock: Any) -> Optional[SocketState]:
@@ -324,7 +136,7 @@ class RetransmitProgram:
         source = resources.files("retransmit_bpf")
         with resources.as_file(source) as folder:
             cflags = compile_flags(config, folder, features)
-            with _stderr_captured() as output:
+            with stderr_captured() as output:
                 try:
                     bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
                 except Exception as exc:  # bcc raises bare Exception for compile and load errors
@@ -332,7 +144,7 @@ class RetransmitProgram:
                 else:
                     failure = None
             if failure is not None:
-                raise _bcc_failure(failure, output)
+                raise bcc_failure(failure, output)
         program = cls(bpf, config, features, path)
         try:
             program._start()

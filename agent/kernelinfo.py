@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from retransmit_operator.api import RETRANSMIT_CAUSES
-
 SKB = "tcp_retransmit_skb"
 SYNACK = "tcp_retransmit_synack"
 
@@ -229,12 +227,11 @@ class KernelFeatures:
     probe_read_kernel: bool = True
 
     def switches(self) -> list[str]:
-        causes = [f"-DCAUSE_{name.upper()}={index}" for index, name in enumerate(RETRANSMIT_CAUSES)]
         names = self.layout.switches()
         names += ["HAVE_JIFFIES64"] if self.jiffies64 else []
         names += ["USE_RINGBUF"] if self.ringbuf else []
         names += ["HAVE_PROBE_READ_KERNEL"] if self.sock and self.probe_read_kernel else []
-        return [f"-D{name}" for name in names] + (self.sock.switches() if self.sock else []) + causes
+        return [f"-D{name}" for name in names] + (self.sock.switches() if self.sock else [])
 
     def describe(self) -> str:
         """One line on the mode the program runs in, for logs and the node's report."""

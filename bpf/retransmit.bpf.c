@@ -160,7 +160,9 @@ static __always_inline u64 continue_run4(struct run4 *run, struct clock *clk,
     run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
     run->last_ns = now;
     run->last_state = state;
-    run->sock = *sock;
+    /* the run's socket statistics stay those read at its start (see read_sock_stats) */
+    run->sock.ca_state = sock->ca_state;
+    run->sock.timeouts = sock->timeouts;
     return now;
 }
 
@@ -203,7 +205,9 @@ static __always_inline u64 continue_run6(struct run6 *run, struct clock *clk,
     run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
     run->last_ns = now;
     run->last_state = state;
-    run->sock = *sock;
+    /* the run's socket statistics stay those read at its start (see read_sock_stats) */
+    run->sock.ca_state = sock->ca_state;
+    run->sock.timeouts = sock->timeouts;
     return now;
 }
 
@@ -299,27 +303,45 @@ static __always_inline u8 cause_of(struct sock_info *sock, u32 state)
 #else
 #define read_kernel bpf_probe_read          /* before Linux 5.5 */
 #endif
-/* The socket's fields at offsets the agent resolved from this kernel's BTF (SOCK_*). */
-static __always_inline void read_sock(const void *sk, struct sock_info *sock)
+/* Per event: the fields behind the cause and the black-hole signal, at offsets the agent
+ * resolved from this kernel's BTF (SOCK_*). One helper call when they are adjacent, as in
+ * every kernel so far: a bpf_probe_read costs about as much as the rest of the program. */
+static __always_inline void read_sock_state(const void *sk, struct sock_info *sock)
 {
     const char *base = sk;
+#if SOCK_RETRANSMITS == SOCK_CA_STATE_BYTE + 1
+    u8 both[2] = {};
+    if (read_kernel(both, 2, base + SOCK_CA_STATE_BYTE))
+        return;   /* valid stays 0: cause unknown */
+    u8 ca = both[0];
+    sock->timeouts = both[1];
+#else
     u8 ca = 0;
-    u32 srtt = 0;
     if (read_kernel(&ca, 1, base + SOCK_CA_STATE_BYTE) ||
-        read_kernel(&sock->timeouts, 1, base + SOCK_RETRANSMITS) ||
-        read_kernel(&srtt, 4, base + SOCK_SRTT_US) ||
+        read_kernel(&sock->timeouts, 1, base + SOCK_RETRANSMITS))
+        return;
+#endif
+    sock->ca_state = (ca >> SOCK_CA_STATE_SHIFT) & SOCK_CA_STATE_MASK;
+    sock->valid = 1;
+}
+
+/* At the first retransmit of a run (a burst of one flow on one CPU): RTT, window and
+ * segments in flight. Read once per run, not per event, to keep the cost per event low. */
+static __always_inline void read_sock_stats(const void *sk, struct sock_info *sock)
+{
+    const char *base = sk;
+    u32 srtt = 0;
+    if (read_kernel(&srtt, 4, base + SOCK_SRTT_US) ||
         read_kernel(&sock->snd_cwnd, 4, base + SOCK_SND_CWND) ||
         read_kernel(&sock->packets_out, 4, base + SOCK_PACKETS_OUT) ||
         read_kernel(&sock->retrans_out, 4, base + SOCK_RETRANS_OUT))
-        return;   /* valid stays 0: cause unknown */
-    sock->ca_state = (ca >> SOCK_CA_STATE_SHIFT) & SOCK_CA_STATE_MASK;
+        return;
     sock->srtt_us = srtt >> 3;   /* the kernel keeps srtt_us scaled by 8 */
-    sock->valid = 1;
 }
 #endif
 
 /* Filter, count and sample one event; `ev` holds the tracepoint's fields (ts_ns unset). */
-static __always_inline int handle(void *ctx, struct event *ev, struct sock_info *sock)
+static __always_inline int handle(void *ctx, struct event *ev, const void *sk, struct sock_info *sock)
 {
     u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
@@ -371,6 +393,10 @@ static __always_inline int handle(void *ctx, struct event *ev, struct sock_info 
                 add.by_cause[CAUSE_UNKNOWN] = 1;
                 add_to_flow4(&key, &add);
             } else {
+#ifdef HAVE_SOCK_BTF
+                if (sock->valid)
+                    read_sock_stats(sk, sock);
+#endif
                 now = start_run4(run, clk, &key, slot, cfg->generation, cause, sock);
             }
         }
@@ -401,6 +427,10 @@ static __always_inline int handle(void *ctx, struct event *ev, struct sock_info 
                 add.by_cause[CAUSE_UNKNOWN] = 1;
                 add_to_flow6(&key, &add);
             } else {
+#ifdef HAVE_SOCK_BTF
+                if (sock->valid)
+                    read_sock_stats(sk, sock);
+#endif
                 now = start_run6(run, clk, &key, slot, cfg->generation, cause, sock);
             }
         }
@@ -463,9 +493,9 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     COPY_FIELDS(ev, args);
     struct sock_info sock = {};
 #ifdef HAVE_SOCK_BTF
-    read_sock(args->skaddr, &sock);
+    read_sock_state(args->skaddr, &sock);
 #endif
-    return handle(args, &ev, &sock);
+    return handle(args, &ev, args->skaddr, &sock);
 }
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
@@ -473,5 +503,5 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
     struct event ev = {.kind = KIND_SYNACK, .state = TCP_SYN_RECV_};
     COPY_FIELDS(ev, args);
     struct sock_info sock = {};   /* a request socket: cause unknown */
-    return handle(args, &ev, &sock);
+    return handle(args, &ev, args->req, &sock);
 }

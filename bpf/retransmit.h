@@ -19,26 +19,23 @@
 #define FILTER_CAPACITY 1024     /* entries in each filter map (CIDRs, local IPs) */
 #endif
 
-#define AF_INET_ 2
-#define AF_INET6_ 10
-
-/* config.families bits */
-#define FAMILY_IPV4 1
-#define FAMILY_IPV6 2
+/* Values shared with Python come from the agent as -D flags, defined once there
+ * (agent/kernelconfig.py program_defines): AF_INET_, AF_INET6_ (address families),
+ * FAMILY_IPV4, FAMILY_IPV6 (config.families bits), KIND_RETRANSMIT, KIND_SYNACK
+ * (struct event.kind), TCP_SYN_SENT_, TCP_SYN_RECV_ (enum tcp_state) and CAUSE_* below.
+ * tcp_retransmit_synack carries no state: a request socket is in NEW_SYN_RECV, which `ss`
+ * and users call SYN-RECV, so SYN-ACK retransmits are filed under TCP_SYN_RECV_. */
+#if !defined(AF_INET6_) || !defined(FAMILY_IPV6) || !defined(KIND_SYNACK) || !defined(TCP_SYN_RECV_)
+#error "shared constants come from the agent's compile flags (agent/kernelconfig.py)"
+#endif
 
 /* TCP states are 1..13 (include/net/tcp_states.h); index 0 collects anything else. */
 #define STATE_SLOTS 16
-/* tcp_retransmit_synack carries no state: a request socket is in NEW_SYN_RECV, which
- * `ss` and users call SYN-RECV. SYN-ACK retransmits are filed under TCP_SYN_RECV. */
-#define TCP_SYN_RECV_ 3
-#define TCP_SYN_SENT_ 2
-
-#define KIND_RETRANSMIT 0
-#define KIND_SYNACK 1
 
 /* Why a segment was retransmitted, from the socket's congestion-avoidance state (read through
  * the node's BTF offsets; enum tcp_ca_state: Open 0, Disorder 1, CWR 2, Recovery 3, Loss 4). */
-/* The values come from the agent (-DCAUSE_<NAME>=i, from api.RETRANSMIT_CAUSES):
+/* The values come from the agent (-DCAUSE_<NAME>=i, from api.RETRANSMIT_CAUSES, with the
+ * constants above):
  *   CAUSE_UNKNOWN  no BTF, or a SYN-ACK (a request socket has no such state)
  *   CAUSE_TIMEOUT  Loss: the retransmission timer fired (SYN retransmits too)
  *   CAUSE_FAST     Recovery (and CWR): fast retransmit after dupacks / SACK / RACK

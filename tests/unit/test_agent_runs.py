@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from retransmit_agent.flows import SocketState
-from retransmit_agent.kernel import FlowEntry, merge_pending_runs
+from retransmit_agent.runs import FlowEntry, merge_pending_runs
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from retransmit_agent.kernel import KernelConfig, require_fitting_layout
+from retransmit_agent.kernelconfig import KernelConfig, require_fitting_layout
 from retransmit_agent.kernelinfo import KernelFeatures, read_layout
 from retransmit_agent.preflight import KernelProblem
 
