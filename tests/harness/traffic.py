@@ -45,6 +45,13 @@ def _listener(args: argparse.Namespace) -> socket.socket:
     return server
 
 
+def _run_all(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _endpoint(sock: socket.socket) -> list:
     name = sock.getsockname()
     return [name[0], name[1]]
@@ -101,11 +108,7 @@ def bulk(args: argparse.Namespace) -> list[dict]:
         with c:
             _send_all_then_drain(c, args.bytes)
 
-    threads = [threading.Thread(target=drive, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_all([threading.Thread(target=drive, args=(c,)) for c in clients])
     acceptor.join()
     server.close()
     return flows
@@ -194,11 +197,7 @@ def rr(args: argparse.Namespace) -> list[dict]:
                         raise SystemExit("server closed early")
                     left -= len(chunk)
 
-    clients = [threading.Thread(target=client) for _ in range(args.connections)]
-    for t in clients:
-        t.start()
-    for t in clients:
-        t.join()
+    _run_all([threading.Thread(target=client) for _ in range(args.connections)])
     acceptor.join()
     server.close()
     return flows

@@ -107,3 +107,18 @@ def test_vm_exit_status_says_everything_matched(vm):
     returncode, output, result = vm
     assert result["matched"], {k: v["mismatches"] for k, v in result["scenarios"].items() if v["mismatches"]}
     assert returncode == 0, output[-3000:]
+
+
+def test_causes_come_from_the_guests_own_btf_and_agree_with_its_counters(vm):
+    """6.1's tcp_sock has another layout than this host's kernel: the guest resolved its own
+    offsets from its own /sys/kernel/btf/vmlinux, and random loss is fast retransmits there."""
+    from retransmit_agent.kernelinfo import resolve_sock_offsets
+
+    _, _, result = vm
+    causes = result["causes"]
+    assert causes["sock_offsets"] is not None, causes["sock_problem"]
+    host, _problem = resolve_sock_offsets("/sys/kernel/btf/vmlinux")
+    assert host is not None and causes["sock_offsets"] != dict(host.defines)
+    assert causes["mismatches"] == []
+    by_cause = causes["by_cause"]
+    assert by_cause.get("fast", 0) > 0 and max(by_cause, key=by_cause.get) == "fast", by_cause
