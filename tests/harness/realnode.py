@@ -5,9 +5,10 @@ resource limits) next to the node simulator's processes.
     with ControlPlane() as cp, RealNode(cp, image="localhost/retransmit-operator:dev") as node:
         node.name            # the Node's name (NODE_NAME)
         node.pod_pids(uid)   # host pids of a pod's processes; node.netns_path(uid) for its netns
-        node.container_cgroup(pod_status, "agent", "memory")   # a container's cgroup v1 dir
+        node.container_cgroup(pod, "agent", "memory")   # a container's cgroup dir (v1 or v2)
 
-What start() does (about a minute cold, see `timings`):
+What start() does (20-50 s when the image must be imported, about 1.5 s when it is unchanged;
+see `timings`):
   - one real node per host: a lock in /run/rtrace-slots, fixed bridge and pod CIDRs;
     records the host state it may change (realnode_host.HostState) into its state dir;
   - a bridge (BRIDGE) holding the node IP (the pods' gateway) and the `kubernetes` Service's
@@ -24,10 +25,11 @@ What start() does (about a minute cold, see `timings`):
   - kubelet (node client and serving certificates from the control plane's CA, webhook
     authentication and authorization, cgroupfs, image GC off), waits for the Node to be
     Ready and sets its podCIDRs.
-stop() undoes it in this order: the node's pods deleted (kubelet stops their sandboxes: CNI
-DEL), kubelet stopped, remaining containers killed, containerd and its shims stopped (by pid),
-the mount namespace ended, the Node deleted, the bridge removed, sysctls restored, the kubepods
-cgroups and host paths it created removed.
+stop() undoes it in this order: the Node tainted NoExecute and its pods deleted (kubelet stops
+their sandboxes: CNI DEL), kubelet stopped, remaining containers killed and every container
+removed, containerd and its shims stopped (by pid), the mount namespace ended, the Node
+deleted, the bridge removed, sysctls restored, the kubepods cgroups and host paths it created
+removed. clean_up_dead_node() does the host part for a node whose process was killed.
 """
 
 from __future__ import annotations
