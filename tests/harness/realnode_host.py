@@ -18,12 +18,14 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SYSCTLS = (
+# What kubelet sets (restored at teardown).
+KUBELET_SYSCTLS = (
     "vm.overcommit_memory", "vm.panic_on_oom", "kernel.panic", "kernel.panic_on_oops",
     "kernel.keys.root_maxkeys", "kernel.keys.root_maxbytes",
-    # The CNI bridge plugin turns forwarding on when it is the gateway (it is not here).
-    "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding",
 )
+# Compared, never restored: the CNI bridge plugin turns forwarding on when it is the gateway
+# (it is not here), and other work on this host may change them meanwhile.
+SYSCTLS = KUBELET_SYSCTLS + ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
 HOST_PATHS = ("/var/lib/kubelet", "/var/log/containers", "/var/log/pods", "/run/containerd",
               "/var/lib/containerd", "/var/lib/cni", "/opt/containerd", "/run/kubernetes")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -143,12 +145,12 @@ class HostState:
 
 
 def restore(before: HostState, log=print) -> None:
-    """Undo what a real node left on the host, relative to `before`: sysctls back, kubepods
+    """Undo what a real node left on the host, relative to `before`: kubelet's sysctls back, kubepods
     cgroups it made removed (deepest first; they must be empty by then), host paths it made
     deleted. Processes and links are the caller's (by pid and by name)."""
     now = read_sysctls()
     for name, value in before.sysctls.items():
-        if now.get(name) != value:
+        if name in KUBELET_SYSCTLS and now.get(name) != value:
             log(f"restoring {name}: {now.get(name)} -> {value}")
             write_sysctl(name, value)
     keep = set(before.cgroups)
