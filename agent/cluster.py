@@ -3,7 +3,9 @@
 One agent per node and trace. It attaches the kernel program with the trace's filters,
 keeps the local-IP filter current from a watch on its node's pods, and every report
 interval server-side-applies status.nodes[<node>] (field manager rtrace-agent/<node>,
-force) when the entry changed. Counts survive everything that can happen to a pod:
+force) when the entry changed, and at least every few intervals when it did not: the
+heartbeat of retransmit_operator.heartbeat, which the operator's staleness bound reads.
+Counts survive everything that can happen to a pod:
 - restart (crash, kill -9, rollout): it reads its own last entry first and adds to it;
 - SIGTERM (trace completed or deleted, node drained): it writes a final report before exit;
 - API server away: the kernel keeps counting; writes retry with capped jittered backoff and
@@ -33,6 +35,7 @@ from typing import Any, Callable, Optional
 
 from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent
 from retransmit_operator.contract import ENV_NODE_NAME, ENV_POD_IP, AgentInvocation
+from retransmit_operator.heartbeat import must_write
 
 from .attribution import Owner, PodIndex, PodSelection, PodWatcher, attribute, node_addresses
 from .metrics import AgentState, MetricsServer
@@ -118,6 +121,7 @@ class ClusterAgent:
         self.problem: Optional[str] = None
         self.baseline: Optional[Baseline] = None
         self.last_written: Optional[NodeStatus] = None
+        self.last_write_at: Optional[float] = None  # time.monotonic() of the last stored write
         self.pod_counts: dict[PodKey, int] = {}  # every local pod's count so far (see cumulative_pods)
         self.nodes_desired = 0
         self.object_bytes = 0  # the trace's size as last seen: larger objects get fewer writes
@@ -393,7 +397,8 @@ class ClusterAgent:
         with self._lock:
             self.index.set_node_addresses(addresses)
         entry = self.build_entry()
-        if self.last_written is not None and not entry_changed(self.last_written, entry):
+        since = None if self.last_write_at is None else time.monotonic() - self.last_write_at
+        if not must_write(entry_changed(self.last_written, entry), since, self._interval()):
             return True
         try:
             stored = self.writer.apply(entry)
@@ -402,6 +407,7 @@ class ClusterAgent:
             log.warning("writing node %s of trace %s failed: %s", self.node, self.inv.trace, exc)
             return False
         self.last_written = entry
+        self.last_write_at = time.monotonic()
         self.nodes_desired = nodes_desired(stored) or self.nodes_desired
         self.object_bytes = object_size(stored)
         with self.state.lock:

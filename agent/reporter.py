@@ -46,6 +46,7 @@ from retransmit_operator.api import (
     RecentEvent,
     to_api,
 )
+from retransmit_operator.heartbeat import INTERVAL_JITTER, WRITE_TIMEOUT_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,8 @@ def backoff_delay(
     return step / 2 + rng() * step / 2
 
 
-def jittered(interval: float, rng: Callable[[], float] = random.random, spread: float = 0.1) -> float:
-    """The interval +-10%, so agents started together do not write in lock-step."""
+def jittered(interval: float, rng: Callable[[], float] = random.random, spread: float = INTERVAL_JITTER) -> float:
+    """The interval +-INTERVAL_JITTER, so agents started together do not write in lock-step."""
     return interval * (1 - spread + 2 * spread * rng())
 
 
@@ -380,7 +381,7 @@ class ApiError(Exception):
 class StatusWriter:
     """Reads the trace and applies this node's entry. The only API calls of the reporter."""
 
-    def __init__(self, api_client: Any, trace: str, node: str, timeout: float = 10.0) -> None:
+    def __init__(self, api_client: Any, trace: str, node: str, timeout: float = WRITE_TIMEOUT_SECONDS) -> None:
         from kubernetes import client
 
         self._objects = client.CustomObjectsApi(api_client)

@@ -110,6 +110,11 @@ def reporting(node: NodeStatus, now: Optional[datetime], stale_after: Optional[t
     return now - node.last_report_time <= stale_after
 
 
+def stale_nodes(nodes: Iterable[NodeStatus], now: Optional[datetime], stale_after: Optional[timedelta]) -> list[str]:
+    """Nodes whose agent counted but has not written within the bound, by name."""
+    return sorted(n.node for n in nodes if _phase(n) in REPORTING_PHASES and not reporting(n, now, stale_after))
+
+
 def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, pod_index: Optional[PodLookup],
                       *, now: Optional[datetime] = None, stale_after: Optional[timedelta] = None) -> Summary:
     """The summary the operator writes: sums, cluster-wide top flows and pods, node counts.

@@ -61,6 +61,9 @@ class Observation:
     now: datetime
     # False while the DaemonSet controller has not yet counted the nodes for the current spec.
     nodes_desired_known: bool = True
+    # Nodes whose agent counted but wrote nothing within the heartbeat bound, and that bound.
+    stale_nodes: Sequence[str] = ()
+    stale_after: Optional[timedelta] = None
 
 
 def _trim(text: str) -> str:
@@ -101,6 +104,11 @@ def _agents(obs: Observation, phase: Phase) -> tuple[str, str, str]:
         return "False", "NodesFailed", f"{counts}; {len(failed)} failed (see the Degraded condition)"
     if s.nodes_reporting >= s.nodes_desired:
         return "True", "AllAgentsReporting", counts
+    if obs.stale_nodes:
+        bound = f" within {obs.stale_after.total_seconds():.0f}s" if obs.stale_after else ""
+        return "False", "AgentsNotReporting", (
+            f"{counts}; no report{bound} from {len(obs.stale_nodes)} node(s): {', '.join(obs.stale_nodes)}; "
+            "check their agent pods (kubectl -n <operator namespace> get pods -o wide) and logs")
     return "False", "AgentsStarting", f"{counts}; waiting for the other agents to attach and report"
 
 

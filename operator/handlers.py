@@ -21,9 +21,10 @@ import kopf
 from pydantic import ValidationError
 
 from . import kube as kube_module
-from .aggregate import aggregate_summary
+from .aggregate import aggregate_summary, stale_nodes
 from .api import GROUP, PLURAL, VERSION, NodeStatus, Phase, RetransmitTraceSpec, to_api
 from .conditions import Observation, OperatorStatus, compute_status, is_due, transitions, utcnow
+from .heartbeat import stale_after
 from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
 from .podindex import PodIndex
@@ -154,18 +155,20 @@ class Reconciler:
         desired = desired_nodes(daemonset)
         previous_desired = current.summary.nodes_desired if current and current.summary else 0
         nodes_desired = desired if desired is not None else previous_desired
+        bound = None if completion or spec is None else self._stale_after(spec, nodes_desired)
         summary = aggregate_summary(
             nodes,
             nodes_desired=nodes_desired,
             top_n=spec.top_flows if spec else 10,
             pod_index=self.pods,
             now=now,
-            stale_after=None if completion or spec is None else self._stale_after(spec, nodes_desired),
+            stale_after=bound,
         )
         observation = Observation(
             generation=generation, spec_error=spec_error, start_time=start, completion_time=completion,
             nodes=nodes, summary=summary, now=now,
             nodes_desired_known=desired is not None or daemonset is None,
+            stale_nodes=stale_nodes(nodes, now, bound), stale_after=bound,
         )
         new = compute_status(observation, current.conditions if current else [])
         if current is None or to_api(new) != to_api(current):
@@ -217,10 +220,9 @@ class Reconciler:
         return applied, None, []
 
     def _stale_after(self, spec: RetransmitTraceSpec, nodes_desired: int) -> timedelta:
-        """How long an entry may go unwritten before its node stops counting as reporting:
-        three of the agents' intervals (stretched by the write budget, as the agents do it)."""
-        interval = max(spec.report_interval_seconds, nodes_desired / self.settings.max_writes_per_second)
-        return timedelta(seconds=3 * interval + 30)
+        """How long an entry may go unwritten before its node stops counting as reporting: the
+        heartbeat bound of the agents' interval (stretched by the write budget, as they do it)."""
+        return stale_after(max(spec.report_interval_seconds, nodes_desired / self.settings.max_writes_per_second))
 
     def _freshest(self, body: dict[str, Any]) -> dict[str, Any]:
         known = self.traces.get(body["metadata"]["name"])

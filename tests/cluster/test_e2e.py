@@ -23,7 +23,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from retransmit_operator.api import GROUP, PLURAL, VERSION, NodeStatus
+from retransmit_operator.heartbeat import stale_after
 from retransmit_operator.main import EmbeddedOperator
 from retransmit_operator.render import agent_metrics_port, daemonset_name, selector_labels
 from retransmit_operator.settings import Settings
@@ -537,3 +538,61 @@ def test_pods_started_after_the_trace_are_selected_as_they_come(operator, refere
     assert want
     entry = trace.wait_entry("the late pods' flows", lambda e: entry_flows(e) == want)
     assert {f.local.pod for f in entry.top_flows} <= {"server", "client"}
+
+
+def _conditions(status: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in status.get("conditions") or []}
+
+
+def _report_time(raw: Optional[str]) -> Optional[datetime]:
+    return datetime.fromisoformat(raw.replace("Z", "+00:00")) if raw else None
+
+
+def test_a_quiet_node_stays_reporting_and_a_stopped_agent_goes_stale_by_name(operator, pods, traces,
+                                                                            node_simulator):
+    """The heartbeat: no retransmits at all, yet the node stays 1/1 and Ready=True across
+    several staleness bounds; then its agent stops (SIGSTOP) and the operator names it."""
+    trace = traces(namespaces=[pods.namespace], nodeSelector={"kubernetes.io/hostname": NODE_A})
+    first = trace.wait_entry("attached", running)
+    interval = _agent_metrics(trace)["rtrace_report_interval_seconds"]
+    bound = stale_after(interval)
+    windows = 4
+
+    observed: list[tuple[float, str, str, Optional[datetime]]] = []
+
+    def quiet_for_several_bounds():
+        status = trace.get().get("status") or {}
+        node = next((n for n in status.get("nodes") or [] if n["node"] == NODE_A), {})
+        sync = operator.reconciler.last_sync
+        observed.append((sync, (status.get("summary") or {}).get("nodes"),
+                         _conditions(status).get("Ready", {}).get("status"), _report_time(node.get("lastReportTime"))))
+        last = observed[-1][3]
+        # Done once the operator evaluated the trace after `windows` bounds past the first report.
+        return last is not None and last - first.last_report_time >= windows * bound and sync != observed[0][0]
+    wait_until(quiet_for_several_bounds, f"{windows} staleness bounds of a quiet node",
+               timeout=windows * bound.total_seconds() + 120, interval=1.0)
+    ready_views = [(nodes, ready) for _, nodes, ready, _ in observed if nodes is not None]
+    assert ready_views and set(ready_views) == {("1/1", "True")}, f"a quiet node dropped out: {set(ready_views)}"
+    heartbeats = {t for *_, t in observed if t is not None}
+    assert len(heartbeats) >= windows, f"the agent wrote no heartbeats while quiet: {sorted(heartbeats)}"
+    assert trace.entry().retransmits == 0  # quiet indeed: every write was a heartbeat
+    assert len({sync for sync, *_ in observed}) > windows  # the operator re-evaluated throughout
+
+    pid = _kill_agent(node_simulator, trace, signal.SIGSTOP)
+    try:
+        def named_stale():
+            status = trace.get().get("status") or {}
+            agents = _conditions(status).get("AgentsReady", {})
+            return status if agents.get("reason") == "AgentsNotReporting" else None
+        status = wait_until(named_stale, "the stopped agent's node named as not reporting",
+                            timeout=bound.total_seconds() + 120, interval=1.0)
+        stopped_entry = trace.entry()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    cond = _conditions(status)
+    assert NODE_A in cond["AgentsReady"]["message"] and f"{bound.total_seconds():.0f}s" in cond["AgentsReady"]["message"]
+    assert cond["Ready"]["status"] == "False" and status["summary"]["nodes"] == "0/1"
+    # Not early: the operator gave the node its whole bound.
+    assert _report_time(cond["AgentsReady"]["lastTransitionTime"]) >= stopped_entry.last_report_time + bound - timedelta(seconds=1)
+    wait_until(lambda: (trace.get()["status"].get("summary") or {}).get("nodes") == "1/1",
+               "the resumed agent reporting again", timeout=120)
