@@ -36,7 +36,7 @@ def test_checked_in_crd_copies_match_the_models():
 
 
 def test_check_flag_exits_nonzero_on_drift_and_zero_after_write(tmp_path):
-    for p in crd.CRD_PATHS:
+    for p in crd.CRD_PATHS + crd.REPORT_CRD_PATHS:
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / p, tmp_path / p)
     assert crd.main(["--check", "--root", str(tmp_path)]) == 0
