@@ -84,7 +84,7 @@ def install_crd(api: Any) -> None:
 def apiserver_counters(api: Any, resource: str) -> dict[str, float]:
     """Write requests to `resource` and their body bytes, from the API server's /metrics."""
     # Admin credentials are a client certificate, which the connection pool carries.
-    text = api.request("GET", api.configuration.host + "/metrics", _preload_content=False).data.decode()
+    text = api.call_api("GET", api.configuration.host + "/metrics").read().decode()
     return parse_write_metrics(text, resource)
 
 
