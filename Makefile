@@ -19,7 +19,7 @@ export RTRACE_CACHE := $(CACHE)
 APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip linux-headers-amd64 \
                 nftables iperf3 ethtool iproute2 procps openssl
 
-.PHONY: help setup apt kernel-headers tracefs venv tools demo demo-local test test-unit test-kernel \
+.PHONY: help setup apt kernel-headers tracefs venv tools kernel-vm demo demo-local test test-unit test-kernel \
         test-cluster test-deploy lint crd clean
 
 help:
@@ -76,6 +76,11 @@ $(TOOLS)/helm $(TOOLS)/kubectl:
 
 tools: venv $(TOOLS)/helm $(TOOLS)/kubectl
 
+# The second kernel for the kernel layer (tests/kernel/test_second_kernel.py): Debian's 6.1
+# image matching the installed headers, qemu, busybox-static, virtme-ng in $(CACHE)/virtme-ng.
+kernel-vm: kernel-headers
+	@bash tests/harness/kernelvm_setup.sh $(CACHE)
+
 ## ---- the two commands -----------------------------------------------------
 demo: setup k8s-binaries
 	$(PY) -m tests.harness.demo
@@ -85,13 +90,13 @@ demo-local: setup
 	$(PY) -m tests.harness.demo_local
 
 # Every layer in one pytest run. pytest exit 5 (nothing collected) is a failure.
-test: setup k8s-binaries
+test: setup kernel-vm k8s-binaries
 	@$(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-unit: venv
 	$(PY) -m pytest -m unit tests
-test-kernel: setup
+test-kernel: setup kernel-vm
 	$(PY) -m pytest -m kernel tests
 test-cluster: setup k8s-binaries
 	$(PY) -m pytest -m cluster tests

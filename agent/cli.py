@@ -1,6 +1,8 @@
-"""The `retransmit-agent` command: `local` (this host, no cluster) and `cluster` (DaemonSet pod).
+"""The `retransmit-agent` command: `local` (this host, no cluster), `check` (can this node
+trace, and how) and `cluster` (DaemonSet pod).
 
-Exit status: 0 done, 1 the host cannot trace (KernelProblem), 2 bad command-line input.
+Exit status: 0 done (check: the agent can count), 1 the host cannot trace (KernelProblem;
+check: a requirement failed), 2 bad command-line input.
 Every failure prints exactly one line on stderr naming the problem and the fix.
 """
 
@@ -13,6 +15,7 @@ from typing import NoReturn, Optional, Sequence
 from retransmit_operator.contract import AGENT_SUBCOMMAND, add_agent_arguments, invocation_from_namespace
 
 from .filters import UsageError, kernel_config, parse_count, parse_seconds
+from .kernelinfo import VMLINUX_BTF
 from .preflight import KernelProblem
 
 PROG = "retransmit-agent"
@@ -50,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--flow-capacity", default="16384", metavar="N",
                        help="flows kept per IP family in the kernel (LRU); totals stay exact beyond it")
     local.add_argument("--tracefs", default=None, help="tracefs mount to use instead of probing")
+    local.add_argument("--btf", default=VMLINUX_BTF, metavar="PATH",
+                       help=f"kernel BTF for retransmit causes (default {VMLINUX_BTF}; a missing file: causes unknown)")
+
+    check = sub.add_parser("check", help="one line per requirement: can this node count, in which mode")
+    check.add_argument("--output", choices=["table", "json"], default="table")
+    check.add_argument("--tracefs", default=None, help="tracefs mount to check instead of probing")
 
     cluster = sub.add_parser(AGENT_SUBCOMMAND, help="run as the DaemonSet agent of a RetransmitTrace")
     add_agent_arguments(cluster)
@@ -73,7 +82,22 @@ def local_options(ns: argparse.Namespace):
         output=ns.output,
         events=ns.events,
         tracefs=ns.tracefs,
+        btf=ns.btf,
     )
+
+
+def run_check(output: str, tracefs: Optional[str]) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .check import can_count, evaluate, gather_facts
+
+    lines = evaluate(gather_facts(tracefs))
+    if output == "json":
+        print(json.dumps({"canCount": can_count(lines), "checks": [asdict(line) for line in lines]}, indent=2))
+    else:
+        print("\n".join(line.render() for line in lines))
+    return 0 if can_count(lines) else EXIT_PROBLEM
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -83,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .local import run_local
 
             return run_local(local_options(ns))
+        if ns.command == "check":
+            return run_check(ns.output, ns.tracefs)
         from .cluster import run  # written for the DaemonSet; imported only when used
 
         return run(invocation_from_namespace(ns))

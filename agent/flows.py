@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
-from retransmit_operator.api import TCP_STATES, Endpoint, Flow, IPFamily, RecentEvent
+from retransmit_operator.api import (
+    RETRANSMIT_CAUSES,
+    TCP_STATES,
+    Endpoint,
+    Flow,
+    IPFamily,
+    RecentEvent,
+    SocketSnapshot,
+)
 
 AF_INET = 2
 AF_INET6 = 10
@@ -65,6 +73,27 @@ def format_endpoint(ip: str, port: int) -> str:
 
 
 @dataclass(frozen=True)
+class SocketState:
+    """The retransmitting socket at a flow's latest retransmit (read through BTF)."""
+
+    srtt_us: int        # smoothed round-trip time, microseconds
+    snd_cwnd: int       # congestion window, segments
+    packets_out: int    # segments in flight
+    retrans_out: int    # retransmitted segments in flight
+    timeouts: int       # consecutive unrecovered retransmission timeouts (the black-hole signal)
+
+    def to_api(self) -> SocketSnapshot:
+        return SocketSnapshot(srtt_microseconds=self.srtt_us, congestion_window=self.snd_cwnd,
+                              segments_in_flight=self.packets_out, retransmitted_in_flight=self.retrans_out,
+                              consecutive_timeouts=self.timeouts)
+
+
+def causes_by_name(counts) -> dict[str, int]:
+    """{cause name: count} for a CAUSE_*-indexed sequence, leaving out zeros."""
+    return {RETRANSMIT_CAUSES[i]: int(n) for i, n in enumerate(counts) if n and i < len(RETRANSMIT_CAUSES)}
+
+
+@dataclass(frozen=True)
 class FlowCounters:
     """One flow's counters as the kernel kept them. `local` is the retransmitting side."""
 
@@ -78,6 +107,8 @@ class FlowCounters:
     last_state: Optional[str]   # kernel state name without TCP_
     first_seen: datetime
     last_seen: datetime
+    by_cause: dict[str, int] = field(default_factory=dict)   # see causes_by_name
+    socket: Optional[SocketState] = None                    # None: no BTF, or only SYN-ACKs
 
     @property
     def key(self) -> tuple[str, str, int, str, int]:
@@ -97,12 +128,14 @@ class FlowCounters:
             last_state=self.last_state,
             first_seen=self.first_seen,
             last_seen=self.last_seen,
+            by_cause=self.by_cause,
+            socket=self.socket.to_api() if self.socket else None,
         )
 
 
 def flow_counters(family: int, saddr: bytes, daddr: bytes, sport: int, dport: int,
                   retransmits: int, synack_retransmits: int, first_ns: int, last_ns: int,
-                  last_state: int, offset_ns: int) -> FlowCounters:
+                  last_state: int, offset_ns: int, by_cause=(), socket: Optional[SocketState] = None) -> FlowCounters:
     """A FlowCounters from a flow map key (addresses, ports) and its struct flow_stats."""
     return FlowCounters(
         family=FAMILY_NAMES[family],
@@ -115,6 +148,8 @@ def flow_counters(family: int, saddr: bytes, daddr: bytes, sport: int, dport: in
         last_state=state_name(last_state),
         first_seen=ktime_to_datetime(first_ns, offset_ns),
         last_seen=ktime_to_datetime(last_ns, offset_ns),
+        by_cause=causes_by_name(by_cause),
+        socket=socket,
     )
 
 

@@ -7,6 +7,8 @@
     program.close()
 
 Every problem that prevents tracing raises KernelProblem with one actionable line.
+Beside it: kernelconfig.py (what to count, cflags), kernelinfo.py (what the kernel offers),
+runs.py (merging per-CPU runs), bccerrors.py (compiler and verifier output to one line).
 The C source is package data (retransmit_bpf); its layouts live in bpf/retransmit.h and
 reach Python only through bcc's map types and table.event().
 """
@@ -15,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import sys
-import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,85 +26,34 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from retransmit_operator.api import TCP_STATE_NUMBERS, TCP_STATES, RecentEvent, RetransmitTraceSpec
+from retransmit_operator.api import TCP_STATE_NUMBERS, UNKNOWN_STATE, RecentEvent
 
 from .flows import (
     AF_INET,
     AF_INET6,
     FlowCounters,
+    SocketState,
+    causes_by_name,
     flow_counters,
     recent_event,
     state_name,
     wall_clock_offset_ns,
 )
+from .bccerrors import bcc_failure, stderr_captured
+from .kernelconfig import FAMILY_BITS, KernelConfig, compile_flags, require_fitting_layout
+from .kernelinfo import VMLINUX_BTF, KernelFeatures, probe_features
+from .runs import FlowEntry, merge_pending_runs
 from .preflight import (
     KernelProblem,
     find_tracefs,
     require_kernel_headers,
     require_privileges,
     require_tracepoints,
-    ringbuf_supported,
-    tracepoint_fields,
 )
 
 __all__ = ["KernelConfig", "KernelProblem", "KernelSnapshot", "RetransmitProgram", "FlowCounters"]
 
-FAMILY_BITS = {"IPv4": 1, "IPv6": 2}
 MAX_PENDING_EVENTS = 10_000   # samples kept between drains; more are counted as lost
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """What the kernel program counts. Empty sets mean "no restriction".
-
-    families: "IPv4"/"IPv6"; ports: local or remote port; remote_cidrs: CIDR strings;
-    states: kernel state names without TCP_; local_ips: None = no local-address filter,
-    else only flows whose local address is in the set (an empty set matches nothing);
-    samples_per_second: sampled events sent to user space (0 = none); flow_capacity:
-    entries per family in the LRU flow maps; ring_pages: ring buffer size (power of two).
-    """
-
-    families: frozenset[str] = frozenset(FAMILY_BITS)
-    ports: frozenset[int] = frozenset()
-    remote_cidrs: tuple[str, ...] = ()
-    states: frozenset[str] = frozenset()
-    local_ips: Optional[frozenset[str]] = None
-    samples_per_second: int = 100
-    flow_capacity: int = 16384
-    ring_pages: int = 64
-
-    def __post_init__(self) -> None:
-        if not self.families or not set(self.families) <= set(FAMILY_BITS):
-            raise ValueError(f"families {sorted(self.families)}: use IPv4 and/or IPv6")
-        for port in self.ports:
-            if not 1 <= port <= 65535:
-                raise ValueError(f"port {port} is outside 1-65535")
-        for cidr in self.remote_cidrs:
-            ipaddress.ip_network(cidr, strict=False)  # ValueError names the value
-        unknown = set(self.states) - set(TCP_STATES)
-        if unknown:
-            raise ValueError(f"unknown TCP states {sorted(unknown)}: use {', '.join(TCP_STATES)}")
-        for ip in self.local_ips or ():
-            ipaddress.ip_address(ip)
-        if self.samples_per_second < 0:
-            raise ValueError("samples_per_second must be 0 or more")
-        if self.flow_capacity < 1:
-            raise ValueError("flow_capacity must be at least 1")
-        if self.ring_pages < 1 or self.ring_pages & (self.ring_pages - 1):
-            raise ValueError(f"ring_pages {self.ring_pages} is not a power of two")
-
-    @classmethod
-    def from_spec(cls, spec: RetransmitTraceSpec, local_ips: Optional[Iterable[str]] = None) -> "KernelConfig":
-        """The kernel configuration a trace spec asks for (spec.filter, spec.events)."""
-        f = spec.filter
-        return cls(
-            families=frozenset(str(getattr(x, "value", x)) for x in f.ip_families),
-            ports=frozenset(f.ports),
-            remote_cidrs=tuple(f.remote_cidrs),
-            states=frozenset(str(getattr(x, "value", x)) for x in f.states),
-            local_ips=None if local_ips is None else frozenset(local_ips),
-            samples_per_second=spec.events.max_per_second,
-        )
 
 
 @dataclass(frozen=True)
@@ -128,114 +77,26 @@ class KernelSnapshot:
     missed_events: int
     by_state: dict[str, int]
     flows: list[FlowCounters]
+    by_cause: dict[str, int] = field(default_factory=dict)   # retransmits + SYN-ACKs per cause
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
-@dataclass(frozen=True)
-class FlowEntry:
-    """A flow's raw counters as the kernel keeps them (struct flow_stats or a pending run)."""
-
-    retransmits: int
-    synack_retransmits: int
-    first_ns: int
-    last_ns: int
-    last_state: int
-
-
-def merge_pending_runs(
-    entries: dict[tuple, FlowEntry],
-    runs: Iterable[tuple[tuple, FlowEntry]],
-    floors: dict[tuple, tuple[int, int]],
-) -> tuple[dict[tuple, FlowEntry], dict[tuple, tuple[int, int]]]:
-    """Flow-map entries plus per-CPU pending runs, with counts never below `floors`.
-
-    Returns the merged entries and the floors for the next call (only for flows present
-    now, so evicted flows do not accumulate).
-    """
-    merged = dict(entries)
-    for key, run in runs:
-        entry = merged.get(key)
-        if entry is None:
-            merged[key] = run
-            continue
-        latest = run if run.last_ns >= entry.last_ns else entry
-        merged[key] = FlowEntry(
-            entry.retransmits + run.retransmits,
-            entry.synack_retransmits + run.synack_retransmits,
-            min(entry.first_ns, run.first_ns),
-            latest.last_ns,
-            latest.last_state,
-        )
-    next_floors = {}
-    for key, entry in merged.items():
-        low_r, low_s = floors.get(key, (0, 0))
-        if entry.retransmits < low_r or entry.synack_retransmits < low_s:
-            entry = FlowEntry(max(entry.retransmits, low_r), max(entry.synack_retransmits, low_s),
-                              entry.first_ns, entry.last_ns, entry.last_state)
-            merged[key] = entry
-        next_floors[key] = (entry.retransmits, entry.synack_retransmits)
-    return merged, next_floors
-
-
-def compile_flags(config: KernelConfig, include: Path, ringbuf: bool, has_err: bool) -> list[str]:
-    """cflags for retransmit.bpf.c: the compile-time half of the configuration."""
-    return [
-        f"-I{include}",
-        f"-DFLOW_CAPACITY={config.flow_capacity}",
-        f"-DRINGBUF_PAGES={config.ring_pages}",
-    ] + (["-DUSE_RINGBUF"] if ringbuf else []) + (["-DHAVE_RETRANSMIT_ERR"] if has_err else [])
-
-
-@contextlib.contextmanager
-def _stderr_captured() -> Iterator[list[str]]:
-    """Collect what C code (clang, libbpf) prints on fd 2 while compiling and loading."""
-    lines: list[str] = []
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            lines.extend(tmp.read().decode(errors="replace").splitlines())
-
-
-def _bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
-    text = [line.strip() for line in output if line.strip()]
-    denied = [line for line in text if any(word in line.lower() for word in
-                                           ("operation not permitted", "permission denied", "eperm"))]
-    if denied:
-        # bcc creates maps while "compiling": a seccomp filter or missing capabilities fail
-        # there, and blaming the headers would send the user the wrong way.
-        return KernelProblem(
-            f"the kernel denied BPF ({denied[0]}): run the agent privileged, or with CAP_BPF, "
-            "CAP_PERFMON and CAP_SYS_RESOURCE and seccomp Unconfined"
-        )
-    if "compile" in str(exc).lower():
-        errors = [line for line in text if "error:" in line]
-        detail = (errors or text or [str(exc)])[0]
-        return KernelProblem(
-            f"bcc could not compile the BPF program ({detail}): the kernel headers under "
-            f"/lib/modules/{os.uname().release}/build do not fit bcc; install the headers of the running kernel"
-        )
-    errors = [line for line in text if any(word in line.lower() for word in
-                                           ("error", "denied", "not permitted", "invalid", "cannot"))]
-    detail = (errors or text or [str(exc)])[-1]
-    return KernelProblem(
-        f"the kernel rejected the BPF program ({exc}; {detail}): run as root on a kernel with "
-        "CONFIG_BPF_SYSCALL and CONFIG_BPF_EVENTS, and check `dmesg` and the kernel lockdown mode"
-    )
+def _socket_state(sock: Any) -> Optional[SocketState]:
+    """A struct sock_info from a map value, None when the kernel read no socket."""
+    if not sock.valid:
+        return None
+    return SocketState(srtt_us=sock.srtt_us, snd_cwnd=sock.snd_cwnd, packets_out=sock.packets_out,
+                       retrans_out=sock.retrans_out, timeouts=sock.timeouts)
 
 
 class RetransmitProgram:
     """The attached kernel program. Thread-safe; use open() to create one."""
 
-    def __init__(self, bpf: Any, config: KernelConfig, ringbuf: bool, tracefs: Path) -> None:
+    def __init__(self, bpf: Any, config: KernelConfig, features: KernelFeatures, tracefs: Path) -> None:
         self._bpf = bpf
         self._config = config
-        self.uses_ringbuf = ringbuf
+        self.features = features
+        self.uses_ringbuf = features.ringbuf
         self.tracefs = tracefs
         self._lock = threading.Lock()
         self._pending: deque[tuple] = deque()
@@ -249,12 +110,16 @@ class RetransmitProgram:
 
     @classmethod
     def open(cls, config: KernelConfig, tracefs: Optional[str] = None,
-             ringbuf: Optional[bool] = None) -> "RetransmitProgram":
+             ringbuf: Optional[bool] = None, jiffies64: Optional[bool] = None,
+             btf: Optional[str] = VMLINUX_BTF) -> "RetransmitProgram":
         """Check the node, compile and attach the program, then start counting with `config`.
 
         tracefs: a tracefs mount to check instead of probing the usual places.
         ringbuf: None probes the kernel (BPF ring buffer when it can create one, else a
         perf buffer); True/False forces the choice (a perf buffer works on every kernel).
+        jiffies64: None probes for bpf_jiffies64(); False reads the clock every event.
+        btf: the kernel's BTF, for the socket fields behind each retransmit's cause; None or a
+        missing file: causes are unknown, counts unchanged.
         """
         require_privileges()  # first: without it tracefs looks empty
         path = find_tracefs(tracefs)
@@ -266,13 +131,12 @@ class RetransmitProgram:
             raise KernelProblem(
                 "python module bcc is missing: install python3-bpfcc (Debian/Ubuntu) or python3-bcc (RHEL)"
             ) from None
-        if ringbuf is None:
-            ringbuf = ringbuf_supported()
-        has_err = "err" in tracepoint_fields(path, "tcp", "tcp_retransmit_skb")
+        features = probe_features(path, ringbuf=ringbuf, jiffies64=jiffies64, btf_path=btf)
+        require_fitting_layout(config, features)
         source = resources.files("retransmit_bpf")
         with resources.as_file(source) as folder:
-            cflags = compile_flags(config, folder, ringbuf=ringbuf, has_err=has_err)
-            with _stderr_captured() as output:
+            cflags = compile_flags(config, folder, features)
+            with stderr_captured() as output:
                 try:
                     bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
                 except Exception as exc:  # bcc raises bare Exception for compile and load errors
@@ -280,8 +144,8 @@ class RetransmitProgram:
                 else:
                     failure = None
             if failure is not None:
-                raise _bcc_failure(failure, output)
-        program = cls(bpf, config, ringbuf, path)
+                raise bcc_failure(failure, output)
+        program = cls(bpf, config, features, path)
         try:
             program._start()
         except Exception:
@@ -408,7 +272,10 @@ class RetransmitProgram:
             per_cpu = self._bpf[b"totals"][0]
             retransmits = synack = lost = sampled = failed = 0
             states = [0] * len(per_cpu[0].by_state)
+            causes = [0] * len(per_cpu[0].by_cause)
             for cpu in per_cpu:
+                for i, n in enumerate(cpu.by_cause):
+                    causes[i] += n
                 retransmits += cpu.retransmits
                 synack += cpu.synack_retransmits
                 lost += cpu.lost
@@ -422,10 +289,11 @@ class RetransmitProgram:
         by_state = {}
         for number, n in enumerate(states):
             if n:
-                by_state[state_name(number) or "UNKNOWN"] = n
+                by_state[state_name(number) or UNKNOWN_STATE] = n
         return KernelSnapshot(
             retransmits=retransmits, synack_retransmits=synack, lost_events=lost,
             sampled_events=sampled, failed_attempts=failed, missed_events=missed, by_state=by_state, flows=flows,
+            by_cause=causes_by_name(causes),
         )
 
     def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
@@ -439,17 +307,19 @@ class RetransmitProgram:
         for family, name in ((AF_INET, b"flows4"), (AF_INET6, b"flows6")):
             for key, stats in self._entries(self._bpf[name]):
                 entries[self._raw_key(family, key)] = FlowEntry(
-                    stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state)
+                    stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state,
+                    tuple(stats.by_cause), _socket_state(stats.sock))
         runs: list[tuple[tuple, FlowEntry]] = []
         for family, name in ((AF_INET, b"runs4"), (AF_INET6, b"runs6")):
             for run in self._bpf[name][0]:
                 if run.retransmits:
                     runs.append((self._raw_key(family, run.key), FlowEntry(
-                        run.retransmits, 0, run.first_ns, run.last_ns, run.last_state)))
+                        run.retransmits, 0, run.first_ns, run.last_ns, run.last_state,
+                        tuple(run.by_cause), _socket_state(run.sock))))
         merged, self._floors = merge_pending_runs(entries, runs, self._floors)
         for (family, saddr, daddr, sport, dport), e in merged.items():
             yield flow_counters(family, saddr, daddr, sport, dport, e.retransmits, e.synack_retransmits,
-                                e.first_ns, e.last_ns, e.last_state, offset)
+                                e.first_ns, e.last_ns, e.last_state, offset, e.by_cause, e.socket)
 
     @staticmethod
     def _entries(table: Any) -> Iterable[tuple[Any, Any]]:
@@ -481,6 +351,15 @@ class RetransmitProgram:
             probe = (name.decode() if isinstance(name, bytes) else name).rsplit("__", 1)[-1]
             out[probe] = fields
         return out
+
+    def instruction_counts(self) -> dict[str, int]:
+        """Per probe, the program's size in BPF instructions (kernels before 5.2 load at most
+        kernelinfo.OLD_KERNEL_MAX_INSNS)."""
+        with self._lock:
+            if self._bpf is None:
+                return {}
+            return {name.decode().rsplit("__", 1)[-1]: len(self._bpf.dump_func(name)) // 8
+                    for name in (b"tracepoint__tcp__tcp_retransmit_skb", b"tracepoint__tcp__tcp_retransmit_synack")}
 
     def kernel_cost(self) -> dict[str, tuple[int, int]]:
         """Per probe: (run_time_ns, run_cnt) from the kernel's BPF statistics.

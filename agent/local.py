@@ -19,6 +19,7 @@ from typing import Optional, TextIO
 from retransmit_operator.api import NodeStatus, RecentEvent, to_api
 
 from .kernel import KernelConfig, RetransmitProgram
+from .kernelinfo import VMLINUX_BTF
 from .report import build_node_report
 
 DRAIN_PERIOD = 0.5   # seconds between ring-buffer drains (the program never wakes us)
@@ -36,6 +37,7 @@ class LocalOptions:
     output: str = "table"              # "table" or "json"
     events: bool = False               # stream samples as NDJSON on stdout
     tracefs: Optional[str] = None
+    btf: Optional[str] = VMLINUX_BTF        # None or a missing file: causes unknown
 
 
 def agent_version() -> str:
@@ -62,7 +64,7 @@ def run_local(options: LocalOptions, out: TextIO = sys.stdout) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        program = RetransmitProgram.open(options.config, tracefs=options.tracefs)
+        program = RetransmitProgram.open(options.config, tracefs=options.tracefs, btf=options.btf)
     except BaseException:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

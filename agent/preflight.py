@@ -1,7 +1,7 @@
 """Checks made before compiling the kernel program, each failing with one actionable line.
 
-tracefs mounted, both tracepoints present, privileges to load BPF, kernel headers for bcc,
-and whether the kernel has BPF ring buffers (probed, never guessed from the version).
+tracefs mounted, both tracepoints present, privileges to load BPF, kernel headers for bcc.
+What the kernel offers beyond that (fields, helpers, buffers) is probed in kernelinfo.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ TRACEPOINTS = (("tcp", "tcp_retransmit_skb"), ("tcp", "tcp_retransmit_synack"))
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
-BPF_MAP_TYPE_RINGBUF = 27
 
 
 class KernelProblem(Exception):
@@ -52,17 +51,6 @@ def require_tracepoints(tracefs: Path) -> None:
                 f"does not exist): this kernel cannot be traced; use Linux 4.16 or later built "
                 f"with CONFIG_TRACEPOINTS"
             )
-
-
-def tracepoint_fields(tracefs: Path, category: str, event: str) -> set[str]:
-    """Field names in a tracepoint's format file (what bcc will put in `args`)."""
-    fields = set()
-    for line in (tracefs / "events" / category / event / "format").read_text().splitlines():
-        line = line.strip()
-        if line.startswith("field:"):
-            declaration = line.split(";", 1)[0].removeprefix("field:")
-            fields.add(declaration.split()[-1].split("[", 1)[0])
-    return fields
 
 
 def effective_capabilities() -> int:
@@ -102,19 +90,3 @@ def require_kernel_headers(release: Optional[str] = None) -> None:
         f"linux-headers-{release} (Debian/Ubuntu) or kernel-devel (RHEL), or load the kheaders "
         "module ('modprobe kheaders'); `make setup` links generic headers on this machine"
     )
-
-
-def ringbuf_supported() -> bool:
-    """True when the kernel can create a BPF_MAP_TYPE_RINGBUF map (5.8+, RHEL 8.4+)."""
-    import ctypes
-
-    from bcc.libbcc import lib
-
-    create = lib.bcc_create_map
-    create.restype = ctypes.c_int
-    create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    fd = create(BPF_MAP_TYPE_RINGBUF, b"rtrace_probe", 0, 0, os.sysconf("SC_PAGE_SIZE"), 0)
-    if fd < 0:
-        return False
-    os.close(fd)
-    return True

@@ -11,6 +11,12 @@ from retransmit_operator.api import NodeStatus
 from .flows import format_endpoint
 
 
+def format_causes(by_cause: dict[str, int]) -> str:
+    """'fast 12 probe 3': causes with counts, most first (unknown last)."""
+    order = sorted(by_cause.items(), key=lambda item: (item[0] == "unknown", -item[1], item[0]))
+    return " ".join(f"{cause} {n}" for cause, n in order if n) or "-"
+
+
 def render_report(report: NodeStatus, elapsed: float, duration: float | None) -> Group:
     """Totals line, per-state line and the top-flows table."""
     limit = f" of {duration:g}s" if duration else ""
@@ -30,6 +36,10 @@ def render_report(report: NodeStatus, elapsed: float, duration: float | None) ->
     table.add_column("retransmits", justify="right")
     table.add_column("SYN-ACK", justify="right")
     table.add_column("last state", no_wrap=True)
+    table.add_column("causes", no_wrap=True)
+    table.add_column("srtt", justify="right")
+    table.add_column("cwnd", justify="right")
+    table.add_column("timeouts", justify="right")
     table.add_column("last seen", no_wrap=True)
     for flow in report.top_flows:
         cells = (
@@ -39,6 +49,10 @@ def render_report(report: NodeStatus, elapsed: float, duration: float | None) ->
             str(flow.retransmits),
             str(flow.synack_retransmits),
             str(flow.last_state or "-"),
+            format_causes(flow.by_cause),
+            f"{flow.socket.srtt_microseconds / 1000:.1f}ms" if flow.socket else "-",
+            str(flow.socket.congestion_window) if flow.socket else "-",
+            str(flow.socket.consecutive_timeouts) if flow.socket else "-",
             flow.last_seen.strftime("%H:%M:%S") if flow.last_seen else "-",
         )
         table.add_row(*(Text(cell) for cell in cells))  # Text: "[fd00::1]:443" is not markup

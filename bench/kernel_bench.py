@@ -7,6 +7,8 @@ Attached at once, on tcp:tcp_retransmit_skb:
   configuration (no filter, 100 samples/s): kernel cost, CPU, memory, start-up;
 - the same agent with `--port P`, which keeps only the bench's flows, so retransmits
   elsewhere on the host (other tests) cannot make the exactness comparison inexact;
+- the same agent with `--btf` pointing at a missing file: no socket reads, causes unknown
+  (what retransmit causes cost in the kernel);
 - the floor: a program that only increments one per-CPU counter (this process);
 - the reference counter: tests.harness.refcount (this process);
 - the baseline: bench.baseline, tcpretrans-style, as a subprocess.
@@ -160,7 +162,7 @@ def run(port: Optional[int] = None, sweep=SWEEP, main=MAIN, log=print) -> dict:
     """Run the node-side measurements; returns figures (see bench/README.md for the keys)."""
     port = port or random.randrange(20000, 30000)
     results: dict = {"port": port}
-    floor = ref = agent = filtered = baseline = None
+    floor = ref = agent = filtered = nocause = baseline = None
     results["agent_attach_samples_s"] = attach_seconds()
     log(f"agent start-up alone: {', '.join(f'{t:.2f}' for t in results['agent_attach_samples_s'])} s")
     with procstat.BpfStats(), LossNamespace(prefix="rtb") as ns:
@@ -180,6 +182,8 @@ def run(port: Optional[int] = None, sweep=SWEEP, main=MAIN, log=print) -> dict:
             filtered = Watched([str(AGENT), "local", "--output", "json", "--top", "0", "--port", str(port)],
                                stdout=subprocess.PIPE)
             filtered.wait_line("counting on")
+            nocause = Watched([str(AGENT), "local", "--output", "json", "--top", "0", "--btf", "/nonexistent/vmlinux"])
+            nocause.wait_line("counting on")
             agent = Watched([str(AGENT), "local", "--output", "json", "--top", "0"], stdout=subprocess.PIPE)
             results["agent_attach_samples_s"].append(agent.wait_line("counting on"))
             results["agent_attach_s"] = procstat.percentile(results["agent_attach_samples_s"], 50)
@@ -197,6 +201,7 @@ def run(port: Optional[int] = None, sweep=SWEEP, main=MAIN, log=print) -> dict:
                     progs={
                         "agent": procstat.prog_stats(agent.pid),
                         "filtered": procstat.prog_stats(filtered.pid),
+                        "nocause": procstat.prog_stats(nocause.pid),
                         "baseline": procstat.prog_stats(baseline.pid),
                         **{name: procstat.prog_stats(me, fds) for name, fds in own_fds.items()},
                     },
@@ -231,7 +236,7 @@ def run(port: Optional[int] = None, sweep=SWEEP, main=MAIN, log=print) -> dict:
             base_counts = json.loads([l for l in base_err.splitlines() if l.startswith("{")][-1])
             counts = ref.read()
         finally:
-            for p in (agent, filtered, baseline):
+            for p in (agent, filtered, nocause, baseline):
                 if p is not None:
                     p.kill()
             if floor is not None:
@@ -261,6 +266,7 @@ def run(port: Optional[int] = None, sweep=SWEEP, main=MAIN, log=print) -> dict:
         "kernel_ns_per_event": main_point["kernel_ns_per_event"],
         "kernel_ns_per_event_floor": main_point["kernel_ns_per_event_floor"],
         "kernel_ns_per_event_port_filter": main_point["kernel_ns_per_event_port_filter"],
+        "kernel_ns_per_event_causes_off": main_point["kernel_ns_per_event_causes_off"],
         "agent_port_filter_cpu_percent": main_point["agent_port_filter_cpu_percent"],
         "kernel_ns_per_event_baseline": main_point["kernel_ns_per_event_baseline"],
         "kernel_ns_per_event_reference": main_point["kernel_ns_per_event_reference"],
@@ -305,6 +311,7 @@ def summarize(phase: Phase, start: Reading, end: Reading) -> dict:
         "baseline_cpu_percent_stat": procstat.cpu_percent(end.baseline_ticks - start.baseline_ticks, seconds),
         "kernel_ns_per_event": kernel("agent"),
         "kernel_ns_per_event_port_filter": kernel("filtered"),
+        "kernel_ns_per_event_causes_off": kernel("nocause"),
         "agent_port_filter_cpu_percent": pct(end.filtered_ns - start.filtered_ns),
         "kernel_ns_per_event_floor": kernel("floor"),
         "kernel_ns_per_event_baseline": kernel("baseline"),

@@ -15,6 +15,7 @@ UNITS: dict[str, str] = {
     "kernel_ns_per_event_floor": "ns per hit, a program that only increments one per-CPU counter",
     "kernel_ns_per_event_baseline": "ns per hit, the per-event (tcpretrans-style) program",
     "kernel_ns_per_event_port_filter": "ns per hit, our program with a --port filter",
+    "kernel_ns_per_event_causes_off": "ns per hit, our program without BTF (no socket reads, causes unknown)",
     "events_per_second": "tcp_retransmit_skb events per second on the bench's flows (main phase)",
     "count_error": "events: agent total minus reference counter (whole run, bench's flows)",
     "agent_cpu_percent": "% of one core, agent process, user+system, main phase window",
@@ -58,7 +59,7 @@ def headline(node: dict, cp: dict) -> dict[str, Any]:
     """The top-level keys of latest.json from the node-side and control-plane figures."""
     out: dict[str, Any] = {k: node.get(k) for k in (
         "kernel_ns_per_event", "kernel_ns_per_event_floor", "kernel_ns_per_event_baseline",
-        "kernel_ns_per_event_port_filter", "events_per_second", "count_error", "agent_cpu_percent",
+        "kernel_ns_per_event_port_filter", "kernel_ns_per_event_causes_off", "events_per_second", "count_error", "agent_cpu_percent",
         "baseline_cpu_percent", "agent_rss_mb", "agent_rss_counting_mb", "agent_attach_s")}
     out["operator_reconcile_s"] = cp.get("operator_reconcile_s")
     at_1000, at_5000 = scale_point(cp, NODES_AT_SCALE) or {}, scale_point(cp, 5000) or {}

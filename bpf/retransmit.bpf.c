@@ -9,10 +9,18 @@
  * (the common case: they come in bursts) are counted in a per-CPU run without a hash
  * lookup or a clock read (see struct run4 and struct clock in retransmit.h).
  *
- * Compile-time switches (cflags): USE_RINGBUF (else a perf buffer), HAVE_RETRANSMIT_ERR
- * (the tracepoint has Linux 6.17's `err` field: it then also fires for failed attempts,
- * which are set aside so every kernel counts the same thing), FLOW_CAPACITY,
- * RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
+ * Only the fields every kernel since 4.15 has are assumed: skaddr, sport, dport, saddr,
+ * daddr, saddr_v6, daddr_v6. Compile-time switches (cflags), chosen by the agent from the
+ * running kernel's format files and helper probes (agent/kernelinfo.py):
+ *   HAVE_SKB_STATE  tcp_retransmit_skb has `state` (Linux 5.0+); else state UNKNOWN (0)
+ *   HAVE_SKB_ERR    ... has `err` (6.17+): it then also fires for failed attempts, which
+ *                   are set aside so every kernel counts the same thing
+ *   HAVE_JIFFIES64  bpf_jiffies64() exists (5.5+): runs estimate time without the clock
+ *   USE_RINGBUF     BPF ring buffer (5.8+, RHEL 8.4+), else a perf buffer
+ *   HAVE_SOCK_BTF   the node's BTF gave the socket fields' offsets (SOCK_* constants):
+ *                   each retransmit gets a cause and the flow the socket's RTT and window
+ *   HAVE_PROBE_READ_KERNEL  bpf_probe_read_kernel() (5.5+), else bpf_probe_read()
+ * and FLOW_CAPACITY, RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
  * `cidrs4`, `cidrs6`, `local4`, `local6`, filled by the agent.
  */
 #include "retransmit.h"
@@ -40,59 +48,53 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 #endif
 
-/* Add counts to a flow's map entry, creating it if needed. Atomic adds: two CPUs may
- * flush runs of the same flow at once (the socket moved between CPUs). */
-static __always_inline void add_to_flow4(struct flow_key4 *key, u64 retransmits,
-                                    u64 synacks, u64 first_ns, u64 last_ns,
-                                    u32 state)
+/* Add `add`'s counts to a flow's entry. Atomic adds: two CPUs may flush runs of the same
+ * flow at once (the socket moved between CPUs). */
+static __always_inline void merge_stats(struct flow_stats *stats, struct flow_stats *add)
+{
+    if (add->retransmits)
+        __sync_fetch_and_add(&stats->retransmits, add->retransmits);
+    if (add->synack_retransmits)
+        __sync_fetch_and_add(&stats->synack_retransmits, add->synack_retransmits);
+#pragma unroll
+    for (int i = 0; i < CAUSE_SLOTS; i++)
+        if (add->by_cause[i])
+            __sync_fetch_and_add(&stats->by_cause[i], add->by_cause[i]);
+    if (add->last_ns > stats->last_ns) {
+        stats->last_ns = add->last_ns;
+        stats->last_state = add->last_state;
+        if (add->sock.valid)
+            stats->sock = add->sock;
+    }
+}
+
+/* Add counts to a flow's map entry, creating it if needed. `key` and `add` must be on the
+ * stack: before Linux 4.18 a map value cannot be a helper's key argument. */
+static __always_inline void add_to_flow4(struct flow_key4 *key, struct flow_stats *add)
 {
     struct flow_stats *stats = flows4.lookup(key);
     if (!stats) {
-        struct flow_stats init = {.retransmits = retransmits,
-                                  .synack_retransmits = synacks, .first_ns = first_ns,
-                                  .last_ns = last_ns, .last_state = state};
-        if (flows4.insert(key, &init) == 0)
+        if (flows4.insert(key, add) == 0)
             return;
         stats = flows4.lookup(key); /* another CPU inserted it first */
         if (!stats)
             return;
     }
-    if (retransmits)
-        __sync_fetch_and_add(&stats->retransmits, retransmits);
-    if (synacks)
-        __sync_fetch_and_add(&stats->synack_retransmits, synacks);
-    if (last_ns > stats->last_ns) {
-        stats->last_ns = last_ns;
-        stats->last_state = state;
-    }
+    merge_stats(stats, add);
 }
 
-
-static __always_inline void add_to_flow6(struct flow_key6 *key, u64 retransmits,
-                                    u64 synacks, u64 first_ns, u64 last_ns,
-                                    u32 state)
+static __always_inline void add_to_flow6(struct flow_key6 *key, struct flow_stats *add)
 {
     struct flow_stats *stats = flows6.lookup(key);
     if (!stats) {
-        struct flow_stats init = {.retransmits = retransmits,
-                                  .synack_retransmits = synacks, .first_ns = first_ns,
-                                  .last_ns = last_ns, .last_state = state};
-        if (flows6.insert(key, &init) == 0)
+        if (flows6.insert(key, add) == 0)
             return;
-        stats = flows6.lookup(key); /* another CPU inserted it first */
+        stats = flows6.lookup(key);
         if (!stats)
             return;
     }
-    if (retransmits)
-        __sync_fetch_and_add(&stats->retransmits, retransmits);
-    if (synacks)
-        __sync_fetch_and_add(&stats->synack_retransmits, synacks);
-    if (last_ns > stats->last_ns) {
-        stats->last_ns = last_ns;
-        stats->last_state = state;
-    }
+    merge_stats(stats, add);
 }
-
 
 static __always_inline int same_key4(struct flow_key4 *a, struct flow_key4 *b)
 {
@@ -107,83 +109,132 @@ static __always_inline int same_key6(struct flow_key6 *a, struct flow_key6 *b)
            a->sport == b->sport && a->dport == b->dport;
 }
 
+/* ---- the clock: family-free, shared by both families' runs ---------------------------- */
+
+#ifdef HAVE_JIFFIES64
+/* Read the clock for a run's first event and refine the jiffies -> ns calibration. */
+static __always_inline u64 start_clock(struct clock *clk, u64 *jiffies)
+{
+    u64 now = bpf_ktime_get_ns();
+    *jiffies = bpf_jiffies64();
+    if (!clk->base_jiffies) {
+        clk->base_ns = now;
+        clk->base_jiffies = *jiffies;
+    } else if (*jiffies - clk->base_jiffies >= 16) {
+        clk->ns_per_jiffy = (now - clk->base_ns) / (*jiffies - clk->base_jiffies);
+    }
+    return now;
+}
+
+/* A later event of a run: its time estimated from jiffies (a load, not a clock read). */
+static __always_inline u64 run_clock(struct clock *clk, u64 first_ns, u64 first_jiffies)
+{
+    u64 npj = clk->ns_per_jiffy;
+    return npj ? first_ns + (bpf_jiffies64() - first_jiffies) * npj : bpf_ktime_get_ns();
+}
+#else
+/* No bpf_jiffies64() (before Linux 5.5): every event reads the clock. */
+static __always_inline u64 start_clock(struct clock *clk, u64 *jiffies)
+{
+    *jiffies = 0;
+    return bpf_ktime_get_ns();
+}
+
+static __always_inline u64 run_clock(struct clock *clk, u64 first_ns, u64 first_jiffies)
+{
+    return bpf_ktime_get_ns();
+}
+#endif
+
+/* ---- per-CPU runs ----------------------------------------------------------------------- */
+
 /* The event's time if it continues this CPU's run of flow `key` (counted), else 0. */
 static __always_inline u64 continue_run4(struct run4 *run, struct clock *clk,
-                                           struct flow_key4 *key, u32 state, u32 generation)
+                                         struct flow_key4 *key, u32 state, u32 generation,
+                                         u8 cause, struct sock_info *sock)
 {
     if (!run->retransmits || run->generation != generation || !same_key4(&run->key, key))
         return 0;
-    u64 npj = clk->ns_per_jiffy;
-    u64 now = npj ? run->first_ns + (bpf_jiffies64() - run->first_jiffies) * npj
-                  : bpf_ktime_get_ns();
+    u64 now = run_clock(clk, run->first_ns, run->first_jiffies);
     run->retransmits++;
+    run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
     run->last_ns = now;
     run->last_state = state;
+    /* the run's socket statistics stay those read at its start (see read_sock_stats) */
+    run->sock.ca_state = sock->ca_state;
+    run->sock.timeouts = sock->timeouts;
     return now;
 }
 
 /* Move this CPU's run into the flow map and start a new one with `key`; returns the time. */
 static __always_inline u64 start_run4(struct run4 *run, struct clock *clk,
-                                        struct flow_key4 *key, u32 state, u32 generation)
+                                      struct flow_key4 *key, u32 state, u32 generation,
+                                      u8 cause, struct sock_info *sock)
 {
-    u64 now = bpf_ktime_get_ns();
-    u64 jiffies = bpf_jiffies64();
-    if (!clk->base_jiffies) {
-        clk->base_ns = now;
-        clk->base_jiffies = jiffies;
-    } else if (jiffies - clk->base_jiffies >= 16) {
-        clk->ns_per_jiffy = (now - clk->base_ns) / (jiffies - clk->base_jiffies);
+    u64 jiffies;
+    u64 now = start_clock(clk, &jiffies);
+    if (run->retransmits) {
+        struct flow_key4 done = run->key;
+        struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
+                                 .last_ns = run->last_ns, .last_state = run->last_state,
+                                 .sock = run->sock};
+        __builtin_memcpy(add.by_cause, run->by_cause, sizeof(add.by_cause));
+        add_to_flow4(&done, &add);
     }
-    if (run->retransmits)
-        add_to_flow4(&run->key, run->retransmits, 0, run->first_ns, run->last_ns,
-                     run->last_state);
     run->key = *key;
     run->generation = generation;
     run->retransmits = 1;
+    __builtin_memset(run->by_cause, 0, sizeof(run->by_cause));
+    run->by_cause[cause & (CAUSE_SLOTS - 1)] = 1;
     run->first_ns = now;
     run->first_jiffies = jiffies;
     run->last_ns = now;
     run->last_state = state;
+    run->sock = *sock;
     return now;
 }
 
-/* The event's time if it continues this CPU's run of flow `key` (counted), else 0. */
 static __always_inline u64 continue_run6(struct run6 *run, struct clock *clk,
-                                           struct flow_key6 *key, u32 state, u32 generation)
+                                         struct flow_key6 *key, u32 state, u32 generation,
+                                         u8 cause, struct sock_info *sock)
 {
     if (!run->retransmits || run->generation != generation || !same_key6(&run->key, key))
         return 0;
-    u64 npj = clk->ns_per_jiffy;
-    u64 now = npj ? run->first_ns + (bpf_jiffies64() - run->first_jiffies) * npj
-                  : bpf_ktime_get_ns();
+    u64 now = run_clock(clk, run->first_ns, run->first_jiffies);
     run->retransmits++;
+    run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
     run->last_ns = now;
     run->last_state = state;
+    /* the run's socket statistics stay those read at its start (see read_sock_stats) */
+    run->sock.ca_state = sock->ca_state;
+    run->sock.timeouts = sock->timeouts;
     return now;
 }
 
-/* Move this CPU's run into the flow map and start a new one with `key`; returns the time. */
 static __always_inline u64 start_run6(struct run6 *run, struct clock *clk,
-                                        struct flow_key6 *key, u32 state, u32 generation)
+                                      struct flow_key6 *key, u32 state, u32 generation,
+                                      u8 cause, struct sock_info *sock)
 {
-    u64 now = bpf_ktime_get_ns();
-    u64 jiffies = bpf_jiffies64();
-    if (!clk->base_jiffies) {
-        clk->base_ns = now;
-        clk->base_jiffies = jiffies;
-    } else if (jiffies - clk->base_jiffies >= 16) {
-        clk->ns_per_jiffy = (now - clk->base_ns) / (jiffies - clk->base_jiffies);
+    u64 jiffies;
+    u64 now = start_clock(clk, &jiffies);
+    if (run->retransmits) {
+        struct flow_key6 done = run->key;
+        struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
+                                 .last_ns = run->last_ns, .last_state = run->last_state,
+                                 .sock = run->sock};
+        __builtin_memcpy(add.by_cause, run->by_cause, sizeof(add.by_cause));
+        add_to_flow6(&done, &add);
     }
-    if (run->retransmits)
-        add_to_flow6(&run->key, run->retransmits, 0, run->first_ns, run->last_ns,
-                     run->last_state);
     run->key = *key;
     run->generation = generation;
     run->retransmits = 1;
+    __builtin_memset(run->by_cause, 0, sizeof(run->by_cause));
+    run->by_cause[cause & (CAUSE_SLOTS - 1)] = 1;
     run->first_ns = now;
     run->first_jiffies = jiffies;
     run->last_ns = now;
     run->last_state = state;
+    run->sock = *sock;
     return now;
 }
 
@@ -224,17 +275,73 @@ static __always_inline void sample(void *ctx, struct config *cfg, struct totals 
 #endif
 }
 
-static __always_inline void count_totals(struct totals *t, u8 kind, u32 slot)
+static __always_inline void count_totals(struct totals *t, u8 kind, u32 slot, u8 cause)
 {
     if (kind == KIND_SYNACK)
         t->synack_retransmits++;
     else
         t->retransmits++;
     t->by_state[slot & (STATE_SLOTS - 1)]++;
+    t->by_cause[cause & (CAUSE_SLOTS - 1)]++;
 }
 
+/* The cause of a retransmit from the socket's congestion-avoidance state (see CAUSE_*). */
+static __always_inline u8 cause_of(struct sock_info *sock, u32 state)
+{
+    if (!sock->valid)
+        return CAUSE_UNKNOWN;
+    if (state == TCP_SYN_SENT_ || sock->ca_state == 4)    /* TCP_CA_Loss */
+        return CAUSE_TIMEOUT;
+    if (sock->ca_state >= 2)                               /* TCP_CA_Recovery, TCP_CA_CWR */
+        return CAUSE_FAST;
+    return CAUSE_PROBE;                                    /* TCP_CA_Open, TCP_CA_Disorder */
+}
+
+#ifdef HAVE_SOCK_BTF
+#ifdef HAVE_PROBE_READ_KERNEL
+#define read_kernel bpf_probe_read_kernel
+#else
+#define read_kernel bpf_probe_read          /* before Linux 5.5 */
+#endif
+/* Per event: the fields behind the cause and the black-hole signal, at offsets the agent
+ * resolved from this kernel's BTF (SOCK_*). One helper call when they are adjacent, as in
+ * every kernel so far: a bpf_probe_read costs about as much as the rest of the program. */
+static __always_inline void read_sock_state(const void *sk, struct sock_info *sock)
+{
+    const char *base = sk;
+#if SOCK_RETRANSMITS == SOCK_CA_STATE_BYTE + 1
+    u8 both[2] = {};
+    if (read_kernel(both, 2, base + SOCK_CA_STATE_BYTE))
+        return;   /* valid stays 0: cause unknown */
+    u8 ca = both[0];
+    sock->timeouts = both[1];
+#else
+    u8 ca = 0;
+    if (read_kernel(&ca, 1, base + SOCK_CA_STATE_BYTE) ||
+        read_kernel(&sock->timeouts, 1, base + SOCK_RETRANSMITS))
+        return;
+#endif
+    sock->ca_state = (ca >> SOCK_CA_STATE_SHIFT) & SOCK_CA_STATE_MASK;
+    sock->valid = 1;
+}
+
+/* At the first retransmit of a run (a burst of one flow on one CPU): RTT, window and
+ * segments in flight. Read once per run, not per event, to keep the cost per event low. */
+static __always_inline void read_sock_stats(const void *sk, struct sock_info *sock)
+{
+    const char *base = sk;
+    u32 srtt = 0;
+    if (read_kernel(&srtt, 4, base + SOCK_SRTT_US) ||
+        read_kernel(&sock->snd_cwnd, 4, base + SOCK_SND_CWND) ||
+        read_kernel(&sock->packets_out, 4, base + SOCK_PACKETS_OUT) ||
+        read_kernel(&sock->retrans_out, 4, base + SOCK_RETRANS_OUT))
+        return;
+    sock->srtt_us = srtt >> 3;   /* the kernel keeps srtt_us scaled by 8 */
+}
+#endif
+
 /* Filter, count and sample one event; `ev` holds the tracepoint's fields (ts_ns unset). */
-static __always_inline int handle(void *ctx, struct event *ev)
+static __always_inline int handle(void *ctx, struct event *ev, const void *sk, struct sock_info *sock)
 {
     u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
@@ -257,6 +364,7 @@ static __always_inline int handle(void *ctx, struct event *ev)
             return 0;
     }
     int synack = ev->kind == KIND_SYNACK;
+    u8 cause = cause_of(sock, slot);
 
     if (is_v4) {
         struct flow_key4 key = {};
@@ -268,7 +376,7 @@ static __always_inline int handle(void *ctx, struct event *ev)
         if (!run)
             return 0;
         /* The flow of this CPU's run passed the address filters under this generation. */
-        u64 now = synack ? 0 : continue_run4(run, clk, &key, slot, cfg->generation);
+        u64 now = synack ? 0 : continue_run4(run, clk, &key, slot, cfg->generation, cause, sock);
         if (!now) {
             if (cfg->cidrs_enabled) {
                 struct cidr4_key c = {.prefixlen = 32};
@@ -280,9 +388,16 @@ static __always_inline int handle(void *ctx, struct event *ev)
                 return 0;
             if (synack) {   /* rare: straight into the flow map */
                 now = bpf_ktime_get_ns();
-                add_to_flow4(&key, 0, 1, now, now, slot);
+                struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
+                                         .last_ns = now, .last_state = slot};
+                add.by_cause[CAUSE_UNKNOWN] = 1;
+                add_to_flow4(&key, &add);
             } else {
-                now = start_run4(run, clk, &key, slot, cfg->generation);
+#ifdef HAVE_SOCK_BTF
+                if (sock->valid)
+                    read_sock_stats(sk, sock);
+#endif
+                now = start_run4(run, clk, &key, slot, cfg->generation, cause, sock);
             }
         }
         ev->ts_ns = now;
@@ -295,7 +410,7 @@ static __always_inline int handle(void *ctx, struct event *ev)
         struct run6 *run = runs6.lookup(&zero);
         if (!run)
             return 0;
-        u64 now = synack ? 0 : continue_run6(run, clk, &key, slot, cfg->generation);
+        u64 now = synack ? 0 : continue_run6(run, clk, &key, slot, cfg->generation, cause, sock);
         if (!now) {
             if (cfg->cidrs_enabled) {
                 struct cidr6_key c = {.prefixlen = 128};
@@ -307,40 +422,60 @@ static __always_inline int handle(void *ctx, struct event *ev)
                 return 0;
             if (synack) {
                 now = bpf_ktime_get_ns();
-                add_to_flow6(&key, 0, 1, now, now, slot);
+                struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
+                                         .last_ns = now, .last_state = slot};
+                add.by_cause[CAUSE_UNKNOWN] = 1;
+                add_to_flow6(&key, &add);
             } else {
-                now = start_run6(run, clk, &key, slot, cfg->generation);
+#ifdef HAVE_SOCK_BTF
+                if (sock->valid)
+                    read_sock_stats(sk, sock);
+#endif
+                now = start_run6(run, clk, &key, slot, cfg->generation, cause, sock);
             }
         }
         ev->ts_ns = now;
     }
 
-    count_totals(t, ev->kind, slot);
+    count_totals(t, ev->kind, slot, cause);
     if (cfg->max_per_second)
         sample(ctx, cfg, t, ev);
     return 0;
 }
 
-/* Copy the tracepoint's fields into `ev` (constant-offset context reads only). */
+/* An IPv4 connection has a v4-mapped daddr_v6 (::ffff:a.b.c.d) on every kernel: the
+ * tracepoints store an AF_INET socket's addresses that way, and an AF_INET6 socket talking
+ * IPv4 (a dual-stack server on [::]) has them so. The `family` field (5.12+) says the
+ * socket's family, which for the latter is AF_INET6: the wire's family comes from here.
+ * IPv4 addresses then move to the first 4 bytes, as struct event expects. */
+static __always_inline void classify_family(struct event *ev)
+{
+    u32 *s = (u32 *)ev->saddr, *d = (u32 *)ev->daddr;
+    if (d[0] == 0 && d[1] == 0 && ev->daddr[8] == 0 && ev->daddr[9] == 0 &&
+        ev->daddr[10] == 0xff && ev->daddr[11] == 0xff) {
+        ev->family = AF_INET_;
+        s[0] = s[3];
+        d[0] = d[3];
+        s[1] = s[2] = s[3] = 0;
+        d[1] = d[2] = d[3] = 0;
+    } else {
+        ev->family = AF_INET6_;
+    }
+}
+
+/* Copy the fields every kernel since 4.15 has (constant-offset context reads only). */
 #define COPY_FIELDS(ev, args)                                          \
     do {                                                               \
-        (ev).family = (args)->family;                                  \
         (ev).sport = (args)->sport;                                    \
         (ev).dport = (args)->dport;                                    \
-        if ((ev).family == AF_INET_) {                                 \
-            __builtin_memcpy((ev).saddr, (args)->saddr, 4);            \
-            __builtin_memcpy((ev).daddr, (args)->daddr, 4);            \
-        } else if ((ev).family == AF_INET6_) {                         \
-            __builtin_memcpy((ev).saddr, (args)->saddr_v6, 16);        \
-            __builtin_memcpy((ev).daddr, (args)->daddr_v6, 16);        \
-        } else {                                                       \
-            return 0;                                                  \
-        }                                                              \
+        __builtin_memcpy((ev).saddr, (args)->saddr_v6, 16);            \
+        __builtin_memcpy((ev).daddr, (args)->daddr_v6, 16);            \
+        classify_family(&(ev));                                        \
     } while (0)
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
-#ifdef HAVE_RETRANSMIT_ERR
+#ifdef HAVE_SKB_ERR
     if (args->err) {
         u32 zero = 0;
         struct totals *t = totals.lookup(&zero);
@@ -350,15 +485,23 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     }
 #endif
     struct event ev = {.kind = KIND_RETRANSMIT};
+#ifdef HAVE_SKB_STATE
     int state = args->state;
     ev.state = (state > 0 && state < STATE_SLOTS) ? state : 0;
+#endif
+    /* else state 0: filed under UNKNOWN (the agent refuses a states filter there) */
     COPY_FIELDS(ev, args);
-    return handle(args, &ev);
+    struct sock_info sock = {};
+#ifdef HAVE_SOCK_BTF
+    read_sock_state(args->skaddr, &sock);
+#endif
+    return handle(args, &ev, args->skaddr, &sock);
 }
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
     struct event ev = {.kind = KIND_SYNACK, .state = TCP_SYN_RECV_};
     COPY_FIELDS(ev, args);
-    return handle(args, &ev);
+    struct sock_info sock = {};   /* a request socket: cause unknown */
+    return handle(args, &ev, args->req, &sock);
 }

@@ -19,21 +19,43 @@
 #define FILTER_CAPACITY 1024     /* entries in each filter map (CIDRs, local IPs) */
 #endif
 
-#define AF_INET_ 2
-#define AF_INET6_ 10
-
-/* config.families bits */
-#define FAMILY_IPV4 1
-#define FAMILY_IPV6 2
+/* Values shared with Python come from the agent as -D flags, defined once there
+ * (agent/kernelconfig.py program_defines): AF_INET_, AF_INET6_ (address families),
+ * FAMILY_IPV4, FAMILY_IPV6 (config.families bits), KIND_RETRANSMIT, KIND_SYNACK
+ * (struct event.kind), TCP_SYN_SENT_, TCP_SYN_RECV_ (enum tcp_state) and CAUSE_* below.
+ * tcp_retransmit_synack carries no state: a request socket is in NEW_SYN_RECV, which `ss`
+ * and users call SYN-RECV, so SYN-ACK retransmits are filed under TCP_SYN_RECV_. */
+#if !defined(AF_INET6_) || !defined(FAMILY_IPV6) || !defined(KIND_SYNACK) || !defined(TCP_SYN_RECV_)
+#error "shared constants come from the agent's compile flags (agent/kernelconfig.py)"
+#endif
 
 /* TCP states are 1..13 (include/net/tcp_states.h); index 0 collects anything else. */
 #define STATE_SLOTS 16
-/* tcp_retransmit_synack carries no state: a request socket is in NEW_SYN_RECV, which
- * `ss` and users call SYN-RECV. SYN-ACK retransmits are filed under TCP_SYN_RECV. */
-#define TCP_SYN_RECV_ 3
 
-#define KIND_RETRANSMIT 0
-#define KIND_SYNACK 1
+/* Why a segment was retransmitted, from the socket's congestion-avoidance state (read through
+ * the node's BTF offsets; enum tcp_ca_state: Open 0, Disorder 1, CWR 2, Recovery 3, Loss 4). */
+/* The values come from the agent (-DCAUSE_<NAME>=i, from api.RETRANSMIT_CAUSES, with the
+ * constants above):
+ *   CAUSE_UNKNOWN  no BTF, or a SYN-ACK (a request socket has no such state)
+ *   CAUSE_TIMEOUT  Loss: the retransmission timer fired (SYN retransmits too)
+ *   CAUSE_FAST     Recovery (and CWR): fast retransmit after dupacks / SACK / RACK
+ *   CAUSE_PROBE    Open, Disorder: tail loss probes and early retransmits */
+#ifndef CAUSE_PROBE
+#error "CAUSE_* come from the agent's compile flags (agent/kernelinfo.py)"
+#endif
+#define CAUSE_SLOTS 4             /* a power of two: indexes are masked with it */
+
+/* The socket at a retransmit, read through BTF offsets (all 0 and valid 0 without BTF). */
+struct sock_info {
+    u32 srtt_us;           /* smoothed RTT in microseconds (tcp_sock.srtt_us >> 3) */
+    u32 snd_cwnd;          /* congestion window, segments */
+    u32 packets_out;       /* segments in flight */
+    u32 retrans_out;       /* retransmitted segments in flight */
+    u8 ca_state;
+    u8 timeouts;           /* consecutive unrecovered timeouts (icsk_retransmits) */
+    u8 valid;
+    u8 pad;
+};
 
 /* The single entry of the `config` array; written by the agent before counting. */
 struct config {
@@ -68,6 +90,8 @@ struct flow_stats {
     u64 last_ns;             /* ... of the latest event */
     u32 last_state;          /* TCP state at the latest event */
     u32 pad;
+    u64 by_cause[CAUSE_SLOTS];  /* retransmits + SYN-ACK retransmits (CAUSE_UNKNOWN) per CAUSE_* */
+    struct sock_info sock;   /* the socket at the latest event */
 };
 
 /* The run of consecutive retransmits of one flow on one CPU, not yet added to flows4/6.
@@ -83,6 +107,8 @@ struct run4 {
     u64 first_ns;          /* bpf_ktime_get_ns() at the run's first event */
     u64 first_jiffies;
     u64 last_ns;           /* estimated from jiffies (see struct clock) */
+    u64 by_cause[CAUSE_SLOTS];
+    struct sock_info sock; /* at the run's latest event */
 };
 
 struct run6 {
@@ -93,6 +119,8 @@ struct run6 {
     u64 first_ns;
     u64 first_jiffies;
     u64 last_ns;
+    u64 by_cause[CAUSE_SLOTS];
+    struct sock_info sock; /* at the run's latest event */
 };
 
 /* jiffies -> ns calibration, so most events need bpf_jiffies64() (a load) rather than
@@ -113,6 +141,7 @@ struct totals {
     u64 failed;                /* failed retransmit attempts (err != 0, Linux 6.17+), before
                                   any filter; counted nowhere else: older kernels never report them */
     u64 by_state[STATE_SLOTS]; /* retransmits + synack retransmits per TCP state */
+    u64 by_cause[CAUSE_SLOTS]; /* retransmits + SYN-ACK retransmits per CAUSE_*; SYN-ACKs are CAUSE_UNKNOWN */
 };
 
 /* Global one-second sampling window (shared by all CPUs). */

@@ -94,6 +94,12 @@ TCP_STATES: tuple[str, ...] = (
     "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT", "CLOSE",
     "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV", "BOUND_INACTIVE",
 )
+# Why a segment was retransmitted (byCause keys), in the kernel program's CAUSE_* order:
+# the agent passes each index to the program as -DCAUSE_<NAME>. See bpf/retransmit.h.
+RETRANSMIT_CAUSES: tuple[str, ...] = ("unknown", "timeout", "fast", "probe")
+# by_state's key for retransmits whose state the kernel does not report: tcp_retransmit_skb
+# has no `state` field before Linux 5.0.
+UNKNOWN_STATE = "UNKNOWN"
 # Kernel enum value (include/net/tcp_states.h) for each name: the BPF program sees numbers.
 TCP_STATE_NUMBERS: dict[str, int] = {name: i + 1 for i, name in enumerate(TCP_STATES)}
 
@@ -296,6 +302,23 @@ class Endpoint(ApiModel):
     node: Optional[str] = Field(None, description="Set when the address is a node's own (hostNetwork pods, node IPs).")
 
 
+class SocketSnapshot(ApiModel):
+    """The retransmitting socket, read through the node's BTF (absent without BTF)."""
+
+    srtt_microseconds: int = Field(ge=0, description="Smoothed round-trip time, at the first retransmit of the flow's latest burst.")
+    congestion_window: int = Field(ge=0, description="Congestion window in segments, same moment.")
+    segments_in_flight: int = Field(ge=0, description="Segments sent and not yet acknowledged, same moment.")
+    retransmitted_in_flight: int = Field(ge=0, description="Retransmitted segments not yet acknowledged, same moment.")
+    consecutive_timeouts: int = Field(ge=0, description="Retransmission timeouts in a row without progress, at the latest retransmit: a growing number means a black hole.")
+
+
+ByCause = Annotated[dict[Literal[RETRANSMIT_CAUSES], int], Field(
+    default_factory=dict,
+    description="Retransmits by cause: timeout (the retransmission timer fired: a stall of 200 ms or more), "
+                "fast (fast retransmit in recovery: one round trip), probe (tail loss probe or early retransmit), "
+                "unknown (no BTF on the node, or a SYN-ACK).")]
+
+
 class Flow(ApiModel):
     """Retransmits of one connection. `local` is the side that retransmitted."""
 
@@ -308,6 +331,8 @@ class Flow(ApiModel):
     first_seen: Optional[datetime] = Field(None, description="First retransmit of this flow during the trace.")
     last_seen: Optional[datetime] = Field(None, description="Latest retransmit of this flow.")
     node: Optional[str] = Field(None, description="Node that saw the flow (set in status.summary.topFlows).")
+    by_cause: ByCause
+    socket: Optional[SocketSnapshot] = Field(None, description="The retransmitting socket (needs BTF on the node; absent for SYN-ACK-only flows).")
 
 
 class RecentEvent(ApiModel):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 import threading
 from dataclasses import replace
@@ -22,6 +24,16 @@ from kubernetes.config import ConfigException
 from .handlers import Reconciler, kopf_settings, register_handlers
 from .kube import client_configuration
 from .settings import Settings, SettingsError
+
+
+def operator_identity() -> str:
+    """Who this operator process is, for kopf: the pod's name (its hostname) and pid.
+
+    kopf would otherwise derive it from getpass.getuser(), which raises for a uid without a
+    passwd entry: containerd and CRI-O add none for the image's user, and OpenShift's
+    restricted SCC runs the pod as an arbitrary uid. The operator must start as any uid.
+    """
+    return f"{socket.gethostname()}/{os.getpid()}"  # kopf.Identity is a NewType of str
 
 
 async def run(settings: Settings, *, ready_flag: Optional[threading.Event] = None,
@@ -37,6 +49,7 @@ async def run(settings: Settings, *, ready_flag: Optional[threading.Event] = Non
             settings=kopf_settings(settings),
             clusterwide=True,
             standalone=True,
+            identity=operator_identity(),
             ready_flag=ready_flag,
             stop_flag=stop_flag,
         )

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +114,57 @@ def test_image_agent_counts_real_retransmits_with_its_generic_kernel_headers(ima
            for f in report["topFlows"]}
     assert got == {flow: r for flow, (r, _s) in expected.items() if r}
     print(f"image agent ({mode}): {report['retransmits']} retransmits over {len(got)} flows, reference {want_total}")
+
+
+def test_image_operator_reconciles_as_an_arbitrary_uid_without_a_passwd_entry(image, control_plane, tmp_path):
+    """containerd and CRI-O add no passwd entry for the image's user, and OpenShift's
+    restricted-v2 SCC picks an arbitrary uid with gid 0: the operator must start and act
+    as such a user (kopf's default identity called getpwuid() and crash-looped there).
+    Read-only root filesystem as in the chart; the proof is a DaemonSet it rendered."""
+    import kubernetes
+
+    from retransmit_operator.render import daemonset_name
+    from tests.deploy.kube import install_crd, kubectl, unique
+    from tests.harness.controlplane import free_port
+
+    install_crd(control_plane)
+    ns, trace = unique("rtrace-uid"), unique("uid")
+    kubectl(control_plane, "create", "namespace", ns)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(Path(control_plane.kubeconfig).read_text())
+    kubeconfig.chmod(0o644)      # readable by the arbitrary uid
+    health_port = free_port()
+    name = f"rtrace-uid-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    operator = podman_run(
+        "--passwd=false", "--user", "1000680000:0", "--read-only", "--tmpfs", "/tmp", "--network", "host",
+        "--cap-drop=ALL", "--security-opt", "no-new-privileges",
+        "-v", f"{kubeconfig}:/run/kubeconfig:ro", "-e", "KUBECONFIG=/run/kubeconfig",
+        "-e", f"RTRACE_NAMESPACE={ns}", "-e", f"RTRACE_METRICS_PORT={health_port}",
+        image, name=name, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with control_plane.api_client() as api:
+            apps = kubernetes.client.AppsV1Api(api)
+
+            kubectl(control_plane, "apply", "-f", "-", input=(
+                "apiVersion: retransmit.dev/v1alpha1\nkind: RetransmitTrace\n"
+                f"metadata: {{name: {trace}}}\nspec: {{nodeSelector: {{rtrace.dev/none: none}}}}\n"))
+            deadline = time.monotonic() + 240   # bounds a wait for a state that must come
+            while True:
+                # A crash (the bug: KeyError from getpwuid) fails at once with the container's output.
+                assert operator.poll() is None, f"operator exited {operator.returncode}: {operator.stdout.read()}"
+                try:
+                    apps.read_namespaced_daemon_set(daemonset_name(trace), ns)
+                    break
+                except kubernetes.client.ApiException as e:
+                    if e.status != 404:
+                        raise
+                assert time.monotonic() < deadline, "the operator running as uid 1000680000 made no DaemonSet"
+                time.sleep(1)
+        uid = subprocess.run([*PODMAN, "exec", name, "id", "-u"], capture_output=True, text=True, check=True)
+        assert uid.stdout.strip() == "1000680000"
+    finally:
+        kubectl(control_plane, "delete", "rtrace", trace, "--ignore-not-found", check=False)
+        subprocess.run([*PODMAN, "kill", "--signal", "TERM", name], capture_output=True)
+        out, _ = operator.communicate(timeout=120)
+        kubectl(control_plane, "delete", "namespace", ns, "--wait=false", check=False)
+    assert "getpwuid" not in out, out

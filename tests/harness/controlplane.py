@@ -597,8 +597,9 @@ class ControlPlane:
 def wait_until(predicate, what: str, timeout: float = 60.0, interval: float = 0.2):
     """Poll `predicate()` until it returns something truthy and return that; raise
     TimeoutError naming `what` otherwise. Exceptions from the predicate count as "not yet"
-    and the last one is reported. The timeout only guards against hanging, it is no assertion
-    about speed: keep it generous."""
+    and the last one is reported, except AssertionError: a predicate asserts what must hold
+    while waiting (a process still alive), so a failed assertion fails the wait at once.
+    The timeout only guards against hanging, it is no assertion about speed: keep it generous."""
     deadline = time.monotonic() + timeout
     last: Optional[BaseException] = None
     while True:
@@ -606,6 +607,8 @@ def wait_until(predicate, what: str, timeout: float = 60.0, interval: float = 0.
             value = predicate()
             if value:
                 return value
+        except AssertionError:
+            raise
         except Exception as e:
             last = e
         if time.monotonic() > deadline:

@@ -31,13 +31,16 @@ def _finish(proc: subprocess.Popen, timeout: float) -> list[dict]:
 
 
 def bulk(ns: LossNamespace, loss: int, family: str = "IPv4", port: int = 5001, connections: int = 4,
-         nbytes: int = 2 << 20, duplex: bool = True, settle: bool = True) -> list[dict]:
-    """Both directions send `nbytes` per connection under `loss`% random loss (SYNs exempt)."""
+         nbytes: int = 2 << 20, duplex: bool = True, settle: bool = True, dual_stack: bool = False) -> list[dict]:
+    """Both directions send `nbytes` per connection under `loss`% random loss (SYNs exempt).
+
+    dual_stack: the server is an IPv6 socket on [::] and IPv4 clients connect to it."""
     client, server = ns.v4 if family == "IPv4" else ns.v6
     ns.random_loss(loss)
     proc = ns.python("tests.harness.traffic", "bulk", "--server-ip", server, "--client-ip", client,
                      "--port", str(port), "--connections", str(connections), "--bytes", str(nbytes),
-                     *(["--duplex"] if duplex else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     *(["--duplex"] if duplex else []), *(["--dual-stack"] if dual_stack else []),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         flows = _finish(proc, timeout=300)
     finally:
@@ -81,12 +84,15 @@ def syn_drops(ns: LossNamespace, port: int = 5003, connections: int = 6, seconds
 
 
 def synack_drops(ns: LossNamespace, port: int = 5004, connections: int = 6, seconds: float = 3.5,
-                 family: str = "IPv4") -> list[dict]:
-    """The handshake's final ACK to `port` dropped for `seconds`: the server retransmits SYN-ACKs."""
+                 family: str = "IPv4", dual_stack: bool = False) -> list[dict]:
+    """The handshake's final ACK to `port` dropped for `seconds`: the server retransmits SYN-ACKs.
+
+    dual_stack: the server is an IPv6 socket on [::] and IPv4 clients connect to it."""
     server = ns.v4[1] if family == "IPv4" else ns.v6[1]
     ns.drop_handshake_acks(port)
     proc = ns.python("tests.harness.traffic", "synack", "--server-ip", server, "--port", str(port),
-                     "--connections", str(connections), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     "--connections", str(connections), *(["--dual-stack"] if dual_stack else []),
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -144,6 +144,15 @@ class LossNamespace:
         so the server retransmits its SYN-ACK (clients must stay silent meanwhile)."""
         self._rules(f"tcp dport {port} tcp flags & syn == 0 drop")
 
+    def drop_everything(self) -> None:
+        """Drop every TCP segment: a dead path (senders time out and back off)."""
+        self._rules("meta l4proto tcp drop")
+
+    def drop_tail_segments(self, port: int, percent: int) -> None:
+        """Drop `percent`% of the segments from `port` that carry PSH: the last segment of
+        each write, so the receiver sees no later segment and the sender needs a probe."""
+        self._rules(f"tcp sport {port} tcp flags & psh == psh numgen random mod 100 < {percent} drop")
+
     def clear_loss(self) -> None:
         self._rules()
 

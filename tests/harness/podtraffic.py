@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -138,7 +139,9 @@ class PodNet:
 
 
 def _wait_line(proc: subprocess.Popen, expected: str, timeout: float = 30.0) -> None:
-    line = proc.stdout.readline().strip()
+    """The process's next stdout line is `expected`; kill it and fail after `timeout` seconds."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline().strip() if ready else f"(nothing within {timeout:.0f}s)"
     if line != expected:
         proc.kill()
         raise RuntimeError(f"traffic process said {line!r}, expected {expected!r}: {proc.stderr.read()}")

@@ -115,7 +115,12 @@ class ReferenceCounter:
         self.stop()
 
     def read(self) -> Counter:
-        """Counter of RefEvent -> events so far."""
+        """Counter of RefEvent -> events so far, per flow as on the wire (see on_the_wire)."""
+        return on_the_wire(self.read_sockets())
+
+    def read_sockets(self) -> Counter:
+        """Counter of RefEvent -> events so far, as the tracepoint reports them: an IPv6
+        socket talking IPv4 says IPv6 with v4-mapped addresses."""
         out: Counter = Counter()
         for k, v in self._bpf[b"counts"].items():
             v4 = k.family == 2
@@ -125,6 +130,19 @@ class ReferenceCounter:
             out[RefEvent("IPv4" if v4 else "IPv6", ip(k.laddr), k.lport, ip(k.raddr), k.rport,
                          bool(k.synack), state, k.err)] += v.value
         return out
+
+
+def on_the_wire(counts: Counter) -> Counter:
+    """Events of IPv6 sockets talking IPv4 (v4-mapped addresses, ::ffff:a.b.c.d: dual-stack
+    servers on [::]) as the IPv4 events they are on the wire, with plain IPv4 addresses."""
+    out: Counter = Counter()
+    for e, n in counts.items():
+        local, remote = ipaddress.ip_address(e.local_ip), ipaddress.ip_address(e.remote_ip)
+        if e.family == "IPv6" and remote.ipv4_mapped is not None:
+            e = RefEvent("IPv4", str(local.ipv4_mapped or local), e.local_port, str(remote.ipv4_mapped),
+                         e.remote_port, e.synack, e.state, e.err)
+        out[e] += n
+    return out
 
 
 def per_flow(counts: Counter, keep: Callable[[RefEvent], bool] = lambda e: True) -> dict[FlowKey, tuple[int, int]]:

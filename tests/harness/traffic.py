@@ -29,6 +29,29 @@ def _family(ip: str) -> int:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
+def _listener(args: argparse.Namespace) -> socket.socket:
+    """The server socket: on --server-ip, or with --dual-stack an IPv6 socket on [::] that
+    accepts IPv4 too (how Go, Java, nginx and iperf3 listen by default)."""
+    if args.dual_stack:
+        server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        address = ("::", args.port)
+    else:
+        server = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
+        address = (args.server_ip, args.port)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(address)
+    server.listen(args.connections + 8)
+    return server
+
+
+def _run_all(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _endpoint(sock: socket.socket) -> list:
     name = sock.getsockname()
     return [name[0], name[1]]
@@ -52,10 +75,7 @@ def _send_all_then_drain(sock: socket.socket, nbytes: int) -> None:
 
 
 def bulk(args: argparse.Namespace) -> list[dict]:
-    server = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((args.server_ip, args.port))
-    server.listen(args.connections + 8)
+    server = _listener(args)
     peer_bytes = args.bytes if args.duplex else 0
 
     def serve_one(conn: socket.socket) -> None:
@@ -88,11 +108,7 @@ def bulk(args: argparse.Namespace) -> list[dict]:
         with c:
             _send_all_then_drain(c, args.bytes)
 
-    threads = [threading.Thread(target=drive, args=(c,)) for c in clients]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_all([threading.Thread(target=drive, args=(c,)) for c in clients])
     acceptor.join()
     server.close()
     return flows
@@ -113,10 +129,7 @@ def syn(args: argparse.Namespace) -> list[dict]:
 
 
 def synack(args: argparse.Namespace) -> list[dict]:
-    server = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((args.server_ip, args.port))
-    server.listen(args.connections + 8)
+    server = _listener(args)
     clients, flows = [], []
     for _ in range(args.connections):
         c = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
@@ -138,6 +151,58 @@ def synack(args: argparse.Namespace) -> list[dict]:
     return flows
 
 
+def rr(args: argparse.Namespace) -> list[dict]:
+    """Request/response: each client sends a 1-byte request and reads a --bytes response,
+    --rounds times on one connection, or for --seconds when --rounds is 0 (the
+    response's last segment carries PSH)."""
+    server = _listener(args)
+    response = b"r" * args.bytes
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(1):
+                conn.sendall(response)
+
+    def accept_all() -> None:
+        threads = []
+        for _ in range(args.connections):
+            conn, _addr = server.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threads.append(threading.Thread(target=serve, args=(conn,)))
+            threads[-1].start()
+        for t in threads:
+            t.join()
+
+    acceptor = threading.Thread(target=accept_all)
+    acceptor.start()
+    flows = []
+
+    def client() -> None:
+        c = socket.socket(_family(args.server_ip), socket.SOCK_STREAM)
+        if args.client_ip:
+            c.bind((args.client_ip, 0))
+        c.connect((args.server_ip, args.port))
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        flows.append({"client": _endpoint(c), "server": [args.server_ip, args.port]})
+        ends = time.monotonic() + args.seconds
+        with c:
+            rounds = 0
+            while rounds < args.rounds if args.rounds else time.monotonic() < ends:
+                rounds += 1
+                c.sendall(b"q")
+                left = args.bytes
+                while left > 0:
+                    chunk = c.recv(CHUNK)
+                    if not chunk:
+                        raise SystemExit("server closed early")
+                    left -= len(chunk)
+
+    _run_all([threading.Thread(target=client) for _ in range(args.connections)])
+    acceptor.join()
+    server.close()
+    return flows
+
+
 def iperf(args: argparse.Namespace) -> list[dict]:
     """iperf3 server and client on --server-ip for --seconds with --parallel streams."""
     server = subprocess.Popen(["iperf3", "-s", "-1", "-B", args.server_ip, "-p", str(args.port)],
@@ -155,16 +220,19 @@ def iperf(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.harness.traffic")
-    parser.add_argument("mode", choices=["bulk", "syn", "synack", "iperf"])
+    parser.add_argument("mode", choices=["bulk", "syn", "synack", "rr", "iperf"])
     parser.add_argument("--server-ip", required=True)
     parser.add_argument("--client-ip", default=None, help="bind clients to this address")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--bytes", type=int, default=1 << 20, help="bulk: bytes per direction")
+    parser.add_argument("--dual-stack", action="store_true",
+                        help="bulk, synack: the server listens on [::] (IPv6 socket) and clients use --server-ip")
     parser.add_argument("--duplex", action="store_true", help="bulk: the server sends too; iperf: -R")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=100, help="rr: requests per connection (0: for --seconds)")
     args = parser.parse_args(argv)
-    flows = {"bulk": bulk, "syn": syn, "synack": synack, "iperf": iperf}[args.mode](args)
+    flows = {"bulk": bulk, "syn": syn, "synack": synack, "rr": rr, "iperf": iperf}[args.mode](args)
     print(json.dumps(flows), flush=True)
 
 

@@ -7,6 +7,7 @@ host cannot trace); `--output json` prints the node report with the kernel's exa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -128,3 +129,54 @@ def test_json_output_is_the_exact_node_report(ns, reference):
     for flow in report.top_flows:
         assert started - slack <= flow.first_seen <= flow.last_seen <= ended + slack
     assert report.phase == "Running" and report.kernel and report.agent_version
+
+
+def check_lines(done: subprocess.CompletedProcess) -> dict[str, dict]:
+    return {line["name"]: line for line in json.loads(done.stdout)["checks"]}
+
+
+def test_check_on_this_host_says_it_can_count_and_in_which_mode():
+    done = run_agent("check", "--output", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["canCount"] is True
+    lines = check_lines(done)
+    assert lines["kernel"]["detail"] == f"Linux {os.uname().release}"
+    assert "state yes" in lines["tracepoint tcp:tcp_retransmit_skb"]["detail"]
+    assert lines["BPF permission"]["status"] == "ok"
+    assert lines["mode"]["status"] == "ok" and "by TCP state" in lines["mode"]["detail"]
+    table = run_agent("check")
+    assert table.returncode == 0 and len(table.stdout.splitlines()) == len(lines)
+
+
+def test_check_without_bpf_privileges_fails_naming_the_fix():
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed to drop privileges"
+    done = run_agent("check", "--output", "json",
+                     prefix=(setpriv, "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"))
+    assert done.returncode == 1
+    lines = check_lines(done)
+    assert lines["BPF permission"]["status"] == "fail" and "privileged" in lines["BPF permission"]["fix"]
+    assert lines["mode"]["status"] == "fail"
+
+
+def test_check_on_a_missing_tracefs_fails_naming_the_mount(tmp_path):
+    done = run_agent("check", "--tracefs", str(tmp_path))
+    assert done.returncode == 1
+    assert any(line.startswith("FAIL") and "tracefs" in line and "mount -t tracefs" in line
+               for line in done.stdout.splitlines())
+
+
+def test_check_on_a_4_15_layout_reports_unknown_states():
+    """In a private mount namespace whose format files lack `family` and `state`."""
+    script = ("from pathlib import Path; import tempfile, subprocess, sys; "
+              "from tests.harness.oldlayout import mask_formats; "
+              "mask_formats(('family', 'state'), Path(tempfile.mkdtemp())); "
+              f"sys.exit(subprocess.run([{AGENT!r}, 'check', '--output', 'json']).returncode)")
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", script],
+                          cwd=str(Path(__file__).resolve().parents[2]), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = check_lines(done)
+    assert "state no" in lines["tracepoint tcp:tcp_retransmit_skb"]["detail"]
+    assert lines["TCP states"]["status"] == "degraded"
+    assert "state UNKNOWN" in lines["mode"]["detail"]

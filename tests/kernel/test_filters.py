@@ -114,3 +114,34 @@ def test_local_ip_set_changes_take_effect_live(reference):
     got = {f.key: (f.retransmits, f.synack_retransmits) for f in snapshot.flows}
     assert got == expected
     assert snapshot.retransmits == sum(r for r, _ in expected.values())
+
+
+def test_dual_stack_server_flows_are_ipv4_for_every_filter(ns, reference):
+    """An IPv6 socket on [::] serving IPv4 clients retransmits IPv4 flows with plain
+    addresses: the family, CIDR and local-address filters see them as IPv4 (in a cluster a
+    `namespaces` trace keeps a Go or Java pod's server side through its IPv4 address)."""
+    client, server = ns.v4          # as loads.bulk uses them
+    mine = loads.own_addresses(ns)
+    cases = {
+        "IPv4 family": (KernelConfig(families=frozenset({"IPv4"}), remote_cidrs=loads.own_cidrs(ns)), True),
+        "IPv6 family": (KernelConfig(families=frozenset({"IPv6"}), remote_cidrs=loads.own_cidrs(ns)), False),
+        "IPv4 remote CIDR": (KernelConfig(remote_cidrs=(f"{client}/32",)), True),
+        "IPv4 local address": (KernelConfig(local_ips=frozenset({server})), True),
+    }
+    programs = {name: RetransmitProgram.open(config) for name, (config, _) in cases.items()}
+    try:
+        connections = loads.bulk(ns, loss=10, family="IPv4", port=5201, connections=3, nbytes=1 << 20,
+                                 dual_stack=True)
+        counts = reference.read()
+        snapshots = {name: program.snapshot() for name, program in programs.items()}
+    finally:
+        for program in programs.values():
+            program.close()
+
+    server_side = per_flow(counts, lambda e: e.local_ip == server and e.local_port == 5201 and succeeded(e))
+    assert server_side and {k[0] for k in server_side} == {"IPv4"}, "the [::] server made no IPv4 retransmits"
+    assert {k[3] for k in server_side} == {client} and len(connections) == 3
+    for name, (_config, keeps_server_side) in cases.items():
+        got = {f.key: (f.retransmits, f.synack_retransmits) for f in snapshots[name].flows
+               if f.local_ip in mine and f.local_port == 5201}
+        assert got == (server_side if keeps_server_side else {}), name

@@ -2,7 +2,7 @@
 
 import pytest
 
-from retransmit_agent.kernel import _bcc_failure
+from retransmit_agent.bccerrors import bcc_failure as _bcc_failure
 
 pytestmark = pytest.mark.unit
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from retransmit_agent.kernel import KernelConfig, compile_flags
-from retransmit_agent.preflight import KernelProblem, find_tracefs, require_tracepoints, tracepoint_fields
+from retransmit_agent.kernelconfig import KernelConfig, compile_flags
+from retransmit_agent.kernelinfo import KernelFeatures, read_layout
+from retransmit_agent.preflight import KernelProblem, find_tracefs, require_tracepoints
 
 pytestmark = pytest.mark.unit
 
@@ -55,13 +56,18 @@ def test_present_tracepoints_pass(tmp_path):
 
 def test_fields_parsed_from_the_format_file(tmp_path):
     make_tracefs(tmp_path)
-    fields = tracepoint_fields(tmp_path, "tcp", "tcp_retransmit_skb")
+    fields = read_layout(tmp_path).skb
     assert {"skbaddr", "state", "sport", "saddr_v6", "err", "common_type"} == fields
 
 
 def test_compile_flags_carry_the_compile_time_configuration(tmp_path):
-    flags = compile_flags(KernelConfig(flow_capacity=99, ring_pages=8), tmp_path, ringbuf=True, has_err=True)
-    assert flags == [f"-I{tmp_path}", "-DFLOW_CAPACITY=99", "-DRINGBUF_PAGES=8", "-DUSE_RINGBUF",
-                     "-DHAVE_RETRANSMIT_ERR"]
-    plain = compile_flags(KernelConfig(), tmp_path, ringbuf=False, has_err=False)
-    assert not {"-DUSE_RINGBUF", "-DHAVE_RETRANSMIT_ERR"} & set(plain)
+    layout = read_layout(make_tracefs(tmp_path))
+    flags = compile_flags(KernelConfig(flow_capacity=99, ring_pages=8), tmp_path,
+                          KernelFeatures(layout, jiffies64=True, ringbuf=True))
+    assert flags[:7] == [f"-I{tmp_path}", "-DFLOW_CAPACITY=99", "-DRINGBUF_PAGES=8", "-DHAVE_SKB_STATE",
+                         "-DHAVE_SKB_ERR", "-DHAVE_JIFFIES64", "-DUSE_RINGBUF"]
+    # the constants shared with Python, from their one definition
+    assert {"-DAF_INET6_=10", "-DKIND_SYNACK=1", "-DTCP_SYN_RECV_=3", "-DCAUSE_TIMEOUT=1",
+            "-DFAMILY_IPV6=2"} <= set(flags)
+    plain = compile_flags(KernelConfig(), tmp_path, KernelFeatures(layout, jiffies64=False, ringbuf=False))
+    assert not {"-DUSE_RINGBUF", "-DHAVE_JIFFIES64"} & set(plain)

@@ -1,0 +1,107 @@
+"""What the kernel program is asked to count (KernelConfig) and how it is compiled for this
+kernel: the run-time half goes into maps, the compile-time half into cflags."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from retransmit_operator.api import RETRANSMIT_CAUSES, TCP_STATE_NUMBERS, TCP_STATES, RetransmitTraceSpec
+
+from .flows import AF_INET, AF_INET6, KIND_RETRANSMIT, KIND_SYNACK
+
+from .kernelinfo import KernelFeatures
+from .preflight import KernelProblem
+
+FAMILY_BITS = {"IPv4": 1, "IPv6": 2}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """What the kernel program counts. Empty sets mean "no restriction".
+
+    families: "IPv4"/"IPv6"; ports: local or remote port; remote_cidrs: CIDR strings;
+    states: kernel state names without TCP_; local_ips: None = no local-address filter,
+    else only flows whose local address is in the set (an empty set matches nothing);
+    samples_per_second: sampled events sent to user space (0 = none); flow_capacity:
+    entries per family in the LRU flow maps; ring_pages: ring buffer size (power of two).
+    """
+
+    families: frozenset[str] = frozenset(FAMILY_BITS)
+    ports: frozenset[int] = frozenset()
+    remote_cidrs: tuple[str, ...] = ()
+    states: frozenset[str] = frozenset()
+    local_ips: Optional[frozenset[str]] = None
+    samples_per_second: int = 100
+    flow_capacity: int = 16384
+    ring_pages: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.families or not set(self.families) <= set(FAMILY_BITS):
+            raise ValueError(f"families {sorted(self.families)}: use IPv4 and/or IPv6")
+        for port in self.ports:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is outside 1-65535")
+        for cidr in self.remote_cidrs:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the value
+        unknown = set(self.states) - set(TCP_STATES)
+        if unknown:
+            raise ValueError(f"unknown TCP states {sorted(unknown)}: use {', '.join(TCP_STATES)}")
+        for ip in self.local_ips or ():
+            ipaddress.ip_address(ip)
+        if self.samples_per_second < 0:
+            raise ValueError("samples_per_second must be 0 or more")
+        if self.flow_capacity < 1:
+            raise ValueError("flow_capacity must be at least 1")
+        if self.ring_pages < 1 or self.ring_pages & (self.ring_pages - 1):
+            raise ValueError(f"ring_pages {self.ring_pages} is not a power of two")
+
+    @classmethod
+    def from_spec(cls, spec: RetransmitTraceSpec, local_ips: Optional[Iterable[str]] = None) -> "KernelConfig":
+        """The kernel configuration a trace spec asks for (spec.filter, spec.events)."""
+        f = spec.filter
+        return cls(
+            families=frozenset(str(getattr(x, "value", x)) for x in f.ip_families),
+            ports=frozenset(f.ports),
+            remote_cidrs=tuple(f.remote_cidrs),
+            states=frozenset(str(getattr(x, "value", x)) for x in f.states),
+            local_ips=None if local_ips is None else frozenset(local_ips),
+            samples_per_second=spec.events.max_per_second,
+        )
+
+
+def program_defines() -> dict[str, int]:
+    """The constants the program shares with Python, defined once here (as -D flags)."""
+    return {
+        "AF_INET_": AF_INET, "AF_INET6_": AF_INET6,
+        "FAMILY_IPV4": FAMILY_BITS["IPv4"], "FAMILY_IPV6": FAMILY_BITS["IPv6"],
+        "KIND_RETRANSMIT": KIND_RETRANSMIT, "KIND_SYNACK": KIND_SYNACK,
+        "TCP_SYN_SENT_": TCP_STATE_NUMBERS["SYN_SENT"], "TCP_SYN_RECV_": TCP_STATE_NUMBERS["SYN_RECV"],
+        **{f"CAUSE_{name.upper()}": index for index, name in enumerate(RETRANSMIT_CAUSES)},
+    }
+
+
+def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures) -> list[str]:
+    """cflags for retransmit.bpf.c: the compile-time half of the configuration."""
+    return [
+        f"-I{include}",
+        f"-DFLOW_CAPACITY={config.flow_capacity}",
+        f"-DRINGBUF_PAGES={config.ring_pages}",
+    ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()]
+
+
+def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> None:
+    """The kernel's tracepoints have what the program and `config` need, else KernelProblem."""
+    missing = features.layout.missing()
+    if missing:
+        raise KernelProblem(
+            f"the tcp tracepoints lack fields every kernel since 4.15 has ({', '.join(missing)}): "
+            "this kernel's tracepoints are patched; report its format files to the project")
+    if config.states and not features.layout.has("state"):
+        raise KernelProblem(
+            f"a TCP state filter ({', '.join(sorted(config.states))}) needs the `state` field of "
+            f"tcp:tcp_retransmit_skb, which Linux {os.uname().release} does not have (added in 5.0): "
+            "remove the states filter (spec.filter.states / --state); retransmits are counted under UNKNOWN")
