@@ -312,16 +312,20 @@ class ReportWriter:
             raise
 
     def create(self, entry: NodeStatus) -> dict[str, Any]:
-        """Create the report (labels, owner, first content); an existing one is left as it is."""
+        """Create the report (labels, owner, first content) and return it; when it exists
+        already (made since it was read), the stored one: it is the baseline."""
         t = self.target
         try:
             return self._call(lambda: self._objects.create_namespaced_custom_object(
                 GROUP, VERSION, t.namespace, REPORT_PLURAL, t.body(entry),
                 field_manager=field_manager(t.node), _request_timeout=self._timeout))
         except ApiError as exc:
-            if exc.status == 409:
-                return {}
-            raise
+            if exc.status != 409:
+                raise
+        stored = self.read()
+        if stored is None:
+            raise ApiError(409, f"report {t.name} exists and does not: created and deleted meanwhile")
+        return stored
 
     def apply(self, entry: NodeStatus) -> dict[str, Any]:
         """Server-side apply of the whole report (this agent is its only writer of spec)."""

@@ -38,6 +38,7 @@ from .validation import validate_trace
 log = logging.getLogger("retransmit_operator")
 
 Event = tuple[str, str, str]  # Kubernetes Event: type, reason, message
+REPORTS_SYNC_WAIT = 30.0  # seconds a pass waits for the first list of the nodes' reports
 
 OPERATOR_FIELDS = ("phase", "observedGeneration", "startTime", "completionTime", "conditions", "summary", "nodes")
 
@@ -103,6 +104,11 @@ class Reconciler:
         started = time.monotonic()
         result = "ok"
         try:
+            if not self.reports.synced.is_set():
+                await asyncio.to_thread(self.reports.synced.wait, REPORTS_SYNC_WAIT)
+                if not self.reports.synced.is_set():
+                    raise ApiFailure("list node reports", 503, "NotListed",
+                                     "the nodes' reports are not listed yet (API server away?): retrying")
             async with self._lock(name):
                 return await self._reconcile(body, roll=roll)
         except ApiFailure:

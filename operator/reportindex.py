@@ -54,6 +54,9 @@ class ReportIndex:
         self._lock = threading.Lock()
         self._reports: dict[tuple[str, str], StoredReport] = {}
         self.events = 0  # watch events applied: tests and metrics see the watch working
+        # Set once the first list is in: before that, no report means "not seen yet", and
+        # aggregating would write zero counts over a trace's results.
+        self.synced = threading.Event()
 
     def observe(self, obj: dict[str, Any], deleted: bool = False) -> None:
         meta = obj.get("metadata") or {}
@@ -76,6 +79,7 @@ class ReportIndex:
         with self._lock:
             self._reports = parsed
             self.events += 1
+        self.synced.set()
 
     def for_trace(self, trace: str, uid: str) -> list[StoredReport]:
         """The reports of this very trace, by node name."""
