@@ -282,9 +282,12 @@ class Reconciler:
         self.last_sync = time.monotonic()
 
     async def sync_forever(self) -> None:
+        """A pass every sync interval (a longer pass is followed by a short pause, never a
+        second interval: the lag from a node's write to the summary stays about one interval)."""
         while True:
+            started = time.monotonic()
             await self.sync_once()
-            await asyncio.sleep(self.settings.sync_interval)
+            await asyncio.sleep(max(0.2, self.settings.sync_interval - (time.monotonic() - started)))
 
     def observe_trace(self, event_type: Optional[str], body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
