@@ -39,6 +39,7 @@ log = logging.getLogger("retransmit_operator")
 
 Event = tuple[str, str, str]  # Kubernetes Event: type, reason, message
 REPORTS_SYNC_WAIT = 30.0  # seconds a pass waits for the first list of the nodes' reports
+MAX_MARKS_PER_PASS = 50   # departed marks written on reports per pass
 
 OPERATOR_FIELDS = ("phase", "observedGeneration", "startTime", "completionTime", "conditions", "summary", "nodes")
 
@@ -156,7 +157,9 @@ class Reconciler:
         nodes_desired = desired if desired is not None else previous_desired
         bound = None if completion or spec is None else stale_after(spec.report_interval_seconds)
         gone = frozenset(r.entry.node for r in stored if r.status.departed)
-        if completion is None and bound is not None and daemonset is not None and spec_error is None:
+        # Departures are judged only once the DaemonSet controller has placed the agents for
+        # this spec (right after a create or a roll, no pod yet means nothing).
+        if completion is None and bound is not None and desired is not None and spec_error is None:
             gone = await self._mark_departed(stored, gone, now, bound)
         rows, not_listed = node_rows(nodes, now, bound, gone)
         summary = aggregate_summary(
@@ -232,10 +235,12 @@ class Reconciler:
         trace = stored[0].trace
         wanted = departed([r.entry for r in stored], marked, frozenset(self.agent_pods.get(trace, {}).values()),
                           now, bound)
-        for r in stored:
+        changes = [r for r in stored if (r.entry.node in wanted) != r.status.departed]
+        # A bounded number of writes per pass, so the trace's own status stays current when
+        # many nodes leave at once; the rest are written in the next passes (the rows and
+        # the summary use `wanted` at once).
+        for r in changes[:MAX_MARKS_PER_PASS]:
             is_gone = r.entry.node in wanted
-            if is_gone == r.status.departed:
-                continue
             status = NodeReportStatus(departed=is_gone, departed_time=now if is_gone else None)
             await self.kube.apply_report_status(r.namespace, r.name, to_api(status))
             log.info("trace %s: node %s %s", trace, r.entry.node, "left the trace; its report keeps its counts"
