@@ -37,7 +37,12 @@ HEADER = (
 )
 
 # JSON Schema keywords Kubernetes does not accept (or that only carry pydantic's bookkeeping).
-_DROPPED_KEYWORDS = {"title", "$defs", "examples"}
+# propertyNames (pydantic writes it for dict[Literal[...], int] such as Flow.byCause) is no
+# field of Kubernetes' JSONSchemaProps: the API server drops it on the way in, so the stored
+# CRD never equals the file, and every server-side apply of the file by a second manager
+# (helm install after kubectl apply) conflicts on .spec.versions. The keys are checked by
+# the pydantic models on the writers' side.
+_DROPPED_KEYWORDS = {"title", "$defs", "examples", "propertyNames"}
 
 
 class SchemaError(ValueError):
