@@ -17,7 +17,7 @@ export PATH := $(TOOLS):$(VENV)/bin:$(PATH)
 export RTRACE_CACHE := $(CACHE)
 
 APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip linux-headers-amd64 \
-                nftables iperf3 ethtool iproute2 procps openssl
+                nftables iperf3 ethtool iproute2 procps openssl prometheus
 
 .PHONY: help setup apt kernel-headers tracefs venv tools kernel-vm demo demo-local test test-unit test-kernel \
         test-cluster test-deploy lint crd clean

@@ -179,6 +179,8 @@ class ClusterAgent:
         except KernelProblem as exc:
             self.problem = str(exc)
             log.error("node %s cannot trace: %s", self.node, self.problem)
+            with self.state.lock:
+                self.state.failed = True
             return
         with self._lock:
             self.program = program
@@ -384,7 +386,7 @@ class ClusterAgent:
             if key not in seen:
                 add(key.local_ip, key.remote_port, old.retransmits)
         self.state.publish_counts(entry.retransmits, entry.synack_retransmits, entry.lost_events, by_pod_port,
-                                  missed=entry.missed_events)
+                                  missed=entry.missed_events, by_state=entry.by_state)
 
     def _report(self) -> bool:
         """Write the entry if it changed. True when nothing is left to write."""

@@ -7,17 +7,26 @@ counts that go into status.nodes[]).
 Metrics (all carry the label `trace`):
 - rtrace_retransmits_total{namespace,pod,remote_port}: tcp_retransmit_skb events by the
   local pod (empty for addresses that are no pod's; pod "" with namespace "" and the node's
-  own addresses under namespace "" pod "<node>") and remote port. One series per
-  distinct (namespace, pod, remote port) among the flows the kernel map holds, so the
-  cardinality is bounded by that map. A series never decreases: when the kernel's LRU map
-  evicts a flow, the series keeps its highest value.
+  own addresses under namespace "" pod "<node>") and remote port. Remote ports from 32768 up
+  (Linux's default ephemeral range: the clients' side of connections to a server pod) are
+  one value, "ephemeral", so a series is a (pod, service port) pair, never a flow: a server
+  pod has one series for all its clients, a client pod one per server port it talks to
+  below 32768. A series never decreases: when the kernel's LRU map evicts a flow, the series
+  keeps its highest value.
 - rtrace_node_retransmits_total, rtrace_node_synack_retransmits_total: the node's exact totals.
+- rtrace_node_retransmits_by_state_total{state}: tcp_retransmit_skb and tcp_retransmit_synack
+  events by the socket's TCP state as the kernel names it without `TCP_` (SYN-ACK retransmits
+  under SYN_RECV; UNKNOWN on kernels whose tracepoint has no state): at most the kernel's dozen
+  states plus UNKNOWN per node. The node's status.nodes[].byState, as a counter.
 - rtrace_lost_events_total: samples dropped (rate limit, full buffer); counts stay exact.
 - rtrace_missed_events_total: tracepoint hits the kernel did not run the program for
   (another BPF program was running on that CPU); the true counts may be higher by this much.
 - rtrace_report_errors_total: status writes that failed (API server away, refused).
 - rtrace_reports_total: status writes that succeeded.
 - rtrace_program_attached: 1 while the kernel program is attached.
+- rtrace_agent_failed: 1 when this node cannot trace (tracefs, tracepoint or BPF permission
+  missing: the node's report says `phase: Failed` and why); 0 otherwise, including while the
+  program compiles (attached 0, failed 0 = starting).
 - rtrace_report_interval_seconds: the interval after the write budget stretched it.
 - rtrace_selected_local_ips: pod addresses in the kernel's local-IP filter, when the trace
   selects pods (namespaces, podSelector); follows the pods as they come and go.
@@ -38,6 +47,17 @@ from prometheus_client.core import CollectorRegistry, CounterMetricFamily, Gauge
 log = logging.getLogger(__name__)
 
 
+# rtrace_retransmits_total's remote_port: ports from here up are "ephemeral" (see above).
+EPHEMERAL_PORTS_FROM = 32768
+
+
+def remote_port_label(port: str) -> str:
+    """The port, or "ephemeral" from 32768 up: clients' ports would make a series per flow.
+    (Servers listening that high, e.g. gRPC's 50051, fall under "ephemeral" too; the trace's
+    status names every flow with both ports.)"""
+    return "ephemeral" if port.isdigit() and int(port) >= EPHEMERAL_PORTS_FROM else port
+
+
 @dataclass
 class AgentState:
     """Shared between the report loop (writer) and the HTTP server (reader), under `lock`."""
@@ -55,7 +75,9 @@ class AgentState:
     report_errors: int = 0
     reports: int = 0
     interval: float = 0.0
+    failed: bool = False                 # the kernel program cannot be opened on this node
     selected_ips: Optional[int] = None   # addresses in the kernel's local-IP filter; None = no filter
+    by_state: dict[str, int] = field(default_factory=dict)
     by_pod_port: dict[tuple[str, str, str], int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -69,13 +91,20 @@ class AgentState:
             return (now if now is not None else time.monotonic()) - self.last_loop <= self.liveness_bound
 
     def publish_counts(self, retransmits: int, synack: int, lost: int,
-                       by_pod_port: dict[tuple[str, str, str], int], missed: int = 0) -> None:
+                       by_pod_port: dict[tuple[str, str, str], int], missed: int = 0,
+                       by_state: Optional[dict[str, int]] = None) -> None:
         with self.lock:
+            for state, value in (by_state or {}).items():
+                self.by_state[state] = max(self.by_state.get(state, 0), value)
             self.retransmits = max(self.retransmits, retransmits)
             self.synack_retransmits = max(self.synack_retransmits, synack)
             self.lost_events = max(self.lost_events, lost)
             self.missed_events = max(self.missed_events, missed)
-            for key, value in by_pod_port.items():
+            labelled: dict[tuple[str, str, str], int] = {}
+            for (namespace, pod, port), value in by_pod_port.items():
+                key = (namespace, pod, remote_port_label(port))
+                labelled[key] = labelled.get(key, 0) + value
+            for key, value in labelled.items():
                 if value > self.by_pod_port.get(key, 0):
                     self.by_pod_port[key] = value
 
@@ -96,6 +125,13 @@ class AgentCollector:
             for (namespace, pod, port), value in sorted(s.by_pod_port.items()):
                 per_pod.add_metric([s.trace, namespace, pod, port], value)
             yield per_pod
+            by_state = CounterMetricFamily(
+                "rtrace_node_retransmits_by_state", "Retransmit and SYN-ACK retransmit events by TCP state.",
+                labels=["trace", "node", "state"],
+            )
+            for state, value in sorted(s.by_state.items()):
+                by_state.add_metric([s.trace, s.node, state], value)
+            yield by_state
             for name, doc, value in (
                 ("rtrace_node_retransmits", "Every matched tcp_retransmit_skb event on this node.", s.retransmits),
                 ("rtrace_node_synack_retransmits", "Every matched tcp_retransmit_synack event on this node.", s.synack_retransmits),
@@ -110,6 +146,10 @@ class AgentCollector:
             attached = GaugeMetricFamily("rtrace_program_attached", "1 while the kernel program is attached.", labels=["trace", "node"])
             attached.add_metric([s.trace, s.node], 1.0 if s.attached else 0.0)
             yield attached
+            failed = GaugeMetricFamily("rtrace_agent_failed", "1 when this node cannot trace (its report says phase Failed and why).",
+                                       labels=["trace", "node"])
+            failed.add_metric([s.trace, s.node], 1.0 if s.failed else 0.0)
+            yield failed
             if s.selected_ips is not None:
                 selected = GaugeMetricFamily("rtrace_selected_local_ips", "Pod addresses in the kernel's local-IP filter (namespaces/podSelector).", labels=["trace", "node"])
                 selected.add_metric([s.trace, s.node], s.selected_ips)

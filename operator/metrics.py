@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from .handlers import Reconciler
 
 PHASES = ("Pending", "Running", "Completed", "Failed", "Unknown")
+# Every (trigger, result) of rtrace_operator_reconciles_total exists from the start at 0, so
+# an error rate is 0 (not "no data") until the first error and alerts and dashboards need no
+# `or vector(0)`.
+RECONCILE_TRIGGERS = ("create", "resume", "update", "sync")
+RECONCILE_RESULTS = ("ok", "api_error", "error")
 
 
 class OperatorMetrics:
@@ -42,6 +47,9 @@ class OperatorMetrics:
         self.api_requests = Counter("rtrace_operator_api_requests", "Kubernetes API requests (not kopf's watches)",
                                     ["operation", "code"], registry=r)
         self.pod_index_addresses = Gauge("rtrace_operator_pod_index_addresses", "Pod IPs in the attribution index", registry=r)
+        for trigger in RECONCILE_TRIGGERS:
+            for result in RECONCILE_RESULTS:
+                self.reconciles.labels(trigger=trigger, result=result)
         self._runner: Optional[web.AppRunner] = None
 
     def set_traces(self, by_phase: dict[str, int]) -> None:

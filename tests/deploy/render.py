@@ -2,7 +2,9 @@
 
 The chart (helm/retransmit-operator) is the source. `helm template` with default values,
 release `retransmit-operator` in namespace `retransmit-system`, gives the plain manifests;
-the objects that exist only with `openshift.enabled=true` go to manifests/openshift/.
+the objects that exist only with `openshift.enabled=true` go to manifests/openshift/, those
+that exist only with `monitoring.enabled=true` (dashboard ConfigMap, PrometheusRule,
+PodMonitors) to manifests/monitoring/.
 Each template holds one resource and gives its file name (the namespace's file sorts
 first so `kubectl apply -f manifests/` creates it before what lives in it). Helm's own
 labels (helm.sh/chart, managed-by: Helm) are dropped: kubectl, not Helm, manages these.
@@ -82,12 +84,17 @@ def manifest_path(template: str) -> str:
 def manifest_files() -> dict[str, str]:
     """Relative path under manifests/ -> content, as rendered from the chart now."""
     plain = split_by_template(helm_template())
-    openshift = split_by_template(helm_template("--set", "openshift.enabled=true"))
-    changed = [t for t in plain if openshift.get(t) != plain[t]]
-    if changed:
-        raise ValueError(f"openshift.enabled=true changes {changed}: manifests/openshift/ can only ADD objects")
     files = {manifest_path(t): doc for t, doc in plain.items()}
-    files.update({manifest_path(t): doc for t, doc in openshift.items() if t not in plain})
+    for value, folder in (("openshift.enabled", "openshift"), ("monitoring.enabled", "monitoring")):
+        variant = split_by_template(helm_template("--set", f"{value}=true"))
+        changed = [t for t in plain if variant.get(t) != plain[t]]
+        if changed:
+            raise ValueError(f"{value}=true changes {changed}: manifests/{folder}/ can only ADD objects")
+        added = {t: doc for t, doc in variant.items() if t not in plain}
+        misplaced = [t for t in added if not t.startswith(f"{folder}/")]
+        if misplaced:
+            raise ValueError(f"{value}=true adds {misplaced}: put those templates in templates/{folder}/")
+        files.update({manifest_path(t): doc for t, doc in added.items()})
     return {path: HEADER + _HELM_ONLY_LABELS.sub("", doc) for path, doc in files.items()}
 
 

@@ -76,3 +76,50 @@ def test_counters_never_decrease_when_a_flow_leaves_the_kernel_map(served):
 def test_unknown_paths_are_404(served):
     _, url = served
     assert get(url + "/nope")[0] == 404
+
+
+def test_retransmits_by_tcp_state_are_counters_that_never_decrease(served):
+    state, url = served
+    state.publish_counts(7, 2, 0, {}, by_state={"ESTABLISHED": 5, "SYN_RECV": 2, "LAST_ACK": 2})
+    state.publish_counts(7, 2, 0, {}, by_state={"ESTABLISHED": 6, "SYN_RECV": 1})  # a lower value is kept higher
+    got = samples(get(url + "/metrics")[1])
+    by_state = {dict(labels)["state"]: value for (name, labels), value in got.items()
+                if name == "rtrace_node_retransmits_by_state_total"}
+    assert by_state == {"ESTABLISHED": 6, "SYN_RECV": 2, "LAST_ACK": 2}
+    assert {dict(labels)["node"] for (name, labels) in got if name == "rtrace_node_retransmits_by_state_total"} == {"n1"}
+
+
+def test_an_agent_whose_kernel_cannot_trace_exports_failed_1_and_attached_0(tmp_path):
+    """The real ClusterAgent opening the real kernel program against a tracefs without the tcp
+    tracepoints (an empty folder) or, without privileges, failing earlier: either way the
+    node cannot trace, which /metrics says as rtrace_agent_failed 1."""
+    import kubernetes
+
+    from retransmit_agent.cluster import ClusterAgent
+    from retransmit_operator.api import RetransmitTraceSpec
+    from retransmit_operator.contract import AgentInvocation
+
+    agent = ClusterAgent(AgentInvocation(trace="t1", spec=RetransmitTraceSpec(), tracefs=str(tmp_path)), "n1",
+                         kubernetes.client.ApiClient())
+    server = MetricsServer(agent.state, 0, host="127.0.0.1").start()
+    try:
+        before = samples(get(f"http://127.0.0.1:{server.port}/metrics")[1])
+        assert before[("rtrace_agent_failed", (("node", "n1"), ("trace", "t1")))] == 0
+        agent._open_program()
+        assert agent.problem
+        after = samples(get(f"http://127.0.0.1:{server.port}/metrics")[1])
+    finally:
+        server.stop()
+    assert after[("rtrace_agent_failed", (("node", "n1"), ("trace", "t1")))] == 1
+    assert after[("rtrace_program_attached", (("node", "n1"), ("trace", "t1")))] == 0
+
+
+def test_clients_ephemeral_ports_are_one_remote_port_value_so_a_series_is_never_a_flow(served):
+    """A server pod retransmitting to many clients: one series, not one per client port."""
+    state, url = served
+    state.publish_counts(10, 0, 0, {("shop", "db", "41234"): 3, ("shop", "db", "58000"): 4, ("shop", "db", "32768"): 1,
+                                    ("shop", "web", "5432"): 2, ("shop", "web", "32767"): 1})
+    got = samples(get(url + "/metrics")[1])
+    per_pod = {(dict(labels)["pod"], dict(labels)["remote_port"]): value for (name, labels), value in got.items()
+               if name == "rtrace_retransmits_total"}
+    assert per_pod == {("db", "ephemeral"): 8, ("web", "5432"): 2, ("web", "32767"): 1}

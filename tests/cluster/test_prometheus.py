@@ -1,0 +1,251 @@
+"""The chart's alerting rules and Grafana dashboard, run in a real Prometheus that scrapes the
+real agents and the real operator during a lossy trace.
+
+Set-up as in test_e2e.py (whose fixtures and helpers this module reuses): a real control
+plane, simulated nodes node-a and node-b running the agents' DaemonSet pods as host
+processes (real BPF), the operator embedded with its /metrics on a free port, two pods with
+addresses of their own on node-a, and the reference counter as ground truth. node-b's agent
+is pointed at a tracefs without the tcp tracepoints, so it cannot trace.
+
+Prometheus (Debian's package) runs on 127.0.0.1 with its own storage, 1s scrape and
+evaluation intervals and static targets: each agent pod's IP (a node address: agents use
+the host network) and its trace's metrics port, and the operator. Its rule file is a
+test-only copy of the shipped rules/retransmit-rules.yaml in which only the `for:` durations
+are shortened to FOR (expressions, windows and thresholds are the shipped ones).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from retransmit_operator.main import EmbeddedOperator
+from retransmit_operator.render import agent_metrics_port, selector_labels
+from retransmit_operator.settings import Settings
+from tests.cluster import test_e2e as e2e
+from tests.harness.controlplane import wait_until
+from tests.harness.prometheus import Prometheus, free_port, promtool
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1200)]
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "retransmit-operator"
+RULES = CHART / "rules" / "retransmit-rules.yaml"
+DASHBOARD = CHART / "dashboards" / "retransmits.json"
+FOR = "2s"
+THRESHOLD = 1.0  # retransmits/s of RetransmitPodRetransmitting in the shipped file (checked below)
+POD_ALERT = "RetransmitPodRetransmitting"
+AGENT_ALERT = "RetransmitAgentCannotTrace"
+# What Grafana puts in for its variables when a user picks this trace and all nodes.
+RATE_INTERVAL, RANGE = "1m", "5m"
+
+# The cluster fixtures of test_e2e.py (assigned, so pytest finds them here too).
+installed = e2e.installed
+agent_state = e2e.agent_state
+reference = e2e.reference
+objects = e2e.objects
+pods = e2e.pods
+traces = e2e.traces
+
+
+@pytest.fixture(scope="module")
+def operator_http(installed, node_simulator, agent_state):
+    """The operator as in test_e2e.py, with /metrics served on a free port."""
+    settings = Settings(
+        namespace=e2e.SYSTEM_NS, agent_service_account=e2e.AGENT_SA, agent_command=(str(agent_state / "agent"),),
+        sync_interval=1.0, metrics_port=free_port(), kubeconfig=str(installed.kubeconfig),
+        max_writes_per_second=e2e.WRITES_PER_SECOND,
+    )
+    op = EmbeddedOperator(settings).start()
+    yield settings
+    op.stop()
+
+
+def shipped_rules_with_short_for(tmp_path: Path) -> Path:
+    """The shipped rules with only `for:` shortened (the sole difference: checked here)."""
+    shipped = yaml.safe_load(RULES.read_text())
+    copy = json.loads(json.dumps(shipped))
+    for group in copy["groups"]:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = FOR
+    strip = lambda doc: [{k: v for k, v in r.items() if k != "for"} for g in doc["groups"] for r in g["rules"]]  # noqa: E731
+    assert strip(copy) == strip(shipped)
+    pod_rule, = [r for g in shipped["groups"] for r in g["rules"] if r["alert"] == POD_ALERT]
+    assert pod_rule["expr"].rstrip().endswith(f"> {THRESHOLD:g}"), pod_rule["expr"]
+    path = tmp_path / "retransmit-rules-test.yaml"
+    path.write_text(yaml.safe_dump(copy, sort_keys=False))
+    return path
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel or variable, PromQL) for every target and query variable of the dashboard."""
+    dash = json.loads(DASHBOARD.read_text())
+    found = [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+    found += [(f"variable {v['name']}", v["query"]["query"]) for v in dash["templating"]["list"] if v["type"] == "query"]
+    return found
+
+
+def grafana_substitute(expr: str, trace: str) -> str:
+    return (expr.replace("$__rate_interval", RATE_INTERVAL).replace("$__range", RANGE)
+            .replace("$trace", trace).replace("$node", ".*"))
+
+
+class AlertLog:
+    """Polls /api/v1/alerts in the background and records each alert's state changes, for
+    the report (what the test asserts is read from Prometheus directly)."""
+
+    def __init__(self, prom: Prometheus) -> None:
+        self.prom = prom
+        self.states: dict[tuple, list[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                alerts = self.prom.alerts()
+            except Exception:  # noqa: BLE001 - recorded only; the assertions query again
+                alerts = None
+            if alerts is not None:
+                for a in alerts:
+                    key = (a["labels"]["alertname"], tuple(sorted((k, v) for k, v in a["labels"].items()
+                                                                  if k in ("node", "namespace", "pod"))))
+                    seen = self.states.setdefault(key, ["inactive"])
+                    if seen[-1] != a["state"]:
+                        seen.append(a["state"])
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> "AlertLog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def alerts_of(prom: Prometheus, name: str, trace: str) -> list[dict]:
+    return [a for a in prom.alerts() if a["labels"]["alertname"] == name and a["labels"].get("trace") == trace]
+
+
+def rule_group_evaluated_after(prom: Prometheus, moment: float) -> bool:
+    group = next(g for g in prom.rules() if g["name"] == "retransmit-operator")
+    # RFC 3339 with nanoseconds: keep microseconds for fromisoformat.
+    stamp = re.sub(r"(\.\d{6})\d*", r"\1", group["lastEvaluation"]).replace("Z", "+00:00")
+    return datetime.fromisoformat(stamp).timestamp() > moment
+
+
+def agent_targets(core: Any, trace: str, settings: Settings) -> dict[str, str]:
+    """node -> host:port of the trace's agent there (its pod IP: a node address)."""
+    selector = ",".join(f"{k}={v}" for k, v in selector_labels(trace).items())
+    port = agent_metrics_port(trace, settings)
+
+    def ready():
+        found = {p.spec.node_name: f"{p.status.pod_ip}:{port}"
+                 for p in core.list_namespaced_pod(e2e.SYSTEM_NS, label_selector=selector).items
+                 if p.status.pod_ip and p.status.phase == "Running"}
+        return found if set(found) == {e2e.NODE_A, e2e.NODE_B} else None
+    return wait_until(ready, f"agent pods of {trace} running on both nodes", timeout=120)
+
+
+def test_promtool_accepts_the_shipped_rule_file():
+    done = promtool("check", "rules", str(RULES))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboard_query_returns_data(
+        operator_http, reference, pods, traces, agent_state, core, tmp_path):
+    rules = shipped_rules_with_short_for(tmp_path)
+    checked = promtool("check", "rules", str(rules))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    marker = agent_state / f"broken-{e2e.NODE_B}"
+    marker.touch()
+    try:
+        trace = traces(namespaces=[pods.namespace])
+        agents = agent_targets(core, trace.name, operator_http)
+        jobs = {"retransmit-agents": sorted(agents.values()),
+                "retransmit-operator": [f"127.0.0.1:{operator_http.metrics_port}"]}
+        with Prometheus(tmp_path / "prometheus", jobs, rule_files=[rules]) as prom, AlertLog(prom) as log:
+            wait_until(lambda: set(prom.targets_up().values()) == {"up"} and len(prom.targets_up()) == 3,
+                       "Prometheus to scrape both agents and the operator", timeout=120)
+            t = trace.name
+            wait_until(lambda: prom.query(f'rtrace_program_attached{{trace="{t}", node="{e2e.NODE_A}"}} == 1'),
+                       "node-a's agent attached, as scraped", timeout=180)
+            wait_until(lambda: prom.query(f'rtrace_agent_failed{{trace="{t}", node="{e2e.NODE_B}"}} == 1'),
+                       "node-b's agent reporting it cannot trace, as scraped", timeout=180)
+            marker.unlink()
+
+            # Without loss: a rule evaluation that saw both agents up finds no pod to alert on.
+            seen_up = time.time()
+            wait_until(lambda: rule_group_evaluated_after(prom, seen_up), "a rule evaluation after the scrape")
+            assert alerts_of(prom, POD_ALERT, t) == []
+            # ... while the agent that cannot trace is alerted on, alone.
+            broken = wait_until(lambda: [a for a in alerts_of(prom, AGENT_ALERT, t) if a["state"] == "firing"],
+                                f"{AGENT_ALERT} firing for node-b")
+            assert {a["labels"]["node"] for a in alerts_of(prom, AGENT_ALERT, t)} == {e2e.NODE_B}
+            assert {a["labels"]["node"] for a in broken} == {e2e.NODE_B}
+
+            # Under loss, until the pods' 5-minute average passes the shipped threshold.
+            before = reference.read()
+
+            def firing():
+                return [a for a in alerts_of(prom, POD_ALERT, t) if a["state"] == "firing"]
+            rounds = 0
+            while not firing() and rounds < 12:
+                pods.lossy_bulk(loss=10, connections=3, nbytes=2 << 20)
+                rounds += 1
+            try:
+                fired = wait_until(firing, f"{POD_ALERT} firing after {rounds} lossy rounds", timeout=120)
+            except TimeoutError as e:
+                rates = prom.query(f'sum by (namespace, pod) (rate(rtrace_retransmits_total{{trace="{t}"}}[5m]))')
+                counts = prom.query(f'rtrace_retransmits_total{{trace="{t}"}}')
+                raise AssertionError(f"{e}: per-pod rates {rates}, counters {counts}, "
+                                     f"alerts {alerts_of(prom, POD_ALERT, t)}") from None
+            assert {a["labels"]["namespace"] for a in fired} == {pods.namespace}
+            assert {a["labels"]["pod"] for a in fired} <= {"server", "client"}
+            assert all(float(a["value"]) > THRESHOLD for a in fired)
+
+            # What Prometheus scraped is the agents' exact count (reference counter).
+            want = e2e.expected(reference.read(), set(pods.server_ips + pods.client_ips), before)
+            want_r, _ = e2e.totals(want)
+            assert want_r > 0
+
+            def scraped(expr: str) -> float:
+                result = prom.query(expr)
+                return float(result[0]["value"][1]) if result else -1.0
+            wait_until(lambda: scraped(f'sum(rtrace_node_retransmits_total{{trace="{t}"}})') == want_r,
+                       f"Prometheus to hold node-a's total of {want_r} retransmits", timeout=60)
+            wait_until(lambda: scraped(f'sum(rtrace_retransmits_total{{trace="{t}", namespace="{pods.namespace}"}})') == want_r,
+                       f"Prometheus to hold the pods' total of {want_r} retransmits", timeout=60)
+            # Bounded labels: the server's clients' ports are one value, not one per flow.
+            ports = {s["metric"].get("remote_port") for s in prom.query(f'rtrace_retransmits_total{{trace="{t}"}}')}
+            assert ports <= {"5201", "5202", "ephemeral"}, ports
+
+            # Every dashboard query parses and returns data.
+            queries = dashboard_queries()
+            empty = []
+            for title, expr in queries:
+                label_values = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", expr)
+                promql = grafana_substitute(label_values.group(1) if label_values else expr, t)
+                result = prom.query(promql)  # raises on a parse error, naming the query
+                if label_values:
+                    result = [s for s in result if s["metric"].get(label_values.group(2))]
+                if not result:
+                    empty.append((title, promql))
+            assert empty == [], f"dashboard queries without data: {empty}"
+            print(f"\n{len(queries)} dashboard queries returned data; {rounds} lossy round(s); alert states:")
+            for key, states in sorted(log.states.items()):
+                print(f"  {key[0]} {dict(key[1])}: {' -> '.join(states)}")
+    finally:
+        if marker.exists():
+            marker.unlink()

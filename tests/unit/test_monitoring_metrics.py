@@ -1,0 +1,104 @@
+"""The chart's dashboard and rules use only series the code exports, with labels it sets.
+
+The names come from the real collectors (the agent's AgentCollector over a filled
+AgentState, the operator's registry), so a renamed metric or label fails here before a
+Grafana panel goes blank. tests/cluster/test_prometheus.py runs the queries for real.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from retransmit_agent.metrics import AgentCollector, AgentState
+from retransmit_operator.metrics import RECONCILE_RESULTS, RECONCILE_TRIGGERS, OperatorMetrics
+
+pytestmark = pytest.mark.unit
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "retransmit-operator"
+# Labels Prometheus adds itself (scrape target, histogram buckets).
+PROMETHEUS_LABELS = {"job", "instance", "le"}
+
+
+def exported() -> dict[str, set[str]]:
+    """Sample name -> label names, from the agent's and the operator's real exporters."""
+    state = AgentState(trace="t", node="n")
+    state.publish_counts(3, 1, 0, {("ns", "web", "443"): 3}, by_state={"ESTABLISHED": 3, "SYN_RECV": 1})
+    state.selected_ips = 2
+    agent = CollectorRegistry()
+    agent.register(AgentCollector(state))
+    operator = OperatorMetrics()
+    operator.reconcile_seconds.observe(0.1)
+    operator.api_requests.labels(operation="apply", code="200").inc()
+    operator.events.labels(reason="Created").inc()
+    operator.set_traces({"Running": 1})
+    names: dict[str, set[str]] = {}
+    for registry in (agent, operator.registry):
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            for sample in family.samples:
+                names.setdefault(sample.name, set()).update(sample.labels)
+    return names
+
+
+def dashboard_expressions() -> list[str]:
+    dash = json.loads((CHART / "dashboards" / "retransmits.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"]["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    return exprs
+
+
+def rule_expressions() -> list[str]:
+    rules = yaml.safe_load((CHART / "rules" / "retransmit-rules.yaml").read_text())
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+def used(expr: str) -> dict[str, set[str]]:
+    """Metric name -> label names in its selector, and labels in by (...) clauses (under '*')."""
+    found: dict[str, set[str]] = {}
+    for name, selector in re.findall(r"\b(rtrace_\w+)(?:\{([^}]*)\})?", expr):
+        found.setdefault(name, set()).update(re.findall(r"(\w+)\s*(?:=~|!=|!~|=)", selector or ""))
+    for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+        found.setdefault("*", set()).update(x.strip() for x in group.split(","))
+    return found
+
+
+@pytest.mark.parametrize("source", ["dashboard", "rules"])
+def test_every_series_and_label_used_is_one_the_code_exports(source):
+    names = exported()
+    all_labels = set().union(*names.values()) | PROMETHEUS_LABELS
+    exprs = dashboard_expressions() if source == "dashboard" else rule_expressions()
+    assert exprs
+    for expr in exprs:
+        for metric, labels in used(expr).items():
+            if metric == "*":
+                assert labels <= all_labels, (expr, labels - all_labels)
+                continue
+            assert metric in names, f"{expr}: {metric} is exported by no code"
+            assert labels <= names[metric] | PROMETHEUS_LABELS, (expr, labels - names[metric])
+
+
+def test_dashboard_covers_what_the_issue_asks_for():
+    text = " ".join(dashboard_expressions())
+    for metric in ("rtrace_node_retransmits_total", "rtrace_retransmits_total", "rtrace_node_retransmits_by_state_total",
+                   "rtrace_node_synack_retransmits_total", "rtrace_lost_events_total", "rtrace_missed_events_total",
+                   "rtrace_program_attached", "rtrace_agent_failed", "rtrace_operator_reconciles_total"):
+        assert metric in text, metric
+
+
+def test_no_label_of_an_exported_series_names_a_flow_or_an_address():
+    """Cardinality: a pod, a node, a remote port, a TCP state; never an address or a local port."""
+    labels = set().union(*exported().values())
+    assert labels <= {"trace", "node", "namespace", "pod", "remote_port", "state",
+                      "trigger", "result", "reason", "phase", "operation", "code", "le"}
+
+
+def test_every_reconcile_outcome_exists_at_zero_before_the_first_pass():
+    """So the dashboard's and the rules' error rates read 0, not 'no data', on a healthy operator."""
+    families = text_string_to_metric_families(generate_latest(OperatorMetrics().registry).decode())
+    reconciles = {(s.labels["trigger"], s.labels["result"]): s.value for f in families for s in f.samples
+                  if s.name == "rtrace_operator_reconciles_total"}
+    assert reconciles == {(t, r): 0 for t in RECONCILE_TRIGGERS for r in RECONCILE_RESULTS}
