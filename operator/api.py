@@ -227,7 +227,7 @@ class Events(ApiModel):
     """Per-event samples: rate-limited in the kernel, the most recent kept in status."""
 
     max_per_second: int = Field(100, ge=0, le=10000, description="Samples per second per node sent to user space (0 disables samples); drops are counted in lostEvents.")
-    keep: int = Field(20, ge=0, le=100, description="How many recent samples each node keeps in status.nodes[].recentEvents.")
+    keep: int = Field(20, ge=0, le=100, description="How many recent samples each node keeps in its report (RetransmitNodeReport spec.recentEvents).")
 
 
 class RetransmitTraceSpec(ApiModel):
@@ -376,6 +376,10 @@ class NodeStatus(ApiModel):
     message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
 
 
+MAX_NODE_ROWS = 500   # rows in status.nodes[]: at 5,000 nodes the trace stays far below 512 KiB
+MAX_ROW_MESSAGE = 200  # characters of a row's message; the report holds the whole message
+
+
 class Summary(ApiModel):
     """The cluster-wide answer, aggregated by the operator from status.nodes[]."""
 
@@ -385,7 +389,7 @@ class Summary(ApiModel):
     missed_events: int = Field(0, ge=0, description="Tracepoint hits the kernel did not run the program for on all nodes (another BPF program was running on that CPU: recursion protection); the true counts may be higher by up to this much.")
     nodes_desired: int = Field(0, ge=0, description="Agents the DaemonSet wants.")
     nodes_reporting: int = Field(0, ge=0, description="Nodes whose agent reports counts: reports in phase Running written within the heartbeat bound (at completion: every report that counted).")
-    nodes_not_listed: int = Field(0, ge=0, description="Nodes with a report that status.nodes[] leaves out to stay small (it lists at most MAX_NODE_ROWS, problems first, then the busiest); their reports hold everything.")
+    nodes_not_listed: int = Field(0, ge=0, description=f"Nodes with a report that status.nodes[] leaves out to stay small (it lists at most {MAX_NODE_ROWS}, problems first, then the busiest); their reports hold everything.")
     nodes: Optional[str] = Field(None, description="nodesReporting/nodesDesired, e.g. '2/3': the Nodes column of kubectl get.")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows cluster-wide (at most spec.topFlows), each with its node; remote pods attributed from the operator's pod index.")
     top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods), busiest first, at most spec.topFlows.")
@@ -401,10 +405,6 @@ class Condition(ApiModel):
     message: str = Field("", description="What it means and, when something is wrong, how to fix it.")
     last_transition_time: datetime = Field(description="When status last changed.")
     observed_generation: Optional[int] = Field(None, description="metadata.generation the condition was computed for.")
-
-
-MAX_NODE_ROWS = 500   # rows in status.nodes[]: at 5,000 nodes the trace stays far below 512 KiB
-MAX_ROW_MESSAGE = 200  # characters of a row's message; the report holds the whole message
 
 
 class NodeRow(ApiModel):
