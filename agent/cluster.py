@@ -1,16 +1,17 @@
-"""`retransmit-agent cluster`: the DaemonSet agent that writes this node's entry into a trace's status.
+"""`retransmit-agent cluster`: the DaemonSet agent that writes this node's RetransmitNodeReport.
 
 One agent per node and trace. It attaches the kernel program with the trace's filters,
-keeps the local-IP filter current from a watch on its node's pods, and every report
-interval server-side-applies status.nodes[<node>] (field manager rtrace-agent/<node>,
-force) when the entry changed. Counts survive everything that can happen to a pod:
-- restart (crash, kill -9, rollout): it reads its own last entry first and adds to it;
+keeps the local-IP filter current from a watch on its node's pods, creates its report
+<trace>.<node> in its own namespace (owned by the trace), and every report interval
+server-side-applies it (field manager rtrace-agent/<node>, force) when it changed, and at least every few intervals even when it did not (the
+heartbeat of retransmit_operator.heartbeat, which the operator's staleness bound reads). Counts survive everything that can happen to a pod:
+- restart (crash, kill -9, rollout): it reads its own report first and adds to it;
 - SIGTERM (trace completed or deleted, node drained): it writes a final report before exit;
 - API server away: the kernel keeps counting; writes retry with capped jittered backoff and
   the next successful write carries the full cumulative totals.
 
 Kernel problems (tracefs not mounted, tracepoint missing, BPF not permitted) make the
-entry `phase: Failed` with the problem's one-line fix; the agent stays up and healthy
+report `phase: Failed` with the problem's one-line fix; the agent stays up and healthy
 (liveness ok, readiness false) instead of crash-looping. It does not retry opening the
 program: none of these problems heals while the pod runs (a new mount is not propagated
 into the pod's hostPath, a security context changes only with a new pod). The message
@@ -32,7 +33,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
 from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent
-from retransmit_operator.contract import ENV_NODE_NAME, ENV_POD_IP, AgentInvocation
+from retransmit_operator.contract import ENV_NODE_NAME, ENV_POD_IP, ENV_POD_NAMESPACE, AgentInvocation
+from retransmit_operator.heartbeat import must_write
 
 from .attribution import Owner, PodIndex, PodSelection, PodWatcher, attribute, node_addresses
 from .metrics import AgentState, MetricsServer
@@ -41,21 +43,17 @@ from .reporter import (
     Baseline,
     FlowKey,
     PodKey,
-    StatusWriter,
+    ReportTarget,
+    ReportWriter,
     backoff_delay,
     cumulative_entry,
     cumulative_pods,
-    entry_budget_bytes,
     entry_changed,
-    find_entry,
-    fit_entry,
     jittered,
     merge_flows,
-    nodes_desired,
-    object_size,
     pod_totals,
     ranked_pods,
-    report_interval,
+    read_entry,
 )
 
 log = logging.getLogger("retransmit_agent.cluster")
@@ -103,11 +101,11 @@ def _with_owner(endpoint: Endpoint, owner: Optional[Owner]) -> Endpoint:
 class ClusterAgent:
     """The report loop. `stop()` (from SIGTERM) makes `run()` flush a final report and return."""
 
-    def __init__(self, inv: AgentInvocation, node: str, client: Any) -> None:
+    def __init__(self, inv: AgentInvocation, node: str, namespace: str, client: Any) -> None:
         self.inv = inv
         self.spec = inv.spec
         self.node = node
-        self.writer = StatusWriter(client, inv.trace, node)
+        self.writer = ReportWriter(client, ReportTarget(inv.trace, inv.trace_uid, node, namespace))
         self._client = client
         self.stop_event = threading.Event()
         self.state = AgentState(trace=inv.trace, node=node)
@@ -118,9 +116,8 @@ class ClusterAgent:
         self.problem: Optional[str] = None
         self.baseline: Optional[Baseline] = None
         self.last_written: Optional[NodeStatus] = None
+        self.last_write_at: Optional[float] = None  # time.monotonic() of the last stored write
         self.pod_counts: dict[PodKey, int] = {}  # every local pod's count so far (see cumulative_pods)
-        self.nodes_desired = 0
-        self.object_bytes = 0  # the trace's size as last seen: larger objects get fewer writes
         self.events: deque[RecentEvent] = deque(maxlen=max(1, self.spec.events.keep))
         self._watcher: Optional[PodWatcher] = None
         self._metrics: Optional[MetricsServer] = None
@@ -215,22 +212,27 @@ class ClusterAgent:
             self.state.selected_ips = None if ips is None else len(ips)
 
     def _read_baseline(self) -> None:
-        """What this node already reported. Without it no write happens: it could lower counts."""
+        """What this node already reported, from its own report (created here when there is
+        none yet). Without it no write happens: it could lower counts."""
         attempt = 0
         while not self.stop_event.is_set():
             try:
-                trace = self.writer.read_trace()
+                stored = self.writer.read()
+                if stored is None:
+                    # Created empty: what it holds becomes the baseline, and counts so far
+                    # are this agent's own (adding them here would count them twice).
+                    stored = self.writer.create(NodeStatus(
+                        node=self.node, phase=Phase.PENDING, kernel=self._kernel_release,
+                        agent_version=self._version, last_report_time=datetime.now(timezone.utc)))
             except ApiError as exc:
                 delay = backoff_delay(attempt)
                 attempt += 1
-                log.warning("reading trace %s failed (%s); retrying in %.1fs", self.inv.trace, exc, delay)
+                log.warning("reading report %s failed (%s); retrying in %.1fs", self.writer.target.name, exc, delay)
                 self._count_errors()
                 self._wait(delay)
                 continue
-            previous = find_entry(trace, self.node)
+            previous = read_entry(stored, self.node)
             self.baseline = Baseline.from_entry(previous)
-            self.nodes_desired = nodes_desired(trace)
-            self.object_bytes = object_size(trace)
             if previous is not None and not self.baseline.empty:
                 log.info("resuming node %s from %d retransmits, %d SYN-ACK retransmits",
                          self.node, previous.retransmits, previous.synack_retransmits)
@@ -262,11 +264,10 @@ class ClusterAgent:
             self.stop_event.wait(min(TICK, left))
 
     def _interval(self) -> float:
-        interval = report_interval(self.spec.report_interval_seconds, self.nodes_desired,
-                                   self.inv.max_writes_per_second, self.object_bytes)
+        interval = self.spec.report_interval_seconds
         with self.state.lock:
             self.state.interval = interval
-        # The liveness bound follows the stretched interval plus the longest backoff.
+        # The liveness bound follows the interval plus the longest backoff.
         self.state.liveness_bound = max(120.0, 3 * interval)
         return interval
 
@@ -340,7 +341,7 @@ class ClusterAgent:
             "top_pods": ranked_pods(self.pod_counts, self.node, top_n),
             "recent_events": [self._attributed_event(e, table) for e in entry.recent_events],
         })
-        return fit_entry(attributed, entry_budget_bytes(self.nodes_desired))
+        return attributed
 
     def _owner_lookup(self, table: dict) -> Callable[[str], Optional[Owner]]:
         """attribute() for this report's table, memoized: the kernel map holds many flows but
@@ -395,31 +396,30 @@ class ClusterAgent:
         with self._lock:
             self.index.set_node_addresses(addresses)
         entry = self.build_entry()
-        if self.last_written is not None and not entry_changed(self.last_written, entry):
+        since = None if self.last_write_at is None else time.monotonic() - self.last_write_at
+        if not must_write(entry_changed(self.last_written, entry), since, self._interval()):
             return True
         try:
-            stored = self.writer.apply(entry)
+            self.writer.apply(entry)
         except ApiError as exc:
             self._count_errors()
-            log.warning("writing node %s of trace %s failed: %s", self.node, self.inv.trace, exc)
+            log.warning("writing report %s failed: %s", self.writer.target.name, exc)
             return False
         self.last_written = entry
-        self.nodes_desired = nodes_desired(stored) or self.nodes_desired
-        self.object_bytes = object_size(stored)
+        self.last_write_at = time.monotonic()
         with self.state.lock:
             self.state.reports += 1
         return True
 
     def _final_report(self) -> None:
-        """SIGTERM: everything counted so far goes into the status before the pod ends."""
+        """SIGTERM: everything counted so far goes into the report before the pod ends."""
         deadline = time.monotonic() + FINAL_REPORT_BUDGET
         if self.baseline is None:
-            # Never got the earlier entry: one last try, else writing could lower the counts.
+            # Never got the earlier report: one last try, else writing could lower the counts.
             try:
-                trace = self.writer.read_trace()
-                self.baseline = Baseline.from_entry(find_entry(trace, self.node))
+                self.baseline = Baseline.from_entry(read_entry(self.writer.read(), self.node))
             except ApiError as exc:
-                log.error("final report skipped: earlier entry unreadable (%s)", exc)
+                log.error("final report skipped: earlier report unreadable (%s)", exc)
                 return
         self._drain()
         attempt = 0
@@ -451,7 +451,13 @@ def run(invocation: AgentInvocation) -> int:
         print(f"retransmit-agent cluster: no Kubernetes credentials ({exc}): run inside a pod "
               f"with a service account, or set KUBECONFIG", file=sys.stderr)
         return 2
-    agent = ClusterAgent(invocation, node, client)
+    namespace = os.environ.get(ENV_POD_NAMESPACE, "")
+    if not namespace:
+        print(f"retransmit-agent cluster: environment variable {ENV_POD_NAMESPACE} is not set: "
+              f"set it from the downward API (fieldRef metadata.namespace), as the operator's DaemonSet does",
+              file=sys.stderr)
+        return 2
+    agent = ClusterAgent(invocation, node, namespace, client)
 
     def _on_signal(signum: int, _frame: Any) -> None:
         log.info("signal %d: writing a final report, then exiting", signum)

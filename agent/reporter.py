@@ -1,33 +1,23 @@
-"""Writing one node's entry into a RetransmitTrace's status, without ever losing counts.
+"""Writing one node's RetransmitNodeReport for one trace, without ever losing counts.
 
 The pure parts decide what to write and when:
-- `Baseline` is what an earlier agent on this node already reported (read back from
-  status.nodes[] at start-up); `merge_snapshot` adds it to the kernel's fresh counts, so a
-  restarted agent continues instead of starting over and counts never go backwards.
-- `report_interval` stretches the interval so one trace sees at most `max_writes_per_second`
-  status writes across all its nodes; `backoff_delay` spaces out retries (capped, jittered).
+- `Baseline` is what an earlier agent on this node already reported (read back from its own
+  report at start-up); `cumulative_entry` adds it to the kernel's fresh counts, so a
+  restarted agent continues instead of starting over and counts never go backwards. The
+  report is never trimmed, so the baseline is exact.
+- `backoff_delay` spaces out retries (capped, jittered); `jittered` spreads the intervals.
 - `pod_totals` / `cumulative_pods` / `ranked_pods` give each local pod's retransmits over
   every flow in the kernel map (not only the top flows), resumed like the totals.
-- `fit_entry` keeps the entry inside its share of the object (etcd's 1.5 MiB limit): on
-  big clusters nodes keep fewer samples, flows and pods, never fewer counts.
-- `entry_changed` skips writes that would change nothing but the timestamp.
-- `apply_body` is the server-side-apply document that carries only this node's entry.
+- `entry_changed` says whether a write would change more than the timestamp; the heartbeat
+  (retransmit_operator.heartbeat.must_write) writes anyway every few intervals.
 
-`StatusWriter` is the thin I/O edge: read the trace, apply the entry to the /status
-subresource with field manager `rtrace-agent/<node>` and force, nothing else.
-
-Write budget and the cluster size it allows: with the default 5 writes/s per trace and the
-default reportInterval of 10s, up to 50 nodes report every 10s; beyond that each agent
-stretches its interval to nodesDesired / 5 s. Writes to an object larger than
-BUDGET_OBJECT_BYTES (160 KiB) cost more, so the rate drops in proportion: a trace on 1,000
-nodes (about 0.85 MB) sees about 0.9 writes/s, one write per node every ~18 minutes. The
-API server's load per trace is then bounded whatever the cluster size; the price is
-staler node entries on big clusters.
+`ReportWriter` is the thin I/O edge: read this node's report, create it, server-side apply
+it with field manager `rtrace-agent/<node>` and force, nothing else. A report is a few KB,
+so one write costs the API server the same at 10 nodes and at 5,000.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -35,10 +25,8 @@ from datetime import datetime
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from retransmit_operator.api import (
-    API_VERSION,
     GROUP,
-    KIND,
-    PLURAL,
+    REPORT_PLURAL,
     VERSION,
     Flow,
     NodeStatus,
@@ -46,6 +34,8 @@ from retransmit_operator.api import (
     RecentEvent,
     to_api,
 )
+from retransmit_operator.heartbeat import INTERVAL_JITTER, WRITE_TIMEOUT_SECONDS
+from retransmit_operator.reports import report_name, report_object
 
 log = logging.getLogger(__name__)
 
@@ -59,32 +49,6 @@ def field_manager(node: str) -> str:
 
 # ---------------------------------------------------------------- when to write
 
-# A status write costs the API server in proportion to the object it rewrites (decode, merge
-# managedFields, encode, store): bench/ measured 0.13 CPU-s per write on a 190 KB trace and
-# 0.5-1 CPU-s on a 0.9 MB one, where 5 writes/s saturated a 2-core API server. So the
-# budget is maxWritesPerSecond writes of an object up to BUDGET_OBJECT_BYTES; a larger
-# object gets proportionally fewer writes (the same bytes per second).
-BUDGET_OBJECT_BYTES = 160 * 1024
-
-
-def report_interval(spec_interval: float, nodes_desired: int, max_writes_per_second: float,
-                    object_bytes: int = 0) -> float:
-    """The per-trace write budget: max(reportInterval, nodesDesired / writes per second),
-    where writes per second is maxWritesPerSecond, scaled down for objects larger than
-    BUDGET_OBJECT_BYTES (object_bytes: the trace's size as last seen; 0 = unknown)."""
-    if max_writes_per_second <= 0:
-        return spec_interval
-    writes_per_second = max_writes_per_second
-    if object_bytes > BUDGET_OBJECT_BYTES:
-        writes_per_second *= BUDGET_OBJECT_BYTES / object_bytes
-    return max(spec_interval, nodes_desired / writes_per_second)
-
-
-def object_size(trace: Mapping[str, Any]) -> int:
-    """Bytes of the trace object as the API server returned it (compact JSON)."""
-    return len(json.dumps(trace, separators=(",", ":"), default=str))
-
-
 def backoff_delay(
     attempt: int, base: float = 1.0, cap: float = 30.0, rng: Callable[[], float] = random.random
 ) -> float:
@@ -97,8 +61,8 @@ def backoff_delay(
     return step / 2 + rng() * step / 2
 
 
-def jittered(interval: float, rng: Callable[[], float] = random.random, spread: float = 0.1) -> float:
-    """The interval +-10%, so agents started together do not write in lock-step."""
+def jittered(interval: float, rng: Callable[[], float] = random.random, spread: float = INTERVAL_JITTER) -> float:
+    """The interval +-INTERVAL_JITTER, so agents started together do not write in lock-step."""
     return interval * (1 - spread + 2 * spread * rng())
 
 
@@ -161,7 +125,7 @@ class Baseline:
             by_state=dict(entry.by_state),
             top_flows={FlowKey.of_flow(f): f for f in entry.top_flows},
             recent_events=tuple(entry.recent_events),
-            top_pods=_baseline_pods(entry),
+            top_pods={(p.namespace, p.pod): p.retransmits for p in entry.top_pods},
         )
 
     @property
@@ -174,38 +138,16 @@ class Baseline:
         )
 
 
-def _baseline_pods(entry: NodeStatus) -> dict[PodKey, int]:
-    """Per-pod counts an earlier agent reported: its topPods; for an agent that predates
-    topPods, the local pods of its top flows (a lower bound, the best the entry holds)."""
-    if entry.top_pods is not None:
-        return {(p.namespace, p.pod): p.retransmits for p in entry.top_pods}
-    counts: dict[PodKey, int] = {}
-    for flow in entry.top_flows:
-        if flow.local.pod and flow.local.namespace:
-            key = (flow.local.namespace, flow.local.pod)
-            counts[key] = counts.get(key, 0) + flow.retransmits + flow.synack_retransmits
-    return counts
-
-
-def find_entry(trace: Mapping[str, Any], node: str) -> Optional[NodeStatus]:
-    """This node's entry in a RetransmitTrace object (JSON dict), or None."""
-    for raw in ((trace.get("status") or {}).get("nodes") or []):
-        if raw.get("node") == node:
-            try:
-                return NodeStatus.model_validate(raw)
-            except ValueError as exc:
-                log.warning("ignoring unreadable entry for node %s: %s", node, exc)
-                return None
-    return None
-
-
-def nodes_desired(trace: Mapping[str, Any]) -> int:
-    """status.summary.nodesDesired as the operator wrote it (0 when not yet known)."""
-    summary = (trace.get("status") or {}).get("summary") or {}
+def read_entry(report: Optional[Mapping[str, Any]], node: str) -> Optional[NodeStatus]:
+    """This node's entry in its report object (JSON dict), or None (no report, or unreadable)."""
+    raw = (report or {}).get("spec")
+    if not raw or raw.get("node") != node:
+        return None
     try:
-        return max(0, int(summary.get("nodesDesired") or 0))
-    except (TypeError, ValueError):
-        return 0
+        return NodeStatus.model_validate(raw)
+    except ValueError as exc:
+        log.warning("ignoring unreadable report of node %s: %s", node, exc)
+        return None
 
 
 def _max_time(a: Optional[datetime], b: Optional[datetime]) -> Optional[datetime]:
@@ -303,54 +245,6 @@ def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int) -> list[Pod
     return [PodCount(namespace=ns, pod=pod, node=node, retransmits=n) for (ns, pod), n in ordered]
 
 
-# etcd refuses objects over 1.5 MiB, and every write rewrites the whole object (see
-# BUDGET_OBJECT_BYTES): the node entries share 256 KiB of the trace, split evenly. Up to
-# about 20 nodes that is every flow and sample the spec asks for; at 100 nodes counts, top
-# pods and the busiest flows; from about 400 nodes counts only (the floor: at 1,000 nodes
-# the object is about 0.9 MB, still well under etcd's limit).
-NODES_STATUS_BUDGET_BYTES = 256 * 1024
-
-
-# Each agent is its own field manager, so the object also carries one metadata.managedFields
-# record per node listing the fields of its entry: measured at about 510 bytes per node
-# (bench/, 1,000 nodes), more with long node names. It counts against the same budget.
-MANAGED_FIELDS_BYTES_PER_NODE = 640
-
-
-def entry_budget_bytes(nodes_desired: int, budget: int = NODES_STATUS_BUDGET_BYTES) -> int:
-    """This node's share of the status: the whole budget over the nodes the trace runs on,
-    less what its field manager's record takes."""
-    return budget // max(1, nodes_desired) - MANAGED_FIELDS_BYTES_PER_NODE
-
-
-def entry_size(entry: NodeStatus) -> int:
-    """Bytes the entry takes in the stored object (compact JSON, as etcd holds it)."""
-    return len(json.dumps(to_api(entry), separators=(",", ":")))
-
-
-def fit_entry(entry: NodeStatus, budget_bytes: int) -> NodeStatus:
-    """The entry trimmed to `budget_bytes`: recent events go first (oldest first), then the
-    least busy flows and pods, one of each in turn. Counts, byState and phase always stay:
-    they are what the summary adds up, so a big cluster loses detail, never totals.
-
-    Flows and pods shrink together because the summary needs both: flows answer "which
-    connections", pods are the exact per-pod totals the summary's topPods adds up (and what
-    a restarted agent resumes pod counts from). Where they are equally many, the flow goes
-    first: it is three times a pod's size."""
-    events, flows, pods = list(entry.recent_events), list(entry.top_flows), list(entry.top_pods or [])
-    trimmed = entry
-    while entry_size(trimmed) > budget_bytes and (events or flows or pods):
-        if events:
-            events.pop()
-        elif flows and len(flows) >= len(pods):
-            flows.pop()
-        else:
-            pods.pop()
-        trimmed = entry.model_copy(update={"recent_events": events, "top_flows": flows,
-                                           "top_pods": pods if entry.top_pods is not None else None})
-    return trimmed
-
-
 def _busiest_first(flow: Flow) -> tuple:
     last = flow.last_seen.timestamp() if flow.last_seen else 0.0
     return (-(flow.retransmits + flow.synack_retransmits), -last, flow.local.ip, flow.local.port,
@@ -358,16 +252,6 @@ def _busiest_first(flow: Flow) -> tuple:
 
 
 # ---------------------------------------------------------------- the write
-
-def apply_body(trace: str, entry: NodeStatus) -> dict[str, Any]:
-    """The apply document: only this node's entry, so the field manager owns nothing else."""
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {"name": trace},
-        "status": {"nodes": [to_api(entry)]},
-    }
-
 
 class ApiError(Exception):
     """A failed API call, with the HTTP status when there was one (0 = no answer)."""
@@ -377,15 +261,32 @@ class ApiError(Exception):
         self.status = status
 
 
-class StatusWriter:
-    """Reads the trace and applies this node's entry. The only API calls of the reporter."""
+@dataclass(frozen=True)
+class ReportTarget:
+    """Which report this agent writes: its trace (name and uid, for the ownerReference), its
+    node and the namespace reports live in (the agent pod's own)."""
 
-    def __init__(self, api_client: Any, trace: str, node: str, timeout: float = 10.0) -> None:
+    trace: str
+    trace_uid: str
+    node: str
+    namespace: str
+
+    @property
+    def name(self) -> str:
+        return report_name(self.trace, self.node)
+
+    def body(self, entry: NodeStatus) -> dict[str, Any]:
+        return report_object(self.trace, self.trace_uid, self.node, self.namespace, entry)
+
+
+class ReportWriter:
+    """Reads, creates and applies this node's report. The only API calls of the reporter."""
+
+    def __init__(self, api_client: Any, target: ReportTarget, timeout: float = WRITE_TIMEOUT_SECONDS) -> None:
         from kubernetes import client
 
         self._objects = client.CustomObjectsApi(api_client)
-        self.trace = trace
-        self.node = node
+        self.target = target
         self._timeout = timeout
 
     def _call(self, request: Callable[[], Any]) -> dict[str, Any]:
@@ -399,13 +300,37 @@ class StatusWriter:
             raise ApiError(0, f"{type(exc).__name__}: {exc}"[:500]) from None
         return result if isinstance(result, dict) else {}
 
-    def read_trace(self) -> dict[str, Any]:
-        return self._call(lambda: self._objects.get_cluster_custom_object(
-            GROUP, VERSION, PLURAL, self.trace, _request_timeout=self._timeout))
+    def read(self) -> Optional[dict[str, Any]]:
+        """The stored report, or None when there is none yet."""
+        t = self.target
+        try:
+            return self._call(lambda: self._objects.get_namespaced_custom_object(
+                GROUP, VERSION, t.namespace, REPORT_PLURAL, t.name, _request_timeout=self._timeout))
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create(self, entry: NodeStatus) -> dict[str, Any]:
+        """Create the report (labels, owner, first content) and return it; when it exists
+        already (made since it was read), the stored one: it is the baseline."""
+        t = self.target
+        try:
+            return self._call(lambda: self._objects.create_namespaced_custom_object(
+                GROUP, VERSION, t.namespace, REPORT_PLURAL, t.body(entry),
+                field_manager=field_manager(t.node), _request_timeout=self._timeout))
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        stored = self.read()
+        if stored is None:
+            raise ApiError(409, f"report {t.name} exists and does not: created and deleted meanwhile")
+        return stored
 
     def apply(self, entry: NodeStatus) -> dict[str, Any]:
-        """Server-side apply of status.nodes[<node>]; returns the whole trace as stored."""
-        return self._call(lambda: self._objects.patch_cluster_custom_object_status(
-            GROUP, VERSION, PLURAL, self.trace, apply_body(self.trace, entry),
-            field_manager=field_manager(self.node), force=True,
+        """Server-side apply of the whole report (this agent is its only writer of spec)."""
+        t = self.target
+        return self._call(lambda: self._objects.patch_namespaced_custom_object(
+            GROUP, VERSION, t.namespace, REPORT_PLURAL, t.name, t.body(entry),
+            field_manager=field_manager(t.node), force=True,
             _content_type="application/apply-patch+yaml", _request_timeout=self._timeout))

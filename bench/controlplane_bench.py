@@ -1,25 +1,30 @@
 """Control-plane figures: one trace on a real kube-apiserver + etcd with N simulated nodes
-writing their entries the way the agent does, and the real operator aggregating them.
+each writing its own RetransmitNodeReport the way the agent does, and the real operator
+aggregating them into the trace's status.
 
 - Simulated nodes: bench.synthetic (the agent's report code on synthetic kernel counters),
-  written with the agent's StatusWriter (server-side apply, field manager per node).
+  written with the agent's ReportWriter (create, then server-side apply, field manager per
+  node) on the agent's own schedule: every reportInterval (10 s, jittered) a node writes
+  when its report changed, and at least every heartbeat (retransmit_operator.heartbeat).
+  BUSY_FRACTION of the nodes (every 10th) retransmit between every two reports; the others
+  are quiet and write only heartbeats.
 - The operator: `retransmit-operator` as a subprocess at its default settings (sync every
-  2s, 5 writes/s per trace), admin credentials.
-- For N in 20, 100, 500, 1000 (each node's entry trimmed to its share for N nodes, as the
-  agent does): the nodes not in the object yet write once (one apply per node up to 100
-  nodes, beyond that in bulk with the same managedFields), then for a window the nodes write
-  at the agents' budget: 5 writes/s per trace in total, fewer for objects over 160 KiB
-  (reporter.report_interval: the same bytes per second), round robin. Measured: object
-  size, API server write requests/s and request bytes/s (the API server's own metrics) and
-  CPU, bytes/s stored (object size x accepted writes), and the operator's lag from a node's
+  2 s), admin credentials, one label-selected watch on the reports.
+- For N in 100, 1000, 5000: the reports not there yet are created (16 at a time), then for
+  a window the nodes run their schedule. Measured: write requests/s and request bytes/s to
+  reports and to the trace (the API server's own metrics), API server CPU, the trace
+  object's size, each node's report freshness at the end (now - lastReportTime) and the
+  longest gap between two of a node's writes, and the operator's lag from a busy node's
   write (request sent) to the first summary that includes it (seen on a watch).
 - operator_reconcile_s: `kubectl apply -f trace.yaml` started -> the DaemonSet exists.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -31,6 +36,7 @@ import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,18 +44,19 @@ import yaml
 
 from bench import procstat
 from bench.synthetic import SyntheticNode
-from retransmit_agent.reporter import ApiError, StatusWriter, apply_body, backoff_delay, report_interval
-from retransmit_operator.api import GROUP, PLURAL, VERSION, to_api
-from retransmit_operator.contract import DEFAULT_MAX_WRITES_PER_SECOND
+from retransmit_agent.reporter import ApiError, ReportTarget, ReportWriter, jittered
+from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, to_api
+from retransmit_operator.heartbeat import heartbeat_seconds, must_write
+from retransmit_operator.reports import trace_selector
 from tests.harness.controlplane import ControlPlane, free_port, start_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBECTL = Path(os.environ.get("RTRACE_CACHE") or Path.home() / ".cache" / "retransmit-operator") / "bin" / "kubectl"
 OPERATOR = Path(sys.executable).parent / "retransmit-operator"
 SPEC_REPORT_INTERVAL = 10.0   # spec.reportInterval default
-COUNTS = (20, 100, 500, 1000)  # simulated nodes on one trace
-ONE_BY_ONE = 100               # up to this many nodes, seeding is one apply per node
-MiB = 1 << 20
+COUNTS = (100, 1000, 5000)    # simulated nodes on one trace
+BUSY_FRACTION = 0.1           # nodes whose counts change between every two reports
+WRITERS = 16                  # threads sending the simulated agents' requests
 
 
 # ---------------------------------------------------------------- helpers
@@ -66,28 +73,30 @@ def _ssa(api: Any, body: dict) -> None:
 def install_crd(api: Any) -> None:
     import kubernetes
 
-    _ssa(api, yaml.safe_load((ROOT / "manifests" / "crd.yaml").read_text()))
     ext = kubernetes.client.ApiextensionsV1Api(api)
-    wait_until(lambda: any(c.type == "Established" and c.status == "True"
-                           for c in ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []),
-               "the CRD to be established")
+    for path, plural in (("crd.yaml", PLURAL), ("crd-nodereports.yaml", REPORT_PLURAL)):
+        _ssa(api, yaml.safe_load((ROOT / "manifests" / path).read_text()))
+        wait_until(lambda: any(c.type == "Established" and c.status == "True"
+                               for c in ext.read_custom_resource_definition(f"{plural}.{GROUP}").status.conditions or []),
+                   f"the CRD {plural} to be established")
 
 
-def apiserver_counters(api: Any) -> dict[str, float]:
-    """Write requests to retransmittraces and their body bytes, from the API server's /metrics."""
+def apiserver_counters(api: Any, resource: str) -> dict[str, float]:
+    """Write requests to `resource` and their body bytes, from the API server's /metrics."""
+    # Admin credentials are a client certificate, which the connection pool carries.
     text = api.call_api("GET", api.configuration.host + "/metrics").read().decode()
-    return parse_write_metrics(text)
+    return parse_write_metrics(text, resource)
 
 
 WRITE_VERBS = {"apply", "patch", "update", "create"}
 
 
-def parse_write_metrics(text: str) -> dict[str, float]:
+def parse_write_metrics(text: str, resource: str = PLURAL) -> dict[str, float]:
     """Sum apiserver_request_total and apiserver_request_body_size_bytes_sum over write
-    verbs on retransmittraces (any subresource) from Prometheus text."""
+    verbs on `resource` (any subresource) from Prometheus text."""
     out = {"requests": 0.0, "body_bytes": 0.0}
     for line in text.splitlines():
-        if line.startswith("#") or "retransmittraces" not in line:
+        if line.startswith("#") or not re.search(rf'resource="{resource}(\.{re.escape(GROUP)})?"', line):
             continue
         verb = re.search(r'verb="([A-Za-z]+)"', line)
         if not verb or verb.group(1).lower() not in WRITE_VERBS:
@@ -202,7 +211,7 @@ def object_sizes(obj: dict) -> dict[str, int]:
 
 # ---------------------------------------------------------------- the run
 
-def run(counts=COUNTS, window: float = 30.0, log=print) -> dict:
+def run(counts=COUNTS, window: float = 60.0, log=print) -> dict:
     import kubernetes
 
     results: dict[str, Any] = {"scale": []}
@@ -223,113 +232,26 @@ def run(counts=COUNTS, window: float = 30.0, log=print) -> dict:
             for i in (1, 2):
                 custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, f"bench-{i}")
             apiserver = cp.component("kube-apiserver").proc.pid
-            results.update(scale(admin, custom, apiserver, "bench-0", counts, window, log))
+            results.update(scale(admin, custom, apiserver, "bench-0", namespace, counts, window, log))
         finally:
             operator.stop()
             admin.close()
             if not os.environ.get("RTRACE_KEEP_CLUSTER"):
                 shutil.rmtree(workdir, ignore_errors=True)
-    results["entry_sizes"] = entry_sizes(results.get("managed_fields_bytes_per_node", 0.0))
     return results
 
 
-def entry_sizes(managed_per_node: float) -> list[dict[str, Any]]:
-    """Bytes per node (entry + its managedFields) and the nodes that fit in 1 MiB, by settings."""
-    out = []
-    for top, keep in ((10, 20), (10, 0), (3, 0), (1, 0)):
-        node = SyntheticNode("node-0000", seed=0, top_flows=top, keep_events=keep)
-        entry = len(json.dumps(to_api(node.next_entry()), separators=(",", ":"))) + 1
-        per_node = entry + managed_per_node
-        out.append({"topFlows": top, "events.keep": keep, "entry_bytes": entry,
-                    "bytes_per_node": round(per_node), "nodes_under_1MiB": int(MiB // per_node)})
-    return out
-
-
-def _write(writer: StatusWriter, node: SyntheticNode) -> tuple[bool, int, str, int]:
-    """One agent write; (ok, request body bytes, error, HTTP status)."""
-    entry = node.next_entry()
-    body_bytes = len(json.dumps(apply_body(writer.trace, entry), separators=(",", ":")))
-    try:
-        writer.apply(entry)
-        return True, body_bytes, "", 200
-    except ApiError as e:
-        return False, body_bytes, str(e)[:300], e.status
-
-
-def too_large(error: str, status: int) -> bool:
-    """The API server (or etcd behind it) refused the write because of the object's size."""
-    return status == 413 or "too large" in error.lower() or "too long" in error.lower()
-
-
-def seed(writers: list[StatusWriter], nodes: list[SyntheticNode], log) -> tuple[int, str]:
-    """Each node writes once, one after the other (no conflicts), retrying transient errors
-    like the agent does. Stops at the first size refusal, or when a write keeps failing;
-    returns (entries written, why it stopped or "")."""
-    for i, (writer, node) in enumerate(zip(writers, nodes)):
-        for attempt in range(4):
-            sent = time.monotonic()
-            ok, _size, error, status = _write(writer, node)
-            if time.monotonic() - sent > 5:
-                log(f"seeding {node.name}: write took {time.monotonic() - sent:.1f} s ({error[:80] or 'ok'})")
-            if ok:
-                break
-            if too_large(error, status):
-                return i, error
-            time.sleep(backoff_delay(attempt))
-        else:
-            return i, f"{node.name}: 4 writes failed, last: {error}"
-    return len(nodes), ""
-
-
-def managed_fields_entry(entry: dict[str, Any], manager: str, apply_time: str) -> dict[str, Any]:
-    """The managedFields record a node's agent gets for its server-side apply of `entry`
-    (same shape as the API server writes: atomic lists, granular byState map)."""
-    fields: dict[str, Any] = {".": {}}
-    for key, value in entry.items():
-        fields[f"f:{key}"] = {f"f:{k}": {} for k in value} if key == "byState" else {}
-    node_key = "k:" + json.dumps({"node": entry["node"]}, separators=(",", ":"))
-    return {"apiVersion": f"{GROUP}/{VERSION}", "fieldsType": "FieldsV1",
-            "fieldsV1": {"f:status": {"f:nodes": {node_key: fields}}},
-            "manager": manager, "operation": "Apply", "subresource": "status", "time": apply_time}
-
-
-def bulk_seed(custom: Any, trace: str, nodes: list[SyntheticNode]) -> str:
-    """Every node's entry in two requests instead of one apply per node: the status with
-    all entries, then metadata.managedFields as each node's own apply would have left it
-    (one field manager per node). Seeding 1000 nodes one apply at a time costs the API
-    server ~1 s of CPU per write at this object size. Returns the refusal, or ""."""
-    from kubernetes.client.exceptions import ApiException
-
-    entries = [to_api(node.next_entry()) for node in nodes]
-    names = {e["node"] for e in entries}
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for step in ("status", "managedFields"):
-        for attempt in range(6):
-            obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
-            try:
-                if step == "status":
-                    kept = [e for e in (obj.get("status") or {}).get("nodes") or [] if e["node"] not in names]
-                    obj.setdefault("status", {})["nodes"] = kept + entries
-                    custom.replace_cluster_custom_object_status(GROUP, VERSION, PLURAL, trace, obj,
-                                                                field_manager="rtrace-bench-seed")
-                else:
-                    managed = [m for m in obj["metadata"].get("managedFields") or []
-                               if m["manager"] != "rtrace-bench-seed" and m["manager"].removeprefix("rtrace-agent/") not in names]
-                    managed += [managed_fields_entry(e, f"rtrace-agent/{e['node']}", stamp) for e in entries]
-                    obj["metadata"]["managedFields"] = managed
-                    custom.replace_cluster_custom_object(GROUP, VERSION, PLURAL, trace, obj,
-                                                         field_manager="rtrace-bench-seed")
-                break
-            except ApiException as e:
-                if e.status == 409:     # the operator wrote meanwhile: read again
-                    continue
-                text = f"HTTP {e.status}: {str(e.body or e.reason)[:300]}"
-                if too_large(text, e.status or 0):
-                    return text
-                time.sleep(backoff_delay(attempt))
-        else:
-            return f"bulk seeding ({step}) kept failing"
-    return ""
+def create_reports(writers: list[ReportWriter], nodes: list[SyntheticNode]) -> list[str]:
+    """Each node's report created with its first content (16 at a time); the errors."""
+    def create(pair) -> str:
+        writer, node = pair
+        try:
+            writer.create(node.next_entry())
+            return ""
+        except ApiError as e:
+            return f"{node.name}: {e}"[:300]
+    with ThreadPoolExecutor(WRITERS) as pool:
+        return [e for e in pool.map(create, zip(writers, nodes)) if e]
 
 
 def settle(custom: Any, trace: str, timeout: float = 120.0) -> None:
@@ -344,160 +266,148 @@ def settle(custom: Any, trace: str, timeout: float = 120.0) -> None:
         pass
 
 
-def scale(admin: Any, custom: Any, apiserver: int, trace: str, counts, window: float, log) -> dict:
+def freshness(custom: Any, namespace: str, trace: str) -> list[float]:
+    """Seconds since each node's report was last written (its lastReportTime), now."""
+    items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, REPORT_PLURAL,
+                                                 label_selector=trace_selector(trace), _request_timeout=120)["items"]
+    now = datetime.now(timezone.utc)
+    return [(now - datetime.fromisoformat(r["spec"]["lastReportTime"].replace("Z", "+00:00"))).total_seconds()
+            for r in items if r["spec"].get("lastReportTime")]
+
+
+def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, counts, window: float, log) -> dict:
+    uid = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)["metadata"]["uid"]
     nodes = [SyntheticNode(f"node-{i:04d}", seed=i) for i in range(max(counts))]
-    writers = [StatusWriter(admin, trace, n.name, timeout=30) for n in nodes]
-    written = 0            # nodes[:written] have an entry
-    refusal = ""
+    writers = [ReportWriter(admin, ReportTarget(trace, uid, n.name, namespace), timeout=30) for n in nodes]
+    created = 0
     watch = SummaryWatch(admin, trace)
-    out: dict[str, Any] = {"scale": []}
-    out["node_entry_bytes"] = len(json.dumps(to_api(nodes[0].next_entry()), separators=(",", ":")))
-    empty = object_sizes(custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace))
-    out["empty_object_bytes"] = empty["object"]
+    out: dict[str, Any] = {"scale": [], "busy_fraction": BUSY_FRACTION, "report_interval_s": SPEC_REPORT_INTERVAL,
+                           "heartbeat_s": heartbeat_seconds(SPEC_REPORT_INTERVAL)}
+    out["report_bytes"] = len(json.dumps(to_api(nodes[0].next_entry()), separators=(",", ":")))
     try:
         for n in counts:
             point: dict[str, Any] = {"nodes": n}
             out["scale"].append(point)
-            for node in nodes[:n]:
-                node.nodes_desired = n     # as if the DaemonSet controller counted n nodes
-            if not refusal and written < n:
-                settle(custom, trace)
-                started = time.monotonic()
-                if n <= ONE_BY_ONE:
-                    added, refusal = seed(writers[written:n], nodes[written:n], log)
-                    written += added
-                else:
-                    refusal = bulk_seed(custom, trace, nodes[:n])
-                    written = n if not refusal else written
-                    point["seeded_in_bulk"] = True
-                point["seed_s"] = round(time.monotonic() - started, 2)
-            obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
-            sizes = object_sizes(obj)
-            stored = len((obj.get("status") or {}).get("nodes") or [])
-            if refusal:
-                # The object cannot hold n entries. Still measured: what the API server gets
-                # when n agents write at the budget (the writes that would grow it are refused).
-                out["max_nodes_stored"] = stored
-                out["max_object_bytes"] = sizes["object"]
-                point.update(stored=False, nodes_stored=stored, error=refusal, status_bytes_at_limit=sizes["object"])
-                log(f"{n} nodes: only {stored} entries fit ({sizes['object']} bytes): {refusal}")
-                settle(custom, trace)
-                point.update(budget_window(admin, apiserver, watch, nodes[:n], writers[:n], min(window, 10.0)))
-                log(f"{n} nodes at the budget: {point['writes_per_second']:.2f} writes/s, "
-                    f"{point['agent_writes_failed']}/{point['agent_writes']} failed, "
-                    f"API server {point['apiserver_cpu_percent']:.0f}% CPU")
-                continue
+            started = time.monotonic()
+            errors = create_reports(writers[created:n], nodes[created:n])
+            created = n
+            point.update(create_s=round(time.monotonic() - started, 2), create_errors=len(errors), create_error_sample=errors[:3])
+            log(f"{n} nodes: reports created in {point['create_s']} s ({len(errors)} errors)")
             settle(custom, trace)
             expected = sum(node.retransmits for node in nodes[:n])
             try:
                 wait_until(lambda: watch.first_at_least(expected, 0.0) is not None,
-                           "the summary to include every node", timeout=60)
+                           "the summary to include every node", timeout=180)
             except TimeoutError as e:
                 point["summary_wait_error"] = str(e)
-            point.update(stored=True, status_bytes=sizes["object"], status_only_bytes=sizes["status"],
-                         managed_fields_bytes=sizes["managed_fields"])
-            point.update(budget_window(admin, apiserver, watch, nodes[:n], writers[:n], window, sizes["object"]))
-            log(f"{n} nodes: object {sizes['object']} bytes, {point['writes_per_second']:.2f} writes/s "
-                f"({point['agent_writes_failed']}/{point['agent_writes']} failed), write p99 "
-                f"{point['write_latency_p99_s']:.2f} s, API server {point['apiserver_cpu_percent']:.0f}% CPU, "
-                f"lag p50 {point['aggregation_lag_p50_s']:.2f} s p99 {point['aggregation_lag_p99_s']:.2f} s "
-                f"({point['aggregation_lag_samples']} samples)")
+            point.update(schedule_window(admin, apiserver, watch, nodes[:n], writers[:n], window))
+            ages = freshness(custom, namespace, trace)
+            obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
+            sizes = object_sizes(obj)
+            point.update(trace_object_bytes=sizes["object"], trace_status_bytes=sizes["status"],
+                         trace_managed_fields_bytes=sizes["managed_fields"],
+                         trace_rows=len((obj.get("status") or {}).get("nodes") or []),
+                         report_age_p50_s=procstat.percentile(ages, 50), report_age_p99_s=procstat.percentile(ages, 99),
+                         report_age_max_s=max(ages) if ages else None, reports=len(ages))
+            log(f"{n} nodes: {point['agent_writes_per_second']:.1f} writes/s ({point['agent_writes_failed']}/"
+                f"{point['agent_writes']} failed, {point['agent_writes_unsent']} unsent), "
+                f"{point['report_write_bytes_per_second'] / 1024:.0f} KiB/s to reports, "
+                f"trace {sizes['object']} bytes written {point['trace_writes_per_second']:.2f}/s, "
+                f"API server {point['apiserver_cpu_percent']:.0f}% CPU, lag p50 {point['aggregation_lag_p50_s']:.2f} s "
+                f"p99 {point['aggregation_lag_p99_s']:.2f} s ({point['aggregation_lag_samples']} samples), "
+                f"report age p99 {point['report_age_p99_s']:.1f} s, longest write gap {point['write_gap_max_s']:.1f} s")
     finally:
         watch.stop()
-    stored_points = [p for p in out["scale"] if p.get("stored")]
-    if stored_points:
-        # Bytes the object grows by per node entry (the entry plus its field manager's managedFields).
-        last = stored_points[-1]
-        out["object_bytes_per_node"] = (last["status_bytes"] - out["empty_object_bytes"]) / last["nodes"]
-        out["managed_fields_bytes_per_node"] = (last["managed_fields_bytes"] - empty["managed_fields"]) / last["nodes"]
-        out["projected_object_bytes"] = {str(n): projected_bytes(nodes[:n], out["empty_object_bytes"],
-                                                                 out["managed_fields_bytes_per_node"]) for n in counts}
     return out
 
 
-def projected_bytes(nodes: list[SyntheticNode], empty: int, managed_per_node: float) -> int:
-    """The object's size with these nodes' entries at their budget for len(nodes) nodes:
-    the empty object, every entry, and the measured managedFields per node."""
-    size = 0
-    for node in nodes:
-        saved, node.nodes_desired = node.nodes_desired, len(nodes)
-        size += len(json.dumps(to_api(node.next_entry()), separators=(",", ":"))) + 1
-        node.nodes_desired = saved
-    return round(empty + size + len(nodes) * managed_per_node)
-
-
-def budget_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[SyntheticNode],
-                  writers: list[StatusWriter], window: float, object_bytes: int = 0) -> dict[str, Any]:
-    """Nodes write round robin at the per-trace budget for `window` seconds.
+def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[SyntheticNode],
+                    writers: list[ReportWriter], window: float) -> dict[str, Any]:
+    """Every node runs the agent's schedule for `window` seconds: a report every jittered
+    interval when it changed (the busy nodes), a heartbeat otherwise (must_write).
 
     Each node is its own agent, so writes are sent on schedule whether or not earlier ones
-    have returned (a pool of threads). A write's lag ends at the first summary on the watch,
-    received after the write was sent, whose total includes every write sent up to it.
+    have returned (a pool of threads). A busy write's lag ends at the first summary on the
+    watch, received after the write was sent, whose total includes every write sent up to it.
     """
-    import kubernetes
-
     n = len(nodes)
-    rate = DEFAULT_MAX_WRITES_PER_SECOND
-    # The agents' own budget: fewer writes for objects larger than BUDGET_OBJECT_BYTES.
-    interval = report_interval(SPEC_REPORT_INTERVAL, n, rate, object_bytes)
-    per_second = min(rate, n / interval)
+    interval = SPEC_REPORT_INTERVAL
+    rng = random.Random(n)
+    busy = set(range(0, n, round(1 / BUSY_FRACTION)))
     records: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    written: dict[int, list[float]] = {}
 
-    def send(node: SyntheticNode, writer: StatusWriter, record: dict[str, Any]) -> None:
+    def send(i: int, record: dict[str, Any]) -> None:
         if time.monotonic() - record["sent"] > 30:
-            # Queued behind 16 writes that are still waiting for the API server: counted as
-            # failed unsent (an agent whose write times out retries later).
-            record.update(ok=False, unsent=True)
+            record.update(ok=False, unsent=True)   # queued too long: an agent's write would have timed out
             return
-        ok, size, _err, _status = _write(writer, node)
-        record.update(ok=ok, bytes=size, latency=time.monotonic() - record["sent"])
+        entry = nodes[i].next_entry()
+        size = len(json.dumps(writers[i].target.body(entry), separators=(",", ":")))
+        try:
+            writers[i].apply(entry)
+            record.update(ok=True, bytes=size, latency=time.monotonic() - record["sent"])
+            with lock:
+                written.setdefault(i, []).append(time.monotonic())
+        except ApiError:
+            record.update(ok=False, bytes=size)
 
-    before = apiserver_counters(admin)
-    cpu_before = procstat.cpu_ticks(apiserver)
     t0 = time.monotonic()
-    with ThreadPoolExecutor(16) as pool:
-        i = 0
-        while True:
-            due = t0 + i / per_second
-            if due - t0 >= window:
-                break
-            time.sleep(max(0.0, due - time.monotonic()))
-            node, writer = nodes[i % n], writers[i % n]
-            node.grow(7)
-            record = {"sent": time.monotonic(), "total": sum(x.retransmits for x in nodes)}
-            records.append(record)
-            pool.submit(send, node, writer, record)
-            i += 1
+    # As if the agents had been running a while: first reports spread over one interval, the
+    # last writes spread over one heartbeat period.
+    last_write = {i: t0 - rng.uniform(0, heartbeat_seconds(interval)) for i in range(n)}
+    due = [(t0 + rng.uniform(0, interval), i) for i in range(n)]
+    heapq.heapify(due)
+    reports_before, trace_before = apiserver_counters(admin, REPORT_PLURAL), apiserver_counters(admin, PLURAL)
+    cpu_before = procstat.cpu_ticks(apiserver)
+    summaries_before = len(watch.seen)
+    with ThreadPoolExecutor(WRITERS) as pool:
+        while due[0][0] < t0 + window:
+            at, i = heapq.heappop(due)
+            time.sleep(max(0.0, at - time.monotonic()))
+            changed = i in busy
+            if changed:
+                nodes[i].grow(7)
+            if must_write(changed, at - last_write[i], interval):
+                last_write[i] = at
+                record = {"sent": time.monotonic(), "busy": changed, "node": i,
+                          "total": sum(nodes[j].retransmits for j in busy)}
+                records.append(record)
+                pool.submit(send, i, record)
+            heapq.heappush(due, (at + jittered(interval, rng.random), i))
         elapsed = time.monotonic() - t0
-        after = apiserver_counters(admin)
+        reports_after, trace_after = apiserver_counters(admin, REPORT_PLURAL), apiserver_counters(admin, PLURAL)
         cpu = procstat.cpu_percent(procstat.cpu_ticks(apiserver) - cpu_before, elapsed)
+        summaries = len(watch.seen) - summaries_before
     time.sleep(5)   # let the last writes reach the summary
+    quiet_total = sum(node.retransmits for j, node in enumerate(nodes) if j not in busy)
     lags = []
     for r in records:
-        seen = watch.first_at_least(r["total"], r["sent"]) if r.get("ok") else None
+        seen = watch.first_at_least(r["total"] + quiet_total, r["sent"]) if r.get("ok") and r["busy"] else None
         if seen is not None:
             lags.append(seen - r["sent"])
-    obj_bytes = object_sizes(kubernetes.client.CustomObjectsApi(admin).get_cluster_custom_object(
-        GROUP, VERSION, PLURAL, writers[0].trace))["object"]
+    gaps = [b - a for times in written.values() for a, b in zip(times, times[1:])]
+    busy_gaps = [b - a for i, times in written.items() if i in busy for a, b in zip(times, times[1:])]
     ok = [r for r in records if r.get("ok")]
-    body = sum(r.get("bytes", 0) for r in records)
     latencies = [r["latency"] for r in records if "latency" in r]
     return {
-        "node_report_interval_s": interval,
         "window_s": round(elapsed, 2),
+        "busy_nodes": len(busy),
         "agent_writes": len(records),
         "agent_writes_failed": len(records) - len(ok),
         "agent_writes_unsent": sum(1 for r in records if r.get("unsent")),
-        "writes_per_second": (after["requests"] - before["requests"]) / elapsed,
         "agent_writes_per_second": len(records) / elapsed,
-        "write_request_bytes_per_second": (after["body_bytes"] - before["body_bytes"]) / elapsed
-        if after["body_bytes"] else body / elapsed,
-        "agent_request_bytes_per_second": body / elapsed,
-        # Each accepted write stores the whole object in etcd and returns it in the response.
-        "stored_bytes_per_second": len(ok) / elapsed * obj_bytes,
+        "report_writes_per_second": (reports_after["requests"] - reports_before["requests"]) / elapsed,
+        "report_write_bytes_per_second": (reports_after["body_bytes"] - reports_before["body_bytes"]) / elapsed,
+        "trace_writes_per_second": (trace_after["requests"] - trace_before["requests"]) / elapsed,
+        "trace_write_bytes_per_second": (trace_after["body_bytes"] - trace_before["body_bytes"]) / elapsed,
+        "trace_versions_seen": summaries,
         "apiserver_cpu_percent": cpu,
         "write_latency_p50_s": procstat.percentile(latencies, 50),
         "write_latency_p99_s": procstat.percentile(latencies, 99),
+        "write_gap_p99_s": procstat.percentile(gaps, 99),
+        "write_gap_max_s": max(gaps) if gaps else None,
+        "busy_write_gap_p99_s": procstat.percentile(busy_gaps, 99),
         "aggregation_lag_p50_s": procstat.percentile(lags, 50),
         "aggregation_lag_p99_s": procstat.percentile(lags, 99),
         "aggregation_lag_max_s": max(lags) if lags else None,
@@ -507,4 +417,4 @@ def budget_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[S
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
-    print(json.dumps(run(counts=(20, 50) if quick else COUNTS, window=10 if quick else 30), indent=2))
+    print(json.dumps(run(counts=(20, 50) if quick else COUNTS, window=20 if quick else 60), indent=2))

@@ -44,19 +44,41 @@ def meta() -> dict:
     }
 
 
+def single_object_figures(previous: dict) -> dict:
+    """The figures of the design this replaced (every agent writing into one shared trace
+    object), from the last run that measured it, kept next to the new ones."""
+    if "single_object_previous" in previous:
+        return previous["single_object_previous"]
+    if not previous.get("controlplane"):
+        return {}
+    keys = ("aggregation_lag_p50_s", "aggregation_lag_p99_s", "aggregation_lag_nodes", "aggregation_lag_p99_s_by_nodes",
+            "status_bytes_1000_nodes", "writes_per_second_1000_nodes", "write_bytes_per_second_1000_nodes",
+            "max_nodes_stored", "object_bytes_per_node")
+    return {"meta": {k: previous.get("meta", {}).get(k) for k in ("date", "git_commit")},
+            **{k: previous.get(k) for k in keys}, "controlplane": previous["controlplane"]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--skip-node", action="store_true", help="skip the kernel/agent measurements")
     parser.add_argument("--skip-controlplane", action="store_true", help="skip the API server/operator measurements")
-    parser.add_argument("--window", type=float, default=30.0, help="control-plane write window per node count (s)")
+    parser.add_argument("--window", type=float, default=60.0, help="control-plane write window per node count (s)")
     parser.add_argument("--output", default=str(RESULTS / "latest.json"))
     args = parser.parse_args(argv)
 
     started = time.monotonic()
     results: dict = {"meta": meta()}
+    out = Path(args.output)
+    previous = json.loads(out.read_text()) if out.exists() else {}
     if not args.skip_node:
         log("node: kernel cost, exactness, agent vs baseline overhead, sweep")
         results["node"] = kernel_bench.run(log=log)
+    elif "node" in previous:
+        # Kept from the run that measured them (its commit and date in node_measured).
+        results["node"] = previous["node"]
+        results["meta"]["node_measured"] = previous.get("meta", {}).get("node_measured") or {
+            k: previous.get("meta", {}).get(k) for k in ("date", "git_commit", "git_dirty")}
+    results["single_object_previous"] = single_object_figures(previous)
     if not args.skip_controlplane:
         log("control plane: operator reconcile, N simulated nodes on one trace")
         results["controlplane"] = controlplane_bench.run(window=args.window, log=log)
@@ -65,7 +87,6 @@ def main(argv=None) -> int:
     summary = report.headline(results.get("node", {}), results.get("controlplane", {}))
     document = {**summary, "units": report.UNITS, "targets": report.targets(summary), **results}
     document = report.clean(document)
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2) + "\n")
     log(f"wrote {out}")

@@ -1,5 +1,5 @@
 """A simulated node for the control-plane bench: a synthetic kernel snapshot turned into the
-node entry by the agent's own code (report.build_node_report, reporter.cumulative_entry).
+node's report by the agent's own code (report.build_node_report, reporter.cumulative_entry).
 
 Entries are as large as a busy node makes them at the default settings: topFlows=10 out
 of more flows, events.keep=20 recent events, local sides attributed to pods, a mix of IPv4
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from retransmit_agent.flows import AF_INET, AF_INET6, KIND_RETRANSMIT, flow_counters, recent_event
 from retransmit_agent.kernel import KernelSnapshot
 from retransmit_agent.report import build_node_report
-from retransmit_agent.reporter import Baseline, cumulative_entry, entry_budget_bytes, fit_entry, merge_flows
+from retransmit_agent.reporter import Baseline, cumulative_entry, merge_flows
 from retransmit_operator.api import Endpoint, NodeStatus
 
 TOP_FLOWS = 10      # spec.topFlows default
@@ -41,7 +41,6 @@ class SyntheticNode:
     seed: int = 0
     kernel: str = "6.1.0-28-amd64"
     agent_version: str = "0.1.0"
-    nodes_desired: int = 1          # the trace's nodesDesired as the agent reads it: sets its size budget
     top_flows: int = TOP_FLOWS
     keep_events: int = KEEP_EVENTS
     flows: list[list] = field(default_factory=list)   # [family, saddr, daddr, sport, dport, count, state]
@@ -86,8 +85,8 @@ class SyntheticNode:
         return endpoint.model_copy(update={"pod": pod, "namespace": namespace})
 
     def next_entry(self) -> NodeStatus:
-        """The entry the cluster agent would write now: report, pod attribution, cumulative,
-        trimmed to its share of the object (agent.cluster.ClusterAgent.build_entry)."""
+        """The report the cluster agent would write now: report, pod attribution, cumulative
+        (agent.cluster.ClusterAgent.build_entry)."""
         now = time.monotonic_ns()
         offset = time.time_ns() - now
         snap = self.snapshot()
@@ -100,5 +99,4 @@ class SyntheticNode:
                                   keep_events=self.keep_events)
         flows = [f.model_copy(update={"local": self._attributed(f.local)}) for f in fresh.top_flows]
         fresh = fresh.model_copy(update={"top_flows": flows})
-        entry = cumulative_entry(Baseline(), fresh, merge_flows(Baseline(), flows), self.top_flows, self.keep_events)
-        return fit_entry(entry, entry_budget_bytes(self.nodes_desired))
+        return cumulative_entry(Baseline(), fresh, merge_flows(Baseline(), flows), self.top_flows, self.keep_events)

@@ -1,20 +1,21 @@
-"""status.summary from status.nodes[]: the cluster-wide answer, as a pure function.
+"""The trace's status.summary and status.nodes[] rows from the nodes' reports, as pure functions.
 
 Totals and byState are exact sums of the nodes' exact counters. Top flows come from each
-node's own top flows (the only flows in status), so they are exact for the flows they list:
-a flow that is in no node's top list cannot be in the cluster's. Top pods are the sums of
-the nodes' topPods, which each agent counts by local pod over every flow it knows, so a
-pod's count is the retransmits it sent; for entries without topPods (agents that predate
-it) the pods on either end of that node's top flows count instead, as before.
+node's own top flows (the only flows in the reports), so they are exact for the flows they
+list: a flow that is in no node's top list cannot be in the cluster's. Top pods are the sums
+of the nodes' topPods, which each agent counts by local pod over every flow it knows, so a
+pod's count is the retransmits it sent. Rows are bounded (MAX_NODE_ROWS): problems first,
+then the busiest nodes; every node's report keeps everything.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Iterable, Optional
 
-from .api import Endpoint, Flow, NodeStatus, Phase, PodCount, Summary
+from .api import MAX_NODE_ROWS, MAX_ROW_MESSAGE, Endpoint, Flow, NodeRow, NodeStatus, Phase, PodCount, Summary
 from .podindex import PodLookup
 
 # Entries whose agent counts: Running while the trace runs, Completed after its final report.
@@ -48,54 +49,32 @@ def _flow_order(flow: Flow) -> tuple:
             flow.remote.ip, flow.remote.port)
 
 
-def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup]) -> list[Flow]:
-    """Every node's top flows, tagged with their node and attributed on both sides."""
-    flows = []
-    for node in nodes:
-        for flow in node.top_flows:
-            flows.append(flow.model_copy(update={
-                "node": node.node,
-                "local": attribute(flow.local, pods),
-                "remote": attribute(flow.remote, pods),
-            }))
-    return sorted(flows, key=_flow_order)
+def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup], top_n: int = 0) -> list[Flow]:
+    """The busiest of every node's top flows (top_n 0 = all), tagged with their node and
+    attributed on both sides. Ranked before they are copied: at 5,000 nodes there are 50,000
+    candidates and the summary keeps a hundred at most."""
+    def order(pair: tuple[NodeStatus, Flow]) -> tuple:
+        node, flow = pair
+        return (-_weight(flow), node.node, str(flow.family), flow.local.ip, flow.local.port,
+                flow.remote.ip, flow.remote.port)
+    candidates = [(node, flow) for node in nodes for flow in node.top_flows]
+    chosen = heapq.nsmallest(top_n, candidates, key=order) if top_n > 0 else sorted(candidates, key=order)
+    return [flow.model_copy(update={
+        "node": node.node,
+        "local": attribute(flow.local, pods),
+        "remote": attribute(flow.remote, pods),
+    }) for node, flow in chosen]
 
 
-def top_pods(flows: Iterable[Flow], pods: Optional[PodLookup], top_n: int) -> list[PodCount]:
-    """Pods on either end of the flows, by the retransmits of those flows (top_n 0 = all)."""
+def summary_pods(nodes: list[NodeStatus], top_n: int) -> list[PodCount]:
+    """The busiest pods cluster-wide: the nodes' topPods summed (exact, local side)."""
     counts: Counter[tuple[str, str]] = Counter()
     node_of: dict[tuple[str, str], Optional[str]] = {}
-    for flow in flows:
-        ends = []
-        if flow.local.pod and flow.local.namespace:
-            ends.append(((flow.local.namespace, flow.local.pod), flow.node))
-        if flow.remote.pod and flow.remote.namespace:
-            ref = pods.lookup(flow.remote.ip) if pods is not None else None
-            ends.append(((flow.remote.namespace, flow.remote.pod), ref.node if ref else None))
-        for key, node in dict(ends).items():  # a pod talking to itself counts once
-            counts[key] += _weight(flow)
-            node_of.setdefault(key, node)
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    if top_n > 0:
-        ranked = ranked[:top_n]
-    return [PodCount(namespace=ns, pod=pod, node=node_of.get((ns, pod)), retransmits=n) for (ns, pod), n in ranked]
-
-
-def summary_pods(nodes: list[NodeStatus], flows: list[Flow], pods: Optional[PodLookup], top_n: int) -> list[PodCount]:
-    """The busiest pods cluster-wide: the nodes' topPods summed (exact, local side), plus,
-    for entries without topPods, the pods on either end of their top flows (`top_pods`)."""
-    counts: Counter[tuple[str, str]] = Counter()
-    node_of: dict[tuple[str, str], Optional[str]] = {}
-    legacy = {node.node for node in nodes if node.top_pods is None}
-    reported = [pod.model_copy(update={"node": pod.node or node.node})
-                for node in sorted(nodes, key=lambda n: n.node) for pod in node.top_pods or []]
-    if legacy:
-        reported += top_pods([f for f in flows if f.node in legacy], pods, 0)
-    for pod in reported:
-        key = (pod.namespace, pod.pod)
-        counts[key] += pod.retransmits
-        if node_of.get(key) is None:  # a pod name reused on another node keeps its first node
-            node_of[key] = pod.node
+    for node in sorted(nodes, key=lambda n: n.node):
+        for pod in node.top_pods:
+            key = (pod.namespace, pod.pod)
+            counts[key] += pod.retransmits
+            node_of.setdefault(key, pod.node or node.node)  # a pod name reused on another node keeps its first node
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top_n]
     return [PodCount(namespace=ns, pod=pod, node=node_of.get((ns, pod)), retransmits=n) for (ns, pod), n in ranked]
 
@@ -110,16 +89,26 @@ def reporting(node: NodeStatus, now: Optional[datetime], stale_after: Optional[t
     return now - node.last_report_time <= stale_after
 
 
+def stale_nodes(nodes: Iterable[NodeStatus], now: Optional[datetime], stale_after: Optional[timedelta],
+                departed: frozenset[str] = frozenset()) -> list[str]:
+    """Nodes whose agent counted but has not written within the bound, by name (nodes that
+    left the trace are not expected to write)."""
+    return sorted(n.node for n in nodes if _phase(n) in REPORTING_PHASES and n.node not in departed
+                  and not reporting(n, now, stale_after))
+
+
 def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, pod_index: Optional[PodLookup],
-                      *, now: Optional[datetime] = None, stale_after: Optional[timedelta] = None) -> Summary:
+                      *, now: Optional[datetime] = None, stale_after: Optional[timedelta] = None,
+                      departed: frozenset[str] = frozenset(), nodes_not_listed: int = 0) -> Summary:
     """The summary the operator writes: sums, cluster-wide top flows and pods, node counts.
 
-    Totals include every entry, stale or failed: counts are cumulative and never go back."""
+    Totals include every report, stale, failed or departed: counts are cumulative and never
+    go back. Departed nodes do not count as reporting."""
     by_state: Counter[str] = Counter()
     for node in nodes:
         by_state.update({state: count for state, count in node.by_state.items() if count})
-    flows = cluster_flows(nodes, pod_index)
-    reporting_nodes = sum(1 for node in nodes if reporting(node, now, stale_after))
+    flows = cluster_flows(nodes, pod_index, top_n)
+    reporting_nodes = sum(1 for node in nodes if node.node not in departed and reporting(node, now, stale_after))
     return Summary(
         retransmits=sum(n.retransmits for n in nodes),
         synack_retransmits=sum(n.synack_retransmits for n in nodes),
@@ -129,6 +118,48 @@ def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, p
         nodes_reporting=reporting_nodes,
         nodes=f"{reporting_nodes}/{nodes_desired}",
         top_flows=flows[:top_n],
-        top_pods=summary_pods(nodes, flows, pod_index, top_n),
+        top_pods=summary_pods(nodes, top_n),
         by_state=dict(sorted(by_state.items())),
+        nodes_not_listed=nodes_not_listed,
     )
+
+
+def node_rows(nodes: Iterable[NodeStatus], now: Optional[datetime], stale_after: Optional[timedelta],
+              departed: frozenset[str] = frozenset(), limit: int = MAX_NODE_ROWS) -> tuple[list[NodeRow], int]:
+    """The trace's status.nodes[]: one compact row per node, at most `limit` (failed, silent and
+    departed nodes first, then the busiest; by name), and how many nodes were left out."""
+    ranked = []
+    for n in nodes:
+        gone = n.node in departed
+        counts = not gone and reporting(n, now, stale_after)
+        failed = _phase(n) == Phase.FAILED.value
+        ranked.append(((not failed, counts or gone, not gone, -(n.retransmits + n.synack_retransmits), n.node),
+                       n, counts, gone))
+    chosen = heapq.nsmallest(limit, ranked, key=lambda item: item[0])
+    rows = []
+    for _, n, counts, gone in chosen:
+        message = n.message
+        if message and len(message) > MAX_ROW_MESSAGE:
+            message = message[: MAX_ROW_MESSAGE - 3] + "..."
+        rows.append(NodeRow(
+            node=n.node, phase=n.phase, retransmits=n.retransmits, synack_retransmits=n.synack_retransmits,
+            lost_events=n.lost_events, last_report_time=n.last_report_time, reporting=counts, departed=gone,
+            message=message,
+        ))
+    return rows, max(0, len(ranked) - limit)
+
+
+def departed(nodes: Iterable[NodeStatus], marked: frozenset[str], agent_nodes: frozenset[str],
+             now: datetime, stale_after: timedelta) -> frozenset[str]:
+    """Which nodes have left the trace (the cluster, or its node selector): no agent pod of
+    the trace runs there AND the report went silent past the heartbeat bound. Both, so a
+    rolled agent pod (gone for a moment, its report fresh) is never marked. A node whose
+    agent pod comes back is unmarked."""
+    out = set()
+    for n in nodes:
+        if n.node in agent_nodes:
+            continue
+        silent = n.last_report_time is None or now - n.last_report_time > stale_after
+        if n.node in marked or silent:
+            out.add(n.node)
+    return frozenset(out)

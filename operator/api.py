@@ -26,6 +26,11 @@ PLURAL = "retransmittraces"
 SINGULAR = "retransmittrace"
 SHORT_NAME = "rtrace"
 API_VERSION = f"{GROUP}/{VERSION}"
+# One node's results in one trace: namespaced (the operator's namespace), owned by the trace.
+REPORT_KIND = "RetransmitNodeReport"
+REPORT_PLURAL = "retransmitnodereports"
+REPORT_SINGULAR = "retransmitnodereport"
+REPORT_SHORT_NAME = "rtreport"
 
 # Go's time.ParseDuration syntax, restricted to units that make sense for a trace.
 GO_DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
@@ -222,7 +227,7 @@ class Events(ApiModel):
     """Per-event samples: rate-limited in the kernel, the most recent kept in status."""
 
     max_per_second: int = Field(100, ge=0, le=10000, description="Samples per second per node sent to user space (0 disables samples); drops are counted in lostEvents.")
-    keep: int = Field(20, ge=0, le=100, description="How many recent samples each node keeps in status.nodes[].recentEvents.")
+    keep: int = Field(20, ge=0, le=100, description="How many recent samples each node keeps in its report (RetransmitNodeReport spec.recentEvents).")
 
 
 class RetransmitTraceSpec(ApiModel):
@@ -347,13 +352,14 @@ class PodCount(ApiModel):
     pod: str = Field(description="Pod name.")
     namespace: str = Field(description="Pod namespace.")
     node: Optional[str] = Field(None, description="Node the pod runs on.")
-    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent, over every flow its node's agent knows; for nodes whose agent does not report topPods (older agents), those of the node's top flows this pod is an end of.")
+    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent, over every flow its node's agent knows.")
 
 
 class NodeStatus(ApiModel):
-    """One node's entry in status.nodes[], written only by that node's agent."""
+    """What one node saw in one trace, in full: the spec of its RetransmitNodeReport, written
+    only by that node's agent, and the agent's own restart state (never trimmed)."""
 
-    node: str = Field(description="Node name: the list-map key.")
+    node: str = Field(description="The node this report is about (the agent's own: an admission policy checks it against the agent's token).")
     phase: Phase = Field(Phase.PENDING, description="Running while counting; Failed with a message when the node cannot trace.")
     retransmits: int = Field(0, ge=0, description="Every matched tcp_retransmit_skb event on this node, including flows evicted from the kernel map.")
     synack_retransmits: int = Field(0, ge=0, description="Every matched tcp_retransmit_synack event.")
@@ -362,13 +368,16 @@ class NodeStatus(ApiModel):
     flows: int = Field(0, ge=0, description="Distinct flows seen.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows, at most spec.topFlows.")
-    # Optional: absent means an agent that predates topPods (the operator then counts pods from topFlows).
-    top_pods: Optional[list[PodCount]] = Field(None, description="Local-side pods on this node with their retransmits (tcp_retransmit_skb + synack) over every flow the agent knows, busiest first, at most spec.topFlows.")
+    top_pods: list[PodCount] = Field(default_factory=list, description="Local-side pods on this node with their retransmits (tcp_retransmit_skb + synack) over every flow the agent knows, busiest first, at most spec.topFlows.")
     recent_events: list[RecentEvent] = Field(default_factory=list, description="Most recent samples, at most spec.events.keep.")
-    last_report_time: Optional[datetime] = Field(None, description="When the agent last wrote this entry.")
+    last_report_time: Optional[datetime] = Field(None, description="When the agent last wrote this report (at least every few report intervals: the heartbeat).")
     kernel: Optional[str] = Field(None, description="Kernel release of the node.")
     agent_version: Optional[str] = Field(None, description="Version of the agent that wrote this entry.")
     message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
+
+
+MAX_NODE_ROWS = 500   # rows in status.nodes[]: at 5,000 nodes the trace stays far below 512 KiB
+MAX_ROW_MESSAGE = 200  # characters of a row's message; the report holds the whole message
 
 
 class Summary(ApiModel):
@@ -379,10 +388,11 @@ class Summary(ApiModel):
     lost_events: int = Field(0, ge=0, description="Event samples dropped on all nodes (counts stay exact).")
     missed_events: int = Field(0, ge=0, description="Tracepoint hits the kernel did not run the program for on all nodes (another BPF program was running on that CPU: recursion protection); the true counts may be higher by up to this much.")
     nodes_desired: int = Field(0, ge=0, description="Agents the DaemonSet wants.")
-    nodes_reporting: int = Field(0, ge=0, description="Nodes whose agent reports counts: entries in phase Running (or Completed, after their final report).")
+    nodes_reporting: int = Field(0, ge=0, description="Nodes whose agent reports counts: reports in phase Running written within the heartbeat bound (at completion: every report that counted).")
+    nodes_not_listed: int = Field(0, ge=0, description=f"Nodes with a report that status.nodes[] leaves out to stay small (it lists at most {MAX_NODE_ROWS}, problems first, then the busiest); their reports hold everything.")
     nodes: Optional[str] = Field(None, description="nodesReporting/nodesDesired, e.g. '2/3': the Nodes column of kubectl get.")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows cluster-wide (at most spec.topFlows), each with its node; remote pods attributed from the operator's pod index.")
-    top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods), busiest first, at most spec.topFlows; nodes without topPods (older agents) add the pods on either end of their top flows.")
+    top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods), busiest first, at most spec.topFlows.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes.")
 
 
@@ -397,8 +407,23 @@ class Condition(ApiModel):
     observed_generation: Optional[int] = Field(None, description="metadata.generation the condition was computed for.")
 
 
+class NodeRow(ApiModel):
+    """One node's row in the trace's status.nodes[]: the counts of its report, compact."""
+
+    node: str = Field(description="Node name: the list-map key.")
+    phase: Phase = Field(Phase.PENDING, description="The report's phase: Running while counting, Failed when the node cannot trace.")
+    retransmits: int = Field(0, ge=0, description="The node's tcp_retransmit_skb events.")
+    synack_retransmits: int = Field(0, ge=0, description="The node's tcp_retransmit_synack events.")
+    lost_events: int = Field(0, ge=0, description="The node's dropped samples (counts stay exact).")
+    last_report_time: Optional[datetime] = Field(None, description="When the node's agent last wrote its report.")
+    reporting: bool = Field(False, description="The node counts as reporting: Running and written within the heartbeat bound.")
+    departed: bool = Field(False, description="The node left the cluster or the trace's selector; its report keeps its final counts.")
+    message: Optional[str] = Field(None, max_length=MAX_ROW_MESSAGE, description="What went wrong, shortened; the node's report (kubectl get rtreport -A -l retransmit.dev/node=NODE) holds it in full.")
+
+
 class RetransmitTraceStatus(ApiModel):
-    """Written by the operator (phase, conditions, summary, times) and the agents (nodes[])."""
+    """Written by the operator only: phase, conditions, summary, times and the node rows,
+    aggregated from the agents' RetransmitNodeReports."""
 
     phase: Optional[Phase] = Field(None, description="Pending, Running, Completed or Failed.")
     observed_generation: Optional[int] = Field(None, description="metadata.generation the operator last acted on.")
@@ -407,5 +432,12 @@ class RetransmitTraceStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list, description="Ready, AgentsReady and Degraded.",
                                         json_schema_extra=k8s_extra(x_kubernetes_list_type="map", x_kubernetes_list_map_keys=["type"]))
     summary: Optional[Summary] = Field(None, description="The cluster-wide answer, aggregated by the operator.")
-    nodes: list[NodeStatus] = Field(default_factory=list, description="One entry per node, each written by that node's agent (server-side apply).",
-                                    json_schema_extra=k8s_extra(x_kubernetes_list_type="map", x_kubernetes_list_map_keys=["node"]))
+    nodes: list[NodeRow] = Field(default_factory=list, max_length=MAX_NODE_ROWS, description=f"One compact row per node (at most {MAX_NODE_ROWS}: failed, silent and departed nodes first, then the busiest; summary.nodesNotListed counts the rest). Each node's RetransmitNodeReport holds the details.",
+                                 json_schema_extra=k8s_extra(x_kubernetes_list_type="map", x_kubernetes_list_map_keys=["node"]))
+
+
+class NodeReportStatus(ApiModel):
+    """Written by the operator on a report: whether its node is still part of the trace."""
+
+    departed: bool = Field(False, description="The node left the cluster or the trace's node selector (no agent pod of the trace runs there); the report keeps its final counts.")
+    departed_time: Optional[datetime] = Field(None, description="When the operator first saw the node gone.")

@@ -1,7 +1,7 @@
 """Phase, conditions and completion of a trace, as pure functions of what the operator observed.
 
-Everything is derived from the object itself (status.startTime, spec.duration, the nodes'
-entries) and the DaemonSet, never from operator memory: an operator restart changes nothing.
+Everything is derived from the object itself (status.startTime, spec.duration), the nodes'
+reports and the DaemonSet, never from operator memory: an operator restart changes nothing.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Optional, Sequence
 
-from .api import ApiModel, Condition, NodeStatus, Phase, Summary
+from .api import MAX_NODE_ROWS, ApiModel, Condition, NodeRow, NodeStatus, Phase, Summary
 from pydantic import Field
 
 READY, AGENTS_READY, DEGRADED = "Ready", "AgentsReady", "Degraded"
 CONDITION_TYPES = (READY, AGENTS_READY, DEGRADED)
 INVALID_SPEC = "InvalidSpec"
-MAX_MESSAGE = 1024  # condition messages stay short; the node entries hold the details
+MAX_MESSAGE = 1024  # condition messages stay short; the node reports hold the details
 
 
 def utcnow() -> datetime:
@@ -37,8 +37,7 @@ def is_due(start_time: Optional[datetime], duration_seconds: Optional[float], no
 
 
 class OperatorStatus(ApiModel):
-    """The status fields the operator owns (field manager rtrace-operator). status.nodes is the
-    agents' and never part of this."""
+    """The trace's status, all of it the operator's (field manager rtrace-operator)."""
 
     phase: Phase
     observed_generation: Optional[int] = None
@@ -46,6 +45,7 @@ class OperatorStatus(ApiModel):
     completion_time: Optional[datetime] = None
     conditions: list[Condition] = Field(default_factory=list)
     summary: Optional[Summary] = None
+    nodes: list[NodeRow] = Field(default_factory=list, max_length=MAX_NODE_ROWS)
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,10 @@ class Observation:
     now: datetime
     # False while the DaemonSet controller has not yet counted the nodes for the current spec.
     nodes_desired_known: bool = True
+    # Nodes whose agent counted but wrote nothing within the heartbeat bound, and that bound.
+    stale_nodes: Sequence[str] = ()
+    stale_after: Optional[timedelta] = None
+    rows: Sequence[NodeRow] = ()  # status.nodes[] (aggregate.node_rows)
 
 
 def _trim(text: str) -> str:
@@ -101,6 +105,11 @@ def _agents(obs: Observation, phase: Phase) -> tuple[str, str, str]:
         return "False", "NodesFailed", f"{counts}; {len(failed)} failed (see the Degraded condition)"
     if s.nodes_reporting >= s.nodes_desired:
         return "True", "AllAgentsReporting", counts
+    if obs.stale_nodes:
+        bound = f" within {obs.stale_after.total_seconds():.0f}s" if obs.stale_after else ""
+        return "False", "AgentsNotReporting", (
+            f"{counts}; no report{bound} from {len(obs.stale_nodes)} node(s): {', '.join(obs.stale_nodes)}; "
+            "check their agent pods (kubectl -n <operator namespace> get pods -o wide) and logs")
     return "False", "AgentsStarting", f"{counts}; waiting for the other agents to attach and report"
 
 
@@ -116,7 +125,7 @@ def _ready(obs: Observation, phase: Phase, agents: tuple[str, str, str]) -> tupl
     if phase is Phase.FAILED:
         return "False", INVALID_SPEC, obs.spec_error or ""
     if phase is Phase.COMPLETED:
-        return "True", "Completed", "trace completed; results stay in status.summary and status.nodes"
+        return "True", "Completed", "trace completed; results stay in status.summary and the node reports"
     if phase is Phase.PENDING:
         return "False", "Pending", agents[2]
     if agents[0] == "True":
@@ -153,6 +162,7 @@ def compute_status(obs: Observation, previous_conditions: Sequence[Condition]) -
         completion_time=obs.completion_time,
         conditions=conditions,
         summary=obs.summary,
+        nodes=list(obs.rows),
     )
 
 

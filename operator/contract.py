@@ -31,7 +31,6 @@ DOWNWARD_API_ENV: dict[str, str] = {
 }
 
 DEFAULT_METRICS_PORT = 9464
-DEFAULT_MAX_WRITES_PER_SECOND = 5.0
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,9 @@ class AgentInvocation:
 
     trace: str
     spec: RetransmitTraceSpec
+    # The trace's metadata.uid: the agent's report names the trace as its owner.
+    trace_uid: str = ""
     metrics_port: int = DEFAULT_METRICS_PORT
-    # Ceiling on status writes per second for one trace across all its agents: each agent
-    # stretches its interval to nodes_desired / max_writes_per_second when that is longer.
-    max_writes_per_second: float = DEFAULT_MAX_WRITES_PER_SECOND
     # Where to look for tracefs; only a test points it elsewhere (a node without the tracepoint).
     tracefs: Optional[str] = None
 
@@ -53,9 +51,9 @@ def render_agent_args(inv: AgentInvocation) -> list[str]:
     args = [
         AGENT_SUBCOMMAND,
         "--trace", inv.trace,
+        "--trace-uid", inv.trace_uid,
         "--spec", json.dumps(to_api(inv.spec), sort_keys=True, separators=(",", ":")),
         "--metrics-port", str(inv.metrics_port),
-        "--max-writes-per-second", f"{inv.max_writes_per_second:g}",
     ]
     if inv.tracefs:
         args += ["--tracefs", inv.tracefs]
@@ -66,8 +64,8 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     """The `cluster` subcommand's options, matching render_agent_args."""
     parser.add_argument("--trace", required=True, help="name of the RetransmitTrace")
     parser.add_argument("--spec", required=True, help="the trace's spec as JSON")
+    parser.add_argument("--trace-uid", required=True, help="metadata.uid of the RetransmitTrace (owner of the report)")
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
-    parser.add_argument("--max-writes-per-second", type=float, default=DEFAULT_MAX_WRITES_PER_SECOND)
     parser.add_argument("--tracefs", default=None, help="tracefs mount to use instead of probing")
 
 
@@ -75,8 +73,8 @@ def invocation_from_namespace(ns: argparse.Namespace) -> AgentInvocation:
     return AgentInvocation(
         trace=ns.trace,
         spec=RetransmitTraceSpec.model_validate_json(ns.spec),
+        trace_uid=ns.trace_uid,
         metrics_port=ns.metrics_port,
-        max_writes_per_second=ns.max_writes_per_second,
         tracefs=ns.tracefs,
     )
 

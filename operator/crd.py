@@ -1,4 +1,5 @@
-"""The RetransmitTrace CRD, generated from the pydantic models in retransmit_operator.api.
+"""The RetransmitTrace and RetransmitNodeReport CRDs, generated from the pydantic models in
+retransmit_operator.api.
 
 pydantic writes JSON Schema; Kubernetes wants a *structural* OpenAPI v3 schema: no $ref, no
 anyOf/oneOf around types, no `additionalProperties: false`, no `null` types, a `type` on
@@ -8,8 +9,8 @@ json_schema_extra. Defaults are kept under spec (the API server fills them in, s
 `kubectl get -o yaml` shows the effective values) and dropped under status (status holds
 exactly what its writers wrote).
 
-    python -m retransmit_operator.crd            print the CRD
-    python -m retransmit_operator.crd --write    write manifests/crd.yaml and the Helm chart's copy
+    python -m retransmit_operator.crd            print the CRDs
+    python -m retransmit_operator.crd --write    write manifests/crd*.yaml and the Helm chart's copies
     python -m retransmit_operator.crd --check    exit 1 when a checked-in copy differs
 """
 
@@ -26,15 +27,22 @@ import yaml
 from . import api
 
 CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
-# Relative to the repository root.
+REPORT_CRD_NAME = f"{api.REPORT_PLURAL}.{api.GROUP}"
+# Relative to the repository root: the trace's CRD, then the node report's.
 CRD_PATHS = (Path("manifests/crd.yaml"), Path("helm/retransmit-operator/crds/retransmittraces.yaml"))
+REPORT_CRD_PATHS = (Path("manifests/crd-nodereports.yaml"), Path("helm/retransmit-operator/crds/retransmitnodereports.yaml"))
 HEADER = (
     "# Generated from operator/api.py by `python -m retransmit_operator.crd --write` (make crd).\n"
     "# Do not edit: change the pydantic models and regenerate; a unit test fails on drift.\n"
 )
 
 # JSON Schema keywords Kubernetes does not accept (or that only carry pydantic's bookkeeping).
-_DROPPED_KEYWORDS = {"title", "$defs", "examples"}
+# propertyNames (pydantic writes it for dict[Literal[...], int] such as Flow.byCause) is no
+# field of Kubernetes' JSONSchemaProps: the API server drops it on the way in, so the stored
+# CRD never equals the file, and every server-side apply of the file by a second manager
+# (helm install after kubectl apply) conflicts on .spec.versions. The keys are checked by
+# the pydantic models on the writers' side.
+_DROPPED_KEYWORDS = {"title", "$defs", "examples", "propertyNames"}
 
 
 class SchemaError(ValueError):
@@ -140,6 +148,82 @@ def printer_columns(schema: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def report_printer_columns(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """Columns of `kubectl get rtreport`: the per-node table of a trace (with -l retransmit.dev/trace=NAME)."""
+    columns = [
+        ("Node", ".spec.node", 0),
+        ("Phase", ".spec.phase", 0),
+        ("Retransmits", ".spec.retransmits", 0),
+        ("SYN-ACK", ".spec.synackRetransmits", 0),
+        ("Lost", ".spec.lostEvents", 0),
+        ("Last Report", ".spec.lastReportTime", 0),
+        ("Departed", ".status.departed", 1),
+    ]
+    out = []
+    for name, path, priority in columns:
+        field = _field_at(schema, path)
+        kind = "date" if field.get("format") == "date-time" else field["type"]
+        column = {"name": name, "type": kind, "jsonPath": path, "description": field.get("description", "")}
+        if priority:
+            column["priority"] = priority
+        out.append(column)
+    out.append({"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"})
+    return out
+
+
+def report_openapi_schema() -> dict[str, Any]:
+    return {
+        "description": (
+            "RetransmitNodeReport holds what one node saw in one RetransmitTrace, in full: counts, byState, "
+            "top flows and pods, recent events, kernel and agent details. Written only by that node's agent "
+            "(spec; an admission policy checks the node of its token), marked by the operator (status), owned "
+            "by the trace. Named <trace>.<node>, labelled retransmit.dev/trace and retransmit.dev/node."
+        ),
+        "type": "object",
+        "properties": {
+            "apiVersion": {"type": "string", "description": "retransmit.dev/v1alpha1"},
+            "kind": {"type": "string", "description": "RetransmitNodeReport"},
+            "metadata": {"type": "object"},
+            "spec": model_schema(api.NodeStatus, keep_defaults=False),
+            "status": model_schema(api.NodeReportStatus, keep_defaults=False),
+        },
+    }
+
+
+def build_report_crd() -> dict[str, Any]:
+    schema = report_openapi_schema()
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": REPORT_CRD_NAME,
+            "labels": {"app.kubernetes.io/name": "retransmit-operator", "app.kubernetes.io/part-of": "retransmit-operator"},
+        },
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.REPORT_KIND,
+                "listKind": f"{api.REPORT_KIND}List",
+                "plural": api.REPORT_PLURAL,
+                "singular": api.REPORT_SINGULAR,
+                "shortNames": [api.REPORT_SHORT_NAME],
+                "categories": ["retransmit"],
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": report_printer_columns(schema),
+                    "schema": {"openAPIV3Schema": schema},
+                }
+            ],
+        },
+    }
+
+
 def openapi_schema() -> dict[str, Any]:
     spec = model_schema(api.RetransmitTraceSpec, keep_defaults=True)
     spec["default"] = {}  # so the nested defaults apply to `spec: {}` and to a missing spec alike
@@ -216,8 +300,14 @@ def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _str_representer)
 
 
-def render_yaml() -> str:
-    return HEADER + yaml.dump(build_crd(), Dumper=_Dumper, sort_keys=False, width=10_000, allow_unicode=True)
+def render_yaml(crd: Optional[dict[str, Any]] = None) -> str:
+    return HEADER + yaml.dump(crd or build_crd(), Dumper=_Dumper, sort_keys=False, width=10_000, allow_unicode=True)
+
+
+def generated() -> dict[Path, str]:
+    """Every checked-in CRD file and the text the models give it."""
+    trace, report = render_yaml(build_crd()), render_yaml(build_report_crd())
+    return {**{p: trace for p in CRD_PATHS}, **{p: report for p in REPORT_CRD_PATHS}}
 
 
 def repo_root(start: Optional[Path] = None) -> Path:
@@ -230,8 +320,7 @@ def repo_root(start: Optional[Path] = None) -> Path:
 
 def drifted(root: Path) -> list[Path]:
     """Checked-in copies that differ from what the models generate."""
-    wanted = render_yaml()
-    return [p for p in CRD_PATHS if not (root / p).exists() or (root / p).read_text() != wanted]
+    return [p for p, wanted in generated().items() if not (root / p).exists() or (root / p).read_text() != wanted]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -242,7 +331,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--root", type=Path, default=None, help="repository root (default: found from the package)")
     args = parser.parse_args(argv)
     if not (args.write or args.check):
-        sys.stdout.write(render_yaml())
+        sys.stdout.write(render_yaml(build_crd()) + "---\n" + render_yaml(build_report_crd()))
         return 0
     root = args.root or repo_root()
     if args.check:
@@ -250,8 +339,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for p in stale:
             print(f"{p}: differs from the models; run `make crd` (python -m retransmit_operator.crd --write)", file=sys.stderr)
         return 1 if stale else 0
-    text = render_yaml()
-    for p in CRD_PATHS:
+    for p, text in generated().items():
         (root / p).parent.mkdir(parents=True, exist_ok=True)
         (root / p).write_text(text)
         print(f"wrote {p}")

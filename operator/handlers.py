@@ -3,7 +3,9 @@
 
 One level-triggered pass, `Reconciler.reconcile`, serves every trigger: a trace created,
 resumed at operator start, its spec changed, and the periodic sync that aggregates the
-agents' entries and ends the trace at startTime + duration. The periodic sync is our own
+nodes' reports (kept current by one label-selected watch, `ReportIndex`) into the trace's
+status and ends the trace at startTime + duration. The trace's status is written only when
+it changed, so at most once per sync interval. The periodic sync is our own
 loop over the traces kopf's watch delivers, not a kopf timer: kopf puts a finalizer on
 every object with a timer, and then deleting a trace would hang while the operator is down.
 Here the trace has no finalizer; its DaemonSet goes by garbage collection.
@@ -13,29 +15,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from datetime import timedelta
 from typing import Any, Optional
 
 import kopf
 from pydantic import ValidationError
 
 from . import kube as kube_module
-from .aggregate import aggregate_summary
-from .api import GROUP, PLURAL, VERSION, NodeStatus, Phase, RetransmitTraceSpec, to_api
+from .aggregate import aggregate_summary, departed, node_rows, stale_nodes
+from .api import GROUP, PLURAL, VERSION, NodeReportStatus, Phase, RetransmitTraceSpec, to_api
 from .conditions import Observation, OperatorStatus, compute_status, is_due, transitions, utcnow
+from .heartbeat import stale_after
 from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
 from .podindex import PodIndex
-from .render import SPEC_HASH_ANNOTATION, daemonset_name, render_daemonset
+from .reportindex import ReportIndex
+from .render import SPEC_HASH_ANNOTATION, TRACE_LABEL, daemonset_name, render_daemonset, selector_labels
 from .settings import Settings
 from .validation import validate_trace
 
 log = logging.getLogger("retransmit_operator")
 
 Event = tuple[str, str, str]  # Kubernetes Event: type, reason, message
+REPORTS_SYNC_WAIT = 30.0  # seconds a pass waits for the first list of the nodes' reports
+MAX_MARKS_PER_PASS = 50   # departed marks written on reports per pass
 
-OPERATOR_FIELDS = ("phase", "observedGeneration", "startTime", "completionTime", "conditions", "summary")
+OPERATOR_FIELDS = ("phase", "observedGeneration", "startTime", "completionTime", "conditions", "summary", "nodes")
 
 
 def operator_status(status: dict[str, Any]) -> Optional[OperatorStatus]:
@@ -47,19 +53,6 @@ def operator_status(status: dict[str, Any]) -> Optional[OperatorStatus]:
         return OperatorStatus.model_validate(owned)
     except ValidationError:
         return None
-
-
-def node_entries(status: dict[str, Any]) -> list[NodeStatus]:
-    """The agents' entries as far as aggregation needs them (recentEvents are the largest part
-    and stay per node, so they are not parsed); one that does not parse is skipped (and
-    logged), never fatal."""
-    nodes = []
-    for raw in status.get("nodes") or []:
-        try:
-            nodes.append(NodeStatus.model_validate({k: v for k, v in raw.items() if k != "recentEvents"}))
-        except ValidationError as e:
-            log.warning("status.nodes entry %r ignored: %s", raw.get("node"), e.errors()[:1])
-    return nodes
 
 
 def _newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -92,6 +85,8 @@ class Reconciler:
         self.kube = kube
         self.metrics = metrics
         self.pods = PodIndex()
+        self.reports = ReportIndex()
+        self.agent_pods: dict[str, dict[str, str]] = {}  # trace -> agent pod uid -> its node
         self.traces: dict[str, dict[str, Any]] = {}
         self._deleted: set[str] = set()  # uids: a late write response must not resurrect a trace
         self._locks: dict[str, asyncio.Lock] = {}
@@ -110,6 +105,11 @@ class Reconciler:
         started = time.monotonic()
         result = "ok"
         try:
+            if not self.reports.synced.is_set():
+                await asyncio.to_thread(self.reports.synced.wait, REPORTS_SYNC_WAIT)
+                if not self.reports.synced.is_set():
+                    raise ApiFailure("list node reports", 503, "NotListed",
+                                     "the nodes' reports are not listed yet (API server away?): retrying")
             async with self._lock(name):
                 return await self._reconcile(body, roll=roll)
         except ApiFailure:
@@ -130,7 +130,8 @@ class Reconciler:
         current = operator_status(status)
         if current is not None and current.phase == Phase.FAILED and current.observed_generation == generation:
             return current  # failed for this very spec: nothing to retry until the spec changes
-        nodes = await asyncio.to_thread(node_entries, status)  # CPU-bound at 1,000 nodes: off the loop
+        stored = self.reports.for_trace(name, uid)
+        nodes = [r.entry for r in stored]
         spec, spec_error = validate_trace(name, body.get("spec"))
         now = utcnow()
         start = current.start_time if current else None
@@ -154,18 +155,28 @@ class Reconciler:
         desired = desired_nodes(daemonset)
         previous_desired = current.summary.nodes_desired if current and current.summary else 0
         nodes_desired = desired if desired is not None else previous_desired
+        bound = None if completion or spec is None else stale_after(spec.report_interval_seconds)
+        gone = frozenset(r.entry.node for r in stored if r.status.departed)
+        # Departures are judged only once the DaemonSet controller has placed the agents for
+        # this spec (right after a create or a roll, no pod yet means nothing).
+        if completion is None and bound is not None and desired is not None and spec_error is None:
+            gone = await self._mark_departed(stored, gone, now, bound)
+        rows, not_listed = node_rows(nodes, now, bound, gone)
         summary = aggregate_summary(
             nodes,
             nodes_desired=nodes_desired,
             top_n=spec.top_flows if spec else 10,
             pod_index=self.pods,
             now=now,
-            stale_after=None if completion or spec is None else self._stale_after(spec, nodes_desired),
+            stale_after=bound,
+            departed=gone,
+            nodes_not_listed=not_listed,
         )
         observation = Observation(
             generation=generation, spec_error=spec_error, start_time=start, completion_time=completion,
             nodes=nodes, summary=summary, now=now,
             nodes_desired_known=desired is not None or daemonset is None,
+            stale_nodes=stale_nodes(nodes, now, bound, gone), stale_after=bound, rows=rows,
         )
         new = compute_status(observation, current.conditions if current else [])
         if current is None or to_api(new) != to_api(current):
@@ -216,11 +227,41 @@ class Reconciler:
             return applied, None, [("Normal", "AgentsUpdated", f"DaemonSet {ns}/{ds_name} rolled to the new spec")]
         return applied, None, []
 
-    def _stale_after(self, spec: RetransmitTraceSpec, nodes_desired: int) -> timedelta:
-        """How long an entry may go unwritten before its node stops counting as reporting:
-        three of the agents' intervals (stretched by the write budget, as the agents do it)."""
-        interval = max(spec.report_interval_seconds, nodes_desired / self.settings.max_writes_per_second)
-        return timedelta(seconds=3 * interval + 30)
+    async def _mark_departed(self, stored: list[Any], marked: frozenset[str], now: Any, bound: Any) -> frozenset[str]:
+        """Mark (or unmark) the reports of nodes that left the trace, on the reports' status.
+        Only while the trace runs: at completion the marks stay as they were, with the counts."""
+        if not stored:
+            return marked
+        trace = stored[0].trace
+        wanted = departed([r.entry for r in stored], marked, frozenset(self.agent_pods.get(trace, {}).values()),
+                          now, bound)
+        changes = [r for r in stored if (r.entry.node in wanted) != r.status.departed]
+        # A bounded number of writes per pass, so the trace's own status stays current when
+        # many nodes leave at once; the rest are written in the next passes (the rows and
+        # the summary use `wanted` at once).
+        for r in changes[:MAX_MARKS_PER_PASS]:
+            is_gone = r.entry.node in wanted
+            status = NodeReportStatus(departed=is_gone, departed_time=now if is_gone else None)
+            await self.kube.apply_report_status(r.namespace, r.name, to_api(status))
+            log.info("trace %s: node %s %s", trace, r.entry.node, "left the trace; its report keeps its counts"
+                     if is_gone else "is back")
+        return wanted
+
+    def observe_agent_pod(self, pod: dict[str, Any], deleted: bool) -> None:
+        """Which nodes run an agent of which trace (from the cluster-wide pod watch)."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        trace = labels.get(TRACE_LABEL)
+        if not trace or any(labels.get(k) != v for k, v in selector_labels(trace).items()):
+            return
+        if meta.get("namespace") != self.settings.namespace:
+            return
+        node = (pod.get("spec") or {}).get("nodeName")
+        pods = self.agent_pods.setdefault(trace, {})
+        if deleted or not node:
+            pods.pop(meta.get("uid"), None)
+        else:
+            pods[meta.get("uid")] = node
 
     def _freshest(self, body: dict[str, Any]) -> dict[str, Any]:
         known = self.traces.get(body["metadata"]["name"])
@@ -246,9 +287,12 @@ class Reconciler:
         self.last_sync = time.monotonic()
 
     async def sync_forever(self) -> None:
+        """A pass every sync interval (a longer pass is followed by a short pause, never a
+        second interval: the lag from a node's write to the summary stays about one interval)."""
         while True:
+            started = time.monotonic()
             await self.sync_once()
-            await asyncio.sleep(self.settings.sync_interval)
+            await asyncio.sleep(max(0.2, self.settings.sync_interval - (time.monotonic() - started)))
 
     def observe_trace(self, event_type: Optional[str], body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
@@ -284,8 +328,13 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
     def login(**_: Any) -> kopf.ConnectionInfo:
         return kube_module.connection_info(kube.cfg)
 
+    stop_watch = threading.Event()
+
     @kopf.on.startup(registry=registry, id="start-sync")
     async def startup(**_: Any) -> None:
+        # The nodes' reports: one label-selected watch in the operator's namespace, its own thread.
+        threading.Thread(target=kube.watch_reports, args=(settings.namespace, reconciler.reports, stop_watch),
+                         name="rtrace-report-watch", daemon=True).start()
         tasks.append(asyncio.create_task(reconciler.sync_forever(), name="rtrace-sync"))
         if settings.metrics_port:
             tasks.append(asyncio.create_task(metrics.serve(settings.metrics_port, reconciler), name="rtrace-http"))
@@ -294,6 +343,7 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
 
     @kopf.on.cleanup(registry=registry, id="stop-sync")
     async def cleanup(**_: Any) -> None:
+        stop_watch.set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -329,6 +379,7 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
     @kopf.on.event("", "v1", "pods", registry=registry, id="pod-index")
     def on_pod_event(event: kopf.RawEvent, **_: Any) -> None:
         reconciler.pods.observe(event["object"], deleted=event.get("type") == "DELETED")
+        reconciler.observe_agent_pod(event["object"], deleted=event.get("type") == "DELETED")
 
     return reconciler
 

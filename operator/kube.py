@@ -1,8 +1,9 @@
 """Every Kubernetes API call the operator makes (besides kopf's own watches), in one place.
 
 The kubernetes client is synchronous; KubeApi runs each call in a worker thread so kopf's
-event loop never blocks. Writes use server-side apply with the operator's own field manager,
-so the agents' status.nodes[] entries (field managers rtrace-agent/<node>) are never touched.
+event loop never blocks. Writes use server-side apply with the operator's own field manager.
+The nodes' reports come from ONE label-selected watch in the operator's namespace
+(`watch_reports`, its own thread), never one per trace.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import asyncio
 import json
 import logging
 import os
+import random
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
@@ -20,8 +23,9 @@ import kopf
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from .api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from .api import API_VERSION, GROUP, KIND, PLURAL, REPORT_KIND, REPORT_PLURAL, VERSION
 from .conditions import utcnow
+from .reports import REPORTS_SELECTOR
 
 if TYPE_CHECKING:
     from .metrics import OperatorMetrics
@@ -161,6 +165,51 @@ class KubeApi:
             "apply status", self._custom.patch_cluster_custom_object_status, GROUP, VERSION, PLURAL, name, body,
             field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
         )
+
+    async def apply_report_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Server-side apply of the operator's marks on a node's report (its /status)."""
+        body = {"apiVersion": API_VERSION, "kind": REPORT_KIND, "metadata": {"name": name, "namespace": namespace},
+                "status": status}
+        await self._call(
+            "apply report status", self._custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace,
+            REPORT_PLURAL, name, body, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
+        )
+
+    # ------------------------------------------------------------ the reports' watch
+
+    def watch_reports(self, namespace: str, index: Any, stop: threading.Event, timeout: int = 60) -> None:
+        """Keep `index` (a ReportIndex) equal to the reports in `namespace` until `stop`: list
+        once, then watch from that resourceVersion, resuming after each server timeout; relist
+        only when the watch expired (410) or failed. Blocking: run it in a thread."""
+        from kubernetes import watch
+
+        attempt = 0
+        while not stop.is_set():
+            try:
+                listed = self._custom.list_namespaced_custom_object(
+                    GROUP, VERSION, namespace, REPORT_PLURAL, label_selector=REPORTS_SELECTOR, _request_timeout=60)
+                index.replace(listed.get("items") or [])
+                version = listed["metadata"]["resourceVersion"]
+                attempt = 0
+                while not stop.is_set():
+                    stream = watch.Watch().stream(
+                        self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, REPORT_PLURAL,
+                        label_selector=REPORTS_SELECTOR, resource_version=version, timeout_seconds=timeout,
+                        allow_watch_bookmarks=True, _request_timeout=timeout + 10)
+                    for event in stream:
+                        obj = event["object"]
+                        if event["type"] == "ERROR":
+                            raise ApiException(status=(obj or {}).get("code") or 0, reason=(obj or {}).get("message"))
+                        version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                        if event["type"] != "BOOKMARK":
+                            index.observe(obj, deleted=event["type"] == "DELETED")
+                        if stop.is_set():
+                            return
+            except Exception as e:  # noqa: BLE001 - API server away, expired version: relist after a pause
+                delay = min(30.0, 2 ** min(attempt, 5)) * (0.5 + random.random() / 2)
+                attempt += 1
+                log.warning("watch of node reports in %s interrupted (%s); relisting in %.1fs", namespace, e, delay)
+                stop.wait(delay)
 
     async def post_event(self, trace: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event about the trace; failures are logged, never raised (events are best effort)."""

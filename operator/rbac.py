@@ -1,7 +1,8 @@
-"""The API permissions the operator needs, and nothing more, as data.
+"""The API permissions the operator and the agents need, and nothing more, as data.
 
-manifests/ and the Helm chart turn these into a ClusterRole, a Role in the operator's
-namespace and a Role in "default"; the cluster tests run the operator with exactly these.
+manifests/ and the Helm chart turn these into ClusterRoles, Roles in the operator's
+namespace and a Role in "default"; a chart test checks they grant exactly these, and the
+cluster tests run the operator with exactly these.
 
 Why each one:
 - retransmittraces list/watch: kopf's watch of the traces. patch: kopf keeps its progress and
@@ -14,6 +15,9 @@ Why each one:
 - pods list/watch (all namespaces): the pod IP index for remote-side attribution.
 - daemonsets get/create/patch/delete (operator namespace only): the agents. Server-side apply
   is a patch, and a patch that creates needs create too.
+- retransmitnodereports list/watch (operator namespace only): the one label-selected watch
+  of the nodes' reports. retransmitnodereports/status patch: marking reports of nodes that
+  left the trace (server-side apply).
 - events create (namespace "default" only): Events about cluster-scoped objects live there.
 """
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import GROUP, PLURAL
+from .api import GROUP, PLURAL, REPORT_PLURAL
 
 CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch", "patch"]},
@@ -32,8 +36,22 @@ CLUSTER_RULES: list[dict[str, Any]] = [
 # In the operator's own namespace (RTRACE_NAMESPACE).
 NAMESPACE_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": [GROUP], "resources": [REPORT_PLURAL], "verbs": ["list", "watch"]},
+    {"apiGroups": [GROUP], "resources": [f"{REPORT_PLURAL}/status"], "verbs": ["patch"]},
 ]
 # In namespace "default" (retransmit_operator.kube.EVENTS_NAMESPACE).
 EVENTS_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+
+# The agents. Cluster-wide: only the pods of their node (listed and watched with fieldSelector
+# spec.nodeName; RBAC cannot express field selectors), for local-side attribution.
+AGENT_CLUSTER_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+]
+# In the operator's namespace (where the agents run): their node's report. get (the restart
+# baseline), create (the first time), patch (server-side apply). Which report: the
+# node-report guard admission policy allows only the agent's own node's.
+AGENT_NAMESPACE_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [GROUP], "resources": [REPORT_PLURAL], "verbs": ["get", "create", "patch"]},
 ]

@@ -110,11 +110,9 @@ def _tolerations(spec: RetransmitTraceSpec) -> list[dict[str, Any]]:
     return [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in spec.tolerations]
 
 
-def render_pod_template(trace_name: str, spec: RetransmitTraceSpec, settings: Settings) -> dict[str, Any]:
+def render_pod_template(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec, settings: Settings) -> dict[str, Any]:
     port = agent_metrics_port(trace_name, settings)
-    args = render_agent_args(AgentInvocation(
-        trace=trace_name, spec=spec, metrics_port=port, max_writes_per_second=settings.max_writes_per_second,
-    ))
+    args = render_agent_args(AgentInvocation(trace=trace_name, trace_uid=trace_uid, spec=spec, metrics_port=port))
     env = [{"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
            for name, path in DOWNWARD_API_ENV.items()]
     env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
@@ -176,7 +174,7 @@ def spec_hash(template: dict[str, Any]) -> str:
 
 def render_daemonset(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec, settings: Settings) -> dict[str, Any]:
     """The DaemonSet rtrace-<trace> in the operator's namespace, owned by the trace."""
-    template = render_pod_template(trace_name, spec, settings)
+    template = render_pod_template(trace_name, trace_uid, spec, settings)
     digest = spec_hash(template)
     template["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
     return {

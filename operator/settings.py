@@ -16,8 +16,6 @@ Deployment sets them); keep them stable.
     RTRACE_AGENT_METRICS_PORT        base port of the agents' /metrics, /readyz, /livez; each trace
                                      gets base + a stable offset below 100 from its name, because
                                      agents use the host network and two traces share nodes [9464]
-    RTRACE_MAX_WRITES_PER_SECOND     ceiling on status writes per second per trace, across all of
-                                     its agents [5]
     RTRACE_METRICS_PORT              the operator's /metrics, /healthz, /readyz; 0 disables [8080]
     RTRACE_SYNC_INTERVAL             how often each trace is aggregated and checked for completion
                                      (Go-style duration) [2s]
@@ -36,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping, Optional
 
 from .api import parse_duration
-from .contract import DEFAULT_MAX_WRITES_PER_SECOND, DEFAULT_METRICS_PORT
+from .contract import DEFAULT_METRICS_PORT
 
 SecurityMode = Literal["privileged", "capabilities"]
 SECURITY_MODES: tuple[str, ...] = ("privileged", "capabilities")
@@ -63,7 +61,6 @@ class Settings:
     agent_resources: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_AGENT_RESOURCES)))
     agent_command: tuple[str, ...] = ("retransmit-agent",)
     agent_metrics_port: int = DEFAULT_METRICS_PORT
-    max_writes_per_second: float = DEFAULT_MAX_WRITES_PER_SECOND
     metrics_port: int = 8080
     sync_interval: float = 2.0
     log_level: str = "INFO"
@@ -109,16 +106,6 @@ class Settings:
 
         command = tuple(shlex.split(get("RTRACE_AGENT_COMMAND") or "")) or base.agent_command
 
-        writes_text = get("RTRACE_MAX_WRITES_PER_SECOND")
-        writes = base.max_writes_per_second
-        if writes_text is not None:
-            try:
-                writes = float(writes_text)
-            except ValueError:
-                raise SettingsError(f"RTRACE_MAX_WRITES_PER_SECOND={writes_text!r} is not a number") from None
-            if writes <= 0:
-                raise SettingsError(f"RTRACE_MAX_WRITES_PER_SECOND={writes_text} must be above 0")
-
         interval_text = get("RTRACE_SYNC_INTERVAL")
         interval = base.sync_interval
         if interval_text is not None:
@@ -142,7 +129,6 @@ class Settings:
             agent_resources=resources,
             agent_command=command,
             agent_metrics_port=integer("RTRACE_AGENT_METRICS_PORT", base.agent_metrics_port, 1024, 65535 - 100),
-            max_writes_per_second=writes,
             metrics_port=integer("RTRACE_METRICS_PORT", base.metrics_port, 0, 65535),
             sync_interval=interval,
             log_level=level,

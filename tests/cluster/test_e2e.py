@@ -1,10 +1,10 @@
 """End to end on the real API server and the real kernel: apply a RetransmitTrace, read real
-retransmits from its status.
+retransmits from its nodes' RetransmitNodeReports and its status.
 
 The operator runs embedded (its real handlers), renders the agents' DaemonSet; the real
 controller-manager and scheduler place the pods; the node simulator runs each agent pod's
 command exactly as rendered (hostNetwork, downward-API env, its own ServiceAccount token),
-so `retransmit-agent cluster` attaches real BPF and server-side-applies its node entry.
+so `retransmit-agent cluster` attaches real BPF and server-side-applies its node's report.
 Client and server are pods with network namespaces and addresses of their own; loss is
 injected where segments arrive in the pods. Ground truth: an independent reference counter on the same
 tracepoints, restricted to the test's own pod addresses.
@@ -23,7 +23,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,9 +31,11 @@ import kubernetes
 import pytest
 import yaml
 
-from retransmit_operator.api import GROUP, PLURAL, VERSION, NodeStatus
+from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
+from retransmit_operator.heartbeat import stale_after
 from retransmit_operator.main import EmbeddedOperator
 from retransmit_operator.render import agent_metrics_port, daemonset_name, selector_labels
+from retransmit_operator.reports import report_name, trace_selector
 from retransmit_operator.settings import Settings
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
@@ -44,11 +46,12 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_NS = "retransmit-system"
 AGENT_SA = "retransmit-operator-agent"
-MANIFESTS = ["00-namespace.yaml", "crd.yaml", "agent-serviceaccount.yaml",
-             "agent-clusterrole.yaml", "agent-clusterrolebinding.yaml"]
+MANIFESTS = ["00-namespace.yaml", "crd.yaml", "crd-nodereports.yaml", "agent-serviceaccount.yaml",
+             "agent-clusterrole.yaml", "agent-clusterrolebinding.yaml", "agent-role.yaml", "agent-rolebinding.yaml",
+             "agent-report-guard-policy.yaml", "agent-report-guard-binding.yaml"]
+REPORT_GUARD = "retransmit-operator-report-guard"
 NODE_A, NODE_B = "node-a", "node-b"
 REPORT = "1s"
-WRITES_PER_SECOND = 0.5
 
 
 # ---------------------------------------------------------------- fixtures
@@ -70,18 +73,22 @@ def installed(control_plane):
                 if doc:
                     apply_manifest(api, doc)
         ext = kubernetes.client.ApiextensionsV1Api(api)
-        wait_until(lambda: any(c.type == "Established" and c.status == "True"
-                               for c in ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []),
-                   "the CRD to be established")
+        for plural in (PLURAL, REPORT_PLURAL):
+            wait_until(lambda: any(c.type == "Established" and c.status == "True"
+                                   for c in ext.read_custom_resource_definition(f"{plural}.{GROUP}").status.conditions or []),
+                       f"the CRD {plural} to be established")
     yield control_plane
     # Leave the shared cluster as found (the deploy tests install the chart into a cluster
     # without retransmit-system): everything but the CRD, which other modules use too.
     with control_plane.api_client() as api:
         core = kubernetes.client.CoreV1Api(api)
         rbac = kubernetes.client.RbacAuthorizationV1Api(api)
+        admission = kubernetes.client.AdmissionregistrationV1Api(api)
         for delete in (lambda: core.delete_namespace(SYSTEM_NS),
                        lambda: rbac.delete_cluster_role_binding(AGENT_SA),
-                       lambda: rbac.delete_cluster_role(AGENT_SA)):
+                       lambda: rbac.delete_cluster_role(AGENT_SA),
+                       lambda: admission.delete_validating_admission_policy_binding(REPORT_GUARD),
+                       lambda: admission.delete_validating_admission_policy(REPORT_GUARD)):
             try:
                 delete()
             except kubernetes.client.ApiException as e:
@@ -118,8 +125,6 @@ def operator(installed, node_simulator, agent_state):
     settings = Settings(
         namespace=SYSTEM_NS, agent_service_account=AGENT_SA, agent_command=(str(agent_state / "agent"),),
         sync_interval=1.0, metrics_port=0, kubeconfig=str(installed.kubeconfig),
-        # A write budget small enough to show: one node may write every 1 / 0.5 = 2 s.
-        max_writes_per_second=WRITES_PER_SECOND,
     )
     op = EmbeddedOperator(settings).start()
     yield op
@@ -194,11 +199,23 @@ class Trace:
     def get(self) -> dict:
         return self.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.name)
 
+    def report(self, node: str = NODE_A) -> Optional[dict]:
+        try:
+            return self.objects.get_namespaced_custom_object(GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL,
+                                                             report_name(self.name, node))
+        except kubernetes.client.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
     def entry(self, node: str = NODE_A) -> Optional[NodeStatus]:
-        for raw in (self.get().get("status") or {}).get("nodes") or []:
-            if raw["node"] == node:
-                return NodeStatus.model_validate(raw)
-        return None
+        """The node's report as its agent wrote it."""
+        report = self.report(node)
+        return NodeStatus.model_validate(report["spec"]) if report else None
+
+    def reports(self) -> list[dict]:
+        return self.objects.list_namespaced_custom_object(GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL,
+                                                          label_selector=trace_selector(self.name))["items"]
 
     def wait_entry(self, what: str, predicate: Callable[[NodeStatus], bool], node: str = NODE_A,
                    timeout: float = 120.0) -> NodeStatus:
@@ -452,41 +469,101 @@ def test_counts_are_complete_after_the_api_server_was_stopped_for_30s(operator, 
     assert metrics["rtrace_report_errors_total"] > errors_before  # it did try, and failed, meanwhile
     assert metrics["rtrace_node_retransmits_total"] == entry.retransmits
     assert metrics["rtrace_program_attached"] == 1
-    # The write budget: reportInterval 1s stretched to nodesDesired (1) / 0.5 writes/s = 2s.
+    # No write budget any more: the interval is the spec's, whatever the node count.
     assert trace.get()["status"]["summary"]["nodesDesired"] == 1
-    assert metrics["rtrace_report_interval_seconds"] == 1 / WRITES_PER_SECOND
+    assert metrics["rtrace_report_interval_seconds"] == 1.0
 
 
-def test_agent_service_account_may_patch_only_trace_status_and_read_pods(operator, installed, objects, traces):
+def _report_body(trace: dict, node: str, retransmits: int = 0) -> dict:
+    from retransmit_operator.reports import report_object
+
+    meta = trace["metadata"]
+    return report_object(meta["name"], meta["uid"], node, SYSTEM_NS,
+                         NodeStatus(node=node, phase="Running", retransmits=retransmits))
+
+
+def _refused(call: Callable[[], Any]) -> kubernetes.client.ApiException:
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        call()
+    return err.value
+
+
+def test_an_agent_writes_only_its_own_nodes_report_and_reads_only_pods(operator, installed, objects, traces, core):
+    """RBAC gives the agents' account reports in their namespace; the report-guard admission
+    policy narrows that to the node of the agent's pod-bound token (as NodeRestriction does
+    for kubelets). The token of a pod on node-a may write node-a's report, never node-b's."""
     trace = traces(nodeSelector={"kubernetes.io/hostname": "no-such-node"})
-    token = installed.service_account_token(SYSTEM_NS, AGENT_SA, create=False)
-    with installed.api_client(token=token) as api:
-        as_agent = kubernetes.client.CustomObjectsApi(api)
-        core = kubernetes.client.CoreV1Api(api)
-        # Allowed: read the trace, apply its own node entry, list and watch pods.
-        as_agent.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace.name)
-        as_agent.patch_cluster_custom_object_status(
-            GROUP, VERSION, PLURAL, trace.name,
-            {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RetransmitTrace", "metadata": {"name": trace.name},
-             "status": {"nodes": [{"node": "rbac-probe", "phase": "Running"}]}},
-            field_manager="rtrace-agent/rbac-probe", force=True, _content_type="application/apply-patch+yaml")
-        core.list_pod_for_all_namespaces(field_selector="spec.nodeName=node-a")
+    body = trace.get()
+    core.create_namespaced_pod(SYSTEM_NS, {"metadata": {"name": "agent-token-a"}, "spec": {
+        "nodeName": NODE_A, "serviceAccountName": AGENT_SA,
+        "containers": [{"name": "c", "image": "none", "command": ["sleep", "1000"]}]}})
+    try:
+        pod = core.read_namespaced_pod("agent-token-a", SYSTEM_NS)
+        token_a = installed.service_account_token(SYSTEM_NS, AGENT_SA, create=False,
+                                                  bound_pod=(pod.metadata.name, pod.metadata.uid))
+        unbound = installed.service_account_token(SYSTEM_NS, AGENT_SA, create=False)
+        with installed.api_client(token=token_a) as api:
+            # Our API server (v1.34) puts the pod's node into the bound token's user info.
+            review = kubernetes.client.AuthenticationV1Api(api).create_self_subject_review(
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
+            assert review.status.user_info.extra["authentication.kubernetes.io/node-name"] == [NODE_A]
+            as_agent = kubernetes.client.CustomObjectsApi(api)
+            as_core = kubernetes.client.CoreV1Api(api)
+            own, other = _report_body(body, NODE_A), _report_body(body, NODE_B)
+            # Allowed: create, read and server-side apply its own node's report; list its node's pods.
+            as_agent.create_namespaced_custom_object(GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, own)
+            own["spec"]["retransmits"] = 5
+            as_agent.patch_namespaced_custom_object(GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, own["metadata"]["name"],
+                                                    own, field_manager=f"rtrace-agent/{NODE_A}", force=True,
+                                                    _content_type="application/apply-patch+yaml")
+            assert as_agent.get_namespaced_custom_object(GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL,
+                                                         own["metadata"]["name"])["spec"]["retransmits"] == 5
+            as_core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={NODE_A}")
 
-        refused = {
-            "patch the trace's spec": lambda: as_agent.patch_cluster_custom_object(
-                GROUP, VERSION, PLURAL, trace.name, {"spec": {"topFlows": 3}}),
-            "delete the trace": lambda: as_agent.delete_cluster_custom_object(GROUP, VERSION, PLURAL, trace.name),
-            "create a trace": lambda: as_agent.create_cluster_custom_object(GROUP, VERSION, PLURAL, trace_body("evil")),
-            "patch a pod": lambda: core.patch_namespaced_pod("x", SYSTEM_NS, {"metadata": {"labels": {"a": "b"}}}),
-            "create a config map": lambda: core.create_namespaced_config_map(SYSTEM_NS, {"metadata": {"name": "x"}}),
-            "read secrets": lambda: core.list_namespaced_secret(SYSTEM_NS),
-            "read nodes": lambda: core.list_node(),
-        }
-        for what, call in refused.items():
-            with pytest.raises(kubernetes.client.ApiException) as err:
-                call()
-            assert err.value.status == 403, f"{what}: {err.value.status}"
-    assert any(n["node"] == "rbac-probe" for n in trace.get()["status"]["nodes"])
+            # Refused by the admission policy: another node's report, made or taken over.
+            denied = {
+                "create node-b's report": lambda: as_agent.create_namespaced_custom_object(
+                    GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, other),
+                "apply node-b's report": lambda: as_agent.patch_namespaced_custom_object(
+                    GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, other["metadata"]["name"], other,
+                    field_manager=f"rtrace-agent/{NODE_B}", force=True, _content_type="application/apply-patch+yaml"),
+                "turn its report into node-b's": lambda: as_agent.patch_namespaced_custom_object(
+                    GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, own["metadata"]["name"], {"spec": {"node": NODE_B}}),
+            }
+            for what, call in denied.items():
+                e = _refused(call)
+                assert e.status == 403 and "may" in e.body and NODE_A in e.body, f"{what}: {e.status} {e.body}"
+            # Refused by RBAC: everything else.
+            forbidden = {
+                "read the trace": lambda: as_agent.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace.name),
+                "patch the trace's status": lambda: as_agent.patch_cluster_custom_object_status(
+                    GROUP, VERSION, PLURAL, trace.name, {"status": {"phase": "Failed"}}),
+                "patch the trace's spec": lambda: as_agent.patch_cluster_custom_object(
+                    GROUP, VERSION, PLURAL, trace.name, {"spec": {"topFlows": 3}}),
+                "delete the trace": lambda: as_agent.delete_cluster_custom_object(GROUP, VERSION, PLURAL, trace.name),
+                "create a trace": lambda: as_agent.create_cluster_custom_object(GROUP, VERSION, PLURAL, trace_body("evil")),
+                "delete its report": lambda: as_agent.delete_namespaced_custom_object(
+                    GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, own["metadata"]["name"]),
+                "mark its report's status": lambda: as_agent.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, own["metadata"]["name"], {"status": {"departed": True}}),
+                "write a report in another namespace": lambda: as_agent.create_namespaced_custom_object(
+                    GROUP, VERSION, "default", REPORT_PLURAL, {**own, "metadata": {**own["metadata"], "namespace": "default"}}),
+                "patch a pod": lambda: as_core.patch_namespaced_pod("x", SYSTEM_NS, {"metadata": {"labels": {"a": "b"}}}),
+                "create a config map": lambda: as_core.create_namespaced_config_map(SYSTEM_NS, {"metadata": {"name": "x"}}),
+                "read secrets": lambda: as_core.list_namespaced_secret(SYSTEM_NS),
+                "read nodes": lambda: as_core.list_node(),
+            }
+            for what, call in forbidden.items():
+                e = _refused(call)
+                assert e.status == 403 and "forbidden" in e.body.lower(), f"{what}: {e.status} {e.body}"
+        # A token bound to no pod names no node: refused even for a report that exists.
+        with installed.api_client(token=unbound) as api:
+            e = _refused(lambda: kubernetes.client.CustomObjectsApi(api).patch_namespaced_custom_object(
+                GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, own["metadata"]["name"], {"spec": {"retransmits": 1}}))
+            assert e.status == 403 and "names no node" in e.body
+    finally:
+        core.delete_namespaced_pod("agent-token-a", SYSTEM_NS, grace_period_seconds=0)
+    assert trace.entry(NODE_A).retransmits == 5 and trace.report(NODE_B) is None
 
 
 def test_a_node_without_the_tracepoint_fails_while_the_other_counts(operator, reference, pods, traces,
@@ -537,3 +614,64 @@ def test_pods_started_after_the_trace_are_selected_as_they_come(operator, refere
     assert want
     entry = trace.wait_entry("the late pods' flows", lambda e: entry_flows(e) == want)
     assert {f.local.pod for f in entry.top_flows} <= {"server", "client"}
+
+
+def _conditions(status: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in status.get("conditions") or []}
+
+
+def _report_time(raw: Optional[str]) -> Optional[datetime]:
+    return datetime.fromisoformat(raw.replace("Z", "+00:00")) if raw else None
+
+
+def test_a_quiet_node_stays_reporting_and_a_stopped_agent_goes_stale_by_name(operator, pods, traces,
+                                                                            node_simulator):
+    """The heartbeat: no retransmits at all, yet the node stays 1/1 and Ready=True across
+    several staleness bounds; then its agent stops (SIGSTOP) and the operator names it."""
+    trace = traces(namespaces=[pods.namespace], nodeSelector={"kubernetes.io/hostname": NODE_A})
+    first = trace.wait_entry("attached", running)
+    interval = _agent_metrics(trace)["rtrace_report_interval_seconds"]
+    bound = stale_after(interval)
+    windows = 4
+    wait_until(lambda: (lambda st: (st.get("summary") or {}).get("nodes") == "1/1"
+                        and _conditions(st).get("Ready", {}).get("status") == "True")(trace.get().get("status") or {}),
+               "the node reporting and the trace Ready", timeout=60)
+
+    observed: list[tuple[float, str, str, Optional[datetime]]] = []
+
+    def quiet_for_several_bounds():
+        status = trace.get().get("status") or {}
+        node = next((n for n in status.get("nodes") or [] if n["node"] == NODE_A), {})
+        sync = operator.reconciler.last_sync
+        observed.append((sync, (status.get("summary") or {}).get("nodes"),
+                         _conditions(status).get("Ready", {}).get("status"), _report_time(node.get("lastReportTime"))))
+        last = observed[-1][3]
+        # Done once the operator evaluated the trace after `windows` bounds past the first report.
+        return last is not None and last - first.last_report_time >= windows * bound and sync != observed[0][0]
+    wait_until(quiet_for_several_bounds, f"{windows} staleness bounds of a quiet node",
+               timeout=windows * bound.total_seconds() + 120, interval=1.0)
+    ready_views = [(nodes, ready) for _, nodes, ready, _ in observed if nodes is not None]
+    assert ready_views and set(ready_views) == {("1/1", "True")}, f"a quiet node dropped out: {set(ready_views)}"
+    heartbeats = {t for *_, t in observed if t is not None}
+    assert len(heartbeats) >= windows, f"the agent wrote no heartbeats while quiet: {sorted(heartbeats)}"
+    assert trace.entry().retransmits == 0  # quiet indeed: every write was a heartbeat
+    assert len({sync for sync, *_ in observed}) > windows  # the operator re-evaluated throughout
+
+    pid = _kill_agent(node_simulator, trace, signal.SIGSTOP)
+    try:
+        def named_stale():
+            status = trace.get().get("status") or {}
+            agents = _conditions(status).get("AgentsReady", {})
+            return status if agents.get("reason") == "AgentsNotReporting" else None
+        status = wait_until(named_stale, "the stopped agent's node named as not reporting",
+                            timeout=bound.total_seconds() + 120, interval=1.0)
+        stopped_entry = trace.entry()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    cond = _conditions(status)
+    assert NODE_A in cond["AgentsReady"]["message"] and f"{bound.total_seconds():.0f}s" in cond["AgentsReady"]["message"]
+    assert cond["Ready"]["status"] == "False" and status["summary"]["nodes"] == "0/1"
+    # Not early: the operator gave the node its whole bound.
+    assert _report_time(cond["AgentsReady"]["lastTransitionTime"]) >= stopped_entry.last_report_time + bound - timedelta(seconds=1)
+    wait_until(lambda: (trace.get()["status"].get("summary") or {}).get("nodes") == "1/1",
+               "the resumed agent reporting again", timeout=120)

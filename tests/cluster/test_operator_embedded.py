@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_embedded_operator_creates_agents_and_indexes_pods_then_stops_cleanly(control_plane, node_simulator, namespace):
     api = control_plane.api_client()
-    crd = yaml.safe_load((ROOT / "manifests" / "crd.yaml").read_text())
-    kubernetes.dynamic.DynamicClient(api).server_side_apply(
-        kubernetes.dynamic.DynamicClient(api).resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition"),
-        body=crd, name=crd["metadata"]["name"], field_manager="rtrace-test", force_conflicts=True)
+    for path in ("crd.yaml", "crd-nodereports.yaml"):
+        crd = yaml.safe_load((ROOT / "manifests" / path).read_text())
+        kubernetes.dynamic.DynamicClient(api).server_side_apply(
+            kubernetes.dynamic.DynamicClient(api).resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition"),
+            body=crd, name=crd["metadata"]["name"], field_manager="rtrace-test", force_conflicts=True)
     custom = kubernetes.client.CustomObjectsApi(api)
     apps = kubernetes.client.AppsV1Api(api)
     kubernetes.client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": "retransmit-agent"}})
@@ -41,6 +42,7 @@ def test_embedded_operator_creates_agents_and_indexes_pods_then_stops_cleanly(co
             "spec": {"nodeSelector": {"rtrace.dev/simulated": "true"}}})
         wait_until(lambda: apps.read_namespaced_daemon_set(f"rtrace-{name}", namespace), "the DaemonSet")
         assert name in op.reconciler.traces
+        assert op.reconciler.reports.synced.is_set()  # its one watch of the nodes' reports listed them
         # The cluster-wide pod index sees the agent pods' (host network) addresses as their nodes'.
         node_a = next(n for n in node_simulator.nodes if n.name == "node-a")
         ref = wait_until(lambda: op.reconciler.pods.lookup(node_a.ip_v4), "node-a's address in the pod index")

@@ -27,7 +27,8 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from retransmit_operator import rbac
-from retransmit_operator.api import GROUP, PLURAL, VERSION
+from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
+from retransmit_operator.reports import report_object, trace_selector
 from retransmit_operator.contract import parse_agent_args
 from tests.harness.controlplane import free_port
 from tests.harness.controlplane import wait_until as _wait_until
@@ -127,11 +128,12 @@ def admin(control_plane):
 
 @pytest.fixture(scope="module")
 def crd_installed(admin):
-    _ssa(admin, yaml.safe_load((ROOT / "manifests" / "crd.yaml").read_text()))
     ext = kubernetes.client.ApiextensionsV1Api(admin)
-    wait_until(lambda: any(c.type == "Established" and c.status == "True"
-                           for c in ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []),
-               "the CRD to be established")
+    for path, plural in (("crd.yaml", PLURAL), ("crd-nodereports.yaml", REPORT_PLURAL)):
+        _ssa(admin, yaml.safe_load((ROOT / "manifests" / path).read_text()))
+        wait_until(lambda: any(c.type == "Established" and c.status == "True"
+                               for c in ext.read_custom_resource_definition(f"{plural}.{GROUP}").status.conditions or []),
+                   f"the CRD {plural} to be established")
 
 
 @pytest.fixture(scope="module")
@@ -231,13 +233,14 @@ def phase(t: dict) -> str | None:
     return (t.get("status") or {}).get("phase")
 
 
-def apply_node_entry(admin, trace: str, entry: dict) -> None:
-    """What an agent does: server-side apply of its own status.nodes[] entry."""
-    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RetransmitTrace", "metadata": {"name": trace},
-            "status": {"nodes": [entry]}}
-    kubernetes.client.CustomObjectsApi(admin).patch_cluster_custom_object_status(
-        GROUP, VERSION, PLURAL, trace, body, field_manager=f"rtrace-agent/{entry['node']}", force=True,
-        _content_type="application/apply-patch+yaml")
+def apply_node_entry(admin, namespace: str, trace: str, entry: dict) -> None:
+    """What an agent does: server-side apply of its own node's RetransmitNodeReport (owned by the trace)."""
+    custom = kubernetes.client.CustomObjectsApi(admin)
+    uid = get_trace(custom, trace)["metadata"]["uid"]
+    body = report_object(trace, uid, entry["node"], namespace, NodeStatus.model_validate(entry))
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, REPORT_PLURAL, body["metadata"]["name"], body,
+        field_manager=f"rtrace-agent/{entry['node']}", force=True, _content_type="application/apply-patch+yaml")
 
 
 def node_entry(node: str, retransmits: int, flows: list[dict], phase_: str = "Running", **extra) -> dict:
@@ -323,14 +326,14 @@ def test_node_entries_from_two_agents_are_aggregated_with_remote_pod_attribution
 
     name = traces({"nodeSelector": SIM_SELECTOR, "topFlows": 5})
     wait_trace(custom, name, "Running", lambda t: phase(t) == "Running")
-    apply_node_entry(admin, name, node_entry("node-a", 7, [
+    apply_node_entry(admin, operator_namespace, name, node_entry("node-a", 7, [
         {"local": {"ip": "198.18.250.1", "port": 40000}, "remote": {"ip": v4, "port": 5432}, "family": "IPv4", "retransmits": 5},
         {"local": {"ip": "fd00::250:1", "port": 40001}, "remote": {"ip": v6, "port": 5432}, "family": "IPv6", "retransmits": 2},
     ]))
-    apply_node_entry(admin, name, node_entry("node-b", 4, [
+    apply_node_entry(admin, operator_namespace, name, node_entry("node-b", 4, [
         {"local": {"ip": v4, "port": 5432, "pod": "db", "namespace": namespace}, "remote": {"ip": "198.18.250.1", "port": 40000},
          "family": "IPv4", "retransmits": 4},
-    ]))
+    ], topPods=[{"pod": "db", "namespace": namespace, "node": "node-b", "retransmits": 4}]))
     done = wait_trace(custom, name, "summary of both nodes", lambda t: (t["status"].get("summary") or {}).get("nodes") == "2/2")
     s = done["status"]["summary"]
     assert (s["retransmits"], s["synackRetransmits"], s["nodesReporting"], s["nodesDesired"]) == (11, 2, 2, 2)
@@ -339,7 +342,8 @@ def test_node_entries_from_two_agents_are_aggregated_with_remote_pod_attribution
     assert [f["retransmits"] for f in s["topFlows"]] == [5, 4, 2]
     assert (flows[("node-a", 40000)]["remote"]["pod"], flows[("node-a", 40000)]["remote"]["namespace"]) == ("db", namespace)
     assert flows[("node-a", 40001)]["remote"]["pod"] == "db"  # IPv6 too
-    assert {"pod": "db", "namespace": namespace, "node": "node-b", "retransmits": 11} in s["topPods"]
+    # Pods by what they sent, as their nodes' agents counted them (node-a's flows are not a pod's).
+    assert s["topPods"] == [{"pod": "db", "namespace": namespace, "node": "node-b", "retransmits": 4}]
     assert condition(done, "Ready")["status"] == "True" and condition(done, "AgentsReady")["reason"] == "AllAgentsReporting"
 
     # Written only when something changed: with nothing new, the object stays as it is.
@@ -347,22 +351,27 @@ def test_node_entries_from_two_agents_are_aggregated_with_remote_pod_attribution
     time.sleep(3)
     assert get_trace(custom, name)["metadata"]["resourceVersion"] == version
 
-    # Each writer owns its own fields: both agents' entries survive the operator's writes.
+    # The trace's status is the operator's alone; each node's report is its agent's.
     managers = {m["manager"] for m in done["metadata"]["managedFields"] if m.get("subresource") == "status"}
-    assert {"rtrace-agent/node-a", "rtrace-agent/node-b", "rtrace-operator"} <= managers
-    assert sorted(n["node"] for n in done["status"]["nodes"]) == ["node-a", "node-b"]
+    assert managers == {"rtrace-operator"}
+    rows = {n["node"]: n for n in done["status"]["nodes"]}
+    assert sorted(rows) == ["node-a", "node-b"] and rows["node-a"]["retransmits"] == 7 and rows["node-a"]["reporting"]
+    reports = custom.list_namespaced_custom_object(GROUP, VERSION, operator_namespace, REPORT_PLURAL,
+                                                   label_selector=trace_selector(name))["items"]
+    assert {r["spec"]["node"]: {m["manager"] for m in r["metadata"]["managedFields"]} for r in reports} == {
+        "node-a": {"rtrace-agent/node-a"}, "node-b": {"rtrace-agent/node-b"}}
 
     # A node that fails shows as Degraded, naming the node and its message.
-    apply_node_entry(admin, name, node_entry("node-b", 4, [], phase_="Failed", message="tracefs not mounted: mount -t tracefs"))
+    apply_node_entry(admin, operator_namespace, name, node_entry("node-b", 4, [], phase_="Failed", message="tracefs not mounted: mount -t tracefs"))
     degraded = wait_trace(custom, name, "Degraded", lambda t: condition(t, "Degraded").get("status") == "True")
     assert "node-b: tracefs not mounted" in condition(degraded, "Degraded")["message"]
     wait_event(core, name, "NodeFailed", "Warning")
 
 
-def test_kubectl_get_shows_phase_nodes_retransmits_age_and_explain_documents_the_filter(operator, traces, custom, admin, control_plane):
+def test_kubectl_get_shows_phase_nodes_retransmits_age_and_explain_documents_the_filter(operator, operator_namespace, traces, custom, admin, control_plane):
     name = traces({"nodeSelector": SIM_SELECTOR})
     wait_trace(custom, name, "Running", lambda t: phase(t) == "Running")
-    apply_node_entry(admin, name, node_entry("node-a", 3, []))
+    apply_node_entry(admin, operator_namespace, name, node_entry("node-a", 3, []))
     wait_trace(custom, name, "retransmits in summary", lambda t: (t["status"].get("summary") or {}).get("retransmits") == 3)
     out = subprocess.run([str(KUBECTL), "get", "rtrace", name], env=control_plane.env(), capture_output=True, text=True, check=True).stdout
     header, row = out.splitlines()[:2]
@@ -371,6 +380,12 @@ def test_kubectl_get_shows_phase_nodes_retransmits_age_and_explain_documents_the
     describe = subprocess.run([str(KUBECTL), "describe", "rtrace", name], env=control_plane.env(),
                               capture_output=True, text=True, check=True).stdout
     assert "AgentsScheduled" in describe  # Events about the cluster-scoped trace are found
+    # The per-node table: the trace's reports, by label.
+    out = subprocess.run([str(KUBECTL), "-n", operator_namespace, "get", "rtreport", "-l", f"retransmit.dev/trace={name}"],
+                         env=control_plane.env(), capture_output=True, text=True, check=True).stdout
+    header, row = out.splitlines()[:2]
+    assert header.split() == ["NAME", "NODE", "PHASE", "RETRANSMITS", "SYN-ACK", "LOST", "LAST", "REPORT", "AGE"]
+    assert row.split()[:6] == [f"{name}.node-a", "node-a", "Running", "3", "1", "0"]
     explain = subprocess.run([str(KUBECTL), "explain", "rtrace.spec.filter"], env=control_plane.env(),
                              capture_output=True, text=True, check=True).stdout
     assert "remoteCIDRs" in explain and "Kernel-side filters" in explain and "10.0.0.0/8" in explain
@@ -395,7 +410,7 @@ def test_trace_with_duration_completes_removes_its_agents_and_keeps_results(oper
     name = traces({"nodeSelector": SIM_SELECTOR, "duration": "20s"})
     wait_until(lambda: daemonset(apps, operator_namespace, name), "the DaemonSet")
     wait_trace(custom, name, "Running", lambda t: phase(t) == "Running")
-    apply_node_entry(admin, name, node_entry("node-a", 12, []))
+    apply_node_entry(admin, operator_namespace, name, node_entry("node-a", 12, []))
     done = wait_trace(custom, name, "Completed", lambda t: phase(t) == "Completed")
     assert daemonset(apps, operator_namespace, name) is None
     start = datetime.fromisoformat(done["status"]["startTime"].replace("Z", "+00:00"))
@@ -408,7 +423,7 @@ def test_trace_with_duration_completes_removes_its_agents_and_keeps_results(oper
     wait_until(lambda: not core.list_namespaced_pod(operator_namespace, label_selector=f"retransmit.dev/trace={name}").items,
                "the agent pods to go")
     # A late final report (an agent flushing on SIGTERM) still lands in the summary.
-    apply_node_entry(admin, name, node_entry("node-a", 13, [], phase_="Completed"))
+    apply_node_entry(admin, operator_namespace, name, node_entry("node-a", 13, [], phase_="Completed"))
     wait_trace(custom, name, "the final report in the summary", lambda t: t["status"]["summary"]["retransmits"] == 13)
     assert phase(get_trace(custom, name)) == "Completed"
 
@@ -431,17 +446,28 @@ def test_completion_time_survives_an_operator_restart_mid_trace(operator, operat
     assert daemonset(apps, operator_namespace, name) is None
 
 
+def reports_of(custom, namespace: str, trace: str) -> dict[str, dict]:
+    """The trace's RetransmitNodeReports by node."""
+    items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, REPORT_PLURAL,
+                                                 label_selector=trace_selector(trace))["items"]
+    return {r["spec"]["node"]: r for r in items}
+
+
 @pytest.mark.parametrize("propagation", ["Background", "Foreground"])
-def test_deleting_a_trace_garbage_collects_its_daemonset_and_pods(operator, operator_namespace, traces, custom, apps, core, propagation):
+def test_deleting_a_trace_garbage_collects_its_daemonset_pods_and_reports(operator, operator_namespace, traces, custom, apps, core, admin, propagation):
     name = traces({"nodeSelector": SIM_SELECTOR})
     wait_until(lambda: daemonset(apps, operator_namespace, name), "the DaemonSet")
     wait_until(lambda: len(core.list_namespaced_pod(operator_namespace, label_selector=f"retransmit.dev/trace={name}").items) == 2,
                "two agent pods")
+    for node in ("node-a", "node-b"):
+        apply_node_entry(admin, operator_namespace, name, node_entry(node, 2, []))
+    assert sorted(reports_of(custom, operator_namespace, name)) == ["node-a", "node-b"]
     assert not get_trace(custom, name)["metadata"].get("finalizers")  # nothing blocks deletion
     custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name, propagation_policy=propagation)
     wait_until(lambda: daemonset(apps, operator_namespace, name) is None, "the DaemonSet to be collected")
     wait_until(lambda: not core.list_namespaced_pod(operator_namespace, label_selector=f"retransmit.dev/trace={name}").items,
                "the agent pods to be collected")
+    wait_until(lambda: not reports_of(custom, operator_namespace, name), "the node reports to be collected")
 
     def trace_gone():
         try:
@@ -453,6 +479,43 @@ def test_deleting_a_trace_garbage_collects_its_daemonset_and_pods(operator, oper
     # The operator does not bring the agents back for a trace that is gone or going.
     time.sleep(3)
     assert daemonset(apps, operator_namespace, name) is None
+
+
+def test_a_node_that_leaves_the_selector_is_marked_and_its_report_kept_through_completion(
+        operator, operator_namespace, traces, custom, apps, core, admin):
+    """node-b leaves the trace's node selector: its agent pod goes, its report goes silent, the
+    operator marks it departed (not counted as desired nor reporting, counts kept); after
+    completion both reports stay with their final counts."""
+    label = f"rtrace.dev/leave-{uuid.uuid4().hex[:6]}"
+    for node in ("node-a", "node-b"):
+        core.patch_node(node, {"metadata": {"labels": {label: "yes"}}})
+    try:
+        name = traces({"nodeSelector": {label: "yes"}, "reportInterval": "1s", "duration": "90s"})
+        wait_until(lambda: len(core.list_namespaced_pod(operator_namespace, label_selector=f"retransmit.dev/trace={name}").items) == 2,
+                   "two agent pods")
+        for node, count in (("node-a", 5), ("node-b", 7)):
+            apply_node_entry(admin, operator_namespace, name, node_entry(node, count, []))
+        wait_trace(custom, name, "both nodes reporting", lambda t: (t["status"].get("summary") or {}).get("nodes") == "2/2")
+
+        core.patch_node("node-b", {"metadata": {"labels": {label: None}}})
+        wait_until(lambda: [p.spec.node_name for p in core.list_namespaced_pod(
+            operator_namespace, label_selector=f"retransmit.dev/trace={name}").items] == ["node-a"], "node-b's agent pod to go")
+        marked = wait_until(lambda: (lambda r: r if (r.get("status") or {}).get("departed") else None)(
+            reports_of(custom, operator_namespace, name)["node-b"]), "node-b's report marked departed")
+        assert marked["status"]["departedTime"] and marked["spec"]["retransmits"] == 7
+        t = wait_trace(custom, name, "node-b's row departed",
+                       lambda t: {r["node"]: r.get("departed", False) for r in t["status"]["nodes"]} == {"node-a": False, "node-b": True})
+        assert t["status"]["summary"]["retransmits"] == 12  # its counts stay in the totals
+        assert t["status"]["summary"]["nodesDesired"] == 1 and "node-b" not in condition(t, "AgentsReady")["message"]
+
+        done = wait_trace(custom, name, "Completed", lambda t: phase(t) == "Completed")
+        reports = reports_of(custom, operator_namespace, name)
+        assert {n: r["spec"]["retransmits"] for n, r in reports.items()} == {"node-a": 5, "node-b": 7}
+        assert reports["node-b"]["status"]["departed"] and not (reports["node-a"].get("status") or {}).get("departed")
+        assert done["status"]["summary"]["retransmits"] == 12
+    finally:
+        for node in ("node-a", "node-b"):
+            core.patch_node(node, {"metadata": {"labels": {label: None}}})
 
 
 # ---------------------------------------------------------------------------- invalid specs

@@ -61,7 +61,6 @@ def operator_http(installed, node_simulator, agent_state):
     settings = Settings(
         namespace=e2e.SYSTEM_NS, agent_service_account=e2e.AGENT_SA, agent_command=(str(agent_state / "agent"),),
         sync_interval=1.0, metrics_port=free_port(), kubeconfig=str(installed.kubeconfig),
-        max_writes_per_second=e2e.WRITES_PER_SECOND,
     )
     op = EmbeddedOperator(settings).start()
     yield settings

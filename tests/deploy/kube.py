@@ -30,9 +30,10 @@ def helm(cp, *args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def install_crd(cp) -> None:
-    """The generated CRD (others may have installed it already: server-side apply is idempotent)."""
-    kubectl(cp, "apply", "--server-side", "--force-conflicts", "-f", str(MANIFESTS / "crd.yaml"))
-    kubectl(cp, "wait", "--for=condition=Established", "crd/retransmittraces.retransmit.dev", "--timeout=60s")
+    """The generated CRDs (others may have installed them already: server-side apply is idempotent)."""
+    for path, name in (("crd.yaml", "retransmittraces"), ("crd-nodereports.yaml", "retransmitnodereports")):
+        kubectl(cp, "apply", "--server-side", "--force-conflicts", "-f", str(MANIFESTS / path))
+        kubectl(cp, "wait", "--for=condition=Established", f"crd/{name}.retransmit.dev", "--timeout=60s")
 
 
 def unique(prefix: str) -> str:

@@ -8,7 +8,7 @@ PodMonitors) to manifests/monitoring/.
 Each template holds one resource and gives its file name (the namespace's file sorts
 first so `kubectl apply -f manifests/` creates it before what lives in it). Helm's own
 labels (helm.sh/chart, managed-by: Helm) are dropped: kubectl, not Helm, manages these.
-The CRD (manifests/crd.yaml) and samples/ are not rendered here.
+The CRDs (manifests/crd*.yaml) and samples/ are not rendered here.
 
     python -m tests.deploy.render            print the files it would write
     python -m tests.deploy.render --write    rewrite manifests/ (make manifests)
@@ -32,7 +32,7 @@ MANIFESTS = ROOT / "manifests"
 RELEASE = "retransmit-operator"
 NAMESPACE = "retransmit-system"
 # Files in manifests/ that other generators own.
-NOT_RENDERED = {"crd.yaml"}
+NOT_RENDERED = {"crd.yaml", "crd-nodereports.yaml"}
 HEADER = ("# Rendered from helm/retransmit-operator by `make manifests` (python -m tests.deploy.render --write).\n"
           "# Do not edit: change the chart and re-render; tests/deploy fails on drift.\n")
 _SOURCE = re.compile(r"^# Source: [^/]+/templates/(.+)$", re.M)

@@ -128,7 +128,7 @@ def test_plain_manifests_apply_in_file_order_and_delete_cleanly(cluster):
     """`kubectl apply -f manifests/ && kubectl apply -f manifests/openshift/` on a cluster
     without the namespace: files apply in name order, so 00-namespace.yaml must come first."""
     assert kubectl(cluster, "get", "namespace", "retransmit-system", check=False).returncode != 0
-    files = [p for p in sorted(MANIFESTS.glob("*.yaml")) if p.name != "crd.yaml"]  # delete all but the CRD (others use it)
+    files = [p for p in sorted(MANIFESTS.glob("*.yaml")) if not p.name.startswith("crd")]  # delete all but the CRDs (others use them)
     args = [a for p in files for a in ("-f", str(p))]
     try:
         kubectl(cluster, "apply", "-f", str(MANIFESTS))      # as the README says (not recursive: no samples)
@@ -137,6 +137,7 @@ def test_plain_manifests_apply_in_file_order_and_delete_cleanly(cluster):
                                         "-o", "json").stdout)
         assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "retransmit-operator"
         assert kubectl(cluster, "get", "validatingadmissionpolicy", "retransmit-operator-spec-guard").returncode == 0
+        assert kubectl(cluster, "get", "validatingadmissionpolicy", "retransmit-operator-report-guard").returncode == 0
     finally:
         # Waits until the namespace is gone: later tests of the session may use the same names.
         kubectl(cluster, "delete", "--ignore-not-found", "-f", str(MANIFESTS / "openshift"))

@@ -42,7 +42,6 @@ def test_helm_lint_is_clean(variant):
 @pytest.mark.parametrize("setting, message", [
     (["--set", "agent.securityMode=root"], "at '/agent/securityMode': value must be one of 'privileged', 'capabilities'"),
     (["--set", "image.pullPolicy=Sometimes"], "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'"),
-    (["--set", "agent.maxWritesPerSecond=0"], "at '/agent/maxWritesPerSecond': minimum"),
     (["--set", "operator.resources.limits.memory=lots"], "at '/operator/resources/limits/memory': 'lots' does not match pattern"),
     (["--set", "openshift.enabled=yes"], "at '/openshift/enabled': got string, want boolean"),
     (["--set", "agent.metricsPort=80"], "at '/agent/metricsPort': minimum"),
@@ -73,11 +72,10 @@ def test_openshift_only_adds_the_agents_use_of_the_privileged_scc():
 
 
 def test_operator_settings_come_from_values():
-    env = operator_env(objects("--set", "agent.securityMode=capabilities", "--set-json", "agent.maxWritesPerSecond=2.5",
+    env = operator_env(objects("--set", "agent.securityMode=capabilities",
                                "--set", "image.repository=quay.io/me/rt", "--set", "image.tag=v9",
                                "--set", "agent.resources.limits.memory=300Mi"))
     assert env["RTRACE_AGENT_SECURITY_MODE"] == "capabilities"
-    assert env["RTRACE_MAX_WRITES_PER_SECOND"] == "2.5"
     assert env["RTRACE_AGENT_IMAGE"] == "quay.io/me/rt:v9"
     assert json.loads(env["RTRACE_AGENT_RESOURCES"])["limits"]["memory"] == "300Mi"
     assert env["RTRACE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
@@ -172,7 +170,17 @@ def test_chart_grants_the_operator_exactly_the_rules_its_code_declares():
     roles = {kind_name: o for kind_name, o in objs.items() if o["kind"] in ("ClusterRole", "Role")}
     cluster = roles["ClusterRole/retransmit-operator"]["rules"]
     assert _rule_set(cluster) == _rule_set(rbac.CLUSTER_RULES)
-    namespaced = [o for o in roles.values() if o["kind"] == "Role"]
-    by_namespace = {o["metadata"]["namespace"]: _rule_set(o["rules"]) for o in namespaced}
-    assert by_namespace["retransmit-system"] == _rule_set(rbac.NAMESPACE_RULES)
-    assert by_namespace["default"] == _rule_set(rbac.EVENTS_RULES)
+    assert _rule_set(roles["Role/retransmit-operator"]["rules"]) == _rule_set(rbac.NAMESPACE_RULES)
+    assert roles["Role/retransmit-operator"]["metadata"]["namespace"] == "retransmit-system"
+    assert _rule_set(roles["Role/retransmit-operator-events"]["rules"]) == _rule_set(rbac.EVENTS_RULES)
+    assert roles["Role/retransmit-operator-events"]["metadata"]["namespace"] == "default"
+
+
+def test_chart_grants_the_agents_exactly_the_rules_declared_and_reports_only_in_their_namespace():
+    from retransmit_operator import rbac
+
+    roles = {kind_name: o for kind_name, o in objects().items() if o["kind"] in ("ClusterRole", "Role")}
+    assert _rule_set(roles["ClusterRole/retransmit-operator-agent"]["rules"]) == _rule_set(rbac.AGENT_CLUSTER_RULES)
+    agent_role = roles["Role/retransmit-operator-agent"]
+    assert agent_role["metadata"]["namespace"] == "retransmit-system"
+    assert _rule_set(agent_role["rules"]) == _rule_set(rbac.AGENT_NAMESPACE_RULES)

@@ -90,7 +90,7 @@ def test_agent_pod_monitor_selects_the_pods_and_port_the_operator_renders():
 
     monitor = monitoring_objects(*ON, "--set", "monitoring.podMonitor.interval=15s",
                                  "--set", "nameOverride=rt")["PodMonitor/retransmit-operator-rt-agent"]
-    pod = render_pod_template("any-trace", RetransmitTraceSpec(), Settings())
+    pod = render_pod_template("any-trace", "uid-of-any-trace", RetransmitTraceSpec(), Settings())
     pod_labels = pod["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["retransmit-system"]}

@@ -32,13 +32,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from retransmit_operator.api import GROUP, PLURAL, VERSION
+from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION
 from tests.harness import podtraffic
 from tests.harness.controlplane import ControlPlane, end_process, start_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-MANIFESTS = ["00-namespace.yaml", "crd.yaml", "agent-serviceaccount.yaml",
-             "agent-clusterrole.yaml", "agent-clusterrolebinding.yaml"]
+MANIFESTS = ["00-namespace.yaml", "crd.yaml", "crd-nodereports.yaml", "agent-serviceaccount.yaml",
+             "agent-clusterrole.yaml", "agent-clusterrolebinding.yaml", "agent-role.yaml", "agent-rolebinding.yaml",
+             "agent-report-guard-policy.yaml", "agent-report-guard-binding.yaml"]
 SYSTEM_NS = "retransmit-system"
 AGENT_SA = "retransmit-operator-agent"
 DEMO_NS = "shop"
@@ -169,9 +170,10 @@ def main() -> int:
                     apply(api, doc)
                     console.print(f"applied {doc['kind']} {doc['metadata']['name']}")
         ext = kubernetes.client.ApiextensionsV1Api(api)
-        wait_until(lambda: any(c.type == "Established" and c.status == "True" for c in
-                               ext.read_custom_resource_definition(f"{PLURAL}.{GROUP}").status.conditions or []),
-                   "the CRD to be established")
+        for plural in (PLURAL, REPORT_PLURAL):
+            wait_until(lambda: any(c.type == "Established" and c.status == "True" for c in
+                                   ext.read_custom_resource_definition(f"{plural}.{GROUP}").status.conditions or []),
+                       f"the CRD {plural} to be established")
 
         console.rule(f"[bold]3. operator and simulated node {node}")
         env = {**cp.env(), "RTRACE_NAMESPACE": SYSTEM_NS, "RTRACE_AGENT_SERVICE_ACCOUNT": AGENT_SA,
@@ -236,8 +238,9 @@ def _run(cp: ControlPlane, sim: Any, core: Any, objects: Any, node: str) -> int:
     wait_until(lambda: get()["status"].get("phase") == "Completed", "the trace to complete", timeout=120)
     time.sleep(3)  # the agents' final reports, then one more aggregation
 
-    console.rule("[bold]6. results (status of the RetransmitTrace)")
+    console.rule("[bold]6. results (status of the RetransmitTrace, and its per-node reports)")
     kubectl(cp, "get", "rtrace")
+    kubectl(cp, "get", "rtreport", "-n", SYSTEM_NS, "-l", f"retransmit.dev/trace={TRACE}")
     status = get()["status"]
     console.print(flows_table(status))
     console.print(pods_table(status))

@@ -47,8 +47,8 @@ def test_bad_values_name_their_option(argv, option):
 
 
 def test_cluster_subcommand_takes_the_contract_arguments():
-    ns = build_parser().parse_args(["cluster", "--trace", "t", "--spec", "{}"])
-    assert ns.command == "cluster" and ns.trace == "t" and ns.spec == "{}"
+    ns = build_parser().parse_args(["cluster", "--trace", "t", "--trace-uid", "u", "--spec", "{}"])
+    assert ns.command == "cluster" and ns.trace == "t" and ns.trace_uid == "u" and ns.spec == "{}"
 
 
 def test_table_shows_totals_and_flows():

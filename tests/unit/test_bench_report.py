@@ -9,7 +9,7 @@ import math
 import pytest
 
 from bench import report
-from bench.controlplane_bench import entry_sizes, parse_write_metrics, too_large
+from bench.controlplane_bench import parse_write_metrics
 from bench.synthetic import KEEP_EVENTS, TOP_FLOWS, SyntheticNode
 from retransmit_operator.api import NodeStatus, to_api
 
@@ -24,24 +24,19 @@ def cp(scale, **extra):
     return {"operator_reconcile_s": 0.08, "scale": scale, "empty_object_bytes": 1000, **extra}
 
 
-def test_status_size_at_1000_nodes_is_measured_when_the_object_holds_them():
-    h = report.headline(NODE, cp([{"nodes": 1000, "stored": True, "status_bytes": 900_000, "writes_per_second": 5.2,
-                                   "aggregation_lag_p99_s": 3.0, "aggregation_lag_samples": 300}]))
-    assert h["status_bytes_1000_nodes"] == 900_000 and h["status_bytes_1000_nodes_measured"] is True
-    assert h["writes_per_second_1000_nodes"] == 5.2
-    assert h["aggregation_lag_p99_s"] == 3.0 and h["aggregation_lag_nodes"] == 1000
-
-
-def test_status_size_at_1000_nodes_is_the_projection_when_the_object_cannot_hold_them():
-    scale = [{"nodes": 100, "stored": True, "status_bytes": 901_000, "aggregation_lag_p99_s": 2.5,
-              "aggregation_lag_samples": 100},
-             {"nodes": 1000, "stored": False, "writes_per_second": 5.0}]
-    h = report.headline(NODE, cp(scale, projected_object_bytes={"100": 900_000, "1000": 1_600_000},
-                                 max_nodes_stored=170))
-    assert h["status_bytes_1000_nodes"] == 1_600_000
-    assert h["status_bytes_1000_nodes_measured"] is False
-    assert h["aggregation_lag_p99_s"] == 2.5 and h["aggregation_lag_nodes"] == 100
-    assert h["max_nodes_stored"] == 170
+def test_scale_figures_at_1000_and_5000_nodes_reach_the_headline_and_targets():
+    scale = [{"nodes": 1000, "aggregation_lag_p50_s": 1.1, "aggregation_lag_p99_s": 2.9, "busy_write_gap_p99_s": 10.8},
+             {"nodes": 5000, "aggregation_lag_p99_s": 6.0, "report_age_max_s": 41.0, "trace_object_bytes": 90_000,
+              "apiserver_cpu_percent": 80.0, "report_write_bytes_per_second": 1000.0, "trace_write_bytes_per_second": 500.0,
+              "report_writes_per_second": 190.0, "trace_writes_per_second": 0.5}]
+    h = report.headline(NODE, cp(scale))
+    assert (h["aggregation_lag_p50_s"], h["aggregation_lag_p99_s"], h["aggregation_lag_p99_s_5000_nodes"]) == (1.1, 2.9, 6.0)
+    assert h["write_bytes_per_second_5000_nodes"] == 1500.0 and h["writes_per_second_5000_nodes"] == 190.5
+    t = report.targets(h)
+    assert t["aggregation_lag_p99_s <= 5"]["met"] is True and t["aggregation_lag_p99_s_5000_nodes <= 5"]["met"] is False
+    assert t["busy_write_gap_p99_s_1000_nodes <= 11"]["met"] is True
+    assert t["report_age_max_s_5000_nodes <= 60"]["met"] is True
+    assert t["trace_object_bytes_5000_nodes < 512 KiB"]["met"] is True
 
 
 def test_targets_report_met_missed_and_unmeasured():
@@ -73,8 +68,11 @@ apiserver_request_body_size_bytes_count{resource="retransmittraces.retransmit.de
 """
 
 
-def test_write_metrics_count_every_write_to_traces_and_nothing_else():
+def test_write_metrics_count_every_write_to_one_resource_and_nothing_else():
     assert parse_write_metrics(METRICS) == {"requests": 123.0, "body_bytes": 1.5e6}
+    reports = METRICS.replace("retransmittraces", "retransmitnodereports")
+    assert parse_write_metrics(reports, "retransmitnodereports") == {"requests": 123.0, "body_bytes": 1.5e6}
+    assert parse_write_metrics(reports) == {"requests": 0.0, "body_bytes": 0.0}
 
 
 def test_a_simulated_node_writes_a_valid_full_size_entry_that_only_grows():
@@ -93,38 +91,3 @@ def test_a_simulated_node_writes_a_valid_full_size_entry_that_only_grows():
 def test_simulated_nodes_differ_from_each_other():
     a, b = SyntheticNode("a", seed=1).next_entry(), SyntheticNode("b", seed=2).next_entry()
     assert {f.local.ip for f in a.top_flows}.isdisjoint({f.local.ip for f in b.top_flows})
-
-
-def test_only_size_refusals_count_as_a_full_object():
-    assert too_large('HTTP 500: {"message":"etcdserver: request is too large","code":500}', 500)
-    assert too_large("Request entity too large", 413)
-    assert not too_large("Timeout: request did not complete within requested timeout", 504)
-    assert not too_large("HTTP 409: conflict", 409)
-
-
-def test_smaller_entries_fit_more_nodes_in_one_object():
-    sizes = entry_sizes(managed_per_node=500.0)
-    assert [s["topFlows"] for s in sizes] == [10, 10, 3, 1]
-    per_node = [s["bytes_per_node"] for s in sizes]
-    assert per_node == sorted(per_node, reverse=True)
-    assert all(s["nodes_under_1MiB"] == (1 << 20) // s["bytes_per_node"] or
-               s["nodes_under_1MiB"] == (1 << 20) // (s["bytes_per_node"] + 1) for s in sizes)
-
-
-def test_a_node_of_a_big_trace_keeps_to_its_share_of_the_object():
-    small, big = SyntheticNode("n", seed=3, nodes_desired=10), SyntheticNode("n", seed=3, nodes_desired=1000)
-    a, b = small.next_entry(), big.next_entry()
-    assert len(json.dumps(to_api(b), separators=(",", ":"))) <= (1 << 20) // 1000
-    assert len(b.top_flows) + len(b.recent_events) < len(a.top_flows) + len(a.recent_events)
-    assert (b.retransmits, b.by_state) == (a.retransmits, a.by_state)   # detail goes, counts stay
-
-
-def test_seeded_managed_fields_name_every_field_of_the_entry():
-    from bench.controlplane_bench import managed_fields_entry
-
-    entry = to_api(SyntheticNode("node-0003", seed=3).next_entry())
-    record = managed_fields_entry(entry, "rtrace-agent/node-0003", "2026-01-01T00:00:00Z")
-    fields = record["fieldsV1"]["f:status"]["f:nodes"]['k:{"node":"node-0003"}']
-    assert set(fields) == {"."} | {f"f:{k}" for k in entry}
-    assert set(fields["f:byState"]) == {f"f:{state}" for state in entry["byState"]}
-    assert (record["manager"], record["operation"], record["subresource"]) == ("rtrace-agent/node-0003", "Apply", "status")

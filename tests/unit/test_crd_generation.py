@@ -36,7 +36,7 @@ def test_checked_in_crd_copies_match_the_models():
 
 
 def test_check_flag_exits_nonzero_on_drift_and_zero_after_write(tmp_path):
-    for p in crd.CRD_PATHS:
+    for p in crd.CRD_PATHS + crd.REPORT_CRD_PATHS:
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / p, tmp_path / p)
     assert crd.main(["--check", "--root", str(tmp_path)]) == 0
@@ -121,3 +121,17 @@ def test_generated_yaml_parses_back_to_the_built_crd():
     text = crd.render_yaml()
     assert text.startswith("# Generated")
     assert yaml.safe_load(text) == crd.build_crd()
+
+
+def test_the_crds_hold_only_what_the_api_server_stores():
+    """A keyword Kubernetes' JSONSchemaProps lacks is dropped by the API server, so the stored
+    CRD would differ from the file and a second server-side apply (helm after kubectl) conflicts."""
+    allowed = {"description", "type", "format", "enum", "pattern", "minimum", "maximum", "minLength", "maxLength",
+               "minItems", "maxItems", "maxProperties", "minProperties", "default", "required", "properties", "items",
+               "additionalProperties", "nullable", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+               "x-kubernetes-list-type", "x-kubernetes-list-map-keys", "x-kubernetes-validations",
+               "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string", "x-kubernetes-map-type"}
+    for build in (crd.build_crd, crd.build_report_crd):
+        schema = build()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for path, node in _walk(schema, "root"):
+            assert set(node) <= allowed, f"{path}: {set(node) - allowed}"

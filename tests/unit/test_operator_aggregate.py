@@ -1,12 +1,17 @@
-"""status.summary from status.nodes[]: exact sums, cluster-wide top flows and pods, and
-remote-side attribution from the pod IP index (IPv4 and IPv6)."""
+"""status.summary and status.nodes[] rows from the nodes' reports: exact sums, cluster-wide top
+flows and pods, remote-side attribution from the pod IP index (IPv4 and IPv6), and rows
+bounded so the trace stays small at 5,000 nodes."""
 
 from __future__ import annotations
 
 import pytest
 
-from retransmit_operator.aggregate import aggregate_summary
-from retransmit_operator.api import NodeStatus
+import json
+from datetime import datetime, timedelta, timezone
+
+from retransmit_operator.aggregate import aggregate_summary, node_rows
+from retransmit_operator.api import MAX_NODE_ROWS, Condition, NodeStatus, RetransmitTraceStatus, to_api
+from retransmit_operator.conditions import Observation, compute_status
 from retransmit_operator.podindex import PodIndex
 
 pytestmark = pytest.mark.unit
@@ -33,7 +38,7 @@ def node(name, phase="Running", flows=(), retransmits=0, synack=0, lost=0, by_st
         "node": name, "phase": phase, "retransmits": retransmits, "synackRetransmits": synack,
         "lostEvents": lost, "missedEvents": missed, "byState": by_state or {}, "topFlows": list(flows), "message": message,
     }
-    if pods is not None:  # agents that predate topPods leave it out
+    if pods is not None:
         raw["topPods"] = [{"namespace": ns, "pod": name_, "node": name, "retransmits": n} for ns, name_, n in pods]
     return NodeStatus.model_validate(raw)
 
@@ -95,17 +100,6 @@ def test_agent_attribution_is_kept(index):
     assert s.top_flows[0].local.pod == "renamed"
 
 
-def test_top_pods_from_both_ends_of_all_node_flows(index):
-    nodes = [
-        node("node-a", flows=[flow("198.18.0.10", 40000, "198.18.1.20", 5432, 7, synack=1)]),
-        node("node-b", flows=[flow("198.18.1.20", 5432, "198.18.0.10", 40000, 4)]),
-    ]
-    s = aggregate_summary(nodes, nodes_desired=2, top_n=10, pod_index=index)
-    assert [(p.namespace, p.pod, p.node, p.retransmits) for p in s.top_pods] == [
-        ("data", "db", "node-b", 12), ("shop", "client", "node-a", 12),
-    ]
-
-
 def test_top_pods_are_the_sums_of_the_nodes_top_pods_not_of_their_top_flows(index):
     """The demo's case: the top flows hold 190 of a pod's 2,208 retransmits; its topPods all."""
     nodes = [
@@ -128,20 +122,6 @@ def test_a_pod_reported_by_two_nodes_adds_up(index):
     nodes = [node("node-a", pods=[("shop", "client", 5)]), node("node-b", pods=[("shop", "client", 7)])]
     s = aggregate_summary(nodes, 2, 10, index)
     assert [(p.pod, p.node, p.retransmits) for p in s.top_pods] == [("client", "node-a", 12)]
-
-
-def test_entries_without_top_pods_count_both_ends_of_their_flows_entries_with_them_do_not(index):
-    nodes = [
-        # an older agent: its flow counts for both ends, as before topPods existed
-        node("node-a", flows=[flow("198.18.0.10", 40000, "198.18.1.20", 5432, 7, synack=1)]),
-        # a current agent: its pods' own counts; its host's flow to a pod adds nothing to that pod
-        node("node-b", flows=[flow("10.0.0.2", 22, "198.18.0.10", 40000, 50)], pods=[("data", "db", 3)]),
-        node("node-c", flows=[flow("10.0.0.3", 22, "198.18.1.20", 5432, 40)], pods=[]),
-    ]
-    s = aggregate_summary(nodes, 3, 10, index)
-    assert [(p.namespace, p.pod, p.node, p.retransmits) for p in s.top_pods] == [
-        ("data", "db", "node-b", 11), ("shop", "client", "node-a", 8),
-    ]
 
 
 def test_summary_is_deterministic_for_equal_input(index):
@@ -167,10 +147,81 @@ def test_pod_index_ip_reuse_and_deletion():
 
 
 def test_stale_running_entry_stops_counting_as_reporting_but_keeps_its_counts(index):
-    from datetime import datetime, timedelta, timezone
     now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
     fresh = node("a", retransmits=1).model_copy(update={"last_report_time": now - timedelta(seconds=10)})
     stale = node("b", retransmits=2).model_copy(update={"last_report_time": now - timedelta(minutes=10)})
     s = aggregate_summary([fresh, stale], nodes_desired=2, top_n=10, pod_index=index, now=now, stale_after=timedelta(minutes=1))
     assert (s.nodes, s.retransmits) == ("1/2", 3)
     assert aggregate_summary([fresh, stale], 2, 10, index).nodes == "2/2"  # no bound: completed traces
+
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def test_rows_list_failed_then_silent_then_departed_then_the_busiest_and_count_the_rest():
+    bound = timedelta(seconds=45)
+    nodes = [node(f"busy-{i}", retransmits=i).model_copy(update={"last_report_time": NOW}) for i in range(10)]
+    nodes += [node("broken", phase="Failed", message="x" * 1000),
+              node("silent", retransmits=1).model_copy(update={"last_report_time": NOW - bound * 2}),
+              node("gone", retransmits=2).model_copy(update={"last_report_time": NOW - bound * 2})]
+    rows, left_out = node_rows(nodes, NOW, bound, departed=frozenset({"gone"}), limit=6)
+    assert [r.node for r in rows] == ["broken", "silent", "gone", "busy-9", "busy-8", "busy-7"]
+    assert left_out == len(nodes) - 6
+    assert len(rows[0].message) <= 200 and rows[0].message.endswith("...")
+    assert [r.reporting for r in rows] == [False, False, False, True, True, True]
+    assert rows[2].departed and not rows[1].departed
+    s = aggregate_summary(nodes, 13, 10, None, now=NOW, stale_after=bound, departed=frozenset({"gone"}), nodes_not_listed=left_out)
+    assert s.nodes == "10/13" and s.nodes_not_listed == left_out
+    assert s.retransmits == sum(range(10)) + 1 + 2  # every report counts, departed and silent ones too
+
+
+def _worst_case_node(i: int) -> NodeStatus:
+    """A node as large as a row can make it: a long name, a failure message past the cap, big counts."""
+    return NodeStatus(node=f"ip-10-{i // 250}-{i % 250}-7.eu-west-1.compute.internal-{'x' * 20}", phase="Failed",
+                      retransmits=10**12 + i, synack_retransmits=10**9, lost_events=10**9,
+                      message="the tracepoint tcp:tcp_retransmit_skb is missing " * 20,
+                      last_report_time=NOW, top_flows=[], top_pods=[])
+
+
+def test_a_trace_at_5000_nodes_stays_under_512_kib():
+    """The whole status the operator writes (rows, summary with 100 flows and pods, conditions)."""
+    nodes = [_worst_case_node(i) for i in range(5000)]
+    rows, left_out = node_rows(nodes, NOW, timedelta(seconds=45))
+    assert len(rows) == MAX_NODE_ROWS and left_out == 5000 - MAX_NODE_ROWS
+    busy = [node(f"n{i}", flows=[flow(f"fd00::{i:x}:{j:x}", 40000 + j, f"fd00::1:{i:x}:{j:x}", 5432, 10**6, family="IPv6",
+                                      local_pod="p" * 63, local_ns="n" * 63) for j in range(100)],
+                 pods=[("n" * 63, f"{'p' * 50}-{i}-{j}", 10**6) for j in range(100)]) for i in range(3)]
+    summary = aggregate_summary(nodes + busy, 5003, 100, None, now=NOW, stale_after=timedelta(seconds=45),
+                                nodes_not_listed=left_out)
+    assert len(summary.top_flows) == 100 and len(summary.top_pods) == 100
+    status = compute_status(Observation(generation=1, spec_error=None, start_time=NOW, completion_time=None,
+                                        nodes=nodes, summary=summary, now=NOW, rows=rows), [])
+    written = to_api(status)
+    # The operator's managedFields entry names every field it applied, each row by its key.
+    fields = {f"f:{k}": {} for k in written if k != "nodes"}
+    fields["f:nodes"] = {f'k:{{"node":"{r["node"]}"}}': {".": {}, **{f"f:{k}": {} for k in r}} for r in written["nodes"]}
+    doc = {"apiVersion": "retransmit.dev/v1alpha1", "kind": "RetransmitTrace",
+           "metadata": {"name": "t" * 56, "managedFields": [{"manager": "rtrace-operator", "operation": "Apply",
+                                                             "fieldsType": "FieldsV1", "fieldsV1": {"f:status": fields}}]},
+           "spec": {}, "status": written}
+    size = len(json.dumps(doc, separators=(",", ":")))
+    assert size < 512 * 1024, f"{size} bytes"
+    assert RetransmitTraceStatus.model_validate(to_api(status)).nodes == rows  # the CRD's model takes it
+    assert all(isinstance(c, Condition) for c in status.conditions)
+
+
+def test_a_node_is_departed_when_its_agent_pod_is_gone_and_its_report_silent_and_back_with_a_pod():
+    from retransmit_operator.aggregate import departed
+
+    bound = timedelta(seconds=45)
+    fresh = lambda name: node(name).model_copy(update={"last_report_time": NOW})  # noqa: E731
+    silent = lambda name: node(name).model_copy(update={"last_report_time": NOW - bound * 2})  # noqa: E731
+    nodes = [fresh("running"), fresh("rolling"), silent("left"), silent("stuck"), silent("was-gone")]
+    # "rolling": its pod is being replaced (no pod) but its report is fresh: not departed.
+    # "stuck": silent but its pod exists: stale (named in AgentsReady), not departed.
+    # "was-gone": marked before, its pod is back: unmarked.
+    got = departed(nodes, marked=frozenset({"was-gone"}), agent_nodes=frozenset({"running", "stuck", "was-gone"}),
+                   now=NOW, stale_after=bound)
+    assert got == {"left"}
+    # Once marked, it stays marked while no pod runs there, even if it wrote one more report (SIGTERM flush).
+    assert departed([fresh("left")], frozenset({"left"}), frozenset(), NOW, bound) == {"left"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from retransmit_operator.handlers import _newer, desired_nodes, node_entries, operator_status
+from retransmit_operator.handlers import _newer, desired_nodes, operator_status
 
 pytestmark = pytest.mark.unit
 
@@ -24,11 +24,6 @@ def test_operator_status_reads_only_operator_fields_and_tolerates_junk():
     s = operator_status({"phase": "Running", "observedGeneration": 3, "nodes": [{"node": "a"}]})
     assert s.phase == "Running" and s.observed_generation == 3
     assert operator_status({"phase": "Sideways"}) is None
-
-
-def test_node_entries_skip_what_does_not_parse():
-    nodes = node_entries({"nodes": [{"node": "a", "retransmits": 1}, {"node": "b", "retransmits": -5}]})
-    assert [n.node for n in nodes] == ["a"]
 
 
 def test_newer_compares_resource_versions_of_the_same_object_only():

@@ -67,7 +67,7 @@ def test_args_carry_the_spec_and_parse_back_with_the_agent_contract():
     invocation = parse_agent_args(c["args"])
     assert invocation.trace == "web" and invocation.spec == SPEC
     assert invocation.metrics_port == agent_metrics_port("web", SETTINGS)
-    assert invocation.max_writes_per_second == SETTINGS.max_writes_per_second
+    assert invocation.trace_uid == "uid-1"
 
 
 def test_downward_api_env_is_the_contract_env():

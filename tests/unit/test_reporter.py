@@ -1,4 +1,4 @@
-"""The reporter's pure core: resume from an earlier entry, write budget, backoff, change detection."""
+"""The reporter's pure core: resume from the node's own report, backoff, change detection, the report document."""
 
 from datetime import datetime, timedelta, timezone
 
@@ -7,16 +7,14 @@ import pytest
 from retransmit_agent.reporter import (
     Baseline,
     FlowKey,
-    apply_body,
+    ReportTarget,
     backoff_delay,
     cumulative_entry,
     entry_changed,
     field_manager,
-    find_entry,
     jittered,
     merge_flows,
-    nodes_desired,
-    report_interval,
+    read_entry,
     top_flows,
 )
 from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent, to_api
@@ -46,26 +44,7 @@ def entry(**kw):
     return NodeStatus(**base)
 
 
-# ---------------------------------------------------------------- write budget
-
-def test_interval_is_the_spec_interval_while_the_budget_allows_it():
-    # 5 writes/s * 10 s = 50 nodes before stretching
-    assert report_interval(10.0, 50, 5.0) == 10.0
-    assert report_interval(10.0, 1, 5.0) == 10.0
-
-
-def test_interval_stretches_to_keep_the_per_trace_write_rate():
-    assert report_interval(10.0, 51, 5.0) == pytest.approx(10.2)
-    assert report_interval(10.0, 1000, 5.0) == 200.0
-    # whatever the cluster size, nodes / interval stays within the budget
-    for nodes in (1, 49, 50, 51, 300, 5000):
-        assert nodes / report_interval(10.0, nodes, 5.0) <= 5.0 + 1e-9
-
-
-def test_unknown_node_count_or_no_budget_keeps_the_spec_interval():
-    assert report_interval(10.0, 0, 5.0) == 10.0
-    assert report_interval(10.0, 1000, 0.0) == 10.0
-
+# ---------------------------------------------------------------- when to write
 
 def test_jitter_stays_within_ten_percent():
     assert jittered(100.0, rng=lambda: 0.0) == pytest.approx(90.0)
@@ -104,18 +83,15 @@ def test_new_counts_or_phase_are_a_change():
 
 # ---------------------------------------------------------------- resume
 
-def test_no_earlier_entry_means_an_empty_baseline():
+def test_no_earlier_report_means_an_empty_baseline():
     assert Baseline.from_entry(None).empty
-    assert find_entry({"status": {"nodes": [{"node": "other", "retransmits": 5}]}}, "n1") is None
-    assert find_entry({}, "n1") is None
+    assert read_entry(None, "n1") is None
+    assert read_entry({"spec": {"node": "other", "retransmits": 5}}, "n1") is None  # never another node's
+    assert read_entry({"spec": {"node": "n1", "retransmits": -5}}, "n1") is None  # unreadable: logged, no baseline
 
 
-def test_own_entry_is_found_among_other_nodes():
-    trace = {"status": {"nodes": [
-        {"node": "other", "phase": "Running", "retransmits": 5},
-        {"node": "n1", "phase": "Running", "retransmits": 7, "byState": {"ESTABLISHED": 7}},
-    ]}}
-    found = find_entry(trace, "n1")
+def test_own_report_is_the_baseline():
+    found = read_entry({"spec": {"node": "n1", "phase": "Running", "retransmits": 7, "byState": {"ESTABLISHED": 7}}}, "n1")
     assert found.retransmits == 7 and found.by_state == {"ESTABLISHED": 7}
 
 
@@ -182,25 +158,23 @@ def test_ipv4_and_ipv6_flows_with_equal_ports_stay_apart():
 
 # ---------------------------------------------------------------- the write
 
-def test_apply_body_carries_only_this_nodes_entry():
-    body = apply_body("t1", entry(retransmits=3, by_state={"ESTABLISHED": 3}))
-    assert body["apiVersion"] == "retransmit.dev/v1alpha1" and body["kind"] == "RetransmitTrace"
-    assert body["metadata"] == {"name": "t1"}
-    assert list(body["status"]) == ["nodes"]
-    assert body["status"]["nodes"] == [{"node": "n1", "phase": "Running", "retransmits": 3,
-                                        "synackRetransmits": 0, "lostEvents": 0, "missedEvents": 0, "flows": 0,
-                                        "byState": {"ESTABLISHED": 3}, "topFlows": [],
-                                        "recentEvents": []}]
+def test_the_report_document_is_named_labelled_and_owned_from_trace_and_node():
+    target = ReportTarget(trace="t1", trace_uid="uid-t1", node="n1", namespace="rs")
+    body = target.body(entry(retransmits=3, by_state={"ESTABLISHED": 3}))
+    assert body["apiVersion"] == "retransmit.dev/v1alpha1" and body["kind"] == "RetransmitNodeReport"
+    assert body["metadata"]["name"] == target.name == "t1.n1" and body["metadata"]["namespace"] == "rs"
+    assert body["metadata"]["labels"]["retransmit.dev/trace"] == "t1"
+    assert body["metadata"]["labels"]["retransmit.dev/node"] == "n1"
+    assert body["metadata"]["ownerReferences"] == [{"apiVersion": "retransmit.dev/v1alpha1", "kind": "RetransmitTrace",
+                                                     "name": "t1", "uid": "uid-t1", "controller": True}]
+    assert body["spec"] == {"node": "n1", "phase": "Running", "retransmits": 3, "synackRetransmits": 0,
+                            "lostEvents": 0, "missedEvents": 0, "flows": 0, "byState": {"ESTABLISHED": 3},
+                            "topFlows": [], "topPods": [], "recentEvents": []}
+    assert read_entry(body, "n1") == entry(retransmits=3, by_state={"ESTABLISHED": 3})  # it reads back as written
 
 
 def test_each_node_writes_with_its_own_field_manager():
     assert field_manager("worker-7") == "rtrace-agent/worker-7"
-
-
-def test_nodes_desired_comes_from_the_operators_summary():
-    assert nodes_desired({"status": {"summary": {"nodesDesired": 120}}}) == 120
-    assert nodes_desired({"status": {}}) == 0
-    assert nodes_desired({}) == 0
 
 
 def test_missed_events_alone_make_a_baseline_and_survive_restarts():
@@ -213,23 +187,3 @@ def test_missed_events_alone_make_a_baseline_and_survive_restarts():
     second = cumulative_entry(Baseline.from_entry(first), entry(missed_events=0), [], top_n=10, keep=0)
     assert (first.missed_events, second.missed_events) == (5, 5)
     assert to_api(second)["missedEvents"] == 5
-
-
-def test_objects_larger_than_the_budget_size_get_proportionally_fewer_writes():
-    from retransmit_agent.reporter import BUDGET_OBJECT_BYTES
-
-    # Up to the budget size nothing changes ...
-    assert report_interval(10.0, 1000, 5.0, BUDGET_OBJECT_BYTES) == 200.0
-    assert report_interval(10.0, 20, 5.0, 100_000) == 10.0
-    # ... beyond it the API server sees the same bytes per second, not the same writes.
-    for size in (BUDGET_OBJECT_BYTES * 2, 900_000, 1_400_000):
-        interval = report_interval(10.0, 1000, 5.0, size)
-        assert 1000 / interval * size == pytest.approx(5.0 * BUDGET_OBJECT_BYTES)
-    # A 1,000-node trace of about 0.85 MB: each node writes about every 18 minutes.
-    assert 1000 < report_interval(10.0, 1000, 5.0, 857_000) < 1100
-
-
-def test_object_size_is_the_compact_json_the_api_server_returned():
-    from retransmit_agent.reporter import object_size
-
-    assert object_size({"a": [1, 2], "b": "x"}) == len('{"a":[1,2],"b":"x"}')

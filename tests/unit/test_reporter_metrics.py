@@ -99,8 +99,8 @@ def test_an_agent_whose_kernel_cannot_trace_exports_failed_1_and_attached_0(tmp_
     from retransmit_operator.api import RetransmitTraceSpec
     from retransmit_operator.contract import AgentInvocation
 
-    agent = ClusterAgent(AgentInvocation(trace="t1", spec=RetransmitTraceSpec(), tracefs=str(tmp_path)), "n1",
-                         kubernetes.client.ApiClient())
+    agent = ClusterAgent(AgentInvocation(trace="t1", trace_uid="u1", spec=RetransmitTraceSpec(), tracefs=str(tmp_path)),
+                         "n1", "rs", kubernetes.client.ApiClient())
     server = MetricsServer(agent.state, 0, host="127.0.0.1").start()
     try:
         before = samples(get(f"http://127.0.0.1:{server.port}/metrics")[1])

@@ -1,5 +1,4 @@
-"""Per-pod counts of one node: every flow in the kernel map by local pod, resumed across restarts,
-and kept (after samples and flows) when the entry must shrink."""
+"""Per-pod counts of one node: every flow in the kernel map by local pod, resumed across restarts."""
 
 from datetime import datetime, timedelta, timezone
 
@@ -9,8 +8,6 @@ from retransmit_agent.flows import FlowCounters
 from retransmit_agent.reporter import (
     Baseline,
     cumulative_pods,
-    entry_size,
-    fit_entry,
     pod_totals,
     ranked_pods,
 )
@@ -73,16 +70,6 @@ def test_counts_survive_repeated_restarts():
     assert reported == [[5], [5], [13]]
 
 
-def test_an_entry_from_an_agent_without_top_pods_resumes_from_its_top_flows_local_pods():
-    flow = Flow(local=Endpoint(ip="198.18.0.2", port=1, pod="web", namespace="shop"),
-                remote=Endpoint(ip="198.18.0.3", port=2, pod="db", namespace="data"),
-                family="IPv4", retransmits=30, synack_retransmits=2)
-    host = flow.model_copy(update={"local": Endpoint(ip="10.1.0.5", port=22, node="n1"), "retransmits": 9})
-    assert Baseline.from_entry(entry(top_flows=[flow, host])).top_pods == {("shop", "web"): 32}
-    # A current agent's empty topPods means no pod retransmitted: nothing is taken from flows.
-    assert Baseline.from_entry(entry(top_flows=[flow], top_pods=[])).top_pods == {}
-
-
 def test_ranked_pods_busiest_first_with_stable_ties_and_at_most_top_n():
     counts = {("b", "x"): 5, ("a", "y"): 5, ("a", "z"): 9, ("a", "idle"): 0}
     pods = ranked_pods(counts, "n1", 2)
@@ -98,23 +85,3 @@ def full_entry():
     events = [RecentEvent(time=T0, kind="retransmit", family="IPv4", local=f.local, remote=f.remote) for f in flows]
     pods = [PodCount(namespace="shop", pod=f"web-{k}", node="n1", retransmits=1000 - k) for k in range(10)]
     return entry(retransmits=5000, top_flows=flows, recent_events=events, top_pods=pods)
-
-
-def test_fit_entry_drops_samples_then_flows_and_pods_in_turn_least_busy_first():
-    full = full_entry()
-    no_events = full.model_copy(update={"recent_events": []})
-    assert fit_entry(full, entry_size(no_events)) == no_events
-    for budget in range(entry_size(no_events) - 1, 0, -97):
-        fewer = fit_entry(full, budget)
-        # the busiest of each stay; flows go first, so there is never more than one pod extra
-        assert fewer.top_flows == full.top_flows[:len(fewer.top_flows)]
-        assert fewer.top_pods == full.top_pods[:len(fewer.top_pods)]
-        assert len(fewer.top_pods) - 1 <= len(fewer.top_flows) <= len(fewer.top_pods)
-        assert fewer.retransmits == 5000
-    bare = fit_entry(full, 1)
-    assert bare.top_pods == [] and bare.top_flows == [] and bare.retransmits == 5000
-
-
-def test_fit_entry_leaves_an_entry_without_top_pods_without_them():
-    old = full_entry().model_copy(update={"top_pods": None})
-    assert "topPods" not in to_api(fit_entry(old, entry_size(old) - 1))

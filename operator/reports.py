@@ -1,0 +1,98 @@
+"""RetransmitNodeReport identity: one report per (trace, node), named and labelled from both.
+
+Pure functions shared by the agent (which creates and applies its own report) and the
+operator (which watches every report with one label selector and aggregates them into the
+trace's status). Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from .api import API_VERSION, KIND, REPORT_KIND, NodeStatus, to_api
+
+APP_NAME = "retransmit-operator"
+COMPONENT = "node-report"
+TRACE_LABEL = "retransmit.dev/trace"
+NODE_LABEL = "retransmit.dev/node"
+MAX_NAME = 253          # an object name is a DNS subdomain
+MAX_LABEL_VALUE = 63
+HASH_CHARS = 10
+
+# The operator's one watch: every report, whatever its trace.
+REPORTS_SELECTOR = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/component={COMPONENT}"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def _shortened(text: str, limit: int) -> str:
+    """`text` if it fits in `limit`, else a prefix and a hash of the whole (still unique)."""
+    if len(text) <= limit:
+        return text
+    prefix = text[: limit - HASH_CHARS - 1].rstrip(".-")
+    return f"{prefix}-{_digest(text)}"
+
+
+def report_name(trace: str, node: str) -> str:
+    """`<trace>.<node>`; a hash of the node replaces its tail when that exceeds 253 characters.
+    Trace names are DNS labels of at most 56 and node names DNS subdomains, so it is valid."""
+    return f"{trace}.{_shortened(node, MAX_NAME - len(trace) - 1)}"
+
+
+def node_label_value(node: str) -> str:
+    """The node's name as a label value (at most 63 characters: hashed beyond)."""
+    return _shortened(node, MAX_LABEL_VALUE)
+
+
+def report_labels(trace: str, node: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": APP_NAME,
+        "app.kubernetes.io/component": COMPONENT,
+        "app.kubernetes.io/managed-by": APP_NAME,
+        TRACE_LABEL: trace,
+        NODE_LABEL: node_label_value(node),
+    }
+
+
+def trace_selector(trace: str) -> str:
+    """`kubectl get rtreport -l ...` for one trace's reports."""
+    return f"{REPORTS_SELECTOR},{TRACE_LABEL}={trace}"
+
+
+def report_owner(trace: str, trace_uid: str) -> dict[str, Any]:
+    """The trace owns its reports: deleting it garbage-collects them. No blockOwnerDeletion:
+    that would need update on the trace's finalizers, which agents have no business with."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": trace, "uid": trace_uid, "controller": True}
+
+
+def report_metadata(trace: str, trace_uid: str, node: str, namespace: str) -> dict[str, Any]:
+    return {
+        "name": report_name(trace, node),
+        "namespace": namespace,
+        "labels": report_labels(trace, node),
+        "ownerReferences": [report_owner(trace, trace_uid)],
+    }
+
+
+def report_object(trace: str, trace_uid: str, node: str, namespace: str, entry: NodeStatus) -> dict[str, Any]:
+    """The whole report: what the agent creates, and (same document) server-side applies."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": REPORT_KIND,
+        "metadata": report_metadata(trace, trace_uid, node, namespace),
+        "spec": to_api(entry),
+    }
+
+
+def well_named(report: dict[str, Any]) -> bool:
+    """The report's name and labels are the ones its trace and spec.node give: anything else
+    (a report written for another node's name) is ignored by the operator."""
+    meta = report.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    node = (report.get("spec") or {}).get("node")
+    trace = labels.get(TRACE_LABEL)
+    return bool(node and trace) and meta.get("name") == report_name(trace, node) \
+        and labels.get(NODE_LABEL) == node_label_value(node)
