@@ -32,7 +32,7 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent
+from retransmit_operator.api import Endpoint, Flow, KernelCheck, NodeStatus, Phase, RecentEvent
 from retransmit_operator.contract import ENV_NODE_NAME, ENV_POD_IP, ENV_POD_NAMESPACE, AgentInvocation
 from retransmit_operator.heartbeat import must_write
 
@@ -114,6 +114,7 @@ class ClusterAgent:
         self._lock = threading.Lock()       # guards index and program between threads
         self.program: Any = None
         self.problem: Optional[str] = None
+        self.kernel_checks: list[KernelCheck] = []   # `retransmit-agent check`, in every report
         self.baseline: Optional[Baseline] = None
         self.last_written: Optional[NodeStatus] = None
         self.last_write_at: Optional[float] = None  # time.monotonic() of the last stored write
@@ -164,8 +165,23 @@ class ClusterAgent:
         )
         self._watcher.start()
 
+    def _check_kernel(self) -> None:
+        """The same lines as `retransmit-agent check`, so `kubectl describe` shows why a node
+        cannot trace or runs degraded."""
+        from .check import evaluate, gather_facts
+
+        try:
+            lines = evaluate(gather_facts(self.inv.tracefs))
+        except Exception as exc:  # noqa: BLE001 - the check explains; it must never stop counting
+            log.warning("kernel check failed: %s", exc)
+            return
+        self.kernel_checks = [KernelCheck(name=line.name, status=line.status, detail=line.detail, fix=line.fix or None)
+                              for line in lines]
+
     def _open_program(self) -> None:
         from .kernel import KernelProblem, RetransmitProgram
+
+        self._check_kernel()
 
         local_ips = None
         if not self.selection.selects_everything:
@@ -311,7 +327,7 @@ class ClusterAgent:
         top_n, keep = self.spec.top_flows, self.spec.events.keep
         if snapshot is None:
             base = NodeStatus(node=self.node, phase=Phase.FAILED if self.problem else Phase.PENDING,
-                              message=self.problem, kernel=self._kernel_release,
+                              message=self.problem, kernel=self._kernel_release, kernel_checks=self.kernel_checks,
                               agent_version=self._version, last_report_time=now)
             entry = cumulative_entry(baseline, base, list(baseline.top_flows.values()), top_n, keep)
             self.pod_counts = cumulative_pods(baseline, {}, self.pod_counts)
@@ -326,6 +342,7 @@ class ClusterAgent:
         fresh = build_node_report(
             self.node, dataclasses.replace(snapshot, flows=candidates), list(self.events)[::-1], 0,
             self._kernel_release, self._version, keep_events=keep, report_time=now,
+            kernel_checks=self.kernel_checks,
         )
         fresh = fresh.model_copy(update={"phase": Phase.RUNNING, "message": None, "flows": len(snapshot.flows)})
         merged = merge_flows(baseline, fresh.top_flows)
@@ -386,7 +403,8 @@ class ClusterAgent:
             if key not in seen:
                 add(key.local_ip, key.remote_port, old.retransmits)
         self.state.publish_counts(entry.retransmits, entry.synack_retransmits, entry.lost_events, by_pod_port,
-                                  missed=entry.missed_events, by_state=entry.by_state)
+                                  missed=entry.missed_events, by_state=entry.by_state, by_cause=entry.by_cause,
+                                  failed=entry.failed_attempts)
 
     def _report(self) -> bool:
         """Write the entry if it changed. True when nothing is left to write."""

@@ -16,6 +16,7 @@ reach Python only through bcc's map types and table.event().
 from __future__ import annotations
 
 import contextlib
+import os
 import ipaddress
 import sys
 import threading
@@ -41,7 +42,7 @@ from .flows import (
 )
 from .bccerrors import bcc_failure, stderr_captured
 from .kernelconfig import FAMILY_BITS, KernelConfig, compile_flags, require_fitting_layout
-from .kernelinfo import VMLINUX_BTF, KernelFeatures, probe_features
+from .kernelinfo import VMLINUX_BTF, KernelFeatures, misses_counted, probe_features
 from .runs import FlowEntry, merge_pending_runs
 from .preflight import (
     KernelProblem,
@@ -73,8 +74,8 @@ class KernelSnapshot:
     synack_retransmits: int
     lost_events: int
     sampled_events: int
-    failed_attempts: int
-    missed_events: int
+    failed_attempts: Optional[int]     # None: the kernel cannot tell (no `err` field, before 6.17)
+    missed_events: Optional[int]       # None: the kernel does not count them (before 6.7)
     by_state: dict[str, int]
     flows: list[FlowCounters]
     by_cause: dict[str, int] = field(default_factory=dict)   # retransmits + SYN-ACKs per cause
@@ -292,7 +293,9 @@ class RetransmitProgram:
                 by_state[state_name(number) or UNKNOWN_STATE] = n
         return KernelSnapshot(
             retransmits=retransmits, synack_retransmits=synack, lost_events=lost,
-            sampled_events=sampled, failed_attempts=failed, missed_events=missed, by_state=by_state, flows=flows,
+            sampled_events=sampled, flows=flows, by_state=by_state,
+            failed_attempts=failed if self.features.layout.has("err") else None,
+            missed_events=missed if misses_counted(os.uname().release) else None,
             by_cause=causes_by_name(causes),
         )
 

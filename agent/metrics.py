@@ -19,6 +19,10 @@ Metrics (all carry the label `trace`):
   under SYN_RECV; UNKNOWN on kernels whose tracepoint has no state): at most the kernel's dozen
   states plus UNKNOWN per node. The node's status.nodes[].byState, as a counter.
 - rtrace_lost_events_total: samples dropped (rate limit, full buffer); counts stay exact.
+- rtrace_node_retransmits_by_cause_total{cause}: the same events by cause (timeout, fast, probe,
+  unknown: 4 values).
+- rtrace_failed_attempts_total: retransmits the kernel could not send (Linux 6.17+; no series
+  where the kernel cannot tell).
 - rtrace_missed_events_total: tracepoint hits the kernel did not run the program for
   (another BPF program was running on that CPU); the true counts may be higher by this much.
 - rtrace_report_errors_total: status writes that failed (API server away, refused).
@@ -71,7 +75,9 @@ class AgentState:
     retransmits: int = 0
     synack_retransmits: int = 0
     lost_events: int = 0
-    missed_events: int = 0
+    missed_events: Optional[int] = None      # None: the kernel cannot count them (series left out)
+    failed_attempts: Optional[int] = None    # None: the kernel cannot tell (series left out)
+    by_cause: dict[str, int] = field(default_factory=dict)
     report_errors: int = 0
     reports: int = 0
     interval: float = 0.0
@@ -91,15 +97,20 @@ class AgentState:
             return (now if now is not None else time.monotonic()) - self.last_loop <= self.liveness_bound
 
     def publish_counts(self, retransmits: int, synack: int, lost: int,
-                       by_pod_port: dict[tuple[str, str, str], int], missed: int = 0,
-                       by_state: Optional[dict[str, int]] = None) -> None:
+                       by_pod_port: dict[tuple[str, str, str], int], missed: Optional[int] = None,
+                       by_state: Optional[dict[str, int]] = None, by_cause: Optional[dict[str, int]] = None,
+                       failed: Optional[int] = None) -> None:
         with self.lock:
-            for state, value in (by_state or {}).items():
-                self.by_state[state] = max(self.by_state.get(state, 0), value)
+            for counts, values in ((self.by_state, by_state), (self.by_cause, by_cause)):
+                for key, value in (values or {}).items():
+                    counts[key] = max(counts.get(key, 0), value)
             self.retransmits = max(self.retransmits, retransmits)
             self.synack_retransmits = max(self.synack_retransmits, synack)
             self.lost_events = max(self.lost_events, lost)
-            self.missed_events = max(self.missed_events, missed)
+            if missed is not None:
+                self.missed_events = max(self.missed_events or 0, missed)
+            if failed is not None:
+                self.failed_attempts = max(self.failed_attempts or 0, failed)
             labelled: dict[tuple[str, str, str], int] = {}
             for (namespace, pod, port), value in by_pod_port.items():
                 key = (namespace, pod, remote_port_label(port))
@@ -132,14 +143,24 @@ class AgentCollector:
             for state, value in sorted(s.by_state.items()):
                 by_state.add_metric([s.trace, s.node, state], value)
             yield by_state
+            by_cause = CounterMetricFamily(
+                "rtrace_node_retransmits_by_cause", "Retransmit and SYN-ACK retransmit events by cause "
+                "(timeout, fast, probe, unknown).", labels=["trace", "node", "cause"],
+            )
+            for cause, value in sorted(s.by_cause.items()):
+                by_cause.add_metric([s.trace, s.node, cause], value)
+            yield by_cause
             for name, doc, value in (
                 ("rtrace_node_retransmits", "Every matched tcp_retransmit_skb event on this node.", s.retransmits),
                 ("rtrace_node_synack_retransmits", "Every matched tcp_retransmit_synack event on this node.", s.synack_retransmits),
                 ("rtrace_lost_events", "Samples dropped by the rate limit or a full buffer.", s.lost_events),
                 ("rtrace_missed_events", "Tracepoint hits the kernel did not run the program for (another BPF program was running on that CPU).", s.missed_events),
+                ("rtrace_failed_attempts", "Retransmits the kernel tried and could not send.", s.failed_attempts),
                 ("rtrace_report_errors", "Status writes that failed.", s.report_errors),
                 ("rtrace_reports", "Status writes that succeeded.", s.reports),
             ):
+                if value is None:
+                    continue   # the kernel cannot tell: no series rather than a false 0
                 family = CounterMetricFamily(name, doc, labels=["trace", "node"])
                 family.add_metric([s.trace, s.node], value)
                 yield family

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Optional, Sequence
 
-from retransmit_operator.api import NodeStatus, Phase, RecentEvent
+from retransmit_operator.api import KernelCheck, NodeStatus, Phase, RecentEvent
 
 from .flows import busiest_first
 from .kernel import KernelSnapshot
@@ -24,6 +24,7 @@ def build_node_report(
     agent_version: Optional[str] = None,
     keep_events: Optional[int] = None,
     report_time: Optional[datetime] = None,
+    kernel_checks: Sequence[KernelCheck] = (),
 ) -> NodeStatus:
     """A Running NodeStatus for `node` from one snapshot.
 
@@ -43,6 +44,9 @@ def build_node_report(
         synack_retransmits=snapshot.synack_retransmits,
         lost_events=snapshot.lost_events,
         missed_events=snapshot.missed_events,
+        failed_attempts=snapshot.failed_attempts,
+        by_cause=snapshot.by_cause,
+        kernel_checks=list(kernel_checks),
         flows=len(snapshot.flows),
         by_state=dict(sorted(snapshot.by_state.items())),
         top_flows=[f.to_flow() for f in flows],

@@ -32,6 +32,8 @@ from retransmit_operator.api import (
     NodeStatus,
     PodCount,
     RecentEvent,
+    add_counts,
+    add_known,
     to_api,
 )
 from retransmit_operator.heartbeat import INTERVAL_JITTER, WRITE_TIMEOUT_SECONDS
@@ -105,9 +107,11 @@ class Baseline:
     retransmits: int = 0
     synack_retransmits: int = 0
     lost_events: int = 0
-    missed_events: int = 0
+    missed_events: Optional[int] = None
+    failed_attempts: Optional[int] = None
     flows: int = 0
     by_state: Mapping[str, int] = field(default_factory=dict)
+    by_cause: Mapping[str, int] = field(default_factory=dict)
     top_flows: Mapping[FlowKey, Flow] = field(default_factory=dict)
     recent_events: Sequence[RecentEvent] = ()
     top_pods: Mapping[PodKey, int] = field(default_factory=dict)
@@ -121,8 +125,10 @@ class Baseline:
             synack_retransmits=entry.synack_retransmits,
             lost_events=entry.lost_events,
             missed_events=entry.missed_events,
+            failed_attempts=entry.failed_attempts,
             flows=entry.flows,
             by_state=dict(entry.by_state),
+            by_cause=dict(entry.by_cause),
             top_flows={FlowKey.of_flow(f): f for f in entry.top_flows},
             recent_events=tuple(entry.recent_events),
             top_pods={(p.namespace, p.pod): p.retransmits for p in entry.top_pods},
@@ -132,7 +138,7 @@ class Baseline:
     def empty(self) -> bool:
         return (
             self.retransmits == 0 and self.synack_retransmits == 0 and self.lost_events == 0
-            and self.missed_events == 0
+            and not self.missed_events and not self.failed_attempts
             and not self.top_flows and not self.recent_events and self.flows == 0
             and not self.top_pods
         )
@@ -177,6 +183,8 @@ def merge_flows(baseline: Baseline, fresh_flows: Sequence[Flow]) -> list[Flow]:
             "first_seen": _min_time(old.first_seen, flow.first_seen),
             "last_seen": _max_time(old.last_seen, flow.last_seen),
             "last_state": flow.last_state or old.last_state,
+            "by_cause": add_counts(old.by_cause, flow.by_cause),
+            "socket": flow.socket or old.socket,
         })
     return list(merged.values())
 
@@ -190,20 +198,20 @@ def top_flows(flows: Sequence[Flow], top_n: int) -> list[Flow]:
 def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequence[Flow], top_n: int, keep: int) -> NodeStatus:
     """The entry to write: this agent's report `fresh` plus what earlier agents reported.
 
-    Totals, byState, lostEvents and missedEvents add; `flows` never shrinks; top flows come from
-    `merged_flows` (see merge_flows); recent events: this agent's first, then older ones.
+    Totals, byState, byCause, lostEvents, missedEvents and failedAttempts add (the last two stay
+    unknown only when neither knows); `flows` never shrinks; top flows come from `merged_flows`
+    (see merge_flows); recent events: this agent's first, then older ones.
     """
-    by_state = dict(baseline.by_state)
-    for state, count in fresh.by_state.items():
-        by_state[state] = by_state.get(state, 0) + count
     events = (list(fresh.recent_events) + list(baseline.recent_events))[:keep] if keep > 0 else []
     return fresh.model_copy(update={
         "retransmits": baseline.retransmits + fresh.retransmits,
         "synack_retransmits": baseline.synack_retransmits + fresh.synack_retransmits,
         "lost_events": baseline.lost_events + fresh.lost_events,
-        "missed_events": baseline.missed_events + fresh.missed_events,
+        "missed_events": add_known(baseline.missed_events, fresh.missed_events),
+        "failed_attempts": add_known(baseline.failed_attempts, fresh.failed_attempts),
         "flows": max(baseline.flows, len(merged_flows), fresh.flows),
-        "by_state": by_state,
+        "by_state": add_counts(baseline.by_state, fresh.by_state),
+        "by_cause": add_counts(baseline.by_cause, fresh.by_cause),
         "top_flows": top_flows(merged_flows, top_n),
         "recent_events": events,
     })

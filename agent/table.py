@@ -25,10 +25,12 @@ def render_report(report: NodeStatus, elapsed: float, duration: float | None) ->
         ("   SYN-ACK retransmits ", "bold"), str(report.synack_retransmits),
         ("   flows ", "bold"), str(report.flows),
         ("   lost samples ", "bold"), str(report.lost_events),
-        ("   missed hits ", "bold"), str(report.missed_events),
+        ("   missed hits ", "bold"), "unknown" if report.missed_events is None else str(report.missed_events),
+        ("   failed attempts ", "bold"), "unknown" if report.failed_attempts is None else str(report.failed_attempts),
         ("   elapsed ", "dim"), f"{elapsed:.0f}s{limit}",
     )
-    states = Text("by state: " + ("  ".join(f"{k} {v}" for k, v in report.by_state.items()) or "-"), style="dim")
+    states = Text("by state: " + ("  ".join(f"{k} {v}" for k, v in report.by_state.items()) or "-")
+                  + "   by cause: " + format_causes(report.by_cause), style="dim")
     table = Table(title=f"top flows on {report.node}", title_justify="left", expand=False)
     table.add_column("fam")
     table.add_column("local (retransmitting)", no_wrap=True)

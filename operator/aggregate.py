@@ -15,7 +15,19 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Iterable, Optional
 
-from .api import MAX_NODE_ROWS, MAX_ROW_MESSAGE, Endpoint, Flow, NodeRow, NodeStatus, Phase, PodCount, Summary
+from .api import (
+    MAX_NODE_ROWS,
+    MAX_ROW_MESSAGE,
+    Endpoint,
+    Flow,
+    NodeRow,
+    NodeStatus,
+    Phase,
+    PodCount,
+    Summary,
+    add_counts,
+    add_known,
+)
 from .podindex import PodLookup
 
 # Entries whose agent counts: Running while the trace runs, Completed after its final report.
@@ -104,22 +116,21 @@ def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, p
 
     Totals include every report, stale, failed or departed: counts are cumulative and never
     go back. Departed nodes do not count as reporting."""
-    by_state: Counter[str] = Counter()
-    for node in nodes:
-        by_state.update({state: count for state, count in node.by_state.items() if count})
     flows = cluster_flows(nodes, pod_index, top_n)
     reporting_nodes = sum(1 for node in nodes if node.node not in departed and reporting(node, now, stale_after))
     return Summary(
         retransmits=sum(n.retransmits for n in nodes),
         synack_retransmits=sum(n.synack_retransmits for n in nodes),
         lost_events=sum(n.lost_events for n in nodes),
-        missed_events=sum(n.missed_events for n in nodes),
+        missed_events=add_known(*(n.missed_events for n in nodes)),
+        failed_attempts=add_known(*(n.failed_attempts for n in nodes)),
+        by_cause=add_counts(*(n.by_cause for n in nodes)),
         nodes_desired=nodes_desired,
         nodes_reporting=reporting_nodes,
         nodes=f"{reporting_nodes}/{nodes_desired}",
         top_flows=flows[:top_n],
         top_pods=summary_pods(nodes, top_n),
-        by_state=dict(sorted(by_state.items())),
+        by_state=add_counts(*(n.by_state for n in nodes)),
         nodes_not_listed=nodes_not_listed,
     )
 

@@ -355,6 +355,30 @@ class PodCount(ApiModel):
     retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent, over every flow its node's agent knows.")
 
 
+class KernelCheck(ApiModel):
+    """One line of the agent's kernel check (`retransmit-agent check`)."""
+
+    name: str = Field(description="The requirement, e.g. tracefs, BPF permission, ring buffer.")
+    status: Literal["ok", "degraded", "fail"] = Field(description="ok; degraded (counts unchanged, less detail); fail (the agent cannot count).")
+    detail: str = Field(description="What the agent found.")
+    fix: Optional[str] = Field(None, description="What to do, for degraded and failing lines.")
+
+
+def add_counts(*counts: dict[str, int]) -> dict[str, int]:
+    """Key-wise sum of count maps (byState, byCause), zeros left out, keys sorted."""
+    total: dict[str, int] = {}
+    for each in counts:
+        for key, n in each.items():
+            total[key] = total.get(key, 0) + n
+    return {key: n for key, n in sorted(total.items()) if n}
+
+
+def add_known(*values: Optional[int]) -> Optional[int]:
+    """Sum of the values that are known; None when none is (the kernels cannot tell)."""
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
 class NodeStatus(ApiModel):
     """What one node saw in one trace, in full: the spec of its RetransmitNodeReport, written
     only by that node's agent, and the agent's own restart state (never trimmed)."""
@@ -364,7 +388,10 @@ class NodeStatus(ApiModel):
     retransmits: int = Field(0, ge=0, description="Every matched tcp_retransmit_skb event on this node, including flows evicted from the kernel map.")
     synack_retransmits: int = Field(0, ge=0, description="Every matched tcp_retransmit_synack event.")
     lost_events: int = Field(0, ge=0, description="Samples dropped by the rate limit or a full buffer; counts stay exact.")
-    missed_events: int = Field(0, ge=0, description="Tracepoint hits the kernel did not run this program for (another BPF program was running on that CPU: recursion protection); the true count may be higher by this much.")
+    missed_events: Optional[int] = Field(None, ge=0, description="Tracepoint hits the kernel did not run this program for (another BPF program was running on that CPU: recursion protection); the true count may be higher by this much. Absent where the kernel cannot count them (before Linux 6.7).")
+    failed_attempts: Optional[int] = Field(None, ge=0, description="Retransmits the kernel tried and could not send (e.g. its queue was full); in no other count. Absent where the kernel cannot tell (before Linux 6.17).")
+    by_cause: ByCause
+    kernel_checks: list[KernelCheck] = Field(default_factory=list, description="The agent's kernel check at start: one line per requirement, why the node cannot trace or runs degraded.")
     flows: int = Field(0, ge=0, description="Distinct flows seen.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows, at most spec.topFlows.")
@@ -386,7 +413,9 @@ class Summary(ApiModel):
     retransmits: int = Field(0, ge=0, description="tcp_retransmit_skb events on all nodes.")
     synack_retransmits: int = Field(0, ge=0, description="tcp_retransmit_synack events on all nodes.")
     lost_events: int = Field(0, ge=0, description="Event samples dropped on all nodes (counts stay exact).")
-    missed_events: int = Field(0, ge=0, description="Tracepoint hits the kernel did not run the program for on all nodes (another BPF program was running on that CPU: recursion protection); the true counts may be higher by up to this much.")
+    missed_events: Optional[int] = Field(None, ge=0, description="Tracepoint hits the kernel did not run the program for on the nodes that can count them (another BPF program was running on that CPU: recursion protection); the true counts may be higher by up to this much. Absent when no node can count them (before Linux 6.7).")
+    failed_attempts: Optional[int] = Field(None, ge=0, description="Retransmits the kernels tried and could not send, on the nodes that report them (Linux 6.17+); absent when none does.")
+    by_cause: ByCause
     nodes_desired: int = Field(0, ge=0, description="Agents the DaemonSet wants.")
     nodes_reporting: int = Field(0, ge=0, description="Nodes whose agent reports counts: reports in phase Running written within the heartbeat bound (at completion: every report that counted).")
     nodes_not_listed: int = Field(0, ge=0, description=f"Nodes with a report that status.nodes[] leaves out to stay small (it lists at most {MAX_NODE_ROWS}, problems first, then the busiest); their reports hold everything.")

@@ -27,7 +27,8 @@ PROMETHEUS_LABELS = {"job", "instance", "le"}
 def exported() -> dict[str, set[str]]:
     """Sample name -> label names, from the agent's and the operator's real exporters."""
     state = AgentState(trace="t", node="n")
-    state.publish_counts(3, 1, 0, {("ns", "web", "443"): 3}, by_state={"ESTABLISHED": 3, "SYN_RECV": 1})
+    state.publish_counts(3, 1, 0, {("ns", "web", "443"): 3}, by_state={"ESTABLISHED": 3, "SYN_RECV": 1},
+                         missed=0, failed=0, by_cause={"fast": 3, "unknown": 1})
     state.selected_ips = 2
     agent = CollectorRegistry()
     agent.register(AgentCollector(state))
@@ -90,9 +91,9 @@ def test_dashboard_covers_what_the_issue_asks_for():
 
 
 def test_no_label_of_an_exported_series_names_a_flow_or_an_address():
-    """Cardinality: a pod, a node, a remote port, a TCP state; never an address or a local port."""
+    """Cardinality: a pod, a node, a remote port, a TCP state, a cause; never an address or a local port."""
     labels = set().union(*exported().values())
-    assert labels <= {"trace", "node", "namespace", "pod", "remote_port", "state",
+    assert labels <= {"trace", "node", "namespace", "pod", "remote_port", "state", "cause",
                       "trigger", "result", "reason", "phase", "operation", "code", "le"}
 
 

@@ -225,3 +225,16 @@ def test_a_node_is_departed_when_its_agent_pod_is_gone_and_its_report_silent_and
     assert got == {"left"}
     # Once marked, it stays marked while no pod runs there, even if it wrote one more report (SIGTERM flush).
     assert departed([fresh("left")], frozenset({"left"}), frozenset(), NOW, bound) == {"left"}
+
+
+def test_causes_failed_attempts_and_missed_events_add_and_unknown_is_not_zero():
+    index = PodIndex()
+    new_kernel = NodeStatus(node="a", phase="Running", retransmits=5, missed_events=2, failed_attempts=3,
+                            by_cause={"fast": 4, "timeout": 1})
+    old_kernel = NodeStatus(node="b", phase="Running", retransmits=2, by_cause={"unknown": 2})
+    s = aggregate_summary([new_kernel, old_kernel], nodes_desired=2, top_n=10, pod_index=index)
+    assert s.by_cause == {"fast": 4, "timeout": 1, "unknown": 2}
+    assert (s.failed_attempts, s.missed_events) == (3, 2)     # what the nodes that can tell report
+    only_old = aggregate_summary([old_kernel], nodes_desired=1, top_n=10, pod_index=index)
+    assert only_old.failed_attempts is None and only_old.missed_events is None
+    assert "failedAttempts" not in to_api(only_old) and "missedEvents" not in to_api(only_old)

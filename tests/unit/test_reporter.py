@@ -168,8 +168,8 @@ def test_the_report_document_is_named_labelled_and_owned_from_trace_and_node():
     assert body["metadata"]["ownerReferences"] == [{"apiVersion": "retransmit.dev/v1alpha1", "kind": "RetransmitTrace",
                                                      "name": "t1", "uid": "uid-t1", "controller": True}]
     assert body["spec"] == {"node": "n1", "phase": "Running", "retransmits": 3, "synackRetransmits": 0,
-                            "lostEvents": 0, "missedEvents": 0, "flows": 0, "byState": {"ESTABLISHED": 3},
-                            "topFlows": [], "topPods": [], "recentEvents": []}
+                            "lostEvents": 0, "flows": 0, "byState": {"ESTABLISHED": 3}, "byCause": {},
+                            "kernelChecks": [], "topFlows": [], "topPods": [], "recentEvents": []}
     assert read_entry(body, "n1") == entry(retransmits=3, by_state={"ESTABLISHED": 3})  # it reads back as written
 
 
@@ -178,12 +178,22 @@ def test_each_node_writes_with_its_own_field_manager():
 
 
 def test_missed_events_alone_make_a_baseline_and_survive_restarts():
-    # An entry whose only count is missedEvents must still be resumed, and an entry written
-    # before the field existed reads back as 0.
+    # An entry whose only count is missedEvents must still be resumed, and an entry from a
+    # kernel that cannot count them reads back as unknown (None), not 0.
     baseline = Baseline.from_entry(entry(missed_events=3))
     assert not baseline.empty and baseline.missed_events == 3
-    assert Baseline.from_entry(NodeStatus.model_validate({"node": "n1", "phase": "Running"})).missed_events == 0
+    assert Baseline.from_entry(NodeStatus.model_validate({"node": "n1", "phase": "Running"})).missed_events is None
     first = cumulative_entry(baseline, entry(missed_events=2), [], top_n=10, keep=0)
     second = cumulative_entry(Baseline.from_entry(first), entry(missed_events=0), [], top_n=10, keep=0)
     assert (first.missed_events, second.missed_events) == (5, 5)
     assert to_api(second)["missedEvents"] == 5
+
+
+def test_failed_attempts_and_causes_add_across_restarts_and_unknown_stays_unknown():
+    first = cumulative_entry(Baseline(), entry(failed_attempts=2, by_cause={"fast": 3}), [], top_n=10, keep=0)
+    second = cumulative_entry(Baseline.from_entry(first), entry(failed_attempts=1, by_cause={"fast": 1, "timeout": 2}),
+                              [], top_n=10, keep=0)
+    assert second.failed_attempts == 3 and second.by_cause == {"fast": 4, "timeout": 2}
+    older_kernel = cumulative_entry(Baseline(), entry(), [], top_n=10, keep=0)
+    assert older_kernel.failed_attempts is None and older_kernel.missed_events is None
+    assert "failedAttempts" not in to_api(older_kernel) and "missedEvents" not in to_api(older_kernel)

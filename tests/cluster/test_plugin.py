@@ -1,0 +1,165 @@
+"""`kubectl retransmit` against the real control plane: run, show, watch, check, and every
+error a user can meet with its exit status and one line.
+
+Set-up as in test_e2e.py (whose fixtures this module reuses): the operator embedded, agents
+as processes of the node simulator, a lossy pod pair on node-a, the reference counter.
+`kubectl retransmit` runs as the installed `kubectl-retransmit` executable, the way kubectl
+finds it on PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import kubernetes
+import pytest
+
+from retransmit_operator.api import GROUP, PLURAL, VERSION
+from retransmit_operator.plugin import (
+    EXIT_FAILED,
+    EXIT_FORBIDDEN,
+    EXIT_NO_CLUSTER,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+)
+from tests.cluster import test_e2e as e2e
+from tests.harness.controlplane import free_port, wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
+
+PLUGIN = str(Path(sys.executable).parent / "kubectl-retransmit")
+
+# The cluster fixtures of test_e2e.py (assigned, so pytest finds them here too).
+installed = e2e.installed
+agent_state = e2e.agent_state
+operator = e2e.operator
+reference = e2e.reference
+objects = e2e.objects
+pods = e2e.pods
+
+
+def plugin(control_plane, *args: str, kubeconfig=None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig or control_plane.kubeconfig)}
+    return subprocess.run([PLUGIN, "-n", e2e.SYSTEM_NS, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, **kwargs)
+
+
+def one_line(done: subprocess.CompletedProcess) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def get_trace(objects, name: str):
+    try:
+        return objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    except kubernetes.client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def test_run_prints_the_result_equal_to_the_status_and_the_reference(control_plane, operator, reference, pods, objects):
+    name = f"plugin-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)}
+    run = subprocess.Popen([PLUGIN, "-n", e2e.SYSTEM_NS, "run", "--name", name, "--node", e2e.NODE_A,
+                            "--namespace-filter", pods.namespace, "--duration", "90s", "--report-interval", "1s",
+                            "--interval", "1", "--keep", "-o", "json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # Traffic once the agent counts (its report Running), well inside the 90 s.
+        wait_until(lambda: ((get_trace(objects, name) or {}).get("status") or {}).get("summary", {}).get("nodesReporting") == 1,
+                   f"trace {name} reporting on {e2e.NODE_A}", timeout=180)
+        before = reference.read()
+        pods.lossy_bulk(loss=10, connections=2, nbytes=512 << 10)
+        pods.synack()
+        want = e2e.expected(reference.read(), set(pods.server_ips + pods.client_ips), before)
+        out, err = run.communicate(timeout=400)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err
+    printed = json.loads(out)
+    stored = get_trace(objects, name)
+    try:
+        summary = printed["status"]["summary"]
+        want_r, want_s = e2e.totals(want)
+        assert want_r > 0 and want_s > 0, "the load made no retransmits: the test proves nothing"
+        assert (summary["retransmits"], summary["synackRetransmits"]) == (want_r, want_s)
+        assert printed["status"] == stored["status"]
+        assert printed["status"]["phase"] == "Completed"
+        assert "reporting" in err and f"trace {name} created" in err     # progress lines while it ran
+        # the table form of the same trace: both pods named, totals as in the status
+        table = plugin(control_plane, "show", name)
+        assert table.returncode == 0, table.stderr
+        assert f"retransmits {want_r}" in table.stdout and "TOP FLOWS" in table.stdout
+        assert f"({pods.namespace}/server)" in table.stdout and f"({pods.namespace}/client)" in table.stdout
+        # show -o json round-trips the status
+        shown = plugin(control_plane, "show", name, "-o", "json")
+        assert json.loads(shown.stdout)["status"] == stored["status"]
+        print(table.stdout)
+    finally:
+        objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+
+def test_run_without_keep_deletes_the_trace_and_watch_ends_when_a_trace_completes(control_plane, operator, objects):
+    name = f"plugin-{uuid.uuid4().hex[:6]}"
+    done = plugin(control_plane, "run", "--name", name, "--node", e2e.NODE_A, "--duration", "5s", "--interval", "1")
+    assert done.returncode == 0, done.stderr
+    assert "Completed" in done.stdout and get_trace(objects, name) is None
+    assert f"trace {name} deleted" in done.stderr
+
+    name = f"plugin-{uuid.uuid4().hex[:6]}"
+    objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, e2e.trace_body(name, duration="8s",
+                                                                               nodeSelector={"kubernetes.io/hostname": e2e.NODE_A}))
+    try:
+        watch = plugin(control_plane, "watch", name, "--interval", "1")
+        assert watch.returncode == 0, watch.stderr
+        assert f"{name}: Completed" in watch.stdout
+        assert get_trace(objects, name)["status"]["phase"] == "Completed"
+    finally:
+        objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+
+def test_check_lists_each_nodes_kernel_and_fails_for_a_node_that_cannot_trace(control_plane, operator, agent_state):
+    ok = plugin(control_plane, "check", "--node", e2e.NODE_A, "--interval", "1")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    row = next(line for line in ok.stdout.splitlines() if line.startswith(e2e.NODE_A))
+    assert " yes " in row and "exact per-flow counts" in row
+    marker = agent_state / f"broken-{e2e.NODE_B}"
+    marker.touch()
+    try:
+        bad = plugin(control_plane, "check", "--node", e2e.NODE_B, "--interval", "1")
+    finally:
+        marker.unlink()
+    assert bad.returncode == EXIT_FAILED, bad.stdout + bad.stderr
+    row = next(line for line in bad.stdout.splitlines() if line.startswith(e2e.NODE_B))
+    assert " no " in row and "tracepoint tcp:tcp_retransmit_skb: missing" in row
+
+
+def test_each_error_exits_with_its_status_and_one_line_naming_the_fix(control_plane, operator, tmp_path, objects):
+    missing = plugin(control_plane, "show", "no-such-trace")
+    assert missing.returncode == EXIT_NOT_FOUND and "kubectl get rtrace" in one_line(missing)
+
+    bad = plugin(control_plane, "run", "--remote-cidr", "10.0.0.0/33")
+    assert bad.returncode == EXIT_USAGE and "spec.filter.remoteCIDRs" in one_line(bad)
+    unknown = plugin(control_plane, "show")
+    assert unknown.returncode == EXIT_USAGE and "--help" in one_line(unknown)
+
+    nowhere = tmp_path / "nowhere.kubeconfig"
+    nowhere.write_text(Path(control_plane.kubeconfig).read_text().replace(control_plane.server,
+                                                                          f"https://127.0.0.1:{free_port()}"))
+    down = plugin(control_plane, "show", "x", kubeconfig=nowhere)
+    assert down.returncode == EXIT_NO_CLUSTER and "API server is up" in one_line(down)
+    absent = plugin(control_plane, "show", "x", kubeconfig=tmp_path / "absent.kubeconfig")
+    assert absent.returncode == EXIT_NO_CLUSTER and "--kubeconfig" in one_line(absent)
+
+    nobody = control_plane.kubeconfig_for_token(control_plane.service_account_token("default", "default"),
+                                               tmp_path / "nobody.kubeconfig")
+    denied = plugin(control_plane, "show", "x", kubeconfig=nobody)
+    assert denied.returncode == EXIT_FORBIDDEN and "retransmittrace-editor" in one_line(denied)

@@ -1,0 +1,52 @@
+"""`kubectl retransmit` in a cluster without the RetransmitTrace CRD: exit 4 and the fix.
+
+A module of its own, after test_plugin.py: it deletes the CRD for a moment, which must not
+happen while an operator (kopf watches the resource) or another test uses it.
+"""
+
+from __future__ import annotations
+
+import kubernetes
+import pytest
+
+from retransmit_operator.api import GROUP, PLURAL
+from retransmit_operator.plugin import EXIT_NO_CRD
+from tests.cluster import test_e2e as e2e
+from tests.cluster.test_plugin import one_line, plugin
+from tests.harness.controlplane import wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+
+installed = e2e.installed
+objects = e2e.objects
+
+
+def test_without_the_crd_the_plugin_says_to_install_it(control_plane, installed, objects):
+    """The trace CRD goes (and every trace with it), then comes back. No operator runs in this
+    module: kopf stops when the resource it watches disappears."""
+    ext = kubernetes.client.ApiextensionsV1Api(objects.api_client)
+    crd_name = f"{PLURAL}.{GROUP}"
+    saved = ext.read_custom_resource_definition(crd_name)
+    ext.delete_custom_resource_definition(crd_name)
+    try:
+        def gone() -> bool:
+            try:
+                ext.read_custom_resource_definition(crd_name)
+                return False
+            except kubernetes.client.ApiException as e:
+                return e.status == 404
+        wait_until(gone, "the trace CRD deleted", timeout=120)
+        # discovery drops the group a moment after the CRD goes
+        wait_until(lambda: plugin(control_plane, "show", "x").returncode == EXIT_NO_CRD,
+                   "the plugin to see the CRD gone", timeout=60, interval=1)
+        done = plugin(control_plane, "show", "x")
+        assert "helm install" in one_line(done)
+    finally:
+        body = kubernetes.client.ApiClient().sanitize_for_serialization(saved)
+        for key in ("resourceVersion", "uid", "creationTimestamp", "managedFields", "generation"):
+            body["metadata"].pop(key, None)
+        body.pop("status", None)
+        ext.create_custom_resource_definition(body)
+        wait_until(lambda: any(c.type == "Established" and c.status == "True"
+                               for c in ext.read_custom_resource_definition(crd_name).status.conditions or []),
+                   "the trace CRD back", timeout=120)
