@@ -82,6 +82,11 @@ def main(argv=None) -> int:
     if not args.skip_controlplane:
         log("control plane: operator reconcile, N simulated nodes on one trace")
         results["controlplane"] = controlplane_bench.run(window=args.window, log=log)
+    elif "controlplane" in previous:
+        # Kept from the run that measured them (its commit and date in controlplane_measured).
+        results["controlplane"] = previous["controlplane"]
+        results["meta"]["controlplane_measured"] = previous.get("meta", {}).get("controlplane_measured") or {
+            k: previous.get("meta", {}).get(k) for k in ("date", "git_commit", "git_dirty")}
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
 
     summary = report.headline(results.get("node", {}), results.get("controlplane", {}))
