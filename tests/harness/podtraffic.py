@@ -162,10 +162,11 @@ def _finish(proc: subprocess.Popen, timeout: float = 300.0) -> list:
 
 
 def bulk(server: PodNet, client: PodNet, server_ip: str, port: int, connections: int = 4,
-         nbytes: int = 1 << 20) -> list[dict]:
-    """Duplex bulk transfer from the client pod to the server pod; returns the flows made."""
+         nbytes: int = 1 << 20, listen_ip: Optional[str] = None) -> list[dict]:
+    """Duplex bulk transfer from the client pod to the server pod; returns the flows made.
+    listen_ip: where the server listens ("::": dual-stack), default server_ip."""
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    srv = server.python("serve", "--ip", server_ip, "--port", str(port),
+    srv = server.python("serve", "--ip", listen_ip or server_ip, "--port", str(port),
                         "--connections", str(connections), "--bytes", str(nbytes), **pipes)
     _wait_line(srv, "listening")
     cli = client.python("connect", "--server-ip", server_ip, "--port", str(port),
@@ -200,7 +201,11 @@ def synack(server: PodNet, client: PodNet, server_ip: str, port: int, connection
 # ---------------------------------------------------------------- the processes
 
 def _listen(ip: str, port: int, backlog: int) -> socket.socket:
+    """A listener on ip:port; "::" is a dual-stack listener (IPv4 clients too), the way Go,
+    Java and nginx listen by default."""
     s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    if ip == "::":
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((ip, port))
     s.listen(backlog)
