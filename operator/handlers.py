@@ -115,6 +115,9 @@ class Reconciler:
         except ApiFailure:
             result = "api_error"
             raise
+        except Exception:
+            result = "error"
+            raise
         finally:
             self.metrics.reconciles.labels(trigger=trigger, result=result).inc()
             self.metrics.reconcile_seconds.observe(time.monotonic() - started)
@@ -277,13 +280,13 @@ class Reconciler:
             except ApiFailure as e:
                 log.warning("trace %s: sync failed, retried next pass: %s", name, e)
                 phase = "Unknown"
-            except Exception:
+            except Exception:   # counted as result="error" by reconcile()
                 log.exception("trace %s: sync failed, retried next pass", name)
-                self.metrics.reconciles.labels(trigger="sync", result="error").inc()
                 phase = "Unknown"
             phases[phase] = phases.get(phase, 0) + 1
         self.metrics.set_traces(phases)
         self.metrics.pod_index_addresses.set(len(self.pods))
+        self.metrics.sync_passes.inc()
         self.last_sync = time.monotonic()
 
     async def sync_forever(self) -> None:

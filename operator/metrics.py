@@ -44,6 +44,7 @@ class OperatorMetrics:
         self.daemonset_applies = Counter("rtrace_operator_daemonset_applies", "DaemonSet creations and rolls", registry=r)
         self.events = Counter("rtrace_operator_events", "Kubernetes Events posted", ["reason"], registry=r)
         self.traces = Gauge("rtrace_operator_traces", "Traces by phase at the last sync", ["phase"], registry=r)
+        self.sync_passes = Counter("rtrace_operator_sync_passes", "Completed passes over every known trace", registry=r)
         self.api_requests = Counter("rtrace_operator_api_requests", "Kubernetes API requests (not kopf's watches)",
                                     ["operation", "code"], registry=r)
         self.pod_index_addresses = Gauge("rtrace_operator_pod_index_addresses", "Pod IPs in the attribution index", registry=r)
