@@ -124,41 +124,8 @@ def _field_at(schema: dict[str, Any], json_path: str) -> dict[str, Any]:
     return node
 
 
-def printer_columns(schema: dict[str, Any]) -> list[dict[str, Any]]:
-    """Columns of `kubectl get rtrace`. Paths are checked against the generated schema.
-
-    A printer column takes one JSONPath, so "Nodes" shows status.summary.nodes, a
-    "reporting/desired" string the operator writes next to the two counts.
-    """
-    columns = [
-        ("Phase", ".status.phase", 0),
-        ("Nodes", ".status.summary.nodes", 0),
-        ("Retransmits", ".status.summary.retransmits", 0),
-        ("Duration", ".spec.duration", 1),
-        ("Lost", ".status.summary.lostEvents", 1),
-    ]
-    out = []
-    for name, path, priority in columns:
-        field = _field_at(schema, path)
-        column = {"name": name, "type": field["type"], "jsonPath": path, "description": field.get("description", "")}
-        if priority:
-            column["priority"] = priority
-        out.append(column)
-    out.append({"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"})
-    return out
-
-
-def report_printer_columns(schema: dict[str, Any]) -> list[dict[str, Any]]:
-    """Columns of `kubectl get rtreport`: the per-node table of a trace (with -l retransmit.dev/trace=NAME)."""
-    columns = [
-        ("Node", ".spec.node", 0),
-        ("Phase", ".spec.phase", 0),
-        ("Retransmits", ".spec.retransmits", 0),
-        ("SYN-ACK", ".spec.synackRetransmits", 0),
-        ("Lost", ".spec.lostEvents", 0),
-        ("Last Report", ".spec.lastReportTime", 0),
-        ("Departed", ".status.departed", 1),
-    ]
+def _columns(schema: dict[str, Any], columns: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """Printer columns (name, JSONPath, priority) typed and described from the schema, then Age."""
     out = []
     for name, path, priority in columns:
         field = _field_at(schema, path)
@@ -169,6 +136,34 @@ def report_printer_columns(schema: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(column)
     out.append({"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"})
     return out
+
+
+def printer_columns(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """Columns of `kubectl get rtrace`. Paths are checked against the generated schema.
+
+    A printer column takes one JSONPath, so "Nodes" shows status.summary.nodes, a
+    "reporting/desired" string the operator writes next to the two counts.
+    """
+    return _columns(schema, [
+        ("Phase", ".status.phase", 0),
+        ("Nodes", ".status.summary.nodes", 0),
+        ("Retransmits", ".status.summary.retransmits", 0),
+        ("Duration", ".spec.duration", 1),
+        ("Lost", ".status.summary.lostEvents", 1),
+    ])
+
+
+def report_printer_columns(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """Columns of `kubectl get rtreport`: the per-node table of a trace (with -l retransmit.dev/trace=NAME)."""
+    return _columns(schema, [
+        ("Node", ".spec.node", 0),
+        ("Phase", ".spec.phase", 0),
+        ("Retransmits", ".spec.retransmits", 0),
+        ("SYN-ACK", ".spec.synackRetransmits", 0),
+        ("Lost", ".spec.lostEvents", 0),
+        ("Last Report", ".spec.lastReportTime", 0),
+        ("Departed", ".status.departed", 1),
+    ])
 
 
 def report_openapi_schema() -> dict[str, Any]:
