@@ -25,7 +25,8 @@ from typing import Any, Optional
 import kubernetes
 import pytest
 
-from retransmit_operator.api import GROUP, PLURAL, VERSION, NodeStatus
+from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
+from retransmit_operator.reports import report_name
 from retransmit_operator.render import selector_labels
 from tests.deploy.kube import CHART, helm, kubectl, unique
 from tests.deploy.render import ROOT
@@ -217,8 +218,8 @@ def entry_flows(entry: NodeStatus) -> dict:
 
 
 class Trace:
-    def __init__(self, cp, node: RealNode, namespace: str) -> None:
-        self.cp, self.node = cp, node
+    def __init__(self, cp, node: RealNode, namespace: str, operator_namespace: str) -> None:
+        self.cp, self.node, self.operator_namespace = cp, node, operator_namespace
         self.name = unique("rn-trace")
         self.objects = kubernetes.client.CustomObjectsApi(cp.api_client())
         self.objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
@@ -227,11 +228,15 @@ class Trace:
                      "reportInterval": "2s", "topFlows": 100}})
 
     def entry(self) -> Optional[NodeStatus]:
-        status = self.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.name).get("status") or {}
-        for raw in status.get("nodes") or []:
-            if raw["node"] == self.node.name:
-                return NodeStatus.model_validate(raw)
-        return None
+        """The node's report (RetransmitNodeReport) as its agent wrote it."""
+        try:
+            report = self.objects.get_namespaced_custom_object(GROUP, VERSION, self.operator_namespace, REPORT_PLURAL,
+                                                               report_name(self.name, self.node.name))
+        except kubernetes.client.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return NodeStatus.model_validate(report["spec"])
 
     def wait_entry(self, what: str, predicate, timeout: float = 180) -> NodeStatus:
         def check():
@@ -251,7 +256,7 @@ def run_trace_and_compare(cp, release: Release, real: Node, reference, core, nam
     to the reference; returns the agent pod and the figures measured on it."""
     node = real.node
     pods = PodPair(core, node, namespace)
-    trace = Trace(cp, node, namespace)
+    trace = Trace(cp, node, namespace, release.ns)
     labels = selector_labels(trace.name)
     agent = wait_until(lambda: next((p for p in release.pods(**labels) if ready(p)), None),
                        f"the agent pod of {trace.name} Running and Ready", timeout=240)

@@ -229,13 +229,14 @@ class RealNode:
         t = self._step("network+namespace", t)
         self._start_containerd()
         t = self._step("containerd", t)
-        pause = bins / "pause"
-        self._ensure_image(SANDBOX_IMAGE, hashlib.sha256(pause.read_bytes()).hexdigest(),
-                           lambda: sandbox_image_archive(pause, self.state / "pause-oci.tar"))
-        if self.image:
-            self._ensure_image(self.image, podman_image_id(self.image),
-                               lambda: podman_archive(self.image, self.state / "image.tar"))
-        self._prune_images()
+        try:
+            self._ensure_images(bins / "pause")
+        except RealNodeError as e:
+            # The cached store can disagree with itself after a run that died mid-import
+            # ("parent snapshot ... does not exist"): start from an empty store once.
+            log.warning("image import into the cached store failed (%s): wiping %s and importing again", e, self.store)
+            self._wipe_store()
+            self._ensure_images(bins / "pause")
         t = self._step("images", t)
         self._start_kubelet(bins / "kubelet")
         self._step("kubelet-ready", t)
@@ -336,9 +337,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         wait_until(answers, "containerd to answer", timeout=60)
         if self.ctr("containers", "ls", "-q").stdout.split():
             log.warning("containers left in %s by an earlier run: wiping the image store", self.store)
-            end_process(self._containerd, grace=15)
-            shutil.rmtree(self.store)
-            self._start_containerd()
+            self._wipe_store()
 
     def _cni_config(self) -> dict:
         # The bridge exists already with the gateway addresses: isGateway stays false, so the
@@ -360,6 +359,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self.store.mkdir(parents=True, exist_ok=True)
         for folder in ("io.containerd.grpc.v1.cri", "io.containerd.runtime.v2.task"):
             shutil.rmtree(self.store / folder, ignore_errors=True)
+
+    def _wipe_store(self) -> None:
+        """Stop containerd, empty its cached root, start it again."""
+        end_process(self._containerd, grace=15)
+        shutil.rmtree(self.store)
+        self._start_containerd()
+
+    def _ensure_images(self, pause: Path) -> None:
+        self._ensure_image(SANDBOX_IMAGE, hashlib.sha256(pause.read_bytes()).hexdigest(),
+                           lambda: sandbox_image_archive(pause, self.state / "pause-oci.tar"))
+        if self.image:
+            self._ensure_image(self.image, podman_image_id(self.image),
+                               lambda: podman_archive(self.image, self.state / "image.tar"))
+        self._prune_images()
 
     def _imported(self) -> dict[str, str]:
         try:
