@@ -31,7 +31,7 @@ from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
 from .podindex import PodIndex
 from .reportindex import ReportIndex
-from .render import SPEC_HASH_ANNOTATION, TRACE_LABEL, daemonset_name, render_daemonset, selector_labels
+from .render import SPEC_HASH_ANNOTATION, TRACE_LABEL, daemonset_name, render_daemonset, selector_labels, selector_text
 from .settings import Settings
 from .validation import validate_trace
 
@@ -223,7 +223,7 @@ class Reconciler:
             return None, f"the agents' DaemonSet was refused by the API server: {detail}", []
         self.metrics.daemonset_applies.inc()
         if have is None:
-            selector = sorted(rendered["spec"]["template"]["spec"]["nodeSelector"].items())
+            selector = selector_text(rendered["spec"]["template"]["spec"]["nodeSelector"])
             return applied, None, [("Normal", "AgentsScheduled",
                                     f"DaemonSet {ns}/{ds_name} created: one agent per node matching {selector}")]
         if have != wanted:

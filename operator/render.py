@@ -52,6 +52,11 @@ HOST_MOUNTS: tuple[tuple[str, str, str, str | None], ...] = (
 AGENT_CAPABILITIES = ("BPF", "PERFMON", "SYS_RESOURCE")
 
 
+def selector_text(labels: dict[str, str]) -> str:
+    """A label selector as people write it: 'kubernetes.io/os=linux, pool=blue'."""
+    return ", ".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
 def daemonset_name(trace_name: str) -> str:
     return f"{DAEMONSET_PREFIX}{trace_name}"
 

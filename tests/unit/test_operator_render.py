@@ -123,3 +123,10 @@ def test_spec_hash_rolls_pods_on_spec_change_only():
 
 def test_rolling_update_strategy():
     assert _ds()["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+
+
+def test_a_selector_reads_as_people_write_it():
+    from retransmit_operator.render import selector_text
+
+    assert selector_text({"kubernetes.io/os": "linux", "kubernetes.io/hostname": "node-b"}) == \
+        "kubernetes.io/hostname=node-b, kubernetes.io/os=linux"
