@@ -185,24 +185,25 @@ def report_openapi_schema() -> dict[str, Any]:
     }
 
 
-def build_report_crd() -> dict[str, Any]:
-    schema = report_openapi_schema()
+def _crd(name: str, scope: str, kind: str, plural: str, singular: str, short_name: str,
+         schema: dict[str, Any], columns: list[dict[str, Any]]) -> dict[str, Any]:
+    """A CustomResourceDefinition of the group: one served and stored version, a status subresource."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": REPORT_CRD_NAME,
+            "name": name,
             "labels": {"app.kubernetes.io/name": "retransmit-operator", "app.kubernetes.io/part-of": "retransmit-operator"},
         },
         "spec": {
             "group": api.GROUP,
-            "scope": "Namespaced",
+            "scope": scope,
             "names": {
-                "kind": api.REPORT_KIND,
-                "listKind": f"{api.REPORT_KIND}List",
-                "plural": api.REPORT_PLURAL,
-                "singular": api.REPORT_SINGULAR,
-                "shortNames": [api.REPORT_SHORT_NAME],
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": [short_name],
                 "categories": ["retransmit"],
             },
             "versions": [
@@ -211,12 +212,18 @@ def build_report_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": report_printer_columns(schema),
+                    "additionalPrinterColumns": columns,
                     "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
+
+
+def build_report_crd() -> dict[str, Any]:
+    schema = report_openapi_schema()
+    return _crd(REPORT_CRD_NAME, "Namespaced", api.REPORT_KIND, api.REPORT_PLURAL, api.REPORT_SINGULAR,
+                api.REPORT_SHORT_NAME, schema, report_printer_columns(schema))
 
 
 def openapi_schema() -> dict[str, Any]:
@@ -252,36 +259,7 @@ def openapi_schema() -> dict[str, Any]:
 
 def build_crd() -> dict[str, Any]:
     schema = openapi_schema()
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": CRD_NAME,
-            "labels": {"app.kubernetes.io/name": "retransmit-operator", "app.kubernetes.io/part-of": "retransmit-operator"},
-        },
-        "spec": {
-            "group": api.GROUP,
-            "scope": "Cluster",
-            "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": [api.SHORT_NAME],
-                "categories": ["retransmit"],
-            },
-            "versions": [
-                {
-                    "name": api.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": printer_columns(schema),
-                    "schema": {"openAPIV3Schema": schema},
-                }
-            ],
-        },
-    }
+    return _crd(CRD_NAME, "Cluster", api.KIND, api.PLURAL, api.SINGULAR, api.SHORT_NAME, schema, printer_columns(schema))
 
 
 class _Dumper(yaml.SafeDumper):
