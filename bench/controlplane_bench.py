@@ -48,7 +48,7 @@ from retransmit_agent.reporter import ApiError, ReportTarget, ReportWriter, jitt
 from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, to_api
 from retransmit_operator.heartbeat import heartbeat_seconds, must_write
 from retransmit_operator.reports import trace_selector
-from tests.harness.controlplane import ControlPlane, free_port, start_process, wait_until
+from tests.harness.controlplane import ControlPlane, end_process, free_port, start_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBECTL = Path(os.environ.get("RTRACE_CACHE") or Path.home() / ".cache" / "retransmit-operator") / "bin" / "kubectl"
@@ -129,12 +129,7 @@ class OperatorProcess:
             return False
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_process(self.proc, grace=30)
 
 
 class SummaryWatch:

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from tests.harness.controlplane import wait_until
+from tests.harness.controlplane import end_process, start_process, wait_until
 
 INTERVAL = "1s"
 
@@ -76,11 +76,9 @@ class Prometheus:
         # machine): try a few.
         for _ in range(5):
             self.port = free_port()
-            with open(self.log, "a") as log:
-                self.proc = subprocess.Popen(
-                    [binary(), f"--config.file={self.config}", f"--storage.tsdb.path={self.workdir / 'data'}",
-                     f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=info"],
-                    stdout=log, stderr=subprocess.STDOUT)
+            self.proc = start_process(
+                [binary(), f"--config.file={self.config}", f"--storage.tsdb.path={self.workdir / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=info"], self.log)
             try:
                 wait_until(lambda: self.proc.poll() is not None or self._ready(), "prometheus to be ready", timeout=60)
             except TimeoutError:
@@ -98,13 +96,8 @@ class Prometheus:
             return False
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            end_process(self.proc, grace=30)
         self.proc = None
 
     def __enter__(self) -> "Prometheus":
