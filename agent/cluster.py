@@ -453,15 +453,22 @@ class ClusterAgent:
             time.sleep(delay)
 
 
+def _downward_env(name: str, field_path: str) -> str:
+    """An environment variable the DaemonSet sets from the downward API; "" (and the fix on
+    stderr) when it is missing."""
+    value = os.environ.get(name, "")
+    if not value:
+        print(f"retransmit-agent cluster: environment variable {name} is not set: set it from the downward "
+              f"API (fieldRef {field_path}), as the operator's DaemonSet does", file=sys.stderr)
+    return value
+
+
 def run(invocation: AgentInvocation) -> int:
     """Entry point of `retransmit-agent cluster`."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    node = os.environ.get(ENV_NODE_NAME, "")
+    node = _downward_env(ENV_NODE_NAME, "spec.nodeName")
     if not node:
-        print(f"retransmit-agent cluster: environment variable {ENV_NODE_NAME} is not set: "
-              f"set it from the downward API (fieldRef spec.nodeName), as the operator's DaemonSet does",
-              file=sys.stderr)
         return 2
     try:
         client = api_client()
@@ -469,11 +476,8 @@ def run(invocation: AgentInvocation) -> int:
         print(f"retransmit-agent cluster: no Kubernetes credentials ({exc}): run inside a pod "
               f"with a service account, or set KUBECONFIG", file=sys.stderr)
         return 2
-    namespace = os.environ.get(ENV_POD_NAMESPACE, "")
+    namespace = _downward_env(ENV_POD_NAMESPACE, "metadata.namespace")
     if not namespace:
-        print(f"retransmit-agent cluster: environment variable {ENV_POD_NAMESPACE} is not set: "
-              f"set it from the downward API (fieldRef metadata.namespace), as the operator's DaemonSet does",
-              file=sys.stderr)
         return 2
     agent = ClusterAgent(invocation, node, namespace, client)
 
