@@ -43,12 +43,12 @@ def attribute(endpoint: Endpoint, pods: Optional[PodLookup]) -> Endpoint:
     unless the agent already attributed it."""
     if pods is None or endpoint.pod or endpoint.node:
         return endpoint
-    ref = pods.lookup(endpoint.ip)
-    if ref is None:
+    owner = pods.owner(endpoint.ip)
+    if owner is None:
         return endpoint
-    if ref.host_network:
-        return endpoint.model_copy(update={"node": ref.node})
-    return endpoint.model_copy(update={"pod": ref.pod, "namespace": ref.namespace})
+    if owner.pod is None:  # a hostNetwork pod's address: its node's
+        return endpoint.model_copy(update={"node": owner.node})
+    return endpoint.model_copy(update={"pod": owner.pod, "namespace": owner.namespace})
 
 
 def _weight(flow: Flow) -> int:
