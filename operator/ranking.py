@@ -2,7 +2,8 @@
 
 Most retransmits (tcp_retransmit_skb + SYN-ACK) first; ties: the latest activity first (a flow
 never seen last sorts after those that were), then by node, family, local address and port,
-remote address and port. Distinct flows never tie, so a list does not flap between writes.
+remote address and port (addresses and families compare as text: cheap, and
+enough for a stable order). Distinct flows never tie, so a list does not flap between writes.
 """
 
 from __future__ import annotations
