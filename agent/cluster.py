@@ -38,9 +38,10 @@ from typing import Any, Callable, Optional
 from retransmit_operator.api import Endpoint, Flow, KernelCheck, NodeStatus, Phase, RecentEvent
 from retransmit_operator.contract import ENV_NODE_NAME, ENV_POD_IP, ENV_POD_NAMESPACE, AgentInvocation
 from retransmit_operator.heartbeat import Write, next_write, report_period, stale_after
+from retransmit_operator.podindex import Owner, PodIndex, PodSelection, attribute
 
-from .attribution import Owner, PodIndex, PodSelection, PodWatcher, attribute, node_addresses
 from .metrics import AgentState, MetricsServer
+from .podwatch import PodWatcher, node_addresses
 from .reporter import (
     ApiError,
     Baseline,

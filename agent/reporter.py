@@ -39,6 +39,7 @@ from retransmit_operator.api import (
     to_api,
 )
 from retransmit_operator.heartbeat import INTERVAL_JITTER, WRITE_TIMEOUT_SECONDS
+from retransmit_operator.ranking import flow_key
 from retransmit_operator.render import daemonset_name
 from retransmit_operator.reports import (
     LEASE_GROUP,
@@ -201,8 +202,8 @@ def merge_flows(baseline: Baseline, fresh_flows: Sequence[Flow]) -> list[Flow]:
 
 
 def top_flows(flows: Sequence[Flow], top_n: int) -> list[Flow]:
-    """Busiest first (retransmits + SYN-ACK retransmits, then most recent), at most top_n (0 = all)."""
-    ordered = sorted(flows, key=_busiest_first)
+    """Busiest first (retransmit_operator.ranking), at most top_n (0 = all)."""
+    ordered = sorted(flows, key=flow_key)
     return ordered[:top_n] if top_n > 0 else ordered
 
 
@@ -262,12 +263,6 @@ def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int) -> list[Pod
     if top_n > 0:
         ordered = ordered[:top_n]
     return [PodCount(namespace=ns, pod=pod, node=node, retransmits=n) for (ns, pod), n in ordered]
-
-
-def _busiest_first(flow: Flow) -> tuple:
-    last = flow.last_seen.timestamp() if flow.last_seen else 0.0
-    return (-(flow.retransmits + flow.synack_retransmits), -last, flow.local.ip, flow.local.port,
-            flow.remote.ip, flow.remote.port)
 
 
 # ---------------------------------------------------------------- the write
