@@ -30,6 +30,9 @@ DOWNWARD_API_ENV: dict[str, str] = {
     ENV_POD_IP: "status.podIP",
 }
 
+# A trace's agents listen on the operator's base port + crc32(trace name) % this span
+# (render.agent_metrics_port); the settings' upper bound for the base port follows from it.
+METRICS_PORT_SPAN = 100
 DEFAULT_METRICS_PORT = 9464
 
 
