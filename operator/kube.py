@@ -17,7 +17,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import kopf
 import kubernetes
@@ -25,10 +25,8 @@ from kubernetes.client.exceptions import ApiException
 
 from .api import API_VERSION, GROUP, KIND, PLURAL, REPORT_KIND, REPORT_PLURAL, VERSION
 from .conditions import utcnow
+from .metrics import OperatorMetrics
 from .reports import REPORTS_SELECTOR
-
-if TYPE_CHECKING:
-    from .metrics import OperatorMetrics
 
 FIELD_MANAGER = "rtrace-operator"
 # Events about cluster-scoped objects live in "default" with an empty involvedObject.namespace:
@@ -101,7 +99,7 @@ def _failure(operation: str, e: ApiException) -> ApiFailure:
 
 
 class KubeApi:
-    def __init__(self, cfg: kubernetes.client.Configuration, metrics: Optional["OperatorMetrics"] = None) -> None:
+    def __init__(self, cfg: kubernetes.client.Configuration, metrics: Optional[OperatorMetrics] = None) -> None:
         self.cfg = cfg
         self._metrics = metrics
         self._client = kubernetes.client.ApiClient(cfg)

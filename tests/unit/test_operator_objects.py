@@ -1,10 +1,10 @@
-"""The pure helpers the handlers use to read what the API server says."""
+"""The pure readers the reconciler uses to read what the API server says (objects.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from retransmit_operator.handlers import _newer, desired_nodes, operator_status
+from retransmit_operator.objects import desired_nodes, newer, operator_status
 
 pytestmark = pytest.mark.unit
 
@@ -29,9 +29,9 @@ def test_operator_status_reads_only_operator_fields_and_tolerates_junk():
 def test_newer_compares_resource_versions_of_the_same_object_only():
     a = {"metadata": {"uid": "u", "resourceVersion": "10"}}
     b = {"metadata": {"uid": "u", "resourceVersion": "9"}}
-    assert _newer(a, b) and not _newer(b, a)
-    assert not _newer(a, {"metadata": {"uid": "other", "resourceVersion": "1"}})
-    assert not _newer({"metadata": {"uid": "u", "resourceVersion": "x"}}, b)
+    assert newer(a, b) and not newer(b, a)
+    assert not newer(a, {"metadata": {"uid": "other", "resourceVersion": "1"}})
+    assert not newer({"metadata": {"uid": "u", "resourceVersion": "x"}}, b)
 
 
 def test_api_failure_is_permanent_for_client_errors_but_conflicts_and_throttling():
