@@ -9,7 +9,6 @@ The nodes' reports come from ONE label-selected watch in the operator's namespac
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -21,9 +20,11 @@ from typing import Any, Optional
 
 import kopf
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from .api import API_VERSION, GROUP, KIND, PLURAL, REPORT_KIND, REPORT_PLURAL, VERSION
+from .apierrors import no_answer, server_message
 from .conditions import utcnow
 from .metrics import OperatorMetrics
 from .reports import REPORTS_SELECTOR
@@ -84,18 +85,32 @@ class ApiFailure(Exception):
     def permanent(self) -> bool:
         return 400 <= self.status < 500 and self.status not in (408, 409, 429)
 
+    @property
+    def fix(self) -> str:
+        if self.status == 403:
+            return ("the operator's ClusterRole lacks this permission: install the RBAC of the same release "
+                    "(helm upgrade, or kubectl apply -f manifests/)")
+        if self.status == 0 or self.status >= 500 or self.status in (408, 409, 429):
+            return "retried with backoff"
+        return ""
+
     def __str__(self) -> str:
-        return f"{self.operation}: {self.status} {self.reason}: {self.message}"
+        answer = f"HTTP {self.status} {self.reason}".rstrip() if self.status else "no answer"
+        text = f"{self.operation} failed ({answer}): {self.message}"
+        return f"{text}; {self.fix}" if self.fix else text
 
 
 def _failure(operation: str, e: ApiException) -> ApiFailure:
-    message = e.reason or ""
-    try:
-        body = json.loads(e.body or "{}")
-        message = body.get("message") or message
-    except (ValueError, TypeError):
-        pass
-    return ApiFailure(operation, e.status or 0, e.reason or "", message)
+    return ApiFailure(operation, e.status or 0, e.reason or "", server_message(e.body, e.reason or ""))
+
+
+def describe(e: BaseException) -> str:
+    """An exception met while talking to the API server, in one line without Python reprs."""
+    if isinstance(e, ApiException):
+        return f"HTTP {e.status} {server_message(e.body, e.reason or '')}".strip()
+    if isinstance(e, (OSError, urllib3.exceptions.HTTPError)):
+        return f"the API server did not answer: {no_answer(e)}"
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 class KubeApi:
@@ -206,7 +221,7 @@ class KubeApi:
             except Exception as e:  # noqa: BLE001 - API server away, expired version: relist after a pause
                 delay = min(30.0, 2 ** min(attempt, 5)) * (0.5 + random.random() / 2)
                 attempt += 1
-                log.warning("watch of node reports in %s interrupted (%s); relisting in %.1fs", namespace, e, delay)
+                log.warning("watch of node reports in %s interrupted (%s); relisting in %.1fs", namespace, describe(e), delay)
                 stop.wait(delay)
 
     async def post_event(self, trace: dict[str, Any], type_: str, reason: str, message: str) -> None:

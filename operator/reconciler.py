@@ -20,7 +20,10 @@ from typing import Any, Optional
 
 from .aggregate import aggregate_summary, departed, node_rows, stale_nodes
 from .api import NodeReportStatus, Phase, RetransmitTraceSpec, to_api
-from .conditions import Observation, OperatorStatus, compute_status, is_due, transitions, utcnow
+from .conditions import (
+    Observation, OperatorStatus, compute_status, is_due, refused_message, rolled_event, scheduled_event, transitions,
+    utcnow,
+)
 from .heartbeat import stale_after
 from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
@@ -70,7 +73,7 @@ class Reconciler:
                 await asyncio.to_thread(self.reports.synced.wait, REPORTS_SYNC_WAIT)
                 if not self.reports.synced.is_set():
                     raise ApiFailure("list node reports", 503, "NotListed",
-                                     "the nodes' reports are not listed yet (API server away?): retrying")
+                                     "the nodes' reports are not listed yet: is the API server reachable?")
             async with self._lock(name):
                 return await self._reconcile(body, roll=roll)
         except ApiFailure:
@@ -141,6 +144,7 @@ class Reconciler:
             nodes=nodes, summary=summary, now=now,
             nodes_desired_known=desired is not None or daemonset is None,
             stale_nodes=stale_nodes(nodes, now, bound, gone), stale_after=bound, rows=rows,
+            namespace=ns,
         )
         new = compute_status(observation, current.conditions if current else [])
         if current is None or to_api(new) != to_api(current):
@@ -175,20 +179,16 @@ class Reconciler:
         except ApiFailure as e:
             if e.status not in (400, 422):
                 raise
-            # The API server refused what the spec rendered to (a toleration key, say, which
-            # only Pod validation checks): the spec is at fault. Its fields keep their names in
-            # the pod template, so the message points at the trace's own field.
+            # The API server refused what the spec rendered to: the spec is at fault.
             if daemonset is not None:
                 await self.kube.delete_daemonset(ns, ds_name)
-            detail = e.message.replace("spec.template.spec.", "spec.")
-            return None, f"the agents' DaemonSet was refused by the API server: {detail}", []
+            return None, refused_message(name, e.message), []
         self.metrics.daemonset_applies.inc()
         if have is None:
             selector = selector_text(rendered["spec"]["template"]["spec"]["nodeSelector"])
-            return applied, None, [("Normal", "AgentsScheduled",
-                                    f"DaemonSet {ns}/{ds_name} created: one agent per node matching {selector}")]
+            return applied, None, [scheduled_event(ns, ds_name, selector)]
         if have != wanted:
-            return applied, None, [("Normal", "AgentsUpdated", f"DaemonSet {ns}/{ds_name} rolled to the new spec")]
+            return applied, None, [rolled_event(ns, ds_name)]
         return applied, None, []
 
     async def _mark_departed(self, stored: list[Any], marked: frozenset[str], now: Any, bound: Any) -> frozenset[str]:

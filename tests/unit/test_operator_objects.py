@@ -42,7 +42,7 @@ def test_api_failure_is_permanent_for_client_errors_but_conflicts_and_throttling
     e = ApiException(status=422, reason="Unprocessable Entity")
     e.body = '{"message": "DaemonSet.apps \\"rtrace-x\\" is invalid: spec.template.spec.tolerations[0].key: Invalid value"}'
     failure = _failure("apply daemonset", e)
-    assert failure.permanent and "tolerations[0].key" in failure.message and "apply daemonset: 422" in str(failure)
+    assert failure.permanent and "tolerations[0].key" in failure.message and str(failure).startswith("apply daemonset failed (HTTP 422 Unprocessable Entity): ")
     for status in (409, 429, 500, 503):
         assert not _failure("x", ApiException(status=status, reason="r")).permanent
     assert _failure("x", ApiException(status=403, reason="Forbidden")).permanent
