@@ -227,7 +227,9 @@ def check(cluster: Cluster, ns: argparse.Namespace) -> int:
     print("\n".join(table(("NODE", "KERNEL", "CAN COUNT", "PROBLEMS / DEGRADED", "MODE"), rows)))
     desired = ((trace.get("status") or {}).get("summary") or {}).get("nodesDesired", 0)
     if len(rows) < desired:
-        print(f"{desired - len(rows)} selected node(s) never reported within {ns.duration}", file=sys.stderr)
+        silent = desired - len(rows)
+        print(f"{silent} selected {'node' if silent == 1 else 'nodes'} never reported within {ns.duration}: check "
+              f"their agent pods and logs (kubectl -n {cluster.namespace} get pods -o wide)", file=sys.stderr)
         failing += 1
     return EXIT_FAILED if failing else 0
 
