@@ -12,6 +12,9 @@ import json
 import re
 from typing import Any
 
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
 
@@ -43,3 +46,12 @@ def no_answer(exc: BaseException) -> str:
     if "certificate" in str(exc).lower() or "ssl" in str(exc).lower():
         return "the TLS handshake failed (check the API server's CA in the kubeconfig)"
     return "no answer"
+
+
+def describe(e: BaseException) -> str:
+    """An exception met while talking to the API server, in one line without Python reprs."""
+    if isinstance(e, ApiException):
+        return f"HTTP {e.status} {server_message(e.body, e.reason or '')}".strip()
+    if isinstance(e, (OSError, urllib3.exceptions.HTTPError)):
+        return f"the API server did not answer: {no_answer(e)}"
+    return " ".join(str(e).split()) or type(e).__name__

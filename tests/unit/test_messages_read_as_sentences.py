@@ -34,7 +34,8 @@ from retransmit_operator.api import NodeStatus, Summary
 from retransmit_operator.conditions import (
     Observation, compute_status, refused_message, rolled_event, scheduled_event, transitions,
 )
-from retransmit_operator.kube import ApiFailure, describe
+from retransmit_operator.apierrors import describe
+from retransmit_operator.kube import ApiFailure
 from retransmit_operator.render import selector_text
 from retransmit_operator.validation import validate_trace
 
