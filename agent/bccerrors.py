@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from typing import Iterator
 
@@ -26,8 +27,14 @@ def stderr_captured() -> Iterator[list[str]]:
             lines.extend(tmp.read().decode(errors="replace").splitlines())
 
 
+def plain(text: str) -> str:
+    """bcc's messages without Python's bytes reprs: "program b'x'" -> "program x"."""
+    return re.sub(r"\bb(['\"])(.*?)\1", r"\2", text)
+
+
 def bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
-    text = [line.strip() for line in output if line.strip()]
+    text = [plain(line.strip()) for line in output if line.strip()]
+    why = plain(str(exc))
     denied = [line for line in text if any(word in line.lower() for word in
                                            ("operation not permitted", "permission denied", "eperm"))]
     if denied:
@@ -38,9 +45,9 @@ def bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
             "CAP_PERFMON and CAP_SYS_RESOURCE and seccomp Unconfined"
         )
     release = os.uname().release
-    if "compile" in str(exc).lower():
+    if "compile" in why.lower():
         errors = [line for line in text if "error:" in line]
-        detail = (errors or text or [str(exc)])[0]
+        detail = (errors or text or [why])[0]
         if "no member named" in detail:
             # The program asked for a tracepoint field this kernel lacks: our bug, not the headers.
             return KernelProblem(
@@ -52,8 +59,8 @@ def bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
         )
     errors = [line for line in text if any(word in line.lower() for word in
                                            ("error", "denied", "not permitted", "invalid", "cannot"))]
-    detail = (errors or text or [str(exc)])[-1]
+    detail = (errors or text or [why])[-1]
     return KernelProblem(
-        f"Linux {release} rejected the BPF program ({exc}; {detail}): run as root on a kernel with "
+        f"Linux {release} rejected the BPF program ({why}; {detail}): run as root on a kernel with "
         "CONFIG_BPF_SYSCALL and CONFIG_BPF_EVENTS, and check `dmesg` and the kernel lockdown mode"
     )

@@ -12,7 +12,10 @@ import argparse
 import sys
 from typing import NoReturn, Optional, Sequence
 
+from pydantic import ValidationError
+
 from retransmit_operator.contract import AGENT_SUBCOMMAND, add_agent_arguments, invocation_from_namespace
+from retransmit_operator.validation import format_error
 
 from .filters import UsageError, kernel_config, parse_count, parse_seconds
 from .kernelinfo import VMLINUX_BTF
@@ -115,7 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"{PROG} {ns.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as exc:  # e.g. the cluster spec JSON failing validation
+    except ValidationError as exc:  # the --spec JSON the operator rendered failing validation
+        print(f"{PROG} {ns.command}: --spec: {format_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
         print(f"{PROG} {ns.command}: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KernelProblem as exc:

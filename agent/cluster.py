@@ -161,8 +161,8 @@ class ClusterAgent:
             # The operator gives each trace its own port; a clash means something else on the
             # host holds it (or two simulated nodes share one host). Counting matters more
             # than scraping: go on without the endpoint rather than crash-loop.
-            log.error("cannot serve metrics on port %d (%s); counting goes on without /metrics",
-                      self.inv.metrics_port, exc)
+            log.error("cannot serve metrics on port %d (%s: another process on the node holds it); "
+                      "counting goes on without /metrics", self.inv.metrics_port, (exc.strerror or str(exc)).lower())
 
     def _start_pod_watch(self) -> None:
         from kubernetes import client
@@ -181,7 +181,7 @@ class ClusterAgent:
         try:
             lines = evaluate(gather_facts(self.inv.tracefs))
         except Exception as exc:  # noqa: BLE001 - the check explains; it must never stop counting
-            log.warning("kernel check failed: %s", exc)
+            log.warning("kernel check failed (%s); the report carries no kernel checks, counting goes on", exc)
             return
         self.kernel_checks = [KernelCheck(name=line.name, status=line.status, detail=line.detail, fix=line.fix or None)
                               for line in lines]

@@ -41,7 +41,7 @@ class KernelConfig:
 
     def __post_init__(self) -> None:
         if not self.families or not set(self.families) <= set(FAMILY_BITS):
-            raise ValueError(f"families {sorted(self.families)}: use IPv4 and/or IPv6")
+            raise ValueError(f"IP families {', '.join(sorted(self.families)) or 'none'}: use IPv4, IPv6 or both")
         for port in self.ports:
             if not 1 <= port <= 65535:
                 raise ValueError(f"port {port} is outside 1-65535")
@@ -49,7 +49,7 @@ class KernelConfig:
             ipaddress.ip_network(cidr, strict=False)  # ValueError names the value
         unknown = set(self.states) - set(TCP_STATES)
         if unknown:
-            raise ValueError(f"unknown TCP states {sorted(unknown)}: use {', '.join(TCP_STATES)}")
+            raise ValueError(f"unknown TCP states {', '.join(sorted(unknown))}: use {', '.join(TCP_STATES)}")
         for ip in self.local_ips or ():
             ipaddress.ip_address(ip)
         if self.samples_per_second < 0:

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from retransmit_operator.apierrors import describe
 from retransmit_operator.podindex import PodIndex, canonical_ips
 
 log = logging.getLogger(__name__)
@@ -121,5 +122,5 @@ class PodWatcher(threading.Thread):
                     return
                 delay = self._backoff(failures)
                 failures += 1
-                log.warning("pod watch on node %s failed (%s); retrying in %.1fs", self._index.node, exc, delay)
+                log.warning("pod watch on node %s failed (%s); retrying in %.1fs", self._index.node, describe(exc), delay)
                 self._stop_event.wait(delay)

@@ -88,5 +88,5 @@ def require_kernel_headers(release: Optional[str] = None) -> None:
     raise KernelProblem(
         f"no kernel headers for {release} (/lib/modules/{release}/build is missing): install "
         f"linux-headers-{release} (Debian/Ubuntu) or kernel-devel (RHEL), or load the kheaders "
-        "module ('modprobe kheaders'); `make setup` links generic headers on this machine"
+        "module (modprobe kheaders); `make setup` links generic headers on this machine"
     )

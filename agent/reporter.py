@@ -38,6 +38,7 @@ from retransmit_operator.api import (
     add_known,
     to_api,
 )
+from retransmit_operator.apierrors import no_answer, server_message
 from retransmit_operator.heartbeat import INTERVAL_JITTER, WRITE_TIMEOUT_SECONDS
 from retransmit_operator.ranking import flow_key
 from retransmit_operator.render import daemonset_name
@@ -309,9 +310,9 @@ class ReportWriter:
         try:
             result = request()
         except ApiException as exc:
-            raise ApiError(exc.status or 0, str(exc.body or exc.reason or exc).strip()[:500]) from None
+            raise ApiError(exc.status or 0, server_message(exc.body, exc.reason or str(exc))[:500]) from None
         except Exception as exc:  # noqa: BLE001 - connection refused, timeouts, TLS: no answer
-            raise ApiError(0, f"{type(exc).__name__}: {exc}"[:500]) from None
+            raise ApiError(0, f"the API server did not answer ({no_answer(exc)})") from None
         return result if isinstance(result, dict) else {}
 
     def read(self) -> Optional[dict[str, Any]]:
@@ -338,7 +339,7 @@ class ReportWriter:
                 raise
         stored = self.read()
         if stored is None:
-            raise ApiError(409, f"report {t.name} exists and does not: created and deleted meanwhile")
+            raise ApiError(409, f"report {t.name} was created and deleted meanwhile: retried")
         return stored
 
     def apply(self, entry: NodeStatus) -> dict[str, Any]:

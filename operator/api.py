@@ -76,7 +76,7 @@ def check_label_key(key: str) -> Optional[str]:
 def check_label_value(value: str) -> Optional[str]:
     """Why `value` is not a Kubernetes label value, or None when it is one."""
     if len(value) > 63 or not re.fullmatch(LABEL_VALUE_PATTERN, value):
-        return f"{value!r} is not a label value: at most 63 of [A-Za-z0-9-_.], starting and ending alphanumeric"
+        return f"{value!r} is not a label value: use at most 63 of [A-Za-z0-9-_.], starting and ending alphanumeric"
     return None
 
 
@@ -84,7 +84,7 @@ def _check_labels(labels: dict[str, str]) -> dict[str, str]:
     for key, value in labels.items():
         problem = check_label_key(key) or check_label_value(value)
         if problem:
-            raise ValueError(f"[{key!r}]: {problem}")
+            raise ValueError(f"[{key}]: {problem}")  # spec.nodeSelector[KEY], as Kubernetes names map entries
     return labels
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

@@ -65,6 +65,12 @@ class Observation:
     stale_nodes: Sequence[str] = ()
     stale_after: Optional[timedelta] = None
     rows: Sequence[NodeRow] = ()  # status.nodes[] (aggregate.node_rows)
+    namespace: str = ""  # where the agents run (the operator's namespace), for the fix in messages
+
+
+def count(n: int, noun: str) -> str:
+    """'1 node', '3 nodes': messages are read by people, not parsed."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _trim(text: str) -> str:
@@ -102,14 +108,16 @@ def _agents(obs: Observation, phase: Phase) -> tuple[str, str, str]:
                                             "is added) and spec.tolerations against the nodes' labels and taints")
     failed = failed_nodes(obs.nodes)
     if failed:
-        return "False", "NodesFailed", f"{counts}; {len(failed)} failed (see the Degraded condition)"
+        return "False", "NodesFailed", (f"{counts}; {count(len(failed), 'node')} failed: check the Degraded "
+                                        "condition, which names each node's problem and its fix")
     if s.nodes_reporting >= s.nodes_desired:
         return "True", "AllAgentsReporting", counts
     if obs.stale_nodes:
         bound = f" within {obs.stale_after.total_seconds():.0f}s" if obs.stale_after else ""
+        where = f"kubectl -n {obs.namespace} get pods -o wide" if obs.namespace else "in the operator's namespace"
         return "False", "AgentsNotReporting", (
-            f"{counts}; no report{bound} from {len(obs.stale_nodes)} node(s): {', '.join(obs.stale_nodes)}; "
-            "check their agent pods (kubectl -n <operator namespace> get pods -o wide) and logs")
+            f"{counts}; no report{bound} from {count(len(obs.stale_nodes), 'node')}: {', '.join(obs.stale_nodes)}; "
+            f"check the agent pods on those nodes and their logs ({where})")
     return "False", "AgentsStarting", f"{counts}; waiting for the other agents to attach and report"
 
 
@@ -117,8 +125,18 @@ def _degraded(obs: Observation) -> tuple[str, str, str]:
     failed = failed_nodes(obs.nodes)
     if not failed:
         return "False", "NoNodeFailed", "no node reported a failure"
-    details = "; ".join(f"{n.node}: {n.message or 'failed without a message'}" for n in failed)
-    return "True", "NodeFailed", f"{len(failed)} node(s) cannot trace: {details}"
+    head = f"{count(len(failed), 'node')} cannot trace"
+    details: list[str] = []
+    budget = MAX_MESSAGE - len(head) - 80  # room for "; and N more nodes ..."
+    for n in failed:
+        detail = f"{n.node}: {n.message or 'failed without a message: check its agent pod log'}"
+        if details and len(detail) + 2 > budget:
+            break
+        details.append(detail)
+        budget -= len(detail) + 2
+    rest = len(failed) - len(details)
+    more = f"; and {count(rest, 'more node')}, whose reports hold their messages" if rest else ""
+    return "True", "NodeFailed", f"{head}: {'; '.join(details)}{more}"
 
 
 def _ready(obs: Observation, phase: Phase, agents: tuple[str, str, str]) -> tuple[str, str, str]:
@@ -177,7 +195,8 @@ def transitions(before: Optional[OperatorStatus], after: OperatorStatus) -> list
             events.append(("Warning", INVALID_SPEC, new[READY].message))
         elif after.phase == Phase.COMPLETED:
             s = after.summary
-            totals = f"{s.retransmits} retransmits, {s.synack_retransmits} SYN-ACK retransmits" if s else "no results"
+            totals = (f"{count(s.retransmits, 'retransmit')}, {count(s.synack_retransmits, 'SYN-ACK retransmit')}"
+                      if s else "no results")
             events.append(("Normal", "Completed", f"trace completed: {totals}; agents removed"))
     agents_new, agents_old = new[AGENTS_READY], old.get(AGENTS_READY)
     if agents_new.status == "True" and (agents_old is None or agents_old.status != "True"):
@@ -187,3 +206,23 @@ def transitions(before: Optional[OperatorStatus], after: OperatorStatus) -> list
                                           or degraded_old.message != degraded_new.message):
         events.append(("Warning", "NodeFailed", degraded_new.message))
     return events
+
+
+def scheduled_event(namespace: str, daemonset: str, node_selector: str) -> tuple[str, str, str]:
+    """The Event of a trace's first DaemonSet; `node_selector` as key=value pairs (render.selector_text)."""
+    return ("Normal", "AgentsScheduled",
+            f"DaemonSet {namespace}/{daemonset} created: one agent per node matching {node_selector}")
+
+
+def rolled_event(namespace: str, daemonset: str) -> tuple[str, str, str]:
+    return ("Normal", "AgentsUpdated", f"DaemonSet {namespace}/{daemonset} rolled to the new spec")
+
+
+def refused_message(trace: str, api_message: str) -> str:
+    """spec_error when the API server refuses the rendered DaemonSet (a toleration key, say,
+    which only Pod validation checks). The spec's fields keep their names in the pod template,
+    so the message points at the trace's own field."""
+    detail = api_message.replace("spec.template.spec.", "spec.")
+    return (f"the agents' DaemonSet was refused by the API server: {detail}; "
+            f"fix that field of the trace (kubectl edit rtrace {trace})")
+

@@ -9,7 +9,6 @@ The nodes' reports come from ONE label-selected watch in the operator's namespac
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -17,18 +16,17 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import kopf
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from .api import API_VERSION, GROUP, KIND, PLURAL, REPORT_KIND, REPORT_PLURAL, VERSION
+from .apierrors import describe, server_message
 from .conditions import utcnow
+from .metrics import OperatorMetrics
 from .reports import HEARTBEATS_SELECTOR, LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, REPORTS_SELECTOR
-
-if TYPE_CHECKING:
-    from .metrics import OperatorMetrics
 
 FIELD_MANAGER = "rtrace-operator"
 # Events about cluster-scoped objects live in "default" with an empty involvedObject.namespace:
@@ -86,22 +84,27 @@ class ApiFailure(Exception):
     def permanent(self) -> bool:
         return 400 <= self.status < 500 and self.status not in (408, 409, 429)
 
+    @property
+    def fix(self) -> str:
+        if self.status == 403:
+            return ("the operator's ClusterRole lacks this permission: install the RBAC of the same release "
+                    "(helm upgrade, or kubectl apply -f manifests/)")
+        if self.status == 0 or self.status >= 500 or self.status in (408, 409, 429):
+            return "retried with backoff"
+        return ""
+
     def __str__(self) -> str:
-        return f"{self.operation}: {self.status} {self.reason}: {self.message}"
+        answer = f"HTTP {self.status} {self.reason}".rstrip() if self.status else "no answer"
+        text = f"{self.operation} failed ({answer}): {self.message}"
+        return f"{text}; {self.fix}" if self.fix else text
 
 
 def _failure(operation: str, e: ApiException) -> ApiFailure:
-    message = e.reason or ""
-    try:
-        body = json.loads(e.body or "{}")
-        message = body.get("message") or message
-    except (ValueError, TypeError):
-        pass
-    return ApiFailure(operation, e.status or 0, e.reason or "", message)
+    return ApiFailure(operation, e.status or 0, e.reason or "", server_message(e.body, e.reason or ""))
 
 
 class KubeApi:
-    def __init__(self, cfg: kubernetes.client.Configuration, metrics: Optional["OperatorMetrics"] = None) -> None:
+    def __init__(self, cfg: kubernetes.client.Configuration, metrics: Optional[OperatorMetrics] = None) -> None:
         self.cfg = cfg
         self._metrics = metrics
         self._client = kubernetes.client.ApiClient(cfg)
@@ -219,7 +222,7 @@ class KubeApi:
             except Exception as e:  # noqa: BLE001 - API server away, expired version: relist after a pause
                 delay = min(30.0, 2 ** min(attempt, 5)) * (0.5 + random.random() / 2)
                 attempt += 1
-                log.warning("watch of %s in %s interrupted (%s); relisting in %.1fs", what, namespace, e, delay)
+                log.warning("watch of %s in %s interrupted (%s); relisting in %.1fs", what, namespace, describe(e), delay)
                 stop.wait(delay)
 
     async def post_event(self, trace: dict[str, Any], type_: str, reason: str, message: str) -> None:

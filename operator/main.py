@@ -20,7 +20,8 @@ from typing import Callable, Optional, Sequence
 import kopf
 from kubernetes.config import ConfigException
 
-from .handlers import Reconciler, kopf_settings, register_handlers
+from .handlers import kopf_settings, register_handlers
+from .reconciler import Reconciler
 from .kube import client_configuration
 from .settings import Settings, SettingsError
 

@@ -25,8 +25,10 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from .api import GROUP, KIND, PLURAL, REPORT_PLURAL, VERSION, RetransmitTraceSpec, to_api
+from .apierrors import no_answer, server_message
 from .reports import trace_selector
 from .tables import progress_line, render, table
+from .validation import format_error
 
 PROG = "kubectl retransmit"
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_CLUSTER, EXIT_NO_CRD, EXIT_FORBIDDEN, EXIT_NOT_FOUND = 1, 2, 3, 4, 5, 6
@@ -77,9 +79,7 @@ def spec_from_flags(ns: argparse.Namespace) -> dict[str, Any]:
     try:
         return to_api(RetransmitTraceSpec.model_validate(raw))
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise PluginError(f"spec.{where}: {first['msg']}", EXIT_USAGE) from None
+        raise PluginError(format_error(e), EXIT_USAGE) from None
 
 
 class Cluster:
@@ -100,7 +100,7 @@ class Cluster:
         except ApiException as e:
             raise self._explain(what, e, name) from None
         except Exception as e:  # urllib3 connection errors and the like: the cluster is not there
-            raise PluginError(f"cannot reach the cluster at {self.api.configuration.host} ({type(e).__name__}): "
+            raise PluginError(f"cannot reach the cluster at {self.api.configuration.host} ({no_answer(e)}): "
                               "check --kubeconfig/--context and that the API server is up", EXIT_NO_CLUSTER) from None
 
     def _explain(self, what: str, e: ApiException, name: Optional[str]) -> PluginError:
@@ -111,9 +111,8 @@ class Cluster:
             return PluginError(f"the {KIND} CRD is not installed in this cluster: helm install the "
                                "retransmit-operator chart (or kubectl apply -f manifests/)", EXIT_NO_CRD)
         if e.status == 404:
-            return PluginError(f"trace {name!r} not found: kubectl get rtrace lists the traces", EXIT_NOT_FOUND)
-        reason = (json.loads(e.body or "{}") if (e.body or "").startswith("{") else {}).get("message") or e.reason
-        return PluginError(f"could not {what}: {reason}", EXIT_FAILED)
+            return PluginError(f"trace {name} not found: kubectl get rtrace lists the traces", EXIT_NOT_FOUND)
+        return PluginError(f"could not {what}: {server_message(e.body, e.reason or '')}", EXIT_FAILED)
 
     def crd_installed(self) -> bool:
         """Whether the API server serves retransmittraces (discovery of the group version:
@@ -228,7 +227,9 @@ def check(cluster: Cluster, ns: argparse.Namespace) -> int:
     print("\n".join(table(("NODE", "KERNEL", "CAN COUNT", "PROBLEMS / DEGRADED", "MODE"), rows)))
     desired = ((trace.get("status") or {}).get("summary") or {}).get("nodesDesired", 0)
     if len(rows) < desired:
-        print(f"{desired - len(rows)} selected node(s) never reported within {ns.duration}", file=sys.stderr)
+        silent = desired - len(rows)
+        print(f"{silent} selected {'node' if silent == 1 else 'nodes'} never reported within {ns.duration}: check "
+              f"their agent pods and logs (kubectl -n {cluster.namespace} get pods -o wide)", file=sys.stderr)
         failing += 1
     return EXIT_FAILED if failing else 0
 

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from .api import NodeReportStatus, NodeStatus
 from .reports import TRACE_LABEL, heartbeat_of, well_named
+from .validation import format_error
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,18 @@ def parse_report(obj: dict[str, Any]) -> Optional[StoredReport]:
     """The report, or None when it is unusable (logged): misnamed for its node, unparsable."""
     meta = obj.get("metadata") or {}
     if not well_named(obj):
-        log.warning("report %s/%s ignored: its name or node label does not match spec.node %r",
-                    meta.get("namespace"), meta.get("name"), (obj.get("spec") or {}).get("node"))
+        log.warning("report %s/%s ignored: its name or its node label does not match its spec.node (%s); "
+                    "only the agent of that node writes it, so delete it", meta.get("namespace"), meta.get("name"),
+                    (obj.get("spec") or {}).get("node") or "none")
         return None
+    root = "spec"
     try:
         entry = NodeStatus.model_validate({k: v for k, v in (obj.get("spec") or {}).items() if k != "recentEvents"})
+        root = "status"
         status = NodeReportStatus.model_validate(obj.get("status") or {})
     except ValidationError as e:
-        log.warning("report %s/%s ignored: %s", meta.get("namespace"), meta.get("name"), e.errors()[:1])
+        log.warning("report %s/%s ignored: %s (written by an agent of another version?)",
+                    meta.get("namespace"), meta.get("name"), format_error(e, root=root))
         return None
     return StoredReport(meta.get("namespace", ""), meta["name"], (meta.get("labels") or {})[TRACE_LABEL], _owners(meta), entry, status)
 

@@ -45,8 +45,8 @@ def test_embedded_operator_creates_agents_and_indexes_pods_then_stops_cleanly(co
         assert op.reconciler.reports.synced.is_set()  # its one watch of the nodes' reports listed them
         # The cluster-wide pod index sees the agent pods' (host network) addresses as their nodes'.
         node_a = next(n for n in node_simulator.nodes if n.name == "node-a")
-        ref = wait_until(lambda: op.reconciler.pods.lookup(node_a.ip_v4), "node-a's address in the pod index")
-        assert ref.host_network and ref.node == "node-a"
+        owner = wait_until(lambda: op.reconciler.pods.owner(node_a.ip_v4), "node-a's address in the pod index")
+        assert owner.pod is None and owner.node == "node-a"  # a host-network address is its node's
     finally:
         custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
         op.stop()

@@ -567,8 +567,8 @@ SCHEMA_REFUSED = [
 # Past the schema (it cannot express these), caught by the operator: (spec, field named in the message).
 OPERATOR_REFUSED = [
     ({"filter": {"remoteCIDRs": ["10.0.0.0/8", "1:::2/64"]}}, "spec.filter.remoteCIDRs[1]"),
-    ({"nodeSelector": {"bad key!": "x"}}, "spec.nodeSelector['bad key!']"),
-    ({"podSelector": {"matchLabels": {"-app": "web"}}}, "spec.podSelector.matchLabels['-app']"),
+    ({"nodeSelector": {"bad key!": "x"}}, "spec.nodeSelector[bad key!]"),
+    ({"podSelector": {"matchLabels": {"-app": "web"}}}, "spec.podSelector.matchLabels[-app]"),
     ({"podSelector": {"matchExpressions": [{"key": "a b", "operator": "Exists"}]}}, "spec.podSelector.matchExpressions[0].key"),
     # Only the DaemonSet's validation knows toleration keys: the API server's refusal is the message.
     ({"nodeSelector": SIM_SELECTOR, "tolerations": [{"key": "bad key!", "operator": "Exists"}]}, "tolerations[0].key"),

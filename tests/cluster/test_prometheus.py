@@ -242,6 +242,13 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
                 if not result:
                     empty.append((title, promql))
             assert empty == [], f"dashboard queries without data: {empty}"
+            # The by-cause panel is among them and names at least one cause under loss (which
+            # causes depends on the node's BTF: without it every retransmit is `unknown`).
+            cause_panel = [expr for title, expr in queries if "rtrace_node_retransmits_by_cause_total" in expr]
+            assert cause_panel, "the dashboard has no panel for retransmits by cause"
+            causes = prom.query(f'sum by (cause) (rtrace_node_retransmits_by_cause_total{{trace="{t}"}}) > 0')
+            assert {s["metric"]["cause"] for s in causes} <= {"timeout", "fast", "probe", "unknown"}
+            assert causes, "no retransmit cause counted under loss"
             print(f"\n{len(queries)} dashboard queries returned data; {rounds} lossy round(s); alert states:")
             for key, states in sorted(log.states.items()):
                 print(f"  {key[0]} {dict(key[1])}: {' -> '.join(states)}")

@@ -24,16 +24,16 @@ pytestmark = pytest.mark.unit
     ({"filter": {"ports": [80, 70000]}}, "spec.filter.ports[1]", "less than or equal to 65535"),
     ({"filter": {"remoteCIDRs": ["10.0.0.0/8", "1:::2/64"]}}, "spec.filter.remoteCIDRs[1]", "is not a CIDR"),
     ({"filter": {"remoteCIDRs": ["10.0.0.0/33"]}}, "spec.filter.remoteCIDRs[0]", "ADDRESS/PREFIX"),
-    ({"filter": {"states": ["ESTABLISHED", "TCP_SYN_SENT"]}}, "spec.filter.states[1]", "'SYN_SENT'"),
-    ({"filter": {"ipFamilies": ["IPv5"]}}, "spec.filter.ipFamilies[0]", "'IPv4' or 'IPv6'"),
-    ({"nodeSelector": {"bad key!": "x"}}, "spec.nodeSelector['bad key!']", "not a label key"),
-    ({"nodeSelector": {"zone": "no spaces"}}, "spec.nodeSelector['zone']", "not a label value"),
-    ({"podSelector": {"matchLabels": {"app": "-x"}}}, "spec.podSelector.matchLabels['app']", "not a label value"),
+    ({"filter": {"states": ["ESTABLISHED", "TCP_SYN_SENT"]}}, "spec.filter.states[1]", "should be ESTABLISHED, SYN_SENT,"),
+    ({"filter": {"ipFamilies": ["IPv5"]}}, "spec.filter.ipFamilies[0]", "should be IPv4 or IPv6 (got 'IPv5')"),
+    ({"nodeSelector": {"bad key!": "x"}}, "spec.nodeSelector[bad key!]", "not a label key"),
+    ({"nodeSelector": {"zone": "no spaces"}}, "spec.nodeSelector[zone]", "not a label value"),
+    ({"podSelector": {"matchLabels": {"app": "-x"}}}, "spec.podSelector.matchLabels[app]", "not a label value"),
     ({"podSelector": {"matchExpressions": [{"key": "a b", "operator": "In", "values": ["x"]}]}},
      "spec.podSelector.matchExpressions[0].key", "not a label key"),
-    ({"tolerations": [{"operator": "Sometimes"}]}, "spec.tolerations[0].operator", "'Exists' or 'Equal'"),
+    ({"tolerations": [{"operator": "Sometimes"}]}, "spec.tolerations[0].operator", "should be Exists or Equal"),
     ({"namespaces": ["Kube_System"]}, "spec.namespaces[0]", "Kube_System"),
-    ({"surprise": True}, "spec.surprise", "Extra inputs are not permitted"),
+    ({"surprise": True}, "spec.surprise", "is not a field here: remove it"),
 ])
 def test_invalid_spec_message_names_the_field(spec, field, hint):
     parsed, error = validate_trace("t", spec)

@@ -1,10 +1,10 @@
-"""The pure helpers the handlers use to read what the API server says."""
+"""The pure readers the reconciler uses to read what the API server says (objects.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from retransmit_operator.handlers import _newer, desired_nodes, operator_status
+from retransmit_operator.objects import desired_nodes, newer, operator_status
 
 pytestmark = pytest.mark.unit
 
@@ -29,9 +29,9 @@ def test_operator_status_reads_only_operator_fields_and_tolerates_junk():
 def test_newer_compares_resource_versions_of_the_same_object_only():
     a = {"metadata": {"uid": "u", "resourceVersion": "10"}}
     b = {"metadata": {"uid": "u", "resourceVersion": "9"}}
-    assert _newer(a, b) and not _newer(b, a)
-    assert not _newer(a, {"metadata": {"uid": "other", "resourceVersion": "1"}})
-    assert not _newer({"metadata": {"uid": "u", "resourceVersion": "x"}}, b)
+    assert newer(a, b) and not newer(b, a)
+    assert not newer(a, {"metadata": {"uid": "other", "resourceVersion": "1"}})
+    assert not newer({"metadata": {"uid": "u", "resourceVersion": "x"}}, b)
 
 
 def test_api_failure_is_permanent_for_client_errors_but_conflicts_and_throttling():
@@ -42,7 +42,7 @@ def test_api_failure_is_permanent_for_client_errors_but_conflicts_and_throttling
     e = ApiException(status=422, reason="Unprocessable Entity")
     e.body = '{"message": "DaemonSet.apps \\"rtrace-x\\" is invalid: spec.template.spec.tolerations[0].key: Invalid value"}'
     failure = _failure("apply daemonset", e)
-    assert failure.permanent and "tolerations[0].key" in failure.message and "apply daemonset: 422" in str(failure)
+    assert failure.permanent and "tolerations[0].key" in failure.message and str(failure).startswith("apply daemonset failed (HTTP 422 Unprocessable Entity): ")
     for status in (409, 429, 500, 503):
         assert not _failure("x", ApiException(status=status, reason="r")).permanent
     assert _failure("x", ApiException(status=403, reason="Forbidden")).permanent

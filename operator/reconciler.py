@@ -1,0 +1,279 @@
+"""The operator's one level-triggered pass over a trace, and what it knows between passes.
+
+`Reconciler.reconcile` serves every trigger: a trace created, resumed at operator start, its
+spec changed, and the periodic sync that aggregates the nodes' reports (kept current by one
+label-selected watch, `ReportIndex`) into the trace's status and ends the trace at
+startTime + duration. The trace's status is written only when it changed, so at most once
+per sync interval. The periodic sync is our own loop over the traces kopf's watch delivers,
+not a kopf timer: kopf puts a finalizer on every object with a timer, and then deleting a
+trace would hang while the operator is down. Here the trace has no finalizer; its DaemonSet
+goes by garbage collection. The logic is the pure modules' (render, aggregate, conditions,
+validation, objects); handlers.py only registers entry points into this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Optional
+
+from .aggregate import aggregate_summary, departed, node_rows, stale_nodes
+from .api import NodeReportStatus, Phase, RetransmitTraceSpec, to_api
+from .conditions import (
+    Observation, OperatorStatus, compute_status, is_due, refused_message, rolled_event, scheduled_event, transitions,
+    utcnow,
+)
+from .heartbeat import stale_after
+from .kube import ApiFailure, KubeApi
+from .metrics import OperatorMetrics
+from .objects import desired_nodes, newer, operator_status
+from .podindex import PodIndex
+from .reportindex import ReportIndex
+from .render import SPEC_HASH_ANNOTATION, TRACE_LABEL, daemonset_name, render_daemonset, selector_labels, selector_text
+from .settings import Settings
+from .validation import validate_trace
+
+log = logging.getLogger("retransmit_operator")
+
+Event = tuple[str, str, str]  # Kubernetes Event: type, reason, message
+REPORTS_SYNC_WAIT = 30.0  # seconds a pass waits for the first list of the nodes' reports
+MAX_MARKS_PER_PASS = 50   # departed marks written on reports per pass
+
+
+class Reconciler:
+    """Holds what the operator knows between passes: the traces as last seen, the pod index."""
+
+    def __init__(self, settings: Settings, kube: KubeApi, metrics: OperatorMetrics) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.metrics = metrics
+        self.pods = PodIndex()
+        self.reports = ReportIndex()
+        self.agent_pods: dict[str, dict[str, str]] = {}  # trace -> agent pod uid -> its node
+        self.traces: dict[str, dict[str, Any]] = {}
+        self._deleted: set[str] = set()  # uids: a late write response must not resurrect a trace
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.last_sync: Optional[float] = None
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def reconcile(self, body: dict[str, Any], *, trigger: str, roll: bool = False) -> Optional[OperatorStatus]:
+        """Bring one trace's DaemonSet and operator-owned status in line with its spec and time.
+
+        roll=True applies the rendered DaemonSet even when it looks current (create, resume,
+        spec change); otherwise it is applied only when missing or out of date.
+        """
+        name = body["metadata"]["name"]
+        started = time.monotonic()
+        result = "ok"
+        try:
+            if not self.reports.synced.is_set():
+                await asyncio.to_thread(self.reports.synced.wait, REPORTS_SYNC_WAIT)
+                if not self.reports.synced.is_set():
+                    raise ApiFailure("list node reports", 503, "NotListed",
+                                     "the nodes' reports are not listed yet: is the API server reachable?")
+            async with self._lock(name):
+                return await self._reconcile(body, roll=roll)
+        except ApiFailure:
+            result = "api_error"
+            raise
+        except Exception:
+            result = "error"
+            raise
+        finally:
+            self.metrics.reconciles.labels(trigger=trigger, result=result).inc()
+            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+
+    async def _reconcile(self, body: dict[str, Any], *, roll: bool) -> OperatorStatus:
+        body = self._freshest(body)
+        meta = body["metadata"]
+        name, uid, generation = meta["name"], meta["uid"], meta.get("generation")
+        if meta.get("deletionTimestamp"):
+            # Being deleted (foreground deletion waits for the DaemonSet): recreate nothing.
+            return operator_status(body.get("status") or {}) or OperatorStatus(phase=Phase.PENDING)
+        status = body.get("status") or {}
+        current = operator_status(status)
+        if current is not None and current.phase == Phase.FAILED and current.observed_generation == generation:
+            return current  # failed for this very spec: nothing to retry until the spec changes
+        stored = self.reports.for_trace(name, uid)
+        nodes = [r.entry for r in stored]
+        spec, spec_error = validate_trace(name, body.get("spec"))
+        now = utcnow()
+        start = current.start_time if current else None
+        completion = current.completion_time if current else None
+        ns, ds_name = self.settings.namespace, daemonset_name(name)
+        daemonset: Optional[dict[str, Any]] = None
+        events: list[Event] = []
+
+        if spec_error is not None:
+            if await self.kube.delete_daemonset(ns, ds_name):
+                log.info("trace %s: spec invalid, DaemonSet %s/%s deleted", name, ns, ds_name)
+        elif completion is None and is_due(start, spec.duration_seconds, now):
+            # The end: agents get SIGTERM and flush a final report; the summary keeps following.
+            await self.kube.delete_daemonset(ns, ds_name)
+            completion = now
+        elif completion is None:
+            daemonset, spec_error, events = await self._ensure_daemonset(name, uid, spec, roll=roll)
+            if start is None and spec_error is None:
+                start = now
+
+        desired = desired_nodes(daemonset)
+        previous_desired = current.summary.nodes_desired if current and current.summary else 0
+        nodes_desired = desired if desired is not None else previous_desired
+        bound = None if completion or spec is None else stale_after(spec.report_interval_seconds)
+        gone = frozenset(r.entry.node for r in stored if r.status.departed)
+        # Departures are judged only once the DaemonSet controller has placed the agents for
+        # this spec (right after a create or a roll, no pod yet means nothing).
+        if completion is None and bound is not None and desired is not None and spec_error is None:
+            gone = await self._mark_departed(stored, gone, now, bound)
+        rows, not_listed = node_rows(nodes, now, bound, gone)
+        summary = aggregate_summary(
+            nodes,
+            nodes_desired=nodes_desired,
+            top_n=spec.top_flows if spec else 10,
+            pod_index=self.pods,
+            now=now,
+            stale_after=bound,
+            departed=gone,
+            nodes_not_listed=not_listed,
+        )
+        observation = Observation(
+            generation=generation, spec_error=spec_error, start_time=start, completion_time=completion,
+            nodes=nodes, summary=summary, now=now,
+            nodes_desired_known=desired is not None or daemonset is None,
+            stale_nodes=stale_nodes(nodes, now, bound, gone), stale_after=bound, rows=rows,
+            namespace=ns,
+        )
+        new = compute_status(observation, current.conditions if current else [])
+        if current is None or to_api(new) != to_api(current):
+            try:
+                written = await self.kube.apply_status(name, to_api(new))
+            except ApiFailure as e:
+                if e.status != 404:
+                    raise
+                self.observe_trace("DELETED", body)  # gone meanwhile; its DaemonSet goes by GC
+                return new
+            self.observe_trace("MODIFIED", written)  # the next pass starts from what we wrote
+            self.metrics.status_writes.inc()
+            events += transitions(current, new)
+        for type_, reason, message in events:
+            log.info("trace %s: %s %s: %s", name, type_, reason, message)
+            await self.kube.post_event(body, type_, reason, message)
+            self.metrics.events.labels(reason=reason).inc()
+        return new
+
+    async def _ensure_daemonset(self, name: str, uid: str, spec: RetransmitTraceSpec, *, roll: bool
+                                ) -> tuple[Optional[dict[str, Any]], Optional[str], list[Event]]:
+        """The trace's agents as its spec says: (DaemonSet, why the spec cannot run, events)."""
+        ns, ds_name = self.settings.namespace, daemonset_name(name)
+        daemonset = await self.kube.get_daemonset(ns, ds_name)
+        rendered = render_daemonset(name, uid, spec, self.settings)
+        wanted = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        have = ((daemonset or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+        if not (roll or daemonset is None or have != wanted):
+            return daemonset, None, []
+        try:
+            applied = await self.kube.apply_daemonset(rendered)
+        except ApiFailure as e:
+            if e.status not in (400, 422):
+                raise
+            # The API server refused what the spec rendered to: the spec is at fault.
+            if daemonset is not None:
+                await self.kube.delete_daemonset(ns, ds_name)
+            return None, refused_message(name, e.message), []
+        self.metrics.daemonset_applies.inc()
+        if have is None:
+            selector = selector_text(rendered["spec"]["template"]["spec"]["nodeSelector"])
+            return applied, None, [scheduled_event(ns, ds_name, selector)]
+        if have != wanted:
+            return applied, None, [rolled_event(ns, ds_name)]
+        return applied, None, []
+
+    async def _mark_departed(self, stored: list[Any], marked: frozenset[str], now: Any, bound: Any) -> frozenset[str]:
+        """Mark (or unmark) the reports of nodes that left the trace, on the reports' status.
+        Only while the trace runs: at completion the marks stay as they were, with the counts."""
+        if not stored:
+            return marked
+        trace = stored[0].trace
+        wanted = departed([r.entry for r in stored], marked, frozenset(self.agent_pods.get(trace, {}).values()),
+                          now, bound)
+        changes = [r for r in stored if (r.entry.node in wanted) != r.status.departed]
+        # A bounded number of writes per pass, so the trace's own status stays current when
+        # many nodes leave at once; the rest are written in the next passes (the rows and
+        # the summary use `wanted` at once).
+        for r in changes[:MAX_MARKS_PER_PASS]:
+            is_gone = r.entry.node in wanted
+            status = NodeReportStatus(departed=is_gone, departed_time=now if is_gone else None)
+            await self.kube.apply_report_status(r.namespace, r.name, to_api(status))
+            log.info("trace %s: node %s %s", trace, r.entry.node, "left the trace; its report keeps its counts"
+                     if is_gone else "is back")
+        return wanted
+
+    def observe_agent_pod(self, pod: dict[str, Any], deleted: bool) -> None:
+        """Which nodes run an agent of which trace (from the cluster-wide pod watch)."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        trace = labels.get(TRACE_LABEL)
+        if not trace or any(labels.get(k) != v for k, v in selector_labels(trace).items()):
+            return
+        if meta.get("namespace") != self.settings.namespace:
+            return
+        node = (pod.get("spec") or {}).get("nodeName")
+        pods = self.agent_pods.setdefault(trace, {})
+        if deleted or not node:
+            pods.pop(meta.get("uid"), None)
+        else:
+            pods[meta.get("uid")] = node
+
+    def _freshest(self, body: dict[str, Any]) -> dict[str, Any]:
+        known = self.traces.get(body["metadata"]["name"])
+        return known if known is not None and newer(known, body) else body
+
+    async def sync_once(self) -> None:
+        """One pass over every known trace; one trace's failure does not stop the others."""
+        phases: dict[str, int] = {}
+        for name, body in list(self.traces.items()):
+            try:
+                new = await self.reconcile(body, trigger="sync")
+                phase = str(new.phase) if new else "Unknown"
+            except ApiFailure as e:
+                log.warning("trace %s: sync failed, retried next pass: %s", name, e)
+                phase = "Unknown"
+            except Exception:   # counted as result="error" by reconcile()
+                log.exception("trace %s: sync failed, retried next pass", name)
+                phase = "Unknown"
+            phases[phase] = phases.get(phase, 0) + 1
+        self.metrics.set_traces(phases)
+        self.metrics.pod_index_addresses.set(len(self.pods))
+        self.metrics.sync_passes.inc()
+        self.last_sync = time.monotonic()
+
+    async def sync_forever(self) -> None:
+        """A pass every sync interval (a longer pass is followed by a short pause, never a
+        second interval: the lag from a node's write to the summary stays about one interval)."""
+        while True:
+            started = time.monotonic()
+            await self.sync_once()
+            await asyncio.sleep(max(0.2, self.settings.sync_interval - (time.monotonic() - started)))
+
+    def observe_trace(self, event_type: Optional[str], body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        uid = body["metadata"].get("uid")
+        if event_type == "DELETED":
+            self._deleted.add(uid)
+            self.traces.pop(name, None)
+            self._locks.pop(name, None)
+            return
+        if uid in self._deleted:
+            return
+        known = self.traces.get(name)
+        if known is None or not newer(known, body):
+            self.traces[name] = dict(body)
+
+    def healthy(self) -> bool:
+        """The sync loop ran recently (it is the operator's heartbeat)."""
+        if self.last_sync is None:
+            return True  # still starting: readiness says so
+        return time.monotonic() - self.last_sync < 10 * self.settings.sync_interval + 60
