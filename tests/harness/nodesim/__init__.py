@@ -31,7 +31,7 @@ What it does for each simulated node (node-a, node-b, ...):
     (`NodeSimulator.log_path(...)`).
 
 Not simulated: images (a container without `command` runs `image_entrypoints[image]` if
-given, else fails with reason NoCommand), volumes other than hostPath (paths are the host's
+given, else waits with reason CreateContainerConfigError), volumes other than hostPath (paths are the host's
 own), liveness/startup probes, resource limits, `kubectl logs/exec` (no kubelet API).
 
 Use it from Python (threads in this process) or from the command line:
