@@ -2,9 +2,12 @@
 
 One agent per node and trace. It attaches the kernel program with the trace's filters,
 keeps the local-IP filter current from a watch on its node's pods, creates its report
-<trace>.<node> in its own namespace (owned by the trace), and every report interval
-server-side-applies it (field manager rtrace-agent/<node>, force) when it changed, and at least every few intervals even when it did not (the
-heartbeat of retransmit_operator.heartbeat, which the operator's staleness bound reads). Counts survive everything that can happen to a pod:
+<trace>.<node> in its own namespace (owned by the trace), and on the schedule of
+retransmit_operator.heartbeat: server-side-applies it (field manager rtrace-agent/<node>,
+force) when it changed, at most every report period (the interval, stretched on clusters of
+more than about 1,000 nodes), and renews its heartbeat Lease of the same name every few
+intervals when nothing else was written (the operator's staleness bound reads both).
+Counts survive everything that can happen to a pod:
 - restart (crash, kill -9, rollout): it reads its own report first and adds to it;
 - SIGTERM (trace completed or deleted, node drained): it writes a final report before exit;
 - API server away: the kernel keeps counting; writes retry with capped jittered backoff and
@@ -34,10 +37,11 @@ from typing import Any, Callable, Optional
 
 from retransmit_operator.api import Endpoint, Flow, KernelCheck, NodeStatus, Phase, RecentEvent
 from retransmit_operator.contract import ENV_NODE_NAME, ENV_POD_IP, ENV_POD_NAMESPACE, AgentInvocation
-from retransmit_operator.heartbeat import must_write
+from retransmit_operator.heartbeat import Write, next_write, report_period, stale_after
+from retransmit_operator.podindex import Owner, PodIndex, PodSelection, attribute
 
-from .attribution import Owner, PodIndex, PodSelection, PodWatcher, attribute, node_addresses
 from .metrics import AgentState, MetricsServer
+from .podwatch import PodWatcher, node_addresses
 from .reporter import (
     ApiError,
     Baseline,
@@ -61,6 +65,7 @@ log = logging.getLogger("retransmit_agent.cluster")
 TICK = 1.0                # seconds between drains of sampled events and liveness beats
 FINAL_REPORT_BUDGET = 20.0  # seconds SIGTERM leaves for the final write (grace period is 30s)
 POD_SYNC_WAIT = 15.0      # seconds to wait for the pod list before attaching a filtered program
+NODE_COUNT_REFRESH = 300.0  # seconds between two reads of the DaemonSet's node count
 
 
 def agent_version() -> str:
@@ -117,7 +122,10 @@ class ClusterAgent:
         self.kernel_checks: list[KernelCheck] = []   # `retransmit-agent check`, in every report
         self.baseline: Optional[Baseline] = None
         self.last_written: Optional[NodeStatus] = None
-        self.last_write_at: Optional[float] = None  # time.monotonic() of the last stored write
+        self.last_report_at: Optional[float] = None  # time.monotonic() of the last stored report write
+        self.last_write_at: Optional[float] = None   # ... of the last stored write, report or heartbeat
+        self.nodes = 0                               # nodes running this trace (0: not known yet)
+        self._nodes_read_at: Optional[float] = None
         self.pod_counts: dict[PodKey, int] = {}  # every local pod's count so far (see cumulative_pods)
         self.events: deque[RecentEvent] = deque(maxlen=max(1, self.spec.events.keep))
         self._watcher: Optional[PodWatcher] = None
@@ -283,9 +291,23 @@ class ClusterAgent:
         interval = self.spec.report_interval_seconds
         with self.state.lock:
             self.state.interval = interval
+            self.state.period = report_period(interval, self.nodes)
         # The liveness bound follows the interval plus the longest backoff.
         self.state.liveness_bound = max(120.0, 3 * interval)
         return interval
+
+    def _node_count(self) -> int:
+        """The trace's node count, read from its DaemonSet every NODE_COUNT_REFRESH seconds.
+        Unknown (unreadable) counts keep the last one: the period only stretches writes."""
+        now = time.monotonic()
+        if self._nodes_read_at is None or now - self._nodes_read_at >= NODE_COUNT_REFRESH:
+            self._nodes_read_at = now
+            try:
+                self.nodes = self.writer.desired_nodes()
+            except ApiError as exc:
+                log.warning("node count of trace %s unreadable (%s); report period from %d nodes",
+                            self.inv.trace, exc, self.nodes)
+        return self.nodes
 
     def _loop(self) -> None:
         failures = 0
@@ -406,17 +428,28 @@ class ClusterAgent:
                                   missed=entry.missed_events, by_state=entry.by_state, by_cause=entry.by_cause,
                                   failed=entry.failed_attempts)
 
-    def _report(self) -> bool:
-        """Write the entry if it changed. True when nothing is left to write."""
+    def _report(self, final: bool = False) -> bool:
+        """Write what the schedule says is due (`final`: the report, if it changed). True when
+        nothing is left to write."""
         if self.baseline is None:
             return False
         addresses = node_addresses()  # the node's own addresses can change (DHCP, new bridges)
         with self._lock:
             self.index.set_node_addresses(addresses)
         entry = self.build_entry()
-        since = None if self.last_write_at is None else time.monotonic() - self.last_write_at
-        if not must_write(entry_changed(self.last_written, entry), since, self._interval()):
+        changed = entry_changed(self.last_written, entry)
+        if final:
+            write = Write.REPORT if changed else Write.NOTHING
+        else:
+            now = time.monotonic()
+            since = lambda at: None if at is None else now - at  # noqa: E731
+            write = next_write(changed, since(self.last_report_at), since(self.last_write_at),
+                               self._interval(), self._node_count())
+        if write is Write.NOTHING:
             return True
+        if write is Write.HEARTBEAT and self._heartbeat():
+            return True
+        # The report itself, also when a heartbeat failed: it proves the agent alive too.
         try:
             self.writer.apply(entry)
         except ApiError as exc:
@@ -424,9 +457,23 @@ class ClusterAgent:
             log.warning("writing report %s failed: %s", self.writer.target.name, exc)
             return False
         self.last_written = entry
-        self.last_write_at = time.monotonic()
+        self.last_report_at = self.last_write_at = time.monotonic()
         with self.state.lock:
             self.state.reports += 1
+        return True
+
+    def _heartbeat(self) -> bool:
+        """Renew the report's heartbeat Lease; False when that failed."""
+        bound = stale_after(self.spec.report_interval_seconds)
+        try:
+            self.writer.heartbeat(datetime.now(timezone.utc), round(bound.total_seconds()))
+        except ApiError as exc:
+            self._count_errors()
+            log.warning("renewing heartbeat %s failed (%s); writing the report instead", self.writer.target.name, exc)
+            return False
+        self.last_write_at = time.monotonic()
+        with self.state.lock:
+            self.state.heartbeats += 1
         return True
 
     def _final_report(self) -> None:
@@ -442,7 +489,7 @@ class ClusterAgent:
         self._drain()
         attempt = 0
         while True:
-            if self._report():
+            if self._report(final=True):
                 log.info("final report written for node %s", self.node)
                 return
             delay = backoff_delay(attempt, cap=5.0)

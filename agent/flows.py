@@ -21,6 +21,7 @@ from retransmit_operator.api import (
     RecentEvent,
     SocketSnapshot,
 )
+from retransmit_operator.ranking import busiest_first_key
 
 AF_INET = 2
 AF_INET6 = 10
@@ -154,8 +155,8 @@ def flow_counters(family: int, saddr: bytes, daddr: bytes, sport: int, dport: in
 
 
 def busiest_first(flows: list[FlowCounters]) -> list[FlowCounters]:
-    """Most retransmits first; ties: latest activity first, then by addresses (stable output)."""
-    return sorted(flows, key=lambda f: (-f.total, -f.last_seen.timestamp(), f.key))
+    """Busiest first, in the order of retransmit_operator.ranking (the report's and summary's)."""
+    return sorted(flows, key=lambda f: busiest_first_key(f.total, f.last_seen, *f.key))
 
 
 def recent_event(ts_ns: int, family: int, kind: int, state: int, sport: int, dport: int,

@@ -25,13 +25,16 @@ Metrics (all carry the label `trace`):
   where the kernel cannot tell).
 - rtrace_missed_events_total: tracepoint hits the kernel did not run the program for
   (another BPF program was running on that CPU); the true counts may be higher by this much.
-- rtrace_report_errors_total: status writes that failed (API server away, refused).
-- rtrace_reports_total: status writes that succeeded.
+- rtrace_report_errors_total: report and heartbeat writes that failed (API server away, refused).
+- rtrace_reports_total: report writes that succeeded.
+- rtrace_heartbeats_total: heartbeat Lease renewals that succeeded (the report did not change).
 - rtrace_program_attached: 1 while the kernel program is attached.
 - rtrace_agent_failed: 1 when this node cannot trace (tracefs, tracepoint or BPF permission
   missing: the node's report says `phase: Failed` and why); 0 otherwise, including while the
   program compiles (attached 0, failed 0 = starting).
-- rtrace_report_interval_seconds: the interval after the write budget stretched it.
+- rtrace_report_interval_seconds: the trace's reportInterval.
+- rtrace_report_period_seconds: seconds between two report writes while counts keep changing:
+  the interval, stretched on big clusters (retransmit_operator.heartbeat.report_period).
 - rtrace_selected_local_ips: pod addresses in the kernel's local-IP filter, when the trace
   selects pods (namespaces, podSelector); follows the pods as they come and go.
 """
@@ -80,7 +83,9 @@ class AgentState:
     by_cause: dict[str, int] = field(default_factory=dict)
     report_errors: int = 0
     reports: int = 0
+    heartbeats: int = 0
     interval: float = 0.0
+    period: float = 0.0
     failed: bool = False                 # the kernel program cannot be opened on this node
     selected_ips: Optional[int] = None   # addresses in the kernel's local-IP filter; None = no filter
     by_state: dict[str, int] = field(default_factory=dict)
@@ -156,8 +161,9 @@ class AgentCollector:
                 ("rtrace_lost_events", "Samples dropped by the rate limit or a full buffer.", s.lost_events),
                 ("rtrace_missed_events", "Tracepoint hits the kernel did not run the program for (another BPF program was running on that CPU).", s.missed_events),
                 ("rtrace_failed_attempts", "Retransmits the kernel tried and could not send.", s.failed_attempts),
-                ("rtrace_report_errors", "Status writes that failed.", s.report_errors),
-                ("rtrace_reports", "Status writes that succeeded.", s.reports),
+                ("rtrace_report_errors", "Report and heartbeat writes that failed.", s.report_errors),
+                ("rtrace_reports", "Report writes that succeeded.", s.reports),
+                ("rtrace_heartbeats", "Heartbeat Lease renewals that succeeded.", s.heartbeats),
             ):
                 if value is None:
                     continue   # the kernel cannot tell: no series rather than a false 0
@@ -175,9 +181,14 @@ class AgentCollector:
                 selected = GaugeMetricFamily("rtrace_selected_local_ips", "Pod addresses in the kernel's local-IP filter (namespaces/podSelector).", labels=["trace", "node"])
                 selected.add_metric([s.trace, s.node], s.selected_ips)
                 yield selected
-            interval = GaugeMetricFamily("rtrace_report_interval_seconds", "Report interval after the write budget.", labels=["trace", "node"])
+            interval = GaugeMetricFamily("rtrace_report_interval_seconds", "The trace's reportInterval.", labels=["trace", "node"])
             interval.add_metric([s.trace, s.node], s.interval)
             yield interval
+            period = GaugeMetricFamily("rtrace_report_period_seconds",
+                                       "Seconds between two report writes while counts change (the interval, stretched on big clusters).",
+                                       labels=["trace", "node"])
+            period.add_metric([s.trace, s.node], s.period)
+            yield period
 
 
 def _handler(state: AgentState, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:

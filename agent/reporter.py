@@ -8,12 +8,14 @@ The pure parts decide what to write and when:
 - `backoff_delay` spaces out retries (capped, jittered); `jittered` spreads the intervals.
 - `pod_totals` / `cumulative_pods` / `ranked_pods` give each local pod's retransmits over
   every flow in the kernel map (not only the top flows), resumed like the totals.
-- `entry_changed` says whether a write would change more than the timestamp; the heartbeat
-  (retransmit_operator.heartbeat.must_write) writes anyway every few intervals.
+- `entry_changed` says whether a write would change more than the timestamp; when it would
+  not, the schedule (retransmit_operator.heartbeat.next_write) renews the report's heartbeat
+  Lease instead, every few intervals.
 
 `ReportWriter` is the thin I/O edge: read this node's report, create it, server-side apply
-it with field manager `rtrace-agent/<node>` and force, nothing else. A report is a few KB,
-so one write costs the API server the same at 10 nodes and at 5,000.
+it with field manager `rtrace-agent/<node>` and force, renew its heartbeat Lease, read the
+DaemonSet's node count; nothing else. A report is a few KB, so one write costs the API server
+the same at 10 nodes and at 5,000; the schedule bounds how many there are.
 """
 
 from __future__ import annotations
@@ -37,7 +39,17 @@ from retransmit_operator.api import (
     to_api,
 )
 from retransmit_operator.heartbeat import INTERVAL_JITTER, WRITE_TIMEOUT_SECONDS
-from retransmit_operator.reports import report_name, report_object
+from retransmit_operator.ranking import flow_key
+from retransmit_operator.render import daemonset_name
+from retransmit_operator.reports import (
+    LEASE_GROUP,
+    LEASE_PLURAL,
+    LEASE_VERSION,
+    heartbeat_object,
+    heartbeat_renewal,
+    report_name,
+    report_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +202,8 @@ def merge_flows(baseline: Baseline, fresh_flows: Sequence[Flow]) -> list[Flow]:
 
 
 def top_flows(flows: Sequence[Flow], top_n: int) -> list[Flow]:
-    """Busiest first (retransmits + SYN-ACK retransmits, then most recent), at most top_n (0 = all)."""
-    ordered = sorted(flows, key=_busiest_first)
+    """Busiest first (retransmit_operator.ranking), at most top_n (0 = all)."""
+    ordered = sorted(flows, key=flow_key)
     return ordered[:top_n] if top_n > 0 else ordered
 
 
@@ -251,12 +263,6 @@ def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int) -> list[Pod
     if top_n > 0:
         ordered = ordered[:top_n]
     return [PodCount(namespace=ns, pod=pod, node=node, retransmits=n) for (ns, pod), n in ordered]
-
-
-def _busiest_first(flow: Flow) -> tuple:
-    last = flow.last_seen.timestamp() if flow.last_seen else 0.0
-    return (-(flow.retransmits + flow.synack_retransmits), -last, flow.local.ip, flow.local.port,
-            flow.remote.ip, flow.remote.port)
 
 
 # ---------------------------------------------------------------- the write
@@ -342,3 +348,36 @@ class ReportWriter:
             GROUP, VERSION, t.namespace, REPORT_PLURAL, t.name, t.body(entry),
             field_manager=field_manager(t.node), force=True,
             _content_type="application/apply-patch+yaml", _request_timeout=self._timeout))
+
+    def heartbeat(self, renewed: datetime, duration_seconds: int) -> None:
+        """Renew this report's heartbeat Lease (a merge patch of renewTime); create it the
+        first time. The Lease is what keeps a quiet node reporting at ~1/10 of a report's cost."""
+        t = self.target
+        renew = lambda: self._objects.patch_namespaced_custom_object(  # noqa: E731
+            LEASE_GROUP, LEASE_VERSION, t.namespace, LEASE_PLURAL, t.name, heartbeat_renewal(renewed),
+            field_manager=field_manager(t.node), _content_type="application/merge-patch+json",
+            _request_timeout=self._timeout)
+        try:
+            self._call(renew)
+            return
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+        try:
+            self._call(lambda: self._objects.create_namespaced_custom_object(
+                LEASE_GROUP, LEASE_VERSION, t.namespace, LEASE_PLURAL,
+                heartbeat_object(t.trace, t.trace_uid, t.node, t.namespace, renewed, duration_seconds),
+                field_manager=field_manager(t.node), _request_timeout=self._timeout))
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            self._call(renew)   # created meanwhile (an earlier agent's write that timed out)
+
+    def desired_nodes(self) -> int:
+        """How many nodes run this trace's agents (the DaemonSet's desiredNumberScheduled)."""
+        from kubernetes import client
+
+        apps, t = client.AppsV1Api(self._objects.api_client), self.target
+        daemonset = self._call(lambda: apps.read_namespaced_daemon_set(
+            daemonset_name(t.trace), t.namespace, _request_timeout=self._timeout).to_dict())
+        return int((daemonset.get("status") or {}).get("desired_number_scheduled") or 0)

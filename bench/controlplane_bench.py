@@ -4,18 +4,20 @@ aggregating them into the trace's status.
 
 - Simulated nodes: bench.synthetic (the agent's report code on synthetic kernel counters),
   written with the agent's ReportWriter (create, then server-side apply, field manager per
-  node) on the agent's own schedule: every reportInterval (10 s, jittered) a node writes
-  when its report changed, and at least every heartbeat (retransmit_operator.heartbeat).
-  BUSY_FRACTION of the nodes (every 10th) retransmit between every two reports; the others
-  are quiet and write only heartbeats.
+  node; heartbeat Lease renewals) on the agent's own schedule (retransmit_operator.heartbeat
+  .next_write): every reportInterval (10 s, jittered) a node wakes up and writes its report
+  when it changed and its report period passed (the interval, stretched beyond 1,000 nodes),
+  else renews its heartbeat Lease when a heartbeat is due. BUSY_FRACTION of the nodes (every
+  10th) retransmit between every two wake-ups; the others are quiet and only renew Leases.
 - The operator: `retransmit-operator` as a subprocess at its default settings (sync every
   2 s), admin credentials, one label-selected watch on the reports.
 - For N in 100, 1000, 5000: the reports not there yet are created (16 at a time), then for
   a window the nodes run their schedule. Measured: write requests/s and request bytes/s to
-  reports and to the trace (the API server's own metrics), API server CPU, the trace
-  object's size, each node's report freshness at the end (now - lastReportTime) and the
-  longest gap between two of a node's writes, and the operator's lag from a busy node's
-  write (request sent) to the first summary that includes it (seen on a watch).
+  reports, Leases and the trace (the API server's own metrics), API server CPU, the trace
+  object's size, each node's freshness at the end (now - the later of its report's
+  lastReportTime and its Lease's renewTime), the gaps between a busy node's report writes,
+  and the operator's lag from a busy node's write (request sent) to the first summary that
+  includes it (seen on a watch).
 - operator_reconcile_s: `kubectl apply -f trace.yaml` started -> the DaemonSet exists.
 """
 
@@ -46,8 +48,8 @@ from bench import procstat
 from bench.synthetic import SyntheticNode
 from retransmit_agent.reporter import ApiError, ReportTarget, ReportWriter, jittered
 from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, to_api
-from retransmit_operator.heartbeat import heartbeat_seconds, must_write
-from retransmit_operator.reports import trace_selector
+from retransmit_operator.heartbeat import Write, heartbeat_seconds, next_write, report_period, stale_after
+from retransmit_operator.reports import LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, heartbeat_of, trace_selector
 from tests.harness.controlplane import ControlPlane, end_process, free_port, start_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,12 +264,23 @@ def settle(custom: Any, trace: str, timeout: float = 120.0) -> None:
 
 
 def freshness(custom: Any, namespace: str, trace: str) -> list[float]:
-    """Seconds since each node's report was last written (its lastReportTime), now."""
-    items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, REPORT_PLURAL,
-                                                 label_selector=trace_selector(trace), _request_timeout=120)["items"]
+    """Seconds since each node last said its report is current, now: the later of the
+    report's lastReportTime and its heartbeat Lease's renewTime."""
+    selector = trace_selector(trace)
+    reports = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, REPORT_PLURAL,
+                                                   label_selector=selector, _request_timeout=120)["items"]
+    leases = custom.list_namespaced_custom_object(LEASE_GROUP, LEASE_VERSION, namespace, LEASE_PLURAL,
+                                                  label_selector=trace_selector(trace, heartbeats=True), _request_timeout=120)["items"]
+    renewed = dict(beat for beat in map(heartbeat_of, leases) if beat is not None)
     now = datetime.now(timezone.utc)
-    return [(now - datetime.fromisoformat(r["spec"]["lastReportTime"].replace("Z", "+00:00"))).total_seconds()
-            for r in items if r["spec"].get("lastReportTime")]
+    ages = []
+    for r in reports:
+        written = r["spec"].get("lastReportTime")
+        heard = [datetime.fromisoformat(written.replace("Z", "+00:00"))] if written else []
+        heard += [renewed[r["metadata"]["name"]]] if r["metadata"]["name"] in renewed else []
+        if heard:
+            ages.append((now - max(heard)).total_seconds())
+    return ages
 
 
 def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, counts, window: float, log) -> dict:
@@ -277,7 +290,8 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
     created = 0
     watch = SummaryWatch(admin, trace)
     out: dict[str, Any] = {"scale": [], "busy_fraction": BUSY_FRACTION, "report_interval_s": SPEC_REPORT_INTERVAL,
-                           "heartbeat_s": heartbeat_seconds(SPEC_REPORT_INTERVAL)}
+                           "heartbeat_s": heartbeat_seconds(SPEC_REPORT_INTERVAL),
+                           "report_period_s": {str(n): report_period(SPEC_REPORT_INTERVAL, n) for n in counts}}
     out["report_bytes"] = len(json.dumps(to_api(nodes[0].next_entry()), separators=(",", ":")))
     try:
         for n in counts:
@@ -304,13 +318,14 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
                          trace_rows=len((obj.get("status") or {}).get("nodes") or []),
                          report_age_p50_s=procstat.percentile(ages, 50), report_age_p99_s=procstat.percentile(ages, 99),
                          report_age_max_s=max(ages) if ages else None, reports=len(ages))
-            log(f"{n} nodes: {point['agent_writes_per_second']:.1f} writes/s ({point['agent_writes_failed']}/"
+            log(f"{n} nodes: {point['agent_writes_per_second']:.1f} writes/s, {point['heartbeats_per_second']:.1f} of them "
+                f"heartbeats ({point['agent_writes_failed']}/"
                 f"{point['agent_writes']} failed, {point['agent_writes_unsent']} unsent), "
                 f"{point['report_write_bytes_per_second'] / 1024:.0f} KiB/s to reports, "
                 f"trace {sizes['object']} bytes written {point['trace_writes_per_second']:.2f}/s, "
                 f"API server {point['apiserver_cpu_percent']:.0f}% CPU, lag p50 {point['aggregation_lag_p50_s']:.2f} s "
                 f"p99 {point['aggregation_lag_p99_s']:.2f} s ({point['aggregation_lag_samples']} samples), "
-                f"report age p99 {point['report_age_p99_s']:.1f} s, longest write gap {point['write_gap_max_s']:.1f} s")
+                f"report age p99 {point['report_age_p99_s']:.1f} s, busy report gap p99 {point['busy_write_gap_p99_s']:.1f} s")
     finally:
         watch.stop()
     return out
@@ -318,42 +333,49 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
 
 def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[SyntheticNode],
                     writers: list[ReportWriter], window: float) -> dict[str, Any]:
-    """Every node runs the agent's schedule for `window` seconds: a report every jittered
-    interval when it changed (the busy nodes), a heartbeat otherwise (must_write).
+    """Every node runs the agent's schedule (next_write) for `window` seconds: a wake-up every
+    jittered interval; its report when it changed (the busy nodes) and its period passed, a
+    heartbeat Lease renewal when one is due.
 
     Each node is its own agent, so writes are sent on schedule whether or not earlier ones
     have returned (a pool of threads). A busy write's lag ends at the first summary on the
-    watch, received after the write was sent, whose total includes every write sent up to it.
+    watch, received after the write was sent, whose total includes every report sent up to it.
     """
     n = len(nodes)
     interval = SPEC_REPORT_INTERVAL
+    lease_seconds = round(stale_after(interval).total_seconds())
     rng = random.Random(n)
     busy = set(range(0, n, round(1 / BUSY_FRACTION)))
     records: list[dict[str, Any]] = []
     lock = threading.Lock()
-    written: dict[int, list[float]] = {}
+    reported: dict[int, list[float]] = {}   # node -> times its report writes were stored
 
     def send(i: int, record: dict[str, Any]) -> None:
         if time.monotonic() - record["sent"] > 30:
             record.update(ok=False, unsent=True)   # queued too long: an agent's write would have timed out
             return
-        entry = nodes[i].next_entry()
-        size = len(json.dumps(writers[i].target.body(entry), separators=(",", ":")))
         try:
-            writers[i].apply(entry)
-            record.update(ok=True, bytes=size, latency=time.monotonic() - record["sent"])
-            with lock:
-                written.setdefault(i, []).append(time.monotonic())
+            if record["kind"] is Write.HEARTBEAT:
+                writers[i].heartbeat(datetime.now(timezone.utc), lease_seconds)
+            else:
+                writers[i].apply(nodes[i].next_entry())
+                with lock:
+                    reported.setdefault(i, []).append(time.monotonic())
+            record.update(ok=True, latency=time.monotonic() - record["sent"])
         except ApiError:
-            record.update(ok=False, bytes=size)
+            record.update(ok=False)
 
     t0 = time.monotonic()
-    # As if the agents had been running a while: first reports spread over one interval, the
-    # last writes spread over one heartbeat period.
-    last_write = {i: t0 - rng.uniform(0, heartbeat_seconds(interval)) for i in range(n)}
+    # As if the agents had been running a while: wake-ups spread over one interval, the last
+    # report writes over one report period, the last writes of either kind over one heartbeat.
+    period = report_period(interval, n)
+    last_report = {i: t0 - rng.uniform(0, period) for i in range(n)}
+    last_write = {i: max(last_report[i], t0 - rng.uniform(0, heartbeat_seconds(interval))) for i in range(n)}
+    # What each node's last report write holds: the summary includes a write once it holds all.
+    written = {i: node.retransmits for i, node in enumerate(nodes)}
     due = [(t0 + rng.uniform(0, interval), i) for i in range(n)]
     heapq.heapify(due)
-    reports_before, trace_before = apiserver_counters(admin, REPORT_PLURAL), apiserver_counters(admin, PLURAL)
+    before = {plural: apiserver_counters(admin, plural) for plural in (REPORT_PLURAL, LEASE_PLURAL, PLURAL)}
     cpu_before = procstat.cpu_ticks(apiserver)
     summaries_before = len(watch.seen)
     with ThreadPoolExecutor(WRITERS) as pool:
@@ -363,46 +385,52 @@ def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list
             changed = i in busy
             if changed:
                 nodes[i].grow(7)
-            if must_write(changed, at - last_write[i], interval):
+            kind = next_write(changed, at - last_report[i], at - last_write[i], interval, n)
+            if kind is not Write.NOTHING:
                 last_write[i] = at
-                record = {"sent": time.monotonic(), "busy": changed, "node": i,
-                          "total": sum(nodes[j].retransmits for j in busy)}
+                record = {"sent": time.monotonic(), "kind": kind, "node": i}
+                if kind is Write.REPORT:
+                    last_report[i] = at
+                    written[i] = nodes[i].retransmits
+                    record.update(busy=changed, total=sum(written.values()))
                 records.append(record)
                 pool.submit(send, i, record)
             heapq.heappush(due, (at + jittered(interval, rng.random), i))
         elapsed = time.monotonic() - t0
-        reports_after, trace_after = apiserver_counters(admin, REPORT_PLURAL), apiserver_counters(admin, PLURAL)
+        after = {plural: apiserver_counters(admin, plural) for plural in (REPORT_PLURAL, LEASE_PLURAL, PLURAL)}
         cpu = procstat.cpu_percent(procstat.cpu_ticks(apiserver) - cpu_before, elapsed)
         summaries = len(watch.seen) - summaries_before
     time.sleep(5)   # let the last writes reach the summary
-    quiet_total = sum(node.retransmits for j, node in enumerate(nodes) if j not in busy)
     lags = []
     for r in records:
-        seen = watch.first_at_least(r["total"] + quiet_total, r["sent"]) if r.get("ok") and r["busy"] else None
+        seen = watch.first_at_least(r["total"], r["sent"]) if r.get("ok") and r.get("busy") else None
         if seen is not None:
             lags.append(seen - r["sent"])
-    gaps = [b - a for times in written.values() for a, b in zip(times, times[1:])]
-    busy_gaps = [b - a for i, times in written.items() if i in busy for a, b in zip(times, times[1:])]
+    busy_gaps = [b - a for i, times in reported.items() if i in busy for a, b in zip(times, times[1:])]
     ok = [r for r in records if r.get("ok")]
     latencies = [r["latency"] for r in records if "latency" in r]
+    rate = lambda plural, key: (after[plural][key] - before[plural][key]) / elapsed  # noqa: E731
     return {
         "window_s": round(elapsed, 2),
         "busy_nodes": len(busy),
+        "report_period_s": period,
         "agent_writes": len(records),
         "agent_writes_failed": len(records) - len(ok),
         "agent_writes_unsent": sum(1 for r in records if r.get("unsent")),
         "agent_writes_per_second": len(records) / elapsed,
-        "report_writes_per_second": (reports_after["requests"] - reports_before["requests"]) / elapsed,
-        "report_write_bytes_per_second": (reports_after["body_bytes"] - reports_before["body_bytes"]) / elapsed,
-        "trace_writes_per_second": (trace_after["requests"] - trace_before["requests"]) / elapsed,
-        "trace_write_bytes_per_second": (trace_after["body_bytes"] - trace_before["body_bytes"]) / elapsed,
+        "heartbeats_per_second": sum(1 for r in records if r["kind"] is Write.HEARTBEAT) / elapsed,
+        "report_writes_per_second": rate(REPORT_PLURAL, "requests"),
+        "report_write_bytes_per_second": rate(REPORT_PLURAL, "body_bytes"),
+        "lease_writes_per_second": rate(LEASE_PLURAL, "requests"),
+        "lease_write_bytes_per_second": rate(LEASE_PLURAL, "body_bytes"),
+        "trace_writes_per_second": rate(PLURAL, "requests"),
+        "trace_write_bytes_per_second": rate(PLURAL, "body_bytes"),
         "trace_versions_seen": summaries,
         "apiserver_cpu_percent": cpu,
         "write_latency_p50_s": procstat.percentile(latencies, 50),
         "write_latency_p99_s": procstat.percentile(latencies, 99),
-        "write_gap_p99_s": procstat.percentile(gaps, 99),
-        "write_gap_max_s": max(gaps) if gaps else None,
         "busy_write_gap_p99_s": procstat.percentile(busy_gaps, 99),
+        "busy_write_gap_max_s": max(busy_gaps) if busy_gaps else None,
         "aggregation_lag_p50_s": procstat.percentile(lags, 50),
         "aggregation_lag_p99_s": procstat.percentile(lags, 99),
         "aggregation_lag_max_s": max(lags) if lags else None,

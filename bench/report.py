@@ -27,12 +27,13 @@ UNITS: dict[str, str] = {
     "aggregation_lag_p50_s": "s, a busy node's report write sent to the first trace summary including it, median (1000 nodes)",
     "aggregation_lag_p99_s": "s, same, 99th percentile (1000 nodes)",
     "aggregation_lag_p99_s_5000_nodes": "s, same, 99th percentile, 5000 nodes",
-    "busy_write_gap_p99_s_1000_nodes": "s, 99th percentile of the time between two stored writes of a busy node's report (its freshness), 1000 nodes",
-    "report_age_max_s_5000_nodes": "s, the oldest lastReportTime of any node's report at the end of the window (quiet nodes: the heartbeat), 5000 nodes",
+    "busy_write_gap_p99_s_1000_nodes": "s, 99th percentile of the time between two stored writes of a busy node's report (how old its counts get), 1000 nodes",
+    "busy_write_gap_p99_s_5000_nodes": "s, same, 5000 nodes (the report period stretches to 50 s)",
+    "report_age_max_s_5000_nodes": "s, the longest any node went unheard at the end of the window: now - the later of its report's lastReportTime and its heartbeat Lease's renewTime, 5000 nodes",
     "trace_object_bytes_5000_nodes": "bytes, the trace object's JSON (status with bounded rows, metadata incl. managedFields), 5000 nodes",
     "apiserver_cpu_percent_5000_nodes": "% of one core, kube-apiserver over the window, 5000 nodes",
-    "write_bytes_per_second_5000_nodes": "request body bytes/s of all writes to reports and the trace, 5000 nodes",
-    "writes_per_second_5000_nodes": "write requests/s to reports and the trace the API server counted, 5000 nodes",
+    "write_bytes_per_second_5000_nodes": "request body bytes/s of all writes to reports, heartbeat Leases and the trace, 5000 nodes",
+    "writes_per_second_5000_nodes": "write requests/s to reports, Leases and the trace the API server counted, 5000 nodes",
 }
 
 
@@ -68,14 +69,15 @@ def headline(node: dict, cp: dict) -> dict[str, Any]:
     out["aggregation_lag_p99_s_5000_nodes"] = at_5000.get("aggregation_lag_p99_s")
     out["aggregation_lag_p99_s_by_nodes"] = {str(p["nodes"]): p.get("aggregation_lag_p99_s") for p in cp.get("scale", [])}
     out["busy_write_gap_p99_s_1000_nodes"] = at_1000.get("busy_write_gap_p99_s")
+    out["busy_write_gap_p99_s_5000_nodes"] = at_5000.get("busy_write_gap_p99_s")
     out["report_age_max_s_5000_nodes"] = at_5000.get("report_age_max_s")
     out["trace_object_bytes_5000_nodes"] = at_5000.get("trace_object_bytes")
     out["apiserver_cpu_percent_5000_nodes"] = at_5000.get("apiserver_cpu_percent")
     if at_5000:
-        out["write_bytes_per_second_5000_nodes"] = (at_5000.get("report_write_bytes_per_second", 0)
-                                                     + at_5000.get("trace_write_bytes_per_second", 0))
-        out["writes_per_second_5000_nodes"] = (at_5000.get("report_writes_per_second", 0)
-                                               + at_5000.get("trace_writes_per_second", 0))
+        out["write_bytes_per_second_5000_nodes"] = sum(at_5000.get(f"{kind}_write_bytes_per_second", 0)
+                                                        for kind in ("report", "lease", "trace"))
+        out["writes_per_second_5000_nodes"] = sum(at_5000.get(f"{kind}_writes_per_second", 0)
+                                                  for kind in ("report", "lease", "trace"))
     return out
 
 
@@ -101,8 +103,10 @@ def targets(h: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "agent_rss_mb <= 200": check(h.get("agent_rss_mb"), 200, lambda v: v <= 200),
         "aggregation_lag_p99_s <= 5": check(h.get("aggregation_lag_p99_s"), 5, lambda v: v <= 5),
         "aggregation_lag_p99_s_5000_nodes <= 5": check(h.get("aggregation_lag_p99_s_5000_nodes"), 5, lambda v: v <= 5),
-        # A busy node's report is as fresh as its interval (10 s, +10% jitter) at 1,000 nodes.
-        "busy_write_gap_p99_s_1000_nodes <= 11": check(h.get("busy_write_gap_p99_s_1000_nodes"), 11, lambda v: v <= 11),
+        # A busy node's report is as fresh as its interval at 1,000 nodes: 10 s, +10% jitter,
+        # +1 s for the spread of the write's own latency (gaps are between stored writes).
+        "busy_write_gap_p99_s_1000_nodes <= 12": check(h.get("busy_write_gap_p99_s_1000_nodes"), 12, lambda v: v <= 12),
+        "busy_write_gap_p99_s_5000_nodes <= 60": check(h.get("busy_write_gap_p99_s_5000_nodes"), 60, lambda v: v <= 60),
         "report_age_max_s_5000_nodes <= 60": check(h.get("report_age_max_s_5000_nodes"), 60, lambda v: v <= 60),
         "trace_object_bytes_5000_nodes < 512 KiB": check(h.get("trace_object_bytes_5000_nodes"), 512 * 1024,
                                                          lambda v: v < 512 * 1024),

@@ -29,6 +29,7 @@ from .api import (
     add_known,
 )
 from .podindex import PodLookup
+from .ranking import flow_key
 
 # Entries whose agent counts: Running while the trace runs, Completed after its final report.
 REPORTING_PHASES = frozenset({Phase.RUNNING.value, Phase.COMPLETED.value})
@@ -43,22 +44,12 @@ def attribute(endpoint: Endpoint, pods: Optional[PodLookup]) -> Endpoint:
     unless the agent already attributed it."""
     if pods is None or endpoint.pod or endpoint.node:
         return endpoint
-    ref = pods.lookup(endpoint.ip)
-    if ref is None:
+    owner = pods.owner(endpoint.ip)
+    if owner is None:
         return endpoint
-    if ref.host_network:
-        return endpoint.model_copy(update={"node": ref.node})
-    return endpoint.model_copy(update={"pod": ref.pod, "namespace": ref.namespace})
-
-
-def _weight(flow: Flow) -> int:
-    return flow.retransmits + flow.synack_retransmits
-
-
-def _flow_order(flow: Flow) -> tuple:
-    # Busiest first; ties broken by identity so the summary does not flap between writes.
-    return (-_weight(flow), flow.node or "", str(flow.family), flow.local.ip, flow.local.port,
-            flow.remote.ip, flow.remote.port)
+    if owner.pod is None:  # a hostNetwork pod's address: its node's
+        return endpoint.model_copy(update={"node": owner.node})
+    return endpoint.model_copy(update={"pod": owner.pod, "namespace": owner.namespace})
 
 
 def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup], top_n: int = 0) -> list[Flow]:
@@ -67,8 +58,7 @@ def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup], top_n:
     candidates and the summary keeps a hundred at most."""
     def order(pair: tuple[NodeStatus, Flow]) -> tuple:
         node, flow = pair
-        return (-_weight(flow), node.node, str(flow.family), flow.local.ip, flow.local.port,
-                flow.remote.ip, flow.remote.port)
+        return flow_key(flow, node.node)
     candidates = [(node, flow) for node in nodes for flow in node.top_flows]
     chosen = heapq.nsmallest(top_n, candidates, key=order) if top_n > 0 else sorted(candidates, key=order)
     return [flow.model_copy(update={

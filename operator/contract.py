@@ -16,21 +16,23 @@ from .api import RetransmitTraceSpec, to_api
 
 AGENT_SUBCOMMAND = "cluster"
 
-# Environment the DaemonSet sets through the downward API.
+# Environment the DaemonSet sets through the downward API; the agent reads every one
+# (agent/cluster.py): its node, the namespace its report goes to, the address it binds.
 ENV_NODE_NAME = "RTRACE_NODE_NAME"          # spec.nodeName
-ENV_POD_NAME = "RTRACE_POD_NAME"            # metadata.name
 ENV_POD_NAMESPACE = "RTRACE_POD_NAMESPACE"  # metadata.namespace
 # The agent binds /metrics, /readyz and /livez to this address (the node's IP: the pod is
 # hostNetwork), so probes reach this pod's agent even when several nodes share one host.
 ENV_POD_IP = "RTRACE_POD_IP"                # status.podIP
 DOWNWARD_API_ENV: dict[str, str] = {
     ENV_NODE_NAME: "spec.nodeName",
-    ENV_POD_NAME: "metadata.name",
     ENV_POD_NAMESPACE: "metadata.namespace",
     ENV_POD_IP: "status.podIP",
 }
 
 DEFAULT_METRICS_PORT = 9464
+# A trace's agents listen on the operator's base port + crc32(trace name) % this span
+# (render.agent_metrics_port); the settings' upper bound for the base port follows from it.
+METRICS_PORT_SPAN = 100
 
 
 @dataclass(frozen=True)

@@ -335,9 +335,11 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
 
     @kopf.on.startup(registry=registry, id="start-sync")
     async def startup(**_: Any) -> None:
-        # The nodes' reports: one label-selected watch in the operator's namespace, its own thread.
-        threading.Thread(target=kube.watch_reports, args=(settings.namespace, reconciler.reports, stop_watch),
-                         name="rtrace-report-watch", daemon=True).start()
+        # The nodes' reports and their heartbeat Leases: one label-selected watch of each kind
+        # in the operator's namespace, each in its own thread.
+        for watch, thread in ((kube.watch_reports, "rtrace-report-watch"), (kube.watch_heartbeats, "rtrace-heartbeat-watch")):
+            threading.Thread(target=watch, args=(settings.namespace, reconciler.reports, stop_watch),
+                             name=thread, daemon=True).start()
         tasks.append(asyncio.create_task(reconciler.sync_forever(), name="rtrace-sync"))
         if settings.metrics_port:
             tasks.append(asyncio.create_task(metrics.serve(settings.metrics_port, reconciler), name="rtrace-http"))

@@ -17,7 +17,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import kopf
 import kubernetes
@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from .api import API_VERSION, GROUP, KIND, PLURAL, REPORT_KIND, REPORT_PLURAL, VERSION
 from .conditions import utcnow
-from .reports import REPORTS_SELECTOR
+from .reports import HEARTBEATS_SELECTOR, LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, REPORTS_SELECTOR
 
 if TYPE_CHECKING:
     from .metrics import OperatorMetrics
@@ -178,23 +178,34 @@ class KubeApi:
     # ------------------------------------------------------------ the reports' watch
 
     def watch_reports(self, namespace: str, index: Any, stop: threading.Event, timeout: int = 60) -> None:
-        """Keep `index` (a ReportIndex) equal to the reports in `namespace` until `stop`: list
-        once, then watch from that resourceVersion, resuming after each server timeout; relist
-        only when the watch expired (410) or failed. Blocking: run it in a thread."""
+        """Keep `index` (a ReportIndex) equal to the reports in `namespace` until `stop`."""
+        self._mirror(namespace, (GROUP, VERSION, REPORT_PLURAL), REPORTS_SELECTOR, "node reports",
+                     index.replace, index.observe, stop, timeout)
+
+    def watch_heartbeats(self, namespace: str, index: Any, stop: threading.Event, timeout: int = 60) -> None:
+        """Keep `index` (a ReportIndex) equal to the reports' heartbeat Leases in `namespace`."""
+        self._mirror(namespace, (LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL), HEARTBEATS_SELECTOR, "node heartbeats",
+                     index.replace_heartbeats, index.observe_heartbeat, stop, timeout)
+
+    def _mirror(self, namespace: str, resource: tuple[str, str, str], selector: str, what: str,
+                replace: Callable[[list], None], observe: Callable[..., None], stop: threading.Event,
+                timeout: int) -> None:
+        """List once, then watch from that resourceVersion, resuming after each server timeout;
+        relist only when the watch expired (410) or failed. Blocking: run it in a thread."""
         from kubernetes import watch
 
         attempt = 0
         while not stop.is_set():
             try:
                 listed = self._custom.list_namespaced_custom_object(
-                    GROUP, VERSION, namespace, REPORT_PLURAL, label_selector=REPORTS_SELECTOR, _request_timeout=60)
-                index.replace(listed.get("items") or [])
+                    *resource[:2], namespace, resource[2], label_selector=selector, _request_timeout=60)
+                replace(listed.get("items") or [])
                 version = listed["metadata"]["resourceVersion"]
                 attempt = 0
                 while not stop.is_set():
                     stream = watch.Watch().stream(
-                        self._custom.list_namespaced_custom_object, GROUP, VERSION, namespace, REPORT_PLURAL,
-                        label_selector=REPORTS_SELECTOR, resource_version=version, timeout_seconds=timeout,
+                        self._custom.list_namespaced_custom_object, *resource[:2], namespace, resource[2],
+                        label_selector=selector, resource_version=version, timeout_seconds=timeout,
                         allow_watch_bookmarks=True, _request_timeout=timeout + 10)
                     for event in stream:
                         obj = event["object"]
@@ -202,13 +213,13 @@ class KubeApi:
                             raise ApiException(status=(obj or {}).get("code") or 0, reason=(obj or {}).get("message"))
                         version = (obj.get("metadata") or {}).get("resourceVersion") or version
                         if event["type"] != "BOOKMARK":
-                            index.observe(obj, deleted=event["type"] == "DELETED")
+                            observe(obj, deleted=event["type"] == "DELETED")
                         if stop.is_set():
                             return
             except Exception as e:  # noqa: BLE001 - API server away, expired version: relist after a pause
                 delay = min(30.0, 2 ** min(attempt, 5)) * (0.5 + random.random() / 2)
                 attempt += 1
-                log.warning("watch of node reports in %s interrupted (%s); relisting in %.1fs", namespace, e, delay)
+                log.warning("watch of %s in %s interrupted (%s); relisting in %.1fs", what, namespace, e, delay)
                 stop.wait(delay)
 
     async def post_event(self, trace: dict[str, Any], type_: str, reason: str, message: str) -> None:

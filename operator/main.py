@@ -15,7 +15,6 @@ import os
 import socket
 import sys
 import threading
-from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 import kopf
@@ -97,16 +96,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--metrics-port", type=int, help="port of /metrics, /healthz, /readyz (0 disables)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     args = parser.parse_args(argv)
+    overrides = {k: v for k, v in {
+        "kubeconfig": args.kubeconfig, "namespace": args.namespace,
+        "metrics_port": args.metrics_port, "log_level": args.log_level,
+    }.items() if v is not None}
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(**overrides)
     except SettingsError as e:
         print(f"retransmit-operator: {e}", file=sys.stderr)
         return 2
-    overrides = {k: v for k, v in {
-        "kubeconfig": args.kubeconfig, "namespace": args.namespace,
-        "metrics_port": args.metrics_port, "log_level": args.log_level.upper() if args.log_level else None,
-    }.items() if v is not None}
-    settings = replace(settings, **overrides)
     try:
         client_configuration(settings.kubeconfig)
     except (ConfigException, OSError) as e:

@@ -1,8 +1,19 @@
-"""A cluster-wide index from pod IP to pod, for remote-side attribution of flows.
+"""Pod attribution, for the agent and the operator alike: which pod (or node) owns an IP.
 
-Fed by the operator's watch on pods (every namespace); IPv4 and IPv6 addresses alike, in
-canonical form (IPv4-mapped IPv6 folds to IPv4). A hostNetwork pod's address is its node's:
-it attributes to the node, never to one of the pods sharing it.
+One `PodIndex`, fed by pod watch events, IPv4 and IPv6 in canonical form (IPv4-mapped IPv6
+folds to IPv4), with the same rules on both sides:
+- A hostNetwork pod's address is its node's: it attributes to the node, never to one of the
+  pods sharing it; a pod with its own network wins over it.
+- Finished pods (Succeeded, Failed) release their addresses; an address briefly held by two
+  pods (a dying and a new one) belongs to the pod seen last, and deleting the old one leaves
+  the new one in place.
+
+It has two scopes. The operator's `PodIndex()` holds every pod, for remote-side attribution.
+The agent's `PodIndex(node, node_addresses)` holds its node's pods: there the node's own
+addresses, its pods' hostIPs and loopback belong to `node` as well, and `selected_ips` turns
+the trace's `namespaces` and `podSelector` into the local IPs the kernel program filters on.
+
+Everything here is pure; the agent's watch and /proc reading are in retransmit_agent.podwatch.
 """
 
 from __future__ import annotations
@@ -11,88 +22,224 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Protocol
 
+from .api import LabelSelector
 
-@dataclass(frozen=True)
-class PodRef:
-    pod: Optional[str]
-    namespace: Optional[str]
-    node: Optional[str]
-    host_network: bool = False
-
-
-class PodLookup(Protocol):
-    def lookup(self, ip: str) -> Optional[PodRef]: ...
+# Pods in these phases no longer own their addresses (the IP may already be reused).
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 
 def canonical_ip(text: str) -> Optional[str]:
-    """'fd00:0::1' -> 'fd00::1', '::ffff:10.0.0.1' -> '10.0.0.1'; None when not an address."""
+    """'fd00:0::1' -> 'fd00::1', '::ffff:10.0.0.1' -> '10.0.0.1', 'fe80::1%eth0' -> 'fe80::1';
+    None when not an address."""
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
         return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.compressed
 
 
-def pod_ips(pod: Mapping[str, Any]) -> list[str]:
-    status = pod.get("status") or {}
-    texts = [entry.get("ip", "") for entry in status.get("podIPs") or []] or [status.get("podIP") or ""]
-    return sorted({ip for ip in (canonical_ip(t) for t in texts if t) if ip})
+def canonical_ips(texts: Iterable[str]) -> tuple[str, ...]:
+    """The addresses among `texts` in canonical form, once each, in their first order."""
+    return tuple(dict.fromkeys(ip for ip in (canonical_ip(t) for t in texts if t) if ip))
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who an address belongs to: a pod (pod + namespace) or a node (node alone)."""
+
+    pod: Optional[str] = None
+    namespace: Optional[str] = None
+    node: Optional[str] = None
+
+
+class PodLookup(Protocol):
+    def owner(self, ip: str) -> Optional[Owner]: ...
+
+
+@dataclass(frozen=True)
+class PodFacts:
+    """What attribution needs from a Pod object."""
+
+    uid: str
+    name: str
+    namespace: str
+    node_name: Optional[str]
+    labels: Mapping[str, str]
+    host_network: bool
+    ips: tuple[str, ...]
+    host_ips: tuple[str, ...]
+    terminal: bool
+
+    @classmethod
+    def from_object(cls, pod: Mapping[str, Any]) -> "PodFacts":
+        """From a Pod as the API returns it (camelCase JSON dict)."""
+        meta = pod.get("metadata") or {}
+        spec = pod.get("spec") or {}
+        status = pod.get("status") or {}
+        ips = [status.get("podIP")] + [p.get("ip") for p in status.get("podIPs") or []]
+        host_ips = [status.get("hostIP")] + [p.get("ip") for p in status.get("hostIPs") or []]
+        return cls(
+            uid=meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}",
+            name=meta.get("name", ""),
+            namespace=meta.get("namespace", ""),
+            node_name=spec.get("nodeName"),
+            labels=dict(meta.get("labels") or {}),
+            host_network=bool(spec.get("hostNetwork")),
+            ips=canonical_ips(ips),
+            host_ips=canonical_ips(host_ips),
+            terminal=status.get("phase") in TERMINAL_PHASES,
+        )
+
+
+def selector_matches(selector: Optional[LabelSelector], labels: Mapping[str, str]) -> bool:
+    """metav1.LabelSelector semantics: matchLabels AND every matchExpression; None matches all."""
+    if selector is None:
+        return True
+    for key, value in selector.match_labels.items():
+        if labels.get(key) != value:
+            return False
+    for req in selector.match_expressions:
+        present = req.key in labels
+        if req.operator == "In" and not (present and labels[req.key] in req.values):
+            return False
+        if req.operator == "NotIn" and present and labels[req.key] in req.values:
+            return False
+        if req.operator == "Exists" and not present:
+            return False
+        if req.operator == "DoesNotExist" and present:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class PodSelection:
+    """The trace's choice of local pods: `namespaces` (empty = all) and `podSelector` (None = all)."""
+
+    namespaces: frozenset[str] = frozenset()
+    selector: Optional[LabelSelector] = None
+
+    @property
+    def selects_everything(self) -> bool:
+        return not self.namespaces and (
+            self.selector is None
+            or (not self.selector.match_labels and not self.selector.match_expressions)
+        )
+
+    def matches(self, pod: PodFacts) -> bool:
+        if self.namespaces and pod.namespace not in self.namespaces:
+            return False
+        return selector_matches(self.selector, pod.labels)
 
 
 class PodIndex:
-    """IP -> PodRef. One IP may briefly belong to two pods (a dying and a new one): the pod
-    seen last wins, and deleting the old one leaves the new one in place."""
+    """IP -> Owner, fed by pod watch events: every pod (node None), or one node's pods and
+    addresses (see the module's docstring). Not thread-safe by itself."""
 
-    def __init__(self) -> None:
-        self._by_ip: dict[str, dict[str, PodRef]] = {}  # ip -> pod uid -> ref (insertion = recency)
-        self._ips_of: dict[str, list[str]] = {}          # pod uid -> ips
+    def __init__(self, node: Optional[str] = None, node_addresses: Iterable[str] = ()) -> None:
+        self.node = node
+        self._node_ips = set(canonical_ips(node_addresses))
+        self._pods: dict[str, PodFacts] = {}              # uid -> pod
+        self._by_ip: dict[str, dict[str, PodFacts]] = {}  # ip -> uid -> pod (insertion = recency)
 
     def __len__(self) -> int:
+        """Pod addresses known (hostNetwork ones included; not the node's own)."""
         return len(self._by_ip)
 
+    # ---- feeding
+    def set_node_addresses(self, addresses: Iterable[str]) -> None:
+        self._node_ips = set(canonical_ips(addresses))
+
     def observe(self, pod: Mapping[str, Any], deleted: bool = False) -> None:
-        """Apply one watch event's pod body."""
-        meta = pod.get("metadata") or {}
-        uid = meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
-        self._forget(uid)
-        phase = (pod.get("status") or {}).get("phase")
-        if deleted or phase in ("Succeeded", "Failed"):  # finished pods release their IPs
+        """Apply one watch event's pod body (ADDED, MODIFIED, or DELETED with `deleted`)."""
+        facts = PodFacts.from_object(pod)
+        self._forget(facts.uid)
+        if deleted or facts.terminal:
             return
-        spec = pod.get("spec") or {}
-        host_network = bool(spec.get("hostNetwork"))
-        ref = PodRef(
-            pod=None if host_network else meta.get("name"),
-            namespace=None if host_network else meta.get("namespace"),
-            node=spec.get("nodeName"),
-            host_network=host_network,
-        )
-        ips = pod_ips(pod)
-        for ip in ips:
-            self._by_ip.setdefault(ip, {})[uid] = ref
-        if ips:
-            self._ips_of[uid] = ips
+        self._pods[facts.uid] = facts
+        for ip in facts.ips:
+            self._by_ip.setdefault(ip, {})[facts.uid] = facts
 
     def replace_all(self, pods: Iterable[Mapping[str, Any]]) -> None:
+        """After a (re)list: the listed pods are the whole truth."""
+        self._pods.clear()
         self._by_ip.clear()
-        self._ips_of.clear()
         for pod in pods:
             self.observe(pod)
 
     def _forget(self, uid: str) -> None:
-        for ip in self._ips_of.pop(uid, []):
-            owners = self._by_ip.get(ip)
-            if owners is not None:
-                owners.pop(uid, None)
-                if not owners:
-                    del self._by_ip[ip]
+        gone = self._pods.pop(uid, None)
+        for ip in gone.ips if gone else ():
+            holders = self._by_ip[ip]
+            del holders[uid]
+            if not holders:
+                del self._by_ip[ip]
 
-    def lookup(self, ip: str) -> Optional[PodRef]:
+    # ---- reading
+    @property
+    def pods(self) -> list[PodFacts]:
+        return list(self._pods.values())
+
+    def node_ips(self) -> set[str]:
+        """The addresses that belong to `node`: its own, its pods' hostIPs, hostNetwork pods'
+        addresses. Empty for the cluster-wide index."""
+        if self.node is None:
+            return set()
+        ips = set(self._node_ips)
+        for pod in self._pods.values():
+            ips.update(pod.host_ips)
+            if pod.host_network:
+                ips.update(pod.ips)
+        return ips
+
+    def owner(self, ip: str) -> Optional[Owner]:
+        """The pod owning `ip`, the node it belongs to, or None when unknown."""
         key = canonical_ip(ip)
-        owners = self._by_ip.get(key) if key else None
-        if not owners:
+        if key is None:
             return None
-        refs = list(owners.values())
-        pods = [r for r in refs if not r.host_network]
-        return (pods or refs)[-1]
+        return self._owner(key, self.node_ips())
+
+    def _owner(self, key: str, node_ips: set[str]) -> Optional[Owner]:
+        holders = list(self._by_ip.get(key, {}).values())
+        pods = [pod for pod in holders if not pod.host_network]
+        if pods:
+            return Owner(pod=pods[-1].name, namespace=pods[-1].namespace)
+        if self.node is None:
+            return Owner(node=holders[-1].node_name) if holders else None
+        if key in node_ips or ipaddress.ip_address(key).is_loopback:
+            return Owner(node=self.node)
+        return None
+
+    def lookup_table(self) -> dict[str, Owner]:
+        """Every known address and its owner at once, for attributing many flows in one pass
+        (see `attribute`)."""
+        node_ips = self.node_ips()
+        table = {key: self._owner(key, node_ips) for key in node_ips | self._by_ip.keys()}
+        return {key: owner for key, owner in table.items() if owner is not None}
+
+    def selected_ips(self, selection: PodSelection) -> Optional[frozenset[str]]:
+        """Local IPs the kernel should keep, or None for no local-IP filter at all.
+
+        hostNetwork pods are never in the set: their address is the node's, so selecting
+        them would select every host-network connection of the node.
+        """
+        if selection.selects_everything:
+            return None
+        return frozenset(
+            ip
+            for pod in self._pods.values()
+            if not pod.host_network and selection.matches(pod)
+            for ip in pod.ips
+        )
+
+
+def attribute(table: Mapping[str, Owner], ip: str, node: str) -> Optional[Owner]:
+    """Owner of `ip` from a lookup_table(); loopback addresses belong to `node`."""
+    key = canonical_ip(ip)
+    if key is None:
+        return None
+    owner = table.get(key)
+    if owner is None and ipaddress.ip_address(key).is_loopback:
+        return Owner(node=node)
+    return owner

@@ -18,6 +18,8 @@ Why each one:
 - retransmitnodereports list/watch (operator namespace only): the one label-selected watch
   of the nodes' reports. retransmitnodereports/status patch: marking reports of nodes that
   left the trace (server-side apply).
+- leases list/watch (coordination.k8s.io, operator namespace only): the one label-selected
+  watch of the reports' heartbeat Leases (retransmit_operator.heartbeat).
 - events create (namespace "default" only): Events about cluster-scoped objects live there.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from .api import GROUP, PLURAL, REPORT_PLURAL
+from .reports import LEASE_GROUP, LEASE_PLURAL
 
 CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch", "patch"]},
@@ -38,6 +41,7 @@ NAMESPACE_RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "create", "patch", "delete"]},
     {"apiGroups": [GROUP], "resources": [REPORT_PLURAL], "verbs": ["list", "watch"]},
     {"apiGroups": [GROUP], "resources": [f"{REPORT_PLURAL}/status"], "verbs": ["patch"]},
+    {"apiGroups": [LEASE_GROUP], "resources": [LEASE_PLURAL], "verbs": ["list", "watch"]},
 ]
 # In namespace "default" (retransmit_operator.kube.EVENTS_NAMESPACE).
 EVENTS_RULES: list[dict[str, Any]] = [
@@ -49,9 +53,13 @@ EVENTS_RULES: list[dict[str, Any]] = [
 AGENT_CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
 ]
-# In the operator's namespace (where the agents run): their node's report. get (the restart
-# baseline), create (the first time), patch (server-side apply). Which report: the
-# node-report guard admission policy allows only the agent's own node's.
+# In the operator's namespace (where the agents run): their node's report and its heartbeat
+# Lease. get (the restart baseline), create (the first time), patch (server-side apply of the
+# report, the Lease's renewTime). Which ones: the node-report guard admission policy allows
+# only the agent's own node's. daemonsets get: the agent's own DaemonSet's
+# desiredNumberScheduled, the node count that stretches its report period on big clusters.
 AGENT_NAMESPACE_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [REPORT_PLURAL], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": [LEASE_GROUP], "resources": [LEASE_PLURAL], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get"]},
 ]

@@ -30,7 +30,7 @@ import zlib
 from typing import Any
 
 from .api import API_VERSION, KIND, RetransmitTraceSpec
-from .contract import DOWNWARD_API_ENV, AgentInvocation, render_agent_args
+from .contract import DOWNWARD_API_ENV, METRICS_PORT_SPAN, AgentInvocation, render_agent_args
 from .settings import Settings
 
 APP_NAME = "retransmit-operator"
@@ -39,7 +39,6 @@ TRACE_LABEL = "retransmit.dev/trace"
 SPEC_HASH_ANNOTATION = "retransmit.dev/spec-hash"
 DAEMONSET_PREFIX = "rtrace-"
 TERMINATION_GRACE_SECONDS = 30  # SIGTERM -> final report; a write takes well under a second
-METRICS_PORT_SPAN = 100
 
 # (volume name, host path, mount path, mount propagation)
 HOST_MOUNTS: tuple[tuple[str, str, str, str | None], ...] = (

@@ -1,19 +1,22 @@
-"""What the operator knows of the nodes' RetransmitNodeReports: an index fed by its one
-label-selected watch (retransmit_operator.kube.KubeApi.watch_reports), read by each
-reconcile pass. Each report is parsed once per change, not once per pass.
+"""What the operator knows of the nodes' RetransmitNodeReports and their heartbeat Leases:
+an index fed by two label-selected watches (retransmit_operator.kube.KubeApi.watch_reports,
+one per kind), read by each reconcile pass. Each report is parsed once per change, not once
+per pass. A report's entry carries the later of its own lastReportTime and its Lease's
+renewTime: the last time the node said "these counts are current".
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, Iterable, Optional
 
 from pydantic import ValidationError
 
 from .api import NodeReportStatus, NodeStatus
-from .reports import TRACE_LABEL, well_named
+from .reports import TRACE_LABEL, heartbeat_of, well_named
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +46,38 @@ def parse_report(obj: dict[str, Any]) -> Optional[StoredReport]:
     except ValidationError as e:
         log.warning("report %s/%s ignored: %s", meta.get("namespace"), meta.get("name"), e.errors()[:1])
         return None
-    uids = frozenset(ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller"))
-    return StoredReport(meta.get("namespace", ""), meta["name"], (meta.get("labels") or {})[TRACE_LABEL], uids, entry, status)
+    return StoredReport(meta.get("namespace", ""), meta["name"], (meta.get("labels") or {})[TRACE_LABEL], _owners(meta), entry, status)
+
+
+def _owners(meta: dict[str, Any]) -> frozenset[str]:
+    """The uids of the object's controlling owners (its trace)."""
+    return frozenset(ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller"))
+
+
+def _later(a: Optional[datetime], b: Optional[datetime]) -> Optional[datetime]:
+    return b if a is None or (b is not None and b > a) else a
 
 
 class ReportIndex:
-    """Reports by (namespace, name); thread-safe (the watch runs in its own thread)."""
+    """Reports and heartbeats by (namespace, name); thread-safe (the watches run in threads)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._reports: dict[tuple[str, str], StoredReport] = {}
+        # Heartbeat Leases: renewTime and owning trace uids (a Lease left by an earlier trace
+        # of the same name must not vouch for this one's report).
+        self._renewed: dict[tuple[str, str], tuple[datetime, frozenset[str]]] = {}
         self.events = 0  # watch events applied: tests and metrics see the watch working
-        # Set once the first list is in: before that, no report means "not seen yet", and
-        # aggregating would write zero counts over a trace's results.
+        # Set once the first lists of both kinds are in: before that, no report means "not
+        # seen yet" (aggregating would write zero counts over a trace's results), and no
+        # heartbeat would make quiet nodes look stale.
         self.synced = threading.Event()
+        self._listed: set[str] = set()
+
+    def _listed_kind(self, kind: str) -> None:
+        self._listed.add(kind)
+        if self._listed >= {"reports", "heartbeats"}:
+            self.synced.set()
 
     def observe(self, obj: dict[str, Any], deleted: bool = False) -> None:
         meta = obj.get("metadata") or {}
@@ -79,12 +100,44 @@ class ReportIndex:
         with self._lock:
             self._reports = parsed
             self.events += 1
-        self.synced.set()
+            self._listed_kind("reports")
+
+    def observe_heartbeat(self, obj: dict[str, Any], deleted: bool = False) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        beat = None if deleted else heartbeat_of(obj)
+        with self._lock:
+            self.events += 1
+            if beat is None:
+                self._renewed.pop(key, None)
+            else:
+                self._renewed[key] = (beat[1], _owners(meta))
+
+    def replace_heartbeats(self, objs: Iterable[dict[str, Any]]) -> None:
+        """After a (re)list of the heartbeat Leases: exactly these."""
+        renewed = {}
+        for obj in objs:
+            beat = heartbeat_of(obj)
+            if beat is not None:
+                meta = obj.get("metadata") or {}
+                renewed[(meta.get("namespace", ""), beat[0])] = (beat[1], _owners(meta))
+        with self._lock:
+            self._renewed = renewed
+            self.events += 1
+            self._listed_kind("heartbeats")
+
+    def _heard(self, report: StoredReport) -> StoredReport:
+        """The report with lastReportTime moved to its Lease's renewal, when that is later."""
+        renewed, owners = self._renewed.get((report.namespace, report.name), (None, frozenset()))
+        heard = _later(report.entry.last_report_time, renewed if owners & report.owner_uids else None)
+        if heard == report.entry.last_report_time:
+            return report
+        return replace(report, entry=report.entry.model_copy(update={"last_report_time": heard}))
 
     def for_trace(self, trace: str, uid: str) -> list[StoredReport]:
         """The reports of this very trace, by node name."""
         with self._lock:
-            found = [r for r in self._reports.values() if r.trace == trace and uid in r.owner_uids]
+            found = [self._heard(r) for r in self._reports.values() if r.trace == trace and uid in r.owner_uids]
         return sorted(found, key=lambda r: r.entry.node)
 
     def __len__(self) -> int:

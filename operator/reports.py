@@ -1,4 +1,5 @@
-"""RetransmitNodeReport identity: one report per (trace, node), named and labelled from both.
+"""RetransmitNodeReport identity: one report per (trace, node), named and labelled from both,
+and its heartbeat Lease of the same name (retransmit_operator.heartbeat says when each is written).
 
 Pure functions shared by the agent (which creates and applies its own report) and the
 operator (which watches every report with one label selector and aggregates them into the
@@ -8,12 +9,15 @@ trace's status). Nothing here does I/O.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Optional
 
 from .api import API_VERSION, KIND, REPORT_KIND, NodeStatus, to_api
 
 APP_NAME = "retransmit-operator"
 COMPONENT = "node-report"
+HEARTBEAT_COMPONENT = "node-heartbeat"
+LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
 TRACE_LABEL = "retransmit.dev/trace"
 NODE_LABEL = "retransmit.dev/node"
 MAX_NAME = 253          # an object name is a DNS subdomain
@@ -22,6 +26,8 @@ HASH_CHARS = 10
 
 # The operator's one watch: every report, whatever its trace.
 REPORTS_SELECTOR = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/component={COMPONENT}"
+# ... and its one watch of every heartbeat Lease.
+HEARTBEATS_SELECTOR = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/component={HEARTBEAT_COMPONENT}"
 
 
 def _digest(text: str) -> str:
@@ -47,19 +53,19 @@ def node_label_value(node: str) -> str:
     return _shortened(node, MAX_LABEL_VALUE)
 
 
-def report_labels(trace: str, node: str) -> dict[str, str]:
+def report_labels(trace: str, node: str, component: str = COMPONENT) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": APP_NAME,
-        "app.kubernetes.io/component": COMPONENT,
+        "app.kubernetes.io/component": component,
         "app.kubernetes.io/managed-by": APP_NAME,
         TRACE_LABEL: trace,
         NODE_LABEL: node_label_value(node),
     }
 
 
-def trace_selector(trace: str) -> str:
-    """`kubectl get rtreport -l ...` for one trace's reports."""
-    return f"{REPORTS_SELECTOR},{TRACE_LABEL}={trace}"
+def trace_selector(trace: str, heartbeats: bool = False) -> str:
+    """`kubectl get rtreport -l ...` for one trace's reports (heartbeats: `kubectl get lease -l ...`)."""
+    return f"{HEARTBEATS_SELECTOR if heartbeats else REPORTS_SELECTOR},{TRACE_LABEL}={trace}"
 
 
 def report_owner(trace: str, trace_uid: str) -> dict[str, Any]:
@@ -68,11 +74,12 @@ def report_owner(trace: str, trace_uid: str) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": KIND, "name": trace, "uid": trace_uid, "controller": True}
 
 
-def report_metadata(trace: str, trace_uid: str, node: str, namespace: str) -> dict[str, Any]:
+def report_metadata(trace: str, trace_uid: str, node: str, namespace: str,
+                    component: str = COMPONENT) -> dict[str, Any]:
     return {
         "name": report_name(trace, node),
         "namespace": namespace,
-        "labels": report_labels(trace, node),
+        "labels": report_labels(trace, node, component),
         "ownerReferences": [report_owner(trace, trace_uid)],
     }
 
@@ -96,3 +103,43 @@ def well_named(report: dict[str, Any]) -> bool:
     trace = labels.get(TRACE_LABEL)
     return bool(node and trace) and meta.get("name") == report_name(trace, node) \
         and labels.get(NODE_LABEL) == node_label_value(node)
+
+
+# ---------------------------------------------------------------- the heartbeat Lease
+
+def micro_time(when: datetime) -> str:
+    """A Lease's MicroTime: RFC 3339 with exactly six fractional digits, in UTC."""
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def heartbeat_object(trace: str, trace_uid: str, node: str, namespace: str, renewed: datetime,
+                     duration_seconds: int) -> dict[str, Any]:
+    """The report's heartbeat: a Lease named like the report, held by the node, owned by the
+    trace. leaseDurationSeconds is the operator's staleness bound (for people reading it)."""
+    return {
+        "apiVersion": f"{LEASE_GROUP}/{LEASE_VERSION}",
+        "kind": "Lease",
+        "metadata": report_metadata(trace, trace_uid, node, namespace, HEARTBEAT_COMPONENT),
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": duration_seconds, "renewTime": micro_time(renewed)},
+    }
+
+
+def heartbeat_renewal(renewed: datetime) -> dict[str, Any]:
+    """The merge patch of one renewal: the renewTime, nothing else."""
+    return {"spec": {"renewTime": micro_time(renewed)}}
+
+
+def heartbeat_of(lease: dict[str, Any]) -> Optional[tuple[str, datetime]]:
+    """(report name, renewTime) of a well-named heartbeat Lease; None for anything else (a
+    Lease named for another node than its holder, one never renewed)."""
+    meta = lease.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    spec = lease.get("spec") or {}
+    node, trace, renewed = spec.get("holderIdentity"), labels.get(TRACE_LABEL), spec.get("renewTime")
+    if not (node and trace and renewed) or meta.get("name") != report_name(trace, node) \
+            or labels.get(NODE_LABEL) != node_label_value(node):
+        return None
+    try:
+        return meta["name"], datetime.fromisoformat(renewed.replace("Z", "+00:00"))
+    except ValueError:
+        return None

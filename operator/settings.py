@@ -1,27 +1,13 @@
-"""The operator's configuration, read once from the environment.
+"""The operator's configuration: one pydantic-settings model, read once from the environment.
 
-These variable names are a contract with the Helm chart and manifests/ (the operator
-Deployment sets them); keep them stable.
+Each field is read from RTRACE_<FIELD> (KUBECONFIG for `kubeconfig`): these names are a
+contract with the Helm chart and manifests/ (the operator Deployment sets them); keep them
+stable. The fields' defaults and bounds are the only definition of those facts: the chart's
+values.yaml and values.schema.json are tested against them (tests/unit/test_chart_values.py).
 
-    RTRACE_NAMESPACE                 namespace the operator runs in; agents' DaemonSets go there
-                                     [retransmit-system]
-    RTRACE_AGENT_IMAGE               image of the agent container [retransmit-operator:0.1.0]
-    RTRACE_AGENT_IMAGE_PULL_POLICY   Always | IfNotPresent | Never [IfNotPresent]
-    RTRACE_AGENT_SERVICE_ACCOUNT     ServiceAccount of the agent pods [retransmit-agent]
-    RTRACE_AGENT_SECURITY_MODE       privileged | capabilities [privileged] (see render.py)
-    RTRACE_AGENT_RESOURCES           the agent container's resources as JSON
-                                     [{"requests":{"cpu":"50m","memory":"128Mi"},"limits":{"memory":"512Mi"}}]
-    RTRACE_AGENT_COMMAND             the agent container's command, split like a shell would
-                                     [retransmit-agent]
-    RTRACE_AGENT_METRICS_PORT        base port of the agents' /metrics, /readyz, /livez; each trace
-                                     gets base + a stable offset below 100 from its name, because
-                                     agents use the host network and two traces share nodes [9464]
-    RTRACE_METRICS_PORT              the operator's /metrics, /healthz, /readyz; 0 disables [8080]
-    RTRACE_SYNC_INTERVAL             how often each trace is aggregated and checked for completion
-                                     (Go-style duration) [2s]
-    RTRACE_LOG_LEVEL                 DEBUG | INFO | WARNING | ERROR [INFO]
-    KUBECONFIG                       kubeconfig to use outside a cluster (--kubeconfig wins);
-                                     in a pod the service account is used
+`Settings(...)` is exactly its arguments (tests and the embedded operator inject them);
+`Settings.from_env()` is the one place the environment is read. A value the operator cannot
+use raises SettingsError naming the variable, the value and the fix.
 """
 
 from __future__ import annotations
@@ -30,108 +16,170 @@ import json
 import logging
 import os
 import shlex
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional, get_args
+
+from pydantic import AliasGenerator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .api import parse_duration
-from .contract import DEFAULT_METRICS_PORT
+from .contract import DEFAULT_METRICS_PORT, METRICS_PORT_SPAN
+
+ENV_PREFIX = "RTRACE_"
 
 SecurityMode = Literal["privileged", "capabilities"]
-SECURITY_MODES: tuple[str, ...] = ("privileged", "capabilities")
-PULL_POLICIES: tuple[str, ...] = ("Always", "IfNotPresent", "Never")
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# Agents use the host network, so each trace's agents listen on base + crc32(name) % span
+# (render.agent_metrics_port): the highest base whose highest port, base + span - 1, is
+# still a port.
+AGENT_METRICS_PORT_MIN = 1024
+AGENT_METRICS_PORT_MAX = 65535 - (METRICS_PORT_SPAN - 1)
+MIN_SYNC_INTERVAL = 0.1
 
 DEFAULT_AGENT_RESOURCES: dict[str, Any] = {
-    # bcc compiles the program with clang at start-up: memory peaks there, not while counting.
+    # bcc compiles the program with clang at start-up: CPU and memory peak there, not while
+    # counting. The CPU limit bounds what the DaemonSet can take from every node; once the
+    # program is loaded the kernel counts, so a throttled agent only reports later.
     "requests": {"cpu": "50m", "memory": "128Mi"},
-    "limits": {"memory": "512Mi"},
+    "limits": {"cpu": "1", "memory": "512Mi"},
 }
+RESOURCE_KEYS = ("requests", "limits", "claims")
+RESOURCES_EXAMPLE = '\'{"requests":{"cpu":"50m","memory":"128Mi"}}\''
 
 
 class SettingsError(ValueError):
     """An environment variable has a value the operator cannot use; the message names it."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    namespace: str = "retransmit-system"
-    agent_image: str = "retransmit-operator:0.1.0"
-    agent_image_pull_policy: str = "IfNotPresent"
-    agent_service_account: str = "retransmit-agent"
-    agent_security_mode: SecurityMode = "privileged"
-    agent_resources: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_AGENT_RESOURCES)))
-    agent_command: tuple[str, ...] = ("retransmit-agent",)
-    agent_metrics_port: int = DEFAULT_METRICS_PORT
-    metrics_port: int = 8080
-    sync_interval: float = 2.0
-    log_level: str = "INFO"
-    kubeconfig: Optional[str] = None
+class Settings(BaseSettings):
+    # Each field's variable is its validation alias: RTRACE_ + the name in capitals, unless
+    # the field names its own (kubeconfig). Fields are still set by name in Python.
+    model_config = SettingsConfigDict(alias_generator=AliasGenerator(validation_alias=lambda name: ENV_PREFIX + name.upper()),
+                                      case_sensitive=True, frozen=True, extra="forbid", populate_by_name=True)
+
+    namespace: str = Field("retransmit-system", min_length=1,
+                           description="Namespace the operator runs in; agents' DaemonSets go there.")
+    agent_image: str = Field("retransmit-operator:0.1.0", min_length=1, description="Image of the agent container.")
+    agent_image_pull_policy: PullPolicy = Field("IfNotPresent", description="The agent container's imagePullPolicy.")
+    agent_service_account: str = Field("retransmit-agent", min_length=1, description="ServiceAccount of the agent pods.")
+    agent_security_mode: SecurityMode = Field("privileged", description="How agent pods may load BPF (see render.py).")
+    agent_resources: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=lambda: json.loads(json.dumps(DEFAULT_AGENT_RESOURCES)),
+        description="The agent container's resources; JSON in the environment.")
+    agent_command: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("retransmit-agent",), min_length=1,
+        description="The agent container's command; in the environment split like a shell would.")
+    agent_metrics_port: int = Field(
+        DEFAULT_METRICS_PORT, ge=AGENT_METRICS_PORT_MIN, le=AGENT_METRICS_PORT_MAX,
+        description=f"Base port of the agents' /metrics, /readyz and /livez; each trace gets base + a "
+                    f"stable offset below {METRICS_PORT_SPAN} from its name, because agents use the host "
+                    f"network and two traces share nodes.")
+    metrics_port: int = Field(8080, ge=0, le=65535, description="The operator's /metrics, /healthz, /readyz; 0 disables.")
+    sync_interval: float = Field(2.0, description="How often each trace is aggregated and checked for completion; "
+                                                  "a Go-style duration in the environment.")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    kubeconfig: Optional[str] = Field(None, validation_alias="KUBECONFIG",
+                                      description="kubeconfig outside a cluster (--kubeconfig wins); in a pod "
+                                                  "the service account is used.")
+
+    @field_validator("agent_resources", mode="before")
+    @classmethod
+    def _resources_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not JSON ({e}): give e.g. {RESOURCES_EXAMPLE}") from None
+        if not isinstance(value, dict) or set(value) - set(RESOURCE_KEYS):
+            raise ValueError(f"must be an object with requests and/or limits, e.g. {RESOURCES_EXAMPLE}")
+        return value
+
+    @field_validator("agent_command", mode="before")
+    @classmethod
+    def _command_from_shell_words(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            words = tuple(shlex.split(value))
+        except ValueError as e:
+            raise ValueError(f"not shell words ({e}): quote as a shell would, e.g. '/venv/bin/python -m retransmit_agent'") from None
+        if not words:
+            raise ValueError("no command: give one, e.g. 'retransmit-agent', or leave the variable unset")
+        return words
+
+    @field_validator("sync_interval", mode="before")
+    @classmethod
+    def _interval_from_duration(cls, value: Any) -> Any:
+        seconds = parse_duration(value) if isinstance(value, str) else value
+        if isinstance(seconds, (int, float)) and seconds < MIN_SYNC_INTERVAL:
+            raise ValueError(f"below {MIN_SYNC_INTERVAL * 1000:.0f}ms: use e.g. '2s'")
+        return seconds
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _known_log_level(cls, value: Any) -> Any:
+        level = value.upper() if isinstance(value, str) else value
+        if not isinstance(level, str) or not isinstance(logging.getLevelName(level), int):
+            raise ValueError(f"use {', '.join(LOG_LEVELS[:-1])} or {LOG_LEVELS[-1]}")
+        return level
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **_others: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only the arguments: from_env is the one reader of the environment, so a test or an
+        # embedded operator never picks up an RTRACE_* variable from the shell that runs it.
+        return (init_settings,)
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable of a field: RTRACE_AGENT_IMAGE for agent_image."""
+        return str(cls.model_fields[field].validation_alias)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Settings":
-        """Settings from `env` (default os.environ); keyword overrides win (tests, CLI flags)."""
-        env = os.environ if env is None else env
-        base = cls()
+        """Settings from `env` (default os.environ); keyword overrides win (CLI flags)."""
+        # Keyed by field name, as the overrides are: both present, the override wins.
+        values = {_field_of(cls, key): value for key, value in _Environment(cls, os.environ if env is None else env)().items()}
+        try:
+            return cls(**{**values, **overrides})
+        except ValidationError as e:
+            raise SettingsError("; ".join(_message(cls, error, overrides) for error in e.errors())) from None
 
-        def get(name: str) -> Optional[str]:
-            value = env.get(name)
-            return value if value not in (None, "") else None
 
-        def integer(name: str, default: int, low: int, high: int) -> int:
-            text = get(name)
-            if text is None:
-                return default
-            try:
-                value = int(text)
-            except ValueError:
-                raise SettingsError(f"{name}={text!r} is not an integer") from None
-            if not low <= value <= high:
-                raise SettingsError(f"{name}={value} is out of range: use {low}-{high}")
-            return value
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (os.environ in the pod).
+    An empty variable counts as unset, as Kubernetes renders an optional value left empty."""
 
-        def choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
-            value = get(name) or default
-            if value not in allowed:
-                raise SettingsError(f"{name}={value!r}: use one of {', '.join(allowed)}")
-            return value
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.env_vars = {name: value for name, value in env.items() if value != ""}
 
-        resources = base.agent_resources
-        if get("RTRACE_AGENT_RESOURCES"):
-            try:
-                resources = json.loads(env["RTRACE_AGENT_RESOURCES"])
-            except json.JSONDecodeError as e:
-                raise SettingsError(f"RTRACE_AGENT_RESOURCES is not JSON ({e}): give e.g. "
-                                    '\'{"requests":{"cpu":"50m","memory":"128Mi"}}\'') from None
-            if not isinstance(resources, dict) or set(resources) - {"requests", "limits", "claims"}:
-                raise SettingsError("RTRACE_AGENT_RESOURCES must be an object with requests and/or limits")
 
-        command = tuple(shlex.split(get("RTRACE_AGENT_COMMAND") or "")) or base.agent_command
+def _field_of(cls: type[Settings], key: Any) -> str:
+    for name, info in cls.model_fields.items():
+        if key in (name, info.validation_alias):
+            return name
+    return str(key)
 
-        interval_text = get("RTRACE_SYNC_INTERVAL")
-        interval = base.sync_interval
-        if interval_text is not None:
-            try:
-                interval = parse_duration(interval_text)
-            except ValueError as e:
-                raise SettingsError(f"RTRACE_SYNC_INTERVAL: {e}") from None
-            if interval < 0.1:
-                raise SettingsError(f"RTRACE_SYNC_INTERVAL={interval_text} is below 100ms")
 
-        level = (get("RTRACE_LOG_LEVEL") or base.log_level).upper()
-        if not isinstance(logging.getLevelName(level), int):
-            raise SettingsError(f"RTRACE_LOG_LEVEL={level!r}: use DEBUG, INFO, WARNING or ERROR")
-
-        settings = cls(
-            namespace=get("RTRACE_NAMESPACE") or base.namespace,
-            agent_image=get("RTRACE_AGENT_IMAGE") or base.agent_image,
-            agent_image_pull_policy=choice("RTRACE_AGENT_IMAGE_PULL_POLICY", base.agent_image_pull_policy, PULL_POLICIES),
-            agent_service_account=get("RTRACE_AGENT_SERVICE_ACCOUNT") or base.agent_service_account,
-            agent_security_mode=choice("RTRACE_AGENT_SECURITY_MODE", base.agent_security_mode, SECURITY_MODES),  # type: ignore[arg-type]
-            agent_resources=resources,
-            agent_command=command,
-            agent_metrics_port=integer("RTRACE_AGENT_METRICS_PORT", base.agent_metrics_port, 1024, 65535 - 100),
-            metrics_port=integer("RTRACE_METRICS_PORT", base.metrics_port, 0, 65535),
-            sync_interval=interval,
-            log_level=level,
-            kubeconfig=get("KUBECONFIG"),
-        )
-        return replace(settings, **overrides) if overrides else settings
+def _message(cls: type[Settings], error: Any, overrides: Mapping[str, Any]) -> str:
+    """One validation error as a person fixes it: the variable (or the override), the value, the fix."""
+    field = _field_of(cls, error["loc"][0]) if error["loc"] else ""
+    source = field if field in overrides else cls.env_name(field) if field in cls.model_fields else field
+    value = error.get("input")
+    kind = error["type"]
+    if kind in ("int_parsing", "int_from_float", "int_type"):
+        return f"{source}={value!r} is not an integer"
+    if kind in ("greater_than_equal", "less_than_equal"):
+        bounds = {type(m).__name__: m for m in cls.model_fields[field].metadata}
+        return f"{source}={value} is out of range: use {bounds['Ge'].ge}-{bounds['Le'].le}"
+    if kind == "literal_error":
+        allowed = get_args(cls.model_fields[field].annotation)
+        return f"{source}={value!r}: use one of {', '.join(allowed)}"
+    if kind == "value_error":
+        reason = str(error["ctx"]["error"])
+        return f"{source}: {reason}" if repr(value) in reason else f"{source}={value!r}: {reason}"
+    if kind == "extra_forbidden":
+        return f"{source}: not a setting"
+    return f"{source}={value!r}: {error['msg']}"

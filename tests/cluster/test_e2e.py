@@ -23,7 +23,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,7 +35,16 @@ from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeS
 from retransmit_operator.heartbeat import stale_after
 from retransmit_operator.main import EmbeddedOperator
 from retransmit_operator.render import agent_metrics_port, daemonset_name, selector_labels
-from retransmit_operator.reports import report_name, trace_selector
+from retransmit_operator.reports import (
+    LEASE_GROUP,
+    LEASE_PLURAL,
+    LEASE_VERSION,
+    heartbeat_object,
+    heartbeat_of,
+    heartbeat_renewal,
+    report_name,
+    trace_selector,
+)
 from retransmit_operator.settings import Settings
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
@@ -52,6 +61,7 @@ MANIFESTS = ["00-namespace.yaml", "crd.yaml", "crd-nodereports.yaml", "agent-ser
 REPORT_GUARD = "retransmit-operator-report-guard"
 NODE_A, NODE_B = "node-a", "node-b"
 REPORT = "1s"
+QUIET_NODE_SECONDS = 300  # how long a quiet node must stay 1/1 and Ready (issue: five minutes)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -518,6 +528,18 @@ def test_an_agent_writes_only_its_own_nodes_report_and_reads_only_pods(operator,
             assert as_agent.get_namespaced_custom_object(GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL,
                                                          own["metadata"]["name"])["spec"]["retransmits"] == 5
             as_core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={NODE_A}")
+            # ... and its own node's heartbeat Lease, created and renewed as the agent does.
+            now = datetime.now(timezone.utc)
+            own_lease, other_lease = (heartbeat_object(trace.name, body["metadata"]["uid"], node, SYSTEM_NS, now, 15)
+                                      for node in (NODE_A, NODE_B))
+            lease_api = (LEASE_GROUP, LEASE_VERSION, SYSTEM_NS, LEASE_PLURAL)
+            as_agent.create_namespaced_custom_object(*lease_api, own_lease)
+            as_agent.patch_namespaced_custom_object(*lease_api, own_lease["metadata"]["name"],
+                                                    heartbeat_renewal(now + timedelta(seconds=1)),
+                                                    _content_type="application/merge-patch+json")
+            # It may read its DaemonSet (the node count), nothing more of it.
+            ds = kubernetes.client.AppsV1Api(api).read_namespaced_daemon_set(daemonset_name(trace.name), SYSTEM_NS)
+            assert not ds.status.desired_number_scheduled   # its nodeSelector matches no node
 
             # Refused by the admission policy: another node's report, made or taken over.
             denied = {
@@ -528,6 +550,11 @@ def test_an_agent_writes_only_its_own_nodes_report_and_reads_only_pods(operator,
                     field_manager=f"rtrace-agent/{NODE_B}", force=True, _content_type="application/apply-patch+yaml"),
                 "turn its report into node-b's": lambda: as_agent.patch_namespaced_custom_object(
                     GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, own["metadata"]["name"], {"spec": {"node": NODE_B}}),
+                "create node-b's heartbeat Lease": lambda: as_agent.create_namespaced_custom_object(
+                    *lease_api, other_lease),
+                "hand its Lease to node-b": lambda: as_agent.patch_namespaced_custom_object(
+                    *lease_api, own_lease["metadata"]["name"], {"spec": {"holderIdentity": NODE_B}},
+                    _content_type="application/merge-patch+json"),
             }
             for what, call in denied.items():
                 e = _refused(call)
@@ -547,6 +574,14 @@ def test_an_agent_writes_only_its_own_nodes_report_and_reads_only_pods(operator,
                     GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, own["metadata"]["name"], {"status": {"departed": True}}),
                 "write a report in another namespace": lambda: as_agent.create_namespaced_custom_object(
                     GROUP, VERSION, "default", REPORT_PLURAL, {**own, "metadata": {**own["metadata"], "namespace": "default"}}),
+                "delete its Lease": lambda: as_agent.delete_namespaced_custom_object(
+                    *lease_api, own_lease["metadata"]["name"]),
+                "write a Lease in another namespace": lambda: as_agent.create_namespaced_custom_object(
+                    LEASE_GROUP, LEASE_VERSION, "default", LEASE_PLURAL,
+                    {**own_lease, "metadata": {**own_lease["metadata"], "namespace": "default"}}),
+                "list DaemonSets": lambda: kubernetes.client.AppsV1Api(api).list_namespaced_daemon_set(SYSTEM_NS),
+                "patch a DaemonSet": lambda: kubernetes.client.AppsV1Api(api).patch_namespaced_daemon_set(
+                    daemonset_name(trace.name), SYSTEM_NS, {"metadata": {"labels": {"a": "b"}}}),
                 "patch a pod": lambda: as_core.patch_namespaced_pod("x", SYSTEM_NS, {"metadata": {"labels": {"a": "b"}}}),
                 "create a config map": lambda: as_core.create_namespaced_config_map(SYSTEM_NS, {"metadata": {"name": "x"}}),
                 "read secrets": lambda: as_core.list_namespaced_secret(SYSTEM_NS),
@@ -625,13 +660,15 @@ def _report_time(raw: Optional[str]) -> Optional[datetime]:
 
 def test_a_quiet_node_stays_reporting_and_a_stopped_agent_goes_stale_by_name(operator, pods, traces,
                                                                             node_simulator):
-    """The heartbeat: no retransmits at all, yet the node stays 1/1 and Ready=True across
-    several staleness bounds; then its agent stops (SIGSTOP) and the operator names it."""
+    """The heartbeat: no retransmits at all, yet the node stays 1/1 and Ready=True for five
+    minutes (many staleness bounds), kept alive by its heartbeat Lease rather than by report
+    writes; then its agent stops (SIGSTOP) and the operator names it."""
     trace = traces(namespaces=[pods.namespace], nodeSelector={"kubernetes.io/hostname": NODE_A})
     first = trace.wait_entry("attached", running)
     interval = _agent_metrics(trace)["rtrace_report_interval_seconds"]
     bound = stale_after(interval)
-    windows = 4
+    quiet = max(QUIET_NODE_SECONDS, 4 * bound.total_seconds())
+    windows = int(quiet // bound.total_seconds())
     wait_until(lambda: (lambda st: (st.get("summary") or {}).get("nodes") == "1/1"
                         and _conditions(st).get("Ready", {}).get("status") == "True")(trace.get().get("status") or {}),
                "the node reporting and the trace Ready", timeout=60)
@@ -645,15 +682,22 @@ def test_a_quiet_node_stays_reporting_and_a_stopped_agent_goes_stale_by_name(ope
         observed.append((sync, (status.get("summary") or {}).get("nodes"),
                          _conditions(status).get("Ready", {}).get("status"), _report_time(node.get("lastReportTime"))))
         last = observed[-1][3]
-        # Done once the operator evaluated the trace after `windows` bounds past the first report.
-        return last is not None and last - first.last_report_time >= windows * bound and sync != observed[0][0]
-    wait_until(quiet_for_several_bounds, f"{windows} staleness bounds of a quiet node",
-               timeout=windows * bound.total_seconds() + 120, interval=1.0)
+        # Done once the operator evaluated the trace `quiet` seconds past the first report.
+        return last is not None and (last - first.last_report_time).total_seconds() >= quiet and sync != observed[0][0]
+    wait_until(quiet_for_several_bounds, f"{quiet:.0f} s ({windows} staleness bounds) of a quiet node",
+               timeout=quiet + 120, interval=1.0)
     ready_views = [(nodes, ready) for _, nodes, ready, _ in observed if nodes is not None]
     assert ready_views and set(ready_views) == {("1/1", "True")}, f"a quiet node dropped out: {set(ready_views)}"
     heartbeats = {t for *_, t in observed if t is not None}
     assert len(heartbeats) >= windows, f"the agent wrote no heartbeats while quiet: {sorted(heartbeats)}"
     assert trace.entry().retransmits == 0  # quiet indeed: every write was a heartbeat
+    # ... and the heartbeats went to the report's Lease, not into rewriting the report.
+    lease = kubernetes.client.CustomObjectsApi(trace.objects.api_client).get_namespaced_custom_object(
+        LEASE_GROUP, LEASE_VERSION, SYSTEM_NS, LEASE_PLURAL, report_name(trace.name, NODE_A))
+    assert heartbeat_of(lease)[1] > trace.entry().last_report_time
+    metrics = _agent_metrics(trace)
+    # A report write happens only when something changed (missedEvents can, under load).
+    assert metrics["rtrace_heartbeats_total"] >= windows and metrics["rtrace_heartbeats_total"] > metrics["rtrace_reports_total"]
     assert len({sync for sync, *_ in observed}) > windows  # the operator re-evaluated throughout
 
     pid = _kill_agent(node_simulator, trace, signal.SIGSTOP)

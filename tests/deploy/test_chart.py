@@ -45,6 +45,7 @@ def test_helm_lint_is_clean(variant):
     (["--set", "operator.resources.limits.memory=lots"], "at '/operator/resources/limits/memory': 'lots' does not match pattern"),
     (["--set", "openshift.enabled=yes"], "at '/openshift/enabled': got string, want boolean"),
     (["--set", "agent.metricsPort=80"], "at '/agent/metricsPort': minimum"),
+    (["--set", "agent.metricsPort=65437"], "at '/agent/metricsPort': maximum"),
     (["--set", "image.tag=v1:2"], "at '/image/tag'"),
     (["--set", "agent.securityMod=capabilities"], "additional properties 'securityMod' not allowed"),
 ])
@@ -93,6 +94,13 @@ def test_operator_reads_the_env_the_chart_gives_it():
     assert settings.agent_image == "ghcr.io/retransmit-operator/retransmit-operator:0.1.0"
     assert settings.agent_resources["limits"] == {"cpu": "1", "memory": "512Mi"}
     assert settings.metrics_port == 8080 and settings.agent_metrics_port == 9464
+    # The chart's defaults are the model's (tests/unit/test_chart_values.py checks the files).
+    defaults = Settings()
+    assert (settings.agent_resources, settings.agent_metrics_port, settings.agent_security_mode) == (
+        defaults.agent_resources, defaults.agent_metrics_port, defaults.agent_security_mode)
+    # Every RTRACE_* variable the chart sets is one the operator reads.
+    read = {Settings.env_name(field) for field in Settings.model_fields}
+    assert {name for name in operator_env(objs) if name.startswith("RTRACE_")} <= read
 
 
 def test_image_tag_may_be_a_digest():

@@ -1,20 +1,24 @@
-"""Local-side attribution: the pod index, hostNetwork and node addresses, the selector -> IP set."""
+"""Pod attribution (retransmit_operator.podindex, shared by agent and operator): canonical
+addresses, pods as the API returns them, the agent's node-scoped index (hostNetwork and node
+addresses, the selector -> IP set) and the operator's cluster-wide one; the agent's node
+addresses from /proc."""
 
 from pathlib import Path
 
 import pytest
 
-from retransmit_agent.attribution import (
+from retransmit_agent.podwatch import node_addresses
+from retransmit_operator.api import LabelSelector
+from retransmit_operator.podindex import (
     Owner,
     PodFacts,
     PodIndex,
     PodSelection,
     attribute,
-    node_addresses,
-    normalize_ip,
+    canonical_ip,
+    canonical_ips,
     selector_matches,
 )
-from retransmit_operator.api import LabelSelector
 
 pytestmark = pytest.mark.unit
 
@@ -33,10 +37,58 @@ def pod(name, ns="default", ips=(), labels=None, host_network=False, phase="Runn
     }
 
 
+# ---------------------------------------------------------------- shared pure functions
+
+@pytest.mark.parametrize("text,expected", [
+    ("198.18.0.2", "198.18.0.2"),
+    ("FD00:0:0:0:0:0:0:2", "fd00::2"),
+    ("::ffff:198.18.0.2", "198.18.0.2"),   # IPv4-mapped IPv6 is the IPv4 address
+    ("fe80::1%eth0", "fe80::1"),           # a zone is not part of the address
+    ("::1", "::1"),
+    ("", None),
+    ("198.18.0.256", None),
+    ("web.shop", None),
+])
+def test_canonical_ip(text, expected):
+    assert canonical_ip(text) == expected
+
+
+def test_canonical_ips_keep_first_order_once_each_and_drop_what_is_no_address():
+    assert canonical_ips(["fd00::0:2", None, "", "198.18.0.2", "fd00::2", "nope", "::ffff:198.18.0.2"]) == (
+        "fd00::2", "198.18.0.2")
+
+
+def test_pod_facts_from_a_pod_object():
+    facts = PodFacts.from_object({
+        "metadata": {"name": "web", "namespace": "shop", "uid": "u1", "labels": {"app": "web"}},
+        "spec": {"nodeName": "n1"},
+        "status": {"phase": "Running", "podIP": "198.18.0.2",
+                   "podIPs": [{"ip": "198.18.0.2"}, {"ip": "FD00:0::2"}],
+                   "hostIP": "10.1.0.5", "hostIPs": [{"ip": "10.1.0.5"}, {"ip": "fd00:99::9"}]},
+    })
+    assert facts == PodFacts(uid="u1", name="web", namespace="shop", node_name="n1", labels={"app": "web"},
+                             host_network=False, ips=("198.18.0.2", "fd00::2"), host_ips=("10.1.0.5", "fd00:99::9"),
+                             terminal=False)
+
+
+def test_pod_facts_of_an_old_style_pod_without_uid_or_ip_lists():
+    facts = PodFacts.from_object({"metadata": {"name": "job", "namespace": "ns"}, "spec": {"hostNetwork": True},
+                                  "status": {"phase": "Succeeded", "podIP": "::ffff:10.1.0.5", "hostIP": "10.1.0.5"}})
+    assert (facts.uid, facts.node_name, facts.ips, facts.host_ips) == ("ns/job", None, ("10.1.0.5",), ("10.1.0.5",))
+    assert facts.host_network and facts.terminal
+
+
+def test_pod_facts_of_a_pod_not_yet_scheduled():
+    facts = PodFacts.from_object({"metadata": {"name": "p", "namespace": "ns", "uid": "u"}})
+    assert (facts.ips, facts.host_ips, facts.node_name, facts.host_network, facts.terminal) == ((), (), None, False, False)
+
+
+# ---------------------------------------------------------------- the agent's index: one node
+
 def index_with(*pods, node_ips=("10.1.0.5",)):
     idx = PodIndex("n1", node_ips)
     for p in pods:
-        idx.apply_event("ADDED", p)
+        idx.observe(p)
     return idx
 
 
@@ -48,7 +100,7 @@ def test_dual_stack_pod_owns_both_addresses():
 
 def test_ipv4_mapped_ipv6_address_is_attributed_like_ipv4():
     idx = index_with(pod("web", ips=("198.18.0.2",)))
-    assert normalize_ip("::ffff:198.18.0.2") == "198.18.0.2"
+    assert canonical_ip("::ffff:198.18.0.2") == "198.18.0.2"
     assert idx.owner("::ffff:198.18.0.2") == Owner(pod="web", namespace="default")
 
 
@@ -70,8 +122,8 @@ def test_host_ip_of_pods_counts_as_a_node_address():
 def test_deleted_and_finished_pods_release_their_addresses():
     web = pod("web", ips=("198.18.0.2",))
     idx = index_with(web, pod("job", ips=("198.18.0.9",)))
-    idx.apply_event("DELETED", web)
-    idx.apply_event("MODIFIED", pod("job", ips=("198.18.0.9",), phase="Succeeded"))
+    idx.observe(web, deleted=True)
+    idx.observe(pod("job", ips=("198.18.0.9",), phase="Succeeded"))
     assert idx.owner("198.18.0.2") is None
     assert idx.owner("198.18.0.9") is None
 
@@ -83,7 +135,7 @@ def test_an_address_reused_by_a_new_pod_points_to_the_new_pod():
 
 def test_a_relist_replaces_everything_known():
     idx = index_with(pod("gone", ips=("198.18.0.2",)))
-    idx.replace_all([PodFacts.from_object(pod("kept", ips=("198.18.0.3",)))])
+    idx.replace_all([pod("kept", ips=("198.18.0.3",))])
     assert idx.owner("198.18.0.2") is None
     assert idx.owner("198.18.0.3") == Owner(pod="kept", namespace="default")
 
@@ -93,6 +145,65 @@ def test_lookup_table_agrees_with_owner():
     table = idx.lookup_table()
     for ip in ("198.18.0.2", "fd00::2", "10.1.0.5", "::1", "127.0.0.1", "192.0.2.1"):
         assert attribute(table, ip, "n1") == idx.owner(ip), ip
+
+
+@pytest.mark.parametrize("node", [None, "n1"], ids=["cluster-wide", "one-node"])
+def test_two_live_pods_on_one_address_the_one_seen_last_owns_it_until_it_goes(node):
+    idx = PodIndex(node)
+    first, second = pod("first", ips=("198.18.0.2",)), pod("second", ips=("198.18.0.2",))
+    idx.observe(first)
+    idx.observe(second)
+    assert idx.owner("198.18.0.2") == Owner(pod="second", namespace="default")
+    assert idx.lookup_table()["198.18.0.2"] == Owner(pod="second", namespace="default")
+    idx.observe(first)                      # a MODIFIED event makes it the latest
+    assert idx.owner("198.18.0.2") == Owner(pod="first", namespace="default")
+    idx.observe(first, deleted=True)
+    assert idx.owner("198.18.0.2") == Owner(pod="second", namespace="default")
+    idx.observe(second, deleted=True)
+    assert idx.owner("198.18.0.2") is None and len(idx) == 0
+
+
+# ---------------------------------------------------------------- the operator's index: every pod
+
+def cluster_pod(name, node, ips, host_network=False, ns="default"):
+    p = pod(name, ns, ips=ips, host_network=host_network, host_ips=("10.1.0.5",))
+    p["spec"]["nodeName"] = node
+    return p
+
+
+def test_cluster_wide_a_host_network_address_belongs_to_that_pods_node():
+    idx = PodIndex()
+    idx.observe(cluster_pod("kube-proxy", "node-b", ("10.0.0.2",), host_network=True, ns="kube-system"))
+    assert idx.owner("10.0.0.2") == Owner(node="node-b")
+
+
+def test_cluster_wide_a_pod_wins_over_a_host_network_pod_on_the_same_address():
+    idx = PodIndex()
+    idx.observe(cluster_pod("web", "node-a", ("10.0.0.2",)))
+    idx.observe(cluster_pod("agent", "node-a", ("10.0.0.2",), host_network=True))
+    assert idx.owner("10.0.0.2") == Owner(pod="web", namespace="default")
+
+
+def test_cluster_wide_only_pod_addresses_are_known():
+    """No node addresses, hostIPs or loopback: the operator knows no node's own addresses."""
+    idx = PodIndex()
+    idx.observe(cluster_pod("web", "node-a", ("198.18.0.2", "fd00::2")))
+    assert len(idx) == 2
+    assert idx.node_ips() == set()
+    for ip in ("10.1.0.5", "127.0.0.1", "::1", "not-an-ip"):
+        assert idx.owner(ip) is None, ip
+    assert idx.lookup_table() == {ip: Owner(pod="web", namespace="default") for ip in ("198.18.0.2", "fd00::2")}
+
+
+def test_both_scopes_attribute_pods_alike():
+    pods = [cluster_pod("web", "n1", ("198.18.0.2", "fd00::2"), ns="shop"),
+            cluster_pod("db", "n1", ("198.18.0.3",), ns="data")]
+    wide, local = PodIndex(), PodIndex("n1", ("10.1.0.5",))
+    wide.replace_all(pods)
+    local.replace_all(pods)
+    for ip in ("198.18.0.2", "fd00:0::2", "::ffff:198.18.0.3"):
+        assert wide.owner(ip) == local.owner(ip) is not None, ip
+        assert wide.owner(ip).node is None   # a pod is named by pod and namespace
 
 
 # ---------------------------------------------------------------- selection -> kernel filter
@@ -133,11 +244,11 @@ def test_filter_follows_pods_as_they_come_and_go():
     sel = PodSelection(selector=LabelSelector(match_labels={"app": "web"}))
     idx = index_with()
     assert idx.selected_ips(sel) == frozenset()
-    idx.apply_event("ADDED", pod("a", labels={"app": "web"}))  # no IP yet
+    idx.observe(pod("a", labels={"app": "web"}))  # no IP yet
     assert idx.selected_ips(sel) == frozenset()
-    idx.apply_event("MODIFIED", pod("a", ips=("198.18.0.2",), labels={"app": "web"}))
+    idx.observe(pod("a", ips=("198.18.0.2",), labels={"app": "web"}))
     assert idx.selected_ips(sel) == {"198.18.0.2"}
-    idx.apply_event("MODIFIED", pod("a", ips=("198.18.0.2",), labels={"app": "other"}))
+    idx.observe(pod("a", ips=("198.18.0.2",), labels={"app": "other"}))
     assert idx.selected_ips(sel) == frozenset()
 
 

@@ -28,13 +28,16 @@ def test_scale_figures_at_1000_and_5000_nodes_reach_the_headline_and_targets():
     scale = [{"nodes": 1000, "aggregation_lag_p50_s": 1.1, "aggregation_lag_p99_s": 2.9, "busy_write_gap_p99_s": 10.8},
              {"nodes": 5000, "aggregation_lag_p99_s": 6.0, "report_age_max_s": 41.0, "trace_object_bytes": 90_000,
               "apiserver_cpu_percent": 80.0, "report_write_bytes_per_second": 1000.0, "trace_write_bytes_per_second": 500.0,
-              "report_writes_per_second": 190.0, "trace_writes_per_second": 0.5}]
+              "report_writes_per_second": 190.0, "trace_writes_per_second": 0.5, "busy_write_gap_p99_s": 61.0,
+              "lease_writes_per_second": 150.0, "lease_write_bytes_per_second": 9000.0}]
     h = report.headline(NODE, cp(scale))
     assert (h["aggregation_lag_p50_s"], h["aggregation_lag_p99_s"], h["aggregation_lag_p99_s_5000_nodes"]) == (1.1, 2.9, 6.0)
-    assert h["write_bytes_per_second_5000_nodes"] == 1500.0 and h["writes_per_second_5000_nodes"] == 190.5
+    # Every write counts: reports, heartbeat Leases and the trace.
+    assert h["write_bytes_per_second_5000_nodes"] == 10500.0 and h["writes_per_second_5000_nodes"] == 340.5
     t = report.targets(h)
     assert t["aggregation_lag_p99_s <= 5"]["met"] is True and t["aggregation_lag_p99_s_5000_nodes <= 5"]["met"] is False
-    assert t["busy_write_gap_p99_s_1000_nodes <= 11"]["met"] is True
+    assert t["busy_write_gap_p99_s_1000_nodes <= 12"]["met"] is True
+    assert t["busy_write_gap_p99_s_5000_nodes <= 60"]["met"] is False
     assert t["report_age_max_s_5000_nodes <= 60"]["met"] is True
     assert t["trace_object_bytes_5000_nodes < 512 KiB"]["met"] is True
 

@@ -1,9 +1,10 @@
 """The heartbeat is one rule with two readers: the agent's write schedule and the operator's
-staleness bound. These tests run the agent's real schedule (must_write over jittered waits)
+staleness bound. These tests run the agent's real schedule (next_write over jittered waits)
 against the operator's real bound (stale_after), so the two halves cannot drift apart."""
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -12,39 +13,87 @@ from retransmit_agent.reporter import jittered
 from retransmit_operator.aggregate import aggregate_summary, stale_nodes
 from retransmit_operator.api import NodeStatus
 from retransmit_operator.conditions import Observation, compute_status
-from retransmit_operator.heartbeat import HEARTBEAT_INTERVALS, WRITE_TIMEOUT_SECONDS, must_write, stale_after
+from retransmit_operator.heartbeat import (
+    HEARTBEAT_INTERVALS,
+    REPORT_WRITES_PER_SECOND,
+    WRITE_TIMEOUT_SECONDS,
+    Write,
+    heartbeat_seconds,
+    next_write,
+    report_period,
+    stale_after,
+)
 
 pytestmark = pytest.mark.unit
 
 
-def quiet_agent_writes(interval: float, rng, reports: int = 200) -> list[float]:
-    """Times a quiet agent (nothing ever changes) stores a write, with the agent's own waits."""
-    t, last, writes = 0.0, None, []
-    for _ in range(reports):
-        if must_write(False, None if last is None else t - last, interval):
-            # The write itself takes up to its timeout before it is stored.
-            last = t
-            writes.append(t)
+def agent_writes(interval: float, rng, nodes: int = 1, busy: bool = False, wakeups: int = 400
+                 ) -> list[tuple[float, Write]]:
+    """(time, kind) of each write an agent stores, with the agent's own jittered waits; a busy
+    agent's counts change between every two wake-ups, a quiet agent's never do."""
+    t, last_report, last_write, writes = 0.0, None, None, []
+    for _ in range(wakeups):
+        since = lambda at: None if at is None else t - at  # noqa: E731
+        write = next_write(busy, since(last_report), since(last_write), interval, nodes)
+        if write is not Write.NOTHING:
+            writes.append((t, write))
+            last_write = t
+            if write is Write.REPORT:
+                last_report = t
         t += jittered(interval, rng=rng)
     return writes
 
 
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:])]
+
+
 @pytest.mark.parametrize("interval", [1.0, 10.0, 60.0])
 @pytest.mark.parametrize("jitter", [0.0, 0.5, 1.0], ids=["shortest", "middle", "longest"])
-def test_a_quiet_agent_writes_within_the_operators_staleness_bound(interval, jitter):
-    writes = quiet_agent_writes(interval, lambda: jitter)
-    gaps = [b - a for a, b in zip(writes, writes[1:])]
+def test_a_quiet_agent_renews_its_heartbeat_within_the_operators_staleness_bound(interval, jitter):
+    writes = agent_writes(interval, lambda: jitter)
+    assert writes[0][1] is Write.REPORT and {w for _, w in writes[1:]} == {Write.HEARTBEAT}
+    between = gaps([t for t, _ in writes])
     assert len(writes) > 20
     # The longest gap plus a write that took its whole timeout stays inside the bound.
-    assert max(gaps) + WRITE_TIMEOUT_SECONDS < stale_after(interval).total_seconds()
+    assert max(between) + WRITE_TIMEOUT_SECONDS < stale_after(interval).total_seconds()
     # And the agent does not write more than needed: about one write per heartbeat period.
-    assert min(gaps) >= (HEARTBEAT_INTERVALS - 1) * interval
+    assert min(between) >= (HEARTBEAT_INTERVALS - 1) * interval
+
+
+@pytest.mark.parametrize("nodes", [1, 1000, 5000, 20000])
+def test_a_busy_agent_writes_its_report_every_period_and_stays_within_the_bound(nodes):
+    interval = 10.0
+    writes = agent_writes(interval, random.Random(nodes).random, nodes=nodes, busy=True)
+    reports = [t for t, w in writes if w is Write.REPORT]
+    period = report_period(interval, nodes)
+    # Report writes: about one per period, never sooner than half an interval before it ends.
+    assert min(gaps(reports)) >= period - interval / 2
+    assert max(gaps(reports)) <= period + interval * 1.1
+    # Between them, heartbeats keep the node inside the operator's bound, whatever the size.
+    assert max(gaps([t for t, _ in writes])) + WRITE_TIMEOUT_SECONDS < stale_after(interval).total_seconds()
+    if period > heartbeat_seconds(interval):
+        assert any(w is Write.HEARTBEAT for _, w in writes)
+
+
+def test_all_agents_of_a_big_trace_stay_within_the_write_budget():
+    """nodes / period report writes per second: the interval's rate up to 1,000 nodes (at
+    10 s), the budget beyond."""
+    for nodes in (10, 1000, 5000, 20000):
+        rate = nodes / report_period(10.0, nodes)
+        assert rate == pytest.approx(min(nodes / 10.0, REPORT_WRITES_PER_SECOND))
+    assert report_period(10.0, 5000) == 50.0 and report_period(10.0, 0) == 10.0
 
 
 def test_a_changed_report_is_written_at_once_and_a_first_report_always():
-    assert must_write(True, 0.1, 10.0)
-    assert must_write(False, None, 10.0)
-    assert not must_write(False, 10.0, 10.0)
+    assert next_write(True, 10.0, 10.0, 10.0, 1) is Write.REPORT
+    assert next_write(False, None, None, 10.0, 1) is Write.REPORT
+    assert next_write(False, 10.0, 10.0, 10.0, 1) is Write.NOTHING
+    assert next_write(False, 30.0, 25.0, 10.0, 1) is Write.HEARTBEAT
+    # On 5,000 nodes a change waits for the 50 s period; a heartbeat fills the gap meanwhile.
+    assert next_write(True, 20.0, 20.0, 10.0, 5000) is Write.NOTHING
+    assert next_write(True, 26.0, 26.0, 10.0, 5000) is Write.HEARTBEAT
+    assert next_write(True, 46.0, 20.0, 10.0, 5000) is Write.REPORT
 
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)

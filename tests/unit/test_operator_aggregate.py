@@ -137,13 +137,13 @@ def test_pod_index_ip_reuse_and_deletion():
     new = pod("new", "ns", "n1", ["198.18.0.5"], uid="u-new")
     i.observe(old)
     i.observe(new)
-    assert i.lookup("198.18.0.5").pod == "new"
+    assert i.owner("198.18.0.5").pod == "new"
     i.observe(old, deleted=True)            # the old pod's deletion leaves the new owner
-    assert i.lookup("198.18.0.5").pod == "new"
+    assert i.owner("198.18.0.5").pod == "new"
     i.observe({**new, "status": {**new["status"], "phase": "Succeeded"}})
-    assert i.lookup("198.18.0.5") is None   # finished pods release their IPs
+    assert i.owner("198.18.0.5") is None   # finished pods release their IPs
     i.observe(pod("v6", "ns", "n1", ["FD00::0001"]))
-    assert i.lookup("fd00::1").pod == "v6" and i.lookup("::ffff:198.18.0.5") is None
+    assert i.owner("fd00::1").pod == "v6" and i.owner("::ffff:198.18.0.5") is None
 
 
 def test_stale_running_entry_stops_counting_as_reporting_but_keeps_its_counts(index):

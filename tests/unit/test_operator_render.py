@@ -74,6 +74,9 @@ def test_downward_api_env_is_the_contract_env():
     env = {e["name"]: e for e in _container(_ds())["env"]}
     for name, path in DOWNWARD_API_ENV.items():
         assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path
+    # Exactly the contract's: nothing rendered that the agent does not read (RTRACE_POD_NAME was).
+    assert {name for name, e in env.items() if "valueFrom" in e} == set(DOWNWARD_API_ENV)
+    assert "RTRACE_POD_NAME" not in env
 
 
 def test_host_paths_are_mounted_read_only_without_creating_anything():

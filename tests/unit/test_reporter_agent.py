@@ -56,8 +56,8 @@ def pod(name, ns, ips, host_network=False):
 def agent():
     spec = RetransmitTraceSpec(top_flows=3, events={"keep": 5})
     a = ClusterAgent(AgentInvocation(trace="t1", trace_uid="u1", spec=spec), "n1", "rs", kubernetes.client.ApiClient())
-    a.index.apply_event("ADDED", pod("web", "shop", [WEB]))
-    a.index.apply_event("ADDED", pod("db", "shop", [DB, "198.18.0.3"]))
+    a.index.observe(pod("web", "shop", [WEB]))
+    a.index.observe(pod("db", "shop", [DB, "198.18.0.3"]))
     a.index.set_node_addresses(["10.1.0.5"])
     return a
 
