@@ -40,7 +40,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -130,37 +130,62 @@ class OperatorProcess:
         except OSError:
             return False
 
+    def metrics(self) -> dict[str, float]:
+        """The operator's own unlabelled series (pass counts and times), from its /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
+
     def stop(self) -> None:
         end_process(self.proc, grace=30)
 
 
-class SummaryWatch:
-    """A watch on one trace, recording (time received, summary.retransmits) of every version."""
+def _watch_summaries(kubeconfig: str, trace: str, out: Any, stop: Any) -> None:
+    """In its own process: put (time received, summary.retransmits) of every version of the
+    trace on `out`. Its own process, so the load generator's threads never delay it."""
+    import kubernetes
 
-    def __init__(self, api: Any, trace: str) -> None:
-        self.api, self.trace = api, trace
+    custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=kubeconfig))
+    while not stop.is_set():
+        w = kubernetes.watch.Watch()
+        try:
+            for event in w.stream(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL,
+                                  field_selector=f"metadata.name={trace}", timeout_seconds=30):
+                summary = ((event["object"].get("status") or {}).get("summary") or {})
+                out.put((time.monotonic(), int(summary.get("retransmits") or 0)))
+                if stop.is_set():
+                    break
+        except Exception:  # noqa: BLE001 - a dropped watch is re-opened
+            time.sleep(0.2)
+        finally:
+            w.stop()
+
+
+class SummaryWatch:
+    """A watch on one trace (in a child process), recording (time received,
+    summary.retransmits) of every version. time.monotonic() is the same clock in both
+    processes (CLOCK_MONOTONIC)."""
+
+    def __init__(self, kubeconfig: Path, trace: str) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
         self.seen: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._queue, self._stop = ctx.Queue(), ctx.Event()
+        self._proc = ctx.Process(target=_watch_summaries, args=(str(kubeconfig), trace, self._queue, self._stop),
+                                 daemon=True)
+        self._proc.start()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        import kubernetes
-
-        custom = kubernetes.client.CustomObjectsApi(self.api)
-        while not self._stop.is_set():
-            w = kubernetes.watch.Watch()
-            try:
-                for event in w.stream(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL,
-                                      field_selector=f"metadata.name={self.trace}", timeout_seconds=30):
-                    summary = ((event["object"].get("status") or {}).get("summary") or {})
-                    self.seen.append((time.monotonic(), int(summary.get("retransmits") or 0)))
-                    if self._stop.is_set():
-                        break
-            except Exception:  # noqa: BLE001 - a dropped watch is re-opened
-                time.sleep(0.2)
-            finally:
-                w.stop()
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            self.seen.append(item)
 
     def first_at_least(self, total: int, after: float) -> Optional[float]:
         for at, value in list(self.seen):
@@ -170,6 +195,9 @@ class SummaryWatch:
 
     def stop(self) -> None:
         self._stop.set()
+        self._proc.terminate()
+        self._proc.join(10)
+        self._queue.put(None)
 
 
 def trace_manifest(name: str) -> str:
@@ -229,7 +257,8 @@ def run(counts=COUNTS, window: float = 60.0, log=print) -> dict:
             for i in (1, 2):
                 custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, f"bench-{i}")
             apiserver = cp.component("kube-apiserver").proc.pid
-            results.update(scale(admin, custom, apiserver, "bench-0", namespace, counts, window, log))
+            results.update(scale(admin, custom, apiserver, "bench-0", namespace, counts, window, log,
+                                 cp.kubeconfig, operator.metrics))
         finally:
             operator.stop()
             admin.close()
@@ -283,12 +312,13 @@ def freshness(custom: Any, namespace: str, trace: str) -> list[float]:
     return ages
 
 
-def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, counts, window: float, log) -> dict:
+def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, counts, window: float, log,
+          kubeconfig: Path, operator_metrics: Callable[[], dict[str, float]]) -> dict:
     uid = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)["metadata"]["uid"]
     nodes = [SyntheticNode(f"node-{i:04d}", seed=i) for i in range(max(counts))]
     writers = [ReportWriter(admin, ReportTarget(trace, uid, n.name, namespace), timeout=30) for n in nodes]
     created = 0
-    watch = SummaryWatch(admin, trace)
+    watch = SummaryWatch(kubeconfig, trace)
     out: dict[str, Any] = {"scale": [], "busy_fraction": BUSY_FRACTION, "report_interval_s": SPEC_REPORT_INTERVAL,
                            "heartbeat_s": heartbeat_seconds(SPEC_REPORT_INTERVAL),
                            "report_period_s": {str(n): report_period(SPEC_REPORT_INTERVAL, n) for n in counts}}
@@ -309,7 +339,13 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
                            "the summary to include every node", timeout=180)
             except TimeoutError as e:
                 point["summary_wait_error"] = str(e)
+            passes_before = operator_metrics()
             point.update(schedule_window(admin, apiserver, watch, nodes[:n], writers[:n], window))
+            passes = {k: operator_metrics()[k] - passes_before.get(k, 0.0)
+                      for k in ("rtrace_operator_reconcile_seconds_sum", "rtrace_operator_reconcile_seconds_count")}
+            if passes["rtrace_operator_reconcile_seconds_count"]:
+                point["operator_pass_mean_s"] = (passes["rtrace_operator_reconcile_seconds_sum"]
+                                                 / passes["rtrace_operator_reconcile_seconds_count"])
             ages = freshness(custom, namespace, trace)
             obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
             sizes = object_sizes(obj)
@@ -325,6 +361,7 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
                 f"trace {sizes['object']} bytes written {point['trace_writes_per_second']:.2f}/s, "
                 f"API server {point['apiserver_cpu_percent']:.0f}% CPU, lag p50 {point['aggregation_lag_p50_s']:.2f} s "
                 f"p99 {point['aggregation_lag_p99_s']:.2f} s ({point['aggregation_lag_samples']} samples), "
+                f"operator pass {point.get('operator_pass_mean_s', float('nan')):.2f} s, "
                 f"report age p99 {point['report_age_p99_s']:.1f} s, busy report gap p99 {point['busy_write_gap_p99_s']:.1f} s")
     finally:
         watch.stop()
