@@ -195,7 +195,7 @@ image: venv image-build
 # manifests/ is rendered from the chart (the one source of truth): edit the chart, then
 # run this; tests/deploy/test_chart.py fails when the two drift.
 manifests: tools
-	$(PY) -m tests.deploy.render --write
+	$(PY) -m helm.render_manifests --write
 
 # checkov pins many dependencies: it lives in its own venv, never in .venv.
 # (cd /: from the repo root, operator/ would shadow the standard library's operator module.)

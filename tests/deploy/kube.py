@@ -6,7 +6,7 @@ import subprocess
 import uuid
 from typing import Optional
 
-from tests.deploy.render import CHART, MANIFESTS, tool
+from helm.render_manifests import CHART, MANIFESTS, tool
 
 
 def run(cp, name: str, *args: str, input: Optional[str] = None, check: bool = True,

@@ -24,7 +24,7 @@ from typing import Optional
 
 import yaml
 
-from tests.deploy.render import MANIFESTS, ROOT, helm_template, split_by_template
+from helm.render_manifests import MANIFESTS, ROOT, helm_template, split_by_template
 
 CACHE = Path(os.environ.get("RTRACE_CACHE", Path.home() / ".cache" / "retransmit-operator"))
 CHECKOV = CACHE / "checkov-venv" / "bin" / "checkov"

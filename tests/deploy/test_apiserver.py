@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.deploy.kube import CHART, access_review, helm, install_crd, kubectl, unique
-from tests.deploy.render import MANIFESTS, helm_template, split_by_template
+from helm.render_manifests import MANIFESTS, helm_template, split_by_template
 
 pytestmark = pytest.mark.deploy
 

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import yaml
 
-from tests.deploy import render
-from tests.deploy.render import CHART, helm_template, split_by_template, tool
+from helm import render_manifests
+from helm.render_manifests import CHART, helm_template, split_by_template, tool
 
 pytestmark = pytest.mark.deploy
 
@@ -57,7 +57,7 @@ def test_values_schema_refuses_bad_values_with_a_clear_message(setting, message)
 
 def test_manifests_are_the_chart_rendered_with_default_values():
     """manifests/ (except crd.yaml and samples/) is `make manifests` output: no drift."""
-    assert render.drift() == []
+    assert render_manifests.drift() == []
 
 
 def test_openshift_only_adds_the_agents_use_of_the_privileged_scc():
@@ -68,7 +68,7 @@ def test_openshift_only_adds_the_agents_use_of_the_privileged_scc():
     assert role["rules"] == [{"apiGroups": ["security.openshift.io"], "resources": ["securitycontextconstraints"],
                               "resourceNames": ["privileged"], "verbs": ["use"]}]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "retransmit-operator-agent",
-                                    "namespace": render.NAMESPACE}]
+                                    "namespace": render_manifests.NAMESPACE}]
     assert all(openshift[k] == v for k, v in plain.items())
 
 
@@ -123,7 +123,7 @@ def test_operator_pod_is_locked_down():
 def test_samples_are_valid_traces():
     from retransmit_operator.api import RetransmitTraceSpec
 
-    samples = sorted((render.MANIFESTS / "samples").glob("*.yaml"))
+    samples = sorted((render_manifests.MANIFESTS / "samples").glob("*.yaml"))
     assert {p.name for p in samples} == {"whole-cluster.yaml", "namespace-filtered.yaml", "port-cidr-filtered.yaml"}
     for path in samples:
         doc = yaml.safe_load(path.read_text())
@@ -134,7 +134,7 @@ def test_samples_are_valid_traces():
 def test_chart_crd_is_the_generated_one():
     """crds/ is generated with manifests/crd.yaml from the API models (operator/crd.py)."""
     chart_crd = CHART / "crds" / "retransmittraces.yaml"
-    assert chart_crd.read_text() == (render.MANIFESTS / "crd.yaml").read_text()
+    assert chart_crd.read_text() == (render_manifests.MANIFESTS / "crd.yaml").read_text()
 
 
 def test_every_value_has_a_comment_starting_with_its_key():

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.deploy.render import CHART, tool
+from helm.render_manifests import CHART, tool
 from tests.deploy.test_chart import objects
 
 pytestmark = pytest.mark.deploy

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.deploy.kube import CHART, can_i, helm, kubectl, unique
-from tests.deploy.render import MANIFESTS
+from helm.render_manifests import MANIFESTS
 from tests.harness.netns import LossNamespace
 from tests.harness.refcount import ReferenceCounter, involving, per_flow
 

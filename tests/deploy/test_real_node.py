@@ -29,7 +29,7 @@ from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeS
 from retransmit_operator.reports import report_name
 from retransmit_operator.render import selector_labels
 from tests.deploy.kube import CHART, helm, kubectl, unique
-from tests.deploy.render import ROOT
+from helm.render_manifests import ROOT
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
 from tests.harness.realnode import BRIDGE, SANDBOX_IMAGE, RealNode

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = "rtloss"
@@ -38,9 +38,96 @@ def unique_suffix() -> str:
     return f"{os.getpid()}-{random.randrange(16**4):04x}"
 
 
+class NftLoss:
+    """TCP loss injected by one nftables table in a network namespace: the rules, and waiting
+    for the namespace to go quiet. Shared by a private LossNamespace and a pod's PodNet
+    (tests.harness.podtraffic); a subclass has `name` (for messages) and `table`, and says
+    how to run a command inside (`enter`) and how its table is made ready for a new rule set
+    (`_reset_script`)."""
+
+    name: str
+    table: str
+
+    def enter(self, *argv: str) -> list[str]:
+        """argv run inside the namespace."""
+        raise NotImplementedError
+
+    def _reset_script(self) -> str:
+        """nft commands that leave `table` with an empty input chain."""
+        raise NotImplementedError
+
+    def nft(self, script: str) -> None:
+        _run(self.enter("nft", "-f", "-"), input=script)
+
+    def _rules(self, *rules: str) -> None:
+        """Replace the input chain's rules with `rules` (none: no loss)."""
+        self.nft(self._reset_script() + "".join(f"add rule inet {self.table} input {rule}\n" for rule in rules))
+
+    # ---------------------------------------------------------------- loss rules
+
+    def random_loss(self, percent: int, ports: Sequence[int] = ()) -> None:
+        """Drop `percent`% of the TCP segments arriving in the namespace; SYN and SYN-ACK exempt.
+
+        With `ports`, only segments to or from those ports. Only on the way in: a drop on
+        the way out is reported to the sender at once (the retransmit fails with an error,
+        which the tracepoint reports as a failed attempt), which is not what loss on a
+        network looks like. On a namespace's loopback that is both directions; between two
+        pods, loss in both directions means this on both.
+        """
+        match = "tcp flags & syn == 0"
+        if ports:
+            port_set = ", ".join(str(p) for p in ports)
+            self._rules(f"{match} tcp dport {{ {port_set} }} numgen random mod 100 < {percent} drop",
+                        f"{match} tcp sport {{ {port_set} }} numgen random mod 100 < {percent} drop")
+        else:
+            self._rules(f"meta l4proto tcp {match} numgen random mod 100 < {percent} drop")
+
+    def drop_syns(self, port: int, percent: int = 100) -> None:
+        """Drop SYNs to `port`: the client retransmits them in SYN_SENT."""
+        chance = "" if percent >= 100 else f" numgen random mod 100 < {percent}"
+        self._rules(f"tcp dport {port} tcp flags & (syn | ack) == syn{chance} drop")
+
+    def drop_handshake_acks(self, port: int) -> None:
+        """Drop every non-SYN segment to `port`: the handshake's final ACK never arrives,
+        so the server retransmits its SYN-ACK (clients must stay silent meanwhile)."""
+        self._rules(f"tcp dport {port} tcp flags & syn == 0 drop")
+
+    def drop_everything(self) -> None:
+        """Drop every TCP segment: a dead path (senders time out and back off)."""
+        self._rules("meta l4proto tcp drop")
+
+    def drop_tail_segments(self, port: int, percent: int) -> None:
+        """Drop `percent`% of the segments from `port` that carry PSH: the last segment of
+        each write, so the receiver sees no later segment and the sender needs a probe."""
+        self._rules(f"tcp sport {port} tcp flags & psh == psh numgen random mod 100 < {percent} drop")
+
+    def clear_loss(self) -> None:
+        self._rules()
+
+    # ---------------------------------------------------------------- quiet
+
+    def busy_sockets(self) -> list[str]:
+        """TCP sockets that could still retransmit (anything but LISTEN and TIME-WAIT)."""
+        out = _run(self.enter("ss", "-Htan", "state", "all", "exclude", "listening", "exclude", "time-wait"))
+        return [l for l in out.splitlines() if l.strip()]
+
+    def wait_quiet(self, timeout: float = 60.0) -> None:
+        """Wait until no socket can retransmit any more (call after clear_loss)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            busy = self.busy_sockets()
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"namespace {self.name} still has sockets after {timeout}s: {busy[:5]}")
+            time.sleep(0.2)
+
+
 @dataclass
-class LossNamespace:
+class LossNamespace(NftLoss):
     """A network namespace whose loopback carries test traffic through an nftables loss rule."""
+
+    table: ClassVar[str] = TABLE
 
     prefix: str = "rt"
     name: str = ""
@@ -93,19 +180,19 @@ class LossNamespace:
 
     # ---------------------------------------------------------------- running things inside
 
+    def enter(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
     def exec(self, *argv: str) -> str:
-        return _run(["ip", "netns", "exec", self.name, *argv])
+        return _run(self.enter(*argv))
 
     def ip(self, *argv: str) -> str:
         return _run(["ip", "-n", self.name, *argv])
 
-    def nft(self, script: str) -> None:
-        _run(["ip", "netns", "exec", self.name, "nft", "-f", "-"], input=script)
-
     def popen(self, *argv: str, **kwargs) -> subprocess.Popen:
         """A process inside the namespace; killed on destroy() if still running."""
         kwargs.setdefault("cwd", str(ROOT))
-        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
+        proc = subprocess.Popen(self.enter(*argv), **kwargs)
         self._procs.append(proc)
         return proc
 
@@ -113,48 +200,8 @@ class LossNamespace:
         """`python -m module args` inside the namespace with this venv's interpreter."""
         return self.popen(sys.executable, "-m", module, *args, **kwargs)
 
-    # ---------------------------------------------------------------- loss rules
-
-    def _rules(self, *rules: str) -> None:
-        script = f"flush chain inet {TABLE} input\n" + "".join(
-            f"add rule inet {TABLE} input {rule}\n" for rule in rules
-        )
-        self.nft(script)
-
-    def random_loss(self, percent: int, ports: Sequence[int] = ()) -> None:
-        """Drop `percent`% of TCP segments (both directions); SYN and SYN-ACK exempt.
-
-        With `ports`, only segments to or from those ports.
-        """
-        match = "tcp flags & syn == 0"
-        if ports:
-            port_set = ", ".join(str(p) for p in ports)
-            self._rules(f"{match} tcp dport {{ {port_set} }} numgen random mod 100 < {percent} drop",
-                        f"{match} tcp sport {{ {port_set} }} numgen random mod 100 < {percent} drop")
-        else:
-            self._rules(f"meta l4proto tcp {match} numgen random mod 100 < {percent} drop")
-
-    def drop_syns(self, port: int, percent: int = 100) -> None:
-        """Drop SYNs to `port`: the client retransmits them in SYN_SENT."""
-        chance = "" if percent >= 100 else f" numgen random mod 100 < {percent}"
-        self._rules(f"tcp dport {port} tcp flags & (syn | ack) == syn{chance} drop")
-
-    def drop_handshake_acks(self, port: int) -> None:
-        """Drop every non-SYN segment to `port`: the handshake's final ACK never arrives,
-        so the server retransmits its SYN-ACK (clients must stay silent meanwhile)."""
-        self._rules(f"tcp dport {port} tcp flags & syn == 0 drop")
-
-    def drop_everything(self) -> None:
-        """Drop every TCP segment: a dead path (senders time out and back off)."""
-        self._rules("meta l4proto tcp drop")
-
-    def drop_tail_segments(self, port: int, percent: int) -> None:
-        """Drop `percent`% of the segments from `port` that carry PSH: the last segment of
-        each write, so the receiver sees no later segment and the sender needs a probe."""
-        self._rules(f"tcp sport {port} tcp flags & psh == psh numgen random mod 100 < {percent} drop")
-
-    def clear_loss(self) -> None:
-        self._rules()
+    def _reset_script(self) -> str:
+        return f"flush chain inet {TABLE} input\n"
 
     # ---------------------------------------------------------------- ground truth
 
@@ -163,19 +210,3 @@ class LossNamespace:
         lines = [l.split() for l in self.exec("cat", "/proc/net/snmp").splitlines() if l.startswith("Tcp:")]
         header, values = lines[0][1:], lines[1][1:]
         return {k: int(v) for k, v in zip(header, values)}
-
-    def busy_sockets(self) -> list[str]:
-        """TCP sockets that could still retransmit (anything but LISTEN and TIME-WAIT)."""
-        out = self.exec("ss", "-Htan", "state", "all", "exclude", "listening", "exclude", "time-wait")
-        return [l for l in out.splitlines() if l.strip()]
-
-    def wait_quiet(self, timeout: float = 60.0) -> None:
-        """Wait until no socket can retransmit any more (call after clear_loss)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            busy = self.busy_sockets()
-            if not busy:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"namespace {self.name} still has sockets after {timeout}s: {busy[:5]}")
-            time.sleep(0.2)

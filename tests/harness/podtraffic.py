@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from tests.harness.netns import NftLoss
 from tests.harness.traffic import _send_all_then_drain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,10 +69,10 @@ def wait_pod_ips(core: Any, namespace: str, name: str, timeout: float = 60.0) ->
 
 
 @dataclass
-class PodNet:
-    """A pod's network namespace: run things in it, inject loss. `netns` is a name for
-    `ip netns exec` (node simulator pods) or a path such as /proc/<pid>/ns/net (real-node
-    pods, whose namespaces are mounted only inside the node's own mount namespace)."""
+class PodNet(NftLoss):
+    """A pod's network namespace: run things in it, inject loss (the rules: NftLoss). `netns`
+    is a name for `ip netns exec` (node simulator pods) or a path such as /proc/<pid>/ns/net
+    (real-node pods, whose namespaces are mounted only inside the node's own mount namespace)."""
 
     netns: str
     table: str = ""
@@ -96,52 +97,25 @@ class PodNet:
             return ["nsenter", f"--net={self.netns}", "--", *argv]
         return ["ip", "netns", "exec", self.netns, *argv]
 
-    def nft(self, script: str) -> None:
-        subprocess.run(self.enter("nft", "-f", "-"), input=script,
-                       text=True, check=True, capture_output=True)
+    @property
+    def name(self) -> str:
+        return self.netns
 
-    def _rules(self, *rules: tuple[str, str]) -> None:
-        script = (f"table inet {self.table} {{}}\ndelete table inet {self.table}\n"
-                  f"add table inet {self.table}\n"
-                  f"add chain inet {self.table} input {{ type filter hook input priority 0; policy accept; }}\n"
-                  f"add chain inet {self.table} output {{ type filter hook output priority 0; policy accept; }}\n")
-        script += "".join(f"add rule inet {self.table} {chain} {rule}\n" for chain, rule in rules)
-        self.nft(script)
-
-    def random_loss(self, percent: int) -> None:
-        """Drop `percent`% of the non-SYN TCP segments arriving at the pod.
-
-        Only on the way in: a drop on the way out is reported to the sender at once (the
-        retransmit fails with an error, which the tracepoint reports as a failed attempt),
-        which is not what loss on a network looks like. Loss in both directions means this
-        on both pods.
-        """
-        self._rules(("input", f"meta l4proto tcp tcp flags & syn == 0 numgen random mod 100 < {percent} drop"))
-
-    def drop_handshake_acks(self, port: int) -> None:
-        """Drop every non-SYN segment to `port`: the server retransmits its SYN-ACKs."""
-        self._rules(("input", f"tcp dport {port} tcp flags & syn == 0 drop"))
+    def _reset_script(self) -> str:
+        # The table is made anew for each rule set ("table" first, so "delete" always has one).
+        return (f"table inet {self.table} {{}}\ndelete table inet {self.table}\n"
+                f"add table inet {self.table}\n"
+                f"add chain inet {self.table} input {{ type filter hook input priority 0; policy accept; }}\n"
+                f"add chain inet {self.table} output {{ type filter hook output priority 0; policy accept; }}\n")
 
     def clear_loss(self) -> None:
+        """No loss: the table goes."""
         subprocess.run(self.enter("nft", "delete", "table", "inet", self.table),
                        capture_output=True)
 
     def python(self, *args: str, **kwargs: Any) -> subprocess.Popen:
         kwargs.setdefault("cwd", str(ROOT))
         return subprocess.Popen(self.enter(sys.executable, "-m", "tests.harness.podtraffic", *args), **kwargs)
-
-    def busy_sockets(self) -> list[str]:
-        out = subprocess.run(self.enter("ss", "-Htan", "state", "all", "exclude", "listening", "exclude", "time-wait"),
-                             capture_output=True, text=True).stdout
-        return [line for line in out.splitlines() if line.strip()]
-
-    def wait_quiet(self, timeout: float = 60.0) -> None:
-        """No socket in the pod can retransmit any more (call after clear_loss)."""
-        deadline = time.monotonic() + timeout
-        while self.busy_sockets():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.netns}: sockets still busy: {self.busy_sockets()[:5]}")
-            time.sleep(0.2)
 
 
 def _wait_line(proc: subprocess.Popen, expected: str, timeout: float = 30.0) -> None:

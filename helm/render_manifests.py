@@ -10,9 +10,12 @@ first so `kubectl apply -f manifests/` creates it before what lives in it). Helm
 labels (helm.sh/chart, managed-by: Helm) are dropped: kubectl, not Helm, manages these.
 The CRDs (manifests/crd*.yaml) and samples/ are not rendered here.
 
-    python -m tests.deploy.render            print the files it would write
-    python -m tests.deploy.render --write    rewrite manifests/ (make manifests)
-    python -m tests.deploy.render --check    exit 1 when manifests/ differs (what the test does)
+    python -m helm.render_manifests            print the files it would write
+    python -m helm.render_manifests --write    rewrite manifests/ (make manifests)
+    python -m helm.render_manifests --check    exit 1 when manifests/ differs
+                                               (tests/deploy/test_chart.py calls drift())
+
+It also finds the helm and kubectl binaries (`tool`) for the deploy tests.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "retransmit-operator"
 MANIFESTS = ROOT / "manifests"
 RELEASE = "retransmit-operator"
 NAMESPACE = "retransmit-system"
 # Files in manifests/ that other generators own.
 NOT_RENDERED = {"crd.yaml", "crd-nodereports.yaml"}
-HEADER = ("# Rendered from helm/retransmit-operator by `make manifests` (python -m tests.deploy.render --write).\n"
+HEADER = ("# Rendered from helm/retransmit-operator by `make manifests` (python -m helm.render_manifests --write).\n"
           "# Do not edit: change the chart and re-render; tests/deploy fails on drift.\n")
 _SOURCE = re.compile(r"^# Source: [^/]+/templates/(.+)$", re.M)
 _HELM_ONLY_LABELS = re.compile(r"^\s*(helm\.sh/chart: .*|app\.kubernetes\.io/managed-by: Helm)\n", re.M)
@@ -127,7 +130,7 @@ def write() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.deploy.render", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m helm.render_manifests", description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", action="store_true")
     group.add_argument("--check", action="store_true")

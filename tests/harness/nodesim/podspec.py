@@ -1,0 +1,156 @@
+"""A pod spec as kubelet reads it, without I/O: a container's argv, environment and working
+directory (downward API, ConfigMap/Secret references and $(VAR) expansion resolved), and
+its named ports. The node simulator's pod worker feeds these with what it looked up."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+# (name, optional) -> the object's data; raises when it is missing and not optional.
+DataLookup = Callable[[str, bool], Mapping[str, str]]
+
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def _no_objects(name: str, optional: bool) -> Mapping[str, str]:
+    if optional:
+        return {}
+    raise LookupError(f"{name}: no ConfigMaps or Secrets were given")
+
+
+@dataclass(frozen=True)
+class PodContext:
+    """What a pod's containers see besides their own spec.
+
+    pod: the Pod object (metadata.name, namespace, uid; spec). pod_ips: podIP first, empty
+    before the pod has a network; a hostNetwork pod has its node's. host_ips: the node's.
+    path, home: $PATH and $HOME of every container. apiserver_service: the `kubernetes`
+    Service's (ClusterIP, port), exported as KUBERNETES_SERVICE_HOST/PORT. kubeconfig: the
+    pod's service account kubeconfig ($KUBECONFIG). config_maps, secrets: look-ups of the
+    pod's namespace (Secret data decoded)."""
+
+    pod: dict
+    node_name: str
+    pod_ips: list[str]
+    host_ips: list[str]
+    path: str
+    home: str
+    apiserver_service: Optional[tuple[str, int]] = None
+    kubeconfig: Optional[Path] = None
+    config_maps: DataLookup = field(default=_no_objects)
+    secrets: DataLookup = field(default=_no_objects)
+
+    @property
+    def host_network(self) -> bool:
+        return bool(self.pod["spec"].get("hostNetwork"))
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """kubelet's $(VAR) expansion: known names are replaced, $$ escapes, others stay."""
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+    return _VAR_REF.sub(sub, value)
+
+
+def field_path(pod: dict, path: str, sandbox_ips: list[str], host_ips: list[str]) -> str:
+    """A downward-API fieldRef's value for `pod`."""
+    meta, spec = pod["metadata"], pod["spec"]
+    m = re.match(r"metadata\.(labels|annotations)\['(.+)'\]$", path)
+    if m:
+        return (meta.get(m.group(1)) or {}).get(m.group(2), "")
+    simple = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta["uid"],
+        "spec.nodeName": spec.get("nodeName", ""),
+        "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        "status.podIP": sandbox_ips[0] if sandbox_ips else "",
+        "status.podIPs": ",".join(sandbox_ips),
+        "status.hostIP": host_ips[0],
+        "status.hostIPs": ",".join(host_ips),
+    }
+    if path not in simple:
+        raise ValueError(f"fieldRef {path!r} is not supported by the node simulator")
+    return simple[path]
+
+
+def container_env(spec: dict, ctx: PodContext) -> dict[str, str]:
+    """The container's environment: the node's basics, then envFrom, then env in order
+    (a later entry may use $(an earlier one))."""
+    env: dict[str, str] = {
+        "PATH": ctx.path,
+        # A hostNetwork pod has its node's hostname (no UTS namespace here: `hostname` says the host's).
+        "HOSTNAME": ctx.node_name if ctx.host_network else ctx.pod["metadata"]["name"],
+        "HOME": ctx.home,
+    }
+    if ctx.apiserver_service:
+        host, port = ctx.apiserver_service
+        env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"] = host, str(port)
+    if ctx.kubeconfig:
+        env["KUBECONFIG"] = str(ctx.kubeconfig)
+    for src in spec.get("envFrom") or []:
+        prefix = src.get("prefix", "")
+        if "configMapRef" in src:
+            data = ctx.config_maps(src["configMapRef"]["name"], src["configMapRef"].get("optional", False))
+        else:
+            data = ctx.secrets(src["secretRef"]["name"], src["secretRef"].get("optional", False))
+        env.update({prefix + k: v for k, v in data.items()})
+    for var in spec.get("env") or []:
+        name = var["name"]
+        if "valueFrom" not in var:
+            env[name] = expand(var.get("value", ""), env)
+            continue
+        ref = var["valueFrom"]
+        if "fieldRef" in ref:
+            env[name] = field_path(ctx.pod, ref["fieldRef"]["fieldPath"], ctx.pod_ips, ctx.host_ips)
+        elif "configMapKeyRef" in ref:
+            r = ref["configMapKeyRef"]
+            data = ctx.config_maps(r["name"], r.get("optional", False))
+            if r["key"] in data:
+                env[name] = data[r["key"]]
+            elif not r.get("optional"):
+                raise ValueError(f"configmap {r['name']} has no key {r['key']}")
+        elif "secretKeyRef" in ref:
+            r = ref["secretKeyRef"]
+            data = ctx.secrets(r["name"], r.get("optional", False))
+            if r["key"] in data:
+                env[name] = data[r["key"]]
+            elif not r.get("optional"):
+                raise ValueError(f"secret {r['name']} has no key {r['key']}")
+        elif "resourceFieldRef" in ref:
+            r = ref["resourceFieldRef"]
+            res = spec.get("resources") or {}
+            kind, _, what = r["resource"].partition(".")
+            env[name] = str((res.get(kind) or {}).get(what, "0"))
+    return env
+
+
+def container_command(spec: dict, env: Mapping[str, str], image_entrypoints: Mapping[str, list[str]],
+                      default_cwd: str) -> tuple[list[str], str]:
+    """The container's argv (command + args, $(VAR) expanded with `env`) and working
+    directory. Without `command` the image's entry in `image_entrypoints` runs: the
+    simulator has no images."""
+    command = list(spec.get("command") or [])
+    if not command:
+        command = list(image_entrypoints.get(spec.get("image", ""), []))
+    if not command:
+        raise ValueError(
+            f"container {spec['name']} has no command and image {spec.get('image')!r} has no "
+            "entrypoint in NodeSimulator.image_entrypoints: the simulator cannot run images")
+    argv = [expand(a, env) for a in command + list(spec.get("args") or [])]
+    return argv, spec.get("workingDir") or default_cwd
+
+
+def container_port(spec: dict, port: int | str) -> int:
+    """A probe's port: a number, or the name of one of the container's ports."""
+    if isinstance(port, int) or str(port).isdigit():
+        return int(port)
+    for p in spec.get("ports") or []:
+        if p.get("name") == port:
+            return int(p["containerPort"])
+    raise ValueError(f"container {spec['name']} has no port named {port}")
