@@ -63,15 +63,36 @@ def _later(a: Optional[datetime], b: Optional[datetime]) -> Optional[datetime]:
     return b if a is None or (b is not None and b > a) else a
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """One report's heartbeat Lease as the operator uses it: when it was last renewed, and by
+    whose agents (a Lease left by an earlier trace of the same name vouches for nothing)."""
+
+    renewed: datetime
+    owner_uids: frozenset[str]
+
+
+def parse_heartbeat(obj: dict[str, Any]) -> Optional[Heartbeat]:
+    beat = heartbeat_of(obj)
+    return None if beat is None else Heartbeat(beat[1], _owners(obj.get("metadata") or {}))
+
+
+Key = tuple[str, str]   # (namespace, name): a report and its Lease share it
+
+
+def _key(obj: dict[str, Any]) -> Key:
+    meta = obj.get("metadata") or {}
+    return meta.get("namespace", ""), meta.get("name", "")
+
+
 class ReportIndex:
     """Reports and heartbeats by (namespace, name); thread-safe (the watches run in threads)."""
 
+    KINDS = {"reports": parse_report, "heartbeats": parse_heartbeat}
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._reports: dict[tuple[str, str], StoredReport] = {}
-        # Heartbeat Leases: renewTime and owning trace uids (a Lease left by an earlier trace
-        # of the same name must not vouch for this one's report).
-        self._renewed: dict[tuple[str, str], tuple[datetime, frozenset[str]]] = {}
+        self._tables: dict[str, dict[Key, Any]] = {kind: {} for kind in self.KINDS}
         self.events = 0  # watch events applied: tests and metrics see the watch working
         # Set once the first lists of both kinds are in: before that, no report means "not
         # seen yet" (aggregating would write zero counts over a trace's results), and no
@@ -79,62 +100,42 @@ class ReportIndex:
         self.synced = threading.Event()
         self._listed: set[str] = set()
 
-    def _listed_kind(self, kind: str) -> None:
-        self._listed.add(kind)
-        if self._listed >= {"reports", "heartbeats"}:
-            self.synced.set()
+    def _observe(self, kind: str, obj: dict[str, Any], deleted: bool) -> None:
+        item = None if deleted else self.KINDS[kind](obj)
+        with self._lock:
+            self.events += 1
+            if item is None:
+                self._tables[kind].pop(_key(obj), None)
+            else:
+                self._tables[kind][_key(obj)] = item
+
+    def _replace(self, kind: str, objs: Iterable[dict[str, Any]]) -> None:
+        """After a (re)list: exactly these."""
+        items = {_key(obj): item for obj in objs if (item := self.KINDS[kind](obj)) is not None}
+        with self._lock:
+            self._tables[kind] = items
+            self.events += 1
+            self._listed.add(kind)
+            if self._listed >= set(self.KINDS):
+                self.synced.set()
 
     def observe(self, obj: dict[str, Any], deleted: bool = False) -> None:
-        meta = obj.get("metadata") or {}
-        key = (meta.get("namespace", ""), meta.get("name", ""))
-        report = None if deleted else parse_report(obj)
-        with self._lock:
-            self.events += 1
-            if report is None:
-                self._reports.pop(key, None)
-            else:
-                self._reports[key] = report
+        self._observe("reports", obj, deleted)
 
     def replace(self, objs: Iterable[dict[str, Any]]) -> None:
-        """After a (re)list: exactly these reports."""
-        parsed = {}
-        for obj in objs:
-            report = parse_report(obj)
-            if report is not None:
-                parsed[(report.namespace, report.name)] = report
-        with self._lock:
-            self._reports = parsed
-            self.events += 1
-            self._listed_kind("reports")
+        self._replace("reports", objs)
 
     def observe_heartbeat(self, obj: dict[str, Any], deleted: bool = False) -> None:
-        meta = obj.get("metadata") or {}
-        key = (meta.get("namespace", ""), meta.get("name", ""))
-        beat = None if deleted else heartbeat_of(obj)
-        with self._lock:
-            self.events += 1
-            if beat is None:
-                self._renewed.pop(key, None)
-            else:
-                self._renewed[key] = (beat[1], _owners(meta))
+        self._observe("heartbeats", obj, deleted)
 
     def replace_heartbeats(self, objs: Iterable[dict[str, Any]]) -> None:
-        """After a (re)list of the heartbeat Leases: exactly these."""
-        renewed = {}
-        for obj in objs:
-            beat = heartbeat_of(obj)
-            if beat is not None:
-                meta = obj.get("metadata") or {}
-                renewed[(meta.get("namespace", ""), beat[0])] = (beat[1], _owners(meta))
-        with self._lock:
-            self._renewed = renewed
-            self.events += 1
-            self._listed_kind("heartbeats")
+        self._replace("heartbeats", objs)
 
     def _heard(self, report: StoredReport) -> StoredReport:
         """The report with lastReportTime moved to its Lease's renewal, when that is later."""
-        renewed, owners = self._renewed.get((report.namespace, report.name), (None, frozenset()))
-        heard = _later(report.entry.last_report_time, renewed if owners & report.owner_uids else None)
+        beat = self._tables["heartbeats"].get((report.namespace, report.name))
+        renewed = beat.renewed if beat is not None and beat.owner_uids & report.owner_uids else None
+        heard = _later(report.entry.last_report_time, renewed)
         if heard == report.entry.last_report_time:
             return report
         return replace(report, entry=report.entry.model_copy(update={"last_report_time": heard}))
@@ -142,9 +143,9 @@ class ReportIndex:
     def for_trace(self, trace: str, uid: str) -> list[StoredReport]:
         """The reports of this very trace, by node name."""
         with self._lock:
-            found = [self._heard(r) for r in self._reports.values() if r.trace == trace and uid in r.owner_uids]
+            found = [self._heard(r) for r in self._tables["reports"].values() if r.trace == trace and uid in r.owner_uids]
         return sorted(found, key=lambda r: r.entry.node)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._reports)
+            return len(self._tables["reports"])

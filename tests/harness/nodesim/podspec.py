@@ -108,20 +108,14 @@ def container_env(spec: dict, ctx: PodContext) -> dict[str, str]:
         ref = var["valueFrom"]
         if "fieldRef" in ref:
             env[name] = field_path(ctx.pod, ref["fieldRef"]["fieldPath"], ctx.pod_ips, ctx.host_ips)
-        elif "configMapKeyRef" in ref:
-            r = ref["configMapKeyRef"]
-            data = ctx.config_maps(r["name"], r.get("optional", False))
+        elif "configMapKeyRef" in ref or "secretKeyRef" in ref:
+            kind, read = ("configmap", ctx.config_maps) if "configMapKeyRef" in ref else ("secret", ctx.secrets)
+            r = ref["configMapKeyRef"] if kind == "configmap" else ref["secretKeyRef"]
+            data = read(r["name"], r.get("optional", False))
             if r["key"] in data:
                 env[name] = data[r["key"]]
             elif not r.get("optional"):
-                raise ValueError(f"configmap {r['name']} has no key {r['key']}")
-        elif "secretKeyRef" in ref:
-            r = ref["secretKeyRef"]
-            data = ctx.secrets(r["name"], r.get("optional", False))
-            if r["key"] in data:
-                env[name] = data[r["key"]]
-            elif not r.get("optional"):
-                raise ValueError(f"secret {r['name']} has no key {r['key']}")
+                raise ValueError(f"{kind} {r['name']} has no key {r['key']}")
         elif "resourceFieldRef" in ref:
             r = ref["resourceFieldRef"]
             res = spec.get("resources") or {}
