@@ -210,7 +210,8 @@ def run(out: Path) -> bool:
             snapshot = program.snapshot()
             causes = {"sock_offsets": dict(program.features.sock.defines) if program.features.sock else None,
                       "sock_problem": program.features.sock_problem, "by_cause": snapshot.by_cause,
-                      "counters": counters, "mismatches": cause_mismatches(snapshot.by_cause, counters)}
+                      "counters": counters,
+                      "mismatches": cause_mismatches(snapshot.by_cause, counters, snapshot.missed_events or 0)}
             result["causes"] = causes
             all_matched = all_matched and not causes["mismatches"] and causes["sock_offsets"] is not None
             print(f"vm_scenarios: causes {snapshot.by_cause} against TcpExt {counters}: "
