@@ -97,8 +97,6 @@ class Reconciler:
         current = operator_status(status)
         if current is not None and current.phase == Phase.FAILED and current.observed_generation == generation:
             return current  # failed for this very spec: nothing to retry until the spec changes
-        stored = self.reports.for_trace(name, uid)
-        nodes = [r.entry for r in stored]
         spec, spec_error = validate_trace(name, body.get("spec"))
         now = utcnow()
         start = current.start_time if current else None
@@ -119,6 +117,11 @@ class Reconciler:
             if start is None and spec_error is None:
                 start = now
 
+        # Heartbeats matter while the trace runs (who is still reporting); once it completed
+        # the rows keep each report's own write time, so agents renewing their Lease until
+        # SIGTERM reaches them do not keep rewriting a finished trace's status.
+        stored = self.reports.for_trace(name, uid, heartbeats=completion is None)
+        nodes = [r.entry for r in stored]
         desired = desired_nodes(daemonset)
         previous_desired = current.summary.nodes_desired if current and current.summary else 0
         nodes_desired = desired if desired is not None else previous_desired

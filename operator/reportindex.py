@@ -140,10 +140,12 @@ class ReportIndex:
             return report
         return replace(report, entry=report.entry.model_copy(update={"last_report_time": heard}))
 
-    def for_trace(self, trace: str, uid: str) -> list[StoredReport]:
-        """The reports of this very trace, by node name."""
+    def for_trace(self, trace: str, uid: str, heartbeats: bool = True) -> list[StoredReport]:
+        """The reports of this very trace, by node name; with `heartbeats`, each heard at the
+        later of its write and its Lease's renewal."""
         with self._lock:
-            found = [self._heard(r) for r in self._tables["reports"].values() if r.trace == trace and uid in r.owner_uids]
+            found = [self._heard(r) if heartbeats else r
+                     for r in self._tables["reports"].values() if r.trace == trace and uid in r.owner_uids]
         return sorted(found, key=lambda r: r.entry.node)
 
     def __len__(self) -> int:

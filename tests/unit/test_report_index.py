@@ -43,6 +43,9 @@ def test_a_node_is_heard_at_its_latest_write_of_either_kind():
     assert heard(index) == {"a": later, "b": WRITTEN, "c": WRITTEN}
     # Counts are the report's, whatever the Lease says.
     assert {r.entry.retransmits for r in index.for_trace(TRACE, UID)} == {3}
+    # A completed trace reads each report's own write time (Leases still renewed until the
+    # agents stop would otherwise keep changing its status).
+    assert {r.entry.last_report_time for r in index.for_trace(TRACE, UID, heartbeats=False)} == {WRITTEN}
 
 
 def test_watch_events_renew_and_forget_heartbeats():
