@@ -303,7 +303,7 @@ class ClusterAgent:
         if self._nodes_read_at is None or now - self._nodes_read_at >= NODE_COUNT_REFRESH:
             self._nodes_read_at = now
             try:
-                self.nodes = self.writer.desired_nodes()
+                self.nodes = self.writer.desired_nodes() or self.nodes
             except ApiError as exc:
                 log.warning("node count of trace %s unreadable (%s); report period from %d nodes",
                             self.inv.trace, exc, self.nodes)

@@ -40,6 +40,7 @@ from retransmit_operator.api import (
 )
 from retransmit_operator.apierrors import no_answer, server_message
 from retransmit_operator.heartbeat import INTERVAL_JITTER, WRITE_TIMEOUT_SECONDS
+from retransmit_operator.objects import desired_nodes
 from retransmit_operator.ranking import flow_key
 from retransmit_operator.render import daemonset_name
 from retransmit_operator.reports import (
@@ -374,11 +375,9 @@ class ReportWriter:
                 raise
             self._call(renew)   # created meanwhile (an earlier agent's write that timed out)
 
-    def desired_nodes(self) -> int:
-        """How many nodes run this trace's agents (the DaemonSet's desiredNumberScheduled)."""
-        from kubernetes import client
-
-        apps, t = client.AppsV1Api(self._objects.api_client), self.target
-        daemonset = self._call(lambda: apps.read_namespaced_daemon_set(
-            daemonset_name(t.trace), t.namespace, _request_timeout=self._timeout).to_dict())
-        return int((daemonset.get("status") or {}).get("desired_number_scheduled") or 0)
+    def desired_nodes(self) -> Optional[int]:
+        """How many nodes run this trace's agents, as the operator counts them (nodesDesired):
+        None until the DaemonSet controller has seen the DaemonSet's current generation."""
+        t = self.target
+        return desired_nodes(self._call(lambda: self._objects.get_namespaced_custom_object(
+            "apps", "v1", t.namespace, "daemonsets", daemonset_name(t.trace), _request_timeout=self._timeout)))

@@ -49,7 +49,8 @@ from bench.synthetic import SyntheticNode
 from retransmit_agent.reporter import ApiError, ReportTarget, ReportWriter, jittered
 from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, to_api
 from retransmit_operator.heartbeat import Write, heartbeat_seconds, next_write, report_period, stale_after
-from retransmit_operator.reports import LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, heartbeat_of, trace_selector
+from retransmit_operator.reportindex import ReportIndex
+from retransmit_operator.reports import LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, trace_selector
 from tests.harness.controlplane import ControlPlane, end_process, free_port, start_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,24 +293,18 @@ def settle(custom: Any, trace: str, timeout: float = 120.0) -> None:
         pass
 
 
-def freshness(custom: Any, namespace: str, trace: str) -> list[float]:
-    """Seconds since each node last said its report is current, now: the later of the
-    report's lastReportTime and its heartbeat Lease's renewTime."""
-    selector = trace_selector(trace)
-    reports = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, REPORT_PLURAL,
-                                                   label_selector=selector, _request_timeout=120)["items"]
-    leases = custom.list_namespaced_custom_object(LEASE_GROUP, LEASE_VERSION, namespace, LEASE_PLURAL,
-                                                  label_selector=trace_selector(trace, heartbeats=True), _request_timeout=120)["items"]
-    renewed = dict(beat for beat in map(heartbeat_of, leases) if beat is not None)
+def freshness(custom: Any, namespace: str, trace: str, uid: str) -> list[float]:
+    """Seconds since each node last said its report is current, now, as the operator reads it
+    (its ReportIndex: the later of lastReportTime and the heartbeat Lease's renewTime)."""
+    index = ReportIndex()
+    for plural, group, version, heartbeats, fill in (
+            (REPORT_PLURAL, GROUP, VERSION, False, index.replace),
+            (LEASE_PLURAL, LEASE_GROUP, LEASE_VERSION, True, index.replace_heartbeats)):
+        fill(custom.list_namespaced_custom_object(group, version, namespace, plural, _request_timeout=120,
+                                                  label_selector=trace_selector(trace, heartbeats=heartbeats))["items"])
     now = datetime.now(timezone.utc)
-    ages = []
-    for r in reports:
-        written = r["spec"].get("lastReportTime")
-        heard = [datetime.fromisoformat(written.replace("Z", "+00:00"))] if written else []
-        heard += [renewed[r["metadata"]["name"]]] if r["metadata"]["name"] in renewed else []
-        if heard:
-            ages.append((now - max(heard)).total_seconds())
-    return ages
+    return [(now - r.entry.last_report_time).total_seconds()
+            for r in index.for_trace(trace, uid) if r.entry.last_report_time is not None]
 
 
 def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, counts, window: float, log,
@@ -346,7 +341,7 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
             if passes["rtrace_operator_reconcile_seconds_count"]:
                 point["operator_pass_mean_s"] = (passes["rtrace_operator_reconcile_seconds_sum"]
                                                  / passes["rtrace_operator_reconcile_seconds_count"])
-            ages = freshness(custom, namespace, trace)
+            ages = freshness(custom, namespace, trace, uid)
             obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
             sizes = object_sizes(obj)
             point.update(trace_object_bytes=sizes["object"], trace_status_bytes=sizes["status"],

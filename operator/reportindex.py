@@ -59,10 +59,6 @@ def _owners(meta: dict[str, Any]) -> frozenset[str]:
     return frozenset(ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller"))
 
 
-def _later(a: Optional[datetime], b: Optional[datetime]) -> Optional[datetime]:
-    return b if a is None or (b is not None and b > a) else a
-
-
 @dataclass(frozen=True)
 class Heartbeat:
     """One report's heartbeat Lease as the operator uses it: when it was last renewed, and by
@@ -135,7 +131,7 @@ class ReportIndex:
         """The report with lastReportTime moved to its Lease's renewal, when that is later."""
         beat = self._tables["heartbeats"].get((report.namespace, report.name))
         renewed = beat.renewed if beat is not None and beat.owner_uids & report.owner_uids else None
-        heard = _later(report.entry.last_report_time, renewed)
+        heard = max((t for t in (report.entry.last_report_time, renewed) if t is not None), default=None)
         if heard == report.entry.last_report_time:
             return report
         return replace(report, entry=report.entry.model_copy(update={"last_report_time": heard}))

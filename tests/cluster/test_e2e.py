@@ -31,6 +31,7 @@ import kubernetes
 import pytest
 import yaml
 
+from retransmit_agent.reporter import ReportTarget, ReportWriter
 from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
 from retransmit_operator.heartbeat import stale_after
 from retransmit_operator.main import EmbeddedOperator
@@ -538,8 +539,9 @@ def test_an_agent_writes_only_its_own_nodes_report_and_reads_only_pods(operator,
                                                     heartbeat_renewal(now + timedelta(seconds=1)),
                                                     _content_type="application/merge-patch+json")
             # It may read its DaemonSet (the node count), nothing more of it.
-            ds = kubernetes.client.AppsV1Api(api).read_namespaced_daemon_set(daemonset_name(trace.name), SYSTEM_NS)
-            assert not ds.status.desired_number_scheduled   # its nodeSelector matches no node
+            writer = ReportWriter(api, ReportTarget(trace.name, body["metadata"]["uid"], NODE_A, SYSTEM_NS))
+            wait_until(lambda: writer.desired_nodes() == 0, "the agent to read its DaemonSet's node count "
+                       "(its nodeSelector matches no node)", timeout=60)
 
             # Refused by the admission policy: another node's report, made or taken over.
             denied = {

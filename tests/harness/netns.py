@@ -14,6 +14,7 @@ suffix; everything is removed on exit.
 
 from __future__ import annotations
 
+import abc
 import os
 import random
 import subprocess
@@ -38,7 +39,7 @@ def unique_suffix() -> str:
     return f"{os.getpid()}-{random.randrange(16**4):04x}"
 
 
-class NftLoss:
+class NftLoss(abc.ABC):
     """TCP loss injected by one nftables table in a network namespace: the rules, and waiting
     for the namespace to go quiet. Shared by a private LossNamespace and a pod's PodNet
     (tests.harness.podtraffic); a subclass has `name` (for messages) and `table`, and says
@@ -48,13 +49,13 @@ class NftLoss:
     name: str
     table: str
 
+    @abc.abstractmethod
     def enter(self, *argv: str) -> list[str]:
         """argv run inside the namespace."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _reset_script(self) -> str:
         """nft commands that leave `table` with an empty input chain."""
-        raise NotImplementedError
 
     def nft(self, script: str) -> None:
         _run(self.enter("nft", "-f", "-"), input=script)
