@@ -1,7 +1,7 @@
 """`kubectl retransmit` against the real control plane: run, show, watch, check, and every
 error a user can meet with its exit status and one line.
 
-Set-up as in test_e2e.py (whose fixtures this module reuses): the operator embedded, agents
+Set-up as in test_e2e.py (the fixtures of tests/cluster/conftest.py): the operator embedded, agents
 as processes of the node simulator, a lossy pod pair on node-a, the reference counter.
 `kubectl retransmit` runs as the installed `kubectl-retransmit` executable, the way kubectl
 finds it on PATH.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -27,32 +26,20 @@ from retransmit_operator.plugin import (
     EXIT_NOT_FOUND,
     EXIT_USAGE,
 )
-from tests.cluster import test_e2e as e2e
 from tests.harness.controlplane import free_port, wait_until
+from tests.harness.tracecluster import (
+    NODE_A,
+    NODE_B,
+    PLUGIN,
+    SYSTEM_NS,
+    expected,
+    one_line,
+    plugin,
+    totals,
+    trace_body,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
-
-PLUGIN = str(Path(sys.executable).parent / "kubectl-retransmit")
-
-# The cluster fixtures of test_e2e.py (assigned, so pytest finds them here too).
-installed = e2e.installed
-agent_state = e2e.agent_state
-operator = e2e.operator
-reference = e2e.reference
-objects = e2e.objects
-pods = e2e.pods
-
-
-def plugin(control_plane, *args: str, kubeconfig=None, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig or control_plane.kubeconfig)}
-    return subprocess.run([PLUGIN, "-n", e2e.SYSTEM_NS, *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, **kwargs)
-
-
-def one_line(done: subprocess.CompletedProcess) -> str:
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    return lines[0]
 
 
 def get_trace(objects, name: str):
@@ -70,22 +57,22 @@ def test_run_prints_the_result_equal_to_the_status_and_the_reference(control_pla
     # A duration far beyond the load: a loaded machine may spend a minute compiling the
     # program before the traffic starts. Once the traffic is done the trace is shortened to
     # an elapsed duration, as a user would, and `run` ends with it.
-    run = subprocess.Popen([PLUGIN, "-n", e2e.SYSTEM_NS, "run", "--name", name, "--node", e2e.NODE_A,
+    run = subprocess.Popen([PLUGIN, "-n", SYSTEM_NS, "run", "--name", name, "--node", NODE_A,
                             "--namespace-filter", pods.namespace, "--duration", "30m", "--report-interval", "1s",
                             "--interval", "1", "--keep", "-o", "json"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         # Traffic once the agent counts (its report Running).
         wait_until(lambda: ((get_trace(objects, name) or {}).get("status") or {}).get("summary", {}).get("nodesReporting") == 1,
-                   f"trace {name} reporting on {e2e.NODE_A}", timeout=180)
+                   f"trace {name} reporting on {NODE_A}", timeout=180)
         before = reference.read()
         pods.lossy_bulk(loss=10, connections=2, nbytes=512 << 10)
         pods.synack()
-        want = e2e.expected(reference.read(), set(pods.server_ips + pods.client_ips), before)
+        want = expected(reference.read(), set(pods.server_ips + pods.client_ips), before)
         # Every count in the summary first: `run` prints the trace as it is when Completed.
         def summed() -> bool:
             summary = ((get_trace(objects, name) or {}).get("status") or {}).get("summary") or {}
-            return (summary.get("retransmits"), summary.get("synackRetransmits")) == e2e.totals(want)
+            return (summary.get("retransmits"), summary.get("synackRetransmits")) == totals(want)
         wait_until(summed, f"trace {name}'s summary to hold the load's retransmits", timeout=120)
         objects.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, {"spec": {"duration": "1s"}})
         out, err = run.communicate(timeout=400)
@@ -97,7 +84,7 @@ def test_run_prints_the_result_equal_to_the_status_and_the_reference(control_pla
     stored = get_trace(objects, name)
     try:
         summary = printed["status"]["summary"]
-        want_r, want_s = e2e.totals(want)
+        want_r, want_s = totals(want)
         assert want_r > 0 and want_s > 0, "the load made no retransmits: the test proves nothing"
         assert (summary["retransmits"], summary["synackRetransmits"]) == (want_r, want_s)
         # What `run` printed is the trace as stored when it completed (an agent's final flush
@@ -122,14 +109,14 @@ def test_run_prints_the_result_equal_to_the_status_and_the_reference(control_pla
 
 def test_run_without_keep_deletes_the_trace_and_watch_ends_when_a_trace_completes(control_plane, operator, objects):
     name = f"plugin-{uuid.uuid4().hex[:6]}"
-    done = plugin(control_plane, "run", "--name", name, "--node", e2e.NODE_A, "--duration", "5s", "--interval", "1")
+    done = plugin(control_plane, "run", "--name", name, "--node", NODE_A, "--duration", "5s", "--interval", "1")
     assert done.returncode == 0, done.stderr
     assert "Completed" in done.stdout and get_trace(objects, name) is None
     assert f"trace {name} deleted" in done.stderr
 
     name = f"plugin-{uuid.uuid4().hex[:6]}"
-    objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, e2e.trace_body(name, duration="8s",
-                                                                               nodeSelector={"kubernetes.io/hostname": e2e.NODE_A}))
+    objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, trace_body(name, duration="8s",
+                                                                               nodeSelector={"kubernetes.io/hostname": NODE_A}))
     try:
         watch = plugin(control_plane, "watch", name, "--interval", "1")
         assert watch.returncode == 0, watch.stderr
@@ -140,18 +127,18 @@ def test_run_without_keep_deletes_the_trace_and_watch_ends_when_a_trace_complete
 
 
 def test_check_lists_each_nodes_kernel_and_fails_for_a_node_that_cannot_trace(control_plane, operator, agent_state):
-    ok = plugin(control_plane, "check", "--node", e2e.NODE_A, "--interval", "1")
+    ok = plugin(control_plane, "check", "--node", NODE_A, "--interval", "1")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    row = next(line for line in ok.stdout.splitlines() if line.startswith(e2e.NODE_A))
+    row = next(line for line in ok.stdout.splitlines() if line.startswith(NODE_A))
     assert " yes " in row and "exact per-flow counts" in row
-    marker = agent_state / f"broken-{e2e.NODE_B}"
+    marker = agent_state / f"broken-{NODE_B}"
     marker.touch()
     try:
-        bad = plugin(control_plane, "check", "--node", e2e.NODE_B, "--interval", "1")
+        bad = plugin(control_plane, "check", "--node", NODE_B, "--interval", "1")
     finally:
         marker.unlink()
     assert bad.returncode == EXIT_FAILED, bad.stdout + bad.stderr
-    row = next(line for line in bad.stdout.splitlines() if line.startswith(e2e.NODE_B))
+    row = next(line for line in bad.stdout.splitlines() if line.startswith(NODE_B))
     assert " no " in row and "tracepoint tcp:tcp_retransmit_skb: missing" in row
 
 

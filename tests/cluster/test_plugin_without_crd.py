@@ -11,14 +11,10 @@ import pytest
 
 from retransmit_operator.api import GROUP, PLURAL
 from retransmit_operator.plugin import EXIT_NO_CRD
-from tests.cluster import test_e2e as e2e
-from tests.cluster.test_plugin import one_line, plugin
 from tests.harness.controlplane import wait_until
+from tests.harness.tracecluster import one_line, plugin
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
-
-installed = e2e.installed
-objects = e2e.objects
 
 
 def test_without_the_crd_the_plugin_says_to_install_it(control_plane, installed, objects):

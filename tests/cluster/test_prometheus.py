@@ -1,7 +1,7 @@
 """The chart's alerting rules and Grafana dashboard, run in a real Prometheus that scrapes the
 real agents and the real operator during a lossy trace.
 
-Set-up as in test_e2e.py (whose fixtures and helpers this module reuses): a real control
+Set-up as in test_e2e.py (the fixtures of tests/cluster/conftest.py): a real control
 plane, simulated nodes node-a and node-b running the agents' DaemonSet pods as host
 processes (real BPF), the operator embedded with its /metrics on a free port, two pods with
 addresses of their own on node-a, and the reference counter as ground truth. node-b's agent
@@ -30,9 +30,9 @@ import yaml
 from retransmit_operator.main import EmbeddedOperator
 from retransmit_operator.render import agent_metrics_port, selector_labels
 from retransmit_operator.settings import Settings
-from tests.cluster import test_e2e as e2e
 from tests.harness.controlplane import wait_until
 from tests.harness.prometheus import Prometheus, free_port, promtool
+from tests.harness.tracecluster import NODE_A, NODE_B, SYSTEM_NS, expected, operator_settings, totals
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1200)]
 
@@ -46,22 +46,11 @@ AGENT_ALERT = "RetransmitAgentCannotTrace"
 # What Grafana puts in for its variables when a user picks this trace and all nodes.
 RATE_INTERVAL, RANGE = "1m", "5m"
 
-# The cluster fixtures of test_e2e.py (assigned, so pytest finds them here too).
-installed = e2e.installed
-agent_state = e2e.agent_state
-reference = e2e.reference
-objects = e2e.objects
-pods = e2e.pods
-traces = e2e.traces
-
 
 @pytest.fixture(scope="module")
 def operator_http(installed, node_simulator, agent_state):
     """The operator as in test_e2e.py, with /metrics served on a free port."""
-    settings = Settings(
-        namespace=e2e.SYSTEM_NS, agent_service_account=e2e.AGENT_SA, agent_command=(str(agent_state / "agent"),),
-        sync_interval=1.0, metrics_port=free_port(), kubeconfig=str(installed.kubeconfig),
-    )
+    settings = operator_settings(installed, agent_state, metrics_port=free_port())
     op = EmbeddedOperator(settings).start()
     yield settings
     op.stop()
@@ -149,9 +138,9 @@ def agent_targets(core: Any, trace: str, settings: Settings) -> dict[str, str]:
 
     def ready():
         found = {p.spec.node_name: f"{p.status.pod_ip}:{port}"
-                 for p in core.list_namespaced_pod(e2e.SYSTEM_NS, label_selector=selector).items
+                 for p in core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items
                  if p.status.pod_ip and p.status.phase == "Running"}
-        return found if set(found) == {e2e.NODE_A, e2e.NODE_B} else None
+        return found if set(found) == {NODE_A, NODE_B} else None
     return wait_until(ready, f"agent pods of {trace} running on both nodes", timeout=120)
 
 
@@ -167,7 +156,7 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
     checked = promtool("check", "rules", str(rules))
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
-    marker = agent_state / f"broken-{e2e.NODE_B}"
+    marker = agent_state / f"broken-{NODE_B}"
     marker.touch()
     try:
         trace = traces(namespaces=[pods.namespace])
@@ -178,9 +167,9 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
             wait_until(lambda: set(prom.targets_up().values()) == {"up"} and len(prom.targets_up()) == 3,
                        "Prometheus to scrape both agents and the operator", timeout=120)
             t = trace.name
-            wait_until(lambda: prom.query(f'rtrace_program_attached{{trace="{t}", node="{e2e.NODE_A}"}} == 1'),
+            wait_until(lambda: prom.query(f'rtrace_program_attached{{trace="{t}", node="{NODE_A}"}} == 1'),
                        "node-a's agent attached, as scraped", timeout=180)
-            wait_until(lambda: prom.query(f'rtrace_agent_failed{{trace="{t}", node="{e2e.NODE_B}"}} == 1'),
+            wait_until(lambda: prom.query(f'rtrace_agent_failed{{trace="{t}", node="{NODE_B}"}} == 1'),
                        "node-b's agent reporting it cannot trace, as scraped", timeout=180)
             marker.unlink()
 
@@ -191,8 +180,8 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
             # ... while the agent that cannot trace is alerted on, alone.
             broken = wait_until(lambda: [a for a in alerts_of(prom, AGENT_ALERT, t) if a["state"] == "firing"],
                                 f"{AGENT_ALERT} firing for node-b")
-            assert {a["labels"]["node"] for a in alerts_of(prom, AGENT_ALERT, t)} == {e2e.NODE_B}
-            assert {a["labels"]["node"] for a in broken} == {e2e.NODE_B}
+            assert {a["labels"]["node"] for a in alerts_of(prom, AGENT_ALERT, t)} == {NODE_B}
+            assert {a["labels"]["node"] for a in broken} == {NODE_B}
 
             # Under loss, until the pods' 5-minute average passes the shipped threshold.
             before = reference.read()
@@ -215,8 +204,8 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
             assert all(float(a["value"]) > THRESHOLD for a in fired)
 
             # What Prometheus scraped is the agents' exact count (reference counter).
-            want = e2e.expected(reference.read(), set(pods.server_ips + pods.client_ips), before)
-            want_r, _ = e2e.totals(want)
+            want = expected(reference.read(), set(pods.server_ips + pods.client_ips), before)
+            want_r, _ = totals(want)
             assert want_r > 0
 
             def scraped(expr: str) -> float:
