@@ -35,10 +35,10 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-from retransmit_operator.api import Endpoint, Flow, KernelCheck, NodeStatus, Phase, RecentEvent
+from retransmit_operator.api import Flow, KernelCheck, NodeStatus, Phase, RecentEvent
 from retransmit_operator.contract import ENV_NODE_NAME, ENV_POD_IP, ENV_POD_NAMESPACE, AgentInvocation
 from retransmit_operator.heartbeat import Write, next_write, report_period, stale_after
-from retransmit_operator.podindex import Owner, PodIndex, PodSelection, attribute
+from retransmit_operator.podindex import Owner, PodIndex, PodSelection, attribute, with_owner
 
 from .metrics import AgentState, MetricsServer
 from .podwatch import PodWatcher, node_addresses
@@ -95,12 +95,6 @@ def _pod_of(owner_of: Callable[[str], Optional[Owner]]) -> Callable[[str], Optio
         owner = owner_of(ip)
         return (owner.namespace, owner.pod) if owner and owner.pod and owner.namespace else None
     return pod_of
-
-
-def _with_owner(endpoint: Endpoint, owner: Optional[Owner]) -> Endpoint:
-    if owner is None:
-        return endpoint
-    return endpoint.model_copy(update={"pod": owner.pod, "namespace": owner.namespace, "node": owner.node})
 
 
 class ClusterAgent:
@@ -395,14 +389,14 @@ class ClusterAgent:
 
     def _attributed(self, flow: Flow, table: dict) -> Flow:
         return flow.model_copy(update={
-            "local": _with_owner(flow.local, attribute(table, flow.local.ip, self.node)),
-            "remote": _with_owner(flow.remote, attribute(table, flow.remote.ip, self.node)),
+            "local": with_owner(flow.local, attribute(table, flow.local.ip, self.node)),
+            "remote": with_owner(flow.remote, attribute(table, flow.remote.ip, self.node)),
         })
 
     def _attributed_event(self, event: RecentEvent, table: dict) -> RecentEvent:
         return event.model_copy(update={
-            "local": _with_owner(event.local, attribute(table, event.local.ip, self.node)),
-            "remote": _with_owner(event.remote, attribute(table, event.remote.ip, self.node)),
+            "local": with_owner(event.local, attribute(table, event.local.ip, self.node)),
+            "remote": with_owner(event.remote, attribute(table, event.remote.ip, self.node)),
         })
 
     def _publish_metrics(self, entry: NodeStatus, baseline: Baseline, flows: list,

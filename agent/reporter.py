@@ -41,7 +41,7 @@ from retransmit_operator.api import (
 from retransmit_operator.apierrors import no_answer, server_message
 from retransmit_operator.heartbeat import INTERVAL_JITTER, WRITE_TIMEOUT_SECONDS
 from retransmit_operator.objects import desired_nodes
-from retransmit_operator.ranking import flow_key
+from retransmit_operator.ranking import flow_key, pod_key
 from retransmit_operator.render import daemonset_name
 from retransmit_operator.reports import (
     LEASE_GROUP,
@@ -261,7 +261,7 @@ def cumulative_pods(baseline: Baseline, fresh: Mapping[PodKey, int], previous: M
 
 def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int) -> list[PodCount]:
     """The busiest pods (ties by namespace, name), at most top_n (0 = all), on `node`."""
-    ordered = sorted(((key, n) for key, n in counts.items() if n > 0), key=lambda item: (-item[1], item[0]))
+    ordered = sorted(((key, n) for key, n in counts.items() if n > 0), key=lambda item: pod_key(item[1], *item[0]))
     if top_n > 0:
         ordered = ordered[:top_n]
     return [PodCount(namespace=ns, pod=pod, node=node, retransmits=n) for (ns, pod), n in ordered]

@@ -28,8 +28,8 @@ from .api import (
     add_counts,
     add_known,
 )
-from .podindex import PodLookup
-from .ranking import flow_key
+from .podindex import PodLookup, with_owner
+from .ranking import flow_key, pod_key
 
 # Entries whose agent counts: Running while the trace runs, Completed after its final report.
 REPORTING_PHASES = frozenset({Phase.RUNNING.value, Phase.COMPLETED.value})
@@ -44,12 +44,7 @@ def attribute(endpoint: Endpoint, pods: Optional[PodLookup]) -> Endpoint:
     unless the agent already attributed it."""
     if pods is None or endpoint.pod or endpoint.node:
         return endpoint
-    owner = pods.owner(endpoint.ip)
-    if owner is None:
-        return endpoint
-    if owner.pod is None:  # a hostNetwork pod's address: its node's
-        return endpoint.model_copy(update={"node": owner.node})
-    return endpoint.model_copy(update={"pod": owner.pod, "namespace": owner.namespace})
+    return with_owner(endpoint, pods.owner(endpoint.ip))
 
 
 def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup], top_n: int = 0) -> list[Flow]:
@@ -77,7 +72,7 @@ def summary_pods(nodes: list[NodeStatus], top_n: int) -> list[PodCount]:
             key = (pod.namespace, pod.pod)
             counts[key] += pod.retransmits
             node_of.setdefault(key, pod.node or node.node)  # a pod name reused on another node keeps its first node
-    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top_n]
+    ranked = sorted(counts.items(), key=lambda item: pod_key(item[1], *item[0]))[:top_n]
     return [PodCount(namespace=ns, pod=pod, node=node_of.get((ns, pod)), retransmits=n) for (ns, pod), n in ranked]
 
 

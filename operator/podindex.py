@@ -22,7 +22,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Protocol
 
-from .api import LabelSelector
+from .api import Endpoint, LabelSelector
 
 # Pods in these phases no longer own their addresses (the IP may already be reused).
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
@@ -52,6 +52,14 @@ class Owner:
     pod: Optional[str] = None
     namespace: Optional[str] = None
     node: Optional[str] = None
+
+
+def with_owner(endpoint: Endpoint, owner: Optional[Owner]) -> Endpoint:
+    """The endpoint attributed to `owner`: pod and namespace for a pod's address, node for a
+    node's own (an Owner sets one or the other)."""
+    if owner is None:
+        return endpoint
+    return endpoint.model_copy(update={"pod": owner.pod, "namespace": owner.namespace, "node": owner.node})
 
 
 class PodLookup(Protocol):

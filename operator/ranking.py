@@ -1,4 +1,4 @@
-"""Busiest first: the one order of flows, for the agent's table and report and the trace's summary.
+"""Busiest first: the one order of flows, and of pods, for the agent's table and report and the trace's summary.
 
 Most retransmits (tcp_retransmit_skb + SYN-ACK) first; ties: the latest activity first (a flow
 never seen last sorts after those that were), then by node, family, local address and port,
@@ -29,3 +29,8 @@ def flow_key(flow: Flow, node: Optional[str] = None) -> tuple:
     return busiest_first_key(flow.retransmits + flow.synack_retransmits, flow.last_seen, flow.family,
                              flow.local.ip, flow.local.port, flow.remote.ip, flow.remote.port,
                              node or flow.node or "")
+
+
+def pod_key(retransmits: int, namespace: str, pod: str) -> tuple:
+    """Sort key for one pod's count: most retransmits first, ties by namespace, then name."""
+    return (-retransmits, namespace, pod)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from retransmit_agent.podwatch import node_addresses
-from retransmit_operator.api import LabelSelector
+from retransmit_operator.aggregate import attribute as attribute_endpoint
+from retransmit_operator.api import Endpoint, LabelSelector
 from retransmit_operator.podindex import (
     Owner,
     PodFacts,
@@ -18,6 +19,7 @@ from retransmit_operator.podindex import (
     canonical_ip,
     canonical_ips,
     selector_matches,
+    with_owner,
 )
 
 pytestmark = pytest.mark.unit
@@ -204,6 +206,26 @@ def test_both_scopes_attribute_pods_alike():
     for ip in ("198.18.0.2", "fd00:0::2", "::ffff:198.18.0.3"):
         assert wide.owner(ip) == local.owner(ip) is not None, ip
         assert wide.owner(ip).node is None   # a pod is named by pod and namespace
+
+
+def test_an_endpoint_takes_its_owner_a_pods_by_name_a_nodes_by_node():
+    bare = Endpoint(ip="198.18.0.2", port=80)
+    assert with_owner(bare, None) == bare
+    assert with_owner(bare, Owner(pod="web", namespace="shop")) == Endpoint(ip="198.18.0.2", port=80, pod="web",
+                                                                           namespace="shop")
+    assert with_owner(bare, Owner(node="n1")) == Endpoint(ip="198.18.0.2", port=80, node="n1")
+
+
+def test_the_summary_attributes_like_the_agent_and_keeps_what_the_agent_wrote():
+    wide = PodIndex()
+    wide.replace_all([cluster_pod("web", "n1", ("198.18.0.2",), ns="shop"),
+                      cluster_pod("kube-proxy", "n2", ("10.0.0.2",), host_network=True, ns="kube-system")])
+    for ip in ("198.18.0.2", "10.0.0.2", "10.9.9.9"):
+        bare = Endpoint(ip=ip, port=80)
+        assert attribute_endpoint(bare, wide) == with_owner(bare, wide.owner(ip)), ip
+    written = Endpoint(ip="198.18.0.2", port=80, pod="old", namespace="shop")
+    assert attribute_endpoint(written, wide) == written
+    assert attribute_endpoint(Endpoint(ip="198.18.0.2", port=80), None) == Endpoint(ip="198.18.0.2", port=80)
 
 
 # ---------------------------------------------------------------- selection -> kernel filter

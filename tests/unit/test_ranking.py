@@ -1,16 +1,18 @@
 """Busiest first is one order (retransmit_operator.ranking) for the agent's kernel-map flows
 (flows.busiest_first), its report's topFlows (reporter.top_flows) and the trace's summary
-(aggregate.cluster_flows): count, then recency, then node, family, addresses and ports."""
+(aggregate.cluster_flows): count, then recency, then node, family, addresses and ports. Pods
+have one order too (ranking.pod_key), for the agent's topPods (reporter.ranked_pods) and the
+summary's (aggregate.summary_pods): count, then namespace, then name."""
 
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from retransmit_agent.flows import FlowCounters, busiest_first
-from retransmit_agent.reporter import top_flows
-from retransmit_operator.aggregate import cluster_flows
-from retransmit_operator.api import Endpoint, Flow, NodeStatus
-from retransmit_operator.ranking import busiest_first_key, flow_key
+from retransmit_agent.reporter import ranked_pods, top_flows
+from retransmit_operator.aggregate import cluster_flows, summary_pods
+from retransmit_operator.api import Endpoint, Flow, NodeStatus, PodCount
+from retransmit_operator.ranking import busiest_first_key, flow_key, pod_key
 
 pytestmark = pytest.mark.unit
 
@@ -105,3 +107,38 @@ def test_the_key_of_an_api_flow_is_the_key_of_its_fields():
     assert flow_key(flow) == busiest_first_key(5, seen(50), "IPv6", "fd00::9", 9, "fd00::9", 9, node="n7")
     assert flow_key(flow, "n1") == busiest_first_key(5, seen(50), "IPv6", "fd00::9", 9, "fd00::9", 9, node="n1")
     assert busiest_first_key(5, None, "IPv4", "a", 1, "b", 2) > busiest_first_key(5, T0, "IPv4", "a", 1, "b", 2)
+
+
+# (namespace, pod, retransmits), busiest first: each row ties with the one before it on what
+# the order reads first and loses on the next field although it wins on the one after.
+PODS_BUSIEST_FIRST = [
+    ("zz", "zz", 9),
+    ("aa", "zz", 4),   # namespace decides before the name
+    ("bb", "aa", 4),
+    ("bb", "ab", 4),
+    ("aa", "aa", 1),   # fewest
+]
+
+
+def test_the_agents_top_pods_are_ranked_count_then_namespace_then_name():
+    counts = {(ns, pod): n for ns, pod, n in shuffled(PODS_BUSIEST_FIRST)}
+    counts[("aa", "idle")] = 0   # a pod without retransmits is not ranked
+    ranked = ranked_pods(counts, "n1", 0)
+    assert [(p.namespace, p.pod, p.retransmits) for p in ranked] == PODS_BUSIEST_FIRST
+    assert {p.node for p in ranked} == {"n1"}
+    assert [(p.namespace, p.pod) for p in ranked_pods(counts, "n1", 2)] == [("zz", "zz"), ("aa", "zz")]
+
+
+def test_the_summarys_top_pods_are_summed_over_nodes_and_ranked_the_same_way():
+    # Each pod's count split over two nodes' topPods: the summary ranks the sums.
+    halves = [[PodCount(namespace=ns, pod=pod, node=node, retransmits=part) for ns, pod, n in shuffled(PODS_BUSIEST_FIRST)
+               for part in [n // 2 if node == "n1" else n - n // 2] if part]
+              for node in ("n1", "n2")]
+    nodes = [NodeStatus(node=f"n{i + 1}", phase="Running", top_pods=pods) for i, pods in enumerate(halves)]
+    ranked = summary_pods(nodes, top_n=10)
+    assert [(p.namespace, p.pod, p.retransmits) for p in ranked] == PODS_BUSIEST_FIRST
+    assert [(p.namespace, p.pod) for p in summary_pods(nodes, top_n=3)] == [(ns, pod) for ns, pod, _ in PODS_BUSIEST_FIRST[:3]]
+
+
+def test_the_pod_key_is_count_then_namespace_then_name():
+    assert pod_key(5, "b", "a") < pod_key(4, "a", "a") < pod_key(4, "a", "b") < pod_key(4, "b", "a")
