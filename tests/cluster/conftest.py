@@ -15,7 +15,7 @@ import yaml
 
 from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL
 from retransmit_operator.main import EmbeddedOperator
-from tests.harness.controlplane import wait_until
+from tests.harness.controlplane import wait_gone, wait_until
 from tests.harness.refcount import ReferenceCounter
 from tests.harness.tracecluster import (
     AGENT_SA,
@@ -76,14 +76,7 @@ def installed(control_plane):
             except kubernetes.client.ApiException as e:
                 if e.status != 404:
                     raise
-
-        def namespace_gone() -> bool:
-            try:
-                core.read_namespace(SYSTEM_NS)
-                return False
-            except kubernetes.client.ApiException as e:
-                return e.status == 404
-        wait_until(namespace_gone, f"namespace {SYSTEM_NS} deleted", timeout=120)
+        wait_gone(lambda: core.read_namespace(SYSTEM_NS), f"namespace {SYSTEM_NS} deleted", timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from retransmit_operator import rbac
 from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
 from retransmit_operator.reports import report_object, trace_selector
 from retransmit_operator.contract import parse_agent_args
-from tests.harness.controlplane import free_port
+from tests.harness.controlplane import free_port, wait_gone
 from tests.harness.controlplane import wait_until as _wait_until
 
 pytestmark = pytest.mark.cluster
@@ -486,13 +486,7 @@ def test_deleting_a_trace_garbage_collects_its_daemonset_pods_and_reports(operat
                "the agent pods to be collected")
     wait_until(lambda: not reports_of(custom, operator_namespace, name), "the node reports to be collected")
 
-    def trace_gone():
-        try:
-            get_trace(custom, name)
-            return False
-        except ApiException as e:
-            return e.status == 404
-    wait_until(trace_gone, "the trace to be gone")
+    wait_gone(lambda: get_trace(custom, name), "the trace to be gone", timeout=180)
     # The operator does not bring the agents back for a trace that is gone or going.
     wait_sync_passes(operator)
     assert daemonset(apps, operator_namespace, name) is None

@@ -51,6 +51,11 @@ def get_trace(objects, name: str):
         raise
 
 
+def summary_of(objects, name: str) -> dict:
+    """The trace's status.summary ({} while there is none, or no trace)."""
+    return ((get_trace(objects, name) or {}).get("status") or {}).get("summary") or {}
+
+
 def test_run_prints_the_result_equal_to_the_status_and_the_reference(control_plane, operator, reference, pods, objects):
     name = f"plugin-{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)}
@@ -63,7 +68,7 @@ def test_run_prints_the_result_equal_to_the_status_and_the_reference(control_pla
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         # Traffic once the agent counts (its report Running).
-        wait_until(lambda: ((get_trace(objects, name) or {}).get("status") or {}).get("summary", {}).get("nodesReporting") == 1,
+        wait_until(lambda: summary_of(objects, name).get("nodesReporting") == 1,
                    f"trace {name} reporting on {NODE_A}", timeout=180)
         before = reference.read()
         pods.lossy_bulk(loss=10, connections=2, nbytes=512 << 10)
@@ -71,7 +76,7 @@ def test_run_prints_the_result_equal_to_the_status_and_the_reference(control_pla
         want = expected(reference.read(), set(pods.server_ips + pods.client_ips), before)
         # Every count in the summary first: `run` prints the trace as it is when Completed.
         def summed() -> bool:
-            summary = ((get_trace(objects, name) or {}).get("status") or {}).get("summary") or {}
+            summary = summary_of(objects, name)
             return (summary.get("retransmits"), summary.get("synackRetransmits")) == totals(want)
         wait_until(summed, f"trace {name}'s summary to hold the load's retransmits", timeout=120)
         objects.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, {"spec": {"duration": "1s"}})

@@ -11,7 +11,7 @@ import pytest
 
 from retransmit_operator.api import GROUP, PLURAL
 from retransmit_operator.plugin import EXIT_NO_CRD
-from tests.harness.controlplane import wait_until
+from tests.harness.controlplane import wait_gone, wait_until
 from tests.harness.tracecluster import one_line, plugin
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
@@ -25,13 +25,7 @@ def test_without_the_crd_the_plugin_says_to_install_it(control_plane, installed,
     saved = ext.read_custom_resource_definition(crd_name)
     ext.delete_custom_resource_definition(crd_name)
     try:
-        def gone() -> bool:
-            try:
-                ext.read_custom_resource_definition(crd_name)
-                return False
-            except kubernetes.client.ApiException as e:
-                return e.status == 404
-        wait_until(gone, "the trace CRD deleted", timeout=120)
+        wait_gone(lambda: ext.read_custom_resource_definition(crd_name), "the trace CRD deleted", timeout=120)
         # discovery drops the group a moment after the CRD goes
         wait_until(lambda: plugin(control_plane, "show", "x").returncode == EXIT_NO_CRD,
                    "the plugin to see the CRD gone", timeout=60, interval=1)

@@ -31,7 +31,7 @@ from retransmit_operator.render import selector_labels
 from tests.deploy.kube import CHART, helm, kubectl, unique
 from helm.render_manifests import ROOT
 from tests.harness import podtraffic
-from tests.harness.controlplane import wait_until
+from tests.harness.controlplane import wait_gone, wait_until
 from tests.harness.realnode import BRIDGE, SANDBOX_IMAGE, RealNode
 from tests.harness.realnode_host import HostState
 from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
@@ -365,13 +365,7 @@ def test_capabilities_mode_with_the_operator_at_an_arbitrary_uid(control_plane, 
 def test_helm_uninstall_and_teardown_leave_the_host_as_it_was(control_plane, real, release, core):
     release.uninstall()
 
-    def gone() -> bool:
-        try:
-            core.read_namespace(release.ns)
-            return False
-        except kubernetes.client.ApiException as e:
-            return e.status == 404
-    wait_until(gone, f"namespace {release.ns} deleted", timeout=300)
+    wait_gone(lambda: core.read_namespace(release.ns), f"namespace {release.ns} deleted", timeout=300)
     # The earlier tests' traffic pods go with their namespaces. (Pods of other modules'
     # leftovers, if any, are the node teardown's to drain.)
     wait_until(lambda: not core.list_pod_for_all_namespaces(label_selector=TEST_LABEL).items,

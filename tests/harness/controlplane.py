@@ -633,6 +633,22 @@ def wait_until(predicate, what: str, timeout: float = 60.0, interval: float = 0.
         time.sleep(interval)
 
 
+def wait_gone(read, what: str, timeout: float = 60.0) -> None:
+    """Wait until `read()`, an API read of one object, answers 404 Not Found. Other API errors
+    count as "not yet" and are reported with the timeout, as in wait_until."""
+    from kubernetes.client.rest import ApiException
+
+    def gone() -> bool:
+        try:
+            read()
+        except ApiException as e:
+            if e.status == 404:
+                return True
+            raise
+        return False
+    wait_until(gone, what, timeout=timeout)
+
+
 def wait_pod(core, namespace: str, name: str, what: str, predicate, timeout: float = 60.0):
     """Wait until predicate(pod) holds for pod namespace/name (a CoreV1Api read) and return it."""
     def check():
