@@ -14,7 +14,7 @@ import pytest
 from retransmit_agent.btf import Btf
 from retransmit_agent.kernel import KernelConfig, RetransmitProgram
 from tests.harness import loads
-from tests.harness.causecheck import cause_mismatches, delta, one_segment_per_skb, tcp_ext
+from tests.harness.causecheck import cause_mismatches, delta, one_segment_per_skb, tcp_ext, unseen_segments
 from tests.harness.netns import LossNamespace
 from tests.harness.refcount import per_flow, succeeded
 
@@ -86,9 +86,9 @@ def test_causes_agree_with_the_kernels_own_counters(one_segment_ns, reference, s
     assert snapshot.retransmits == sum(r for r, _ in expected.values()) > 0
     assert sum(causes.values()) == snapshot.retransmits + snapshot.synack_retransmits
     assert causes["unknown"] == 0
-    missed = snapshot.missed_events or 0
-    print(f"{scenario.__name__}: causes {causes}, TcpExt {counters}, missed {missed}")
-    assert cause_mismatches(causes, counters, missed) == []
+    unseen = unseen_segments(counters, snapshot.retransmits + snapshot.synack_retransmits)
+    print(f"{scenario.__name__}: causes {causes}, TcpExt {counters}, missed {snapshot.missed_events}, unseen {unseen}")
+    assert cause_mismatches(causes, counters, unseen) == []
     assert max(causes, key=causes.get) == dominant, (causes, counters)
     # per flow: causes add up, and the socket seen at the latest retransmit is a live TCP socket
     for flow in snapshot.flows:
