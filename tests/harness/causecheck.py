@@ -13,10 +13,11 @@ segment in /proc/net/snmp RetransSegs, so those are RetransSegs minus what the p
 counted; they have no cause, and the counters may exceed the causes by at most that many,
 all bounds taken together. They are the hits the kernel ran no BPF program for
 (missedEvents) and, on a loaded machine, more: on Linux 6.18 under stress-ng, RetransSegs
-ran 1 to 7 segments ahead of both a tracepoint and a raw-tracepoint program in 25 of 200
-bulk transfers, and ahead with recursion_misses 0 in 6 of another 150 (the CI failure
-that taught this: TCPFastRetrans 4 above fast + probe, 0 missed). The upper bounds have
-no slack.
+ran 1 to 8 segments ahead beyond missedEvents in 42 of 500 bulk transfers; with a
+tracepoint and a raw-tracepoint program side by side, both saw the same hits with
+recursion_misses 0 and 12 of 150 runs still had the gap
+(the CI failure that taught this: TCPFastRetrans 4 above fast + probe, 0 missed). The
+upper bounds have no slack.
 """
 from __future__ import annotations
 
