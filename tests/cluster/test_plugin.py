@@ -10,7 +10,6 @@ finds it on PATH.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -30,11 +29,10 @@ from tests.harness.controlplane import free_port, wait_until
 from tests.harness.tracecluster import (
     NODE_A,
     NODE_B,
-    PLUGIN,
-    SYSTEM_NS,
     expected,
     one_line,
     plugin,
+    plugin_command,
     totals,
     trace_body,
 )
@@ -58,14 +56,14 @@ def summary_of(objects, name: str) -> dict:
 
 def test_run_prints_the_result_equal_to_the_status_and_the_reference(control_plane, operator, reference, pods, objects):
     name = f"plugin-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)}
     # A duration far beyond the load: a loaded machine may spend a minute compiling the
     # program before the traffic starts. Once the traffic is done the trace is shortened to
     # an elapsed duration, as a user would, and `run` ends with it.
-    run = subprocess.Popen([PLUGIN, "-n", SYSTEM_NS, "run", "--name", name, "--node", NODE_A,
-                            "--namespace-filter", pods.namespace, "--duration", "30m", "--report-interval", "1s",
-                            "--interval", "1", "--keep", "-o", "json"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    run = subprocess.Popen(plugin_command("run", "--name", name, "--node", NODE_A,
+                                          "--namespace-filter", pods.namespace, "--duration", "30m",
+                                          "--report-interval", "1s", "--interval", "1", "--keep", "-o", "json"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=control_plane.env())
     try:
         # Traffic once the agent counts (its report Running).
         wait_until(lambda: summary_of(objects, name).get("nodesReporting") == 1,

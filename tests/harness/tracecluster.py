@@ -177,11 +177,17 @@ def running(e: NodeStatus) -> bool:
     return e.phase == "Running"
 
 
+def plugin_command(*args: str) -> list[str]:
+    """`kubectl retransmit -n retransmit-system ARGS`."""
+    return [PLUGIN, "-n", SYSTEM_NS, *args]
+
+
 def plugin(control_plane: Any, *args: str, kubeconfig: Any = None, timeout: float = 300,
            **kwargs: Any) -> subprocess.CompletedProcess:
-    """`kubectl retransmit -n retransmit-system ARGS` against the test cluster."""
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig or control_plane.kubeconfig)}
-    return subprocess.run([PLUGIN, "-n", SYSTEM_NS, *args], capture_output=True, text=True, env=env,
+    """The plugin run to completion against the test cluster (as admin, or as the user of
+    another `kubeconfig`)."""
+    env = control_plane.env() if kubeconfig is None else {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    return subprocess.run(plugin_command(*args), capture_output=True, text=True, env=env,
                           timeout=timeout, **kwargs)
 
 
