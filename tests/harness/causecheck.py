@@ -19,6 +19,7 @@ recursion_misses 0 and 12 of 150 runs still had the gap
 (the CI failure that taught this: TCPFastRetrans 4 above fast + probe, 0 missed). The
 upper bounds have no slack.
 """
+
 from __future__ import annotations
 
 from .netns import LossNamespace
@@ -50,9 +51,10 @@ def unseen_segments(counters: dict[str, int], counted: int) -> int:
     return counters["RetransSegs"] - counted
 
 
-def cause_mismatches(by_cause: dict[str, int], counters: dict[str, int], unseen: int = 0) -> list[str]:
+def cause_mismatches(by_cause: dict[str, int], counters: dict[str, int], counted: int) -> list[str]:
     """What breaks the bounds above (empty: the causes agree with the kernel's counters, up to
-    `unseen` segments no program saw)."""
+    the segments in RetransSegs beyond the `counted` events that no program saw)."""
+    unseen = unseen_segments(counters, counted)
     causes = {name: by_cause.get(name, 0) for name in CAUSES}
     timeouts = counters["TCPTimeouts"] + counters["TCPSlowStartRetrans"]
     fast_probe, fast = causes["fast"] + causes["probe"], counters["TCPFastRetrans"]

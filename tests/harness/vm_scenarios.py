@@ -32,7 +32,7 @@ from typing import Callable
 from retransmit_agent.kernel import KernelConfig, KernelSnapshot, RetransmitProgram
 from retransmit_agent.preflight import TRACEPOINTS, find_tracefs
 from tests.harness import loads
-from tests.harness.causecheck import cause_mismatches, delta, one_segment_per_skb, tcp_ext, unseen_segments
+from tests.harness.causecheck import cause_mismatches, delta, one_segment_per_skb, tcp_ext
 from tests.harness.netns import LossNamespace
 from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
 
@@ -212,8 +212,8 @@ def run(out: Path) -> bool:
             causes = {"sock_offsets": dict(program.features.sock.defines) if program.features.sock else None,
                       "sock_problem": program.features.sock_problem, "by_cause": snapshot.by_cause,
                       "counters": counters,
-                      "mismatches": cause_mismatches(snapshot.by_cause, counters, unseen_segments(
-                          counters, snapshot.retransmits + snapshot.synack_retransmits))}
+                      "mismatches": cause_mismatches(snapshot.by_cause, counters,
+                                                     snapshot.retransmits + snapshot.synack_retransmits)}
             result["causes"] = causes
             all_matched = all_matched and not causes["mismatches"] and causes["sock_offsets"] is not None
             print(f"vm_scenarios: causes {snapshot.by_cause} against TcpExt {counters}: "
