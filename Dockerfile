@@ -80,7 +80,7 @@ COPY . /tmp/build/
 RUN cd / \
  && "$VIRTUAL_ENV/bin/pip" install --no-cache-dir --disable-pip-version-check -q --no-index --no-build-isolation --no-deps /tmp/build \
  && rm -rf /tmp/build \
- && "$VIRTUAL_ENV/bin/python" -c 'import bcc, kopf, retransmit_operator, retransmit_agent, retransmit_bpf'
+ && "$VIRTUAL_ENV/bin/python" -c 'import bcc, kopf, retransmit_core, retransmit_operator, retransmit_agent, retransmit_plugin, retransmit_bpf'
 
 # The operator's user (distroless "nonroot" id). The agent's pod sets runAsUser: 0.
 USER 65532:65532

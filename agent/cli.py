@@ -14,8 +14,10 @@ from typing import NoReturn, Optional, Sequence
 
 from pydantic import ValidationError
 
-from retransmit_operator.contract import AGENT_SUBCOMMAND, add_agent_arguments, invocation_from_namespace
-from retransmit_operator.validation import format_error
+from retransmit_core.api import DEFAULT_TOP_FLOWS
+from retransmit_core.contract import AGENT_SUBCOMMAND, add_agent_arguments, invocation_from_namespace
+from retransmit_core.kernelvocab import DEFAULT_FLOW_CAPACITY, DEFAULT_SAMPLES_PER_SECOND
+from retransmit_core.validation import format_error
 
 from .filters import UsageError, kernel_config, parse_count, parse_seconds
 from .kernelinfo import VMLINUX_BTF
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     local = sub.add_parser("local", help="trace this host and show top flows (root, no cluster)")
     local.add_argument("--duration", help="how long to trace, e.g. 30s or 5m (default: until Ctrl-C)")
     local.add_argument("--interval", default="2s", help="table refresh period (default 2s)")
-    local.add_argument("--top", default="10", help="flows to show, busiest first; 0 = all (default 10)")
+    local.add_argument("--top", default=str(DEFAULT_TOP_FLOWS),
+                       help=f"flows to show, busiest first; 0 = all (default {DEFAULT_TOP_FLOWS})")
     local.add_argument("--output", choices=["table", "json"], default="table",
                        help="table: live table; json: the node report at exit on stdout")
     local.add_argument("--family", action="append", default=[], metavar="IPv4|IPv6", help="repeatable")
@@ -51,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TCP state as the kernel names it, e.g. ESTABLISHED; repeatable")
     local.add_argument("--events", action="store_true",
                        help="stream sampled events as newline-delimited JSON on stdout")
-    local.add_argument("--max-events-per-second", default="100", metavar="N",
-                       help="samples per second from the kernel (default 100; 0 = none); drops are counted")
-    local.add_argument("--flow-capacity", default="16384", metavar="N",
+    local.add_argument("--max-events-per-second", default=str(DEFAULT_SAMPLES_PER_SECOND), metavar="N",
+                       help=f"samples per second from the kernel (default {DEFAULT_SAMPLES_PER_SECOND}; 0 = none); "
+                            "drops are counted")
+    local.add_argument("--flow-capacity", default=str(DEFAULT_FLOW_CAPACITY), metavar="N",
                        help="flows kept per IP family in the kernel (LRU); totals stay exact beyond it")
     local.add_argument("--tracefs", default=None, help="tracefs mount to use instead of probing")
     local.add_argument("--btf", default=VMLINUX_BTF, metavar="PATH",

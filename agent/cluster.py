@@ -3,7 +3,7 @@
 One agent per node and trace. It attaches the kernel program with the trace's filters,
 keeps the local-IP filter current from a watch on its node's pods, creates its report
 <trace>.<node> in its own namespace (owned by the trace), and on the schedule of
-retransmit_operator.heartbeat: server-side-applies it (field manager rtrace-agent/<node>,
+retransmit_core.schedule: server-side-applies it (field manager rtrace-agent/<node>,
 force) when it changed, at most every report period (the interval, stretched on clusters of
 more than about 1,000 nodes), and renews its heartbeat Lease of the same name every few
 intervals when nothing else was written (the operator's staleness bound reads both).
@@ -35,12 +35,22 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-from retransmit_operator.api import Flow, KernelCheck, NodeStatus, Phase, RecentEvent
-from retransmit_operator.contract import ENV_NODE_NAME, ENV_POD_IP, ENV_POD_NAMESPACE, AgentInvocation
-from retransmit_operator.heartbeat import Write, next_write, report_period, stale_after
-from retransmit_operator.podindex import Owner, PodIndex, PodSelection, attribute, with_owner
+from retransmit_core.api import Flow, KernelCheck, NodeStatus, Phase, RecentEvent
+from retransmit_core.backoff import backoff_delay, jittered
+from retransmit_core.contract import ENV_NODE_NAME, ENV_POD_IP, ENV_POD_NAMESPACE, AgentInvocation
+from retransmit_core.schedule import (
+    FINAL_REPORT_BUDGET_SECONDS,
+    Write,
+    liveness_bound,
+    next_write,
+    report_period,
+    stale_after,
+)
+from retransmit_core.version import package_version
+from retransmit_core.podindex import Owner, PodIndex, owner_in_table, with_owner
 
 from .metrics import AgentState, MetricsServer
+from .podselection import PodSelection, selected_ips
 from .podwatch import PodWatcher, node_addresses
 from .reporter import (
     ApiError,
@@ -49,11 +59,9 @@ from .reporter import (
     PodKey,
     ReportTarget,
     ReportWriter,
-    backoff_delay,
     cumulative_entry,
     cumulative_pods,
     entry_changed,
-    jittered,
     merge_flows,
     pod_totals,
     ranked_pods,
@@ -63,18 +71,8 @@ from .reporter import (
 log = logging.getLogger("retransmit_agent.cluster")
 
 TICK = 1.0                # seconds between drains of sampled events and liveness beats
-FINAL_REPORT_BUDGET = 20.0  # seconds SIGTERM leaves for the final write (grace period is 30s)
 POD_SYNC_WAIT = 15.0      # seconds to wait for the pod list before attaching a filtered program
 NODE_COUNT_REFRESH = 300.0  # seconds between two reads of the DaemonSet's node count
-
-
-def agent_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("retransmit-operator")
-    except Exception:  # noqa: BLE001 - running from a tree that is not installed
-        return "unknown"
 
 
 def api_client() -> Any:
@@ -125,7 +123,7 @@ class ClusterAgent:
         self._watcher: Optional[PodWatcher] = None
         self._metrics: Optional[MetricsServer] = None
         self._kernel_release = os.uname().release
-        self._version = agent_version()
+        self._version = package_version()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -190,7 +188,7 @@ class ClusterAgent:
             # Count nothing from unknown pods: wait for the pod list, then start filtered.
             self._watcher.synced.wait(POD_SYNC_WAIT)
             with self._lock:
-                local_ips = self.index.selected_ips(self.selection)
+                local_ips = selected_ips(self.index, self.selection)
         try:
             config = self._kernel_config(local_ips)
             program = RetransmitProgram.open(config, tracefs=self.inv.tracefs)
@@ -224,7 +222,7 @@ class ClusterAgent:
 
     def _set_local_ips(self, program: Any) -> None:
         """Push the selected pods' addresses into the kernel filter (caller holds _lock)."""
-        ips = self.index.selected_ips(self.selection)
+        ips = selected_ips(self.index, self.selection)
         program.set_local_ips(ips)
         with self.state.lock:
             self.state.selected_ips = None if ips is None else len(ips)
@@ -286,8 +284,7 @@ class ClusterAgent:
         with self.state.lock:
             self.state.interval = interval
             self.state.period = report_period(interval, self.nodes)
-        # The liveness bound follows the interval plus the longest backoff.
-        self.state.liveness_bound = max(120.0, 3 * interval)
+        self.state.liveness_bound = liveness_bound(interval)
         return interval
 
     def _node_count(self) -> int:
@@ -332,7 +329,7 @@ class ClusterAgent:
     def build_entry(self) -> NodeStatus:
         """The cumulative entry for this node right now (no I/O but reading the kernel maps)."""
         from .flows import busiest_first
-        from .report import build_node_report
+        from .nodeentry import build_node_report
 
         baseline = self.baseline or Baseline()
         now = datetime.now(timezone.utc)
@@ -377,26 +374,26 @@ class ClusterAgent:
         return attributed
 
     def _owner_lookup(self, table: dict) -> Callable[[str], Optional[Owner]]:
-        """attribute() for this report's table, memoized: the kernel map holds many flows but
+        """owner_in_table() for this report's table, memoized: the kernel map holds many flows but
         few local addresses."""
         known: dict[str, Optional[Owner]] = {}
 
         def owner_of(ip: str) -> Optional[Owner]:
             if ip not in known:
-                known[ip] = attribute(table, ip, self.node)
+                known[ip] = owner_in_table(table, ip, self.node)
             return known[ip]
         return owner_of
 
     def _attributed(self, flow: Flow, table: dict) -> Flow:
         return flow.model_copy(update={
-            "local": with_owner(flow.local, attribute(table, flow.local.ip, self.node)),
-            "remote": with_owner(flow.remote, attribute(table, flow.remote.ip, self.node)),
+            "local": with_owner(flow.local, owner_in_table(table, flow.local.ip, self.node)),
+            "remote": with_owner(flow.remote, owner_in_table(table, flow.remote.ip, self.node)),
         })
 
     def _attributed_event(self, event: RecentEvent, table: dict) -> RecentEvent:
         return event.model_copy(update={
-            "local": with_owner(event.local, attribute(table, event.local.ip, self.node)),
-            "remote": with_owner(event.remote, attribute(table, event.remote.ip, self.node)),
+            "local": with_owner(event.local, owner_in_table(table, event.local.ip, self.node)),
+            "remote": with_owner(event.remote, owner_in_table(table, event.remote.ip, self.node)),
         })
 
     def _publish_metrics(self, entry: NodeStatus, baseline: Baseline, flows: list,
@@ -472,7 +469,7 @@ class ClusterAgent:
 
     def _final_report(self) -> None:
         """SIGTERM: everything counted so far goes into the report before the pod ends."""
-        deadline = time.monotonic() + FINAL_REPORT_BUDGET
+        deadline = time.monotonic() + FINAL_REPORT_BUDGET_SECONDS
         if self.baseline is None:
             # Never got the earlier report: one last try, else writing could lower the counts.
             try:
@@ -489,7 +486,7 @@ class ClusterAgent:
             delay = backoff_delay(attempt, cap=5.0)
             attempt += 1
             if time.monotonic() + delay > deadline:
-                log.error("final report for node %s not written within %.0fs", self.node, FINAL_REPORT_BUDGET)
+                log.error("final report for node %s not written within %.0fs", self.node, FINAL_REPORT_BUDGET_SECONDS)
                 return
             time.sleep(delay)
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Iterable, Optional
 
-from retransmit_operator.api import TCP_STATES, parse_duration
+from retransmit_core.api import parse_duration
+from retransmit_core.kernelvocab import DEFAULT_SAMPLES_PER_SECOND, TCP_STATES
 
 from .kernel import KernelConfig
 
@@ -79,7 +80,7 @@ def kernel_config(
     ports: Iterable[str] = (),
     remote_cidrs: Iterable[str] = (),
     states: Iterable[str] = (),
-    samples_per_second: int = 100,
+    samples_per_second: int = DEFAULT_SAMPLES_PER_SECOND,
     flow_capacity: Optional[int] = None,
 ) -> KernelConfig:
     """The KernelConfig for repeatable command-line filters (empty = no restriction)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Optional
 
-from retransmit_operator.api import (
+from retransmit_core.api import (
     RETRANSMIT_CAUSES,
     TCP_STATES,
     Endpoint,
@@ -21,7 +21,7 @@ from retransmit_operator.api import (
     RecentEvent,
     SocketSnapshot,
 )
-from retransmit_operator.ranking import busiest_first_key
+from retransmit_core.ranking import busiest_first_key
 
 AF_INET = 2
 AF_INET6 = 10
@@ -66,11 +66,6 @@ def wall_clock_offset_ns() -> int:
 def ktime_to_datetime(ktime_ns: int, offset_ns: int) -> datetime:
     """Aware UTC datetime of a bpf_ktime_get_ns() (CLOCK_MONOTONIC) timestamp."""
     return datetime.fromtimestamp((ktime_ns + offset_ns) / 1e9, tz=timezone.utc)
-
-
-def format_endpoint(ip: str, port: int) -> str:
-    """'10.0.0.1:80' or '[fd00::1]:80'."""
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 @dataclass(frozen=True)
@@ -155,7 +150,7 @@ def flow_counters(family: int, saddr: bytes, daddr: bytes, sport: int, dport: in
 
 
 def busiest_first(flows: list[FlowCounters]) -> list[FlowCounters]:
-    """Busiest first, in the order of retransmit_operator.ranking (the report's and summary's)."""
+    """Busiest first, in the order of retransmit_core.ranking (the report's and summary's)."""
     return sorted(flows, key=lambda f: busiest_first_key(f.total, f.last_seen, *f.key))
 
 

@@ -27,7 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from retransmit_operator.api import TCP_STATE_NUMBERS, UNKNOWN_STATE, RecentEvent
+from retransmit_core.kernelvocab import TCP_STATE_NUMBERS, UNKNOWN_STATE
+from retransmit_core.api import RecentEvent
 
 from .flows import (
     AF_INET,

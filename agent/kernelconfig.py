@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from retransmit_operator.api import RETRANSMIT_CAUSES, TCP_STATE_NUMBERS, TCP_STATES, RetransmitTraceSpec
+from retransmit_core.kernelvocab import (
+    DEFAULT_FLOW_CAPACITY,
+    DEFAULT_RING_PAGES,
+    DEFAULT_SAMPLES_PER_SECOND,
+    RETRANSMIT_CAUSES,
+    TCP_STATE_NUMBERS,
+    TCP_STATES,
+)
+from retransmit_core.api import RetransmitTraceSpec
 
 from .flows import AF_INET, AF_INET6, KIND_RETRANSMIT, KIND_SYNACK
 
@@ -35,9 +43,9 @@ class KernelConfig:
     remote_cidrs: tuple[str, ...] = ()
     states: frozenset[str] = frozenset()
     local_ips: Optional[frozenset[str]] = None
-    samples_per_second: int = 100
-    flow_capacity: int = 16384
-    ring_pages: int = 64
+    samples_per_second: int = DEFAULT_SAMPLES_PER_SECOND
+    flow_capacity: int = DEFAULT_FLOW_CAPACITY
+    ring_pages: int = DEFAULT_RING_PAGES
 
     def __post_init__(self) -> None:
         if not self.families or not set(self.families) <= set(FAMILY_BITS):

@@ -16,14 +16,14 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional, TextIO
 
-from retransmit_operator.api import NodeStatus, RecentEvent, to_api
+from retransmit_core.api import DEFAULT_EVENTS_KEPT, DEFAULT_TOP_FLOWS, NodeStatus, RecentEvent, to_api
+from retransmit_core.version import package_version
 
 from .kernel import KernelConfig, RetransmitProgram
 from .kernelinfo import VMLINUX_BTF
-from .report import build_node_report
+from .nodeentry import build_node_report
 
 DRAIN_PERIOD = 0.5   # seconds between ring-buffer drains (the program never wakes us)
-KEEP_EVENTS = 20
 
 
 @dataclass(frozen=True)
@@ -33,20 +33,11 @@ class LocalOptions:
     config: KernelConfig
     duration: Optional[float] = None   # seconds; None = until SIGINT/SIGTERM
     interval: float = 2.0              # seconds between table refreshes
-    top: int = 10                      # 0 = all flows
+    top: int = DEFAULT_TOP_FLOWS       # 0 = all flows
     output: str = "table"              # "table" or "json"
     events: bool = False               # stream samples as NDJSON on stdout
     tracefs: Optional[str] = None
     btf: Optional[str] = VMLINUX_BTF        # None or a missing file: causes unknown
-
-
-def agent_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("retransmit-operator")
-    except Exception:  # noqa: BLE001 - a tree that is not installed
-        return "unknown"
 
 
 def _print_events(events: list[RecentEvent], out: TextIO) -> None:
@@ -72,8 +63,8 @@ def run_local(options: LocalOptions, out: TextIO = sys.stdout) -> int:
     transport = "ring buffer" if program.uses_ringbuf else "perf buffer"
     print(f"retransmit-agent local: counting on tcp:tcp_retransmit_skb and tcp:tcp_retransmit_synack "
           f"(samples via {transport}); Ctrl-C stops", file=sys.stderr, flush=True)
-    node, release, version = socket.gethostname(), os.uname().release, agent_version()
-    recent: deque[RecentEvent] = deque(maxlen=KEEP_EVENTS)
+    node, release, version = socket.gethostname(), os.uname().release, package_version()
+    recent: deque[RecentEvent] = deque(maxlen=DEFAULT_EVENTS_KEPT)
     started = time.monotonic()
     deadline = started + options.duration if options.duration else None
 
@@ -92,7 +83,7 @@ def run_local(options: LocalOptions, out: TextIO = sys.stdout) -> int:
             from rich.console import Console
             from rich.live import Live
 
-            from .table import render_report
+            from .livetable import render_report
 
             # With --events, stdout carries NDJSON: the table goes to stderr.
             stream = sys.stderr if options.events else out

@@ -34,7 +34,7 @@ Metrics (all carry the label `trace`):
   program compiles (attached 0, failed 0 = starting).
 - rtrace_report_interval_seconds: the trace's reportInterval.
 - rtrace_report_period_seconds: seconds between two report writes while counts keep changing:
-  the interval, stretched on big clusters (retransmit_operator.heartbeat.report_period).
+  the interval, stretched on big clusters (retransmit_core.schedule.report_period).
 - rtrace_selected_local_ips: pod addresses in the kernel's local-IP filter, when the trace
   selects pods (namespaces, podSelector); follows the pods as they come and go.
 """
@@ -50,6 +50,8 @@ from typing import Iterable, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+
+from retransmit_core.schedule import LIVENESS_FLOOR_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class AgentState:
     trace: str
     node: str
     # How long the report loop may stay silent before /livez fails.
-    liveness_bound: float = 120.0
+    liveness_bound: float = LIVENESS_FLOOR_SECONDS
     attached: bool = False
     last_loop: float = field(default_factory=time.monotonic)
     retransmits: int = 0

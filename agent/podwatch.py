@@ -1,6 +1,6 @@
 """The agent's side of pod attribution: the watch on its node's pods and the node's own addresses.
 
-`PodWatcher` keeps the agent's `PodIndex` (retransmit_operator.podindex, the attribution rules
+`PodWatcher` keeps the agent's `PodIndex` (retransmit_core.podindex, the attribution rules
 the operator uses too) current from a watch on the pods bound to this node (field selector
 spec.nodeName=<node>); `node_addresses()` reads the addresses of the node from /proc. Both
 are I/O; what they feed is pure.
@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from retransmit_operator.apierrors import describe
-from retransmit_operator.podindex import PodIndex, canonical_ips
+from retransmit_core.podindex import PodIndex, canonical_ips
+from retransmit_core.watch import list_then_watch
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def node_addresses(proc: Path = Path("/proc")) -> set[str]:
 class PodWatcher(threading.Thread):
     """Keeps a PodIndex current from a watch on this node's pods; calls `on_change` after each change.
 
-    List, then watch from the list's resourceVersion; on any error (API server away, 410
-    Gone) back off with jitter and list again. Runs as a daemon thread until `stop()`.
+    retransmit_core.watch.list_then_watch does the listing, watching and backing off; this
+    thread feeds the index under the agent's lock. Runs as a daemon thread until `stop()`.
     """
 
     def __init__(
@@ -86,41 +86,28 @@ class PodWatcher(threading.Thread):
         from kubernetes import watch  # the I/O edge only
 
         selector = f"spec.nodeName={self._index.node}"
-        failures = 0
-        while not self._stop_event.is_set():
-            try:
-                listed = self._core.list_pod_for_all_namespaces(
-                    field_selector=selector, _preload_content=False, _request_timeout=30
-                )
-                body = json.loads(listed.data)
-                with self._lock:
-                    self._index.replace_all(body.get("items", []))
-                self._on_change()
-                self.synced.set()
-                version = body.get("metadata", {}).get("resourceVersion")
-                failures = 0
-                self._watch = watch.Watch()
-                for event in self._watch.stream(
-                    self._core.list_pod_for_all_namespaces,
-                    field_selector=selector,
-                    resource_version=version,
-                    timeout_seconds=300,
-                    _request_timeout=330,
-                ):
-                    if self._stop_event.is_set():
-                        return
-                    kind = event.get("type")
-                    if kind == "ERROR":
-                        break  # e.g. 410 Gone: list again
-                    if kind not in ("ADDED", "MODIFIED", "DELETED"):
-                        continue
-                    with self._lock:
-                        self._index.observe(event.get("raw_object") or {}, deleted=kind == "DELETED")
-                    self._on_change()
-            except Exception as exc:  # noqa: BLE001 - any API trouble: back off, list again
-                if self._stop_event.is_set():
-                    return
-                delay = self._backoff(failures)
-                failures += 1
-                log.warning("pod watch on node %s failed (%s); retrying in %.1fs", self._index.node, describe(exc), delay)
-                self._stop_event.wait(delay)
+
+        def list_pods() -> dict[str, Any]:
+            # Raw JSON: a node's pods parse several times faster than through the client's models.
+            listed = self._core.list_pod_for_all_namespaces(
+                field_selector=selector, _preload_content=False, _request_timeout=30)
+            return json.loads(listed.data)
+
+        def watch_from(version: Optional[str]) -> Any:
+            self._watch = watch.Watch()
+            return self._watch.stream(self._core.list_pod_for_all_namespaces, field_selector=selector,
+                                      resource_version=version, timeout_seconds=300, _request_timeout=330)
+
+        def replace(pods: list) -> None:
+            with self._lock:
+                self._index.replace_all(pods)
+            self._on_change()
+            self.synced.set()
+
+        def observe(pod: dict[str, Any], deleted: bool) -> None:
+            with self._lock:
+                self._index.observe(pod, deleted=deleted)
+            self._on_change()
+
+        list_then_watch(list_pods, watch_from, replace, observe, self._stop_event,
+                        f"pods on node {self._index.node}", self._backoff)

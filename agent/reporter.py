@@ -5,11 +5,10 @@ The pure parts decide what to write and when:
   report at start-up); `cumulative_entry` adds it to the kernel's fresh counts, so a
   restarted agent continues instead of starting over and counts never go backwards. The
   report is never trimmed, so the baseline is exact.
-- `backoff_delay` spaces out retries (capped, jittered); `jittered` spreads the intervals.
 - `pod_totals` / `cumulative_pods` / `ranked_pods` give each local pod's retransmits over
   every flow in the kernel map (not only the top flows), resumed like the totals.
 - `entry_changed` says whether a write would change more than the timestamp; when it would
-  not, the schedule (retransmit_operator.heartbeat.next_write) renews the report's heartbeat
+  not, the schedule (retransmit_core.schedule.next_write) renews the report's heartbeat
   Lease instead, every few intervals.
 
 `ReportWriter` is the thin I/O edge: read this node's report, create it, server-side apply
@@ -21,12 +20,11 @@ the same at 10 nodes and at 5,000; the schedule bounds how many there are.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from retransmit_operator.api import (
+from retransmit_core.api import (
     GROUP,
     REPORT_PLURAL,
     VERSION,
@@ -38,12 +36,12 @@ from retransmit_operator.api import (
     add_known,
     to_api,
 )
-from retransmit_operator.apierrors import no_answer, server_message
-from retransmit_operator.heartbeat import INTERVAL_JITTER, WRITE_TIMEOUT_SECONDS
-from retransmit_operator.objects import desired_nodes
-from retransmit_operator.ranking import flow_key, pod_key
-from retransmit_operator.render import daemonset_name
-from retransmit_operator.reports import (
+from retransmit_core.apierrors import no_answer, server_message
+from retransmit_core.schedule import WRITE_TIMEOUT_SECONDS
+from retransmit_core.schedule import desired_nodes
+from retransmit_core.ranking import flow_key, pod_key
+from retransmit_core.naming import daemonset_name
+from retransmit_core.naming import (
     LEASE_GROUP,
     LEASE_PLURAL,
     LEASE_VERSION,
@@ -64,23 +62,6 @@ def field_manager(node: str) -> str:
 
 
 # ---------------------------------------------------------------- when to write
-
-def backoff_delay(
-    attempt: int, base: float = 1.0, cap: float = 30.0, rng: Callable[[], float] = random.random
-) -> float:
-    """Delay before retry number `attempt` (0-based): exponential, capped, "equal jitter".
-
-    Half the capped step is fixed and half random, so retries from many nodes spread out
-    and the delay never collapses to zero (no spinning).
-    """
-    step = min(cap, base * (2 ** min(attempt, 32)))
-    return step / 2 + rng() * step / 2
-
-
-def jittered(interval: float, rng: Callable[[], float] = random.random, spread: float = INTERVAL_JITTER) -> float:
-    """The interval +-INTERVAL_JITTER, so agents started together do not write in lock-step."""
-    return interval * (1 - spread + 2 * spread * rng())
-
 
 def _comparable(entry: NodeStatus) -> dict[str, Any]:
     doc = to_api(entry)
@@ -204,7 +185,7 @@ def merge_flows(baseline: Baseline, fresh_flows: Sequence[Flow]) -> list[Flow]:
 
 
 def top_flows(flows: Sequence[Flow], top_n: int) -> list[Flow]:
-    """Busiest first (retransmit_operator.ranking), at most top_n (0 = all)."""
+    """Busiest first (retransmit_core.ranking), at most top_n (0 = all)."""
     ordered = sorted(flows, key=flow_key)
     return ordered[:top_n] if top_n > 0 else ordered
 

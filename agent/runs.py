@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from retransmit_operator.api import RETRANSMIT_CAUSES
+from retransmit_core.kernelvocab import RETRANSMIT_CAUSES
 
 from .flows import SocketState
 

@@ -4,7 +4,7 @@ aggregating them into the trace's status.
 
 - Simulated nodes: bench.synthetic (the agent's report code on synthetic kernel counters),
   written with the agent's ReportWriter (create, then server-side apply, field manager per
-  node; heartbeat Lease renewals) on the agent's own schedule (retransmit_operator.heartbeat
+  node; heartbeat Lease renewals) on the agent's own schedule (retransmit_core.schedule
   .next_write): every reportInterval (10 s, jittered) a node wakes up and writes its report
   when it changed and its report period passed (the interval, stretched beyond 1,000 nodes),
   else renews its heartbeat Lease when a heartbeat is due. BUSY_FRACTION of the nodes (every
@@ -46,11 +46,12 @@ import yaml
 
 from bench import procstat
 from bench.synthetic import SyntheticNode
-from retransmit_agent.reporter import ApiError, ReportTarget, ReportWriter, jittered
-from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, to_api
-from retransmit_operator.heartbeat import Write, heartbeat_seconds, next_write, report_period, stale_after
+from retransmit_agent.reporter import ApiError, ReportTarget, ReportWriter
+from retransmit_core.backoff import jittered
+from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, to_api
+from retransmit_core.schedule import Write, heartbeat_seconds, next_write, report_period, stale_after
 from retransmit_operator.reportindex import ReportIndex
-from retransmit_operator.reports import LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, trace_selector
+from retransmit_core.naming import LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, trace_selector
 from tests.harness.controlplane import ControlPlane, end_process, free_port, start_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

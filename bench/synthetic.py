@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from retransmit_agent.flows import AF_INET, AF_INET6, KIND_RETRANSMIT, flow_counters, recent_event
 from retransmit_agent.kernel import KernelSnapshot
-from retransmit_agent.report import build_node_report
+from retransmit_agent.nodeentry import build_node_report
 from retransmit_agent.reporter import Baseline, cumulative_entry, merge_flows
-from retransmit_operator.api import Endpoint, NodeStatus
+from retransmit_core.api import Endpoint, NodeStatus
 
 TOP_FLOWS = 10      # spec.topFlows default
 KEEP_EVENTS = 20    # spec.events.keep default

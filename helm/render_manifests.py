@@ -29,11 +29,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from retransmit_core.naming import DEFAULT_NAMESPACE
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "retransmit-operator"
 MANIFESTS = ROOT / "manifests"
 RELEASE = "retransmit-operator"
-NAMESPACE = "retransmit-system"
+NAMESPACE = DEFAULT_NAMESPACE
 # Files in manifests/ that other generators own.
 NOT_RENDERED = {"crd.yaml", "crd-nodereports.yaml"}
 HEADER = ("# Rendered from helm/retransmit-operator by `make manifests` (python -m helm.render_manifests --write).\n"

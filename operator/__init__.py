@@ -1,1 +1,1 @@
-"""retransmit-operator: the kopf operator and the RetransmitTrace API (retransmit_operator.api)."""
+"""retransmit-operator: the kopf operator and the RetransmitTrace API (retransmit_core.api)."""

@@ -15,7 +15,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 from typing import Iterable, Optional
 
-from .api import (
+from retransmit_core.api import (
     MAX_NODE_ROWS,
     MAX_ROW_MESSAGE,
     Endpoint,
@@ -28,8 +28,8 @@ from .api import (
     add_counts,
     add_known,
 )
-from .podindex import PodLookup, with_owner
-from .ranking import flow_key, pod_key
+from retransmit_core.podindex import PodLookup, with_owner
+from retransmit_core.ranking import flow_key, pod_key
 
 # Entries whose agent counts: Running while the trace runs, Completed after its final report.
 REPORTING_PHASES = frozenset({Phase.RUNNING.value, Phase.COMPLETED.value})
@@ -39,7 +39,7 @@ def _phase(node: NodeStatus) -> str:
     return node.phase.value if isinstance(node.phase, Phase) else str(node.phase)
 
 
-def attribute(endpoint: Endpoint, pods: Optional[PodLookup]) -> Endpoint:
+def attributed_endpoint(endpoint: Endpoint, pods: Optional[PodLookup]) -> Endpoint:
     """The endpoint with pod/namespace (or node, for host addresses) filled from the index,
     unless the agent already attributed it."""
     if pods is None or endpoint.pod or endpoint.node:
@@ -58,8 +58,8 @@ def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup], top_n:
     chosen = heapq.nsmallest(top_n, candidates, key=order) if top_n > 0 else sorted(candidates, key=order)
     return [flow.model_copy(update={
         "node": node.node,
-        "local": attribute(flow.local, pods),
-        "remote": attribute(flow.remote, pods),
+        "local": attributed_endpoint(flow.local, pods),
+        "remote": attributed_endpoint(flow.remote, pods),
     }) for node, flow in chosen]
 
 

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Optional, Sequence
 
-from .api import MAX_NODE_ROWS, ApiModel, Condition, NodeRow, NodeStatus, Phase, Summary
-from pydantic import Field
+from retransmit_core.api import Condition, NodeRow, NodeStatus, Phase, RetransmitTraceStatus, Summary
 
 READY, AGENTS_READY, DEGRADED = "Ready", "AgentsReady", "Degraded"
 CONDITION_TYPES = (READY, AGENTS_READY, DEGRADED)
@@ -34,18 +33,6 @@ def deadline(start_time: Optional[datetime], duration_seconds: Optional[float]) 
 def is_due(start_time: Optional[datetime], duration_seconds: Optional[float], now: datetime) -> bool:
     end = deadline(start_time, duration_seconds)
     return end is not None and now >= end
-
-
-class OperatorStatus(ApiModel):
-    """The trace's status, all of it the operator's (field manager rtrace-operator)."""
-
-    phase: Phase
-    observed_generation: Optional[int] = None
-    start_time: Optional[datetime] = None
-    completion_time: Optional[datetime] = None
-    conditions: list[Condition] = Field(default_factory=list)
-    summary: Optional[Summary] = None
-    nodes: list[NodeRow] = Field(default_factory=list, max_length=MAX_NODE_ROWS)
 
 
 @dataclass(frozen=True)
@@ -163,7 +150,7 @@ def merge_condition(previous: Sequence[Condition], type_: str, status: str, reas
     )
 
 
-def compute_status(obs: Observation, previous_conditions: Sequence[Condition]) -> OperatorStatus:
+def compute_status(obs: Observation, previous_conditions: Sequence[Condition]) -> RetransmitTraceStatus:
     """The operator-owned status for this observation."""
     phase = phase_of(obs)
     agents = _agents(obs, phase)
@@ -173,7 +160,7 @@ def compute_status(obs: Observation, previous_conditions: Sequence[Condition]) -
         DEGRADED: _degraded(obs),
     }
     conditions = [merge_condition(previous_conditions, t, *wanted[t], obs.generation, obs.now) for t in CONDITION_TYPES]
-    return OperatorStatus(
+    return RetransmitTraceStatus(
         phase=phase,
         observed_generation=obs.generation,
         start_time=obs.start_time,
@@ -184,7 +171,7 @@ def compute_status(obs: Observation, previous_conditions: Sequence[Condition]) -
     )
 
 
-def transitions(before: Optional[OperatorStatus], after: OperatorStatus) -> list[tuple[str, str, str]]:
+def transitions(before: Optional[RetransmitTraceStatus], after: RetransmitTraceStatus) -> list[tuple[str, str, str]]:
     """Kubernetes Events (type, reason, message) for the moments a user cares about."""
     events: list[tuple[str, str, str]] = []
     old_phase = before.phase if before else None

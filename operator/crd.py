@@ -1,5 +1,5 @@
 """The RetransmitTrace and RetransmitNodeReport CRDs, generated from the pydantic models in
-retransmit_operator.api.
+retransmit_core.api.
 
 pydantic writes JSON Schema; Kubernetes wants a *structural* OpenAPI v3 schema: no $ref, no
 anyOf/oneOf around types, no `additionalProperties: false`, no `null` types, a `type` on
@@ -24,7 +24,8 @@ from typing import Any, Optional
 
 import yaml
 
-from . import api
+from retransmit_core import api
+from retransmit_core.naming import APP_NAME
 
 CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
 REPORT_CRD_NAME = f"{api.REPORT_PLURAL}.{api.GROUP}"
@@ -32,7 +33,7 @@ REPORT_CRD_NAME = f"{api.REPORT_PLURAL}.{api.GROUP}"
 CRD_PATHS = (Path("manifests/crd.yaml"), Path("helm/retransmit-operator/crds/retransmittraces.yaml"))
 REPORT_CRD_PATHS = (Path("manifests/crd-nodereports.yaml"), Path("helm/retransmit-operator/crds/retransmitnodereports.yaml"))
 HEADER = (
-    "# Generated from operator/api.py by `python -m retransmit_operator.crd --write` (make crd).\n"
+    "# Generated from core/api.py by `python -m retransmit_operator.crd --write` (make crd).\n"
     "# Do not edit: change the pydantic models and regenerate; a unit test fails on drift.\n"
 )
 
@@ -193,7 +194,7 @@ def _crd(name: str, scope: str, kind: str, plural: str, singular: str, short_nam
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": name,
-            "labels": {"app.kubernetes.io/name": "retransmit-operator", "app.kubernetes.io/part-of": "retransmit-operator"},
+            "labels": {"app.kubernetes.io/name": APP_NAME, "app.kubernetes.io/part-of": APP_NAME},
         },
         "spec": {
             "group": api.GROUP,

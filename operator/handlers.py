@@ -14,8 +14,9 @@ from typing import Any, Optional
 
 import kopf
 
+from retransmit_core.api import GROUP, PLURAL, VERSION
+
 from . import kube as kube_module
-from .api import GROUP, PLURAL, VERSION
 from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
 from .reconciler import Reconciler

@@ -2,8 +2,9 @@
 
 The kubernetes client is synchronous; KubeApi runs each call in a worker thread so kopf's
 event loop never blocks. Writes use server-side apply with the operator's own field manager.
-The nodes' reports come from ONE label-selected watch in the operator's namespace
-(`watch_reports`, its own thread), never one per trace.
+The nodes' reports and their heartbeat Leases come from two label-selected watches in the
+operator's namespace (`watch_reports`, `watch_heartbeats`, a thread each), whatever the
+number of traces: never one per trace.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 import threading
 import uuid
@@ -22,11 +22,13 @@ import kopf
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from .api import API_VERSION, GROUP, KIND, PLURAL, REPORT_KIND, REPORT_PLURAL, VERSION
-from .apierrors import describe, server_message
+from retransmit_core.api import API_VERSION, GROUP, KIND, PLURAL, REPORT_KIND, REPORT_PLURAL, VERSION
+from retransmit_core.apierrors import server_message
+from retransmit_core.naming import HEARTBEATS_SELECTOR, LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, REPORTS_SELECTOR
+from retransmit_core.watch import list_then_watch
+
 from .conditions import utcnow
 from .metrics import OperatorMetrics
-from .reports import HEARTBEATS_SELECTOR, LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, REPORTS_SELECTOR
 
 FIELD_MANAGER = "rtrace-operator"
 # Events about cluster-scoped objects live in "default" with an empty involvedObject.namespace:
@@ -193,37 +195,22 @@ class KubeApi:
     def _mirror(self, namespace: str, resource: tuple[str, str, str], selector: str, what: str,
                 replace: Callable[[list], None], observe: Callable[..., None], stop: threading.Event,
                 timeout: int) -> None:
-        """List once, then watch from that resourceVersion, resuming after each server timeout;
-        relist only when the watch expired (410) or failed. Blocking: run it in a thread."""
+        """Mirror one label-selected kind into `index` (retransmit_core.watch). Blocking: a thread."""
         from kubernetes import watch
 
-        attempt = 0
-        while not stop.is_set():
-            try:
-                listed = self._custom.list_namespaced_custom_object(
-                    *resource[:2], namespace, resource[2], label_selector=selector, _request_timeout=60)
-                replace(listed.get("items") or [])
-                version = listed["metadata"]["resourceVersion"]
-                attempt = 0
-                while not stop.is_set():
-                    stream = watch.Watch().stream(
-                        self._custom.list_namespaced_custom_object, *resource[:2], namespace, resource[2],
-                        label_selector=selector, resource_version=version, timeout_seconds=timeout,
-                        allow_watch_bookmarks=True, _request_timeout=timeout + 10)
-                    for event in stream:
-                        obj = event["object"]
-                        if event["type"] == "ERROR":
-                            raise ApiException(status=(obj or {}).get("code") or 0, reason=(obj or {}).get("message"))
-                        version = (obj.get("metadata") or {}).get("resourceVersion") or version
-                        if event["type"] != "BOOKMARK":
-                            observe(obj, deleted=event["type"] == "DELETED")
-                        if stop.is_set():
-                            return
-            except Exception as e:  # noqa: BLE001 - API server away, expired version: relist after a pause
-                delay = min(30.0, 2 ** min(attempt, 5)) * (0.5 + random.random() / 2)
-                attempt += 1
-                log.warning("watch of %s in %s interrupted (%s); relisting in %.1fs", what, namespace, describe(e), delay)
-                stop.wait(delay)
+        group, version, plural = resource
+
+        def list_objects() -> dict[str, Any]:
+            return self._custom.list_namespaced_custom_object(
+                group, version, namespace, plural, label_selector=selector, _request_timeout=60)
+
+        def watch_from(resource_version: Optional[str]) -> Any:
+            return watch.Watch().stream(
+                self._custom.list_namespaced_custom_object, group, version, namespace, plural,
+                label_selector=selector, resource_version=resource_version, timeout_seconds=timeout,
+                allow_watch_bookmarks=True, _request_timeout=timeout + 10)
+
+        list_then_watch(list_objects, watch_from, replace, observe, stop, f"{what} in {namespace}")
 
     async def post_event(self, trace: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event about the trace; failures are logged, never raised (events are best effort)."""

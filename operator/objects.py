@@ -1,6 +1,5 @@
 """Pure readers of the API objects the operator watches: the operator-owned part of a
-trace's status, which of two versions of an object is newer, and how many nodes a DaemonSet
-wants once its controller has seen the current generation. No I/O, no state.
+trace's status and which of two versions of an object is newer. No I/O, no state.
 """
 
 from __future__ import annotations
@@ -9,18 +8,19 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from .conditions import OperatorStatus
+from retransmit_core.api import RetransmitTraceStatus
 
-OPERATOR_FIELDS = ("phase", "observedGeneration", "startTime", "completionTime", "conditions", "summary", "nodes")
+# Every field of the trace's status is the operator's (field manager rtrace-operator).
+OPERATOR_FIELDS = tuple(field.alias or name for name, field in RetransmitTraceStatus.model_fields.items())
 
 
-def operator_status(status: dict[str, Any]) -> Optional[OperatorStatus]:
+def operator_status(status: dict[str, Any]) -> Optional[RetransmitTraceStatus]:
     """The operator-owned part of a trace's status, or None when there is none (or it is unusable)."""
     owned = {k: status[k] for k in OPERATOR_FIELDS if k in status}
     if "phase" not in owned:
         return None
     try:
-        return OperatorStatus.model_validate(owned)
+        return RetransmitTraceStatus.model_validate(owned)
     except ValidationError:
         return None
 
@@ -35,13 +35,3 @@ def newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
         return int(ma.get("resourceVersion")) > int(mb.get("resourceVersion"))
     except (TypeError, ValueError):
         return False
-
-
-def desired_nodes(daemonset: Optional[dict[str, Any]]) -> Optional[int]:
-    """desiredNumberScheduled once the DaemonSet controller has seen the current generation."""
-    if not daemonset:
-        return None
-    status = daemonset.get("status") or {}
-    if (status.get("observedGeneration") or 0) < (daemonset.get("metadata") or {}).get("generation", 0):
-        return None
-    return int(status.get("desiredNumberScheduled") or 0)

@@ -19,7 +19,7 @@ Why each one:
   of the nodes' reports. retransmitnodereports/status patch: marking reports of nodes that
   left the trace (server-side apply).
 - leases list/watch (coordination.k8s.io, operator namespace only): the one label-selected
-  watch of the reports' heartbeat Leases (retransmit_operator.heartbeat).
+  watch of the reports' heartbeat Leases (retransmit_core.schedule).
 - events create (namespace "default" only): Events about cluster-scoped objects live there.
 """
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .api import GROUP, PLURAL, REPORT_PLURAL
-from .reports import LEASE_GROUP, LEASE_PLURAL
+from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL
+from retransmit_core.naming import LEASE_GROUP, LEASE_PLURAL
 
 CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch", "patch"]},

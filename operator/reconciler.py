@@ -18,21 +18,23 @@ import logging
 import time
 from typing import Any, Optional
 
+from retransmit_core.api import DEFAULT_TOP_FLOWS, NodeReportStatus, Phase, RetransmitTraceSpec, RetransmitTraceStatus, to_api
+from retransmit_core.naming import SPEC_HASH_ANNOTATION, TRACE_LABEL, daemonset_name, agent_selector_labels
+from retransmit_core.podindex import PodIndex
+from retransmit_core.schedule import desired_nodes, stale_after
+from retransmit_core.validation import validate_trace
+
 from .aggregate import aggregate_summary, departed, node_rows, stale_nodes
-from .api import NodeReportStatus, Phase, RetransmitTraceSpec, to_api
 from .conditions import (
-    Observation, OperatorStatus, compute_status, is_due, refused_message, rolled_event, scheduled_event, transitions,
+    Observation, compute_status, is_due, refused_message, rolled_event, scheduled_event, transitions,
     utcnow,
 )
-from .heartbeat import stale_after
 from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
-from .objects import desired_nodes, newer, operator_status
-from .podindex import PodIndex
+from .objects import newer, operator_status
+from .render import render_daemonset, selector_text
 from .reportindex import ReportIndex
-from .render import SPEC_HASH_ANNOTATION, TRACE_LABEL, daemonset_name, render_daemonset, selector_labels, selector_text
 from .settings import Settings
-from .validation import validate_trace
 
 log = logging.getLogger("retransmit_operator")
 
@@ -59,7 +61,7 @@ class Reconciler:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def reconcile(self, body: dict[str, Any], *, trigger: str, roll: bool = False) -> Optional[OperatorStatus]:
+    async def reconcile(self, body: dict[str, Any], *, trigger: str, roll: bool = False) -> Optional[RetransmitTraceStatus]:
         """Bring one trace's DaemonSet and operator-owned status in line with its spec and time.
 
         roll=True applies the rendered DaemonSet even when it looks current (create, resume,
@@ -86,13 +88,13 @@ class Reconciler:
             self.metrics.reconciles.labels(trigger=trigger, result=result).inc()
             self.metrics.reconcile_seconds.observe(time.monotonic() - started)
 
-    async def _reconcile(self, body: dict[str, Any], *, roll: bool) -> OperatorStatus:
+    async def _reconcile(self, body: dict[str, Any], *, roll: bool) -> RetransmitTraceStatus:
         body = self._freshest(body)
         meta = body["metadata"]
         name, uid, generation = meta["name"], meta["uid"], meta.get("generation")
         if meta.get("deletionTimestamp"):
             # Being deleted (foreground deletion waits for the DaemonSet): recreate nothing.
-            return operator_status(body.get("status") or {}) or OperatorStatus(phase=Phase.PENDING)
+            return operator_status(body.get("status") or {}) or RetransmitTraceStatus(phase=Phase.PENDING)
         status = body.get("status") or {}
         current = operator_status(status)
         if current is not None and current.phase == Phase.FAILED and current.observed_generation == generation:
@@ -135,7 +137,7 @@ class Reconciler:
         summary = aggregate_summary(
             nodes,
             nodes_desired=nodes_desired,
-            top_n=spec.top_flows if spec else 10,
+            top_n=spec.top_flows if spec else DEFAULT_TOP_FLOWS,
             pod_index=self.pods,
             now=now,
             stale_after=bound,
@@ -219,7 +221,7 @@ class Reconciler:
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
         trace = labels.get(TRACE_LABEL)
-        if not trace or any(labels.get(k) != v for k, v in selector_labels(trace).items()):
+        if not trace or any(labels.get(k) != v for k, v in agent_selector_labels(trace).items()):
             return
         if meta.get("namespace") != self.settings.namespace:
             return

@@ -1,6 +1,6 @@
 """The agents' DaemonSet for one trace: a pure function of the trace and the settings.
 
-The pod template is the operator-agent contract (retransmit_operator.contract): the agent
+The pod template is the operator-agent contract (retransmit_core.contract): the agent
 reads its whole configuration from the args and the downward-API env rendered here.
 
 Security modes (RTRACE_AGENT_SECURITY_MODE):
@@ -29,16 +29,19 @@ import json
 import zlib
 from typing import Any
 
-from .api import API_VERSION, KIND, RetransmitTraceSpec
-from .contract import DOWNWARD_API_ENV, METRICS_PORT_SPAN, AgentInvocation, render_agent_args
+from retransmit_core.api import RetransmitTraceSpec
+from retransmit_core.contract import DOWNWARD_API_ENV, METRICS_PORT_SPAN, AgentInvocation, render_agent_args
+from retransmit_core.naming import (
+    SPEC_HASH_ANNOTATION,
+    agent_labels,
+    agent_selector_labels,
+    daemonset_name,
+    trace_owner,
+)
+from retransmit_core.schedule import TERMINATION_GRACE_SECONDS
+
 from .settings import Settings
 
-APP_NAME = "retransmit-operator"
-MANAGED_BY = "retransmit-operator"
-TRACE_LABEL = "retransmit.dev/trace"
-SPEC_HASH_ANNOTATION = "retransmit.dev/spec-hash"
-DAEMONSET_PREFIX = "rtrace-"
-TERMINATION_GRACE_SECONDS = 30  # SIGTERM -> final report; a write takes well under a second
 
 # (volume name, host path, mount path, mount propagation)
 HOST_MOUNTS: tuple[tuple[str, str, str, str | None], ...] = (
@@ -56,44 +59,10 @@ def selector_text(labels: dict[str, str]) -> str:
     return ", ".join(f"{key}={value}" for key, value in sorted(labels.items()))
 
 
-def daemonset_name(trace_name: str) -> str:
-    return f"{DAEMONSET_PREFIX}{trace_name}"
-
-
 def agent_metrics_port(trace_name: str, settings: Settings) -> int:
     """The agents of one trace listen on base + a stable offset: agents use the host network,
     so two traces on one node need different ports (the scheduler refuses a clash)."""
     return settings.agent_metrics_port + zlib.crc32(trace_name.encode()) % METRICS_PORT_SPAN
-
-
-def selector_labels(trace_name: str) -> dict[str, str]:
-    """Labels that pick one trace's agent pods (the DaemonSet selector: never changes)."""
-    return {
-        "app.kubernetes.io/name": APP_NAME,
-        "app.kubernetes.io/component": "agent",
-        TRACE_LABEL: trace_name,
-    }
-
-
-def labels(trace_name: str) -> dict[str, str]:
-    return {
-        **selector_labels(trace_name),
-        "app.kubernetes.io/instance": daemonset_name(trace_name),
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        "app.kubernetes.io/part-of": APP_NAME,
-    }
-
-
-def owner_reference(trace_name: str, trace_uid: str) -> dict[str, Any]:
-    """The trace owns the DaemonSet: deleting the trace garbage-collects the agents."""
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "name": trace_name,
-        "uid": trace_uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def security_context(mode: str) -> dict[str, Any]:
@@ -168,7 +137,7 @@ def render_pod_template(trace_name: str, trace_uid: str, spec: RetransmitTraceSp
         "containers": [container],
         "volumes": volumes,
     }
-    return {"metadata": {"labels": labels(trace_name)}, "spec": pod_spec}
+    return {"metadata": {"labels": agent_labels(trace_name)}, "spec": pod_spec}
 
 
 def spec_hash(template: dict[str, Any]) -> str:
@@ -187,12 +156,12 @@ def render_daemonset(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec,
         "metadata": {
             "name": daemonset_name(trace_name),
             "namespace": settings.namespace,
-            "labels": labels(trace_name),
+            "labels": agent_labels(trace_name),
             "annotations": {SPEC_HASH_ANNOTATION: digest},
-            "ownerReferences": [owner_reference(trace_name, trace_uid)],
+            "ownerReferences": [trace_owner(trace_name, trace_uid, block_owner_deletion=True)],
         },
         "spec": {
-            "selector": {"matchLabels": selector_labels(trace_name)},
+            "selector": {"matchLabels": agent_selector_labels(trace_name)},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%"}},
             "template": template,
         },

@@ -15,9 +15,9 @@ from typing import Any, Iterable, Optional
 
 from pydantic import ValidationError
 
-from .api import NodeReportStatus, NodeStatus
-from .reports import TRACE_LABEL, heartbeat_of, well_named
-from .validation import format_error
+from retransmit_core.api import NodeReportStatus, NodeStatus
+from retransmit_core.naming import TRACE_LABEL, heartbeat_of, well_named
+from retransmit_core.validation import format_error
 
 log = logging.getLogger(__name__)
 

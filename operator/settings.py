@@ -21,8 +21,9 @@ from typing import Annotated, Any, Literal, Mapping, Optional, get_args
 from pydantic import AliasGenerator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .api import parse_duration
-from .contract import DEFAULT_METRICS_PORT, METRICS_PORT_SPAN
+from retransmit_core.api import parse_duration
+from retransmit_core.naming import DEFAULT_NAMESPACE
+from retransmit_core.contract import DEFAULT_METRICS_PORT, METRICS_PORT_SPAN
 
 ENV_PREFIX = "RTRACE_"
 
@@ -58,7 +59,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(alias_generator=AliasGenerator(validation_alias=lambda name: ENV_PREFIX + name.upper()),
                                       case_sensitive=True, frozen=True, extra="forbid", populate_by_name=True)
 
-    namespace: str = Field("retransmit-system", min_length=1,
+    namespace: str = Field(DEFAULT_NAMESPACE, min_length=1,
                            description="Namespace the operator runs in; agents' DaemonSets go there.")
     agent_image: str = Field("retransmit-operator:0.1.0", min_length=1, description="Image of the agent container.")
     agent_image_pull_policy: PullPolicy = Field("IfNotPresent", description="The agent container's imagePullPolicy.")

@@ -13,7 +13,7 @@ import kubernetes
 import pytest
 import yaml
 
-from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL
+from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL
 from retransmit_operator.main import EmbeddedOperator
 from tests.harness.controlplane import wait_gone, wait_until
 from tests.harness.refcount import ReferenceCounter

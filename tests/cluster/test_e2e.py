@@ -28,10 +28,11 @@ import kubernetes
 import pytest
 
 from retransmit_agent.reporter import ReportTarget, ReportWriter
-from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
-from retransmit_operator.heartbeat import stale_after
-from retransmit_operator.render import agent_metrics_port, daemonset_name
-from retransmit_operator.reports import (
+from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
+from retransmit_core.schedule import stale_after
+from retransmit_core.naming import daemonset_name
+from retransmit_operator.render import agent_metrics_port
+from retransmit_core.naming import (
     LEASE_GROUP,
     LEASE_PLURAL,
     LEASE_VERSION,
@@ -248,7 +249,7 @@ def test_counts_are_complete_after_the_api_server_was_stopped_for_30s(operator, 
 
 
 def _report_body(trace: dict, node: str, retransmits: int = 0) -> dict:
-    from retransmit_operator.reports import report_object
+    from retransmit_core.naming import report_object
 
     meta = trace["metadata"]
     return report_object(meta["name"], meta["uid"], node, SYSTEM_NS,

@@ -11,7 +11,7 @@ import kubernetes.dynamic
 import pytest
 import yaml
 
-from retransmit_operator.api import GROUP, PLURAL, VERSION
+from retransmit_core.api import GROUP, PLURAL, VERSION
 from retransmit_operator.main import EmbeddedOperator
 from retransmit_operator.settings import Settings
 from tests.harness.controlplane import wait_until

@@ -27,9 +27,9 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from retransmit_operator import rbac
-from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
-from retransmit_operator.reports import report_object, trace_selector
-from retransmit_operator.contract import parse_agent_args
+from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
+from retransmit_core.naming import report_object, trace_selector
+from retransmit_core.contract import parse_agent_args
 from tests.harness.controlplane import free_port, wait_gone
 from tests.harness.controlplane import wait_until as _wait_until
 
@@ -41,7 +41,7 @@ SYNC = "1s"
 # The stand-in agent: proves the pod got a valid `retransmit-agent cluster` invocation.
 STAND_IN = (
     "import signal, sys, time\n"
-    "from retransmit_operator.contract import parse_agent_args\n"
+    "from retransmit_core.contract import parse_agent_args\n"
     "inv = parse_agent_args(sys.argv[1:])\n"
     "print('stand-in agent for trace', inv.trace, 'topFlows', inv.spec.top_flows, flush=True)\n"
     "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"

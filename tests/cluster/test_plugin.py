@@ -17,8 +17,8 @@ from pathlib import Path
 import kubernetes
 import pytest
 
-from retransmit_operator.api import GROUP, PLURAL, VERSION
-from retransmit_operator.plugin import (
+from retransmit_core.api import GROUP, PLURAL, VERSION
+from retransmit_plugin.main import (
     EXIT_FAILED,
     EXIT_FORBIDDEN,
     EXIT_NO_CLUSTER,

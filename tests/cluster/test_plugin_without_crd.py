@@ -9,8 +9,8 @@ from __future__ import annotations
 import kubernetes
 import pytest
 
-from retransmit_operator.api import GROUP, PLURAL
-from retransmit_operator.plugin import EXIT_NO_CRD
+from retransmit_core.api import GROUP, PLURAL
+from retransmit_plugin.main import EXIT_NO_CRD
 from tests.harness.controlplane import wait_gone, wait_until
 from tests.harness.tracecluster import one_line, plugin
 

@@ -28,7 +28,8 @@ import pytest
 import yaml
 
 from retransmit_operator.main import EmbeddedOperator
-from retransmit_operator.render import agent_metrics_port, selector_labels
+from retransmit_core.naming import agent_selector_labels
+from retransmit_operator.render import agent_metrics_port
 from retransmit_operator.settings import Settings
 from tests.harness.controlplane import wait_until
 from tests.harness.prometheus import Prometheus, free_port, promtool
@@ -133,7 +134,7 @@ def rule_group_evaluated_after(prom: Prometheus, moment: float) -> bool:
 
 def agent_targets(core: Any, trace: str, settings: Settings) -> dict[str, str]:
     """node -> host:port of the trace's agent there (its pod IP: a node address)."""
-    selector = ",".join(f"{k}={v}" for k, v in selector_labels(trace).items())
+    selector = ",".join(f"{k}={v}" for k, v in agent_selector_labels(trace).items())
     port = agent_metrics_port(trace, settings)
 
     def ready():

@@ -107,7 +107,7 @@ def findings(result: dict, accepted: Optional[dict[str, str]] = None, where: str
 def agent_daemonsets(deployment: dict) -> dict[str, dict]:
     """The DaemonSet the operator renders for a trace, with the env the chart gives it, per
     security mode."""
-    from retransmit_operator.api import RetransmitTraceSpec
+    from retransmit_core.api import RetransmitTraceSpec
     from retransmit_operator.render import render_daemonset
     from retransmit_operator.settings import Settings
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import yaml
+from helm.render_manifests import MANIFESTS, helm_template, split_by_template
 
 from tests.deploy.kube import CHART, access_review, helm, install_crd, kubectl, unique
-from helm.render_manifests import MANIFESTS, helm_template, split_by_template
 
 pytestmark = pytest.mark.deploy
 
@@ -86,7 +86,7 @@ def test_operator_pod_meets_pod_security_restricted(cluster):
         assert "Warning" not in done.stderr, done.stderr
 
         # The same namespace refuses an agent pod as the operator renders it: the check is real.
-        from retransmit_operator.api import RetransmitTraceSpec
+        from retransmit_core.api import RetransmitTraceSpec
         from retransmit_operator.render import render_daemonset
         from retransmit_operator.settings import Settings
 

@@ -121,7 +121,7 @@ def test_operator_pod_is_locked_down():
 
 
 def test_samples_are_valid_traces():
-    from retransmit_operator.api import RetransmitTraceSpec
+    from retransmit_core.api import RetransmitTraceSpec
 
     samples = sorted((render_manifests.MANIFESTS / "samples").glob("*.yaml"))
     assert {p.name for p in samples} == {"whole-cluster.yaml", "namespace-filtered.yaml", "port-cidr-filtered.yaml"}

@@ -84,7 +84,7 @@ def test_plain_rule_file_passes_promtool():
 def test_agent_pod_monitor_selects_the_pods_and_port_the_operator_renders():
     """The agents' DaemonSet comes from operator/render.py, not from a chart template: the
     PodMonitor must match what that code gives the pods."""
-    from retransmit_operator.api import RetransmitTraceSpec
+    from retransmit_core.api import RetransmitTraceSpec
     from retransmit_operator.render import render_pod_template
     from retransmit_operator.settings import Settings
 

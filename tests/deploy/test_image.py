@@ -123,7 +123,7 @@ def test_image_operator_reconciles_as_an_arbitrary_uid_without_a_passwd_entry(im
     Read-only root filesystem as in the chart; the proof is a DaemonSet it rendered."""
     import kubernetes
 
-    from retransmit_operator.render import daemonset_name
+    from retransmit_core.naming import daemonset_name
     from tests.deploy.kube import install_crd, kubectl, unique
     from tests.harness.controlplane import free_port
 

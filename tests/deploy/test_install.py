@@ -16,8 +16,8 @@ from typing import Callable, Optional
 import pytest
 import yaml
 
-from tests.deploy.kube import CHART, can_i, helm, kubectl, unique
 from helm.render_manifests import MANIFESTS
+from tests.deploy.kube import CHART, can_i, helm, kubectl, unique
 from tests.harness.netns import LossNamespace
 from tests.harness.refcount import ReferenceCounter, involving, per_flow
 

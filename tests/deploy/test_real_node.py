@@ -24,12 +24,12 @@ from typing import Any, Optional
 
 import kubernetes
 import pytest
-
-from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
-from retransmit_operator.reports import report_name
-from retransmit_operator.render import selector_labels
-from tests.deploy.kube import CHART, helm, kubectl, unique
 from helm.render_manifests import ROOT
+
+from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
+from retransmit_core.naming import report_name
+from retransmit_core.naming import agent_selector_labels
+from tests.deploy.kube import CHART, helm, kubectl, unique
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_gone, wait_until
 from tests.harness.realnode import BRIDGE, SANDBOX_IMAGE, RealNode
@@ -257,7 +257,7 @@ def run_trace_and_compare(cp, release: Release, real: Node, reference, core, nam
     node = real.node
     pods = PodPair(core, node, namespace)
     trace = Trace(cp, node, namespace, release.ns)
-    labels = selector_labels(trace.name)
+    labels = agent_selector_labels(trace.name)
     agent = wait_until(lambda: next((p for p in release.pods(**labels) if ready(p)), None),
                        f"the agent pod of {trace.name} Running and Ready", timeout=240)
     assert agent["spec"]["nodeName"] == node.name

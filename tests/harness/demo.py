@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION
+from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION
 from tests.harness import podtraffic
 from tests.harness.controlplane import ControlPlane, end_process, start_process, wait_until
 

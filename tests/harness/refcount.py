@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from retransmit_operator.api import TCP_STATES
+from retransmit_core.kernelvocab import TCP_STATES
 
 SOURCE = r"""
 struct ref_key {

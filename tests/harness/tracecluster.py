@@ -15,9 +15,9 @@ from typing import Any, Callable, Optional
 
 import kubernetes
 
-from retransmit_operator.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
-from retransmit_operator.render import daemonset_name, selector_labels
-from retransmit_operator.reports import report_name, trace_selector
+from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
+from retransmit_core.naming import daemonset_name, agent_selector_labels
+from retransmit_core.naming import report_name, trace_selector
 from retransmit_operator.settings import Settings
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
@@ -127,7 +127,7 @@ class Trace:
         return wait_until(check, f"trace {self.name} node {node}: {what}", timeout=timeout, interval=0.5)
 
     def agent_pod(self, node: str = NODE_A) -> str:
-        selector = ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
+        selector = ",".join(f"{k}={v}" for k, v in agent_selector_labels(self.name).items())
         for pod in self.core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items:
             if pod.spec.node_name == node and pod.metadata.deletion_timestamp is None:
                 return pod.metadata.name
@@ -148,7 +148,7 @@ class Trace:
         except kubernetes.client.ApiException as e:
             if e.status != 404:
                 raise
-        selector = ",".join(f"{k}={v}" for k, v in selector_labels(self.name).items())
+        selector = ",".join(f"{k}={v}" for k, v in agent_selector_labels(self.name).items())
         try:
             wait_until(lambda: not self.core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items,
                        f"agent pods of {self.name} gone", timeout=120)

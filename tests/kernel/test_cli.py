@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from retransmit_operator.api import NodeStatus, RecentEvent
+from retransmit_core.api import NodeStatus, RecentEvent
 from tests.harness import loads
 from tests.harness.refcount import per_flow, succeeded
 

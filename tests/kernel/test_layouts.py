@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from retransmit_agent.kernelinfo import OLD_KERNEL_MAX_INSNS
-from retransmit_operator.api import UNKNOWN_STATE
+from retransmit_core.kernelvocab import UNKNOWN_STATE
 from tests.harness import loads
 from tests.harness.oldlayout import OldLayoutAgent
 from tests.harness.refcount import per_flow, succeeded

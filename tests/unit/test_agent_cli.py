@@ -12,8 +12,8 @@ from retransmit_agent.cli import build_parser, local_options
 from retransmit_agent.filters import UsageError
 from retransmit_agent.flows import FlowCounters
 from retransmit_agent.kernel import KernelConfig, KernelSnapshot
-from retransmit_agent.report import build_node_report
-from retransmit_agent.table import render_report
+from retransmit_agent.nodeentry import build_node_report
+from retransmit_agent.livetable import render_report
 
 pytestmark = pytest.mark.unit
 

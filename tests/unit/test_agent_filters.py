@@ -15,7 +15,7 @@ from retransmit_agent.filters import (
     parse_state,
 )
 from retransmit_agent.kernel import KernelConfig
-from retransmit_operator.api import RetransmitTraceSpec
+from retransmit_core.api import RetransmitTraceSpec
 
 pytestmark = pytest.mark.unit
 

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from retransmit_core.api import format_endpoint
 from retransmit_agent.flows import (
     AF_INET,
     AF_INET6,
@@ -14,7 +15,6 @@ from retransmit_agent.flows import (
     decode_address,
     encode_address,
     flow_counters,
-    format_endpoint,
     ktime_to_datetime,
     recent_event,
     state_name,

@@ -8,8 +8,8 @@ import pytest
 
 from retransmit_agent.flows import FlowCounters
 from retransmit_agent.kernel import KernelSnapshot
-from retransmit_agent.report import build_node_report
-from retransmit_operator.api import Endpoint, NodeStatus, RecentEvent, to_api
+from retransmit_agent.nodeentry import build_node_report
+from retransmit_core.api import Endpoint, NodeStatus, RecentEvent, to_api
 
 pytestmark = pytest.mark.unit
 

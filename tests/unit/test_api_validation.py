@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from retransmit_operator.api import RetransmitTraceSpec, to_api
-from retransmit_operator.validation import validate_trace
+from retransmit_core.api import RetransmitTraceSpec, to_api
+from retransmit_core.validation import validate_trace
 
 pytestmark = pytest.mark.unit
 

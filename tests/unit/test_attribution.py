@@ -1,4 +1,4 @@
-"""Pod attribution (retransmit_operator.podindex, shared by agent and operator): canonical
+"""Pod attribution (retransmit_core.podindex, shared by agent and operator): canonical
 addresses, pods as the API returns them, the agent's node-scoped index (hostNetwork and node
 addresses, the selector -> IP set) and the operator's cluster-wide one; the agent's node
 addresses from /proc."""
@@ -7,18 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from retransmit_agent.podselection import PodSelection, selected_ips, selector_matches
 from retransmit_agent.podwatch import node_addresses
-from retransmit_operator.aggregate import attribute as attribute_endpoint
-from retransmit_operator.api import Endpoint, LabelSelector
-from retransmit_operator.podindex import (
+from retransmit_operator.aggregate import attributed_endpoint
+from retransmit_core.api import Endpoint, LabelSelector
+from retransmit_core.podindex import (
     Owner,
     PodFacts,
     PodIndex,
-    PodSelection,
-    attribute,
+    owner_in_table,
     canonical_ip,
     canonical_ips,
-    selector_matches,
     with_owner,
 )
 
@@ -146,7 +145,7 @@ def test_lookup_table_agrees_with_owner():
     idx = index_with(pod("web", ips=("198.18.0.2", "fd00::2")), pod("h", ips=("10.1.0.5",), host_network=True))
     table = idx.lookup_table()
     for ip in ("198.18.0.2", "fd00::2", "10.1.0.5", "::1", "127.0.0.1", "192.0.2.1"):
-        assert attribute(table, ip, "n1") == idx.owner(ip), ip
+        assert owner_in_table(table, ip, "n1") == idx.owner(ip), ip
 
 
 @pytest.mark.parametrize("node", [None, "n1"], ids=["cluster-wide", "one-node"])
@@ -222,23 +221,23 @@ def test_the_summary_attributes_like_the_agent_and_keeps_what_the_agent_wrote():
                       cluster_pod("kube-proxy", "n2", ("10.0.0.2",), host_network=True, ns="kube-system")])
     for ip in ("198.18.0.2", "10.0.0.2", "10.9.9.9"):
         bare = Endpoint(ip=ip, port=80)
-        assert attribute_endpoint(bare, wide) == with_owner(bare, wide.owner(ip)), ip
+        assert attributed_endpoint(bare, wide) == with_owner(bare, wide.owner(ip)), ip
     written = Endpoint(ip="198.18.0.2", port=80, pod="old", namespace="shop")
-    assert attribute_endpoint(written, wide) == written
-    assert attribute_endpoint(Endpoint(ip="198.18.0.2", port=80), None) == Endpoint(ip="198.18.0.2", port=80)
+    assert attributed_endpoint(written, wide) == written
+    assert attributed_endpoint(Endpoint(ip="198.18.0.2", port=80), None) == Endpoint(ip="198.18.0.2", port=80)
 
 
 # ---------------------------------------------------------------- selection -> kernel filter
 
 def test_no_namespaces_and_no_selector_means_no_local_ip_filter():
     idx = index_with(pod("web", ips=("198.18.0.2",)))
-    assert idx.selected_ips(PodSelection()) is None
-    assert idx.selected_ips(PodSelection(selector=LabelSelector())) is None
+    assert selected_ips(idx, PodSelection()) is None
+    assert selected_ips(idx, PodSelection(selector=LabelSelector())) is None
 
 
 def test_namespaces_select_their_pods_addresses():
     idx = index_with(pod("a", "shop", ips=("198.18.0.2", "fd00::2")), pod("b", "other", ips=("198.18.0.3",)))
-    assert idx.selected_ips(PodSelection(namespaces=frozenset({"shop"}))) == {"198.18.0.2", "fd00::2"}
+    assert selected_ips(idx, PodSelection(namespaces=frozenset({"shop"}))) == {"198.18.0.2", "fd00::2"}
 
 
 def test_pod_selector_and_namespaces_both_apply():
@@ -248,30 +247,30 @@ def test_pod_selector_and_namespaces_both_apply():
         pod("c", "other", ips=("198.18.0.4",), labels={"app": "web"}),
     )
     sel = LabelSelector(match_labels={"app": "web"})
-    assert idx.selected_ips(PodSelection(selector=sel)) == {"198.18.0.2", "198.18.0.4"}
-    assert idx.selected_ips(PodSelection(frozenset({"shop"}), sel)) == {"198.18.0.2"}
+    assert selected_ips(idx, PodSelection(selector=sel)) == {"198.18.0.2", "198.18.0.4"}
+    assert selected_ips(idx, PodSelection(frozenset({"shop"}), sel)) == {"198.18.0.2"}
 
 
 def test_a_selection_matching_nothing_is_an_empty_set_not_no_filter():
     idx = index_with(pod("a", "shop", ips=("198.18.0.2",)))
-    assert idx.selected_ips(PodSelection(namespaces=frozenset({"nobody"}))) == frozenset()
+    assert selected_ips(idx, PodSelection(namespaces=frozenset({"nobody"}))) == frozenset()
 
 
 def test_host_network_pods_never_enter_the_filter():
     idx = index_with(pod("h", "shop", ips=("10.1.0.5",), host_network=True), pod("a", "shop", ips=("198.18.0.2",)))
-    assert idx.selected_ips(PodSelection(namespaces=frozenset({"shop"}))) == {"198.18.0.2"}
+    assert selected_ips(idx, PodSelection(namespaces=frozenset({"shop"}))) == {"198.18.0.2"}
 
 
 def test_filter_follows_pods_as_they_come_and_go():
     sel = PodSelection(selector=LabelSelector(match_labels={"app": "web"}))
     idx = index_with()
-    assert idx.selected_ips(sel) == frozenset()
+    assert selected_ips(idx, sel) == frozenset()
     idx.observe(pod("a", labels={"app": "web"}))  # no IP yet
-    assert idx.selected_ips(sel) == frozenset()
+    assert selected_ips(idx, sel) == frozenset()
     idx.observe(pod("a", ips=("198.18.0.2",), labels={"app": "web"}))
-    assert idx.selected_ips(sel) == {"198.18.0.2"}
+    assert selected_ips(idx, sel) == {"198.18.0.2"}
     idx.observe(pod("a", ips=("198.18.0.2",), labels={"app": "other"}))
-    assert idx.selected_ips(sel) == frozenset()
+    assert selected_ips(idx, sel) == frozenset()
 
 
 @pytest.mark.parametrize("expr,labels,expected", [

@@ -11,7 +11,7 @@ import pytest
 from bench import report
 from bench.controlplane_bench import parse_write_metrics
 from bench.synthetic import KEEP_EVENTS, TOP_FLOWS, SyntheticNode
-from retransmit_operator.api import NodeStatus, to_api
+from retransmit_core.api import NodeStatus, to_api
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retransmit_operator.contract import METRICS_PORT_SPAN
+from retransmit_core.contract import METRICS_PORT_SPAN
 from retransmit_operator.settings import LOG_LEVELS, Settings
 
 pytestmark = pytest.mark.unit

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retransmit_operator import api, crd
+from retransmit_core import api
+from retransmit_operator import crd
 
 pytestmark = pytest.mark.unit
 

@@ -9,11 +9,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from retransmit_agent.reporter import jittered
+from retransmit_core.backoff import jittered
 from retransmit_operator.aggregate import aggregate_summary, stale_nodes
-from retransmit_operator.api import NodeStatus
+from retransmit_core.api import NodeStatus
 from retransmit_operator.conditions import Observation, compute_status
-from retransmit_operator.heartbeat import (
+from retransmit_core.schedule import (
     HEARTBEAT_INTERVALS,
     REPORT_WRITES_PER_SECOND,
     WRITE_TIMEOUT_SECONDS,

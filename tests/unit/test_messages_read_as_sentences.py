@@ -30,14 +30,14 @@ from retransmit_agent.bccerrors import bcc_failure
 from retransmit_agent.check import HostFacts, evaluate
 from retransmit_agent.kernelinfo import TracepointLayout
 from retransmit_agent.preflight import KernelProblem, find_tracefs, require_kernel_headers, require_tracepoints
-from retransmit_operator.api import NodeStatus, Summary
+from retransmit_core.api import NodeStatus, Summary
 from retransmit_operator.conditions import (
     Observation, compute_status, refused_message, rolled_event, scheduled_event, transitions,
 )
-from retransmit_operator.apierrors import describe
+from retransmit_core.apierrors import describe
 from retransmit_operator.kube import ApiFailure
 from retransmit_operator.render import selector_text
-from retransmit_operator.validation import validate_trace
+from retransmit_core.validation import validate_trace
 
 pytestmark = pytest.mark.unit
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from retransmit_operator.api import RetransmitTraceSpec
-from retransmit_operator.contract import DOWNWARD_API_ENV, parse_agent_args
+from retransmit_core.api import RetransmitTraceSpec
+from retransmit_core.contract import DOWNWARD_API_ENV, parse_agent_args
 from retransmit_operator.render import agent_metrics_port, render_daemonset
 from retransmit_operator.settings import Settings
 from tests.harness.nodesim.podspec import (

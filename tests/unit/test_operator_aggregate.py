@@ -4,15 +4,15 @@ bounded so the trace stays small at 5,000 nodes."""
 
 from __future__ import annotations
 
-import pytest
-
 import json
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
+from retransmit_core.api import MAX_NODE_ROWS, Condition, NodeStatus, RetransmitTraceStatus, to_api
+from retransmit_core.podindex import PodIndex
 from retransmit_operator.aggregate import aggregate_summary, node_rows
-from retransmit_operator.api import MAX_NODE_ROWS, Condition, NodeStatus, RetransmitTraceStatus, to_api
 from retransmit_operator.conditions import Observation, compute_status
-from retransmit_operator.podindex import PodIndex
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from retransmit_operator.api import NodeStatus, Summary
+from retransmit_core.api import NodeStatus, Summary
 from retransmit_operator.conditions import (
     Observation, compute_status, deadline, is_due, transitions,
 )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from retransmit_operator.objects import desired_nodes, newer, operator_status
+from retransmit_core.schedule import desired_nodes
+from retransmit_operator.objects import newer, operator_status
 
 pytestmark = pytest.mark.unit
 

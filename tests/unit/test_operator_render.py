@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from retransmit_operator.api import RetransmitTraceSpec
-from retransmit_operator.contract import DOWNWARD_API_ENV, parse_agent_args
+from retransmit_core.api import RetransmitTraceSpec
+from retransmit_core.contract import DOWNWARD_API_ENV, parse_agent_args
+from retransmit_core.naming import SPEC_HASH_ANNOTATION
 from retransmit_operator.render import (
-    SPEC_HASH_ANNOTATION, agent_metrics_port, render_daemonset,
+    agent_metrics_port, render_daemonset,
 )
 from retransmit_operator.settings import Settings
 

@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from retransmit_operator.plugin import EXIT_USAGE, PluginError, build_parser, spec_from_flags
-from retransmit_operator.tables import causes, endpoint, progress_line, render, table, time_left
+from retransmit_plugin.main import EXIT_USAGE, PluginError, build_parser, spec_from_flags
+from retransmit_plugin.tables import causes, endpoint, progress_line, render, table, time_left
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Busiest first is one order (retransmit_operator.ranking) for the agent's kernel-map flows
+"""Busiest first is one order (retransmit_core.ranking) for the agent's kernel-map flows
 (flows.busiest_first), its report's topFlows (reporter.top_flows) and the trace's summary
 (aggregate.cluster_flows): count, then recency, then node, family, addresses and ports. Pods
 have one order too (ranking.pod_key), for the agent's topPods (reporter.ranked_pods) and the
@@ -11,8 +11,8 @@ import pytest
 from retransmit_agent.flows import FlowCounters, busiest_first
 from retransmit_agent.reporter import ranked_pods, top_flows
 from retransmit_operator.aggregate import cluster_flows, summary_pods
-from retransmit_operator.api import Endpoint, Flow, NodeStatus, PodCount
-from retransmit_operator.ranking import busiest_first_key, flow_key, pod_key
+from retransmit_core.api import Endpoint, Flow, NodeStatus, PodCount
+from retransmit_core.ranking import busiest_first_key, flow_key, pod_key
 
 pytestmark = pytest.mark.unit
 

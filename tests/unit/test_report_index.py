@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from retransmit_operator.api import NodeStatus
+from retransmit_core.api import NodeStatus
 from retransmit_operator.reportindex import ReportIndex
-from retransmit_operator.reports import heartbeat_object, report_object
+from retransmit_core.naming import heartbeat_object, report_object
 
 pytestmark = pytest.mark.unit
 

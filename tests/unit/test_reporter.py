@@ -4,20 +4,19 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from retransmit_core.backoff import backoff_delay, jittered
 from retransmit_agent.reporter import (
     Baseline,
     FlowKey,
     ReportTarget,
-    backoff_delay,
     cumulative_entry,
     entry_changed,
     field_manager,
-    jittered,
     merge_flows,
     read_entry,
     top_flows,
 )
-from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent, to_api
+from retransmit_core.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent, to_api
 
 pytestmark = pytest.mark.unit
 

@@ -13,8 +13,8 @@ from retransmit_agent.cluster import ClusterAgent
 from retransmit_agent.flows import FlowCounters
 from retransmit_agent.kernel import KernelSnapshot
 from retransmit_agent.reporter import Baseline
-from retransmit_operator.api import Endpoint, Flow, NodeStatus, Phase, PodCount, RetransmitTraceSpec
-from retransmit_operator.contract import AgentInvocation
+from retransmit_core.api import Endpoint, Flow, NodeStatus, Phase, PodCount, RetransmitTraceSpec
+from retransmit_core.contract import AgentInvocation
 
 pytestmark = pytest.mark.unit
 

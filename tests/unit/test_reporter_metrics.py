@@ -96,8 +96,8 @@ def test_an_agent_whose_kernel_cannot_trace_exports_failed_1_and_attached_0(tmp_
     import kubernetes
 
     from retransmit_agent.cluster import ClusterAgent
-    from retransmit_operator.api import RetransmitTraceSpec
-    from retransmit_operator.contract import AgentInvocation
+    from retransmit_core.api import RetransmitTraceSpec
+    from retransmit_core.contract import AgentInvocation
 
     agent = ClusterAgent(AgentInvocation(trace="t1", trace_uid="u1", spec=RetransmitTraceSpec(), tracefs=str(tmp_path)),
                          "n1", "rs", kubernetes.client.ApiClient())

@@ -11,7 +11,7 @@ from retransmit_agent.reporter import (
     pod_totals,
     ranked_pods,
 )
-from retransmit_operator.api import Endpoint, Flow, NodeStatus, PodCount, RecentEvent, to_api
+from retransmit_core.api import Endpoint, Flow, NodeStatus, PodCount, RecentEvent, to_api
 
 pytestmark = pytest.mark.unit
 

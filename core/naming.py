@@ -1,9 +1,10 @@
-"""RetransmitNodeReport identity: one report per (trace, node), named and labelled from both,
-and its heartbeat Lease of the same name (retransmit_operator.heartbeat says when each is written).
+"""Names, labels and owners of every object the project makes: the agents' DaemonSet, each
+(trace, node) RetransmitNodeReport and its heartbeat Lease of the same name
+(retransmit_core.schedule says when each is written).
 
-Pure functions shared by the agent (which creates and applies its own report) and the
-operator (which watches every report with one label selector and aggregates them into the
-trace's status). Nothing here does I/O.
+Pure functions shared by the operator (which renders the DaemonSet, and watches every report
+and Lease with one label selector each), the agent (which creates and applies its own report)
+and the plugin (which lists one trace's reports). Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from typing import Any, Optional
 
 from .api import API_VERSION, KIND, REPORT_KIND, NodeStatus, to_api
 
-APP_NAME = "retransmit-operator"
+APP_NAME = "retransmit-operator"   # app.kubernetes.io/name, part-of and managed-by of every object
+# The namespace the chart installs into by default: the operator's agents and reports live there.
+DEFAULT_NAMESPACE = "retransmit-system"
+AGENT_COMPONENT = "agent"
 COMPONENT = "node-report"
 HEARTBEAT_COMPONENT = "node-heartbeat"
 LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
 TRACE_LABEL = "retransmit.dev/trace"
 NODE_LABEL = "retransmit.dev/node"
+SPEC_HASH_ANNOTATION = "retransmit.dev/spec-hash"
+DAEMONSET_PREFIX = "rtrace-"
 MAX_NAME = 253          # an object name is a DNS subdomain
 MAX_LABEL_VALUE = 63
 HASH_CHARS = 10
@@ -28,6 +34,37 @@ HASH_CHARS = 10
 REPORTS_SELECTOR = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/component={COMPONENT}"
 # ... and its one watch of every heartbeat Lease.
 HEARTBEATS_SELECTOR = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/component={HEARTBEAT_COMPONENT}"
+
+
+def daemonset_name(trace: str) -> str:
+    """The agents' DaemonSet of one trace, in the operator's namespace."""
+    return f"{DAEMONSET_PREFIX}{trace}"
+
+
+def agent_selector_labels(trace: str) -> dict[str, str]:
+    """Labels that pick one trace's agent pods (the DaemonSet's selector: never changes)."""
+    return {"app.kubernetes.io/name": APP_NAME, "app.kubernetes.io/component": AGENT_COMPONENT, TRACE_LABEL: trace}
+
+
+def agent_labels(trace: str) -> dict[str, str]:
+    """Every label of the DaemonSet and its pods: the selector's plus the recommended ones."""
+    return {
+        **agent_selector_labels(trace),
+        "app.kubernetes.io/instance": daemonset_name(trace),
+        "app.kubernetes.io/managed-by": APP_NAME,
+        "app.kubernetes.io/part-of": APP_NAME,
+    }
+
+
+def trace_owner(trace: str, trace_uid: str, block_owner_deletion: bool = False) -> dict[str, Any]:
+    """The ownerReference to the trace: deleting it garbage-collects what it owns.
+    block_owner_deletion only where the writer may update the trace's finalizers (the
+    operator, for its DaemonSet); agents have no business with them, so their reports and
+    Leases go without."""
+    owner = {"apiVersion": API_VERSION, "kind": KIND, "name": trace, "uid": trace_uid, "controller": True}
+    if block_owner_deletion:
+        owner["blockOwnerDeletion"] = True
+    return owner
 
 
 def _digest(text: str) -> str:
@@ -68,19 +105,13 @@ def trace_selector(trace: str, heartbeats: bool = False) -> str:
     return f"{HEARTBEATS_SELECTOR if heartbeats else REPORTS_SELECTOR},{TRACE_LABEL}={trace}"
 
 
-def report_owner(trace: str, trace_uid: str) -> dict[str, Any]:
-    """The trace owns its reports: deleting it garbage-collects them. No blockOwnerDeletion:
-    that would need update on the trace's finalizers, which agents have no business with."""
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": trace, "uid": trace_uid, "controller": True}
-
-
 def report_metadata(trace: str, trace_uid: str, node: str, namespace: str,
                     component: str = COMPONENT) -> dict[str, Any]:
     return {
         "name": report_name(trace, node),
         "namespace": namespace,
         "labels": report_labels(trace, node, component),
-        "ownerReferences": [report_owner(trace, trace_uid)],
+        "ownerReferences": [trace_owner(trace, trace_uid)],
     }
 
 

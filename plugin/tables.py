@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional, Sequence
 
-from .api import parse_duration
+from retransmit_core.api import format_endpoint, parse_duration
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> list[str]:
@@ -28,7 +28,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence
 def endpoint(side: dict[str, Any]) -> str:
     """'10.1.2.3:443 (shop/web)': address, port and the pod (or node) it belongs to."""
     ip, port = side.get("ip", "?"), side.get("port", 0)
-    text = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    text = format_endpoint(ip, port)
     if side.get("pod"):
         return f"{text} ({side.get('namespace')}/{side['pod']})"
     if side.get("node"):

@@ -6,9 +6,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from retransmit_operator.api import NodeStatus
+from retransmit_core.api import NodeStatus, format_endpoint
 
-from .flows import format_endpoint
 
 
 def format_causes(by_cause: dict[str, int]) -> str:

@@ -1,6 +1,6 @@
 """The write schedule: when an agent writes its node's report, when it only renews its
-heartbeat Lease, and when the operator takes a node's silence for absence. ONE definition,
-imported by both sides.
+heartbeat Lease, when the operator takes a node's silence for absence, and how long an
+agent may take to stop. One definition, imported by both sides.
 
 Two objects per (trace, node), as Kubernetes does for nodes (Node status + a Lease, KEP-589):
 - the RetransmitNodeReport holds the counts (~10 KB on a busy node). An agent writes it when
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 # An agent writes (report or heartbeat) at least every this many report intervals.
 HEARTBEAT_INTERVALS = 3
@@ -32,6 +32,20 @@ WRITE_TIMEOUT_SECONDS = 10.0
 # Report writes per second one trace's agents send together, at most, once the cluster is so
 # big that the report interval alone would exceed it (1,000 nodes at the default 10 s interval).
 REPORT_WRITES_PER_SECOND = 100.0
+
+# The agent's lifecycle, shared by the DaemonSet (operator) and the agent:
+# SIGTERM -> final report -> exit. The pod's grace period leaves the final write its budget
+# plus room for the program's detach; a write takes well under a second.
+TERMINATION_GRACE_SECONDS = 30
+FINAL_REPORT_BUDGET_SECONDS = TERMINATION_GRACE_SECONDS - 10
+# /livez fails when the report loop has not beaten for this long (or 3 intervals when longer):
+# the longest backoff (30 s) several times over, so a slow API server never restarts an agent.
+LIVENESS_FLOOR_SECONDS = 120.0
+
+
+def liveness_bound(interval: float) -> float:
+    """Seconds without a loop beat after which the agent's /livez fails."""
+    return max(LIVENESS_FLOOR_SECONDS, 3 * interval)
 
 
 class Write(enum.Enum):
@@ -76,3 +90,14 @@ def stale_after(interval: float) -> timedelta:
     timeout. Independent of the cluster's size: heartbeats are not stretched, only reports."""
     longest_wait = interval * (1 + INTERVAL_JITTER)
     return timedelta(seconds=HEARTBEAT_INTERVALS * longest_wait + longest_wait + WRITE_TIMEOUT_SECONDS)
+
+
+def desired_nodes(daemonset: Optional[dict[str, Any]]) -> Optional[int]:
+    """The `nodes` of report_period, as the operator shows it (nodesDesired) and the agents read it:
+    the DaemonSet's desiredNumberScheduled once its controller has seen the current generation."""
+    if not daemonset:
+        return None
+    status = daemonset.get("status") or {}
+    if (status.get("observedGeneration") or 0) < (daemonset.get("metadata") or {}).get("generation", 0):
+        return None
+    return int(status.get("desiredNumberScheduled") or 0)

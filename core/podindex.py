@@ -10,8 +10,8 @@ folds to IPv4), with the same rules on both sides:
 
 It has two scopes. The operator's `PodIndex()` holds every pod, for remote-side attribution.
 The agent's `PodIndex(node, node_addresses)` holds its node's pods: there the node's own
-addresses, its pods' hostIPs and loopback belong to `node` as well, and `selected_ips` turns
-the trace's `namespaces` and `podSelector` into the local IPs the kernel program filters on.
+addresses, its pods' hostIPs and loopback belong to `node` as well (which of them the trace
+selects is the agent's business: retransmit_agent.podselection).
 
 Everything here is pure; the agent's watch and /proc reading are in retransmit_agent.podwatch.
 """
@@ -22,7 +22,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Protocol
 
-from .api import Endpoint, LabelSelector
+from .api import Endpoint
 
 # Pods in these phases no longer own their addresses (the IP may already be reused).
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
@@ -99,46 +99,6 @@ class PodFacts:
             host_ips=canonical_ips(host_ips),
             terminal=status.get("phase") in TERMINAL_PHASES,
         )
-
-
-def selector_matches(selector: Optional[LabelSelector], labels: Mapping[str, str]) -> bool:
-    """metav1.LabelSelector semantics: matchLabels AND every matchExpression; None matches all."""
-    if selector is None:
-        return True
-    for key, value in selector.match_labels.items():
-        if labels.get(key) != value:
-            return False
-    for req in selector.match_expressions:
-        present = req.key in labels
-        if req.operator == "In" and not (present and labels[req.key] in req.values):
-            return False
-        if req.operator == "NotIn" and present and labels[req.key] in req.values:
-            return False
-        if req.operator == "Exists" and not present:
-            return False
-        if req.operator == "DoesNotExist" and present:
-            return False
-    return True
-
-
-@dataclass(frozen=True)
-class PodSelection:
-    """The trace's choice of local pods: `namespaces` (empty = all) and `podSelector` (None = all)."""
-
-    namespaces: frozenset[str] = frozenset()
-    selector: Optional[LabelSelector] = None
-
-    @property
-    def selects_everything(self) -> bool:
-        return not self.namespaces and (
-            self.selector is None
-            or (not self.selector.match_labels and not self.selector.match_expressions)
-        )
-
-    def matches(self, pod: PodFacts) -> bool:
-        if self.namespaces and pod.namespace not in self.namespaces:
-            return False
-        return selector_matches(self.selector, pod.labels)
 
 
 class PodIndex:
@@ -221,28 +181,13 @@ class PodIndex:
 
     def lookup_table(self) -> dict[str, Owner]:
         """Every known address and its owner at once, for attributing many flows in one pass
-        (see `attribute`)."""
+        (see `owner_in_table`)."""
         node_ips = self.node_ips()
         table = {key: self._owner(key, node_ips) for key in node_ips | self._by_ip.keys()}
         return {key: owner for key, owner in table.items() if owner is not None}
 
-    def selected_ips(self, selection: PodSelection) -> Optional[frozenset[str]]:
-        """Local IPs the kernel should keep, or None for no local-IP filter at all.
 
-        hostNetwork pods are never in the set: their address is the node's, so selecting
-        them would select every host-network connection of the node.
-        """
-        if selection.selects_everything:
-            return None
-        return frozenset(
-            ip
-            for pod in self._pods.values()
-            if not pod.host_network and selection.matches(pod)
-            for ip in pod.ips
-        )
-
-
-def attribute(table: Mapping[str, Owner], ip: str, node: str) -> Optional[Owner]:
+def owner_in_table(table: Mapping[str, Owner], ip: str, node: str) -> Optional[Owner]:
     """Owner of `ip` from a lookup_table(); loopback addresses belong to `node`."""
     key = canonical_ip(ip)
     if key is None:

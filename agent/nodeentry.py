@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Optional, Sequence
 
-from retransmit_operator.api import KernelCheck, NodeStatus, Phase, RecentEvent
+from retransmit_core.api import KernelCheck, NodeStatus, Phase, RecentEvent
 
 from .flows import busiest_first
 from .kernel import KernelSnapshot

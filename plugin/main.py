@@ -24,11 +24,12 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from .api import GROUP, KIND, PLURAL, REPORT_PLURAL, VERSION, RetransmitTraceSpec, to_api
-from .apierrors import no_answer, server_message
-from .reports import trace_selector
+from retransmit_core.api import GROUP, KIND, PLURAL, REPORT_PLURAL, VERSION, RetransmitTraceSpec, to_api
+from retransmit_core.apierrors import no_answer, server_message
+from retransmit_core.naming import DEFAULT_NAMESPACE, trace_selector
+from retransmit_core.validation import format_error
+
 from .tables import progress_line, render, table
-from .validation import format_error
 
 PROG = "kubectl retransmit"
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_CLUSTER, EXIT_NO_CRD, EXIT_FORBIDDEN, EXIT_NOT_FOUND = 1, 2, 3, 4, 5, 6
@@ -238,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
     parser.add_argument("--context", help="kubeconfig context to use")
-    parser.add_argument("-n", "--namespace", default="retransmit-system",
-                        help="the operator's namespace, where node reports live (default retransmit-system)")
+    parser.add_argument("-n", "--namespace", default=DEFAULT_NAMESPACE,
+                        help=f"the operator's namespace, where node reports live (default {DEFAULT_NAMESPACE})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     def selection(p: argparse.ArgumentParser) -> None:

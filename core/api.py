@@ -17,7 +17,10 @@ from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from pydantic.alias_generators import to_camel
+
+from .kernelvocab import DEFAULT_SAMPLES_PER_SECOND, RETRANSMIT_CAUSES, TCP_STATES
 
 GROUP = "retransmit.dev"
 VERSION = "v1alpha1"
@@ -89,19 +92,9 @@ def _check_labels(labels: dict[str, str]) -> dict[str, str]:
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
-# TCP states as the kernel prints them in the tracepoint (show_tcp_state_name), minus TCP_.
-TCP_STATES: tuple[str, ...] = (
-    "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT", "CLOSE",
-    "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV", "BOUND_INACTIVE",
-)
-# Why a segment was retransmitted (byCause keys), in the kernel program's CAUSE_* order:
-# the agent passes each index to the program as -DCAUSE_<NAME>. See bpf/retransmit.h.
-RETRANSMIT_CAUSES: tuple[str, ...] = ("unknown", "timeout", "fast", "probe")
-# by_state's key for retransmits whose state the kernel does not report: tcp_retransmit_skb
-# has no `state` field before Linux 5.0.
-UNKNOWN_STATE = "UNKNOWN"
-# Kernel enum value (include/net/tcp_states.h) for each name: the BPF program sees numbers.
-TCP_STATE_NUMBERS: dict[str, int] = {name: i + 1 for i, name in enumerate(TCP_STATES)}
+# Defaults of the spec that other parts (the agent's local mode, the bench) start from too.
+DEFAULT_TOP_FLOWS = 10
+DEFAULT_EVENTS_KEPT = 20
 
 
 def parse_duration(text: str) -> float:
@@ -226,8 +219,8 @@ class Filter(ApiModel):
 class Events(ApiModel):
     """Per-event samples: rate-limited in the kernel, the most recent kept in status."""
 
-    max_per_second: int = Field(100, ge=0, le=10000, description="Samples per second per node sent to user space (0 disables samples); drops are counted in lostEvents.")
-    keep: int = Field(20, ge=0, le=100, description="How many recent samples each node keeps in its report (RetransmitNodeReport spec.recentEvents).")
+    max_per_second: int = Field(DEFAULT_SAMPLES_PER_SECOND, ge=0, le=10000, description="Samples per second per node sent to user space (0 disables samples); drops are counted in lostEvents.")
+    keep: int = Field(DEFAULT_EVENTS_KEPT, ge=0, le=100, description="How many recent samples each node keeps in its report (RetransmitNodeReport spec.recentEvents).")
 
 
 class RetransmitTraceSpec(ApiModel):
@@ -252,7 +245,7 @@ class RetransmitTraceSpec(ApiModel):
                                      _cel(f"!self.matches(r'{GO_DURATION_PATTERN}') || duration(self) >= duration('1s')",
                                           "spec.reportInterval must be at least 1s, or agents would flood the API server: use e.g. '10s'"),
                                  ]))
-    top_flows: int = Field(10, ge=1, le=100, description="How many flows each node and the summary keep, busiest first.")
+    top_flows: int = Field(DEFAULT_TOP_FLOWS, ge=1, le=100, description="How many flows each node and the summary keep, busiest first.")
     events: Events = Field(default_factory=Events, description="Per-event samples.", json_schema_extra={"default": {}})
 
     @field_validator("node_selector")
@@ -290,6 +283,11 @@ class Phase(str, Enum):
     RUNNING = "Running"
     COMPLETED = "Completed"
     FAILED = "Failed"
+
+
+def format_endpoint(ip: str, port: int) -> str:
+    """'10.0.0.1:80' or '[fd00::1]:80': an address and port as people and URLs write them."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 class Endpoint(ApiModel):

@@ -1,0 +1,1 @@
+"""`kubectl retransmit`: the kubectl/oc plugin. It stands on retransmit_core alone."""
