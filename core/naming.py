@@ -30,9 +30,9 @@ MAX_NAME = 253          # an object name is a DNS subdomain
 MAX_LABEL_VALUE = 63
 HASH_CHARS = 10
 
-# The operator's one watch: every report, whatever its trace.
+# The operator's watch of every report, whatever its trace.
 REPORTS_SELECTOR = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/component={COMPONENT}"
-# ... and its one watch of every heartbeat Lease.
+# ... and its watch of every heartbeat Lease.
 HEARTBEATS_SELECTOR = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/component={HEARTBEAT_COMPONENT}"
 
 

@@ -1,8 +1,9 @@
 """The operator's one level-triggered pass over a trace, and what it knows between passes.
 
 `Reconciler.reconcile` serves every trigger: a trace created, resumed at operator start, its
-spec changed, and the periodic sync that aggregates the nodes' reports (kept current by one
-label-selected watch, `ReportIndex`) into the trace's status and ends the trace at
+spec changed, and the periodic sync that aggregates the nodes' reports (kept current by two
+label-selected watches, one of the reports and one of their heartbeat Leases, whatever the
+number of traces: `ReportIndex`) into the trace's status and ends the trace at
 startTime + duration. The trace's status is written only when it changed, so at most once
 per sync interval. The periodic sync is our own loop over the traces kopf's watch delivers,
 not a kopf timer: kopf puts a finalizer on every object with a timer, and then deleting a
@@ -19,7 +20,7 @@ import time
 from typing import Any, Optional
 
 from retransmit_core.api import DEFAULT_TOP_FLOWS, NodeReportStatus, Phase, RetransmitTraceSpec, RetransmitTraceStatus, to_api
-from retransmit_core.naming import SPEC_HASH_ANNOTATION, TRACE_LABEL, daemonset_name, agent_selector_labels
+from retransmit_core.naming import SPEC_HASH_ANNOTATION, TRACE_LABEL, agent_selector_labels, daemonset_name
 from retransmit_core.podindex import PodIndex
 from retransmit_core.schedule import desired_nodes, stale_after
 from retransmit_core.validation import validate_trace

@@ -1,9 +1,10 @@
-"""The test cluster behaves as a real one: server-side apply on a status list-map, DaemonSet
+"""The test cluster behaves as a real one: one writer per part of a node report, DaemonSet
 pods from the real controller-manager and scheduler run by the node simulator, pod
 networking (IPv4 and IPv6, own netns or the host's) and RBAC for tokens and pods."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -19,7 +20,6 @@ from tests.harness.controlplane import pod_ready, wait_pod, wait_until
 pytestmark = pytest.mark.cluster
 
 PY = sys.executable   # pods run on this host: the venv's Python has the kubernetes client
-APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 
 
@@ -48,84 +48,46 @@ def pid_alive(pid: int) -> bool:
 
 # ---- server-side apply on a status list-map ----------------------------------------------
 
-GROUP, VERSION, PLURAL, KIND = "sim.rtrace.dev", "v1", "gadgets", "Gadget"
+def test_a_node_report_has_one_writer_per_part_the_agent_its_spec_the_operator_its_status(
+        installed, kube, control_plane):
+    """Today's design on the real API server and the real CRD: each agent server-side-applies
+    its own report's spec (ReportWriter, field manager rtrace-agent/<node>), the operator
+    alone marks the report's status (KubeApi.apply_report_status, through /status). Neither
+    write touches the other's part, and status sent to the main resource is dropped."""
+    from retransmit_agent.reporter import ReportTarget, ReportWriter
+    from retransmit_core.api import API_VERSION, GROUP, KIND, PLURAL, REPORT_PLURAL, VERSION, NodeStatus, Phase
+    from retransmit_operator.kube import KubeApi, client_configuration
 
+    from tests.harness.tracecluster import SYSTEM_NS
 
-@pytest.fixture(scope="module")
-def gadget_crd(control_plane):
-    """A cluster-scoped CRD with a status subresource whose `entries` is a list-map by name,
-    the shape of RetransmitTrace's status.nodes."""
-    entry = {"type": "object", "required": ["name"], "properties": {
-        "name": {"type": "string"}, "count": {"type": "integer"}}}
-    crd = {
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
-        "spec": {
-            "group": GROUP, "scope": "Cluster",
-            "names": {"plural": PLURAL, "singular": "gadget", "kind": KIND},
-            "versions": [{
-                "name": VERSION, "served": True, "storage": True,
-                "subresources": {"status": {}},
-                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
-                    "spec": {"type": "object", "properties": {"size": {"type": "integer"}}},
-                    "status": {"type": "object", "properties": {"entries": {
-                        "type": "array", "items": entry,
-                        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}}},
-                }}},
-            }],
-        },
-    }
-    with control_plane.api_client() as api:
-        ext = kubernetes.client.ApiextensionsV1Api(api)
-        ext.create_custom_resource_definition(crd)
-
-        def established():
-            got = ext.read_custom_resource_definition(crd["metadata"]["name"])
-            return any(c.type == "Established" and c.status == "True" for c in got.status.conditions or [])
-        wait_until(established, "the Gadget CRD to be established")
-        yield
-        ext.delete_custom_resource_definition(crd["metadata"]["name"])
-
-
-def test_field_managers_keep_their_own_status_entries_and_a_merge_patch_replaces_the_list(
-        kube, gadget_crd):
     co = kubernetes.client.CustomObjectsApi(kube)
-    name = f"g-{uuid.uuid4().hex[:6]}"
-    co.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": name}, "spec": {"size": 1}})
+    name = f"writers-{uuid.uuid4().hex[:6]}"
+    # A real owner: the garbage collector removes reports whose trace does not exist.
+    trace = co.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
+        "apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": {}})
+    writer = ReportWriter(kube, ReportTarget(name, trace["metadata"]["uid"], "node-a", SYSTEM_NS))
+    operator = KubeApi(client_configuration(str(control_plane.kubeconfig)))
+    try:
+        def entry(count: int) -> NodeStatus:
+            return NodeStatus(node="node-a", phase=Phase.RUNNING, retransmits=count)
 
-    def apply_entry(manager: str, entry: dict) -> None:
-        co.patch_cluster_custom_object_status(
-            GROUP, VERSION, PLURAL, name,
-            {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": name},
-             "status": {"entries": [entry]}},
-            field_manager=manager, _content_type=APPLY)
+        writer.create(entry(1))
+        writer.apply(entry(5))
+        asyncio.run(operator.apply_report_status(SYSTEM_NS, writer.target.name, {"departed": True}))
+        writer.apply(entry(9))   # the agent's next write: the whole spec, no status
+        stored = writer.read()
+        assert stored["spec"]["retransmits"] == 9
+        assert stored["status"] == {"departed": True}
+        managers = {(m["manager"], m.get("subresource", "")) for m in stored["metadata"]["managedFields"]}
+        assert ("rtrace-agent/node-a", "") in managers and ("rtrace-operator", "status") in managers
 
-    def entries() -> dict:
-        obj = co.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        return {e["name"]: e.get("count") for e in (obj.get("status") or {}).get("entries", [])}
-
-    apply_entry("agent/node-a", {"name": "node-a", "count": 1})
-    apply_entry("agent/node-b", {"name": "node-b", "count": 2})
-    apply_entry("agent/node-a", {"name": "node-a", "count": 5})   # re-applying its own entry
-    assert entries() == {"node-a": 5, "node-b": 2}
-
-    obj = co.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-    status_managers = {m["manager"] for m in obj["metadata"]["managedFields"] if m.get("subresource") == "status"}
-    assert {"agent/node-a", "agent/node-b"} <= status_managers
-
-    # The status subresource is on: status written through the main resource is ignored.
-    co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name,
-                                   {"status": {"entries": [{"name": "node-x", "count": 9}]}},
-                                   _content_type=MERGE)
-    assert entries() == {"node-a": 5, "node-b": 2}
-
-    # A JSON merge patch (RFC 7386) replaces a list whole, list-map or not: the third writer
-    # wipes the other two entries. This is why status.nodes is never written with one.
-    co.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, name,
-                                          {"status": {"entries": [{"name": "node-c", "count": 3}]}},
-                                          _content_type=MERGE)
-    assert entries() == {"node-c": 3}
+        # The status subresource is on: status written through the main resource is ignored.
+        co.patch_namespaced_custom_object(GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, writer.target.name,
+                                          {"status": {"departed": False}}, _content_type=MERGE)
+        assert writer.read()["status"] == {"departed": True}
+    finally:
+        operator.close()
+        co.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
 
 
 # ---- DaemonSet through the real controller-manager and scheduler -------------------------

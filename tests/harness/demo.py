@@ -33,6 +33,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION
+from retransmit_core.naming import DEFAULT_NAMESPACE
 from tests.harness import podtraffic
 from tests.harness.controlplane import ControlPlane, end_process, start_process, wait_until
 
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ["00-namespace.yaml", "crd.yaml", "crd-nodereports.yaml", "agent-serviceaccount.yaml",
              "agent-clusterrole.yaml", "agent-clusterrolebinding.yaml", "agent-role.yaml", "agent-rolebinding.yaml",
              "agent-report-guard-policy.yaml", "agent-report-guard-binding.yaml"]
-SYSTEM_NS = "retransmit-system"
+SYSTEM_NS = DEFAULT_NAMESPACE
 AGENT_SA = "retransmit-operator-agent"
 DEMO_NS = "shop"
 TRACE = "shop-retransmits"

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import kubernetes
 
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
-from retransmit_core.naming import daemonset_name, agent_selector_labels
+from retransmit_core.naming import DEFAULT_NAMESPACE, agent_selector_labels, daemonset_name
 from retransmit_core.naming import report_name, trace_selector
 from retransmit_operator.settings import Settings
 from tests.harness import podtraffic
@@ -24,7 +24,7 @@ from tests.harness.controlplane import wait_until
 from tests.harness.refcount import per_flow, succeeded
 
 ROOT = Path(__file__).resolve().parents[2]
-SYSTEM_NS = "retransmit-system"
+SYSTEM_NS = DEFAULT_NAMESPACE
 AGENT_SA = "retransmit-operator-agent"
 MANIFESTS = ["00-namespace.yaml", "crd.yaml", "crd-nodereports.yaml", "agent-serviceaccount.yaml",
              "agent-clusterrole.yaml", "agent-clusterrolebinding.yaml", "agent-role.yaml", "agent-rolebinding.yaml",
