@@ -405,6 +405,23 @@ MAX_NODE_ROWS = 500   # rows in status.nodes[]: at 5,000 nodes the trace stays f
 MAX_ROW_MESSAGE = 200  # characters of a row's message; the report holds the whole message
 
 
+MAX_UNCOVERED_EXAMPLES = 5  # node names each reason of summary.nodesNotCovered lists
+
+
+class UncoveredNodes(ApiModel):
+    """Linux nodes a trace does not reach, for one reason."""
+
+    reason: Literal["NotSelected", "TaintNotTolerated", "AgentNotRunning"] = Field(
+        description="NotSelected: spec.nodeSelector (or the chart's agent.nodeSelector) leaves the node out; "
+                    "TaintNotTolerated: a NoSchedule or NoExecute taint the agents do not tolerate; "
+                    "AgentNotRunning: the node should run an agent and none runs there (pending, crashing, "
+                    "or not placed yet).")
+    count: int = Field(ge=0, description="How many Linux nodes.")
+    nodes: list[str] = Field(default_factory=list, max_length=MAX_UNCOVERED_EXAMPLES,
+                             description=f"Some of them (at most {MAX_UNCOVERED_EXAMPLES}), by name.")
+    detail: Optional[str] = Field(None, description="What keeps them out, e.g. the taints not tolerated, and the fix.")
+
+
 class Summary(ApiModel):
     """The cluster-wide answer, aggregated by the operator from status.nodes[]."""
 
@@ -418,6 +435,8 @@ class Summary(ApiModel):
     nodes_reporting: int = Field(0, ge=0, description="Nodes whose agent reports counts: reports in phase Running written within the heartbeat bound (at completion: every report that counted).")
     nodes_not_listed: int = Field(0, ge=0, description=f"Nodes with a report that status.nodes[] leaves out to stay small (it lists at most {MAX_NODE_ROWS}, problems first, then the busiest); their reports hold everything.")
     nodes: Optional[str] = Field(None, description="nodesReporting/nodesDesired, e.g. '2/3': the Nodes column of kubectl get.")
+    nodes_linux: Optional[int] = Field(None, ge=0, description="Linux nodes in the cluster (kubernetes.io/os=linux), while the trace runs.")
+    nodes_not_covered: list[UncoveredNodes] = Field(default_factory=list, max_length=3, description="Linux nodes the trace does not reach, by reason; empty when it covers every one.")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows cluster-wide (at most spec.topFlows), each with its node; remote pods attributed from the operator's pod index.")
     top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods), busiest first, at most spec.topFlows.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes.")

@@ -25,11 +25,15 @@ LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL = "coordination.k8s.io", "v1", "leases"
 TRACE_LABEL = "retransmit.dev/trace"
 NODE_LABEL = "retransmit.dev/node"
 SPEC_HASH_ANNOTATION = "retransmit.dev/spec-hash"
+# The port a trace's agents listen on, chosen by the operator when it creates their DaemonSet.
+METRICS_PORT_ANNOTATION = "retransmit.dev/metrics-port"
 DAEMONSET_PREFIX = "rtrace-"
 MAX_NAME = 253          # an object name is a DNS subdomain
 MAX_LABEL_VALUE = 63
 HASH_CHARS = 10
 
+# Every trace's agents' DaemonSet (the operator lists them to hand out slots).
+AGENTS_SELECTOR = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/component={AGENT_COMPONENT}"
 # The operator's watch of every report, whatever its trace.
 REPORTS_SELECTOR = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/component={COMPONENT}"
 # ... and its watch of every heartbeat Lease.

@@ -53,6 +53,7 @@ class Observation:
     stale_after: Optional[timedelta] = None
     rows: Sequence[NodeRow] = ()  # status.nodes[] (aggregate.node_rows)
     namespace: str = ""  # where the agents run (the operator's namespace), for the fix in messages
+    waiting: Optional[str] = None  # why the trace waits for a slot (slots.waiting_reason), or None
 
 
 def count(n: int, noun: str) -> str:
@@ -86,6 +87,8 @@ def _agents(obs: Observation, phase: Phase) -> tuple[str, str, str]:
         return "False", INVALID_SPEC, "no agents run while the spec is invalid"
     if phase is Phase.COMPLETED:
         return "False", "TraceCompleted", f"agents removed at completion; {counts} in the final results"
+    if phase is Phase.PENDING and obs.waiting:
+        return "False", "TraceLimitReached", obs.waiting
     if phase is Phase.PENDING:
         return "False", "DaemonSetPending", "creating the agents' DaemonSet"
     if not obs.nodes_desired_known:
@@ -98,7 +101,7 @@ def _agents(obs: Observation, phase: Phase) -> tuple[str, str, str]:
         return "False", "NodesFailed", (f"{counts}; {count(len(failed), 'node')} failed: check the Degraded "
                                         "condition, which names each node's problem and its fix")
     if s.nodes_reporting >= s.nodes_desired:
-        return "True", "AllAgentsReporting", counts
+        return "True", "AllAgentsReporting", counts + _not_covered(s)
     if obs.stale_nodes:
         bound = f" within {obs.stale_after.total_seconds():.0f}s" if obs.stale_after else ""
         where = f"kubectl -n {obs.namespace} get pods -o wide" if obs.namespace else "in the operator's namespace"
@@ -106,6 +109,17 @@ def _agents(obs: Observation, phase: Phase) -> tuple[str, str, str]:
             f"{counts}; no report{bound} from {count(len(obs.stale_nodes), 'node')}: {', '.join(obs.stale_nodes)}; "
             f"check the agent pods on those nodes and their logs ({where})")
     return "False", "AgentsStarting", f"{counts}; waiting for the other agents to attach and report"
+
+
+def _not_covered(s: Summary) -> str:
+    """'; 1 of 3 Linux nodes not covered (TaintNotTolerated: node-c: taints ... are not
+    tolerated: ...)', or '' when the trace reaches every Linux node."""
+    if not s.nodes_not_covered or s.nodes_linux is None:
+        return ""
+    missed = sum(u.count for u in s.nodes_not_covered)
+    parts = [f"{u.reason}: {', '.join(u.nodes)}{' and more' if u.count > len(u.nodes) else ''}: {u.detail}"
+             for u in s.nodes_not_covered]
+    return f"; {missed} of {count(s.nodes_linux, 'Linux node')} not covered ({'; '.join(parts)})"
 
 
 def _degraded(obs: Observation) -> tuple[str, str, str]:
@@ -132,7 +146,7 @@ def _ready(obs: Observation, phase: Phase, agents: tuple[str, str, str]) -> tupl
     if phase is Phase.COMPLETED:
         return "True", "Completed", "trace completed; results stay in status.summary and the node reports"
     if phase is Phase.PENDING:
-        return "False", "Pending", agents[2]
+        return "False", agents[1] if obs.waiting else "Pending", agents[2]
     if agents[0] == "True":
         return "True", "Running", f"counting retransmits; {agents[2]}"
     return "False", agents[1], agents[2]

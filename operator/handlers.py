@@ -88,6 +88,10 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
     def on_trace_event(event: kopf.RawEvent, **_: Any) -> None:
         reconciler.observe_trace(event.get("type"), event["object"])
 
+    @kopf.on.event("", "v1", "nodes", registry=registry, id="node-index")
+    def on_node_event(event: kopf.RawEvent, **_: Any) -> None:
+        reconciler.observe_node(event["object"], deleted=event.get("type") == "DELETED")
+
     @kopf.on.event("", "v1", "pods", registry=registry, id="pod-index")
     def on_pod_event(event: kopf.RawEvent, **_: Any) -> None:
         reconciler.pods.observe(event["object"], deleted=event.get("type") == "DELETED")

@@ -10,6 +10,7 @@ number of traces: never one per trace.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from retransmit_core.api import API_VERSION, GROUP, KIND, PLURAL, REPORT_KIND, REPORT_PLURAL, VERSION
 from retransmit_core.apierrors import server_message
-from retransmit_core.naming import HEARTBEATS_SELECTOR, LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, REPORTS_SELECTOR
+from retransmit_core.naming import AGENTS_SELECTOR, HEARTBEATS_SELECTOR, LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, REPORTS_SELECTOR
 from retransmit_core.watch import list_then_watch
 
 from .conditions import utcnow
@@ -141,6 +142,12 @@ class KubeApi:
 
     def _get_daemonset(self, namespace: str, name: str) -> dict[str, Any]:
         return self._apps.api_client.sanitize_for_serialization(self._apps.read_namespaced_daemon_set(name, namespace))
+
+    async def list_agent_daemonsets(self, namespace: str) -> list[dict[str, Any]]:
+        """Every trace's agents' DaemonSet in the operator's namespace (their slots)."""
+        listed = await self._call("list daemonsets", self._apps.list_namespaced_daemon_set, namespace,
+                                  label_selector=AGENTS_SELECTOR, _preload_content=False, _request_timeout=60)
+        return list(json.loads(listed.data).get("items") or [])
 
     async def apply_daemonset(self, body: dict[str, Any]) -> dict[str, Any]:
         meta = body["metadata"]

@@ -12,9 +12,12 @@ Why each one:
 - retransmittraces/finalizers update: the DaemonSet's ownerReference has blockOwnerDeletion,
   which the OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift) allows
   only to who may update the owner's finalizers. The operator adds no finalizer.
-- pods list/watch (all namespaces): the pod IP index for remote-side attribution.
+- pods list/watch (all namespaces): the pod IP index for remote-side attribution, and which
+  nodes run an agent of which trace.
+- nodes list/watch: which Linux nodes a trace does not reach and why (placement.coverage).
 - daemonsets get/create/patch/delete (operator namespace only): the agents. Server-side apply
-  is a patch, and a patch that creates needs create too.
+  is a patch, and a patch that creates needs create too. list: the slots (ports, the running
+  traces) in use, read when a trace needs a DaemonSet (slots.py).
 - retransmitnodereports list/watch (operator namespace only): the one label-selected watch
   of the nodes' reports. retransmitnodereports/status patch: marking reports of nodes that
   left the trace (server-side apply).
@@ -35,10 +38,11 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
 ]
 # In the operator's own namespace (RTRACE_NAMESPACE).
 NAMESPACE_RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "create", "patch", "delete"]},
     {"apiGroups": [GROUP], "resources": [REPORT_PLURAL], "verbs": ["list", "watch"]},
     {"apiGroups": [GROUP], "resources": [f"{REPORT_PLURAL}/status"], "verbs": ["patch"]},
     {"apiGroups": [LEASE_GROUP], "resources": [LEASE_PLURAL], "verbs": ["list", "watch"]},

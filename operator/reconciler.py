@@ -17,9 +17,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from retransmit_core.api import DEFAULT_TOP_FLOWS, NodeReportStatus, Phase, RetransmitTraceSpec, RetransmitTraceStatus, to_api
+from retransmit_core.api import (
+    DEFAULT_TOP_FLOWS,
+    NodeReportStatus,
+    Phase,
+    RetransmitTraceSpec,
+    RetransmitTraceStatus,
+    Summary,
+    to_api,
+)
+from retransmit_core.contract import METRICS_PORT_SPAN
 from retransmit_core.naming import SPEC_HASH_ANNOTATION, TRACE_LABEL, agent_selector_labels, daemonset_name
 from retransmit_core.podindex import PodIndex
 from retransmit_core.schedule import desired_nodes, stale_after
@@ -33,9 +43,11 @@ from .conditions import (
 from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
 from .objects import newer, operator_status
-from .render import render_daemonset, selector_text
+from .placement import NodeFacts, coverage
+from .render import agent_placement, render_daemonset, selector_text
 from .reportindex import ReportIndex
 from .settings import Settings
+from .slots import choose_port, port_of, slots_in_use, waiting_reason
 
 log = logging.getLogger("retransmit_operator")
 
@@ -44,8 +56,17 @@ REPORTS_SYNC_WAIT = 30.0  # seconds a pass waits for the first list of the nodes
 MAX_MARKS_PER_PASS = 50   # departed marks written on reports per pass
 
 
+@dataclass(frozen=True)
+class AgentPod:
+    """One agent pod of a trace, as the pod watch last saw it."""
+
+    node: str
+    running: bool
+
+
 class Reconciler:
-    """Holds what the operator knows between passes: the traces as last seen, the pod index."""
+    """Holds what the operator knows between passes: the traces as last seen, the pod index,
+    the Linux nodes, the agent pods."""
 
     def __init__(self, settings: Settings, kube: KubeApi, metrics: OperatorMetrics) -> None:
         self.settings = settings
@@ -53,7 +74,10 @@ class Reconciler:
         self.metrics = metrics
         self.pods = PodIndex()
         self.reports = ReportIndex()
-        self.agent_pods: dict[str, dict[str, str]] = {}  # trace -> agent pod uid -> its node
+        self.agent_pods: dict[str, dict[str, AgentPod]] = {}  # trace -> agent pod uid -> where, running
+        self.nodes: dict[str, NodeFacts] = {}  # every Node by name (placement.coverage)
+        # Slots (a port, one of maxRunningTraces) are handed out one trace at a time.
+        self._admission = asyncio.Lock()
         self.traces: dict[str, dict[str, Any]] = {}
         self._deleted: set[str] = set()  # uids: a late write response must not resurrect a trace
         self._locks: dict[str, asyncio.Lock] = {}
@@ -107,6 +131,7 @@ class Reconciler:
         ns, ds_name = self.settings.namespace, daemonset_name(name)
         daemonset: Optional[dict[str, Any]] = None
         events: list[Event] = []
+        waiting: Optional[str] = None
 
         if spec_error is not None:
             if await self.kube.delete_daemonset(ns, ds_name):
@@ -116,8 +141,8 @@ class Reconciler:
             await self.kube.delete_daemonset(ns, ds_name)
             completion = now
         elif completion is None:
-            daemonset, spec_error, events = await self._ensure_daemonset(name, uid, spec, roll=roll)
-            if start is None and spec_error is None:
+            daemonset, spec_error, events, waiting = await self._ensure_daemonset(body, spec, roll=roll)
+            if start is None and spec_error is None and waiting is None:
                 start = now
 
         # Heartbeats matter while the trace runs (who is still reporting); once it completed
@@ -145,12 +170,13 @@ class Reconciler:
             departed=gone,
             nodes_not_listed=not_listed,
         )
+        summary = self._with_coverage(summary, name, spec, daemonset, desired, current)
         observation = Observation(
             generation=generation, spec_error=spec_error, start_time=start, completion_time=completion,
             nodes=nodes, summary=summary, now=now,
             nodes_desired_known=desired is not None or daemonset is None,
             stale_nodes=stale_nodes(nodes, now, bound, gone), stale_after=bound, rows=rows,
-            namespace=ns,
+            namespace=ns, waiting=waiting,
         )
         new = compute_status(observation, current.conditions if current else [])
         if current is None or to_api(new) != to_api(current):
@@ -170,12 +196,51 @@ class Reconciler:
             self.metrics.events.labels(reason=reason).inc()
         return new
 
-    async def _ensure_daemonset(self, name: str, uid: str, spec: RetransmitTraceSpec, *, roll: bool
-                                ) -> tuple[Optional[dict[str, Any]], Optional[str], list[Event]]:
-        """The trace's agents as its spec says: (DaemonSet, why the spec cannot run, events)."""
+    async def _ensure_daemonset(self, body: dict[str, Any], spec: RetransmitTraceSpec, *, roll: bool
+                                ) -> tuple[Optional[dict[str, Any]], Optional[str], list[Event], Optional[str]]:
+        """The trace's agents as its spec says: (DaemonSet, why the spec cannot run, events,
+        why the trace waits for a slot)."""
+        name, uid = body["metadata"]["name"], body["metadata"]["uid"]
         ns, ds_name = self.settings.namespace, daemonset_name(name)
         daemonset = await self.kube.get_daemonset(ns, ds_name)
-        rendered = render_daemonset(name, uid, spec, self.settings)
+        if daemonset is not None:
+            return (*await self._apply_daemonset(name, uid, spec, daemonset, port_of(daemonset), roll=roll), None)
+        async with self._admission:
+            # A new DaemonSet takes a slot: read the slots in use from the agents' DaemonSets
+            # (not from memory: right after an operator restart, memory knows none).
+            used = slots_in_use(await self.kube.list_agent_daemonsets(ns))
+            waiting = waiting_reason(name, list(used), self._waiting_before(body, used), self.settings.max_running_traces)
+            port = None if waiting else choose_port(name, self.settings.agent_metrics_port, METRICS_PORT_SPAN,
+                                                     (p for t, p in used.items() if t != name and p is not None))
+            if port is None:
+                return None, None, [], waiting or (
+                    f"all {METRICS_PORT_SPAN} agent ports from {self.settings.agent_metrics_port} are held by running "
+                    "traces: this trace starts when one of them completes or is deleted")
+            return (*await self._apply_daemonset(name, uid, spec, None, port, roll=roll), None)
+
+    def _waiting_before(self, body: dict[str, Any], used: dict[str, Optional[int]]) -> list[str]:
+        """Traces that wait for a slot and were created before this one: they go first."""
+        created = body["metadata"].get("creationTimestamp") or ""
+        name = body["metadata"]["name"]
+        older = []
+        for other, known in self.traces.items():
+            meta = known.get("metadata") or {}
+            status = operator_status(known.get("status") or {})
+            if other == name or other in used or meta.get("deletionTimestamp"):
+                continue
+            if status is not None and status.phase in (Phase.COMPLETED, Phase.FAILED):
+                continue
+            if status is not None and status.start_time is not None:
+                continue  # ran before (its DaemonSet is being replaced), not waiting
+            if (meta.get("creationTimestamp") or "", other) < (created, name):
+                older.append(other)
+        return sorted(older)
+
+    async def _apply_daemonset(self, name: str, uid: str, spec: RetransmitTraceSpec,
+                               daemonset: Optional[dict[str, Any]], port: Optional[int], *, roll: bool
+                               ) -> tuple[Optional[dict[str, Any]], Optional[str], list[Event]]:
+        ns, ds_name = self.settings.namespace, daemonset_name(name)
+        rendered = render_daemonset(name, uid, spec, self.settings, port)
         wanted = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         have = ((daemonset or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
         if not (roll or daemonset is None or have != wanted):
@@ -197,13 +262,29 @@ class Reconciler:
             return applied, None, [rolled_event(ns, ds_name)]
         return applied, None, []
 
+    def _with_coverage(self, summary: Summary, name: str, spec: Optional[RetransmitTraceSpec],
+                       daemonset: Optional[dict[str, Any]], desired: Optional[int],
+                       current: Optional[RetransmitTraceStatus]) -> Summary:
+        """The summary with the Linux nodes the trace misses, while its agents run; afterwards
+        the last known coverage stays (the final result says what it did not see)."""
+        if spec is None or daemonset is None or not self.nodes:
+            previous = current.summary if current and current.summary else None
+            if previous is None:
+                return summary
+            return summary.model_copy(update={"nodes_linux": previous.nodes_linux,
+                                              "nodes_not_covered": previous.nodes_not_covered})
+        running = frozenset(p.node for p in self.agent_pods.get(name, {}).values() if p.running)
+        linux, missed = coverage(self.nodes.values(), agent_placement(spec, self.settings),
+                                 running if desired is not None else None, name, self.settings.namespace)
+        return summary.model_copy(update={"nodes_linux": linux, "nodes_not_covered": missed})
+
     async def _mark_departed(self, stored: list[Any], marked: frozenset[str], now: Any, bound: Any) -> frozenset[str]:
         """Mark (or unmark) the reports of nodes that left the trace, on the reports' status.
         Only while the trace runs: at completion the marks stay as they were, with the counts."""
         if not stored:
             return marked
         trace = stored[0].trace
-        wanted = departed([r.entry for r in stored], marked, frozenset(self.agent_pods.get(trace, {}).values()),
+        wanted = departed([r.entry for r in stored], marked, frozenset(p.node for p in self.agent_pods.get(trace, {}).values()),
                           now, bound)
         changes = [r for r in stored if (r.entry.node in wanted) != r.status.departed]
         # A bounded number of writes per pass, so the trace's own status stays current when
@@ -231,7 +312,15 @@ class Reconciler:
         if deleted or not node:
             pods.pop(meta.get("uid"), None)
         else:
-            pods[meta.get("uid")] = node
+            pods[meta.get("uid")] = AgentPod(node, (pod.get("status") or {}).get("phase") == "Running")
+
+    def observe_node(self, node: dict[str, Any], deleted: bool) -> None:
+        """The cluster's Nodes (from a watch), for the coverage in each trace's summary."""
+        facts = NodeFacts.from_object(node)
+        if deleted:
+            self.nodes.pop(facts.name, None)
+        else:
+            self.nodes[facts.name] = facts
 
     def _freshest(self, body: dict[str, Any]) -> dict[str, Any]:
         known = self.traces.get(body["metadata"]["name"])

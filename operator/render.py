@@ -26,12 +26,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import zlib
-from typing import Any
+from typing import Any, Optional
 
 from retransmit_core.api import RetransmitTraceSpec
 from retransmit_core.contract import DOWNWARD_API_ENV, METRICS_PORT_SPAN, AgentInvocation, render_agent_args
 from retransmit_core.naming import (
+    METRICS_PORT_ANNOTATION,
     SPEC_HASH_ANNOTATION,
     agent_labels,
     agent_selector_labels,
@@ -40,7 +40,9 @@ from retransmit_core.naming import (
 )
 from retransmit_core.schedule import TERMINATION_GRACE_SECONDS
 
+from .placement import Placement, placement
 from .settings import Settings
+from .slots import preferred_port
 
 
 # (volume name, host path, mount path, mount propagation)
@@ -60,9 +62,15 @@ def selector_text(labels: dict[str, str]) -> str:
 
 
 def agent_metrics_port(trace_name: str, settings: Settings) -> int:
-    """The agents of one trace listen on base + a stable offset: agents use the host network,
-    so two traces on one node need different ports (the scheduler refuses a clash)."""
-    return settings.agent_metrics_port + zlib.crc32(trace_name.encode()) % METRICS_PORT_SPAN
+    """The port a trace's agents prefer; the reconciler gives it another when a running trace
+    holds it (slots.choose_port): agents use the host network, so two traces on one node
+    need different ports (the scheduler refuses a clash)."""
+    return preferred_port(trace_name, settings.agent_metrics_port, METRICS_PORT_SPAN)
+
+
+def agent_placement(spec: RetransmitTraceSpec, settings: Settings) -> Placement:
+    """The trace's nodeSelector and tolerations, or the chart's defaults (placement.py)."""
+    return placement(spec, settings.agent_node_selector, settings.agent_tolerations)
 
 
 def security_context(mode: str) -> dict[str, Any]:
@@ -79,13 +87,10 @@ def security_context(mode: str) -> dict[str, Any]:
     }
 
 
-def _tolerations(spec: RetransmitTraceSpec) -> list[dict[str, Any]]:
-    return [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in spec.tolerations]
-
-
-def render_pod_template(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec, settings: Settings) -> dict[str, Any]:
-    port = agent_metrics_port(trace_name, settings)
+def render_pod_template(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec, settings: Settings,
+                        port: int) -> dict[str, Any]:
     args = render_agent_args(AgentInvocation(trace=trace_name, trace_uid=trace_uid, spec=spec, metrics_port=port))
+    where = agent_placement(spec, settings)
     env = [{"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
            for name, path in DOWNWARD_API_ENV.items()]
     env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
@@ -130,13 +135,15 @@ def render_pod_template(trace_name: str, trace_uid: str, spec: RetransmitTraceSp
         "automountServiceAccountToken": True,
         "hostNetwork": True,
         "dnsPolicy": "ClusterFirstWithHostNet",
-        "nodeSelector": {**spec.node_selector, "kubernetes.io/os": "linux"},
-        "tolerations": _tolerations(spec),
+        "nodeSelector": dict(where.node_selector),
+        "tolerations": [dict(t) for t in where.tolerations],
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "restartPolicy": "Always",
         "containers": [container],
         "volumes": volumes,
     }
+    if settings.agent_priority_class_name:
+        pod_spec["priorityClassName"] = settings.agent_priority_class_name
     return {"metadata": {"labels": agent_labels(trace_name)}, "spec": pod_spec}
 
 
@@ -145,9 +152,12 @@ def spec_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def render_daemonset(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec, settings: Settings) -> dict[str, Any]:
-    """The DaemonSet rtrace-<trace> in the operator's namespace, owned by the trace."""
-    template = render_pod_template(trace_name, trace_uid, spec, settings)
+def render_daemonset(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec, settings: Settings,
+                     port: Optional[int] = None) -> dict[str, Any]:
+    """The DaemonSet rtrace-<trace> in the operator's namespace, owned by the trace, its agents
+    on `port` (default: the trace's preferred one; the reconciler passes the one it chose)."""
+    port = agent_metrics_port(trace_name, settings) if port is None else port
+    template = render_pod_template(trace_name, trace_uid, spec, settings, port)
     digest = spec_hash(template)
     template["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
     return {
@@ -157,7 +167,7 @@ def render_daemonset(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec,
             "name": daemonset_name(trace_name),
             "namespace": settings.namespace,
             "labels": agent_labels(trace_name),
-            "annotations": {SPEC_HASH_ANNOTATION: digest},
+            "annotations": {SPEC_HASH_ANNOTATION: digest, METRICS_PORT_ANNOTATION: str(port)},
             "ownerReferences": [trace_owner(trace_name, trace_uid, block_owner_deletion=True)],
         },
         "spec": {

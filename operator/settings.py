@@ -21,8 +21,11 @@ from typing import Annotated, Any, Literal, Mapping, Optional, get_args
 from pydantic import AliasGenerator, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from retransmit_core.api import parse_duration
+from retransmit_core.api import Toleration, parse_duration
 from retransmit_core.naming import DEFAULT_NAMESPACE
+from retransmit_core.validation import format_error
+
+from .placement import TOLERATE_EVERYTHING
 from retransmit_core.contract import DEFAULT_METRICS_PORT, METRICS_PORT_SPAN
 
 ENV_PREFIX = "RTRACE_"
@@ -31,9 +34,9 @@ SecurityMode = Literal["privileged", "capabilities"]
 PullPolicy = Literal["Always", "IfNotPresent", "Never"]
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-# Agents use the host network, so each trace's agents listen on base + crc32(name) % span
-# (render.agent_metrics_port): the highest base whose highest port, base + span - 1, is
-# still a port.
+# Agents use the host network, so each running trace's agents get a port of their own in
+# [base, base + span) (slots.choose_port): the highest base whose highest port, base + span - 1,
+# is still a port. The span is also the most traces that can run at once.
 AGENT_METRICS_PORT_MIN = 1024
 AGENT_METRICS_PORT_MAX = 65535 - (METRICS_PORT_SPAN - 1)
 MIN_SYNC_INTERVAL = 0.1
@@ -47,6 +50,9 @@ DEFAULT_AGENT_RESOURCES: dict[str, Any] = {
 }
 RESOURCE_KEYS = ("requests", "limits", "claims")
 RESOURCES_EXAMPLE = '\'{"requests":{"cpu":"50m","memory":"128Mi"}}\''
+TOLERATIONS_EXAMPLE = '\'[{"operator":"Exists"}]\''
+NODE_SELECTOR_EXAMPLE = '\'{"pool":"blue"}\''
+DEFAULT_MAX_RUNNING_TRACES = 10
 
 
 class SettingsError(ValueError):
@@ -73,9 +79,24 @@ class Settings(BaseSettings):
         description="The agent container's command; in the environment split like a shell would.")
     agent_metrics_port: int = Field(
         DEFAULT_METRICS_PORT, ge=AGENT_METRICS_PORT_MIN, le=AGENT_METRICS_PORT_MAX,
-        description=f"Base port of the agents' /metrics, /readyz and /livez; each trace gets base + a "
-                    f"stable offset below {METRICS_PORT_SPAN} from its name, because agents use the host "
-                    f"network and two traces share nodes.")
+        description=f"Base port of the agents' /metrics, /readyz and /livez; each running trace gets a free "
+                    f"port of its own below base + {METRICS_PORT_SPAN}, because agents use the host network "
+                    f"and traces share nodes.")
+    agent_tolerations: Annotated[tuple[dict[str, Any], ...], NoDecode] = Field(
+        TOLERATE_EVERYTHING,
+        description="Tolerations of agents whose trace sets none (a trace's spec.tolerations replace them); "
+                    "JSON in the environment. Default: every taint, so a trace reaches every Linux node.")
+    agent_node_selector: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="nodeSelector of agents whose trace sets none (a trace's spec.nodeSelector replaces it); "
+                    "JSON in the environment. kubernetes.io/os=linux is always added.")
+    agent_priority_class_name: Optional[str] = Field(
+        None, description="priorityClassName of the agent pods (e.g. system-node-critical), so they are not "
+                          "the first evicted from a full node.")
+    max_running_traces: int = Field(
+        DEFAULT_MAX_RUNNING_TRACES, ge=1, le=METRICS_PORT_SPAN,
+        description=f"How many traces may run at once in the cluster (at most {METRICS_PORT_SPAN}, the agents' "
+                    f"port span); the next one waits Pending and names the running ones.")
     metrics_port: int = Field(8080, ge=0, le=65535, description="The operator's /metrics, /healthz, /readyz; 0 disables.")
     sync_interval: float = Field(2.0, description="How often each trace is aggregated and checked for completion; "
                                                   "a Go-style duration in the environment.")
@@ -94,6 +115,35 @@ class Settings(BaseSettings):
                 raise ValueError(f"not JSON ({e}): give e.g. {RESOURCES_EXAMPLE}") from None
         if not isinstance(value, dict) or set(value) - set(RESOURCE_KEYS):
             raise ValueError(f"must be an object with requests and/or limits, e.g. {RESOURCES_EXAMPLE}")
+        return value
+
+    @field_validator("agent_tolerations", mode="before")
+    @classmethod
+    def _tolerations_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not JSON ({e}): give a list of tolerations, e.g. {TOLERATIONS_EXAMPLE}") from None
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"must be a list of tolerations, e.g. {TOLERATIONS_EXAMPLE}")
+        for i, item in enumerate(value):
+            try:
+                Toleration.model_validate(item)
+            except ValidationError as e:
+                raise ValueError(format_error(e, root=f"[{i}]")) from None
+        return tuple(value)
+
+    @field_validator("agent_node_selector", mode="before")
+    @classmethod
+    def _node_selector_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not JSON ({e}): give an object of labels, e.g. {NODE_SELECTOR_EXAMPLE}") from None
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ValueError(f"must be an object of label keys and values, e.g. {NODE_SELECTOR_EXAMPLE}")
         return value
 
     @field_validator("agent_command", mode="before")

@@ -104,6 +104,12 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None) -> str:
         if counts:
             out += ["", title]
             out += table(("NAME", "RETRANSMITS"), sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])), right=(1,))
+    missed = summary.get("nodesNotCovered") or []
+    if missed:
+        out += ["", f"NOT COVERED ({sum(m.get('count', 0) for m in missed)} of {summary.get('nodesLinux')} Linux nodes)"]
+        out += table(("REASON", "NODES", "EXAMPLES", "FIX"),
+                     ((m.get("reason"), m.get("count", 0), ", ".join(m.get("nodes") or []), m.get("detail")) for m in missed),
+                     right=(1,))
     nodes = status.get("nodes") or []
     if nodes:
         out += ["", "NODES"]

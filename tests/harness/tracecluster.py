@@ -16,8 +16,7 @@ from typing import Any, Callable, Optional
 import kubernetes
 
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
-from retransmit_core.naming import DEFAULT_NAMESPACE, agent_selector_labels, daemonset_name
-from retransmit_core.naming import report_name, trace_selector
+from retransmit_core.naming import DEFAULT_NAMESPACE, agent_selector_labels, daemonset_name, report_name, trace_selector
 from retransmit_operator.settings import Settings
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
@@ -97,6 +96,13 @@ class Trace:
     def __init__(self, objects: Any, core: Any, name: str, **spec: Any) -> None:
         self.objects, self.core, self.name = objects, core, name
         objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, trace_body(name, **spec))
+
+    @classmethod
+    def existing(cls, objects: Any, core: Any, name: str) -> "Trace":
+        """A handle on a trace made another way (kubectl apply of a sample)."""
+        trace = cls.__new__(cls)
+        trace.objects, trace.core, trace.name = objects, core, name
+        return trace
 
     def get(self) -> dict:
         return self.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.name)

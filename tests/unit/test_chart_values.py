@@ -33,6 +33,10 @@ CHART_VALUES = {
     "operator.metricsPort": "metrics_port",
     "operator.logLevel": "log_level",
     "namespace.name": "namespace",
+    "agent.tolerations": "agent_tolerations",
+    "agent.nodeSelector": "agent_node_selector",
+    "agent.priorityClassName": "agent_priority_class_name",
+    "maxRunningTraces": "max_running_traces",
 }
 
 
@@ -54,8 +58,11 @@ def schema_of(dotted: str) -> dict:
 def test_chart_default_is_the_settings_default(chart_value):
     field = CHART_VALUES[chart_value]
     default = getattr(Settings(), field)
-    # The chart writes the log level in lower case; the template upper-cases it.
-    assert (value(chart_value).upper() if field == "log_level" else value(chart_value)) == default
+    chart = value(chart_value)
+    # The chart writes the log level in lower case; the template upper-cases it. An empty
+    # string renders an empty variable, which the operator reads as unset.
+    chart = chart.upper() if field == "log_level" else None if chart == "" else chart
+    assert chart == (list(default) if isinstance(default, tuple) else default)
 
 
 def test_agent_resources_default_has_a_cpu_limit_in_both():
@@ -66,6 +73,12 @@ def test_agent_resources_default_has_a_cpu_limit_in_both():
 def test_agent_metrics_port_bounds_are_the_settings_bounds():
     chart, model = schema_of("agent.metricsPort"), MODEL["agent_metrics_port"]
     assert (chart["type"], chart["minimum"], chart["maximum"]) == (model["type"], model["minimum"], model["maximum"])
+
+
+def test_max_running_traces_bounds_are_the_settings_bounds():
+    chart, model = schema_of("maxRunningTraces"), MODEL["max_running_traces"]
+    assert (chart["type"], chart["minimum"], chart["maximum"]) == (model["type"], model["minimum"], model["maximum"])
+    assert model["maximum"] == METRICS_PORT_SPAN   # a running trace holds one of the span's ports
 
 
 def test_highest_agent_base_port_leaves_every_trace_a_real_port():

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from retransmit_core.api import NodeStatus, Summary
+from retransmit_core.api import NodeStatus, Summary, UncoveredNodes
 from retransmit_operator.conditions import (
     Observation, compute_status, deadline, is_due, transitions,
 )
@@ -108,3 +108,23 @@ def test_events_on_transitions_only():
     assert event[:2] == ("Normal", "Completed") and "42 retransmits" in event[2]
     bad = compute_status(obs(spec_error="spec.topFlows: too many"), [])
     assert transitions(None, bad) == [("Warning", "InvalidSpec", "spec.topFlows: too many")]
+
+
+def test_a_trace_beyond_the_limit_waits_pending_and_says_who_runs():
+    waiting = "2 trace(s) run already (a, b), the most maxRunningTraces (2) allows: this trace starts when ..."
+    s = compute_status(obs(start_time=None, summary=Summary(), waiting=waiting), [])
+    assert s.phase == "Pending"
+    assert (cond(s, "AgentsReady").reason, cond(s, "AgentsReady").message) == ("TraceLimitReached", waiting)
+    assert cond(s, "Ready").reason == "TraceLimitReached" and cond(s, "Ready").status == "False"
+
+
+def test_all_agents_reporting_still_names_the_linux_nodes_the_trace_misses():
+    missed = UncoveredNodes(reason="TaintNotTolerated", count=1, nodes=["cp"],
+                            detail="taints node-role.kubernetes.io/control-plane:NoSchedule are not tolerated: ...")
+    s = compute_status(obs(summary=Summary(nodes_desired=2, nodes_reporting=2, nodes="2/2", nodes_linux=3,
+                                           nodes_not_covered=[missed])), [])
+    agents = cond(s, "AgentsReady")
+    assert agents.status == "True" and agents.message.startswith("2/2 nodes reporting; 1 of 3 Linux nodes not covered")
+    assert "TaintNotTolerated: cp: taints node-role.kubernetes.io/control-plane:NoSchedule" in agents.message
+    full = compute_status(obs(summary=Summary(nodes_desired=2, nodes_reporting=2, nodes="2/2", nodes_linux=2)), [])
+    assert cond(full, "AgentsReady").message == "2/2 nodes reporting"

@@ -24,7 +24,13 @@ def test_every_variable_is_read():
         "RTRACE_METRICS_PORT": "0", "RTRACE_AGENT_COMMAND": "/venv/bin/python -m retransmit_agent",
         "RTRACE_AGENT_METRICS_PORT": "19000", "RTRACE_SYNC_INTERVAL": "500ms", "RTRACE_LOG_LEVEL": "debug",
         "KUBECONFIG": "/k",
+        "RTRACE_AGENT_TOLERATIONS": '[{"key": "dedicated", "operator": "Exists"}]',
+        "RTRACE_AGENT_NODE_SELECTOR": '{"pool": "blue"}', "RTRACE_AGENT_PRIORITY_CLASS_NAME": "system-node-critical",
+        "RTRACE_MAX_RUNNING_TRACES": "3",
     })
+    assert s.agent_tolerations == ({"key": "dedicated", "operator": "Exists"},)
+    assert s.agent_node_selector == {"pool": "blue"} and s.agent_priority_class_name == "system-node-critical"
+    assert s.max_running_traces == 3
     assert (s.namespace, s.agent_image, s.agent_image_pull_policy, s.agent_service_account) == ("ops", "reg/agent:2", "Always", "sa")
     assert s.agent_security_mode == "capabilities" and s.agent_resources == {"limits": {"memory": "1Gi"}}
     assert s.metrics_port == 0 and s.agent_metrics_port == 19000
@@ -33,7 +39,9 @@ def test_every_variable_is_read():
     assert {Settings.env_name(field) for field in Settings.model_fields} == {
         "RTRACE_NAMESPACE", "RTRACE_AGENT_IMAGE", "RTRACE_AGENT_IMAGE_PULL_POLICY", "RTRACE_AGENT_SERVICE_ACCOUNT",
         "RTRACE_AGENT_SECURITY_MODE", "RTRACE_AGENT_RESOURCES", "RTRACE_METRICS_PORT", "RTRACE_AGENT_COMMAND",
-        "RTRACE_AGENT_METRICS_PORT", "RTRACE_SYNC_INTERVAL", "RTRACE_LOG_LEVEL", "KUBECONFIG"}
+        "RTRACE_AGENT_METRICS_PORT", "RTRACE_SYNC_INTERVAL", "RTRACE_LOG_LEVEL", "KUBECONFIG",
+        "RTRACE_AGENT_TOLERATIONS", "RTRACE_AGENT_NODE_SELECTOR", "RTRACE_AGENT_PRIORITY_CLASS_NAME",
+        "RTRACE_MAX_RUNNING_TRACES"}
 
 
 def test_empty_variables_mean_the_default_and_unrelated_ones_are_ignored():
@@ -111,3 +119,17 @@ def test_a_bad_override_is_named_as_the_setting_not_the_variable():
     with pytest.raises(SettingsError) as refused:
         Settings.from_env({}, metrics_port=99999)
     assert str(refused.value) == "metrics_port=99999 is out of range: use 0-65535"
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("RTRACE_AGENT_TOLERATIONS", "[{\"operator\": \"Sometimes\"}]",
+     "RTRACE_AGENT_TOLERATIONS='[{\"operator\": \"Sometimes\"}]': [0].operator: should be Exists or Equal"),
+    ("RTRACE_AGENT_TOLERATIONS", "{}", "must be a list of tolerations, e.g. '[{\"operator\":\"Exists\"}]'"),
+    ("RTRACE_AGENT_NODE_SELECTOR", "[1]", "must be an object of label keys and values, e.g. '{\"pool\":\"blue\"}'"),
+    ("RTRACE_MAX_RUNNING_TRACES", "500", "RTRACE_MAX_RUNNING_TRACES=500 is out of range: use 1-100"),
+])
+def test_agent_placement_and_trace_limit_variables_refuse_bad_values_by_name(variable, value, message):
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env({variable: value})
+    assert message in str(refused.value)
+

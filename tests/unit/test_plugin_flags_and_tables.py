@@ -85,3 +85,15 @@ def test_helpers():
     assert causes({}) == "-"
     assert time_left({"spec": {}, "status": {"startTime": "2026-11-30T10:00:00Z"}}) is None
     assert "nodes 0/0" in progress_line({"metadata": {"name": "x"}})
+
+
+def test_the_result_names_the_linux_nodes_the_trace_misses():
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "nodesLinux": 4,
+        "nodesNotCovered": [{"reason": "TaintNotTolerated", "count": 2, "nodes": ["cp-1", "cp-2"],
+                             "detail": "taints node-role.kubernetes.io/control-plane:NoSchedule are not tolerated"}]}}}
+    lines = render(trace).splitlines()
+    header = lines.index("NOT COVERED (2 of 4 Linux nodes)")
+    assert lines[header + 1].split()[:4] == ["REASON", "NODES", "EXAMPLES", "FIX"]
+    assert lines[header + 2].startswith("TaintNotTolerated") and "cp-1, cp-2" in lines[header + 2]
+    assert "NOT COVERED" not in render(TRACE)
