@@ -31,7 +31,6 @@ from retransmit_agent.reporter import ReportTarget, ReportWriter
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
 from retransmit_core.schedule import stale_after
 from retransmit_core.naming import daemonset_name
-from retransmit_operator.render import agent_metrics_port
 from retransmit_core.naming import (
     LEASE_GROUP,
     LEASE_PLURAL,
@@ -41,7 +40,6 @@ from retransmit_core.naming import (
     heartbeat_renewal,
     report_name,
 )
-from retransmit_operator.settings import Settings
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
 from tests.harness.tracecluster import (
@@ -216,7 +214,7 @@ def _restart_apiserver_after(control_plane: Any, seconds: float, during: Callabl
 def _agent_metrics(trace: Trace) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    port = agent_metrics_port(trace.name, Settings())
+    port = trace.metrics_port()
     # The agent serves on its pod's IP (the simulated node's address: hostNetwork).
     ip = trace.core.read_namespaced_pod(trace.agent_pod(), SYSTEM_NS).status.pod_ip
     with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as r:

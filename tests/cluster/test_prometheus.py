@@ -29,8 +29,6 @@ import yaml
 
 from retransmit_operator.main import EmbeddedOperator
 from retransmit_core.naming import agent_selector_labels
-from retransmit_operator.render import agent_metrics_port
-from retransmit_operator.settings import Settings
 from tests.harness.controlplane import wait_until
 from tests.harness.prometheus import Prometheus, free_port, promtool
 from tests.harness.tracecluster import NODE_A, NODE_B, SYSTEM_NS, expected, operator_settings, totals
@@ -132,13 +130,15 @@ def rule_group_evaluated_after(prom: Prometheus, moment: float) -> bool:
     return datetime.fromisoformat(stamp).timestamp() > moment
 
 
-def agent_targets(core: Any, trace: str, settings: Settings) -> dict[str, str]:
+def agent_targets(core: Any, trace: str) -> dict[str, str]:
     """node -> host:port of the trace's agent there (its pod IP: a node address)."""
     selector = ",".join(f"{k}={v}" for k, v in agent_selector_labels(trace).items())
-    port = agent_metrics_port(trace, settings)
+
+    def metrics_port(pod: Any) -> int:
+        return next(p.container_port for c in pod.spec.containers for p in c.ports or [] if p.name == "metrics")
 
     def ready():
-        found = {p.spec.node_name: f"{p.status.pod_ip}:{port}"
+        found = {p.spec.node_name: f"{p.status.pod_ip}:{metrics_port(p)}"
                  for p in core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items
                  if p.status.pod_ip and p.status.phase == "Running"}
         return found if set(found) == {NODE_A, NODE_B} else None
@@ -161,7 +161,7 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
     marker.touch()
     try:
         trace = traces(namespaces=[pods.namespace])
-        agents = agent_targets(core, trace.name, operator_http)
+        agents = agent_targets(core, trace.name)
         jobs = {"retransmit-agents": sorted(agents.values()),
                 "retransmit-operator": [f"127.0.0.1:{operator_http.metrics_port}"]}
         with Prometheus(tmp_path / "prometheus", jobs, rule_files=[rules]) as prom, AlertLog(prom) as log:

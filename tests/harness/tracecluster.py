@@ -18,6 +18,7 @@ import kubernetes
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
 from retransmit_core.naming import DEFAULT_NAMESPACE, agent_selector_labels, daemonset_name, report_name, trace_selector
 from retransmit_operator.settings import Settings
+from retransmit_operator.slots import port_of
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
 from tests.harness.refcount import per_flow, succeeded
@@ -131,6 +132,12 @@ class Trace:
             e = self.entry(node)
             return e if e is not None and predicate(e) else None
         return wait_until(check, f"trace {self.name} node {node}: {what}", timeout=timeout, interval=0.5)
+
+    def metrics_port(self) -> int:
+        """The port the operator gave this trace's agents (recorded on their DaemonSet)."""
+        apps = kubernetes.client.AppsV1Api(self.core.api_client)
+        daemonset = apps.read_namespaced_daemon_set(daemonset_name(self.name), SYSTEM_NS)
+        return port_of(apps.api_client.sanitize_for_serialization(daemonset))
 
     def agent_pod(self, node: str = NODE_A) -> str:
         selector = ",".join(f"{k}={v}" for k, v in agent_selector_labels(self.name).items())
