@@ -7,6 +7,7 @@ same pydantic models, and the message names the field, the value and the fix.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from pydantic import ValidationError
@@ -96,6 +97,11 @@ def validate_trace(name: str, spec: Optional[dict[str, Any]]) -> tuple[Optional[
     if len(name) > MAX_TRACE_NAME_LENGTH:
         return None, (f"metadata.name: {name!r} has {len(name)} characters, at most {MAX_TRACE_NAME_LENGTH} "
                       "fit the agents' DaemonSet name (rtrace- and the trace's name): recreate the trace with a shorter name")
+    if not re.fullmatch(DNS_LABEL_PATTERN, name):
+        # Stored before the CRD refused dots: its reports' names could collide with another's.
+        return None, (f"metadata.name: {name!r} is not a DNS label (lowercase letters, digits and '-', no dots): "
+                      "each node's report is named <trace>.<node>, so a dot could make two traces share one; "
+                      "recreate the trace under a name without dots")
     try:
         return RetransmitTraceSpec.model_validate(spec or {}), None
     except ValidationError as e:

@@ -254,6 +254,14 @@ def openapi_schema() -> dict[str, Any]:
                     "DaemonSet rtrace-<name> is a valid label value; choose a shorter name"
                 ),
             },
+            {
+                "rule": f"self.metadata.name.matches(r'{api.DNS_LABEL_PATTERN}')",
+                "message": (
+                    "metadata.name: use lowercase letters, digits and '-' only, no dots: each node's report is "
+                    "named <trace>.<node>, and a dot in the trace's name would let trace 'a' on node 'b.c' and "
+                    "trace 'a.b' on node 'c' share a report"
+                ),
+            },
         ],
     }
 

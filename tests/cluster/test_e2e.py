@@ -314,6 +314,16 @@ def test_an_agent_writes_only_its_own_nodes_report_and_reads_only_pods(operator,
                     field_manager=f"rtrace-agent/{NODE_B}", force=True, _content_type="application/apply-patch+yaml"),
                 "turn its report into node-b's": lambda: as_agent.patch_namespaced_custom_object(
                     GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, own["metadata"]["name"], {"spec": {"node": NODE_B}}),
+                # The squat: node-b's report name with spec.node and labels of its own node,
+                # which would lock node-b's agent out of its report for good.
+                "create a report under node-b's name": lambda: as_agent.create_namespaced_custom_object(
+                    GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL,
+                    {**own, "metadata": {**own["metadata"], "name": other["metadata"]["name"]}}),
+                "create a Lease under node-b's name": lambda: as_agent.create_namespaced_custom_object(
+                    *lease_api, {**own_lease, "metadata": {**own_lease["metadata"], "name": other_lease["metadata"]["name"]}}),
+                "label its report as node-b's": lambda: as_agent.patch_namespaced_custom_object(
+                    GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL, own["metadata"]["name"],
+                    {"metadata": {"labels": {"retransmit.dev/node": NODE_B}}}),
                 "create node-b's heartbeat Lease": lambda: as_agent.create_namespaced_custom_object(
                     *lease_api, other_lease),
                 "hand its Lease to node-b": lambda: as_agent.patch_namespaced_custom_object(

@@ -557,6 +557,7 @@ SCHEMA_REFUSED = [
     ({"namespaces": ["Kube_System"]}, "spec.namespaces[0]"),
     ({"nodeSelector": {"zone": "has space"}}, "spec.nodeSelector.zone"),
     ("x" * 60, "metadata.name: at most 56 characters"),
+    ("a.b", "metadata.name: use lowercase letters, digits and '-' only, no dots"),
 ]
 # Past the schema (it cannot express these), caught by the operator: (spec, field named in the message).
 OPERATOR_REFUSED = [

@@ -47,6 +47,12 @@ def test_overlong_name_is_refused_with_the_limit_and_fix():
     assert parsed is None and "metadata.name" in error and "at most 56" in error
 
 
+@pytest.mark.parametrize("name", ["a.b", "Shop", "-x"])
+def test_a_name_that_is_no_dns_label_is_refused_because_report_names_could_collide(name):
+    parsed, error = validate_trace(name, {})
+    assert parsed is None and error.startswith(f"metadata.name: {name!r} is not a DNS label") and "no dots" in error
+
+
 def test_empty_and_missing_spec_mean_all_defaults():
     for raw in (None, {}):
         spec, error = validate_trace("t", raw)
