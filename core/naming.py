@@ -28,6 +28,8 @@ SPEC_HASH_ANNOTATION = "retransmit.dev/spec-hash"
 # The port a trace's agents listen on, chosen by the operator when it creates their DaemonSet.
 METRICS_PORT_ANNOTATION = "retransmit.dev/metrics-port"
 DAEMONSET_PREFIX = "rtrace-"
+# The operator replicas' leader-election Lease, in the operator's namespace.
+LEADER_LEASE = f"{APP_NAME}-leader"
 MAX_NAME = 253          # an object name is a DNS subdomain
 MAX_LABEL_VALUE = 63
 HASH_CHARS = 10

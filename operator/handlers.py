@@ -48,8 +48,6 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
             threading.Thread(target=watch, args=(settings.namespace, reconciler.reports, stop_watch),
                              name=thread, daemon=True).start()
         tasks.append(asyncio.create_task(reconciler.sync_forever(), name="rtrace-sync"))
-        if settings.metrics_port:
-            tasks.append(asyncio.create_task(metrics.serve(settings.metrics_port, reconciler), name="rtrace-http"))
         log.info("operator started: agents in namespace %s, image %s, security mode %s",
                  settings.namespace, settings.agent_image, settings.agent_security_mode)
 
@@ -59,7 +57,6 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await metrics.stop()
 
     async def apply(body: kopf.Body, trigger: str) -> None:
         reconciler.observe_trace(None, dict(body))

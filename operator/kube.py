@@ -21,10 +21,11 @@ from typing import Any, Callable, Optional
 
 import kopf
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from retransmit_core.api import API_VERSION, GROUP, KIND, PLURAL, REPORT_KIND, REPORT_PLURAL, VERSION
-from retransmit_core.apierrors import server_message
+from retransmit_core.apierrors import no_answer, server_message
 from retransmit_core.naming import AGENTS_SELECTOR, HEARTBEATS_SELECTOR, LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, REPORTS_SELECTOR
 from retransmit_core.watch import list_then_watch
 
@@ -36,6 +37,9 @@ FIELD_MANAGER = "rtrace-operator"
 # that is what the API server's validation allows and what `kubectl describe` searches.
 EVENTS_NAMESPACE = "default"
 APPLY = "application/apply-patch+yaml"
+# Seconds any one API call of the operator may take before it counts as failed (and is retried
+# by the next pass).
+API_TIMEOUT_SECONDS = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -107,25 +111,39 @@ def _failure(operation: str, e: ApiException) -> ApiFailure:
 
 
 class KubeApi:
-    def __init__(self, cfg: kubernetes.client.Configuration, metrics: Optional[OperatorMetrics] = None) -> None:
+    """Every call has a timeout (`timeout` seconds unless the call sets its own): an API server
+    that accepts a connection and never answers must not stall a pass over the traces."""
+
+    def __init__(self, cfg: kubernetes.client.Configuration, metrics: Optional[OperatorMetrics] = None,
+                 timeout: float = API_TIMEOUT_SECONDS) -> None:
         self.cfg = cfg
         self._metrics = metrics
+        self._timeout = timeout
         self._client = kubernetes.client.ApiClient(cfg)
         self._apps = kubernetes.client.AppsV1Api(self._client)
         self._core = kubernetes.client.CoreV1Api(self._client)
         self._custom = kubernetes.client.CustomObjectsApi(self._client)
         self._instance = os.environ.get("HOSTNAME") or socket.gethostname()
 
+    @property
+    def client(self) -> kubernetes.client.ApiClient:
+        """The API client behind every call (the leader election shares its connections)."""
+        return self._client
+
     def close(self) -> None:
         self._client.close()
 
     async def _call(self, operation: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         code = "200"
+        kwargs.setdefault("_request_timeout", self._timeout)
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except ApiException as e:
             code = str(e.status or 0)
             raise _failure(operation, e) from None
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            code = "0"
+            raise ApiFailure(operation, 0, "NoAnswer", f"the API server did not answer ({no_answer(e)})") from None
         finally:
             if self._metrics is not None:
                 self._metrics.api_requests.labels(operation=operation, code=code).inc()
@@ -140,13 +158,14 @@ class KubeApi:
                 return None
             raise
 
-    def _get_daemonset(self, namespace: str, name: str) -> dict[str, Any]:
-        return self._apps.api_client.sanitize_for_serialization(self._apps.read_namespaced_daemon_set(name, namespace))
+    def _get_daemonset(self, namespace: str, name: str, _request_timeout: float) -> dict[str, Any]:
+        return self._apps.api_client.sanitize_for_serialization(
+            self._apps.read_namespaced_daemon_set(name, namespace, _request_timeout=_request_timeout))
 
     async def list_agent_daemonsets(self, namespace: str) -> list[dict[str, Any]]:
         """Every trace's agents' DaemonSet in the operator's namespace (their slots)."""
         listed = await self._call("list daemonsets", self._apps.list_namespaced_daemon_set, namespace,
-                                  label_selector=AGENTS_SELECTOR, _preload_content=False, _request_timeout=60)
+                                  label_selector=AGENTS_SELECTOR, _preload_content=False)
         return list(json.loads(listed.data).get("items") or [])
 
     async def apply_daemonset(self, body: dict[str, Any]) -> dict[str, Any]:

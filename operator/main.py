@@ -1,5 +1,7 @@
-"""`retransmit-operator`: run the operator (kopf, cluster-wide, standalone: one replica, no
-peering CRD), or embed it in a thread with `EmbeddedOperator`.
+"""`retransmit-operator`: run the operator (kopf, cluster-wide), or embed it in a thread with
+`EmbeddedOperator`. Replicas elect one leader on a Lease (leader.py): the others stand by,
+serving /healthz (alive) and /readyz (not ready) until they lead. kopf itself runs
+standalone (no peering CRD): the election already makes it the only active one.
 
     retransmit-operator [--kubeconfig PATH] [--namespace NS] [--metrics-port N]
 
@@ -15,14 +17,17 @@ import os
 import socket
 import sys
 import threading
+import uuid
 from typing import Callable, Optional, Sequence
 
 import kopf
 from kubernetes.config import ConfigException
 
 from .handlers import kopf_settings, register_handlers
+from .kube import KubeApi, client_configuration
+from .leader import LeaderElection
+from .metrics import OperatorMetrics
 from .reconciler import Reconciler
-from .kube import client_configuration
 from .settings import Settings, SettingsError
 
 
@@ -36,25 +41,60 @@ def operator_identity() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"  # kopf.Identity is a NewType of str
 
 
+class LostLeadership(RuntimeError):
+    """Another replica may lead now: this one stopped, and exits non-zero to restart as a standby."""
+
+
 async def run(settings: Settings, *, ready_flag: Optional[threading.Event] = None,
               stop_flag: Optional[threading.Event] = None,
               on_registered: Optional[Callable[[Reconciler], None]] = None) -> None:
     registry = kopf.OperatorRegistry()
-    reconciler = register_handlers(registry, settings)
+    metrics = OperatorMetrics()
+    kube = KubeApi(client_configuration(settings.kubeconfig), metrics)
+    reconciler = register_handlers(registry, settings, kube, metrics)
     if on_registered is not None:
         on_registered(reconciler)
+    stop_flag = stop_flag or threading.Event()
+    # One identity per run: two replicas embedded in one process (tests) must differ too.
+    election = LeaderElection(kube.client, settings.namespace, f"{operator_identity()}/{uuid.uuid4().hex[:8]}")
+    http = (asyncio.create_task(metrics.serve(settings.metrics_port, reconciler), name="rtrace-http")
+            if settings.metrics_port else None)
+    lost = asyncio.Event()
+    stop_kopf = asyncio.Event()
     try:
-        await kopf.operator(
-            registry=registry,
-            settings=kopf_settings(settings),
-            clusterwide=True,
-            standalone=True,
-            identity=operator_identity(),
-            ready_flag=ready_flag,
-            stop_flag=stop_flag,
-        )
+        if not await election.acquire(stop_flag):
+            return
+        holding = asyncio.create_task(election.hold(lost), name="rtrace-leader")
+        ending = asyncio.create_task(_either(stop_flag, lost, stop_kopf), name="rtrace-stop")
+        try:
+            await kopf.operator(
+                registry=registry,
+                settings=kopf_settings(settings),
+                clusterwide=True,
+                standalone=True,
+                identity=operator_identity(),
+                ready_flag=ready_flag,
+                stop_flag=stop_kopf,
+            )
+        finally:
+            holding.cancel()
+            ending.cancel()
+            if not lost.is_set():
+                await asyncio.to_thread(election.release)
+        if lost.is_set():
+            raise LostLeadership(f"lost the Lease {settings.namespace}/{election.name}: another replica leads")
     finally:
-        reconciler.kube.close()
+        if http is not None:
+            http.cancel()
+            await metrics.stop()
+        kube.close()
+
+
+async def _either(stop_flag: threading.Event, lost: asyncio.Event, stop_kopf: asyncio.Event) -> None:
+    """Stop kopf when the caller asks (SIGTERM, an embedding test) or leadership is lost."""
+    while not (stop_flag.is_set() or lost.is_set()):
+        await asyncio.sleep(0.2)
+    stop_kopf.set()
 
 
 class EmbeddedOperator:
@@ -76,9 +116,11 @@ class EmbeddedOperator:
         except BaseException as e:  # kept for the caller to see
             self.error = e
 
-    def start(self, timeout: float = 60) -> "EmbeddedOperator":
+    def start(self, timeout: float = 60, wait_ready: bool = True) -> "EmbeddedOperator":
+        """Start the thread; wait until kopf is ready unless `wait_ready` is False (a standby
+        replica is ready only once it leads)."""
         self._thread.start()
-        if not self.ready.wait(timeout):
+        if wait_ready and not self.ready.wait(timeout):
             raise TimeoutError(f"operator not ready after {timeout}s (error: {self.error})")
         return self
 
@@ -120,6 +162,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         pass
+    except LostLeadership as e:
+        logging.getLogger("retransmit_operator").error("%s; exiting to restart as a standby", e)
+        return 1
     return 0
 
 

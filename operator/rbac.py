@@ -23,6 +23,9 @@ Why each one:
   left the trace (server-side apply).
 - leases list/watch (coordination.k8s.io, operator namespace only): the one label-selected
   watch of the reports' heartbeat Leases (retransmit_core.schedule).
+- leases create, and get/update of the one named retransmit-operator-leader (operator
+  namespace only): leader election among the operator's replicas (leader.py). create cannot
+  be limited to a name (the name is in the body), get and update are.
 - events create (namespace "default" only): Events about cluster-scoped objects live there.
 """
 
@@ -31,7 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL
-from retransmit_core.naming import LEASE_GROUP, LEASE_PLURAL
+from retransmit_core.naming import LEADER_LEASE, LEASE_GROUP, LEASE_PLURAL
 
 CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch", "patch"]},
@@ -46,6 +49,9 @@ NAMESPACE_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [REPORT_PLURAL], "verbs": ["list", "watch"]},
     {"apiGroups": [GROUP], "resources": [f"{REPORT_PLURAL}/status"], "verbs": ["patch"]},
     {"apiGroups": [LEASE_GROUP], "resources": [LEASE_PLURAL], "verbs": ["list", "watch"]},
+    {"apiGroups": [LEASE_GROUP], "resources": [LEASE_PLURAL], "verbs": ["create"]},
+    {"apiGroups": [LEASE_GROUP], "resources": [LEASE_PLURAL], "verbs": ["get", "update"],
+     "resourceNames": [LEADER_LEASE]},
 ]
 # In namespace "default" (retransmit_operator.kube.EVENTS_NAMESPACE).
 EVENTS_RULES: list[dict[str, Any]] = [

@@ -90,6 +90,23 @@ def test_a_node_report_has_one_writer_per_part_the_agent_its_spec_the_operator_i
         co.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
 
 
+def test_an_operator_call_fails_within_its_timeout_when_the_api_server_never_answers(control_plane):
+    """A frozen API server accepts the connection and never answers: every KubeApi call has a
+    timeout, so the call ends as a failure the next pass retries, instead of hanging the pass."""
+    from retransmit_operator.kube import ApiFailure, KubeApi, client_configuration
+
+    api = KubeApi(client_configuration(str(control_plane.kubeconfig)), timeout=2)
+    try:
+        assert asyncio.run(api.get_daemonset("default", "none-here")) is None   # answered: 404
+        with control_plane.paused("kube-apiserver"):
+            with pytest.raises(ApiFailure) as failed:
+                asyncio.run(api.get_daemonset("default", "none-here"))
+        assert failed.value.status == 0 and "did not answer" in str(failed.value)
+        assert not failed.value.permanent   # retried
+    finally:
+        api.close()
+
+
 # ---- DaemonSet through the real controller-manager and scheduler -------------------------
 
 def test_daemonset_runs_one_ready_pod_per_node_and_deleting_it_ends_the_processes(

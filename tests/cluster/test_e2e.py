@@ -468,7 +468,10 @@ def test_a_quiet_node_stays_reporting_and_a_stopped_agent_goes_stale_by_name(ope
     # ... and the heartbeats went to the report's Lease, not into rewriting the report.
     lease = kubernetes.client.CustomObjectsApi(trace.objects.api_client).get_namespaced_custom_object(
         LEASE_GROUP, LEASE_VERSION, SYSTEM_NS, LEASE_PLURAL, report_name(trace.name, NODE_A))
-    assert heartbeat_of(lease)[1] > trace.entry().last_report_time
+    # Renewed during the quiet phase. (Not compared with the report's latest write: under a
+    # load of other BPF programs missedEvents changes, and a report written for that may come
+    # after the last renewal.)
+    assert heartbeat_of(lease)[1] > first.last_report_time + timedelta(seconds=quiet / 2)
     metrics = _agent_metrics(trace)
     # A report write happens only when something changed (missedEvents can, under load).
     assert metrics["rtrace_heartbeats_total"] >= windows and metrics["rtrace_heartbeats_total"] > metrics["rtrace_reports_total"]

@@ -179,6 +179,8 @@ def test_chart_grants_the_operator_exactly_the_rules_its_code_declares():
     cluster = roles["ClusterRole/retransmit-operator"]["rules"]
     assert _rule_set(cluster) == _rule_set(rbac.CLUSTER_RULES)
     assert _rule_set(roles["Role/retransmit-operator"]["rules"]) == _rule_set(rbac.NAMESPACE_RULES)
+    named = [r for r in roles["Role/retransmit-operator"]["rules"] if r.get("resourceNames")]
+    assert named == [r for r in rbac.NAMESPACE_RULES if r.get("resourceNames")]
     assert roles["Role/retransmit-operator"]["metadata"]["namespace"] == "retransmit-system"
     assert _rule_set(roles["Role/retransmit-operator-events"]["rules"]) == _rule_set(rbac.EVENTS_RULES)
     assert roles["Role/retransmit-operator-events"]["metadata"]["namespace"] == "default"
