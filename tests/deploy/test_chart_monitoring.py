@@ -85,12 +85,13 @@ def test_agent_pod_monitor_selects_the_pods_and_port_the_operator_renders():
     """The agents' DaemonSet comes from operator/render.py, not from a chart template: the
     PodMonitor must match what that code gives the pods."""
     from retransmit_core.api import RetransmitTraceSpec
-    from retransmit_operator.render import render_pod_template
+    from retransmit_operator.render import agent_metrics_port, render_pod_template
     from retransmit_operator.settings import Settings
 
     monitor = monitoring_objects(*ON, "--set", "monitoring.podMonitor.interval=15s",
                                  "--set", "nameOverride=rt")["PodMonitor/retransmit-operator-rt-agent"]
-    pod = render_pod_template("any-trace", "uid-of-any-trace", RetransmitTraceSpec(), Settings())
+    pod = render_pod_template("any-trace", "uid-of-any-trace", RetransmitTraceSpec(), Settings(),
+                              agent_metrics_port("any-trace", Settings()))
     pod_labels = pod["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["retransmit-system"]}
