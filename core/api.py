@@ -163,7 +163,7 @@ class LabelSelectorRequirement(ApiModel):
 
     key: str = Field(max_length=317, description="Label key.")
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists or DoesNotExist.")
-    values: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=64, description="Values for In and NotIn; empty for Exists and DoesNotExist.")
+    values: list[Annotated[str, Field(max_length=63)]] = Field(default_factory=list, max_length=16, description="Values for In and NotIn (at most 16); empty for Exists and DoesNotExist.")
 
     @field_validator("key")
     @classmethod
@@ -178,8 +178,8 @@ class LabelSelector(ApiModel):
     """A metav1.LabelSelector: matchLabels AND matchExpressions."""
 
     match_labels: dict[str, Annotated[str, Field(json_schema_extra={"maxLength": 63, "pattern": LABEL_VALUE_PATTERN})]] = Field(
-        default_factory=dict, max_length=64, description="Labels a pod must carry, all of them.")
-    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=32, description="Set-based requirements, all of them.")
+        default_factory=dict, max_length=32, description="Labels a pod must carry, all of them (at most 32).")
+    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, max_length=16, description="Set-based requirements, all of them (at most 16).")
 
     @field_validator("match_labels")
     @classmethod
@@ -232,8 +232,8 @@ class RetransmitTraceSpec(ApiModel):
                                              "spec.duration must be longer than 0s: omit it to trace until deleted, or give e.g. '5m'"),
                                     ]))
     node_selector: dict[str, Annotated[str, Field(json_schema_extra={"maxLength": 63, "pattern": LABEL_VALUE_PATTERN})]] = Field(
-        default_factory=dict, max_length=64, description="Run agents only on nodes with these labels (default: all Linux nodes).")
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations for the agent pods, to reach tainted nodes.")
+        default_factory=dict, max_length=32, description="Run agents only on nodes with these labels (at most 32; default: all Linux nodes).")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=16, description="Tolerations for the agent pods (at most 16), replacing the chart's agent.tolerations (which tolerate every taint by default).")
     namespaces: list[Annotated[str, Field(max_length=63, pattern=DNS_LABEL_PATTERN)]] = Field(
         default_factory=list, max_length=256, description="Keep only flows whose local side is a pod in one of these namespaces (default: all).",
         json_schema_extra=k8s_extra(x_kubernetes_list_type="set"))

@@ -15,6 +15,10 @@ from typing import Optional, Sequence
 from .api import RetransmitTraceSpec, to_api
 
 AGENT_SUBCOMMAND = "cluster"
+# Linux refuses to exec a program with any one argument longer than this (MAX_ARG_STRLEN,
+# 32 pages): the spec's schema bounds keep the --spec argument well below it, and
+# tests/unit/test_spec_size_bound.py computes the largest spec the schema admits.
+MAX_ARGUMENT_BYTES = 32 * 4096
 
 # Environment the DaemonSet sets through the downward API; the agent reads every one
 # (agent/cluster.py): its node, the namespace its report goes to, the address it binds.
