@@ -4,15 +4,17 @@ variant, Pod Security admission of the operator pod, and the OpenShift SCC bindi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
-from helm.render_manifests import MANIFESTS, helm_template, split_by_template
 
+from helm.render_manifests import MANIFESTS, helm_template, split_by_template
 from tests.deploy.kube import CHART, access_review, helm, install_crd, kubectl, unique
 
 pytestmark = pytest.mark.deploy
 
+SCC_CRD = Path(__file__).resolve().parents[1] / "data" / "openshift" / "scc-crd.yaml"
 VARIANTS = {
     "default": [],
     "openshift": ["--set", "openshift.enabled=true"],
@@ -26,6 +28,16 @@ def cluster(control_plane):
     return control_plane
 
 
+@pytest.fixture(scope="module")
+def openshift_scc_api(cluster):
+    """OpenShift's SecurityContextConstraints kind, served by a stand-in CRD (tests/data)."""
+    kubectl(cluster, "apply", "--server-side", "-f", str(SCC_CRD))
+    kubectl(cluster, "wait", "--for=condition=Established", "crd/securitycontextconstraints.security.openshift.io",
+            "--timeout=60s")
+    yield
+    kubectl(cluster, "delete", "-f", str(SCC_CRD), "--wait=false")
+
+
 @pytest.fixture
 def release_namespace(cluster):
     """A namespace that exists (namespaced objects cannot be dry-run into a missing one)."""
@@ -36,7 +48,7 @@ def release_namespace(cluster):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_server_side_dry_run_accepts_every_object(cluster, release_namespace, variant):
+def test_server_side_dry_run_accepts_every_object(cluster, openshift_scc_api, release_namespace, variant):
     release = unique("dry")
     rendered = helm_template(*VARIANTS[variant], release=release, namespace=release_namespace)
     docs = split_by_template(rendered)
@@ -99,10 +111,10 @@ def test_operator_pod_meets_pod_security_restricted(cluster):
         kubectl(cluster, "delete", "namespace", ns, "--wait=false")
 
 
-def test_openshift_install_lets_only_the_agent_use_the_privileged_scc(cluster):
-    """A real `helm install` with openshift.enabled (then `helm uninstall`). The SCC objects
-    are plain RBAC (a ClusterRole whose rule names security.openshift.io), which any API
-    server stores, so no SecurityContextConstraints stand-in is needed to check them."""
+def test_openshift_install_lets_only_the_agent_use_its_own_scc(cluster, openshift_scc_api):
+    """A real `helm install` with openshift.enabled (then `helm uninstall`): the agents' SCC
+    is stored (by a stand-in of the SCC API that checks its fields' types), and only the
+    agent's account may use it; nobody gets `privileged`."""
     ns, release = unique("rtrace-ocp"), unique("ocp")
     helm(cluster, "install", release, str(CHART), "--set", "namespace.name=" + ns, "--set", "openshift.enabled=true",
          "--set", "fullnameOverride=" + release)  # no --wait: no node runs the operator in this test
@@ -113,18 +125,22 @@ def test_openshift_install_lets_only_the_agent_use_the_privileged_scc(cluster):
             return access_review(cluster, (ns, sa), "use", "security.openshift.io", "securitycontextconstraints",
                                  namespace=ns, name=scc)
 
-        assert use(release + "-agent", "privileged")
-        assert not use(release, "privileged")          # the operator's account
+        scc = json.loads(kubectl(cluster, "get", "securitycontextconstraints", release + "-agent", "-o", "json").stdout)
+        assert scc["allowHostNetwork"] and scc["seLinuxContext"]["seLinuxOptions"]["type"] == "spc_t"
+        assert use(release + "-agent", release + "-agent")
+        assert not use(release + "-agent", "privileged")
+        assert not use(release, release + "-agent")    # the operator's account
         assert not use(release + "-agent", "anyuid")
         assert not use("default", "privileged")
     finally:
         helm(cluster, "uninstall", release, "--wait", "--timeout", "120s")
     assert kubectl(cluster, "get", "clusterrole", release + "-agent-scc", check=False).returncode != 0
+    assert kubectl(cluster, "get", "securitycontextconstraints", release + "-agent", check=False).returncode != 0
     gone = kubectl(cluster, "get", "namespace", ns, "-o", "jsonpath={.status.phase}", check=False)
     assert gone.returncode != 0 or gone.stdout == "Terminating"
 
 
-def test_plain_manifests_apply_in_file_order_and_delete_cleanly(cluster):
+def test_plain_manifests_apply_in_file_order_and_delete_cleanly(cluster, openshift_scc_api):
     """`kubectl apply -f manifests/ && kubectl apply -f manifests/openshift/` on a cluster
     without the namespace: files apply in name order, so 00-namespace.yaml must come first."""
     assert kubectl(cluster, "get", "namespace", "retransmit-system", check=False).returncode != 0

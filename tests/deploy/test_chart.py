@@ -60,16 +60,70 @@ def test_manifests_are_the_chart_rendered_with_default_values():
     assert render_manifests.drift() == []
 
 
-def test_openshift_only_adds_the_agents_use_of_the_privileged_scc():
+def test_openshift_adds_the_agents_own_scc_and_its_use_by_the_agent_alone():
     plain, openshift = objects(), objects(*VARIANTS["openshift"])
     added = {k: v for k, v in openshift.items() if k not in plain}
-    assert set(added) == {"ClusterRole/retransmit-operator-agent-scc", "RoleBinding/retransmit-operator-agent-scc"}
+    assert set(added) == {"SecurityContextConstraints/retransmit-operator-agent",
+                          "ClusterRole/retransmit-operator-agent-scc", "RoleBinding/retransmit-operator-agent-scc"}
     role, binding = added["ClusterRole/retransmit-operator-agent-scc"], added["RoleBinding/retransmit-operator-agent-scc"]
     assert role["rules"] == [{"apiGroups": ["security.openshift.io"], "resources": ["securitycontextconstraints"],
-                              "resourceNames": ["privileged"], "verbs": ["use"]}]
+                              "resourceNames": ["retransmit-operator-agent"], "verbs": ["use"]}]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "retransmit-operator-agent",
                                     "namespace": render_manifests.NAMESPACE}]
     assert all(openshift[k] == v for k, v in plain.items())
+
+
+def scc_refusals(scc: dict, pod: dict) -> list[str]:
+    """Why OpenShift's SCC admission would refuse `pod` under `scc` (the checks that apply to
+    what the agent's pod asks for): [] when it admits it."""
+    spec, problems = pod["spec"], []
+    if spec.get("hostNetwork") and not scc["allowHostNetwork"]:
+        problems.append("hostNetwork")
+    if spec.get("hostPID") or spec.get("hostIPC"):
+        problems.append("hostPID/hostIPC")
+    for volume in spec.get("volumes", []):
+        kind = next(k for k in volume if k != "name")
+        if kind not in scc["volumes"] or (kind == "hostPath" and not scc["allowHostDirVolumePlugin"]):
+            problems.append(f"volume {volume['name']} ({kind})")
+    for container in spec["containers"]:
+        context = container.get("securityContext", {})
+        if context.get("privileged") and not scc["allowPrivilegedContainer"]:
+            problems.append("privileged")
+        if context.get("allowPrivilegeEscalation", True) and not scc["allowPrivilegeEscalation"]:
+            problems.append("allowPrivilegeEscalation")
+        added = set(context.get("capabilities", {}).get("add", []))
+        if not added <= set(scc["allowedCapabilities"] or []):
+            problems.append(f"capabilities {sorted(added)}")
+        if scc["readOnlyRootFilesystem"] and not context.get("readOnlyRootFilesystem"):
+            problems.append("writable root filesystem")
+        if context.get("runAsUser") != scc["runAsUser"]["uid"]:
+            problems.append("runAsUser")
+        seccomp = context.get("seccompProfile", {}).get("type", "RuntimeDefault")
+        wanted = {"Unconfined": "unconfined", "RuntimeDefault": "runtime/default"}[seccomp]
+        if wanted not in scc["seccompProfiles"] and "*" not in scc["seccompProfiles"]:
+            problems.append(f"seccomp {seccomp}")
+        if container.get("ports") and spec.get("hostNetwork") and not scc["allowHostPorts"]:
+            problems.append("host ports")
+    return problems
+
+
+@pytest.mark.parametrize("mode", ["privileged", "capabilities"])
+def test_the_agents_scc_admits_the_pods_the_operator_renders_and_nothing_more(mode):
+    from retransmit_core.api import RetransmitTraceSpec
+    from retransmit_operator.render import render_daemonset
+    from retransmit_operator.settings import Settings
+
+    scc = objects(*VARIANTS["openshift"], "--set", f"agent.securityMode={mode}")[
+        "SecurityContextConstraints/retransmit-operator-agent"]
+    pod = render_daemonset("t", "uid", RetransmitTraceSpec(), Settings(agent_security_mode=mode))["spec"]["template"]
+    assert scc_refusals(scc, pod) == []
+    assert not scc["allowHostPID"] and not scc["allowHostIPC"]
+    assert scc["seLinuxContext"] == {"type": "MustRunAs", "seLinuxOptions": {"type": "spc_t"}}
+    if mode == "capabilities":
+        # Nothing more: no privileged container, no capability beyond the agent's three.
+        assert not scc["allowPrivilegedContainer"] and not scc["allowPrivilegeEscalation"]
+        privileged = render_daemonset("t", "uid", RetransmitTraceSpec(), Settings())["spec"]["template"]
+        assert "privileged" in scc_refusals(scc, privileged)
 
 
 def test_operator_settings_come_from_values():
