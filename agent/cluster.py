@@ -347,25 +347,25 @@ class ClusterAgent:
             return entry.model_copy(update={"top_pods": ranked_pods(self.pod_counts, self.node, top_n)})
         # Only flows that can make the top N after adding the baseline become API objects:
         # the busiest fresh ones and those the baseline already knows (the map may hold 32k).
-        ordered = busiest_first(snapshot.flows)
+        ordered = busiest_first(snapshot.flow_counters)
         candidates = ordered[: 2 * top_n] + [
             f for f in ordered[2 * top_n:]
             if FlowKey(f.family, f.local_ip, f.local_port, f.remote_ip, f.remote_port) in baseline.top_flows
         ]
         fresh = build_node_report(
-            self.node, dataclasses.replace(snapshot, flows=candidates), list(self.events)[::-1], 0,
+            self.node, dataclasses.replace(snapshot, flow_counters=candidates), list(self.events)[::-1], 0,
             self._kernel_release, self._version, keep_events=keep, report_time=now,
             kernel_checks=self.kernel_checks,
         )
-        fresh = fresh.model_copy(update={"phase": Phase.RUNNING, "message": None, "flows": len(snapshot.flows)})
+        fresh = fresh.model_copy(update={"phase": Phase.RUNNING, "message": None, "flows": len(snapshot.flow_counters)})
         merged = merge_flows(baseline, fresh.top_flows)
         entry = cumulative_entry(baseline, fresh, merged, top_n, keep)
         # Every flow in the kernel map is attributed twice below (metrics, pod totals), but it
         # holds few local addresses: look each up once.
         owner_of = self._owner_lookup(table)
-        self._publish_metrics(entry, baseline, snapshot.flows, owner_of)
+        self._publish_metrics(entry, baseline, snapshot.flow_counters, owner_of)
         # Pods over every flow in the kernel map, not just the top flows.
-        self.pod_counts = cumulative_pods(baseline, pod_totals(snapshot.flows, _pod_of(owner_of)), self.pod_counts)
+        self.pod_counts = cumulative_pods(baseline, pod_totals(snapshot.flow_counters, _pod_of(owner_of)), self.pod_counts)
         attributed = entry.model_copy(update={
             "top_flows": [self._attributed(f, table) for f in entry.top_flows],
             "top_pods": ranked_pods(self.pod_counts, self.node, top_n),

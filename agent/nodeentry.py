@@ -33,7 +33,7 @@ def build_node_report(
     keep_events: keep only the first that many (None = all given).
     `flows` counts the distinct flows still in the kernel's maps.
     """
-    flows = busiest_first(snapshot.flows)
+    flows = busiest_first(snapshot.flow_counters)
     if top_n > 0:
         flows = flows[:top_n]
     events = list(recent_events) if keep_events is None else list(recent_events)[:keep_events]
@@ -47,7 +47,7 @@ def build_node_report(
         failed_attempts=snapshot.failed_attempts,
         by_cause=snapshot.by_cause,
         kernel_checks=list(kernel_checks),
-        flows=len(snapshot.flows),
+        flows=len(snapshot.flow_counters),
         by_state=dict(sorted(snapshot.by_state.items())),
         top_flows=[f.to_flow() for f in flows],
         recent_events=events,

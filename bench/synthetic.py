@@ -78,7 +78,7 @@ class SyntheticNode:
             by_state[c.last_state] = by_state.get(c.last_state, 0) + c.retransmits
         return KernelSnapshot(retransmits=self.retransmits, synack_retransmits=0, lost_events=self.retransmits // 2,
                               sampled_events=100, failed_attempts=0, missed_events=0, by_state=by_state,
-                              flows=counters)
+                              flow_counters=counters)
 
     def _attributed(self, endpoint: Endpoint) -> Endpoint:
         pod, namespace = self.pods[endpoint.ip]

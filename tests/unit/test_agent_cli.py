@@ -56,7 +56,7 @@ def test_table_shows_totals_and_flows():
     flow = FlowCounters("IPv6", "fd00::1", 443, "fd00::2", 50000, 42, 1, "FIN_WAIT1", t, t)
     snapshot = KernelSnapshot(retransmits=42, synack_retransmits=1, lost_events=3, sampled_events=40,
                               failed_attempts=0, missed_events=0, by_state={"FIN_WAIT1": 42, "SYN_RECV": 1},
-                              flows=[flow])
+                              flow_counters=[flow])
     console = Console(width=160, record=True, file=io.StringIO())
     console.print(render_report(build_node_report("node-a", snapshot, [], 10), 12.0, 30.0))
     text = console.export_text()

@@ -24,7 +24,7 @@ def flow(port: int, retransmits: int, synacks: int = 0, family: str = "IPv4") ->
 
 def snapshot(flows: list[FlowCounters]) -> KernelSnapshot:
     return KernelSnapshot(retransmits=1000, synack_retransmits=3, lost_events=17, sampled_events=986,
-                          failed_attempts=2, missed_events=5, by_state={"SYN_RECV": 3, "ESTABLISHED": 1000}, flows=flows)
+                          failed_attempts=2, missed_events=5, by_state={"SYN_RECV": 3, "ESTABLISHED": 1000}, flow_counters=flows)
 
 
 def test_totals_come_from_the_kernel_totals_not_the_flow_sum():

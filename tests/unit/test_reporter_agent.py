@@ -44,7 +44,7 @@ def counters(local_ip, local_port, retransmits, remote_ip="203.0.113.9", remote_
 def snapshot(flows):
     total = sum(f.retransmits for f in flows)
     return KernelSnapshot(retransmits=total, synack_retransmits=sum(f.synack_retransmits for f in flows), lost_events=0, sampled_events=0,
-                          failed_attempts=0, missed_events=0, by_state={"ESTABLISHED": total}, flows=flows)
+                          failed_attempts=0, missed_events=0, by_state={"ESTABLISHED": total}, flow_counters=flows)
 
 
 def pod(name, ns, ips, host_network=False):
