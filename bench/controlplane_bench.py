@@ -46,7 +46,7 @@ import yaml
 
 from bench import procstat
 from bench.synthetic import SyntheticNode
-from retransmit_agent.reporter import ApiError, ReportTarget, ReportWriter
+from retransmit_agent.reportwriter import ApiError, ReportTarget, ReportWriter
 from retransmit_core.backoff import jittered
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, to_api
 from retransmit_core.schedule import Write, heartbeat_seconds, next_write, report_period, stale_after
