@@ -32,41 +32,24 @@ import sys
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from retransmit_core.api import Flow, KernelCheck, NodeStatus, Phase, RecentEvent
+from retransmit_core.api import KernelCheck, NodeStatus, Phase, RecentEvent
 from retransmit_core.backoff import backoff_delay, jittered
 from retransmit_core.contract import ENV_NODE_NAME, ENV_POD_IP, ENV_POD_NAMESPACE, AgentInvocation
-from retransmit_core.schedule import (
-    FINAL_REPORT_BUDGET_SECONDS,
-    Write,
-    liveness_bound,
-    next_write,
-    report_period,
-    stale_after,
-)
+from retransmit_core.podindex import PodIndex
+from retransmit_core.schedule import FINAL_REPORT_BUDGET_SECONDS, Write, liveness_bound, report_period, stale_after
 from retransmit_core.version import package_version
-from retransmit_core.podindex import Owner, PodIndex, owner_in_table, with_owner
 
 from .metrics import AgentState, MetricsServer
+from .nodeentry import NodeEntry, NodeFacts, node_entry
 from .podselection import PodSelection, selected_ips
 from .podwatch import PodWatcher, node_addresses
-from .reporter import (
-    ApiError,
-    Baseline,
-    FlowKey,
-    PodKey,
-    ReportTarget,
-    ReportWriter,
-    cumulative_entry,
-    cumulative_pods,
-    entry_changed,
-    merge_flows,
-    pod_totals,
-    ranked_pods,
-    read_entry,
-)
+from .reportwriter import ApiError, ReportTarget, ReportWriter
+from .resume import Baseline, PodKey, read_entry
+from .writeschedule import WriteTimes, decide_write, entry_changed
 
 log = logging.getLogger("retransmit_agent.cluster")
 
@@ -87,43 +70,37 @@ def api_client() -> Any:
     return client.ApiClient(configuration)
 
 
-def _pod_of(owner_of: Callable[[str], Optional[Owner]]) -> Callable[[str], Optional[PodKey]]:
-    """(namespace, pod) owning a local address; None for the node's own and unknown ones."""
-    def pod_of(ip: str) -> Optional[PodKey]:
-        owner = owner_of(ip)
-        return (owner.namespace, owner.pod) if owner and owner.pod and owner.namespace else None
-    return pod_of
+@dataclass
+class LoopState:
+    """What the report loop carries from one wake-up to the next."""
+
+    baseline: Optional[Baseline] = None    # None until the node's own report was read: no write before it
+    pod_counts: dict[PodKey, int] = field(default_factory=dict)   # node_entry's, fed back into the next one
+    last_written: Optional[NodeStatus] = None
+    written_at: WriteTimes = WriteTimes()
+    nodes: int = 0                         # nodes running this trace (0: not known yet)
+    nodes_read_at: Optional[float] = None  # time.monotonic() of the last read of that count
 
 
 class ClusterAgent:
-    """The report loop. `stop()` (from SIGTERM) makes `run()` flush a final report and return."""
+    """The I/O shell around the pipeline snapshot -> node_entry -> decide_write -> ReportWriter.
+    `stop()` (from SIGTERM) makes `run()` flush a final report and return."""
 
     def __init__(self, inv: AgentInvocation, node: str, namespace: str, client: Any) -> None:
         self.inv = inv
-        self.spec = inv.spec
-        self.node = node
+        self.client = client
         self.writer = ReportWriter(client, ReportTarget(inv.trace, inv.trace_uid, node, namespace))
-        self._client = client
+        self.facts = NodeFacts(node=node, kernel_release=os.uname().release, agent_version=package_version())
         self.stop_event = threading.Event()
-        self.state = AgentState(trace=inv.trace, node=node)
+        self.state = AgentState(trace=inv.trace, node=node)   # what /metrics, /readyz and /livez read
+        self.lock = threading.Lock()       # guards index and program between the loop and the pod watch
         self.index = PodIndex(node, node_addresses())
-        self.selection = PodSelection(frozenset(self.spec.namespaces), self.spec.pod_selector)
-        self._lock = threading.Lock()       # guards index and program between threads
+        self.selection = PodSelection(frozenset(inv.spec.namespaces), inv.spec.pod_selector)
         self.program: Any = None
-        self.problem: Optional[str] = None
-        self.kernel_checks: list[KernelCheck] = []   # `retransmit-agent check`, in every report
-        self.baseline: Optional[Baseline] = None
-        self.last_written: Optional[NodeStatus] = None
-        self.last_report_at: Optional[float] = None  # time.monotonic() of the last stored report write
-        self.last_write_at: Optional[float] = None   # ... of the last stored write, report or heartbeat
-        self.nodes = 0                               # nodes running this trace (0: not known yet)
-        self._nodes_read_at: Optional[float] = None
-        self.pod_counts: dict[PodKey, int] = {}  # every local pod's count so far (see cumulative_pods)
-        self.events: deque[RecentEvent] = deque(maxlen=max(1, self.spec.events.keep))
+        self.events: deque[RecentEvent] = deque(maxlen=max(1, inv.spec.events.keep))
+        self.loop = LoopState()
         self._watcher: Optional[PodWatcher] = None
         self._metrics: Optional[MetricsServer] = None
-        self._kernel_release = os.uname().release
-        self._version = package_version()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -133,7 +110,7 @@ class ClusterAgent:
     def run(self) -> int:
         self._start_metrics()
         self._start_pod_watch()
-        self._open_program()
+        self.open_program()
         self._read_baseline()
         try:
             self._loop()
@@ -160,12 +137,12 @@ class ClusterAgent:
         from kubernetes import client
 
         self._watcher = PodWatcher(
-            client.CoreV1Api(self._client), self.index, self._lock, self._pods_changed,
+            client.CoreV1Api(self.client), self.index, self.lock, self._pods_changed,
             lambda attempt: backoff_delay(attempt),
         )
         self._watcher.start()
 
-    def _check_kernel(self) -> None:
+    def _kernel_checks(self) -> tuple[KernelCheck, ...]:
         """The same lines as `retransmit-agent check`, so `kubectl describe` shows why a node
         cannot trace or runs degraded."""
         from .check import evaluate, gather_facts
@@ -174,54 +151,50 @@ class ClusterAgent:
             lines = evaluate(gather_facts(self.inv.tracefs))
         except Exception as exc:  # noqa: BLE001 - the check explains; it must never stop counting
             log.warning("kernel check failed (%s); the report carries no kernel checks, counting goes on", exc)
-            return
-        self.kernel_checks = [KernelCheck(name=line.name, status=line.status, detail=line.detail, fix=line.fix or None)
-                              for line in lines]
+            return ()
+        return tuple(KernelCheck(name=line.name, status=line.status, detail=line.detail, fix=line.fix or None)
+                     for line in lines)
 
-    def _open_program(self) -> None:
-        from .kernel import KernelProblem, RetransmitProgram
+    def open_program(self) -> None:
+        """Attach the kernel program; when the node cannot trace, the problem goes into every
+        report (phase Failed) and /metrics, and the agent stays up."""
+        from .kernel import KernelConfig, KernelProblem, RetransmitProgram
 
-        self._check_kernel()
-
+        self.facts = dataclasses.replace(self.facts, kernel_checks=self._kernel_checks())
         local_ips = None
         if not self.selection.selects_everything:
             # Count nothing from unknown pods: wait for the pod list, then start filtered.
             self._watcher.synced.wait(POD_SYNC_WAIT)
-            with self._lock:
+            with self.lock:
                 local_ips = selected_ips(self.index, self.selection)
         try:
-            config = self._kernel_config(local_ips)
-            program = RetransmitProgram.open(config, tracefs=self.inv.tracefs)
+            program = RetransmitProgram.open(KernelConfig.from_spec(self.inv.spec, local_ips=local_ips),
+                                             tracefs=self.inv.tracefs)
         except KernelProblem as exc:
-            self.problem = str(exc)
-            log.error("node %s cannot trace: %s", self.node, self.problem)
+            self.facts = dataclasses.replace(self.facts, problem=str(exc))
+            log.error("node %s cannot trace: %s", self.facts.node, exc)
             with self.state.lock:
                 self.state.failed = True
             return
-        with self._lock:
+        with self.lock:
             self.program = program
             # The pods may have changed while the program compiled.
             if not self.selection.selects_everything:
                 self._set_local_ips(program)
         with self.state.lock:
             self.state.attached = True
-        log.info("kernel program attached on node %s for trace %s", self.node, self.inv.trace)
-
-    def _kernel_config(self, local_ips: Optional[frozenset[str]]) -> Any:
-        from .kernel import KernelConfig
-
-        return KernelConfig.from_spec(self.spec, local_ips=local_ips)
+        log.info("kernel program attached on node %s for trace %s", self.facts.node, self.inv.trace)
 
     def _pods_changed(self) -> None:
         """Called by the pod watch after each change: keep the kernel's local-IP set current."""
         if self.selection.selects_everything:
             return
-        with self._lock:
+        with self.lock:
             if self.program is not None:
                 self._set_local_ips(self.program)
 
     def _set_local_ips(self, program: Any) -> None:
-        """Push the selected pods' addresses into the kernel filter (caller holds _lock)."""
+        """Push the selected pods' addresses into the kernel filter (caller holds the lock)."""
         ips = selected_ips(self.index, self.selection)
         program.set_local_ips(ips)
         with self.state.lock:
@@ -238,8 +211,8 @@ class ClusterAgent:
                     # Created empty: what it holds becomes the baseline, and counts so far
                     # are this agent's own (adding them here would count them twice).
                     stored = self.writer.create(NodeStatus(
-                        node=self.node, phase=Phase.PENDING, kernel=self._kernel_release,
-                        agent_version=self._version, last_report_time=datetime.now(timezone.utc)))
+                        node=self.facts.node, phase=Phase.PENDING, kernel=self.facts.kernel_release,
+                        agent_version=self.facts.agent_version, last_report_time=datetime.now(timezone.utc)))
             except ApiError as exc:
                 delay = backoff_delay(attempt)
                 attempt += 1
@@ -247,17 +220,17 @@ class ClusterAgent:
                 self._count_errors()
                 self._wait(delay)
                 continue
-            previous = read_entry(stored, self.node)
-            self.baseline = Baseline.from_entry(previous)
-            if previous is not None and not self.baseline.empty:
+            previous = read_entry(stored, self.facts.node)
+            self.loop.baseline = Baseline.from_entry(previous)
+            if previous is not None and not self.loop.baseline.empty:
                 log.info("resuming node %s from %d retransmits, %d SYN-ACK retransmits",
-                         self.node, previous.retransmits, previous.synack_retransmits)
+                         self.facts.node, previous.retransmits, previous.synack_retransmits)
             return
 
     def _shutdown(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
-        with self._lock:
+        with self.lock:
             if self.program is not None:
                 self.program.close()
                 self.program = None
@@ -280,29 +253,31 @@ class ClusterAgent:
             self.stop_event.wait(min(TICK, left))
 
     def _interval(self) -> float:
-        interval = self.spec.report_interval_seconds
+        """The trace's report interval, published with the report period it gives."""
+        interval = self.inv.spec.report_interval_seconds
         with self.state.lock:
             self.state.interval = interval
-            self.state.period = report_period(interval, self.nodes)
+            self.state.period = report_period(interval, self.loop.nodes)
         self.state.liveness_bound = liveness_bound(interval)
         return interval
 
-    def _node_count(self) -> int:
+    def _refresh_node_count(self) -> None:
         """The trace's node count, read from its DaemonSet every NODE_COUNT_REFRESH seconds.
         Unknown (unreadable) counts keep the last one: the period only stretches writes."""
         now = time.monotonic()
-        if self._nodes_read_at is None or now - self._nodes_read_at >= NODE_COUNT_REFRESH:
-            self._nodes_read_at = now
-            try:
-                self.nodes = self.writer.desired_nodes() or self.nodes
-            except ApiError as exc:
-                log.warning("node count of trace %s unreadable (%s); report period from %d nodes",
-                            self.inv.trace, exc, self.nodes)
-        return self.nodes
+        if self.loop.nodes_read_at is not None and now - self.loop.nodes_read_at < NODE_COUNT_REFRESH:
+            return
+        self.loop.nodes_read_at = now
+        try:
+            self.loop.nodes = self.writer.desired_nodes() or self.loop.nodes
+        except ApiError as exc:
+            log.warning("node count of trace %s unreadable (%s); report period from %d nodes",
+                        self.inv.trace, exc, self.loop.nodes)
 
     def _loop(self) -> None:
         failures = 0
         while not self.stop_event.is_set():
+            self._refresh_node_count()
             if self._report():
                 failures = 0
                 self._wait(jittered(self._interval()))
@@ -312,12 +287,12 @@ class ClusterAgent:
                 self._wait(delay)
 
     def _drain(self) -> None:
-        with self._lock:
+        with self.lock:
             program = self.program
             if program is None:
                 return
             fresh = program.drain_events()
-        if fresh and self.spec.events.keep > 0:
+        if fresh and self.inv.spec.events.keep > 0:
             self.events.extend(fresh)
 
     def _count_errors(self) -> None:
@@ -326,143 +301,56 @@ class ClusterAgent:
 
     # ---------------------------------------------------------------- one report
 
-    def build_entry(self) -> NodeStatus:
-        """The cumulative entry for this node right now (no I/O but reading the kernel maps)."""
-        from .flows import busiest_first
-        from .nodeentry import build_node_report
-
-        baseline = self.baseline or Baseline()
-        now = datetime.now(timezone.utc)
-        with self._lock:
-            program = self.program
-            snapshot = program.snapshot() if program is not None else None
-            table = self.index.lookup_table()
-        top_n, keep = self.spec.top_flows, self.spec.events.keep
-        if snapshot is None:
-            base = NodeStatus(node=self.node, phase=Phase.FAILED if self.problem else Phase.PENDING,
-                              message=self.problem, kernel=self._kernel_release, kernel_checks=self.kernel_checks,
-                              agent_version=self._version, last_report_time=now)
-            entry = cumulative_entry(baseline, base, list(baseline.top_flows.values()), top_n, keep)
-            self.pod_counts = cumulative_pods(baseline, {}, self.pod_counts)
-            return entry.model_copy(update={"top_pods": ranked_pods(self.pod_counts, self.node, top_n)})
-        # Only flows that can make the top N after adding the baseline become API objects:
-        # the busiest fresh ones and those the baseline already knows (the map may hold 32k).
-        ordered = busiest_first(snapshot.flows)
-        candidates = ordered[: 2 * top_n] + [
-            f for f in ordered[2 * top_n:]
-            if FlowKey(f.family, f.local_ip, f.local_port, f.remote_ip, f.remote_port) in baseline.top_flows
-        ]
-        fresh = build_node_report(
-            self.node, dataclasses.replace(snapshot, flows=candidates), list(self.events)[::-1], 0,
-            self._kernel_release, self._version, keep_events=keep, report_time=now,
-            kernel_checks=self.kernel_checks,
-        )
-        fresh = fresh.model_copy(update={"phase": Phase.RUNNING, "message": None, "flows": len(snapshot.flows)})
-        merged = merge_flows(baseline, fresh.top_flows)
-        entry = cumulative_entry(baseline, fresh, merged, top_n, keep)
-        # Every flow in the kernel map is attributed twice below (metrics, pod totals), but it
-        # holds few local addresses: look each up once.
-        owner_of = self._owner_lookup(table)
-        self._publish_metrics(entry, baseline, snapshot.flows, owner_of)
-        # Pods over every flow in the kernel map, not just the top flows.
-        self.pod_counts = cumulative_pods(baseline, pod_totals(snapshot.flows, _pod_of(owner_of)), self.pod_counts)
-        attributed = entry.model_copy(update={
-            "top_flows": [self._attributed(f, table) for f in entry.top_flows],
-            "top_pods": ranked_pods(self.pod_counts, self.node, top_n),
-            "recent_events": [self._attributed_event(e, table) for e in entry.recent_events],
-        })
-        return attributed
-
-    def _owner_lookup(self, table: dict) -> Callable[[str], Optional[Owner]]:
-        """owner_in_table() for this report's table, memoized: the kernel map holds many flows but
-        few local addresses."""
-        known: dict[str, Optional[Owner]] = {}
-
-        def owner_of(ip: str) -> Optional[Owner]:
-            if ip not in known:
-                known[ip] = owner_in_table(table, ip, self.node)
-            return known[ip]
-        return owner_of
-
-    def _attributed(self, flow: Flow, table: dict) -> Flow:
-        return flow.model_copy(update={
-            "local": with_owner(flow.local, owner_in_table(table, flow.local.ip, self.node)),
-            "remote": with_owner(flow.remote, owner_in_table(table, flow.remote.ip, self.node)),
-        })
-
-    def _attributed_event(self, event: RecentEvent, table: dict) -> RecentEvent:
-        return event.model_copy(update={
-            "local": with_owner(event.local, owner_in_table(table, event.local.ip, self.node)),
-            "remote": with_owner(event.remote, owner_in_table(table, event.remote.ip, self.node)),
-        })
-
-    def _publish_metrics(self, entry: NodeStatus, baseline: Baseline, flows: list,
-                         owner_of: Callable[[str], Optional[Owner]]) -> None:
-        """Retransmits by local pod and remote port over every flow (kernel map + baseline)."""
-        by_pod_port: dict[tuple[str, str, str], int] = {}
-
-        def add(local_ip: str, remote_port: int, count: int) -> None:
-            owner = owner_of(local_ip)
-            namespace = (owner.namespace or "") if owner else ""
-            pod = (owner.pod or owner.node or "") if owner else ""
-            key = (namespace, pod, str(remote_port))
-            by_pod_port[key] = by_pod_port.get(key, 0) + count
-
-        for f in flows:
-            old = baseline.top_flows.get(FlowKey(f.family, f.local_ip, f.local_port, f.remote_ip, f.remote_port))
-            add(f.local_ip, f.remote_port, f.retransmits + (old.retransmits if old else 0))
-        seen = {FlowKey(f.family, f.local_ip, f.local_port, f.remote_ip, f.remote_port) for f in flows}
-        for key, old in baseline.top_flows.items():
-            if key not in seen:
-                add(key.local_ip, key.remote_port, old.retransmits)
-        self.state.publish_counts(entry.retransmits, entry.synack_retransmits, entry.lost_events, by_pod_port,
-                                  missed=entry.missed_events, by_state=entry.by_state, by_cause=entry.by_cause,
-                                  failed=entry.failed_attempts)
+    def _next_entry(self, baseline: Baseline) -> NodeEntry:
+        """Read the kernel and the pod index, then the pure step: the cumulative entry now."""
+        addresses = node_addresses()  # the node's own addresses can change (DHCP, new bridges)
+        with self.lock:
+            self.index.set_node_addresses(addresses)
+            snapshot = self.program.snapshot() if self.program is not None else None
+            owners = self.index.lookup_table()
+        spec = self.inv.spec
+        return node_entry(snapshot, self.facts, top_flows=spec.top_flows, keep_events=spec.events.keep,
+                          now=datetime.now(timezone.utc), recent_events=list(self.events)[::-1],
+                          baseline=baseline, previous_pods=self.loop.pod_counts, owners=owners)
 
     def _report(self, final: bool = False) -> bool:
         """Write what the schedule says is due (`final`: the report, if it changed). True when
         nothing is left to write."""
-        if self.baseline is None:
+        if self.loop.baseline is None:
             return False
-        addresses = node_addresses()  # the node's own addresses can change (DHCP, new bridges)
-        with self._lock:
-            self.index.set_node_addresses(addresses)
-        entry = self.build_entry()
-        changed = entry_changed(self.last_written, entry)
-        if final:
-            write = Write.REPORT if changed else Write.NOTHING
-        else:
-            now = time.monotonic()
-            since = lambda at: None if at is None else now - at  # noqa: E731
-            write = next_write(changed, since(self.last_report_at), since(self.last_write_at),
-                               self._interval(), self._node_count())
+        step = self._next_entry(self.loop.baseline)
+        self.loop.pod_counts = step.pod_counts
+        if step.by_pod_port is not None:
+            self.state.publish_entry(step.entry, step.by_pod_port)
+        write = decide_write(entry_changed(self.loop.last_written, step.entry), self.loop.written_at,
+                             time.monotonic(), self._interval(), self.loop.nodes, final=final)
         if write is Write.NOTHING:
             return True
         if write is Write.HEARTBEAT and self._heartbeat():
             return True
         # The report itself, also when a heartbeat failed: it proves the agent alive too.
         try:
-            self.writer.apply(entry)
+            self.writer.apply(step.entry)
         except ApiError as exc:
             self._count_errors()
             log.warning("writing report %s failed: %s", self.writer.target.name, exc)
             return False
-        self.last_written = entry
-        self.last_report_at = self.last_write_at = time.monotonic()
+        self.loop.last_written = step.entry
+        self.loop.written_at = self.loop.written_at.after(Write.REPORT, time.monotonic())
         with self.state.lock:
             self.state.reports += 1
         return True
 
     def _heartbeat(self) -> bool:
         """Renew the report's heartbeat Lease; False when that failed."""
-        bound = stale_after(self.spec.report_interval_seconds)
+        bound = stale_after(self.inv.spec.report_interval_seconds)
         try:
             self.writer.heartbeat(datetime.now(timezone.utc), round(bound.total_seconds()))
         except ApiError as exc:
             self._count_errors()
             log.warning("renewing heartbeat %s failed (%s); writing the report instead", self.writer.target.name, exc)
             return False
-        self.last_write_at = time.monotonic()
+        self.loop.written_at = self.loop.written_at.after(Write.HEARTBEAT, time.monotonic())
         with self.state.lock:
             self.state.heartbeats += 1
         return True
@@ -470,10 +358,10 @@ class ClusterAgent:
     def _final_report(self) -> None:
         """SIGTERM: everything counted so far goes into the report before the pod ends."""
         deadline = time.monotonic() + FINAL_REPORT_BUDGET_SECONDS
-        if self.baseline is None:
+        if self.loop.baseline is None:
             # Never got the earlier report: one last try, else writing could lower the counts.
             try:
-                self.baseline = Baseline.from_entry(read_entry(self.writer.read(), self.node))
+                self.loop.baseline = Baseline.from_entry(read_entry(self.writer.read(), self.facts.node))
             except ApiError as exc:
                 log.error("final report skipped: earlier report unreadable (%s)", exc)
                 return
@@ -481,12 +369,13 @@ class ClusterAgent:
         attempt = 0
         while True:
             if self._report(final=True):
-                log.info("final report written for node %s", self.node)
+                log.info("final report written for node %s", self.facts.node)
                 return
             delay = backoff_delay(attempt, cap=5.0)
             attempt += 1
             if time.monotonic() + delay > deadline:
-                log.error("final report for node %s not written within %.0fs", self.node, FINAL_REPORT_BUDGET_SECONDS)
+                log.error("final report for node %s not written within %.0fs",
+                          self.facts.node, FINAL_REPORT_BUDGET_SECONDS)
                 return
             time.sleep(delay)
 

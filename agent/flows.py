@@ -21,7 +21,6 @@ from retransmit_core.api import (
     RecentEvent,
     SocketSnapshot,
 )
-from retransmit_core.ranking import busiest_first_key
 
 AF_INET = 2
 AF_INET6 = 10
@@ -147,11 +146,6 @@ def flow_counters(family: int, saddr: bytes, daddr: bytes, sport: int, dport: in
         by_cause=causes_by_name(by_cause),
         socket=socket,
     )
-
-
-def busiest_first(flows: list[FlowCounters]) -> list[FlowCounters]:
-    """Busiest first, in the order of retransmit_core.ranking (the report's and summary's)."""
-    return sorted(flows, key=lambda f: busiest_first_key(f.total, f.last_seen, *f.key))
 
 
 def recent_event(ts_ns: int, family: int, kind: int, state: int, sport: int, dport: int,

@@ -1,7 +1,7 @@
 """The kernel program's Python side: configure, attach, read counters, drain samples.
 
     program = RetransmitProgram.open(KernelConfig(ports=frozenset({443})))
-    snapshot = program.snapshot()        # KernelSnapshot: exact totals, byState, flows
+    snapshot = program.snapshot()        # KernelSnapshot: exact totals, byState, flow_counters
     samples = program.drain_events()     # list[RecentEvent] since the last drain
     program.set_local_ips({"10.1.2.3"})  # live: the cluster agent follows its pods
     program.close()
@@ -63,7 +63,7 @@ class KernelSnapshot:
     """The kernel's counters at one moment, cumulative since the program was opened.
 
     Totals and by_state count every event that passed the filters, including flows the
-    LRU maps evicted; `flows` holds the flows still in the maps. lost_events counts samples
+    LRU maps evicted; `flow_counters` holds the flows still in the maps. lost_events counts samples
     dropped by the rate limit or a full buffer. failed_attempts: retransmits the kernel
     tried and failed (Linux 6.17+ reports them; they are in no other count). missed_events:
     tracepoint hits the kernel did not run the program for, because another BPF program
@@ -78,7 +78,7 @@ class KernelSnapshot:
     failed_attempts: Optional[int]     # None: the kernel cannot tell (no `err` field, before 6.17)
     missed_events: Optional[int]       # None: the kernel does not count them (before 6.7)
     by_state: dict[str, int]
-    flows: list[FlowCounters]
+    flow_counters: list[FlowCounters]
     by_cause: dict[str, int] = field(default_factory=dict)   # retransmits + SYN-ACKs per cause
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
@@ -294,7 +294,7 @@ class RetransmitProgram:
                 by_state[state_name(number) or UNKNOWN_STATE] = n
         return KernelSnapshot(
             retransmits=retransmits, synack_retransmits=synack, lost_events=lost,
-            sampled_events=sampled, flows=flows, by_state=by_state,
+            sampled_events=sampled, flow_counters=flows, by_state=by_state,
             failed_attempts=failed if self.features.layout.has("err") else None,
             missed_events=missed if misses_counted(os.uname().release) else None,
             by_cause=causes_by_name(causes),

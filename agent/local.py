@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Optional, TextIO
 
 from retransmit_core.api import DEFAULT_EVENTS_KEPT, DEFAULT_TOP_FLOWS, NodeStatus, RecentEvent, to_api
@@ -21,7 +22,7 @@ from retransmit_core.version import package_version
 
 from .kernel import KernelConfig, RetransmitProgram
 from .kernelinfo import VMLINUX_BTF
-from .nodeentry import build_node_report
+from .nodeentry import NodeFacts, node_entry
 
 DRAIN_PERIOD = 0.5   # seconds between ring-buffer drains (the program never wakes us)
 
@@ -63,13 +64,14 @@ def run_local(options: LocalOptions, out: TextIO = sys.stdout) -> int:
     transport = "ring buffer" if program.uses_ringbuf else "perf buffer"
     print(f"retransmit-agent local: counting on tcp:tcp_retransmit_skb and tcp:tcp_retransmit_synack "
           f"(samples via {transport}); Ctrl-C stops", file=sys.stderr, flush=True)
-    node, release, version = socket.gethostname(), os.uname().release, package_version()
+    facts = NodeFacts(node=socket.gethostname(), kernel_release=os.uname().release, agent_version=package_version())
     recent: deque[RecentEvent] = deque(maxlen=DEFAULT_EVENTS_KEPT)
     started = time.monotonic()
     deadline = started + options.duration if options.duration else None
 
     def report() -> NodeStatus:
-        return build_node_report(node, program.snapshot(), list(recent)[::-1], options.top, release, version)
+        return node_entry(program.snapshot(), facts, top_flows=options.top, keep_events=DEFAULT_EVENTS_KEPT,
+                          now=datetime.now(timezone.utc), recent_events=list(recent)[::-1]).entry
 
     def drain() -> None:
         fresh = program.drain_events()

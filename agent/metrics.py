@@ -51,6 +51,7 @@ from typing import Iterable, Optional
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 
+from retransmit_core.api import NodeStatus
 from retransmit_core.schedule import LIVENESS_FLOOR_SECONDS
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,12 @@ class AgentState:
     def alive(self, now: Optional[float] = None) -> bool:
         with self.lock:
             return (now if now is not None else time.monotonic()) - self.last_loop <= self.liveness_bound
+
+    def publish_entry(self, entry: NodeStatus, by_pod_port: dict[tuple[str, str, str], int]) -> None:
+        """The counts of a node entry (cumulative) and its retransmits by pod and remote port."""
+        self.publish_counts(entry.retransmits, entry.synack_retransmits, entry.lost_events, by_pod_port,
+                            missed=entry.missed_events, by_state=entry.by_state, by_cause=entry.by_cause,
+                            failed=entry.failed_attempts)
 
     def publish_counts(self, retransmits: int, synack: int, lost: int,
                        by_pod_port: dict[tuple[str, str, str], int], missed: Optional[int] = None,

@@ -1,57 +1,156 @@
-"""The node report: a kernel snapshot turned into the API's status.nodes[] entry (NodeStatus).
+"""A node's entry (NodeStatus) from one kernel snapshot: the agent's pipeline step between the
+kernel and the write decision. Pure: no I/O, nothing kept between calls.
 
-Pure: no I/O. Used by `retransmit-agent local --output json` and by the cluster agent,
-which then attributes pods and adds its restart baseline.
+`node_entry` adds the restart baseline (resume.py) to the kernel's counts, ranks the flows
+once (merge_flows), attributes local and remote ends from the pod index's lookup table, and
+returns with the entry the per-pod counts to carry into the next call and the per-(pod,
+remote port) counts for /metrics. `retransmit-agent cluster` runs it every report period,
+`retransmit-agent local` without a baseline and without attribution.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Callable, Mapping, Optional, Sequence
 
-from retransmit_core.api import KernelCheck, NodeStatus, Phase, RecentEvent
+from retransmit_core.api import Endpoint, KernelCheck, NodeStatus, Phase, RecentEvent
+from retransmit_core.podindex import Owner, owner_in_table, with_owner
 
-from .flows import busiest_first
 from .kernel import KernelSnapshot
+from .resume import (
+    Baseline,
+    CumulativeFlow,
+    PodKey,
+    cumulative_entry,
+    cumulative_pods,
+    merge_flows,
+    pod_totals,
+    ranked_pods,
+)
+
+# (namespace, pod or node, remote port): rtrace_retransmits_total's labels before metrics.py
+# folds ephemeral ports. Addresses that are no pod's count under the node, or "" when unknown.
+PodPortKey = tuple[str, str, str]
 
 
-def build_node_report(
-    node: str,
-    snapshot: KernelSnapshot,
-    recent_events: Sequence[RecentEvent],
-    top_n: int,
-    kernel_release: Optional[str] = None,
-    agent_version: Optional[str] = None,
-    keep_events: Optional[int] = None,
-    report_time: Optional[datetime] = None,
-    kernel_checks: Sequence[KernelCheck] = (),
-) -> NodeStatus:
-    """A Running NodeStatus for `node` from one snapshot.
+@dataclass(frozen=True)
+class NodeFacts:
+    """What every entry of one agent says besides its counts."""
 
-    top_n: how many flows go into topFlows, busiest first (0 = all flows).
-    recent_events: samples in the order they should appear (callers pass newest first);
-    keep_events: keep only the first that many (None = all given).
-    `flows` counts the distinct flows still in the kernel's maps.
+    node: str
+    kernel_release: Optional[str] = None
+    agent_version: Optional[str] = None
+    kernel_checks: tuple[KernelCheck, ...] = ()   # `retransmit-agent check`'s lines
+    problem: Optional[str] = None                 # why this node cannot trace (phase Failed); None: it can
+
+
+@dataclass(frozen=True)
+class NodeEntry:
+    """One step's output."""
+
+    entry: NodeStatus                                  # the cumulative entry to write
+    pod_counts: dict[PodKey, int]                      # every local pod's count: the next step's previous_pods
+    # For /metrics; None: nothing to publish (no program yet, or no attribution asked for).
+    by_pod_port: Optional[dict[PodPortKey, int]]
+
+
+def node_entry(
+    snapshot: Optional[KernelSnapshot],
+    facts: NodeFacts,
+    *,
+    top_flows: int,
+    keep_events: int,
+    now: datetime,
+    recent_events: Sequence[RecentEvent] = (),
+    baseline: Baseline = Baseline(),
+    previous_pods: Optional[Mapping[PodKey, int]] = None,
+    owners: Optional[Mapping[str, Owner]] = None,
+) -> NodeEntry:
+    """This node's cumulative entry at `now`.
+
+    snapshot: the kernel's counters, None while there is no program (phase Failed with
+    `facts.problem`, else Pending; the baseline's counts stay). top_flows: how many flows the
+    entry keeps (0 = all). recent_events: this agent's samples, newest first; keep_events of
+    them and the baseline's go in. previous_pods: the last step's pod_counts (a pod's count
+    never drops when the kernel map evicts its flows). owners: the pod index's lookup_table();
+    None attributes nothing (no pods, ends as the kernel saw them).
     """
-    flows = busiest_first(snapshot.flows)
-    if top_n > 0:
-        flows = flows[:top_n]
-    events = list(recent_events) if keep_events is None else list(recent_events)[:keep_events]
-    return NodeStatus(
-        node=node,
+    previous_pods = previous_pods or {}
+    if snapshot is None:
+        pending = NodeStatus(node=facts.node, phase=Phase.FAILED if facts.problem else Phase.PENDING,
+                             message=facts.problem, kernel=facts.kernel_release, kernel_checks=list(facts.kernel_checks),
+                             agent_version=facts.agent_version, last_report_time=now)
+        entry = cumulative_entry(baseline, pending, merge_flows(baseline, []), top_flows, keep_events)
+        pods = cumulative_pods(baseline, {}, previous_pods)
+        return NodeEntry(entry.model_copy(update={"top_pods": ranked_pods(pods, facts.node, top_flows)}), pods, None)
+
+    fresh = NodeStatus(
+        node=facts.node,
         phase=Phase.RUNNING,
         retransmits=snapshot.retransmits,
         synack_retransmits=snapshot.synack_retransmits,
         lost_events=snapshot.lost_events,
         missed_events=snapshot.missed_events,
         failed_attempts=snapshot.failed_attempts,
+        by_state=snapshot.by_state,
         by_cause=snapshot.by_cause,
-        kernel_checks=list(kernel_checks),
-        flows=len(snapshot.flows),
-        by_state=dict(sorted(snapshot.by_state.items())),
-        top_flows=[f.to_flow() for f in flows],
-        recent_events=events,
-        last_report_time=report_time or datetime.now(timezone.utc),
-        kernel=kernel_release,
-        agent_version=agent_version,
+        flows=len(snapshot.flow_counters),
+        recent_events=list(recent_events)[:keep_events],
+        kernel_checks=list(facts.kernel_checks),
+        kernel=facts.kernel_release,
+        agent_version=facts.agent_version,
+        last_report_time=now,
     )
+    merged = merge_flows(baseline, snapshot.flow_counters)
+    entry = cumulative_entry(baseline, fresh, merged, top_flows, keep_events)
+    if owners is None:
+        return NodeEntry(entry, cumulative_pods(baseline, {}, previous_pods), None)
+
+    owner_of = _memoized_owners(owners, facts.node)
+    pods = cumulative_pods(baseline, pod_totals(snapshot.flow_counters, _pod_of(owner_of)), previous_pods)
+    attributed = entry.model_copy(update={
+        "top_flows": [f.model_copy(update=_attributed_ends(f.local, f.remote, owner_of)) for f in entry.top_flows],
+        "recent_events": [e.model_copy(update=_attributed_ends(e.local, e.remote, owner_of)) for e in entry.recent_events],
+        "top_pods": ranked_pods(pods, facts.node, top_flows),
+    })
+    return NodeEntry(attributed, pods, retransmits_by_pod_port(merged, owner_of))
+
+
+def retransmits_by_pod_port(flows: Sequence[CumulativeFlow],
+                            owner_of: Callable[[str], Optional[Owner]]) -> dict[PodPortKey, int]:
+    """tcp_retransmit_skb counts by local pod (or node) and remote port over every flow, the
+    kernel map's and the baseline's, with their cumulative counts."""
+    counts: dict[PodPortKey, int] = {}
+    for flow in flows:
+        owner = owner_of(flow.key.local_ip)
+        namespace = (owner.namespace or "") if owner else ""
+        pod = (owner.pod or owner.node or "") if owner else ""
+        key = (namespace, pod, str(flow.key.remote_port))
+        counts[key] = counts.get(key, 0) + flow.retransmits
+    return counts
+
+
+def _memoized_owners(owners: Mapping[str, Owner], node: str) -> Callable[[str], Optional[Owner]]:
+    """owner_in_table() for one table, remembered: the kernel map holds many flows but few
+    local addresses, and each is looked up for the metrics, the pods and the top flows."""
+    known: dict[str, Optional[Owner]] = {}
+
+    def owner_of(ip: str) -> Optional[Owner]:
+        if ip not in known:
+            known[ip] = owner_in_table(owners, ip, node)
+        return known[ip]
+    return owner_of
+
+
+def _pod_of(owner_of: Callable[[str], Optional[Owner]]) -> Callable[[str], Optional[PodKey]]:
+    """(namespace, pod) owning a local address; None for the node's own and unknown ones."""
+    def pod_of(ip: str) -> Optional[PodKey]:
+        owner = owner_of(ip)
+        return (owner.namespace, owner.pod) if owner and owner.pod and owner.namespace else None
+    return pod_of
+
+
+def _attributed_ends(local: Endpoint, remote: Endpoint, owner_of: Callable[[str], Optional[Owner]]) -> dict:
+    """A flow's or event's ends, each named after the pod or node owning its address."""
+    return {"local": with_owner(local, owner_of(local.ip)), "remote": with_owner(remote, owner_of(remote.ip))}

@@ -4,8 +4,8 @@ aggregating them into the trace's status.
 
 - Simulated nodes: bench.synthetic (the agent's report code on synthetic kernel counters),
   written with the agent's ReportWriter (create, then server-side apply, field manager per
-  node; heartbeat Lease renewals) on the agent's own schedule (retransmit_core.schedule
-  .next_write): every reportInterval (10 s, jittered) a node wakes up and writes its report
+  node; heartbeat Lease renewals) on the agent's own write decision (retransmit_agent
+  .writeschedule.decide_write): every reportInterval (10 s, jittered) a node wakes up and writes its report
   when it changed and its report period passed (the interval, stretched beyond 1,000 nodes),
   else renews its heartbeat Lease when a heartbeat is due. BUSY_FRACTION of the nodes (every
   10th) retransmit between every two wake-ups; the others are quiet and only renew Leases.
@@ -46,10 +46,11 @@ import yaml
 
 from bench import procstat
 from bench.synthetic import SyntheticNode
-from retransmit_agent.reporter import ApiError, ReportTarget, ReportWriter
+from retransmit_agent.reportwriter import ApiError, ReportTarget, ReportWriter
+from retransmit_agent.writeschedule import WriteTimes, decide_write
 from retransmit_core.backoff import jittered
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, to_api
-from retransmit_core.schedule import Write, heartbeat_seconds, next_write, report_period, stale_after
+from retransmit_core.schedule import Write, heartbeat_seconds, report_period, stale_after
 from retransmit_operator.reportindex import ReportIndex
 from retransmit_core.naming import LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, trace_selector
 from tests.harness.controlplane import ControlPlane, end_process, free_port, start_process, wait_until
@@ -366,7 +367,7 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
 
 def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[SyntheticNode],
                     writers: list[ReportWriter], window: float) -> dict[str, Any]:
-    """Every node runs the agent's schedule (next_write) for `window` seconds: a wake-up every
+    """Every node runs the agent's write decision (writeschedule.decide_write) for `window` seconds: a wake-up every
     jittered interval; its report when it changed (the busy nodes) and its period passed, a
     heartbeat Lease renewal when one is due.
 
@@ -402,8 +403,10 @@ def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list
     # As if the agents had been running a while: wake-ups spread over one interval, the last
     # report writes over one report period, the last writes of either kind over one heartbeat.
     period = report_period(interval, n)
-    last_report = {i: t0 - rng.uniform(0, period) for i in range(n)}
-    last_write = {i: max(last_report[i], t0 - rng.uniform(0, heartbeat_seconds(interval))) for i in range(n)}
+    written_at = {}
+    for i in range(n):
+        last_report = t0 - rng.uniform(0, period)
+        written_at[i] = WriteTimes(report=last_report, any=max(last_report, t0 - rng.uniform(0, heartbeat_seconds(interval))))
     # What each node's last report write holds: the summary includes a write once it holds all.
     written = {i: node.retransmits for i, node in enumerate(nodes)}
     due = [(t0 + rng.uniform(0, interval), i) for i in range(n)]
@@ -418,12 +421,11 @@ def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list
             changed = i in busy
             if changed:
                 nodes[i].grow(7)
-            kind = next_write(changed, at - last_report[i], at - last_write[i], interval, n)
+            kind = decide_write(changed, written_at[i], at, interval, n)
             if kind is not Write.NOTHING:
-                last_write[i] = at
+                written_at[i] = written_at[i].after(kind, at)
                 record = {"sent": time.monotonic(), "kind": kind, "node": i}
                 if kind is Write.REPORT:
-                    last_report[i] = at
                     written[i] = nodes[i].retransmits
                     record.update(busy=changed, total=sum(written.values()))
                 records.append(record)

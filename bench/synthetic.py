@@ -1,9 +1,9 @@
 """A simulated node for the control-plane bench: a synthetic kernel snapshot turned into the
-node's report by the agent's own code (report.build_node_report, reporter.cumulative_entry).
+node's report by the agent's own step (nodeentry.node_entry, as the cluster agent runs it).
 
-Entries are as large as a busy node makes them at the default settings: topFlows=10 out
-of more flows, events.keep=20 recent events, local sides attributed to pods, a mix of IPv4
-and IPv6. Each `next_entry()` adds retransmits, as a node would between two reports.
+Entries are as large as a busy node makes them at the default settings: topFlows out of more
+flows, events.keep recent events, local sides attributed to pods (and topPods from them), a
+mix of IPv4 and IPv6. Each `next_entry()` adds retransmits, as a node would between two reports.
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ import ipaddress
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from retransmit_agent.flows import AF_INET, AF_INET6, KIND_RETRANSMIT, flow_counters, recent_event
 from retransmit_agent.kernel import KernelSnapshot
-from retransmit_agent.nodeentry import build_node_report
-from retransmit_agent.reporter import Baseline, cumulative_entry, merge_flows
-from retransmit_core.api import Endpoint, NodeStatus
+from retransmit_agent.nodeentry import NodeFacts, node_entry
+from retransmit_agent.resume import PodKey
+from retransmit_core.api import DEFAULT_EVENTS_KEPT, DEFAULT_TOP_FLOWS, NodeStatus
+from retransmit_core.kernelvocab import TCP_STATE_NUMBERS
+from retransmit_core.podindex import Owner
 
-TOP_FLOWS = 10      # spec.topFlows default
-KEEP_EVENTS = 20    # spec.events.keep default
 FLOWS_PER_NODE = 24
-ESTABLISHED, SYN_SENT, FIN_WAIT1 = 1, 2, 4
+STATES = tuple(TCP_STATE_NUMBERS[name] for name in ("ESTABLISHED", "ESTABLISHED", "SYN_SENT", "FIN_WAIT1"))
 
 
 def _v4(rng: random.Random) -> bytes:
@@ -41,10 +42,11 @@ class SyntheticNode:
     seed: int = 0
     kernel: str = "6.1.0-28-amd64"
     agent_version: str = "0.1.0"
-    top_flows: int = TOP_FLOWS
-    keep_events: int = KEEP_EVENTS
+    top_flows: int = DEFAULT_TOP_FLOWS
+    keep_events: int = DEFAULT_EVENTS_KEPT
     flows: list[list] = field(default_factory=list)   # [family, saddr, daddr, sport, dport, count, state]
-    pods: dict[str, tuple[str, str]] = field(default_factory=dict)   # local IP -> (pod, namespace)
+    owners: dict[str, Owner] = field(default_factory=dict)   # local IP -> its pod, as the pod index's lookup table
+    pod_counts: dict[PodKey, int] = field(default_factory=dict)   # the last entry's, as the agent carries them
 
     def __post_init__(self) -> None:
         rng = random.Random(self.seed)
@@ -54,9 +56,10 @@ class SyntheticNode:
             addr = _v6 if family == AF_INET6 else _v4
             saddr, daddr = addr(rng), addr(rng)
             self.flows.append([family, saddr, daddr, rng.randrange(32768, 61000), rng.choice((443, 5432, 6379, 8080, 9092)),
-                               rng.randrange(1, 5000), rng.choice((ESTABLISHED, ESTABLISHED, SYN_SENT, FIN_WAIT1))])
-            self.pods[str(ipaddress.ip_address(saddr))] = (f"svc-{rng.randrange(100):02d}-7d9f8c6b5-{rng.randrange(36**5):05x}",
-                                f"team-{rng.randrange(20):02d}")
+                               rng.randrange(1, 5000), rng.choice(STATES)])
+            self.owners[str(ipaddress.ip_address(saddr))] = Owner(
+                pod=f"svc-{rng.randrange(100):02d}-7d9f8c6b5-{rng.randrange(36**5):05x}",
+                namespace=f"team-{rng.randrange(20):02d}")
         self._start_ns = time.monotonic_ns() - 600 * 10**9
 
     @property
@@ -78,25 +81,18 @@ class SyntheticNode:
             by_state[c.last_state] = by_state.get(c.last_state, 0) + c.retransmits
         return KernelSnapshot(retransmits=self.retransmits, synack_retransmits=0, lost_events=self.retransmits // 2,
                               sampled_events=100, failed_attempts=0, missed_events=0, by_state=by_state,
-                              flows=counters)
-
-    def _attributed(self, endpoint: Endpoint) -> Endpoint:
-        pod, namespace = self.pods[endpoint.ip]
-        return endpoint.model_copy(update={"pod": pod, "namespace": namespace})
+                              flow_counters=counters)
 
     def next_entry(self) -> NodeStatus:
-        """The report the cluster agent would write now: report, pod attribution, cumulative
-        (agent.cluster.ClusterAgent.build_entry)."""
+        """The report the cluster agent would write now (its node_entry step, no baseline)."""
         now = time.monotonic_ns()
         offset = time.time_ns() - now
-        snap = self.snapshot()
         events = []
         for i in range(self.keep_events):
             f = self.flows[i % len(self.flows)]
-            e = recent_event(now - i * 10**7, f[0], KIND_RETRANSMIT, f[6], f[3], f[4], f[1], f[2], offset)
-            events.append(e.model_copy(update={"local": self._attributed(e.local)}))
-        fresh = build_node_report(self.name, snap, events, self.top_flows, self.kernel, self.agent_version,
-                                  keep_events=self.keep_events)
-        flows = [f.model_copy(update={"local": self._attributed(f.local)}) for f in fresh.top_flows]
-        fresh = fresh.model_copy(update={"top_flows": flows})
-        return cumulative_entry(Baseline(), fresh, merge_flows(Baseline(), flows), self.top_flows, self.keep_events)
+            events.append(recent_event(now - i * 10**7, f[0], KIND_RETRANSMIT, f[6], f[3], f[4], f[1], f[2], offset))
+        step = node_entry(self.snapshot(), NodeFacts(self.name, self.kernel, self.agent_version),
+                          top_flows=self.top_flows, keep_events=self.keep_events, now=datetime.now(timezone.utc),
+                          recent_events=events, previous_pods=self.pod_counts, owners=self.owners)
+        self.pod_counts = step.pod_counts
+        return step.entry

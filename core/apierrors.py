@@ -3,7 +3,7 @@
 The Python client's exceptions print a dump (HTTP headers, the JSON body, urllib3's
 `HTTPSConnectionPool(...)` and `<... object at 0x...>` reprs); a person needs the API server's
 own message, or why there was no answer at all. Used by the operator (kube.py, plugin.py)
-and the agent (reporter.py).
+and the agent (reportwriter.py).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_a_node_report_has_one_writer_per_part_the_agent_its_spec_the_operator_i
     its own report's spec (ReportWriter, field manager rtrace-agent/<node>), the operator
     alone marks the report's status (KubeApi.apply_report_status, through /status). Neither
     write touches the other's part, and status sent to the main resource is dropped."""
-    from retransmit_agent.reporter import ReportTarget, ReportWriter
+    from retransmit_agent.reportwriter import ReportTarget, ReportWriter
     from retransmit_core.api import API_VERSION, GROUP, KIND, PLURAL, REPORT_PLURAL, VERSION, NodeStatus, Phase
     from retransmit_operator.kube import KubeApi, client_configuration
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import kubernetes
 import pytest
 
-from retransmit_agent.reporter import ReportTarget, ReportWriter
+from retransmit_agent.reportwriter import ReportTarget, ReportWriter
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
 from retransmit_core.schedule import stale_after
 from retransmit_core.naming import daemonset_name

@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stdin.readline()
             snap = program.snapshot()
         flows = [[f.family, f.local_ip, f.local_port, f.remote_ip, f.remote_port, f.retransmits,
-                  f.synack_retransmits, f.last_state] for f in snap.flows]
+                  f.synack_retransmits, f.last_state] for f in snap.flow_counters]
         print(json.dumps({"retransmits": snap.retransmits, "synack_retransmits": snap.synack_retransmits,
                           "failed_attempts": snap.failed_attempts, "by_state": snap.by_state,
                           "flows": flows}), flush=True)

@@ -86,7 +86,7 @@ def _on_port(port: int) -> Callable:
 
 
 def _snapshot_flows(snapshot: KernelSnapshot, port: int) -> dict:
-    return {f.key: (f.retransmits, f.synack_retransmits) for f in snapshot.flows
+    return {f.key: (f.retransmits, f.synack_retransmits) for f in snapshot.flow_counters
             if port in (f.local_port, f.remote_port)}
 
 

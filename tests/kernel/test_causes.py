@@ -92,11 +92,11 @@ def test_causes_agree_with_the_kernels_own_counters(one_segment_ns, reference, s
     assert cause_mismatches(causes, counters, counted) == []
     assert max(causes, key=causes.get) == dominant, (causes, counters)
     # per flow: causes add up, and the socket seen at the latest retransmit is a live TCP socket
-    for flow in snapshot.flows:
+    for flow in snapshot.flow_counters:
         assert sum(flow.by_cause.values()) == flow.retransmits + flow.synack_retransmits
         assert flow.socket is not None and flow.socket.snd_cwnd >= 1 and flow.socket.srtt_us > 0
     if dominant == "timeout":
-        assert max(f.socket.timeouts for f in snapshot.flows) >= 2, "a dead path shows consecutive timeouts"
+        assert max(f.socket.timeouts for f in snapshot.flow_counters) >= 2, "a dead path shows consecutive timeouts"
 
 
 def test_syn_retransmits_are_timeouts_and_synacks_unknown(ns, reference):
@@ -120,7 +120,7 @@ def test_without_btf_causes_are_unknown_and_counts_unchanged(ns, reference):
     expected = per_flow(counts, lambda e: (e.local_ip in mine or e.remote_ip in mine) and succeeded(e))
     assert snapshot.retransmits == sum(r for r, _ in expected.values()) > 0
     assert snapshot.by_cause == {"unknown": snapshot.retransmits}
-    assert all(f.socket is None for f in snapshot.flows)
+    assert all(f.socket is None for f in snapshot.flow_counters)
 
 
 PORT_CHECK = r"""

@@ -28,7 +28,7 @@ MAX_SEGMENTS_PER_SKB = math.ceil(65536 / 1400)
 
 
 def flows_of(snapshot: KernelSnapshot, addresses: set[str]) -> dict:
-    return {f.key: (f.retransmits, f.synack_retransmits) for f in snapshot.flows
+    return {f.key: (f.retransmits, f.synack_retransmits) for f in snapshot.flow_counters
             if f.local_ip in addresses or f.remote_ip in addresses}
 
 
@@ -71,12 +71,12 @@ def test_bulk_transfer_under_random_loss_matches_reference_exactly(ns, reference
     # per flow: with and without a filter
     assert flows_of(unfiltered, mine) == expected
     assert flows_of(filtered, mine) == expected
-    assert len(filtered.flows) == len(expected)
+    assert len(filtered.flow_counters) == len(expected)
     # totals and states: only the filtered program sees nothing but this test's flows
     assert_totals_exact(filtered, expected)
     assert filtered.by_state == expected_by_state(counts, mine)
-    assert all(f.last_state for f in filtered.flows)
-    assert all(f.first_seen <= f.last_seen for f in filtered.flows)
+    assert all(f.last_state for f in filtered.flow_counters)
+    assert all(f.first_seen <= f.last_seen for f in filtered.flow_counters)
     # RetransSegs counts segments, the tracepoint skbs: events <= segments <= events * max segs/skb
     segments = after["RetransSegs"] - before["RetransSegs"]
     assert events <= segments <= (events + filtered.missed_events) * MAX_SEGMENTS_PER_SKB
@@ -97,7 +97,7 @@ def test_syn_retransmits_counted_per_flow_in_syn_sent(ns, reference):
     assert flows_of(snapshot, mine) == expected
     assert_totals_exact(snapshot, expected)
     assert snapshot.by_state == {"SYN_SENT": snapshot.retransmits}
-    assert {f.last_state for f in snapshot.flows} == {"SYN_SENT"}
+    assert {f.last_state for f in snapshot.flow_counters} == {"SYN_SENT"}
     # A SYN is one segment in one skb: RetransSegs and events agree, except for tracepoint
     # hits no BPF program saw because another BPF program was running on that CPU (the
     # kernel counts those per program; the reference missed the same ones, see above).
@@ -180,7 +180,7 @@ def test_flows_evicted_from_a_tiny_map_still_count_in_totals(ns, reference):
 
     expected = expected_flows(counts, mine)
     # the map holds 4 flows; runs still pending on a CPU add at most one flow per CPU and family
-    assert len(snapshot.flows) <= 4 + 2 * os.cpu_count() < len(expected)
+    assert len(snapshot.flow_counters) <= 4 + 2 * os.cpu_count() < len(expected)
     assert_totals_exact(snapshot, expected)
     assert sum(snapshot.by_state.values()) == snapshot.retransmits
     # a flow still in the map has at most what the reference saw (it may have been evicted and re-added)

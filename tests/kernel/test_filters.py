@@ -73,7 +73,7 @@ def test_filter_keeps_exactly_the_matching_flows(filtered_run, case):
     total = lambda flows: sum(r + s for r, s in flows.values())  # noqa: E731
     assert total(expected) < total(all_mine), "the filter rejected some of the namespace's events"
 
-    got = {f.key: (f.retransmits, f.synack_retransmits) for f in snapshot.flows}
+    got = {f.key: (f.retransmits, f.synack_retransmits) for f in snapshot.flow_counters}
     assert got == expected
     assert snapshot.retransmits == sum(r for r, _ in expected.values())
     assert snapshot.synack_retransmits == sum(s for _, s in expected.values())
@@ -111,7 +111,7 @@ def test_local_ip_set_changes_take_effect_live(reference):
     delta = second - first
     expected = per_flow(delta, lambda e: e.local_ip == b4 and succeeded(e))
     assert expected, "the server side retransmitted during the second load"
-    got = {f.key: (f.retransmits, f.synack_retransmits) for f in snapshot.flows}
+    got = {f.key: (f.retransmits, f.synack_retransmits) for f in snapshot.flow_counters}
     assert got == expected
     assert snapshot.retransmits == sum(r for r, _ in expected.values())
 
@@ -142,6 +142,6 @@ def test_dual_stack_server_flows_are_ipv4_for_every_filter(ns, reference):
     assert server_side and {k[0] for k in server_side} == {"IPv4"}, "the [::] server made no IPv4 retransmits"
     assert {k[3] for k in server_side} == {client} and len(connections) == 3
     for name, (_config, keeps_server_side) in cases.items():
-        got = {f.key: (f.retransmits, f.synack_retransmits) for f in snapshots[name].flows
+        got = {f.key: (f.retransmits, f.synack_retransmits) for f in snapshots[name].flow_counters
                if f.local_ip in mine and f.local_port == 5201}
         assert got == (server_side if keeps_server_side else {}), name

@@ -12,7 +12,7 @@ from retransmit_agent.cli import build_parser, local_options
 from retransmit_agent.filters import UsageError
 from retransmit_agent.flows import FlowCounters
 from retransmit_agent.kernel import KernelConfig, KernelSnapshot
-from retransmit_agent.nodeentry import build_node_report
+from retransmit_agent.nodeentry import NodeFacts, node_entry
 from retransmit_agent.livetable import render_report
 
 pytestmark = pytest.mark.unit
@@ -56,9 +56,10 @@ def test_table_shows_totals_and_flows():
     flow = FlowCounters("IPv6", "fd00::1", 443, "fd00::2", 50000, 42, 1, "FIN_WAIT1", t, t)
     snapshot = KernelSnapshot(retransmits=42, synack_retransmits=1, lost_events=3, sampled_events=40,
                               failed_attempts=0, missed_events=0, by_state={"FIN_WAIT1": 42, "SYN_RECV": 1},
-                              flows=[flow])
+                              flow_counters=[flow])
     console = Console(width=160, record=True, file=io.StringIO())
-    console.print(render_report(build_node_report("node-a", snapshot, [], 10), 12.0, 30.0))
+    entry = node_entry(snapshot, NodeFacts("node-a"), top_flows=10, keep_events=20, now=t).entry
+    console.print(render_report(entry, 12.0, 30.0))
     text = console.export_text()
     for part in ("retransmits 42", "SYN-ACK retransmits 1", "lost samples 3", "FIN_WAIT1 42",
                  "[fd00::1]:443", "[fd00::2]:50000", "12:30:05", "top flows on node-a", "12s of 30s"):

@@ -10,8 +10,6 @@ from retransmit_core.api import format_endpoint
 from retransmit_agent.flows import (
     AF_INET,
     AF_INET6,
-    FlowCounters,
-    busiest_first,
     decode_address,
     encode_address,
     flow_counters,
@@ -69,16 +67,6 @@ def test_flow_counters_from_a_map_entry():
     assert (flow.last_seen - flow.first_seen).total_seconds() == 2
     api = flow.to_flow()
     assert api.local.ip == "fd00::1" and api.remote.port == 51000 and api.family == "IPv6"
-
-
-def _flow(local_port: int, retransmits: int, last_s: int) -> FlowCounters:
-    t = datetime.fromtimestamp(last_s, tz=timezone.utc)
-    return FlowCounters("IPv4", "10.0.0.1", local_port, "10.0.0.2", 80, retransmits, 0, "ESTABLISHED", t, t)
-
-
-def test_busiest_first_orders_by_count_then_recency_then_key():
-    flows = [_flow(1, 5, 100), _flow(2, 9, 50), _flow(3, 5, 200), _flow(4, 5, 200)]
-    assert [f.local_port for f in busiest_first(flows)] == [2, 3, 4, 1]
 
 
 def test_recent_event_from_sample_fields():

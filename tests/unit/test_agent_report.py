@@ -1,4 +1,5 @@
-"""A kernel snapshot becomes the API's node entry (NodeStatus)."""
+"""A kernel snapshot becomes the API's node entry (NodeStatus), as `retransmit-agent local` makes it:
+node_entry without a baseline and without attribution."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 from retransmit_agent.flows import FlowCounters
 from retransmit_agent.kernel import KernelSnapshot
-from retransmit_agent.nodeentry import build_node_report
+from retransmit_agent.nodeentry import NodeFacts, node_entry
 from retransmit_core.api import Endpoint, NodeStatus, RecentEvent, to_api
 
 pytestmark = pytest.mark.unit
@@ -24,11 +25,17 @@ def flow(port: int, retransmits: int, synacks: int = 0, family: str = "IPv4") ->
 
 def snapshot(flows: list[FlowCounters]) -> KernelSnapshot:
     return KernelSnapshot(retransmits=1000, synack_retransmits=3, lost_events=17, sampled_events=986,
-                          failed_attempts=2, missed_events=5, by_state={"SYN_RECV": 3, "ESTABLISHED": 1000}, flows=flows)
+                          failed_attempts=2, missed_events=5, by_state={"SYN_RECV": 3, "ESTABLISHED": 1000}, flow_counters=flows)
+
+
+def local_entry(snap: KernelSnapshot, top_n: int, node: str = "n", kernel: str | None = None, version: str | None = None,
+                events=(), keep_events: int = 20) -> NodeStatus:
+    return node_entry(snap, NodeFacts(node, kernel, version), top_flows=top_n, keep_events=keep_events, now=T0,
+                      recent_events=events).entry
 
 
 def test_totals_come_from_the_kernel_totals_not_the_flow_sum():
-    report = build_node_report("node-a", snapshot([flow(1, 5)]), [], 10, "6.18", "0.1.0", report_time=T0)
+    report = local_entry(snapshot([flow(1, 5)]), 10, "node-a", "6.18", "0.1.0")
     assert (report.retransmits, report.synack_retransmits, report.lost_events) == (1000, 3, 17)
     assert report.missed_events == 5  # hits the kernel skipped: the counts may be low by this much
     assert report.flows == 1
@@ -39,18 +46,18 @@ def test_totals_come_from_the_kernel_totals_not_the_flow_sum():
 
 def test_top_n_keeps_the_busiest_flows_and_zero_keeps_all():
     flows = [flow(1, 5), flow(2, 50), flow(3, 0, synacks=9), flow(4, 1, family="IPv6")]
-    top2 = build_node_report("n", snapshot(flows), [], 2, None, None)
+    top2 = local_entry(snapshot(flows), 2)
     assert [f.local.port for f in top2.top_flows] == [2, 3]
     assert top2.flows == 4
-    everything = build_node_report("n", snapshot(flows), [], 0, None, None)
+    everything = local_entry(snapshot(flows), 0)
     assert [f.local.port for f in everything.top_flows] == [2, 3, 1, 4]
 
 
 def test_report_serialises_with_the_api_names():
     events = [RecentEvent(time=T0, kind="retransmit", family="IPv4", local=Endpoint(ip="10.0.0.1", port=1),
                           remote=Endpoint(ip="10.0.0.2", port=443), state="ESTABLISHED")] * 3
-    report = build_node_report("n", snapshot([flow(7, 2, family="IPv6")]), events, 10, None, None, keep_events=2)
-    doc = to_api(report)
+    entry = local_entry(snapshot([flow(7, 2, family="IPv6")]), 10, events=events, keep_events=2)
+    doc = to_api(entry)
     assert {"retransmits", "synackRetransmits", "lostEvents", "missedEvents", "flows", "topFlows", "byState", "recentEvents"} <= set(doc)
     top = doc["topFlows"][0]
     assert top["family"] == "IPv6" and top["local"] == {"ip": "fd00::1", "port": 7}
@@ -58,4 +65,4 @@ def test_report_serialises_with_the_api_names():
     assert top["lastState"] == "ESTABLISHED" and top["firstSeen"].startswith("2026-01-01T00:00:00")
     assert len(doc["recentEvents"]) == 2
     assert doc["missedEvents"] == 5
-    assert NodeStatus.model_validate(doc) == report
+    assert NodeStatus.model_validate(doc) == entry

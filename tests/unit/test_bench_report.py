@@ -10,8 +10,8 @@ import pytest
 
 from bench import report
 from bench.controlplane_bench import parse_write_metrics
-from bench.synthetic import KEEP_EVENTS, TOP_FLOWS, SyntheticNode
-from retransmit_core.api import NodeStatus, to_api
+from bench.synthetic import SyntheticNode
+from retransmit_core.api import DEFAULT_EVENTS_KEPT, DEFAULT_TOP_FLOWS, NodeStatus, to_api
 
 pytestmark = pytest.mark.unit
 
@@ -82,8 +82,9 @@ def test_a_simulated_node_writes_a_valid_full_size_entry_that_only_grows():
     node = SyntheticNode("node-0007", seed=7)
     first = node.next_entry()
     assert NodeStatus.model_validate(to_api(first)) == first
-    assert len(first.top_flows) == TOP_FLOWS and len(first.recent_events) == KEEP_EVENTS
+    assert len(first.top_flows) == DEFAULT_TOP_FLOWS and len(first.recent_events) == DEFAULT_EVENTS_KEPT
     assert all(f.local.pod and f.local.namespace for f in first.top_flows)
+    assert len(first.top_pods) == DEFAULT_TOP_FLOWS   # every flow has a pod of its own
     assert first.retransmits == sum(first.by_state.values())
     node.grow(50)
     second = node.next_entry()

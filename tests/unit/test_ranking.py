@@ -1,15 +1,15 @@
 """Busiest first is one order (retransmit_core.ranking) for the agent's kernel-map flows
-(flows.busiest_first), its report's topFlows (reporter.top_flows) and the trace's summary
+(resume.merge_flows), its report's topFlows (resume.cumulative_entry) and the trace's summary
 (aggregate.cluster_flows): count, then recency, then node, family, addresses and ports. Pods
-have one order too (ranking.pod_key), for the agent's topPods (reporter.ranked_pods) and the
+have one order too (ranking.pod_key), for the agent's topPods (resume.ranked_pods) and the
 summary's (aggregate.summary_pods): count, then namespace, then name."""
 
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from retransmit_agent.flows import FlowCounters, busiest_first
-from retransmit_agent.reporter import ranked_pods, top_flows
+from retransmit_agent.flows import FlowCounters
+from retransmit_agent.resume import Baseline, CumulativeFlow, FlowKey, cumulative_entry, merge_flows, ranked_pods
 from retransmit_operator.aggregate import cluster_flows, summary_pods
 from retransmit_core.api import Endpoint, Flow, NodeStatus, PodCount
 from retransmit_core.ranking import busiest_first_key, flow_key, pod_key
@@ -67,16 +67,47 @@ def name_of(flow) -> str:
     raise AssertionError(f"no row for {flow}")
 
 
+def kernel_ranked(counters):
+    """The agent's order of its kernel-map flows (resume.merge_flows sorts by CumulativeFlow.rank;
+    the rows here share flow identities on purpose, which merge_flows would add up)."""
+    return sorted((CumulativeFlow(FlowKey.of_counters(c), fresh=c) for c in counters), key=CumulativeFlow.rank)
+
+
+def baseline_ranked(flows):
+    """The same order for flows an earlier agent reported, as a restarted agent ranks them."""
+    return sorted((CumulativeFlow(FlowKey.of_flow(f), old=f) for f in flows), key=CumulativeFlow.rank)
+
+
 def test_the_agents_kernel_map_flows_are_ranked_count_then_recency_then_identity():
     rows = [row for row in BUSIEST_FIRST if row[3] is not None]  # the kernel always has a last time
-    ranked = busiest_first([kernel_flow(row) for row in shuffled(rows)])
+    ranked = kernel_ranked([kernel_flow(row) for row in shuffled(rows)])
     assert [name_of(f.to_flow()) for f in ranked] == [row[0] for row in rows]
 
 
 def test_the_reports_top_flows_are_ranked_the_same_way():
-    ranked = top_flows([api_flow(row) for row in shuffled(BUSIEST_FIRST)], 0)
-    assert [name_of(f) for f in ranked] == NAMES
-    assert [name_of(f) for f in top_flows([api_flow(row) for row in shuffled(BUSIEST_FIRST)], 3)] == NAMES[:3]
+    ranked = baseline_ranked([api_flow(row) for row in shuffled(BUSIEST_FIRST)])
+    assert [name_of(f.to_flow()) for f in ranked] == NAMES
+    top3 = cumulative_entry(Baseline(), NodeStatus(node="n1", phase="Running"), ranked, 3, 0).top_flows
+    assert [name_of(f) for f in top3] == NAMES[:3]
+
+
+def test_a_flow_counted_before_and_after_a_restart_ranks_as_the_flow_it_becomes():
+    # Every row split into what an earlier agent reported and what the kernel counted since.
+    rows = [row for row in BUSIEST_FIRST if row[3] is not None]
+    merged = [CumulativeFlow(FlowKey.of_counters(kernel_flow((name, r, s, last, *key))),
+                             old=api_flow((name, r // 2, s // 2, 0, *key)),
+                             fresh=kernel_flow((name, r - r // 2, s - s // 2, last, *key)))
+              for name, r, s, last, *key in shuffled(rows)]
+    assert all(f.rank() == flow_key(f.to_flow()) for f in merged)
+    assert [name_of(f.to_flow()) for f in sorted(merged, key=CumulativeFlow.rank)] == [row[0] for row in rows]
+
+
+def test_merge_flows_adds_a_flows_counts_from_before_and_after_a_restart():
+    earlier = api_flow(BUSIEST_FIRST[-1])                                    # 1 retransmit
+    again = kernel_flow(("fewest", 9, 0, 100, *BUSIEST_FIRST[-1][4:]))       # 9 more since
+    baseline = Baseline.from_entry(NodeStatus(node="n1", phase="Running", top_flows=[earlier]))
+    merged = merge_flows(baseline, [again, kernel_flow(BUSIEST_FIRST[0])])
+    assert [(f.key.local_ip, f.retransmits) for f in merged] == [("198.18.0.1", 10), ("fd00::9", 9)]
 
 
 def test_the_summarys_top_flows_are_ranked_the_same_way():

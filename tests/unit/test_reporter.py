@@ -1,22 +1,17 @@
-"""The reporter's pure core: resume from the node's own report, backoff, change detection, the report document."""
+"""The agent's pure steps around a write: resume from the node's own report, backoff, change
+detection and the write decision, the report document."""
 
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from retransmit_core.backoff import backoff_delay, jittered
-from retransmit_agent.reporter import (
-    Baseline,
-    FlowKey,
-    ReportTarget,
-    cumulative_entry,
-    entry_changed,
-    field_manager,
-    merge_flows,
-    read_entry,
-    top_flows,
-)
+from retransmit_agent.flows import FlowCounters
+from retransmit_agent.reportwriter import ReportTarget, field_manager
+from retransmit_agent.resume import Baseline, FlowKey, cumulative_entry, merge_flows, read_entry
+from retransmit_agent.writeschedule import WriteTimes, decide_write, entry_changed
 from retransmit_core.api import Endpoint, Flow, NodeStatus, Phase, RecentEvent, to_api
+from retransmit_core.schedule import Write, heartbeat_seconds
 
 pytestmark = pytest.mark.unit
 
@@ -30,6 +25,13 @@ def flow(local_port, retransmits, synack=0, *, remote_port=5201, family="IPv4", 
         family=family, retransmits=retransmits, synack_retransmits=synack, last_state=state,
         first_seen=T0 + timedelta(seconds=seen), last_seen=T0 + timedelta(seconds=seen + 1),
     )
+
+
+def counters(local_port, retransmits, synack=0, *, remote_port=5201, family="IPv4", seen=0, state="ESTABLISHED"):
+    """The kernel's FlowCounters of the same flow as flow(...) with the same arguments."""
+    api = flow(local_port, retransmits, synack, remote_port=remote_port, family=family, seen=seen, state=state)
+    return FlowCounters(family, api.local.ip, local_port, api.remote.ip, remote_port, retransmits, synack, state,
+                        api.first_seen, api.last_seen)
 
 
 def event(second):
@@ -99,11 +101,10 @@ def test_resumed_totals_add_to_the_kernels_new_counts():
                    by_state={"ESTABLISHED": 90, "SYN_RECV": 10},
                    top_flows=[flow(1000, 60), flow(1001, 40)], recent_events=[event(5)])
     baseline = Baseline.from_entry(before)
-    fresh_flows = [flow(1000, 7, seen=20), flow(1002, 3, seen=21)]
+    fresh_flows = [counters(1000, 7, seen=20), counters(1002, 3, seen=21)]
     fresh = entry(retransmits=10, synack_retransmits=1, lost_events=1, missed_events=4, flows=2,
-                  by_state={"ESTABLISHED": 10, "FIN_WAIT1": 1},
-                  top_flows=fresh_flows, recent_events=[event(30)])
-    merged = merge_flows(baseline, fresh.top_flows)
+                  by_state={"ESTABLISHED": 10, "FIN_WAIT1": 1}, recent_events=[event(30)])
+    merged = merge_flows(baseline, fresh_flows)
     out = cumulative_entry(baseline, fresh, merged, top_n=10, keep=20)
     assert (out.retransmits, out.synack_retransmits, out.lost_events, out.missed_events) == (110, 5, 3, 10)
     assert out.by_state == {"ESTABLISHED": 100, "SYN_RECV": 10, "FIN_WAIT1": 1}
@@ -121,8 +122,8 @@ def test_counts_never_go_backwards_across_repeated_restarts():
     reported = []
     for generation, new in enumerate([5, 0, 8]):
         baseline = Baseline.from_entry(previous)
-        fresh = entry(retransmits=new, top_flows=[flow(2000, new)] if new else [])
-        out = cumulative_entry(baseline, fresh, merge_flows(baseline, fresh.top_flows), 10, 20)
+        fresh = entry(retransmits=new)
+        out = cumulative_entry(baseline, fresh, merge_flows(baseline, [counters(2000, new)] if new else []), 10, 20)
         reported.append(out.retransmits)
         previous = NodeStatus.model_validate(to_api(out))  # what the next agent reads back
     assert reported == [5, 5, 13]
@@ -132,8 +133,8 @@ def test_counts_never_go_backwards_across_repeated_restarts():
 def test_a_flow_busy_before_and_after_a_restart_ranks_by_its_total():
     """The kernel's fresh count of flow A is small, but with its baseline it is the busiest."""
     baseline = Baseline.from_entry(entry(retransmits=50, top_flows=[flow(1, 50)]))
-    fresh_flows = [flow(1, 2)] + [flow(100 + i, 10) for i in range(5)]
-    fresh = entry(retransmits=52, top_flows=fresh_flows)
+    fresh_flows = [counters(1, 2)] + [counters(100 + i, 10) for i in range(5)]
+    fresh = entry(retransmits=52)
     out = cumulative_entry(baseline, fresh, merge_flows(baseline, fresh_flows), top_n=3, keep=0)
     assert [f.local.port for f in out.top_flows][0] == 1
     assert out.top_flows[0].retransmits == 52
@@ -143,13 +144,22 @@ def test_a_flow_busy_before_and_after_a_restart_ranks_by_its_total():
 
 def test_top_flows_orders_busiest_first_and_zero_means_all():
     flows = [flow(1, 1), flow(2, 5), flow(3, 0, synack=9), flow(4, 5, seen=50)]
-    assert [f.local.port for f in top_flows(flows, 2)] == [3, 4]
-    assert len(top_flows(flows, 0)) == 4
+    merged = merge_flows(Baseline.from_entry(entry(top_flows=flows)), [])
+    assert [f.local.port for f in cumulative_entry(Baseline(), entry(), merged, top_n=2, keep=0).top_flows] == [3, 4]
+    assert len(cumulative_entry(Baseline(), entry(), merged, top_n=0, keep=0).top_flows) == 4
+
+
+def test_kernel_flows_rank_by_count_then_recency_then_key():
+    t = lambda s: datetime.fromtimestamp(s, tz=timezone.utc)  # noqa: E731
+    flows = [FlowCounters("IPv4", "10.0.0.1", port, "10.0.0.2", 80, n, 0, "ESTABLISHED", t(last), t(last))
+             for port, n, last in [(1, 5, 100), (2, 9, 50), (3, 5, 200), (4, 5, 200)]]
+    assert [f.key.local_port for f in merge_flows(Baseline(), flows)] == [2, 3, 4, 1]
 
 
 def test_ipv4_and_ipv6_flows_with_equal_ports_stay_apart():
-    a, b = flow(1, 3, family="IPv4"), flow(1, 4, family="IPv6")
-    assert FlowKey.of_flow(a) != FlowKey.of_flow(b)
+    a, b = flow(1, 3, family="IPv4"), counters(1, 4, family="IPv6")
+    assert FlowKey.of_flow(a) != FlowKey.of_counters(b)
+    assert FlowKey.of_flow(flow(1, 4, family="IPv6")) == FlowKey.of_counters(b)
     baseline = Baseline.from_entry(entry(top_flows=[a]))
     merged = merge_flows(baseline, [b])
     assert sorted(f.retransmits for f in merged) == [3, 4]
@@ -196,3 +206,25 @@ def test_failed_attempts_and_causes_add_across_restarts_and_unknown_stays_unknow
     older_kernel = cumulative_entry(Baseline(), entry(), [], top_n=10, keep=0)
     assert older_kernel.failed_attempts is None and older_kernel.missed_events is None
     assert "failedAttempts" not in to_api(older_kernel) and "missedEvents" not in to_api(older_kernel)
+
+
+# ---------------------------------------------------------------- the write decision
+
+def test_a_final_report_is_written_only_when_it_changed_never_a_heartbeat():
+    long_quiet = WriteTimes(report=0.0, any=0.0)
+    now = 10 * heartbeat_seconds(10.0)
+    assert decide_write(False, long_quiet, now, 10.0, 1) is Write.HEARTBEAT
+    assert decide_write(False, long_quiet, now, 10.0, 1, final=True) is Write.NOTHING
+    assert decide_write(True, long_quiet, now, 10.0, 1, final=True) is Write.REPORT
+    assert decide_write(True, WriteTimes(), 0.0, 10.0, 1, final=True) is Write.REPORT
+
+
+def test_the_decision_reads_the_times_of_the_writes_that_were_stored():
+    times = WriteTimes().after(Write.REPORT, 100.0).after(Write.HEARTBEAT, 130.0)
+    assert times == WriteTimes(report=100.0, any=130.0)
+    assert times.after(Write.NOTHING, 200.0) == times
+    assert decide_write(False, WriteTimes(), 0.0, 10.0, 1) is Write.REPORT   # nothing written yet
+    assert decide_write(True, times, 131.0, 10.0, 1) is Write.REPORT         # changed, a period since the report
+    assert decide_write(False, times, 131.0, 10.0, 1) is Write.NOTHING       # a heartbeat just now
+    assert decide_write(False, times, 130.0 + heartbeat_seconds(10.0), 10.0, 1) is Write.HEARTBEAT
+    assert decide_write(True, times, 131.0, 10.0, 5000) is Write.NOTHING     # 5,000 nodes stretch the period

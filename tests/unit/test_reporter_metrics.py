@@ -105,8 +105,8 @@ def test_an_agent_whose_kernel_cannot_trace_exports_failed_1_and_attached_0(tmp_
     try:
         before = samples(get(f"http://127.0.0.1:{server.port}/metrics")[1])
         assert before[("rtrace_agent_failed", (("node", "n1"), ("trace", "t1")))] == 0
-        agent._open_program()
-        assert agent.problem
+        agent.open_program()
+        assert agent.facts.problem
         after = samples(get(f"http://127.0.0.1:{server.port}/metrics")[1])
     finally:
         server.stop()

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from retransmit_agent.flows import FlowCounters
-from retransmit_agent.reporter import (
+from retransmit_agent.resume import (
     Baseline,
     cumulative_pods,
     pod_totals,

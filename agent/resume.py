@@ -1,0 +1,228 @@
+"""Resuming one node's counts across agent restarts: pure, no I/O.
+
+- `Baseline` is what an earlier agent on this node already reported (read back from its own
+  report at start-up); `cumulative_entry` adds it to the kernel's fresh counts, so a
+  restarted agent continues instead of starting over and counts never go backwards. The
+  report is never trimmed, so the baseline is exact.
+- `pod_totals` / `cumulative_pods` / `ranked_pods` give each local pod's retransmits over
+  every flow in the kernel map (not only the top flows), resumed like the totals.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from retransmit_core.api import Flow, NodeStatus, PodCount, RecentEvent, add_counts, add_known
+from retransmit_core.ranking import busiest_first_key, pod_key
+
+from .flows import FlowCounters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FlowKey:
+    """Identity of a flow across agent restarts (the kernel's map key, as text)."""
+
+    family: str
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
+
+    @classmethod
+    def of_flow(cls, flow: Flow) -> "FlowKey":
+        return cls(str(flow.family), flow.local.ip, flow.local.port, flow.remote.ip, flow.remote.port)
+
+    @classmethod
+    def of_counters(cls, counters: FlowCounters) -> "FlowKey":
+        return cls(counters.family, counters.local_ip, counters.local_port, counters.remote_ip, counters.remote_port)
+
+
+# (namespace, pod): a pod's identity in per-pod counts.
+PodKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Counts an earlier agent on this node already reported; zero when there was none."""
+
+    retransmits: int = 0
+    synack_retransmits: int = 0
+    lost_events: int = 0
+    missed_events: Optional[int] = None
+    failed_attempts: Optional[int] = None
+    flows: int = 0
+    by_state: Mapping[str, int] = field(default_factory=dict)
+    by_cause: Mapping[str, int] = field(default_factory=dict)
+    top_flows: Mapping[FlowKey, Flow] = field(default_factory=dict)
+    recent_events: Sequence[RecentEvent] = ()
+    top_pods: Mapping[PodKey, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_entry(cls, entry: Optional[NodeStatus]) -> "Baseline":
+        if entry is None:
+            return cls()
+        return cls(
+            retransmits=entry.retransmits,
+            synack_retransmits=entry.synack_retransmits,
+            lost_events=entry.lost_events,
+            missed_events=entry.missed_events,
+            failed_attempts=entry.failed_attempts,
+            flows=entry.flows,
+            by_state=dict(entry.by_state),
+            by_cause=dict(entry.by_cause),
+            top_flows={FlowKey.of_flow(f): f for f in entry.top_flows},
+            recent_events=tuple(entry.recent_events),
+            top_pods={(p.namespace, p.pod): p.retransmits for p in entry.top_pods},
+        )
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.retransmits == 0 and self.synack_retransmits == 0 and self.lost_events == 0
+            and not self.missed_events and not self.failed_attempts
+            and not self.top_flows and not self.recent_events and self.flows == 0
+            and not self.top_pods
+        )
+
+
+def read_entry(report: Optional[Mapping[str, Any]], node: str) -> Optional[NodeStatus]:
+    """This node's entry in its report object (JSON dict), or None (no report, or unreadable)."""
+    raw = (report or {}).get("spec")
+    if not raw or raw.get("node") != node:
+        return None
+    try:
+        return NodeStatus.model_validate(raw)
+    except ValueError as exc:
+        log.warning("ignoring unreadable report of node %s: %s", node, exc)
+        return None
+
+
+def _max_time(a: Optional[datetime], b: Optional[datetime]) -> Optional[datetime]:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _min_time(a: Optional[datetime], b: Optional[datetime]) -> Optional[datetime]:
+    return b if a is None else a if b is None else min(a, b)
+
+
+@dataclass(frozen=True)
+class CumulativeFlow:
+    """One flow since the trace began on this node: what earlier agents reported of it (`old`)
+    plus this agent's kernel counters (`fresh`), at least one of the two. Cheap to rank; it
+    becomes an API Flow only when it makes the top N (the kernel map may hold 32k flows)."""
+
+    key: FlowKey
+    old: Optional[Flow] = None
+    fresh: Optional[FlowCounters] = None
+
+    @property
+    def retransmits(self) -> int:
+        return (self.old.retransmits if self.old else 0) + (self.fresh.retransmits if self.fresh else 0)
+
+    @property
+    def synack_retransmits(self) -> int:
+        return (self.old.synack_retransmits if self.old else 0) + (self.fresh.synack_retransmits if self.fresh else 0)
+
+    def rank(self) -> tuple:
+        """retransmit_core.ranking's key of the flow `to_flow()` gives (flow_key of it)."""
+        last_seen = _max_time(self.old.last_seen if self.old else None, self.fresh.last_seen if self.fresh else None)
+        k = self.key
+        return busiest_first_key(self.retransmits + self.synack_retransmits, last_seen,
+                                 k.family, k.local_ip, k.local_port, k.remote_ip, k.remote_port)
+
+    def to_flow(self) -> Flow:
+        """The API flow with the cumulative counts: first seen by the earliest agent, last by the
+        latest; the kernel's latest state, causes and socket where it has them."""
+        old, fresh = self.old, self.fresh.to_flow() if self.fresh else None
+        if fresh is None or old is None:
+            return fresh or old
+        return fresh.model_copy(update={
+            "retransmits": self.retransmits,
+            "synack_retransmits": self.synack_retransmits,
+            "first_seen": _min_time(old.first_seen, fresh.first_seen),
+            "last_seen": _max_time(old.last_seen, fresh.last_seen),
+            "last_state": fresh.last_state or old.last_state,
+            "by_cause": add_counts(old.by_cause, fresh.by_cause),
+            "socket": fresh.socket or old.socket,
+        })
+
+
+def merge_flows(baseline: Baseline, fresh: Iterable[FlowCounters]) -> list[CumulativeFlow]:
+    """Every flow with its cumulative counts, busiest first (the one sort of the node's flows):
+    this agent's kernel flows plus earlier agents' top flows.
+
+    A flow reported before a restart and seen again adds up; baseline flows the kernel has
+    not seen (yet) keep their old counts, so they stay in the running for the top N.
+    """
+    merged = {key: CumulativeFlow(key, old=flow) for key, flow in baseline.top_flows.items()}
+    for counters in fresh:
+        key = FlowKey.of_counters(counters)
+        merged[key] = CumulativeFlow(key, old=baseline.top_flows.get(key), fresh=counters)
+    return sorted(merged.values(), key=CumulativeFlow.rank)
+
+
+def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequence[CumulativeFlow], top_n: int,
+                     keep: int) -> NodeStatus:
+    """The entry to write: this agent's counts `fresh` plus what earlier agents reported.
+
+    Totals, byState, byCause, lostEvents, missedEvents and failedAttempts add (the last two stay
+    unknown only when neither knows); `flows` never shrinks; top flows: the first top_n (0 = all)
+    of `merged_flows` (merge_flows: ranked already); recent events: this agent's first, then older ones.
+    """
+    events = (list(fresh.recent_events) + list(baseline.recent_events))[:keep] if keep > 0 else []
+    top = merged_flows[:top_n] if top_n > 0 else merged_flows
+    return fresh.model_copy(update={
+        "retransmits": baseline.retransmits + fresh.retransmits,
+        "synack_retransmits": baseline.synack_retransmits + fresh.synack_retransmits,
+        "lost_events": baseline.lost_events + fresh.lost_events,
+        "missed_events": add_known(baseline.missed_events, fresh.missed_events),
+        "failed_attempts": add_known(baseline.failed_attempts, fresh.failed_attempts),
+        "flows": max(baseline.flows, len(merged_flows), fresh.flows),
+        "by_state": add_counts(baseline.by_state, fresh.by_state),
+        "by_cause": add_counts(baseline.by_cause, fresh.by_cause),
+        "top_flows": [flow.to_flow() for flow in top],
+        "recent_events": events,
+    })
+
+
+def pod_totals(flows: Iterable[FlowCounters], pod_of: Callable[[str], Optional[PodKey]]) -> dict[PodKey, int]:
+    """Retransmits (skb + SYN-ACK) by local pod over `flows` (the kernel map's FlowCounters).
+
+    `pod_of(ip)` names the pod owning a local address, None for addresses that are no pod
+    (hostNetwork pods, the node's own addresses, unknown ones): those flows are skipped.
+    """
+    totals: dict[PodKey, int] = {}
+    for flow in flows:
+        key = pod_of(flow.local_ip)
+        count = flow.retransmits + flow.synack_retransmits
+        if key is not None and count:
+            totals[key] = totals.get(key, 0) + count
+    return totals
+
+
+def cumulative_pods(baseline: Baseline, fresh: Mapping[PodKey, int], previous: Mapping[PodKey, int]) -> dict[PodKey, int]:
+    """Per-pod counts to report: max(what this agent reported before, baseline + fresh).
+
+    A restarted agent's kernel map starts empty, so baseline + fresh is the pod's count
+    since the trace began. The max with `previous` (this agent's last result) keeps a count
+    from going down when the kernel's LRU map evicts a flow or a pod leaves the index.
+    """
+    counts = dict(previous)
+    for key in set(baseline.top_pods) | set(fresh):
+        counts[key] = max(counts.get(key, 0), baseline.top_pods.get(key, 0) + fresh.get(key, 0))
+    return counts
+
+
+def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int) -> list[PodCount]:
+    """The busiest pods (ties by namespace, name), at most top_n (0 = all), on `node`."""
+    ordered = sorted(((key, n) for key, n in counts.items() if n > 0), key=lambda item: pod_key(item[1], *item[0]))
+    if top_n > 0:
+        ordered = ordered[:top_n]
+    return [PodCount(namespace=ns, pod=pod, node=node, retransmits=n) for (ns, pod), n in ordered]
+
+
