@@ -108,11 +108,7 @@ class Settings(BaseSettings):
     @field_validator("agent_resources", mode="before")
     @classmethod
     def _resources_from_json(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"not JSON ({e}): give e.g. {RESOURCES_EXAMPLE}") from None
+        value = _from_json(value, f"e.g. {RESOURCES_EXAMPLE}")
         if not isinstance(value, dict) or set(value) - set(RESOURCE_KEYS):
             raise ValueError(f"must be an object with requests and/or limits, e.g. {RESOURCES_EXAMPLE}")
         return value
@@ -120,11 +116,7 @@ class Settings(BaseSettings):
     @field_validator("agent_tolerations", mode="before")
     @classmethod
     def _tolerations_from_json(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"not JSON ({e}): give a list of tolerations, e.g. {TOLERATIONS_EXAMPLE}") from None
+        value = _from_json(value, f"a list of tolerations, e.g. {TOLERATIONS_EXAMPLE}")
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"must be a list of tolerations, e.g. {TOLERATIONS_EXAMPLE}")
         for i, item in enumerate(value):
@@ -137,11 +129,7 @@ class Settings(BaseSettings):
     @field_validator("agent_node_selector", mode="before")
     @classmethod
     def _node_selector_from_json(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"not JSON ({e}): give an object of labels, e.g. {NODE_SELECTOR_EXAMPLE}") from None
+        value = _from_json(value, f"an object of labels, e.g. {NODE_SELECTOR_EXAMPLE}")
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise ValueError(f"must be an object of label keys and values, e.g. {NODE_SELECTOR_EXAMPLE}")
         return value
@@ -196,6 +184,16 @@ class Settings(BaseSettings):
             return cls(**{**values, **overrides})
         except ValidationError as e:
             raise SettingsError("; ".join(_message(cls, error, overrides) for error in e.errors())) from None
+
+
+def _from_json(value: Any, what: str) -> Any:
+    """A JSON variable's value parsed (other values as they are); the error says what to give."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON ({e}): give {what}") from None
 
 
 class _Environment(EnvSettingsSource):

@@ -4,30 +4,22 @@ want to look at its in-memory state."""
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import kubernetes
-import kubernetes.dynamic
 import pytest
-import yaml
 
 from retransmit_core.api import GROUP, PLURAL, VERSION
 from retransmit_operator.main import EmbeddedOperator
 from retransmit_operator.settings import Settings
 from tests.harness.controlplane import wait_until
+from tests.harness.tracecluster import install_crds
 
 pytestmark = pytest.mark.cluster
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_embedded_operator_creates_agents_and_indexes_pods_then_stops_cleanly(control_plane, node_simulator, namespace):
     api = control_plane.api_client()
-    for path in ("crd.yaml", "crd-nodereports.yaml"):
-        crd = yaml.safe_load((ROOT / "manifests" / path).read_text())
-        kubernetes.dynamic.DynamicClient(api).server_side_apply(
-            kubernetes.dynamic.DynamicClient(api).resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition"),
-            body=crd, name=crd["metadata"]["name"], field_manager="rtrace-test", force_conflicts=True)
+    install_crds(api)
     custom = kubernetes.client.CustomObjectsApi(api)
     apps = kubernetes.client.AppsV1Api(api)
     kubernetes.client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": "retransmit-agent"}})

@@ -4,22 +4,18 @@ the other stands by doing nothing, and takes over when the leader stops."""
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import kubernetes
-import kubernetes.dynamic
 import pytest
-import yaml
 
 from retransmit_core.api import GROUP, PLURAL, VERSION
 from retransmit_core.naming import LEADER_LEASE
 from retransmit_operator.main import EmbeddedOperator
 from retransmit_operator.settings import Settings
 from tests.harness.controlplane import wait_until
+from tests.harness.tracecluster import install_crds
 
 pytestmark = pytest.mark.cluster
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def passes(op: EmbeddedOperator) -> float:
@@ -28,11 +24,7 @@ def passes(op: EmbeddedOperator) -> float:
 
 def test_two_replicas_elect_one_leader_and_the_standby_takes_over(control_plane, node_simulator, namespace):
     api = control_plane.api_client()
-    dyn = kubernetes.dynamic.DynamicClient(api)
-    crds = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
-    for path in ("crd.yaml", "crd-nodereports.yaml"):
-        crd = yaml.safe_load((ROOT / "manifests" / path).read_text())
-        dyn.server_side_apply(crds, body=crd, name=crd["metadata"]["name"], field_manager="rtrace-test", force_conflicts=True)
+    install_crds(api)
     custom = kubernetes.client.CustomObjectsApi(api)
     leases = kubernetes.client.CoordinationV1Api(api)
     kubernetes.client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": "retransmit-agent"}})

@@ -44,6 +44,14 @@ def apply_manifest(api: Any, doc: dict) -> None:
     dyn.server_side_apply(resource, body=doc, field_manager="rtrace-e2e", force_conflicts=True)
 
 
+def install_crds(api: Any) -> None:
+    """Both CRDs from manifests/, server-side applied (idempotent: other modules install them too)."""
+    import yaml
+
+    for path in ("crd.yaml", "crd-nodereports.yaml"):
+        apply_manifest(api, yaml.safe_load((ROOT / "manifests" / path).read_text()))
+
+
 def operator_settings(control_plane: Any, agent_state: Path, metrics_port: int = 0) -> Settings:
     """The embedded operator's settings: agents run the agent_state wrapper under the manifests'
     ServiceAccount, one sync pass a second."""
