@@ -298,6 +298,17 @@ class Endpoint(ApiModel):
     pod: Optional[str] = Field(None, description="Pod owning this address, when known.")
     namespace: Optional[str] = Field(None, description="Namespace of that pod.")
     node: Optional[str] = Field(None, description="Set when the address is a node's own (hostNetwork pods, node IPs).")
+    service: Optional[str] = Field(None, description="Service whose address (cluster, external or load-balancer IP) or NodePort this is; namespace holds the Service's namespace.")
+    service_port: Optional[str] = Field(None, description="The Service port's name (its number when unnamed) that the flow's port is.")
+    outside: Optional[bool] = Field(None, description="True when no pod, Service or node of the cluster has this address.")
+
+
+class ServiceCount(ApiModel):
+    """Retransmits towards one Service, over the flows whose remote end is its address or NodePort."""
+
+    namespace: str = Field(description="Service namespace.")
+    service: str = Field(description="Service name.")
+    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) of the nodes' top flows towards it.")
 
 
 class SocketSnapshot(ApiModel):
@@ -439,6 +450,7 @@ class Summary(ApiModel):
     nodes_not_covered: list[UncoveredNodes] = Field(default_factory=list, max_length=3, description="Linux nodes the trace does not reach, by reason; empty when it covers every one.")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows cluster-wide (at most spec.topFlows), each with its node; remote pods attributed from the operator's pod index.")
     top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods), busiest first, at most spec.topFlows.")
+    top_services: list[ServiceCount] = Field(default_factory=list, description="Services as remote ends, by the retransmits of the nodes' top flows towards them, busiest first, at most spec.topFlows.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes.")
 
 

@@ -24,12 +24,15 @@ from retransmit_core.api import (
     NodeStatus,
     Phase,
     PodCount,
+    ServiceCount,
     Summary,
     add_counts,
     add_known,
 )
 from retransmit_core.podindex import PodLookup, with_owner
 from retransmit_core.ranking import flow_key, pod_key
+
+from .remotenames import ClusterNames
 
 # Entries whose agent counts: Running while the trace runs, Completed after its final report.
 REPORTING_PHASES = frozenset({Phase.RUNNING.value, Phase.COMPLETED.value})
@@ -47,10 +50,12 @@ def attributed_endpoint(endpoint: Endpoint, pods: Optional[PodLookup]) -> Endpoi
     return with_owner(endpoint, pods.owner(endpoint.ip))
 
 
-def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup], top_n: int = 0) -> list[Flow]:
+def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup], top_n: int = 0,
+                  names: Optional[ClusterNames] = None) -> list[Flow]:
     """The busiest of every node's top flows (top_n 0 = all), tagged with their node and
-    attributed on both sides. Ranked before they are copied: at 5,000 nodes there are 50,000
-    candidates and the summary keeps a hundred at most."""
+    attributed on both sides (remote ends by `names` when given: pods, Services, nodes,
+    outside). Ranked before they are copied: at 5,000 nodes there are 50,000 candidates and
+    the summary keeps a hundred at most."""
     def order(pair: tuple[NodeStatus, Flow]) -> tuple:
         node, flow = pair
         return flow_key(flow, node.node)
@@ -59,8 +64,23 @@ def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup], top_n:
     return [flow.model_copy(update={
         "node": node.node,
         "local": attributed_endpoint(flow.local, pods),
-        "remote": attributed_endpoint(flow.remote, pods),
+        "remote": names.remote(flow.remote) if names is not None else attributed_endpoint(flow.remote, pods),
     }) for node, flow in chosen]
+
+
+def summary_services(nodes: Iterable[NodeStatus], names: Optional[ClusterNames], top_n: int) -> list[ServiceCount]:
+    """Services as remote ends: the retransmits of every node's top flows towards each one
+    (its addresses or NodePorts), busiest first. Only flows that can be a Service's are named."""
+    if names is None or not len(names.services):
+        return []
+    counts: Counter[tuple[str, str]] = Counter()
+    for node in nodes:
+        for flow in node.top_flows:
+            remote = flow.remote if flow.remote.service else names.remote(flow.remote)
+            if remote.service:
+                counts[(remote.namespace or "", remote.service)] += flow.retransmits + flow.synack_retransmits
+    ranked = sorted(counts.items(), key=lambda item: pod_key(item[1], *item[0]))[:top_n]
+    return [ServiceCount(namespace=ns, service=name, retransmits=n) for (ns, name), n in ranked]
 
 
 def summary_pods(nodes: list[NodeStatus], top_n: int) -> list[PodCount]:
@@ -96,12 +116,13 @@ def stale_nodes(nodes: Iterable[NodeStatus], now: Optional[datetime], stale_afte
 
 def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, pod_index: Optional[PodLookup],
                       *, now: Optional[datetime] = None, stale_after: Optional[timedelta] = None,
-                      departed: frozenset[str] = frozenset(), nodes_not_listed: int = 0) -> Summary:
+                      departed: frozenset[str] = frozenset(), nodes_not_listed: int = 0,
+                      names: Optional[ClusterNames] = None) -> Summary:
     """The summary the operator writes: sums, cluster-wide top flows and pods, node counts.
 
     Totals include every report, stale, failed or departed: counts are cumulative and never
     go back. Departed nodes do not count as reporting."""
-    flows = cluster_flows(nodes, pod_index, top_n)
+    flows = cluster_flows(nodes, pod_index, top_n, names)
     reporting_nodes = sum(1 for node in nodes if node.node not in departed and reporting(node, now, stale_after))
     return Summary(
         retransmits=sum(n.retransmits for n in nodes),
@@ -115,6 +136,7 @@ def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, p
         nodes=f"{reporting_nodes}/{nodes_desired}",
         top_flows=flows[:top_n],
         top_pods=summary_pods(nodes, top_n),
+        top_services=summary_services(nodes, names, top_n),
         by_state=add_counts(*(n.by_state for n in nodes)),
         nodes_not_listed=nodes_not_listed,
     )

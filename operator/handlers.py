@@ -89,6 +89,10 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
     def on_node_event(event: kopf.RawEvent, **_: Any) -> None:
         reconciler.observe_node(event["object"], deleted=event.get("type") == "DELETED")
 
+    @kopf.on.event("", "v1", "services", registry=registry, id="service-index")
+    def on_service_event(event: kopf.RawEvent, **_: Any) -> None:
+        reconciler.services.observe(event["object"], deleted=event.get("type") == "DELETED")
+
     @kopf.on.event("", "v1", "pods", registry=registry, id="pod-index")
     def on_pod_event(event: kopf.RawEvent, **_: Any) -> None:
         reconciler.pods.observe(event["object"], deleted=event.get("type") == "DELETED")

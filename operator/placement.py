@@ -21,6 +21,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from retransmit_core.api import MAX_UNCOVERED_EXAMPLES, RetransmitTraceSpec, UncoveredNodes
 from retransmit_core.naming import TRACE_LABEL
 
+from .remotenames import node_addresses
+
 LINUX = ("kubernetes.io/os", "linux")
 # Only these effects keep a DaemonSet pod off a node (PreferNoSchedule is a preference).
 BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
@@ -64,12 +66,14 @@ class NodeFacts:
     name: str
     labels: Mapping[str, str]
     taints: tuple[Mapping[str, Any], ...]
+    addresses: tuple[str, ...] = ()   # InternalIP and ExternalIP, canonical (remote-end naming)
 
     @classmethod
     def from_object(cls, node: Mapping[str, Any]) -> "NodeFacts":
         meta = node.get("metadata") or {}
         return cls(name=meta.get("name", ""), labels=dict(meta.get("labels") or {}),
-                   taints=tuple((node.get("spec") or {}).get("taints") or ()))
+                   taints=tuple((node.get("spec") or {}).get("taints") or ()),
+                   addresses=tuple(node_addresses([node])))
 
     @property
     def linux(self) -> bool:

@@ -14,7 +14,10 @@ Why each one:
   only to who may update the owner's finalizers. The operator adds no finalizer.
 - pods list/watch (all namespaces): the pod IP index for remote-side attribution, and which
   nodes run an agent of which trace.
-- nodes list/watch: which Linux nodes a trace does not reach and why (placement.coverage).
+- nodes list/watch: which Linux nodes a trace does not reach and why (placement.coverage), and
+  node addresses for naming remote ends (remotenames.py).
+- services list/watch (all namespaces): naming remote ends that are a Service's address or
+  NodePort (remotenames.py).
 - daemonsets get/create/patch/delete (operator namespace only): the agents. Server-side apply
   is a patch, and a patch that creates needs create too. list: the slots (ports, the running
   traces) in use, read when a trace needs a DaemonSet (slots.py).
@@ -42,6 +45,7 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]},
 ]
 # In the operator's own namespace (RTRACE_NAMESPACE).
 NAMESPACE_RULES: list[dict[str, Any]] = [

@@ -44,6 +44,7 @@ from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
 from .objects import newer, operator_status
 from .placement import NodeFacts, coverage
+from .remotenames import ClusterNames, ServiceIndex
 from .render import agent_placement, render_daemonset, selector_text
 from .reportindex import ReportIndex
 from .settings import Settings
@@ -76,6 +77,8 @@ class Reconciler:
         self.reports = ReportIndex()
         self.agent_pods: dict[str, dict[str, AgentPod]] = {}  # trace -> agent pod uid -> where, running
         self.nodes: dict[str, NodeFacts] = {}  # every Node by name (placement.coverage)
+        self.node_addresses: dict[str, str] = {}  # node address -> node (remote-end naming)
+        self.services = ServiceIndex()            # Service addresses and NodePorts (remote-end naming)
         # Slots (a port, one of maxRunningTraces) are handed out one trace at a time.
         self._admission = asyncio.Lock()
         self.traces: dict[str, dict[str, Any]] = {}
@@ -169,6 +172,7 @@ class Reconciler:
             stale_after=bound,
             departed=gone,
             nodes_not_listed=not_listed,
+            names=ClusterNames(self.pods, self.services, self.node_addresses),
         )
         summary = self._with_coverage(summary, name, spec, daemonset, desired, current)
         observation = Observation(
@@ -317,10 +321,12 @@ class Reconciler:
     def observe_node(self, node: dict[str, Any], deleted: bool) -> None:
         """The cluster's Nodes (from a watch), for the coverage in each trace's summary."""
         facts = NodeFacts.from_object(node)
-        if deleted:
-            self.nodes.pop(facts.name, None)
-        else:
+        old = self.nodes.pop(facts.name, None)
+        for ip in old.addresses if old else ():
+            self.node_addresses.pop(ip, None)
+        if not deleted:
             self.nodes[facts.name] = facts
+            self.node_addresses.update(dict.fromkeys(facts.addresses, facts.name))
 
     def _freshest(self, body: dict[str, Any]) -> dict[str, Any]:
         known = self.traces.get(body["metadata"]["name"])

@@ -381,6 +381,37 @@ def test_node_entries_from_two_agents_are_aggregated_with_remote_pod_attribution
     wait_event(core, name, "NodeFailed", "Warning")
 
 
+def test_remote_ends_are_named_as_a_service_a_node_port_a_node_or_outside(
+        operator, operator_namespace, traces, custom, core, admin, namespace, node_simulator):
+    """A real Service (its ClusterIP allocated by the API server, a NodePort), the simulated
+    nodes' real addresses: flows towards them in a node's report come out named in the
+    summary, and the busiest Services are counted."""
+    core.create_namespaced_service(namespace, {"metadata": {"name": "web"}, "spec": {
+        "type": "NodePort", "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}})
+    svc = core.read_namespaced_service("web", namespace)
+    vip, node_port = svc.spec.cluster_ip, svc.spec.ports[0].node_port
+    node_b = next(n for n in node_simulator.nodes if n.name == "node-b")
+
+    name = traces({"nodeSelector": SIM_SELECTOR, "topFlows": 10})
+    wait_trace(custom, name, "Running", lambda t: phase(t) == "Running")
+    apply_node_entry(admin, operator_namespace, name, node_entry("node-a", 16, [
+        {"local": {"ip": "198.18.250.1", "port": 40000 + i}, "remote": {"ip": ip, "port": port}, "family": "IPv4",
+         "retransmits": n}
+        for i, (ip, port, n) in enumerate([(vip, 80, 6), (node_b.ip_v4, node_port, 4), (node_b.ip_v4, 22, 3),
+                                           ("203.0.113.9", 443, 3)])]))
+
+    def named(t):
+        flows = {f["local"]["port"]: f["remote"] for f in (t["status"].get("summary") or {}).get("topFlows") or []}
+        return flows if len(flows) == 4 and flows[40000].get("service") else None
+    done = wait_trace(custom, name, "the Service named", named)
+    flows = named(done)
+    assert (flows[40000]["service"], flows[40000]["namespace"], flows[40000]["servicePort"]) == ("web", namespace, "http")
+    assert (flows[40001]["service"], flows[40001]["node"], flows[40001]["servicePort"]) == ("web", "node-b", "http")
+    assert flows[40002]["node"] == "node-b" and "service" not in flows[40002]
+    assert flows[40003]["outside"] is True
+    assert done["status"]["summary"]["topServices"] == [{"namespace": namespace, "service": "web", "retransmits": 10}]
+
+
 def test_kubectl_get_shows_phase_nodes_retransmits_age_and_explain_documents_the_filter(operator, operator_namespace, traces, custom, admin, control_plane):
     name = traces({"nodeSelector": SIM_SELECTOR})
     wait_trace(custom, name, "Running", lambda t: phase(t) == "Running")

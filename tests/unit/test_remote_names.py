@@ -1,0 +1,94 @@
+"""Naming a flow's remote end cluster-wide (operator/remotenames.py): pod, Service (cluster,
+external and load-balancer IPs; NodePort on a node's address), node, or outside."""
+
+from __future__ import annotations
+
+import pytest
+
+from retransmit_core.api import Endpoint, Flow, NodeStatus
+from retransmit_core.podindex import PodIndex
+from retransmit_operator.aggregate import aggregate_summary
+from retransmit_operator.remotenames import ClusterNames, ServiceIndex, name_remote, node_addresses
+
+pytestmark = pytest.mark.unit
+
+
+def service(name, ns="shop", cluster_ips=("198.19.0.110", "fd00:19::110"), ports=(("http", 80, 30080),),
+            external=(), lb=(), protocol="TCP"):
+    return {"metadata": {"name": name, "namespace": ns, "uid": f"uid-{ns}-{name}"},
+            "spec": {"clusterIP": cluster_ips[0] if cluster_ips else "None", "clusterIPs": list(cluster_ips),
+                     "externalIPs": list(external),
+                     "ports": [{"name": n, "port": p, "nodePort": np, "protocol": protocol} for n, p, np in ports]},
+            "status": {"loadBalancer": {"ingress": [{"ip": ip} for ip in lb]}}}
+
+
+NODES = node_addresses([{"metadata": {"name": "node-b"},
+                         "status": {"addresses": [{"type": "InternalIP", "address": "198.18.0.20"},
+                                                  {"type": "InternalIP", "address": "fd00::20"},
+                                                  {"type": "Hostname", "address": "node-b"}]}}])
+
+
+def pods():
+    index = PodIndex()
+    index.observe({"metadata": {"name": "db", "namespace": "shop", "uid": "db"}, "spec": {"nodeName": "node-b"},
+                   "status": {"phase": "Running", "podIP": "198.18.1.5", "podIPs": [{"ip": "198.18.1.5"}]}})
+    return index
+
+
+def services(*objects):
+    index = ServiceIndex()
+    for obj in objects:
+        index.observe(obj)
+    return index
+
+
+def remote(ip, port, svc=None):
+    return name_remote(Endpoint(ip=ip, port=port), pods(), svc if svc is not None else services(service("web")), NODES)
+
+
+def test_a_cluster_ip_names_the_service_and_the_port_name_in_both_families():
+    for ip in ("198.19.0.110", "fd00:19:0::110", "::ffff:198.19.0.110"):
+        end = remote(ip, 80)
+        assert (end.service, end.namespace, end.service_port, end.pod, end.outside) == ("web", "shop", "http", None, None)
+    assert remote("198.19.0.110", 8080).service_port is None   # its address, not one of its ports
+
+
+def test_external_and_load_balancer_ips_name_the_service_and_udp_ports_do_not_count():
+    svc = services(service("edge", cluster_ips=("198.19.0.7",), external=("198.18.9.9",), lb=("198.18.9.10",),
+                           ports=(("https", 443, None),)))
+    assert remote("198.18.9.9", 443, svc).service == "edge" and remote("198.18.9.10", 443, svc).service == "edge"
+    dns = services(service("dns", cluster_ips=("198.19.0.10",), ports=(("dns", 53, None),), protocol="UDP"))
+    assert remote("198.19.0.10", 53, dns).service_port is None
+
+
+def test_a_node_port_on_a_nodes_address_names_the_service_and_the_node():
+    end = remote("198.18.0.20", 30080)
+    assert (end.service, end.service_port, end.node) == ("web", "http", "node-b")
+    assert (remote("fd00::20", 22).node, remote("fd00::20", 22).service) == ("node-b", None)
+
+
+def test_a_pod_wins_and_an_address_of_nobody_is_outside():
+    end = remote("198.18.1.5", 5432)
+    assert (end.pod, end.namespace, end.service) == ("db", "shop", None)
+    outside = remote("203.0.113.9", 443)
+    assert outside.outside is True and not (outside.pod or outside.node or outside.service)
+
+
+def test_an_end_the_agent_named_stays_and_a_deleted_service_is_forgotten():
+    named = Endpoint(ip="198.19.0.110", port=80, node="node-a")
+    assert name_remote(named, pods(), services(service("web")), NODES) == named
+    index = services(service("web"))
+    index.observe(service("web"), deleted=True)
+    assert remote("198.19.0.110", 80, index).outside is True
+
+
+def test_the_summary_names_service_ends_and_counts_the_busiest_services():
+    flows = [Flow(local=Endpoint(ip="198.18.1.9", port=40000 + i), remote=Endpoint(ip=ip, port=80),
+                  family="IPv4", retransmits=n)
+             for i, (ip, n) in enumerate([("198.19.0.110", 7), ("198.19.0.110", 5), ("198.19.0.111", 3),
+                                          ("203.0.113.9", 9)])]
+    names = ClusterNames(pods(), services(service("web"), service("api", cluster_ips=("198.19.0.111",))), NODES)
+    summary = aggregate_summary([NodeStatus(node="node-a", top_flows=flows)], 1, 10, pods(), names=names)
+    assert [(s.namespace, s.service, s.retransmits) for s in summary.top_services] == [("shop", "web", 12), ("shop", "api", 3)]
+    by_port = {f.local.port: f.remote for f in summary.top_flows}
+    assert by_port[40000].service == "web" and by_port[40003].outside is True
