@@ -60,7 +60,7 @@ def test_run_prints_the_result_equal_to_the_status_and_the_reference(control_pla
     # program before the traffic starts. Once the traffic is done the trace is shortened to
     # an elapsed duration, as a user would, and `run` ends with it.
     run = subprocess.Popen(plugin_command("run", "--name", name, "--node", NODE_A,
-                                          "--namespace-filter", pods.namespace, "--duration", "30m",
+                                          "-n", pods.namespace, "--duration", "30m",
                                           "--report-interval", "1s", "--interval", "1", "--keep", "-o", "json"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=control_plane.env())

@@ -191,8 +191,9 @@ def running(e: NodeStatus) -> bool:
 
 
 def plugin_command(*args: str) -> list[str]:
-    """`kubectl retransmit -n retransmit-system ARGS`."""
-    return [PLUGIN, "-n", SYSTEM_NS, *args]
+    """`kubectl retransmit ARGS --operator-namespace retransmit-system` (a global flag after
+    the subcommand, as kubectl users type them)."""
+    return [PLUGIN, *args, "--operator-namespace", SYSTEM_NS]
 
 
 def plugin(control_plane: Any, *args: str, kubeconfig: Any = None, timeout: float = 300,
