@@ -150,7 +150,7 @@ class Cluster:
             return True
         return any(r.name == PLURAL for r in resources or [])
 
-    def names(self, timeout: float) -> list[str]:
+    def names(self, timeout: Any) -> list[str]:
         """Every trace's name (for completion: the caller treats any failure as none)."""
         listed = self.objects.list_cluster_custom_object(GROUP, VERSION, PLURAL, _request_timeout=timeout)
         return sorted(t["metadata"]["name"] for t in listed.get("items", []))
