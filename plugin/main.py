@@ -173,7 +173,9 @@ class Cluster:
 
 
 def print_result(trace: dict[str, Any], ns: argparse.Namespace) -> None:
-    print(format_trace(trace, ns.output, ns.namespace_rows), flush=True)
+    # jsonpath prints exactly what the template says, as kubectl's does: no newline added.
+    end = "" if ns.output.form == JSONPATH else "\n"
+    print(format_trace(trace, ns.output, ns.namespace_rows), end=end, flush=True)
 
 
 def wait_finished(cluster: Cluster, name: str, every: float, on_update: Callable[[dict[str, Any]], None]) -> dict:

@@ -34,6 +34,8 @@ NODE_A, NODE_B = "node-a", "node-b"
 REPORT = "1s"
 # kubectl finds the plugin on PATH as kubectl-retransmit: the installed entry point.
 PLUGIN = str(Path(sys.executable).parent / "kubectl-retransmit")
+# ... and, kubectl 1.26+, its completion as kubectl_complete-retransmit beside it.
+PLUGIN_COMPLETE = str(Path(sys.executable).parent / "kubectl_complete-retransmit")
 
 
 def apply_manifest(api: Any, doc: dict) -> None:
