@@ -1,4 +1,5 @@
-"""A trace's result as text tables, for `kubectl retransmit show/watch/run` (pure).
+"""A trace's result as text, for `kubectl retransmit show/watch/run` (pure): tables (-o table
+and wide) and kubectl's other output forms (-o json, yaml, name, jsonpath=TEMPLATE).
 
 Input is the trace object as the API returns it (camelCase dicts); output is plain text, so
 it reads the same in a terminal, a CI log and a ticket.
@@ -6,10 +7,71 @@ it reads the same in a terminal, a CI log and a ticket.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional, Sequence
 
-from retransmit_core.api import format_endpoint, parse_duration
+import yaml
+
+from retransmit_core.api import GROUP, KIND, format_endpoint, parse_duration
+
+from . import jsonpath
+
+# The -o forms, as kubectl spells them (jsonpath takes its template after '=').
+OUTPUTS = ("table", "wide", "json", "yaml", "name")
+JSONPATH = "jsonpath"
+# How kubectl names the kind in `-o name` and `delete`: resource.group.
+RESOURCE = f"{KIND.lower()}.{GROUP}"
+
+
+@dataclass(frozen=True)
+class Output:
+    """An -o value: the form, and for jsonpath its template (checked when the flag is read)."""
+    form: str
+    template: str = ""
+
+
+def parse_output(text: str) -> Output:
+    """'-o' as typed -> Output; ValueError naming the forms (or the template's fault) otherwise."""
+    form, eq, template = text.partition("=")
+    if form == JSONPATH and eq:
+        template = template.strip()
+        if len(template) > 1 and template[0] == template[-1] and template[0] in "'\"":
+            template = template[1:-1]
+        jsonpath.parse(template)
+        return Output(JSONPATH, template)
+    if text in OUTPUTS:
+        return Output(text)
+    raise ValueError(f"-o {text!r}: use one of {', '.join(OUTPUTS)} or {JSONPATH}=TEMPLATE "
+                     "(e.g. jsonpath='{.status.phase}')")
+
+
+def without_managed_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object as kubectl prints it: metadata.managedFields left out."""
+    metadata = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "managedFields"}
+    return {**obj, "metadata": metadata} if "metadata" in obj else obj
+
+
+def object_name(trace: dict[str, Any]) -> str:
+    """'retransmittrace.retransmit.dev/NAME', as `kubectl get -o name` prints it."""
+    return f"{RESOURCE}/{trace['metadata']['name']}"
+
+
+def format_trace(trace: dict[str, Any], output: Output, namespaces: Optional[Sequence[str]] = None,
+                 now: Optional[datetime] = None) -> str:
+    """The trace in one -o form (without a trailing newline). `namespaces` narrows the tables'
+    pod rows; the other forms print the object as stored."""
+    if output.form in ("table", "wide"):
+        return render(trace, now, namespaces=namespaces, wide=output.form == "wide")
+    if output.form == "name":
+        return object_name(trace)
+    shown = without_managed_fields(trace)
+    if output.form == "json":
+        return json.dumps(shown, indent=2)
+    if output.form == "yaml":
+        return yaml.safe_dump(shown, sort_keys=False).rstrip("\n")
+    return jsonpath.render(output.template, shown)
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> list[str]:
@@ -75,8 +137,16 @@ def progress_line(trace: dict[str, Any], now: Optional[datetime] = None) -> str:
     return "; ".join(parts)
 
 
-def render(trace: dict[str, Any], now: Optional[datetime] = None) -> str:
-    """The whole result: summary, top flows, top pods, by state, by cause, per node."""
+def in_namespaces(namespace: Optional[str], namespaces: Optional[Sequence[str]]) -> bool:
+    return not namespaces or namespace in namespaces
+
+
+def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Optional[Sequence[str]] = None,
+           wide: bool = False) -> str:
+    """The whole result: summary, top flows, top pods, by state, by cause, per node. With
+    `namespaces`, only the flows and pods whose local pod is in one of them (totals stay the
+    trace's); `wide` adds each flow's family, first and last retransmit and round-trip time,
+    and each node's reporting and departed marks."""
     status = trace.get("status") or {}
     summary = status.get("summary") or {}
     out = [progress_line(trace, now), ""]
@@ -87,14 +157,18 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None) -> str:
         if summary.get(key) is not None:
             totals.append((label, summary[key]))
     out.append("   ".join(f"{label} {value}" for label, value in totals))
-    flows = summary.get("topFlows") or []
+    flows = [f for f in summary.get("topFlows") or [] if in_namespaces(f.get("local", {}).get("namespace"), namespaces)]
     if flows:
         out += ["", "TOP FLOWS"]
-        out += table(("NODE", "LOCAL (RETRANSMITTING)", "REMOTE", "RETRANSMITS", "SYN-ACK", "LAST STATE", "CAUSES"),
+        headers = ("NODE", "LOCAL (RETRANSMITTING)", "REMOTE", "RETRANSMITS", "SYN-ACK", "LAST STATE", "CAUSES")
+        extra = ("FAMILY", "FIRST SEEN", "LAST SEEN", "SRTT (us)") if wide else ()
+        out += table(headers + extra,
                      ((f.get("node"), endpoint(f.get("local", {})), endpoint(f.get("remote", {})), f.get("retransmits", 0),
-                       f.get("synackRetransmits", 0), f.get("lastState"), causes(f.get("byCause"))) for f in flows),
+                       f.get("synackRetransmits", 0), f.get("lastState"), causes(f.get("byCause")))
+                      + ((f.get("family"), f.get("firstSeen"), f.get("lastSeen"),
+                          (f.get("socket") or {}).get("srttMicroseconds")) if wide else ()) for f in flows),
                      right=(3, 4))
-    pods = summary.get("topPods") or []
+    pods = [p for p in summary.get("topPods") or [] if in_namespaces(p.get("namespace"), namespaces)]
     if pods:
         out += ["", "TOP PODS"]
         out += table(("NAMESPACE", "POD", "NODE", "RETRANSMITS"),
@@ -113,8 +187,11 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None) -> str:
     nodes = status.get("nodes") or []
     if nodes:
         out += ["", "NODES"]
-        out += table(("NODE", "PHASE", "RETRANSMITS", "SYN-ACK", "LOST", "LAST REPORT", "MESSAGE"),
+        extra = ("REPORTING", "DEPARTED") if wide else ()
+        out += table(("NODE", "PHASE", "RETRANSMITS", "SYN-ACK", "LOST", "LAST REPORT") + extra + ("MESSAGE",),
                      ((n.get("node"), n.get("phase"), n.get("retransmits", 0), n.get("synackRetransmits", 0),
-                       n.get("lostEvents", 0), n.get("lastReportTime"), n.get("message")) for n in nodes),
+                       n.get("lostEvents", 0), n.get("lastReportTime"))
+                      + (("yes" if n.get("reporting") else "no", "yes" if n.get("departed") else "no") if wide else ())
+                      + (n.get("message"),) for n in nodes),
                      right=(2, 3, 4))
     return "\n".join(out)

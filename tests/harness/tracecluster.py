@@ -34,6 +34,8 @@ NODE_A, NODE_B = "node-a", "node-b"
 REPORT = "1s"
 # kubectl finds the plugin on PATH as kubectl-retransmit: the installed entry point.
 PLUGIN = str(Path(sys.executable).parent / "kubectl-retransmit")
+# ... and, kubectl 1.26+, its completion as kubectl_complete-retransmit beside it.
+PLUGIN_COMPLETE = str(Path(sys.executable).parent / "kubectl_complete-retransmit")
 
 
 def apply_manifest(api: Any, doc: dict) -> None:
@@ -199,8 +201,9 @@ def running(e: NodeStatus) -> bool:
 
 
 def plugin_command(*args: str) -> list[str]:
-    """`kubectl retransmit -n retransmit-system ARGS`."""
-    return [PLUGIN, "-n", SYSTEM_NS, *args]
+    """`kubectl retransmit ARGS --operator-namespace retransmit-system` (a global flag after
+    the subcommand, as kubectl users type them)."""
+    return [PLUGIN, *args, "--operator-namespace", SYSTEM_NS]
 
 
 def plugin(control_plane: Any, *args: str, kubeconfig: Any = None, timeout: float = 300,

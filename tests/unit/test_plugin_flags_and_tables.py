@@ -1,26 +1,52 @@
-"""`kubectl retransmit`: flags become a valid trace spec or one line naming the flag; a
-trace's status becomes readable tables (pure parts; the cluster layer runs the rest)."""
+"""`kubectl retransmit`: flags (global ones before or after the subcommand) become a valid
+trace spec or one line naming the flag; a trace becomes readable tables or one of kubectl's
+other -o forms (pure parts; the cluster layer runs the rest)."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import pytest
+import yaml
 
-from retransmit_plugin.main import EXIT_USAGE, PluginError, build_parser, spec_from_flags
-from retransmit_plugin.tables import causes, endpoint, progress_line, render, table, time_left
+from retransmit_core.naming import DEFAULT_NAMESPACE
+from retransmit_core.version import package_version
+from retransmit_plugin.main import (
+    EXAMPLES,
+    EXIT_USAGE,
+    PROG,
+    PluginError,
+    build_parser,
+    main,
+    parse,
+    pod_namespaces,
+    spec_from_flags,
+)
+from retransmit_plugin.tables import (
+    Output,
+    causes,
+    endpoint,
+    format_trace,
+    parse_output,
+    progress_line,
+    render,
+    table,
+    time_left,
+)
 
 pytestmark = pytest.mark.unit
 
 
 def run_flags(*argv: str):
-    return build_parser().parse_args(["run", *argv])
+    return parse(["run", *argv])
 
 
 def test_run_flags_become_the_spec_the_api_validates():
-    spec = spec_from_flags(run_flags("--node", "worker-3", "-l", "pool=blue", "--namespace-filter", "shop",
-                                     "--pod-selector", "app=web", "--port", "443", "--remote-cidr", "10.0.0.0/8",
-                                     "--state", "ESTABLISHED", "--family", "IPv4", "--duration", "90s"))
+    flags = run_flags("--node", "worker-3", "-l", "pool=blue", "-n", "shop",
+                      "--pod-selector", "app=web", "--port", "443", "--remote-cidr", "10.0.0.0/8",
+                      "--state", "ESTABLISHED", "--family", "IPv4", "--duration", "90s")
+    spec = spec_from_flags(flags, pod_namespaces(flags, "default"))
     assert spec["duration"] == "90s"
     assert spec["nodeSelector"] == {"pool": "blue", "kubernetes.io/hostname": "worker-3"}
     assert spec["namespaces"] == ["shop"] and spec["podSelector"]["matchLabels"] == {"app": "web"}
@@ -36,7 +62,7 @@ def test_run_flags_become_the_spec_the_api_validates():
 ])
 def test_bad_run_flags_name_the_field(argv, words):
     with pytest.raises(PluginError) as e:
-        spec_from_flags(run_flags(*argv))
+        spec_from_flags(run_flags(*argv), None)
     assert e.value.status == EXIT_USAGE and words in str(e.value)
 
 
@@ -44,6 +70,83 @@ def test_an_unknown_flag_is_a_usage_error():
     with pytest.raises(PluginError) as e:
         build_parser().parse_args(["run", "--bogus"])
     assert e.value.status == EXIT_USAGE and "--bogus" in str(e.value)
+    with pytest.raises(PluginError) as e:
+        build_parser().parse_args(["show"])
+    assert e.value.status == EXIT_USAGE and "name (see kubectl retransmit show --help)" in str(e.value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--context", "kind-x", "--kubeconfig", "f", "-n", "shop", "--operator-namespace", "ops", "show", "foo"],
+    ["show", "foo", "--context", "kind-x", "--kubeconfig", "f", "-n", "shop", "--operator-namespace", "ops"],
+    ["show", "--context", "kind-x", "foo", "--kubeconfig=f", "--namespace=shop", "--operator-namespace=ops"],
+    ["--context", "kind-x", "show", "--kubeconfig", "f", "foo", "-n", "shop", "--operator-namespace", "ops"],
+])
+def test_global_flags_work_before_and_after_the_subcommand(argv):
+    ns = parse(argv)
+    assert (ns.command, ns.name, ns.context, ns.kubeconfig) == ("show", "foo", "kind-x", "f")
+    assert (ns.namespace, ns.operator_namespace, ns.all_namespaces) == ("shop", "ops", False)
+
+
+def test_global_flags_default_when_not_given_anywhere():
+    ns = parse(["check"])
+    assert (ns.context, ns.kubeconfig, ns.namespace, ns.all_namespaces) == (None, None, None, False)
+    assert ns.operator_namespace == DEFAULT_NAMESPACE
+
+
+@pytest.mark.parametrize("argv, context_namespace, want", [
+    (["run", "-n", "shop"], "default", ["shop"]),
+    (["-n", "shop", "run"], "default", ["shop"]),
+    (["run", "--namespace", "shop", "--namespace-filter", "web"], "default", ["shop", "web"]),
+    (["run", "--namespace-filter", "web"], "default", ["web"]),
+    (["run"], "team-a", ["team-a"]),                 # no -n: the context's namespace, as kubectl get pods
+    (["run", "-A"], "team-a", None),                 # -A: every namespace
+    (["--all-namespaces", "run"], "team-a", None),
+])
+def test_n_and_A_select_the_pods_namespaces_as_kubectl_get_pods(argv, context_namespace, want):
+    flags = parse(argv)
+    assert pod_namespaces(flags, context_namespace) == want
+    assert (spec_from_flags(flags, want)["namespaces"] or None) == want       # [] in the API: every namespace
+
+
+@pytest.mark.parametrize("argv", [["run", "-n", "shop", "-A"], ["-A", "show", "x", "-n", "shop"],
+                                  ["run", "-A", "--namespace-filter", "shop"]])
+def test_n_with_A_is_a_usage_error(argv):
+    with pytest.raises(PluginError) as e:
+        pod_namespaces(parse(argv), "default")
+    assert e.value.status == EXIT_USAGE and "-A/--all-namespaces" in str(e.value)
+
+
+def test_n_narrows_the_rows_show_and_watch_print():
+    assert parse(["show", "x", "-n", "shop"]).namespace_rows == ["shop"]
+    assert parse(["watch", "x", "-n", "shop"]).namespace_rows == ["shop"]
+    assert parse(["show", "x", "-A"]).namespace_rows is None
+    assert parse(["show", "x"]).namespace_rows is None
+
+
+def test_every_help_has_examples_and_the_global_flags():
+    parser = build_parser()
+    helps = {None: parser.format_help()}
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    helps.update({name: p.format_help() for name, p in subparsers.choices.items()})
+    assert set(helps) == set(EXAMPLES)
+    for name, text in helps.items():
+        assert "examples:" in text and f"{PROG} {name or ''}".strip() in text.split("examples:")[1], name
+        assert "--operator-namespace" in text and "--all-namespaces" in text, name
+
+
+def test_version_prints_the_installed_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"{PROG} {package_version()}"
+
+
+@pytest.mark.parametrize("text", ["jsonpath", "jsonpath={.a", "jsonpath={range .a}", "jsonpath={.a[?(@.b)]}",
+                                  "xml", "jsonpath={..a}"])
+def test_a_bad_output_form_is_one_usage_line_naming_the_fix(text, capsys):
+    assert main(["show", "x", "-o", text]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "-o/--output" in err
 
 
 TRACE = {
@@ -97,3 +200,62 @@ def test_the_result_names_the_linux_nodes_the_trace_misses():
     assert lines[header + 1].split()[:4] == ["REASON", "NODES", "EXAMPLES", "FIX"]
     assert lines[header + 2].startswith("TaintNotTolerated") and "cp-1, cp-2" in lines[header + 2]
     assert "NOT COVERED" not in render(TRACE)
+
+
+STORED = {**TRACE, "apiVersion": "retransmit.dev/v1alpha1", "kind": "RetransmitTrace",
+          "metadata": {"name": "shop", "resourceVersion": "7",
+                       "managedFields": [{"manager": "retransmit-operator", "operation": "Apply"}]}}
+
+
+def test_json_and_yaml_print_the_object_without_managed_fields():
+    for form, load in (("json", json.loads), ("yaml", yaml.safe_load)):
+        printed = load(format_trace(STORED, parse_output(form)))
+        assert "managedFields" not in printed["metadata"], form
+        assert printed["metadata"]["resourceVersion"] == "7" and printed["status"] == STORED["status"], form
+    assert "managedFields" in STORED["metadata"]       # the caller's object is left as it was
+
+
+def test_name_prints_resource_dot_group_slash_name():
+    assert format_trace(STORED, parse_output("name")) == "retransmittrace.retransmit.dev/shop"
+
+
+@pytest.mark.parametrize("template, want", [
+    ("{.status.phase}", "Running"),
+    ("jsonpath='{.status.phase}'", None),              # the shell's quotes, kept by a script: stripped
+    ("{.status.summary.retransmits}/{.status.summary.synackRetransmits}", "120/3"),
+    ("{.status.nodes[*].node}", "node-a node-b"),
+    ("{.status.nodes[-1].message}", "tracefs is not mounted"),
+    ("{.status.summary.byState['SYN_RECV']}", "3"),
+    ('{range .status.nodes[*]}{.node}{"\\t"}{.phase}{"\\n"}{end}', "node-a\tRunning\nnode-b\tFailed\n"),
+    ("{range .status.nodes}{.node},{end}", "node-a,node-b,"),
+    ("{.status.summary.topPods[0]}", json.dumps(TRACE["status"]["summary"]["topPods"][0])),
+    ("{.status.noSuchField}", ""),                     # kubectl's --allow-missing-template-keys=true
+    ("{.metadata.managedFields}", ""),
+    ("phase {.status.phase}", "phase Running"),
+])
+def test_jsonpath_prints_what_the_template_selects(template, want):
+    text = template if template.startswith("jsonpath=") else f"jsonpath={template}"
+    assert format_trace(STORED, parse_output(text)) == (want if want is not None else "Running")
+
+
+def test_wide_adds_columns_and_n_keeps_only_that_namespaces_rows():
+    flow = {**TRACE["status"]["summary"]["topFlows"][0], "family": "IPv4", "firstSeen": "2026-11-30T10:00:01Z",
+            "lastSeen": "2026-11-30T10:00:09Z", "socket": {"srttMicroseconds": 2500}}
+    other = {**flow, "local": {"ip": "198.18.0.3", "port": 80, "pod": "db", "namespace": "data"}, "retransmits": 20}
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "topFlows": [flow, other],
+        "topPods": TRACE["status"]["summary"]["topPods"] + [{"namespace": "data", "pod": "db", "retransmits": 20}]}}}
+    table_text, wide = format_trace(trace, Output("table")), format_trace(trace, parse_output("wide"))
+    assert "FIRST SEEN" not in table_text and "SRTT" not in table_text and "REPORTING" not in table_text
+    lines = wide.splitlines()
+    header, first = lines[lines.index("TOP FLOWS") + 1:][:2]
+    assert [c.strip() for c in header.split("  ") if c.strip()][-5:] == [
+        "CAUSES", "FAMILY", "FIRST SEEN", "LAST SEEN", "SRTT (us)"]
+    assert first.split()[-4:] == ["IPv4", "2026-11-30T10:00:01Z", "2026-11-30T10:00:09Z", "2500"]
+    assert "REPORTING" in wide and "DEPARTED" in wide
+    everything = format_trace(trace, Output("table"))
+    only_shop = format_trace(trace, Output("table"), namespaces=["shop"])
+    assert "(data/db)" in everything and "(data/db)" not in only_shop and "(shop/web)" in only_shop
+    pods = lambda text: [line.split()[:2] for line in text.split("TOP PODS\n")[1].split("\n\n")[0].splitlines()[1:]]
+    assert pods(everything) == [["shop", "web"], ["data", "db"]] and pods(only_shop) == [["shop", "web"]]
+    assert "retransmits 120" in only_shop              # totals stay the trace's
