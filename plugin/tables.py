@@ -88,13 +88,20 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence
 
 
 def endpoint(side: dict[str, Any]) -> str:
-    """'10.1.2.3:443 (shop/web)': address, port and the pod (or node) it belongs to."""
+    """'10.1.2.3:443 (shop/web)': address, port and who has it: a pod, a Service (with the
+    port's name, and the node for a NodePort), a node, or nobody in the cluster."""
     ip, port = side.get("ip", "?"), side.get("port", 0)
     text = format_endpoint(ip, port)
     if side.get("pod"):
         return f"{text} ({side.get('namespace')}/{side['pod']})"
+    if side.get("service"):
+        port_name = f":{side['servicePort']}" if side.get("servicePort") else ""
+        on_node = f" on node {side['node']}" if side.get("node") else ""
+        return f"{text} (service {side.get('namespace')}/{side['service']}{port_name}{on_node})"
     if side.get("node"):
         return f"{text} (node {side['node']})"
+    if side.get("outside"):
+        return f"{text} (outside the cluster)"
     return text
 
 
@@ -173,6 +180,11 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
         out += ["", "TOP PODS"]
         out += table(("NAMESPACE", "POD", "NODE", "RETRANSMITS"),
                      ((p.get("namespace"), p.get("pod"), p.get("node"), p.get("retransmits", 0)) for p in pods), right=(3,))
+    services = [s for s in summary.get("topServices") or [] if in_namespaces(s.get("namespace"), namespaces)]
+    if services:
+        out += ["", "TOP SERVICES (REMOTE)"]
+        out += table(("NAMESPACE", "SERVICE", "RETRANSMITS"),
+                     ((s.get("namespace"), s.get("service"), s.get("retransmits", 0)) for s in services), right=(2,))
     for key, title in (("byState", "BY TCP STATE"), ("byCause", "BY CAUSE")):
         counts = summary.get(key) or {}
         if counts:

@@ -259,3 +259,17 @@ def test_wide_adds_columns_and_n_keeps_only_that_namespaces_rows():
     pods = lambda text: [line.split()[:2] for line in text.split("TOP PODS\n")[1].split("\n\n")[0].splitlines()[1:]]
     assert pods(everything) == [["shop", "web"], ["data", "db"]] and pods(only_shop) == [["shop", "web"]]
     assert "retransmits 120" in only_shop              # totals stay the trace's
+
+
+def test_service_node_and_outside_ends_read_as_who_has_the_address():
+    assert endpoint({"ip": "198.19.0.110", "port": 80, "service": "web", "namespace": "shop",
+                     "servicePort": "http"}) == "198.19.0.110:80 (service shop/web:http)"
+    assert endpoint({"ip": "198.18.0.20", "port": 30080, "service": "web", "namespace": "shop", "servicePort": "http",
+                     "node": "node-b"}) == "198.18.0.20:30080 (service shop/web:http on node node-b)"
+    assert endpoint({"ip": "203.0.113.9", "port": 443, "outside": True}) == "203.0.113.9:443 (outside the cluster)"
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "topServices": [{"namespace": "shop", "service": "web", "retransmits": 10}]}}}
+    lines = render(trace).splitlines()
+    header = lines.index("TOP SERVICES (REMOTE)")
+    assert lines[header + 2].split() == ["shop", "web", "10"]
+
