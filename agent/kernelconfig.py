@@ -84,13 +84,27 @@ def program_defines() -> dict[str, int]:
     }
 
 
-def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures) -> list[str]:
-    """cflags for retransmit.bpf.c: the compile-time half of the configuration."""
+# Parts of the program that bench/kernel_breakdown.py compiles out (-DWITHOUT_<PART>) to
+# price each one in kernel time per event; the agent always compiles every part.
+PROGRAM_PARTS = ("filters", "flows", "samples", "sock_stats")
+
+
+def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures,
+                  without: Iterable[str] = ()) -> list[str]:
+    """cflags for retransmit.bpf.c: the compile-time half of the configuration.
+
+    without: PROGRAM_PARTS left out (for the cost breakdown only: the result no longer counts
+    what the agent promises)."""
+    without = tuple(without)
+    unknown = set(without) - set(PROGRAM_PARTS)
+    if unknown:
+        raise ValueError(f"unknown program parts {', '.join(sorted(unknown))}: use {', '.join(PROGRAM_PARTS)}")
     return [
         f"-I{include}",
         f"-DFLOW_CAPACITY={config.flow_capacity}",
         f"-DRINGBUF_PAGES={config.ring_pages}",
-    ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()]
+    ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()] + [
+        f"-DWITHOUT_{part.upper()}" for part in without]
 
 
 def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> None:

@@ -7,7 +7,11 @@
  * Cost per event is kept near a bare counter's: filters are skipped unless enabled, flow
  * keys are small (one map per family), and consecutive retransmits of one flow on a CPU
  * (the common case: they come in bursts) are counted in a per-CPU run without a hash
- * lookup or a clock read (see struct run4 and struct clock in retransmit.h).
+ * lookup or a clock read (see struct run and struct clock in retransmit.h).
+ *
+ * Both families take one code path: an event becomes a struct flow_key (IPv4 addresses in
+ * its first 4 bytes); only the maps keyed by address (flows, address filters) are per
+ * family, and those few lines pick the map by key.family.
  *
  * Only the fields every kernel since 4.15 has are assumed: skaddr, sport, dport, saddr,
  * daddr, saddr_v6, daddr_v6. Compile-time switches (cflags), chosen by the agent from the
@@ -22,6 +26,8 @@
  *   HAVE_PROBE_READ_KERNEL  bpf_probe_read_kernel() (5.5+), else bpf_probe_read()
  * and FLOW_CAPACITY, RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
  * `cidrs4`, `cidrs6`, `local4`, `local6`, filled by the agent.
+ * WITHOUT_FILTERS, WITHOUT_FLOWS, WITHOUT_SAMPLES, WITHOUT_SOCK_STATS leave a part out, so
+ * bench/kernel_breakdown.py can price each part in one run; the agent never sets them.
  */
 #include "retransmit.h"
 
@@ -37,8 +43,7 @@ BPF_TABLE("lru_hash", struct flow_key4, struct flow_stats, flows4, FLOW_CAPACITY
 BPF_TABLE("lru_hash", struct flow_key6, struct flow_stats, flows6, FLOW_CAPACITY);
 
 BPF_PERCPU_ARRAY(totals, struct totals, 1);
-BPF_PERCPU_ARRAY(runs4, struct run4, 1);
-BPF_PERCPU_ARRAY(runs6, struct run6, 1);
+BPF_PERCPU_ARRAY(runs, struct run, 1);
 BPF_ARRAY(clock, struct clock, 1);
 BPF_ARRAY(sample_window, struct sample_window, 1);
 
@@ -60,6 +65,8 @@ static __always_inline void merge_stats(struct flow_stats *stats, struct flow_st
     for (int i = 0; i < CAUSE_SLOTS; i++)
         if (add->by_cause[i])
             __sync_fetch_and_add(&stats->by_cause[i], add->by_cause[i]);
+    if (!stats->first_ns)
+        stats->first_ns = add->first_ns;
     if (add->last_ns > stats->last_ns) {
         stats->last_ns = add->last_ns;
         stats->last_state = add->last_state;
@@ -68,48 +75,64 @@ static __always_inline void merge_stats(struct flow_stats *stats, struct flow_st
     }
 }
 
-/* Add counts to a flow's map entry, creating it if needed. `key` and `add` must be on the
- * stack: before Linux 4.18 a map value cannot be a helper's key argument. */
-static __always_inline void add_to_flow4(struct flow_key4 *key, struct flow_stats *add)
+/* The flow's entry in its family's map, created empty on first sight (NULL only when the
+ * map refuses). `empty` is on the stack: before Linux 4.18 a helper's value argument must be. */
+static __always_inline struct flow_stats *flow_entry(struct flow_key *key, struct flow_stats *empty)
 {
-    struct flow_stats *stats = flows4.lookup(key);
-    if (!stats) {
-        if (flows4.insert(key, add) == 0)
-            return;
-        stats = flows4.lookup(key); /* another CPU inserted it first */
-        if (!stats)
-            return;
+    if (key->family == AF_INET_) {
+        struct flow_key4 k = {.sport = key->sport, .dport = key->dport};
+        __builtin_memcpy(&k.saddr, key->saddr, 4);
+        __builtin_memcpy(&k.daddr, key->daddr, 4);
+        return flows4.lookup_or_try_init(&k, empty);
     }
-    merge_stats(stats, add);
+    struct flow_key6 k = {.sport = key->sport, .dport = key->dport};
+    __builtin_memcpy(k.saddr, key->saddr, 16);
+    __builtin_memcpy(k.daddr, key->daddr, 16);
+    return flows6.lookup_or_try_init(&k, empty);
 }
 
-static __always_inline void add_to_flow6(struct flow_key6 *key, struct flow_stats *add)
+static __always_inline void add_to_flow(struct flow_key *key, struct flow_stats *add)
 {
-    struct flow_stats *stats = flows6.lookup(key);
-    if (!stats) {
-        if (flows6.insert(key, add) == 0)
-            return;
-        stats = flows6.lookup(key);
-        if (!stats)
-            return;
+    struct flow_stats empty = {};
+    struct flow_stats *stats = flow_entry(key, &empty);
+    if (stats)
+        merge_stats(stats, add);
+}
+
+/* The address filters (remote CIDRs, local addresses): lookups in the family's maps. */
+static __always_inline int addresses_pass(struct config *cfg, struct flow_key *key)
+{
+    if (key->family == AF_INET_) {
+        if (cfg->cidrs_enabled) {
+            struct cidr4_key c = {.prefixlen = 32};
+            __builtin_memcpy(c.addr, key->daddr, 4);
+            if (!cidrs4.lookup(&c))
+                return 0;
+        }
+        u32 saddr;
+        __builtin_memcpy(&saddr, key->saddr, 4);
+        if (cfg->local_ips_enabled && !local4.lookup(&saddr))
+            return 0;
+    } else {
+        if (cfg->cidrs_enabled) {
+            struct cidr6_key c = {.prefixlen = 128};
+            __builtin_memcpy(c.addr, key->daddr, 16);
+            if (!cidrs6.lookup(&c))
+                return 0;
+        }
+        if (cfg->local_ips_enabled && !local6.lookup((struct ip6_addr *)key->saddr))
+            return 0;
     }
-    merge_stats(stats, add);
+    return 1;
 }
 
-static __always_inline int same_key4(struct flow_key4 *a, struct flow_key4 *b)
+static __always_inline int same_flow(struct flow_key *a, struct flow_key *b)
 {
-    return a->saddr == b->saddr && a->daddr == b->daddr && a->sport == b->sport &&
-           a->dport == b->dport;
+    u64 *x = (u64 *)a, *y = (u64 *)b;
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
 }
 
-static __always_inline int same_key6(struct flow_key6 *a, struct flow_key6 *b)
-{
-    u64 *x = (u64 *)a->saddr, *y = (u64 *)b->saddr;
-    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] &&
-           a->sport == b->sport && a->dport == b->dport;
-}
-
-/* ---- the clock: family-free, shared by both families' runs ---------------------------- */
+/* ---- the clock ------------------------------------------------------------------------- */
 
 #ifdef HAVE_JIFFIES64
 /* Read the clock for a run's first event and refine the jiffies -> ns calibration. */
@@ -149,11 +172,10 @@ static __always_inline u64 run_clock(struct clock *clk, u64 first_ns, u64 first_
 /* ---- per-CPU runs ----------------------------------------------------------------------- */
 
 /* The event's time if it continues this CPU's run of flow `key` (counted), else 0. */
-static __always_inline u64 continue_run4(struct run4 *run, struct clock *clk,
-                                         struct flow_key4 *key, u32 state, u32 generation,
-                                         u8 cause, struct sock_info *sock)
+static __always_inline u64 continue_run(struct run *run, struct clock *clk, struct flow_key *key,
+                                        u32 state, u32 generation, u8 cause, struct sock_info *sock)
 {
-    if (!run->retransmits || run->generation != generation || !same_key4(&run->key, key))
+    if (!run->retransmits || run->generation != generation || !same_flow(&run->key, key))
         return 0;
     u64 now = run_clock(clk, run->first_ns, run->first_jiffies);
     run->retransmits++;
@@ -167,63 +189,18 @@ static __always_inline u64 continue_run4(struct run4 *run, struct clock *clk,
 }
 
 /* Move this CPU's run into the flow map and start a new one with `key`; returns the time. */
-static __always_inline u64 start_run4(struct run4 *run, struct clock *clk,
-                                      struct flow_key4 *key, u32 state, u32 generation,
-                                      u8 cause, struct sock_info *sock)
+static __always_inline u64 start_run(struct run *run, struct clock *clk, struct flow_key *key,
+                                     u32 state, u32 generation, u8 cause, struct sock_info *sock)
 {
     u64 jiffies;
     u64 now = start_clock(clk, &jiffies);
     if (run->retransmits) {
-        struct flow_key4 done = run->key;
+        struct flow_key done = run->key;
         struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
                                  .last_ns = run->last_ns, .last_state = run->last_state,
                                  .sock = run->sock};
         __builtin_memcpy(add.by_cause, run->by_cause, sizeof(add.by_cause));
-        add_to_flow4(&done, &add);
-    }
-    run->key = *key;
-    run->generation = generation;
-    run->retransmits = 1;
-    __builtin_memset(run->by_cause, 0, sizeof(run->by_cause));
-    run->by_cause[cause & (CAUSE_SLOTS - 1)] = 1;
-    run->first_ns = now;
-    run->first_jiffies = jiffies;
-    run->last_ns = now;
-    run->last_state = state;
-    run->sock = *sock;
-    return now;
-}
-
-static __always_inline u64 continue_run6(struct run6 *run, struct clock *clk,
-                                         struct flow_key6 *key, u32 state, u32 generation,
-                                         u8 cause, struct sock_info *sock)
-{
-    if (!run->retransmits || run->generation != generation || !same_key6(&run->key, key))
-        return 0;
-    u64 now = run_clock(clk, run->first_ns, run->first_jiffies);
-    run->retransmits++;
-    run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
-    run->last_ns = now;
-    run->last_state = state;
-    /* the run's socket statistics stay those read at its start (see read_sock_stats) */
-    run->sock.ca_state = sock->ca_state;
-    run->sock.timeouts = sock->timeouts;
-    return now;
-}
-
-static __always_inline u64 start_run6(struct run6 *run, struct clock *clk,
-                                      struct flow_key6 *key, u32 state, u32 generation,
-                                      u8 cause, struct sock_info *sock)
-{
-    u64 jiffies;
-    u64 now = start_clock(clk, &jiffies);
-    if (run->retransmits) {
-        struct flow_key6 done = run->key;
-        struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
-                                 .last_ns = run->last_ns, .last_state = run->last_state,
-                                 .sock = run->sock};
-        __builtin_memcpy(add.by_cause, run->by_cause, sizeof(add.by_cause));
-        add_to_flow6(&done, &add);
+        add_to_flow(&done, &add);
     }
     run->key = *key;
     run->generation = generation;
@@ -347,14 +324,20 @@ static __always_inline int handle(void *ctx, struct event *ev, const void *sk, s
     struct config *cfg = config.lookup(&zero);
     struct totals *t = totals.lookup(&zero);
     struct clock *clk = clock.lookup(&zero);
-    if (!cfg || !t || !clk)
-        return 0;
-
-    /* Cheap filters: a bit test and an array index. */
-    int is_v4 = ev->family == AF_INET_;
-    if (!(cfg->families & (is_v4 ? FAMILY_IPV4 : FAMILY_IPV6)))
+    struct run *run = runs.lookup(&zero);
+    if (!cfg || !t || !clk || !run)
         return 0;
     u32 slot = ev->state;
+    int synack = ev->kind == KIND_SYNACK;
+    u8 cause = cause_of(sock, slot);
+    struct flow_key key = {.sport = ev->sport, .dport = ev->dport, .family = ev->family};
+    __builtin_memcpy(key.saddr, ev->saddr, 16);
+    __builtin_memcpy(key.daddr, ev->daddr, 16);
+
+#ifndef WITHOUT_FILTERS
+    /* Cheap filters: a bit test and an array index. */
+    if (!(cfg->families & (ev->family == AF_INET_ ? FAMILY_IPV4 : FAMILY_IPV6)))
+        return 0;
     if (cfg->states && !(cfg->states & (1U << slot)))
         return 0;
     if (cfg->ports_enabled) {
@@ -363,83 +346,39 @@ static __always_inline int handle(void *ctx, struct event *ev, const void *sk, s
         if (!(s && *s) && !(d && *d))
             return 0;
     }
-    int synack = ev->kind == KIND_SYNACK;
-    u8 cause = cause_of(sock, slot);
+#endif
 
-    if (is_v4) {
-        struct flow_key4 key = {};
-        __builtin_memcpy(&key.saddr, ev->saddr, 4);
-        __builtin_memcpy(&key.daddr, ev->daddr, 4);
-        key.sport = ev->sport;
-        key.dport = ev->dport;
-        struct run4 *run = runs4.lookup(&zero);
-        if (!run)
+    u64 now = 0;
+#ifndef WITHOUT_FLOWS
+    /* The flow of this CPU's run passed the address filters under this generation. */
+    now = synack ? 0 : continue_run(run, clk, &key, slot, cfg->generation, cause, sock);
+    if (!now) {
+#ifndef WITHOUT_FILTERS
+        if (!addresses_pass(cfg, &key))
             return 0;
-        /* The flow of this CPU's run passed the address filters under this generation. */
-        u64 now = synack ? 0 : continue_run4(run, clk, &key, slot, cfg->generation, cause, sock);
-        if (!now) {
-            if (cfg->cidrs_enabled) {
-                struct cidr4_key c = {.prefixlen = 32};
-                __builtin_memcpy(c.addr, ev->daddr, 4);
-                if (!cidrs4.lookup(&c))
-                    return 0;
-            }
-            if (cfg->local_ips_enabled && !local4.lookup(&key.saddr))
-                return 0;
-            if (synack) {   /* rare: straight into the flow map */
-                now = bpf_ktime_get_ns();
-                struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
-                                         .last_ns = now, .last_state = slot};
-                add.by_cause[CAUSE_UNKNOWN] = 1;
-                add_to_flow4(&key, &add);
-            } else {
-#ifdef HAVE_SOCK_BTF
-                if (sock->valid)
-                    read_sock_stats(sk, sock);
 #endif
-                now = start_run4(run, clk, &key, slot, cfg->generation, cause, sock);
-            }
-        }
-        ev->ts_ns = now;
-    } else {
-        struct flow_key6 key = {};
-        __builtin_memcpy(key.saddr, ev->saddr, 16);
-        __builtin_memcpy(key.daddr, ev->daddr, 16);
-        key.sport = ev->sport;
-        key.dport = ev->dport;
-        struct run6 *run = runs6.lookup(&zero);
-        if (!run)
-            return 0;
-        u64 now = synack ? 0 : continue_run6(run, clk, &key, slot, cfg->generation, cause, sock);
-        if (!now) {
-            if (cfg->cidrs_enabled) {
-                struct cidr6_key c = {.prefixlen = 128};
-                __builtin_memcpy(c.addr, ev->daddr, 16);
-                if (!cidrs6.lookup(&c))
-                    return 0;
-            }
-            if (cfg->local_ips_enabled && !local6.lookup((struct ip6_addr *)key.saddr))
-                return 0;
-            if (synack) {
-                now = bpf_ktime_get_ns();
-                struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
-                                         .last_ns = now, .last_state = slot};
-                add.by_cause[CAUSE_UNKNOWN] = 1;
-                add_to_flow6(&key, &add);
-            } else {
-#ifdef HAVE_SOCK_BTF
-                if (sock->valid)
-                    read_sock_stats(sk, sock);
+        if (synack) {   /* rare: straight into the flow map */
+            now = bpf_ktime_get_ns();
+            struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
+                                     .last_ns = now, .last_state = slot};
+            add.by_cause[CAUSE_UNKNOWN] = 1;
+            add_to_flow(&key, &add);
+        } else {
+#if defined(HAVE_SOCK_BTF) && !defined(WITHOUT_SOCK_STATS)
+            if (sock->valid)
+                read_sock_stats(sk, sock);
 #endif
-                now = start_run6(run, clk, &key, slot, cfg->generation, cause, sock);
-            }
+            now = start_run(run, clk, &key, slot, cfg->generation, cause, sock);
         }
-        ev->ts_ns = now;
     }
+#endif
+    ev->ts_ns = now;
 
     count_totals(t, ev->kind, slot, cause);
+#ifndef WITHOUT_SAMPLES
     if (cfg->max_per_second)
         sample(ctx, cfg, t, ev);
+#endif
     return 0;
 }
 

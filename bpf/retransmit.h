@@ -69,6 +69,8 @@ struct config {
                               whose flows passed the address filters of the old settings */
 };
 
+/* The flow maps' keys: one map per family, because hashing a 12-byte key costs much less
+ * than a 36-byte one. */
 struct flow_key4 {
     u32 saddr;             /* local (retransmitting) side, network byte order */
     u32 daddr;             /* remote side */
@@ -81,6 +83,17 @@ struct flow_key6 {
     u8 daddr[16];
     u16 sport;
     u16 dport;
+};
+
+/* A flow of either family as the program handles it between the tracepoint and the flow
+ * maps: IPv4 addresses occupy the first 4 bytes of saddr/daddr (the rest 0). */
+struct flow_key {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;
+    u16 dport;
+    u16 family;            /* AF_INET_ or AF_INET6_: the wire's family */
+    u16 pad;
 };
 
 struct flow_stats {
@@ -99,26 +112,14 @@ struct flow_stats {
  * an inlined per-CPU array access instead of hash and trie lookups (the address filters
  * are skipped too: the run's flow passed them). The run is added to the flow
  * map when the CPU sees another flow; the agent adds pending runs when it reads. */
-struct run4 {
-    struct flow_key4 key;
+struct run {
+    struct flow_key key;
     u32 last_state;
     u32 generation;        /* config.generation when the run started */
     u64 retransmits;       /* 0: no run pending */
     u64 first_ns;          /* bpf_ktime_get_ns() at the run's first event */
     u64 first_jiffies;
     u64 last_ns;           /* estimated from jiffies (see struct clock) */
-    u64 by_cause[CAUSE_SLOTS];
-    struct sock_info sock; /* at the run's latest event */
-};
-
-struct run6 {
-    struct flow_key6 key;
-    u32 last_state;
-    u32 generation;
-    u64 retransmits;
-    u64 first_ns;
-    u64 first_jiffies;
-    u64 last_ns;
     u64 by_cause[CAUSE_SLOTS];
     struct sock_info sock; /* at the run's latest event */
 };
