@@ -117,19 +117,21 @@ struct run {
     u32 last_state;
     u32 generation;        /* config.generation when the run started */
     u64 retransmits;       /* 0: no run pending */
-    u64 first_ns;          /* bpf_ktime_get_ns() at the run's first event */
-    u64 first_jiffies;
-    u64 last_ns;           /* estimated from jiffies (see struct clock) */
+    u64 first_ns;          /* time of the run's first event (see struct clock) */
+    u64 last_ns;           /* ... of its latest event */
     u64 by_cause[CAUSE_SLOTS];
     struct sock_info sock; /* at the run's latest event */
 };
 
-/* jiffies -> ns calibration, so most events need bpf_jiffies64() (a load) rather than
- * bpf_ktime_get_ns() (a clock read; tracing programs may not use the coarse clock). */
+/* Per CPU: jiffies -> ns calibration, so most events need bpf_jiffies64() (a load) rather
+ * than bpf_ktime_get_ns() (a clock read; tracing programs may not use the coarse clock).
+ * Event times are CLOCK_MONOTONIC within about two jiffies. */
 struct clock {
-    u64 base_ns;
+    u64 base_ns;           /* the clock at this CPU's first event */
     u64 base_jiffies;
-    u64 ns_per_jiffy;      /* 0 until 16 ticks have passed: then events read the clock */
+    u64 ns_per_jiffy;
+    u64 calibrate_at;      /* jiffies since the base at which to calibrate again; 0: events
+                              read the clock until 16 jiffies have passed */
 };
 
 /* Per-CPU exact totals: every event that passed the filters, whatever the flow maps
