@@ -315,7 +315,8 @@ class RetransmitProgram:
                     stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state,
                     tuple(stats.by_cause), _socket_state(stats.sock))
         runs: list[tuple[tuple, FlowEntry]] = []
-        for run in self._bpf[b"runs"][0]:
+        table = self._bpf[b"runs"]
+        for run in (run for slot in range(len(table)) for run in table[slot]):   # every slot of every CPU
             if run.retransmits:
                 size = 4 if run.key.family == AF_INET else 16   # struct flow_key: IPv4 in the first 4 bytes
                 key = (run.key.family, bytes(run.key.saddr)[:size], bytes(run.key.daddr)[:size],

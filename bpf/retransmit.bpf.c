@@ -6,8 +6,9 @@
  *
  * Cost per event is kept near a bare counter's: filters are skipped unless enabled, flow
  * keys are small (one map per family), and consecutive retransmits of one flow on a CPU
- * (the common case: they come in bursts) are counted in a per-CPU run without a hash
- * lookup or a clock read (see struct run and struct clock in retransmit.h).
+ * (the common case: they come in bursts) are counted in a per-CPU run, recognised by its
+ * socket pointer, without parsing addresses, a hash lookup or a clock read (see struct run
+ * and struct clock in retransmit.h).
  *
  * Both families take one code path: an event becomes a struct flow_key (IPv4 addresses in
  * its first 4 bytes); only the maps keyed by address (flows, address filters) are per
@@ -43,7 +44,7 @@ BPF_TABLE("lru_hash", struct flow_key4, struct flow_stats, flows4, FLOW_CAPACITY
 BPF_TABLE("lru_hash", struct flow_key6, struct flow_stats, flows6, FLOW_CAPACITY);
 
 BPF_PERCPU_ARRAY(totals, struct totals, 1);
-BPF_PERCPU_ARRAY(runs, struct run, 1);
+BPF_PERCPU_ARRAY(runs, struct run, RUN_SLOTS);
 BPF_PERCPU_ARRAY(clock, struct clock, 1);
 BPF_ARRAY(sample_window, struct sample_window, 1);
 
@@ -157,12 +158,6 @@ static __always_inline int addresses_pass(struct config *cfg, struct flow_key *k
     return 1;
 }
 
-static __always_inline int same_flow(struct flow_key *a, struct flow_key *b)
-{
-    u64 *x = (u64 *)a, *y = (u64 *)b;
-    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
-}
-
 /* ---- the clock ------------------------------------------------------------------------- */
 
 #ifdef HAVE_JIFFIES64
@@ -196,12 +191,28 @@ static __always_inline u64 now_ns(struct clock *clk)
 
 /* ---- per-CPU runs ----------------------------------------------------------------------- */
 
-/* Whether the event continues this CPU's run: same flow, and the run began under the
- * current filters (a run's flow passed the address filters of its generation). */
-static __always_inline int continues_run(struct run *run, struct flow_key *key, u32 generation)
+/* The slot of socket `sk` among this CPU's runs (tcp_sock objects are cache-line aligned). */
+static __always_inline u32 run_slot(const void *sk)
 {
-    return run->retransmits && run->generation == generation && same_flow(&run->key, key);
+    u64 p = (u64)sk;
+    return ((p >> 6) ^ (p >> 12)) & (RUN_SLOTS - 1);
 }
+
+/* Whether a retransmit continues the run in its socket's slot: the same socket (a pointer compare, so
+ * the common event parses no address), with the same ports and the same low 4 bytes of
+ * both addresses (in case the socket's memory went to another connection meanwhile), under
+ * the same filters (the run's flow passed the flow filters of its generation). A macro:
+ * bcc defines the type of `args` only inside the probe. */
+#define CONTINUES_RUN(run, args, current)                                     \
+    ({                                                                           \
+        u32 saddr_tail, daddr_tail;                                              \
+        __builtin_memcpy(&saddr_tail, (args)->saddr_v6 + 12, 4);                 \
+        __builtin_memcpy(&daddr_tail, (args)->daddr_v6 + 12, 4);                 \
+        (run)->retransmits && (run)->sk == (u64)(args)->skaddr &&               \
+            (run)->generation == (current) &&                                    \
+            (run)->key.sport == (args)->sport && (run)->key.dport == (args)->dport && \
+            (run)->saddr_tail == saddr_tail && (run)->daddr_tail == daddr_tail; \
+    })
 
 static __always_inline void extend_run(struct run *run, u32 state, u8 cause, struct sock_info *sock,
                                        u64 now)
@@ -215,9 +226,10 @@ static __always_inline void extend_run(struct run *run, u32 state, u8 cause, str
     run->sock.timeouts = sock->timeouts;
 }
 
-/* Move this CPU's run into the flow map and start a new one with `key`. */
-static __always_inline void start_run(struct run *run, struct flow_key *key, u32 state,
-                                      u32 generation, u8 cause, struct sock_info *sock, u64 now)
+/* Move the run in this slot into the flow map and start a new one: flow `key` on socket `sk`. */
+static __always_inline void start_run(struct run *run, struct flow_key *key, const void *sk,
+                                      u32 state, u32 generation, u8 cause, struct sock_info *sock,
+                                      u64 now)
 {
     if (run->retransmits) {
         struct flow_key done = run->key;
@@ -228,6 +240,11 @@ static __always_inline void start_run(struct run *run, struct flow_key *key, u32
         add_to_flow(&done, &add);
     }
     run->key = *key;
+    run->sk = (u64)sk;
+    /* the low 4 bytes of saddr_v6 and daddr_v6, as continues_run reads them */
+    u32 tail = key->family == AF_INET_ ? 0 : 12;
+    __builtin_memcpy(&run->saddr_tail, key->saddr + tail, 4);
+    __builtin_memcpy(&run->daddr_tail, key->daddr + tail, 4);
     run->generation = generation;
     run->retransmits = 1;
     __builtin_memset(run->by_cause, 0, sizeof(run->by_cause));
@@ -341,8 +358,42 @@ static __always_inline void read_sock_state(const void *sk, struct sock_info *so
     sock->valid = 1;
 }
 
+#define MIN2(a, b) ((a) < (b) ? (a) : (b))
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+#define SOCK_STATS_FIRST MIN2(MIN2(SOCK_SRTT_US, SOCK_SND_CWND), MIN2(SOCK_PACKETS_OUT, SOCK_RETRANS_OUT))
+#define SOCK_STATS_SPAN (MAX2(MAX2(SOCK_SRTT_US, SOCK_SND_CWND), MAX2(SOCK_PACKETS_OUT, SOCK_RETRANS_OUT)) \
+                         + 4 - SOCK_STATS_FIRST)
+
 /* At the first retransmit of a run (a burst of one flow on one CPU): RTT, window and
- * segments in flight. Read once per run, not per event, to keep the cost per event low. */
+ * segments in flight. Read once per run, not per event, to keep the cost per event low; in
+ * one bpf_probe_read when the four fields lie within 256 bytes (they do in 5.x-6.x
+ * kernels): a call costs about as much as copying a few hundred bytes. */
+#if SOCK_STATS_SPAN <= 256
+struct sock_span {
+    u8 bytes[256];
+};
+BPF_PERCPU_ARRAY(sock_scratch, struct sock_span, 1);   /* too big for the stack */
+
+static __always_inline u32 span_u32(struct sock_span *span, u32 offset)
+{
+    u32 value;
+    __builtin_memcpy(&value, span->bytes + (offset - SOCK_STATS_FIRST), 4);
+    return value;
+}
+
+static __always_inline void read_sock_stats(const void *sk, struct sock_info *sock)
+{
+    const char *base = sk;
+    u32 zero = 0;
+    struct sock_span *span = sock_scratch.lookup(&zero);
+    if (!span || read_kernel(span->bytes, SOCK_STATS_SPAN, base + SOCK_STATS_FIRST))
+        return;
+    sock->srtt_us = span_u32(span, SOCK_SRTT_US) >> 3;   /* the kernel keeps srtt_us scaled by 8 */
+    sock->snd_cwnd = span_u32(span, SOCK_SND_CWND);
+    sock->packets_out = span_u32(span, SOCK_PACKETS_OUT);
+    sock->retrans_out = span_u32(span, SOCK_RETRANS_OUT);
+}
+#else
 static __always_inline void read_sock_stats(const void *sk, struct sock_info *sock)
 {
     const char *base = sk;
@@ -355,8 +406,23 @@ static __always_inline void read_sock_stats(const void *sk, struct sock_info *so
     sock->srtt_us = srtt >> 3;   /* the kernel keeps srtt_us scaled by 8 */
 }
 #endif
+#endif
 
-/* Filter, count and sample one event of flow `key` (kind KIND_*, state slot < STATE_SLOTS). */
+/* Count an event that passed the filters in the totals, and sample it. */
+static __always_inline int count_event(void *ctx, struct config *cfg, struct totals *t,
+                                       struct flow_key *key, u8 kind, u32 state, u8 cause, u64 now)
+{
+    count_totals(t, kind, state, cause);
+#ifndef WITHOUT_SAMPLES
+    if (cfg->max_per_second)
+        sample(ctx, cfg, t, key, kind, state, now);
+#endif
+    return 0;
+}
+
+/* An event that does not continue this CPU's run (a SYN-ACK never does): filter its flow,
+ * then start a run with it or add it to the flow map. `key` is the event's flow, `state`
+ * its slot (< STATE_SLOTS). */
 static __always_inline int handle(void *ctx, struct flow_key *key, u8 kind, u32 state,
                                   const void *sk, struct sock_info *sock)
 {
@@ -364,12 +430,13 @@ static __always_inline int handle(void *ctx, struct flow_key *key, u8 kind, u32 
     struct config *cfg = config.lookup(&zero);
     struct totals *t = totals.lookup(&zero);
     struct clock *clk = clock.lookup(&zero);
-    struct run *run = runs.lookup(&zero);
+    u32 slot = run_slot(sk);
+    struct run *run = runs.lookup(&slot);
     if (!cfg || !t || !clk || !run)
         return 0;
 
 #ifndef WITHOUT_FILTERS
-    /* Cheap filters: a bit test and an array index. */
+    /* Cheap filters first: a bit test and an array index. */
     if (!(cfg->families & (key->family == AF_INET_ ? FAMILY_IPV4 : FAMILY_IPV6)))
         return 0;
     if (cfg->states && !(cfg->states & (1U << state)))
@@ -380,40 +447,27 @@ static __always_inline int handle(void *ctx, struct flow_key *key, u8 kind, u32 
         if (!(s && *s) && !(d && *d))
             return 0;
     }
+    if (!addresses_pass(cfg, key))
+        return 0;
 #endif
     u8 cause = cause_of(sock, state);
     u64 now = 0;
 #ifndef WITHOUT_FLOWS
-    if (kind == KIND_RETRANSMIT && continues_run(run, key, cfg->generation)) {
-        now = now_ns(clk);
-        extend_run(run, state, cause, sock, now);
+    now = now_ns(clk);
+    if (kind == KIND_SYNACK) {   /* rare: straight into the flow map */
+        struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
+                                 .last_ns = now, .last_state = state};
+        add.by_cause[CAUSE_UNKNOWN] = 1;
+        add_to_flow(key, &add);
     } else {
-#ifndef WITHOUT_FILTERS
-        if (!addresses_pass(cfg, key))
-            return 0;
-#endif
-        now = now_ns(clk);
-        if (kind == KIND_SYNACK) {   /* rare: straight into the flow map */
-            struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
-                                     .last_ns = now, .last_state = state};
-            add.by_cause[CAUSE_UNKNOWN] = 1;
-            add_to_flow(key, &add);
-        } else {
 #if defined(HAVE_SOCK_BTF) && !defined(WITHOUT_SOCK_STATS)
-            if (sock->valid)
-                read_sock_stats(sk, sock);
+        if (sock->valid)
+            read_sock_stats(sk, sock);
 #endif
-            start_run(run, key, state, cfg->generation, cause, sock, now);
-        }
+        start_run(run, key, sk, state, cfg->generation, cause, sock, now);
     }
 #endif
-
-    count_totals(t, kind, state, cause);
-#ifndef WITHOUT_SAMPLES
-    if (cfg->max_per_second)
-        sample(ctx, cfg, t, key, kind, state, now);
-#endif
-    return 0;
+    return count_event(ctx, cfg, t, key, kind, state, cause, now);
 }
 
 /* The flow of an event, from the fields every kernel since 4.15 has (constant-offset
@@ -421,36 +475,33 @@ static __always_inline int handle(void *ctx, struct flow_key *key, u8 kind, u32 
  * every kernel: the tracepoints store an AF_INET socket's addresses that way, and an
  * AF_INET6 socket talking IPv4 (a dual-stack server on [::]) has them so. The `family`
  * field (5.12+) says the socket's family, which for the latter is AF_INET6: the wire's
- * family comes from here. IPv4 addresses then move to the first 4 bytes. */
-#define READ_FLOW(key, args)                                           \
-    do {                                                               \
-        (key).sport = (args)->sport;                                   \
-        (key).dport = (args)->dport;                                   \
-        __builtin_memcpy((key).saddr, (args)->saddr_v6, 16);           \
-        __builtin_memcpy((key).daddr, (args)->daddr_v6, 16);           \
-        classify_family(&(key));                                       \
+ * family comes from here. The family is told first, so an IPv4 event copies only its
+ * 4-byte addresses (into the first 4 bytes). `key` starts zeroed. */
+#define READ_FLOW(key, args)                                                     \
+    do {                                                                         \
+        u64 prefix;                                                              \
+        u16 zero16, ones16;                                                      \
+        __builtin_memcpy(&prefix, (args)->daddr_v6, 8);                          \
+        __builtin_memcpy(&zero16, (args)->daddr_v6 + 8, 2);                      \
+        __builtin_memcpy(&ones16, (args)->daddr_v6 + 10, 2);                     \
+        (key).sport = (args)->sport;                                             \
+        (key).dport = (args)->dport;                                             \
+        if (prefix == 0 && zero16 == 0 && ones16 == 0xffff) {                    \
+            (key).family = AF_INET_;                                             \
+            __builtin_memcpy((key).saddr, (args)->saddr_v6 + 12, 4);             \
+            __builtin_memcpy((key).daddr, (args)->daddr_v6 + 12, 4);             \
+        } else {                                                                 \
+            (key).family = AF_INET6_;                                            \
+            __builtin_memcpy((key).saddr, (args)->saddr_v6, 16);                 \
+            __builtin_memcpy((key).daddr, (args)->daddr_v6, 16);                 \
+        }                                                                        \
     } while (0)
-
-static __always_inline void classify_family(struct flow_key *key)
-{
-    u32 *s = (u32 *)key->saddr, *d = (u32 *)key->daddr;
-    if (d[0] == 0 && d[1] == 0 && key->daddr[8] == 0 && key->daddr[9] == 0 &&
-        key->daddr[10] == 0xff && key->daddr[11] == 0xff) {
-        key->family = AF_INET_;
-        s[0] = s[3];
-        d[0] = d[3];
-        s[1] = s[2] = s[3] = 0;
-        d[1] = d[2] = d[3] = 0;
-    } else {
-        key->family = AF_INET6_;
-    }
-}
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
+    u32 zero = 0;
 #ifdef HAVE_SKB_ERR
     if (args->err) {
-        u32 zero = 0;
         struct totals *t = totals.lookup(&zero);
         if (t)
             t->failed++;
@@ -464,12 +515,33 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
     /* Hide the range from the compiler, so it keeps the masks that prove it to the verifier. */
     asm volatile("" : "+r"(state));
 #endif
-    struct flow_key key = {};
-    READ_FLOW(key, args);
     struct sock_info sock = {};
 #ifdef HAVE_SOCK_BTF
     read_sock_state(args->skaddr, &sock);
 #endif
+#ifndef WITHOUT_FLOWS
+    /* The common case: the event continues this CPU's run, whose flow passed the filters
+     * (only the state, which changes, is checked again). */
+    struct config *cfg = config.lookup(&zero);
+    struct totals *t = totals.lookup(&zero);
+    struct clock *clk = clock.lookup(&zero);
+    u32 slot = run_slot(args->skaddr);
+    struct run *run = runs.lookup(&slot);
+    if (!cfg || !t || !clk || !run)
+        return 0;
+    if (CONTINUES_RUN(run, args, cfg->generation)) {
+#ifndef WITHOUT_FILTERS
+        if (cfg->states && !(cfg->states & (1U << state)))
+            return 0;
+#endif
+        u8 cause = cause_of(&sock, state);
+        u64 now = now_ns(clk);
+        extend_run(run, state, cause, &sock, now);
+        return count_event(args, cfg, t, &run->key, KIND_RETRANSMIT, state, cause, now);
+    }
+#endif
+    struct flow_key key = {};
+    READ_FLOW(key, args);
     return handle(args, &key, KIND_RETRANSMIT, state, args->skaddr, &sock);
 }
 

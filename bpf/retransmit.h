@@ -107,13 +107,22 @@ struct flow_stats {
     struct sock_info sock;   /* the socket at the latest event */
 };
 
-/* The run of consecutive retransmits of one flow on one CPU, not yet added to flows4/6.
- * Retransmits come in bursts per socket, so most events only bump `retransmits` here,
- * an inlined per-CPU array access instead of hash and trie lookups (the address filters
- * are skipped too: the run's flow passed them). The run is added to the flow
- * map when the CPU sees another flow; the agent adds pending runs when it reads. */
+/* A run: consecutive retransmits of one flow on one CPU, not yet added to flows4/6.
+ * Retransmits come in bursts per socket, so most events only bump `retransmits` here, an
+ * inlined per-CPU array access instead of hash and trie lookups (the flow filters are
+ * skipped too: the run's flow passed them). Each CPU keeps RUN_SLOTS runs, one per slot
+ * chosen by the socket's address: bursts of two sockets that interleave on a CPU then
+ * need no flow map update between them (a flow map update costs about as much as the
+ * rest of the program). A run is added to the flow map when another socket takes its
+ * slot or the filters change; the agent adds pending runs when it reads. */
+#define RUN_SLOTS 2            /* a power of two */
+
 struct run {
     struct flow_key key;
+    u64 sk;                /* the socket (skaddr): an event continues the run when it has the
+                              same socket, ports and low 4 bytes of both addresses */
+    u32 saddr_tail;        /* the low 4 bytes of saddr_v6, daddr_v6 */
+    u32 daddr_tail;
     u32 last_state;
     u32 generation;        /* config.generation when the run started */
     u64 retransmits;       /* 0: no run pending */
