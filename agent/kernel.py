@@ -112,7 +112,8 @@ class RetransmitProgram:
     @classmethod
     def open(cls, config: KernelConfig, tracefs: Optional[str] = None,
              ringbuf: Optional[bool] = None, jiffies64: Optional[bool] = None,
-             btf: Optional[str] = VMLINUX_BTF, without: Iterable[str] = ()) -> "RetransmitProgram":
+             btf: Optional[str] = VMLINUX_BTF, without: Iterable[str] = (),
+             run_slots: Optional[int] = None) -> "RetransmitProgram":
         """Check the node, compile and attach the program, then start counting with `config`.
 
         tracefs: a tracefs mount to check instead of probing the usual places.
@@ -121,8 +122,8 @@ class RetransmitProgram:
         jiffies64: None probes for bpf_jiffies64(); False reads the clock every event.
         btf: the kernel's BTF, for the socket fields behind each retransmit's cause; None or a
         missing file: causes are unknown, counts unchanged.
-        without: parts of the program compiled out (kernelconfig.PROGRAM_PARTS), for
-        bench/kernel_breakdown.py's cost per part only.
+        without, run_slots: for bench/kernel_breakdown.py's cost per part only
+        (kernelconfig.compile_flags).
         """
         require_privileges()  # first: without it tracefs looks empty
         path = find_tracefs(tracefs)
@@ -138,7 +139,7 @@ class RetransmitProgram:
         require_fitting_layout(config, features)
         source = resources.files("retransmit_bpf")
         with resources.as_file(source) as folder:
-            cflags = compile_flags(config, folder, features, without)
+            cflags = compile_flags(config, folder, features, without, run_slots)
             with stderr_captured() as output:
                 try:
                     bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)

@@ -90,21 +90,24 @@ PROGRAM_PARTS = ("filters", "flows", "samples", "sock_stats")
 
 
 def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures,
-                  without: Iterable[str] = ()) -> list[str]:
+                  without: Iterable[str] = (), run_slots: Optional[int] = None) -> list[str]:
     """cflags for retransmit.bpf.c: the compile-time half of the configuration.
 
-    without: PROGRAM_PARTS left out (for the cost breakdown only: the result no longer counts
-    what the agent promises)."""
+    For the cost breakdown only: `without` leaves PROGRAM_PARTS out (the result no longer
+    counts what the agent promises); `run_slots` replaces the program's RUN_SLOTS (pending
+    runs per CPU, a power of two; more than 2 lets more flows than flow_capacity show)."""
     without = tuple(without)
     unknown = set(without) - set(PROGRAM_PARTS)
     if unknown:
         raise ValueError(f"unknown program parts {', '.join(sorted(unknown))}: use {', '.join(PROGRAM_PARTS)}")
+    if run_slots is not None and (run_slots < 1 or run_slots & (run_slots - 1)):
+        raise ValueError(f"run_slots {run_slots} is not a power of two")
     return [
         f"-I{include}",
         f"-DFLOW_CAPACITY={config.flow_capacity}",
         f"-DRINGBUF_PAGES={config.ring_pages}",
     ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()] + [
-        f"-DWITHOUT_{part.upper()}" for part in without]
+        f"-DWITHOUT_{part.upper()}" for part in without] + ([f"-DRUN_SLOTS={run_slots}"] if run_slots else [])
 
 
 def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> None:

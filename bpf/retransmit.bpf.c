@@ -4,15 +4,16 @@
  * fields are read (bcc builds `args` from the tracefs format file), so the program follows
  * the running kernel's layout and needs no struct sock.
  *
- * Cost per event is kept near a bare counter's: filters are skipped unless enabled, flow
- * keys are small (one map per family), and consecutive retransmits of one flow on a CPU
+ * Cost per event is kept near a bare counter's (bench/results/kernel_breakdown.md prices
+ * each part): filters are skipped unless enabled, flow keys are small (one map per
+ * family), and consecutive retransmits of one flow on a CPU
  * (the common case: they come in bursts) are counted in a per-CPU run, recognised by its
  * socket pointer, without parsing addresses, a hash lookup or a clock read (see struct run
  * and struct clock in retransmit.h).
  *
  * Both families take one code path: an event becomes a struct flow_key (IPv4 addresses in
- * its first 4 bytes); only the maps keyed by address (flows, address filters) are per
- * family, and those few lines pick the map by key.family.
+ * its first 4 bytes); only the maps keyed by address are per family, and lookup_flow,
+ * insert_flow and addresses_pass pick the map by key.family.
  *
  * Only the fields every kernel since 4.15 has are assumed: skaddr, sport, dport, saddr,
  * daddr, saddr_v6, daddr_v6. Compile-time switches (cflags), chosen by the agent from the
@@ -20,7 +21,7 @@
  *   HAVE_SKB_STATE  tcp_retransmit_skb has `state` (Linux 5.0+); else state UNKNOWN (0)
  *   HAVE_SKB_ERR    ... has `err` (6.17+): it then also fires for failed attempts, which
  *                   are set aside so every kernel counts the same thing
- *   HAVE_JIFFIES64  bpf_jiffies64() exists (5.5+): runs estimate time without the clock
+ *   HAVE_JIFFIES64  bpf_jiffies64() exists (5.5+): events estimate time without the clock
  *   USE_RINGBUF     BPF ring buffer (5.8+, RHEL 8.4+), else a perf buffer
  *   HAVE_SOCK_BTF   the node's BTF gave the socket fields' offsets (SOCK_* constants):
  *                   each retransmit gets a cause and the flow the socket's RTT and window
@@ -203,15 +204,16 @@ static __always_inline u32 run_slot(const void *sk)
  * both addresses (in case the socket's memory went to another connection meanwhile), under
  * the same filters (the run's flow passed the flow filters of its generation). A macro:
  * bcc defines the type of `args` only inside the probe. */
-#define CONTINUES_RUN(run, args, current)                                     \
+#define CONTINUES_RUN(run, args, current)                                        \
     ({                                                                           \
         u32 saddr_tail, daddr_tail;                                              \
         __builtin_memcpy(&saddr_tail, (args)->saddr_v6 + 12, 4);                 \
         __builtin_memcpy(&daddr_tail, (args)->daddr_v6 + 12, 4);                 \
-        (run)->retransmits && (run)->sk == (u64)(args)->skaddr &&               \
+        (run)->retransmits && (run)->sk == (u64)(args)->skaddr &&                \
             (run)->generation == (current) &&                                    \
-            (run)->key.sport == (args)->sport && (run)->key.dport == (args)->dport && \
-            (run)->saddr_tail == saddr_tail && (run)->daddr_tail == daddr_tail; \
+            (run)->key.sport == (args)->sport &&                                 \
+            (run)->key.dport == (args)->dport &&                                 \
+            (run)->saddr_tail == saddr_tail && (run)->daddr_tail == daddr_tail;  \
     })
 
 static __always_inline void extend_run(struct run *run, u32 state, u8 cause, struct sock_info *sock,

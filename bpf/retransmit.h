@@ -115,7 +115,9 @@ struct flow_stats {
  * need no flow map update between them (a flow map update costs about as much as the
  * rest of the program). A run is added to the flow map when another socket takes its
  * slot or the filters change; the agent adds pending runs when it reads. */
+#ifndef RUN_SLOTS
 #define RUN_SLOTS 2            /* a power of two */
+#endif
 
 struct run {
     struct flow_key key;
