@@ -1,6 +1,6 @@
 """Kernel cost per event of each part of bpf/retransmit.bpf.c, all measured in one run.
 
-    python -m bench.kernel_breakdown [--windows 12] [--seconds 4] [--output bench/results/kernel_breakdown.json]
+    python -m bench.kernel_breakdown [--windows 12] [--seconds 4] [--before REV] [--output FILE]
 
 The program is compiled several times, each time with one more part switched on
 (-DWITHOUT_<PART> from agent/kernelconfig.py, and the causes through the BTF switch as the
@@ -10,7 +10,9 @@ iperf3 -P 16 between the two addresses of a private LossNamespace under 20% rand
 (bench.kernel_bench's main phase). The load runs for `windows` back-to-back windows; in
 each, every program's cost per event is its run_time_ns / run_cnt delta (kernel.bpf_stats).
 A part's cost is the difference between two neighbouring rungs of the ladder; the
-figures are medians over the windows, the ratios medians of each window's ratio.
+figures are medians over the windows, the ratios medians of each window's ratio. With
+--before REV, the program as of that git revision (default and causes off) runs beside
+them: a before/after in the same run.
 """
 
 from __future__ import annotations
@@ -77,6 +79,57 @@ class Window:
     events: int = 0
 
 
+class ProgramAt:
+    """The agent's program as of git revision `rev` (its bpf/ folder), compiled with the same
+    flags, configured through its `config` map as the agent does, without the agent's Python
+    of that revision: a before/after in one run. Default configuration only."""
+
+    def __init__(self, rev: str, features) -> None:
+        import tempfile
+
+        from bcc import BPF
+        from retransmit_agent.kernel import KernelConfig
+        from retransmit_agent.kernelconfig import FAMILY_BITS, compile_flags
+
+        self._folder = tempfile.TemporaryDirectory(prefix="rtbd-")
+        folder = Path(self._folder.name)
+        for name in ("retransmit.bpf.c", "retransmit.h"):
+            text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:bpf/{name}"], check=True,
+                                  capture_output=True, text=True).stdout
+            (folder / name).write_text(text)
+        config = KernelConfig()
+        self.bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=compile_flags(config, folder, features))
+        if features.ringbuf:
+            self.bpf[b"events"].open_ring_buffer(lambda *_: 0)
+        else:
+            self.bpf[b"events"].open_perf_buffer(lambda *_: None, page_cnt=config.ring_pages)
+        self._ringbuf = features.ringbuf
+        table = self.bpf[b"config"]
+        leaf = table.Leaf()
+        leaf.families = sum(FAMILY_BITS.values())
+        leaf.max_per_second = config.samples_per_second
+        leaf.generation = 1
+        table[table.Key(0)] = leaf
+
+    def drain_events(self) -> None:
+        if self._ringbuf:
+            self.bpf.ring_buffer_consume()
+        else:
+            self.bpf.perf_buffer_consume()
+
+    def instruction_counts(self) -> dict[str, int]:
+        return {PROBE: len(self.bpf.dump_func(f"tracepoint__tcp__{PROBE}".encode())) // 8}
+
+    def kernel_cost(self) -> dict[str, tuple[int, int]]:
+        fd = self.bpf.funcs[f"tracepoint__tcp__{PROBE}".encode()].fd
+        (stats,) = procstat.prog_stats(os.getpid(), [fd])
+        return {PROBE: (stats.run_time_ns, stats.run_cnt)}
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+        self._folder.cleanup()
+
+
 def open_rung(rung: Rung, port: int):
     from retransmit_agent.kernel import KernelConfig, RetransmitProgram
 
@@ -86,8 +139,9 @@ def open_rung(rung: Rung, port: int):
 
 
 def run(windows: int = 12, seconds: float = 4.0, warmup: float = 3.0, port: Optional[int] = None,
-        log: Callable[[str], None] = print) -> dict:
-    """Measure the ladder; returns the figures (written by `write`)."""
+        before: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
+    """Measure the ladder (and, with `before`, the default program as of that git revision,
+    with and without causes); returns the figures (written by `write`)."""
     from bcc import BPF
 
     port = port or random.randrange(20000, 30000)
@@ -100,6 +154,12 @@ def run(windows: int = 12, seconds: float = 4.0, warmup: float = 3.0, port: Opti
             floor = BPF(text=FLOOR_SOURCE)
             for rung in rungs:
                 programs[rung.name] = open_rung(rung, port)
+            if before:
+                from retransmit_agent.kernelinfo import probe_features
+
+                tracefs = programs["default"].tracefs
+                programs["before_default"] = ProgramAt(before, probe_features(tracefs))
+                programs["before_causes_off"] = ProgramAt(before, probe_features(tracefs, btf_path=None))
             instructions = {name: p.instruction_counts()[PROBE] for name, p in programs.items()}
             features = programs["default"].features.describe()
             log(f"attached floor and {len(programs)} variants; {features}")
@@ -117,18 +177,18 @@ def run(windows: int = 12, seconds: float = 4.0, warmup: float = 3.0, port: Opti
                               "--port", str(port), "--connections", "16", "--seconds", f"{total:g}",
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             drain_until(programs, time.monotonic() + warmup)
-            before, at = reading(), time.monotonic()
+            start, at = reading(), time.monotonic()
             for _ in range(windows):
                 drain_until(programs, at + seconds)
-                after, end = reading(), time.monotonic()
-                window = Window(seconds=end - at, events=after["floor"][1] - before["floor"][1])
-                for name in after:
-                    runs = after[name][1] - before[name][1]
-                    window.ns_per_event[name] = (after[name][0] - before[name][0]) / runs if runs else float("nan")
+                end_reading, end = reading(), time.monotonic()
+                window = Window(seconds=end - at, events=end_reading["floor"][1] - start["floor"][1])
+                for name in end_reading:
+                    runs = end_reading[name][1] - start[name][1]
+                    window.ns_per_event[name] = (end_reading[name][0] - start[name][0]) / runs if runs else float("nan")
                 samples.append(window)
                 log(f"window: {window.events / window.seconds:.0f} events/s, " + ", ".join(
                     f"{k} {v:.0f}" for k, v in window.ns_per_event.items()))
-                before, at = after, end
+                start, at = end_reading, end
             iperf.wait(timeout=120)
             ns.clear_loss()
         finally:
@@ -136,7 +196,15 @@ def run(windows: int = 12, seconds: float = 4.0, warmup: float = 3.0, port: Opti
                 p.close()
             if floor is not None:
                 floor.cleanup()
-    return summarize(samples, rungs, instructions, features, port)
+    figures = summarize(samples, rungs, instructions, features, port)
+    if before:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", before], capture_output=True,
+                                text=True).stdout.strip()
+        figures["before"] = {"rev": before, "commit": commit, **{name: {
+            "ns_per_event": round(statistics.median(w.ns_per_event[name] for w in samples), 1),
+            "ratio": round(statistics.median(w.ns_per_event[name] / w.ns_per_event["floor"] for w in samples), 2),
+            "instructions": instructions[name]} for name in ("before_default", "before_causes_off")}}
+    return figures
 
 
 def drain_until(programs: dict, deadline: float) -> None:
@@ -154,7 +222,7 @@ def summarize(samples: list[Window], rungs, instructions: dict, features: str, p
     def median(values) -> float:
         return round(statistics.median(values), 1)
 
-    names = ["floor", *(r.name for r in rungs)]
+    names = ["floor", *(r.name for r in rungs)]   # (a `before` program is summarized by run())
     ns_per_event = {name: median(w.ns_per_event[name] for w in samples) for name in names}
     parts = []
     previous = None
@@ -224,6 +292,11 @@ def markdown(figures: dict, command: str) -> str:
         "kept as the fallback; not measured here: this VM refuses BPF_PROG_TYPE_TRACING programs (fentry, "
         "tp_btf) with EPERM, and bcc 0.26 cannot build tp_btf.",
         "",
+        *([f"Before (the program at {figures['before']['rev']}, {figures['before']['commit'][:10]}, same run): default "
+           f"{figures['before']['before_default']['ns_per_event']:.0f} ns = "
+           f"{figures['before']['before_default']['ratio']}x the floor, causes off "
+           f"{figures['before']['before_causes_off']['ns_per_event']:.0f} ns = "
+           f"{figures['before']['before_causes_off']['ratio']}x.", ""] if "before" in figures else []),
         "What more pending runs per CPU would buy (not shipped: up to that many flows per CPU could "
         "then show beyond the flow map's capacity; a kernel test bounds them at two per CPU):",
         "",
@@ -245,12 +318,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernel_breakdown", description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=12)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--before", metavar="REV", help="also measure the program as of this git revision")
     parser.add_argument("--output", default=str(RESULTS / "kernel_breakdown.json"))
     args = parser.parse_args(argv)
     command = "python -m bench.kernel_breakdown" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     log = lambda m: print(f"[breakdown {time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    figures = {"meta": meta(), **run(windows=args.windows, seconds=args.seconds, log=log)}
+    figures = {"meta": meta(), **run(windows=args.windows, seconds=args.seconds, before=args.before, log=log)}
     write(figures, Path(args.output), command)
     print(markdown(figures, command))
     return 0
