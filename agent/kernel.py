@@ -113,7 +113,8 @@ class RetransmitProgram:
     @classmethod
     def open(cls, config: KernelConfig, tracefs: Optional[str] = None,
              ringbuf: Optional[bool] = None, jiffies64: Optional[bool] = None,
-             btf: Optional[str] = VMLINUX_BTF) -> "RetransmitProgram":
+             btf: Optional[str] = VMLINUX_BTF, without: Iterable[str] = (),
+             run_slots: Optional[int] = None) -> "RetransmitProgram":
         """Check the node, compile and attach the program, then start counting with `config`.
 
         tracefs: a tracefs mount to check instead of probing the usual places.
@@ -122,6 +123,8 @@ class RetransmitProgram:
         jiffies64: None probes for bpf_jiffies64(); False reads the clock every event.
         btf: the kernel's BTF, for the socket fields behind each retransmit's cause; None or a
         missing file: causes are unknown, counts unchanged.
+        without, run_slots: for bench/kernel_breakdown.py's cost per part only
+        (kernelconfig.compile_flags).
         """
         require_privileges()  # first: without it tracefs looks empty
         path = find_tracefs(tracefs)
@@ -137,7 +140,7 @@ class RetransmitProgram:
         require_fitting_layout(config, features)
         source = resources.files("retransmit_bpf")
         with resources.as_file(source) as folder:
-            cflags = compile_flags(config, folder, features)
+            cflags = compile_flags(config, folder, features, without, run_slots)
             with stderr_captured() as output:
                 try:
                     bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
@@ -301,7 +304,7 @@ class RetransmitProgram:
         )
 
     def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
-        """Flow map entries plus the runs still pending on each CPU (see struct run4).
+        """Flow map entries plus the runs still pending on each CPU (see struct run).
 
         The map is read before the runs: a run the kernel moves into the map in between
         is missed by this snapshot (never counted twice), so a flow's count can lag for
@@ -314,12 +317,15 @@ class RetransmitProgram:
                     stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state,
                     tuple(stats.by_cause), _socket_state(stats.sock))
         runs: list[tuple[tuple, FlowEntry]] = []
-        for family, name in ((AF_INET, b"runs4"), (AF_INET6, b"runs6")):
-            for run in self._bpf[name][0]:
-                if run.retransmits:
-                    runs.append((self._raw_key(family, run.key), FlowEntry(
-                        run.retransmits, 0, run.first_ns, run.last_ns, run.last_state,
-                        tuple(run.by_cause), _socket_state(run.sock))))
+        table = self._bpf[b"runs"]
+        for run in (run for slot in range(len(table)) for run in table[slot]):   # every slot of every CPU
+            if run.retransmits:
+                size = 4 if run.key.family == AF_INET else 16   # struct flow_key: IPv4 in the first 4 bytes
+                key = (run.key.family, bytes(run.key.saddr)[:size], bytes(run.key.daddr)[:size],
+                       run.key.sport, run.key.dport)
+                runs.append((key, FlowEntry(
+                    run.retransmits, 0, run.first_ns, run.last_ns, run.last_state,
+                    tuple(run.by_cause), _socket_state(run.sock))))
         merged, self._floors = merge_pending_runs(entries, runs, self._floors)
         for (family, saddr, daddr, sport, dport), e in merged.items():
             yield flow_counters(family, saddr, daddr, sport, dport, e.retransmits, e.synack_retransmits,

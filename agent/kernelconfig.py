@@ -92,13 +92,30 @@ def program_defines() -> dict[str, int]:
     }
 
 
-def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures) -> list[str]:
-    """cflags for retransmit.bpf.c: the compile-time half of the configuration."""
+# Parts of the program that bench/kernel_breakdown.py compiles out (-DWITHOUT_<PART>) to
+# price each one in kernel time per event; the agent always compiles every part.
+PROGRAM_PARTS = ("filters", "flows", "samples", "sock_stats")
+
+
+def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures,
+                  without: Iterable[str] = (), run_slots: Optional[int] = None) -> list[str]:
+    """cflags for retransmit.bpf.c: the compile-time half of the configuration.
+
+    For the cost breakdown only: `without` leaves PROGRAM_PARTS out (the result no longer
+    counts what the agent promises); `run_slots` replaces the program's RUN_SLOTS (pending
+    runs per CPU, a power of two; more than 2 lets more flows than flow_capacity show)."""
+    without = tuple(without)
+    unknown = set(without) - set(PROGRAM_PARTS)
+    if unknown:
+        raise ValueError(f"unknown program parts {', '.join(sorted(unknown))}: use {', '.join(PROGRAM_PARTS)}")
+    if run_slots is not None and (run_slots < 1 or run_slots & (run_slots - 1)):
+        raise ValueError(f"run_slots {run_slots} is not a power of two")
     return [
         f"-I{include}",
         f"-DFLOW_CAPACITY={config.flow_capacity}",
         f"-DRINGBUF_PAGES={config.ring_pages}",
-    ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()]
+    ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()] + [
+        f"-DWITHOUT_{part.upper()}" for part in without] + ([f"-DRUN_SLOTS={run_slots}"] if run_slots else [])
 
 
 def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> None:

@@ -1,4 +1,5 @@
-"""`make bench`: run every measurement once and write bench/results/latest.json and latest.png.
+"""`make bench`: run every measurement once and write bench/results/latest.json and latest.png
+(and bench/results/kernel_breakdown.json and .md: the kernel cost per part of the program).
 
     python -m bench.run [--skip-node] [--skip-controlplane] [--window 60]
 
@@ -17,7 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import controlplane_bench, kernel_bench, report
+from bench import controlplane_bench, kernel_bench, kernel_breakdown, report
 from bench.plot import plot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,11 @@ def main(argv=None) -> int:
     if not args.skip_node:
         log("node: kernel cost, exactness, agent vs baseline overhead, sweep")
         results["node"] = kernel_bench.run(log=log)
+        log("node: kernel cost per part of the program, every variant on one load")
+        breakdown = {"meta": meta(), **kernel_breakdown.run(log=log)}
+        kernel_breakdown.write(breakdown, RESULTS / "kernel_breakdown.json", "python -m bench.run")
+        results["node"]["breakdown"] = {key: breakdown[key] for key in (
+            "ns_per_event", "ratio_default", "ratio_causes_off", "ratio_port_filter")}
     elif "node" in previous:
         # Kept from the run that measured them (its commit and date in node_measured).
         results["node"] = previous["node"]

@@ -4,10 +4,16 @@
  * fields are read (bcc builds `args` from the tracefs format file), so the program follows
  * the running kernel's layout and needs no struct sock.
  *
- * Cost per event is kept near a bare counter's: filters are skipped unless enabled, flow
- * keys are small (one map per family), and consecutive retransmits of one flow on a CPU
- * (the common case: they come in bursts) are counted in a per-CPU run without a hash
- * lookup or a clock read (see struct run4 and struct clock in retransmit.h).
+ * Cost per event is kept near a bare counter's (bench/results/kernel_breakdown.md prices
+ * each part): filters are skipped unless enabled, flow keys are small (one map per
+ * family), and consecutive retransmits of one flow on a CPU
+ * (the common case: they come in bursts) are counted in a per-CPU run, recognised by its
+ * socket pointer, without parsing addresses, a hash lookup or a clock read (see struct run
+ * and struct clock in retransmit.h).
+ *
+ * Both families take one code path: an event becomes a struct flow_key (IPv4 addresses in
+ * its first 4 bytes); only the maps keyed by address are per family, and lookup_flow,
+ * insert_flow and addresses_pass pick the map by key.family.
  *
  * Only the fields every kernel since 4.15 has are assumed: skaddr, sport, dport, saddr,
  * daddr, saddr_v6, daddr_v6. Compile-time switches (cflags), chosen by the agent from the
@@ -15,13 +21,15 @@
  *   HAVE_SKB_STATE  tcp_retransmit_skb has `state` (Linux 5.0+); else state UNKNOWN (0)
  *   HAVE_SKB_ERR    ... has `err` (6.17+): it then also fires for failed attempts, which
  *                   are set aside so every kernel counts the same thing
- *   HAVE_JIFFIES64  bpf_jiffies64() exists (5.5+): runs estimate time without the clock
+ *   HAVE_JIFFIES64  bpf_jiffies64() exists (5.5+): events estimate time without the clock
  *   USE_RINGBUF     BPF ring buffer (5.8+, RHEL 8.4+), else a perf buffer
  *   HAVE_SOCK_BTF   the node's BTF gave the socket fields' offsets (SOCK_* constants):
  *                   each retransmit gets a cause and the flow the socket's RTT and window
  *   HAVE_PROBE_READ_KERNEL  bpf_probe_read_kernel() (5.5+), else bpf_probe_read()
  * and FLOW_CAPACITY, RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
  * `cidrs4`, `cidrs6`, `local4`, `local6`, filled by the agent.
+ * WITHOUT_FILTERS, WITHOUT_FLOWS, WITHOUT_SAMPLES, WITHOUT_SOCK_STATS leave a part out, so
+ * bench/kernel_breakdown.py can price each part in one run; the agent never sets them.
  */
 #include "retransmit.h"
 
@@ -37,9 +45,8 @@ BPF_TABLE("lru_hash", struct flow_key4, struct flow_stats, flows4, FLOW_CAPACITY
 BPF_TABLE("lru_hash", struct flow_key6, struct flow_stats, flows6, FLOW_CAPACITY);
 
 BPF_PERCPU_ARRAY(totals, struct totals, 1);
-BPF_PERCPU_ARRAY(runs4, struct run4, 1);
-BPF_PERCPU_ARRAY(runs6, struct run6, 1);
-BPF_ARRAY(clock, struct clock, 1);
+BPF_PERCPU_ARRAY(runs, struct run, RUN_SLOTS);
+BPF_PERCPU_ARRAY(clock, struct clock, 1);
 BPF_ARRAY(sample_window, struct sample_window, 1);
 
 #ifdef USE_RINGBUF
@@ -68,79 +75,116 @@ static __always_inline void merge_stats(struct flow_stats *stats, struct flow_st
     }
 }
 
-/* Add counts to a flow's map entry, creating it if needed. `key` and `add` must be on the
- * stack: before Linux 4.18 a map value cannot be a helper's key argument. */
-static __always_inline void add_to_flow4(struct flow_key4 *key, struct flow_stats *add)
+/* The family's flow map key of `key` (flows4 or flows6). */
+static __always_inline void key4(struct flow_key *key, struct flow_key4 *k)
 {
-    struct flow_stats *stats = flows4.lookup(key);
+    __builtin_memcpy(&k->saddr, key->saddr, 4);
+    __builtin_memcpy(&k->daddr, key->daddr, 4);
+    k->sport = key->sport;
+    k->dport = key->dport;
+}
+
+static __always_inline void key6(struct flow_key *key, struct flow_key6 *k)
+{
+    __builtin_memcpy(k->saddr, key->saddr, 16);
+    __builtin_memcpy(k->daddr, key->daddr, 16);
+    k->sport = key->sport;
+    k->dport = key->dport;
+}
+
+static __always_inline struct flow_stats *lookup_flow(struct flow_key *key)
+{
+    if (key->family == AF_INET_) {
+        struct flow_key4 k = {};
+        key4(key, &k);
+        return flows4.lookup(&k);
+    }
+    struct flow_key6 k = {};
+    key6(key, &k);
+    return flows6.lookup(&k);
+}
+
+/* 0 when inserted. `add` is on the stack: before Linux 4.18 a helper's value must be. */
+static __always_inline int insert_flow(struct flow_key *key, struct flow_stats *add)
+{
+    if (key->family == AF_INET_) {
+        struct flow_key4 k = {};
+        key4(key, &k);
+        return flows4.insert(&k, add);
+    }
+    struct flow_key6 k = {};
+    key6(key, &k);
+    return flows6.insert(&k, add);
+}
+
+/* Add counts to a flow's map entry: inserted whole on first sight (a reader never sees a
+ * half-made entry), else merged into the entry found. */
+static __always_inline void add_to_flow(struct flow_key *key, struct flow_stats *add)
+{
+    struct flow_stats *stats = lookup_flow(key);
     if (!stats) {
-        if (flows4.insert(key, add) == 0)
+        if (insert_flow(key, add) == 0)
             return;
-        stats = flows4.lookup(key); /* another CPU inserted it first */
+        stats = lookup_flow(key);   /* another CPU inserted it first */
         if (!stats)
             return;
     }
     merge_stats(stats, add);
 }
 
-static __always_inline void add_to_flow6(struct flow_key6 *key, struct flow_stats *add)
+/* The address filters (remote CIDRs, local addresses): lookups in the family's maps. */
+static __always_inline int addresses_pass(struct config *cfg, struct flow_key *key)
 {
-    struct flow_stats *stats = flows6.lookup(key);
-    if (!stats) {
-        if (flows6.insert(key, add) == 0)
-            return;
-        stats = flows6.lookup(key);
-        if (!stats)
-            return;
+    if (key->family == AF_INET_) {
+        if (cfg->cidrs_enabled) {
+            struct cidr4_key c = {.prefixlen = 32};
+            __builtin_memcpy(c.addr, key->daddr, 4);
+            if (!cidrs4.lookup(&c))
+                return 0;
+        }
+        u32 saddr;
+        __builtin_memcpy(&saddr, key->saddr, 4);
+        if (cfg->local_ips_enabled && !local4.lookup(&saddr))
+            return 0;
+    } else {
+        if (cfg->cidrs_enabled) {
+            struct cidr6_key c = {.prefixlen = 128};
+            __builtin_memcpy(c.addr, key->daddr, 16);
+            if (!cidrs6.lookup(&c))
+                return 0;
+        }
+        if (cfg->local_ips_enabled && !local6.lookup((struct ip6_addr *)key->saddr))
+            return 0;
     }
-    merge_stats(stats, add);
+    return 1;
 }
 
-static __always_inline int same_key4(struct flow_key4 *a, struct flow_key4 *b)
-{
-    return a->saddr == b->saddr && a->daddr == b->daddr && a->sport == b->sport &&
-           a->dport == b->dport;
-}
-
-static __always_inline int same_key6(struct flow_key6 *a, struct flow_key6 *b)
-{
-    u64 *x = (u64 *)a->saddr, *y = (u64 *)b->saddr;
-    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] &&
-           a->sport == b->sport && a->dport == b->dport;
-}
-
-/* ---- the clock: family-free, shared by both families' runs ---------------------------- */
+/* ---- the clock ------------------------------------------------------------------------- */
 
 #ifdef HAVE_JIFFIES64
-/* Read the clock for a run's first event and refine the jiffies -> ns calibration. */
-static __always_inline u64 start_clock(struct clock *clk, u64 *jiffies)
+/* An event's time: estimated from jiffies (a load) once this CPU's calibration against
+ * bpf_ktime_get_ns() (a clock read) holds, else read from the clock. The calibration is
+ * redone each time the span since the base doubles, so the estimate stays within about two
+ * jiffies of the clock at a clock read per doubling; per CPU, so no cache line moves. */
+static __always_inline u64 now_ns(struct clock *clk)
 {
+    u64 jiffies = bpf_jiffies64();
+    u64 span = jiffies - clk->base_jiffies;
+    if (span < clk->calibrate_at)
+        return clk->base_ns + span * clk->ns_per_jiffy;
     u64 now = bpf_ktime_get_ns();
-    *jiffies = bpf_jiffies64();
-    if (!clk->base_jiffies) {
+    if (!clk->base_ns) {
         clk->base_ns = now;
-        clk->base_jiffies = *jiffies;
-    } else if (*jiffies - clk->base_jiffies >= 16) {
-        clk->ns_per_jiffy = (now - clk->base_ns) / (*jiffies - clk->base_jiffies);
+        clk->base_jiffies = jiffies;
+    } else if (span >= 16) {
+        clk->ns_per_jiffy = (now - clk->base_ns) / span;
+        clk->calibrate_at = span * 2;
     }
     return now;
 }
-
-/* A later event of a run: its time estimated from jiffies (a load, not a clock read). */
-static __always_inline u64 run_clock(struct clock *clk, u64 first_ns, u64 first_jiffies)
-{
-    u64 npj = clk->ns_per_jiffy;
-    return npj ? first_ns + (bpf_jiffies64() - first_jiffies) * npj : bpf_ktime_get_ns();
-}
 #else
 /* No bpf_jiffies64() (before Linux 5.5): every event reads the clock. */
-static __always_inline u64 start_clock(struct clock *clk, u64 *jiffies)
-{
-    *jiffies = 0;
-    return bpf_ktime_get_ns();
-}
-
-static __always_inline u64 run_clock(struct clock *clk, u64 first_ns, u64 first_jiffies)
+static __always_inline u64 now_ns(struct clock *clk)
 {
     return bpf_ktime_get_ns();
 }
@@ -148,14 +192,33 @@ static __always_inline u64 run_clock(struct clock *clk, u64 first_ns, u64 first_
 
 /* ---- per-CPU runs ----------------------------------------------------------------------- */
 
-/* The event's time if it continues this CPU's run of flow `key` (counted), else 0. */
-static __always_inline u64 continue_run4(struct run4 *run, struct clock *clk,
-                                         struct flow_key4 *key, u32 state, u32 generation,
-                                         u8 cause, struct sock_info *sock)
+/* The slot of socket `sk` among this CPU's runs (tcp_sock objects are cache-line aligned). */
+static __always_inline u32 run_slot(const void *sk)
 {
-    if (!run->retransmits || run->generation != generation || !same_key4(&run->key, key))
-        return 0;
-    u64 now = run_clock(clk, run->first_ns, run->first_jiffies);
+    u64 p = (u64)sk;
+    return ((p >> 6) ^ (p >> 12)) & (RUN_SLOTS - 1);
+}
+
+/* Whether a retransmit continues the run in its socket's slot: the same socket (a pointer compare, so
+ * the common event parses no address), with the same ports and the same low 4 bytes of
+ * both addresses (in case the socket's memory went to another connection meanwhile), under
+ * the same filters (the run's flow passed the flow filters of its generation). A macro:
+ * bcc defines the type of `args` only inside the probe. */
+#define CONTINUES_RUN(run, args, current)                                        \
+    ({                                                                           \
+        u32 saddr_tail, daddr_tail;                                              \
+        __builtin_memcpy(&saddr_tail, (args)->saddr_v6 + 12, 4);                 \
+        __builtin_memcpy(&daddr_tail, (args)->daddr_v6 + 12, 4);                 \
+        (run)->retransmits && (run)->sk == (u64)(args)->skaddr &&                \
+            (run)->generation == (current) &&                                    \
+            (run)->key.sport == (args)->sport &&                                 \
+            (run)->key.dport == (args)->dport &&                                 \
+            (run)->saddr_tail == saddr_tail && (run)->daddr_tail == daddr_tail;  \
+    })
+
+static __always_inline void extend_run(struct run *run, u32 state, u8 cause, struct sock_info *sock,
+                                       u64 now)
+{
     run->retransmits++;
     run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
     run->last_ns = now;
@@ -163,93 +226,63 @@ static __always_inline u64 continue_run4(struct run4 *run, struct clock *clk,
     /* the run's socket statistics stay those read at its start (see read_sock_stats) */
     run->sock.ca_state = sock->ca_state;
     run->sock.timeouts = sock->timeouts;
-    return now;
 }
 
-/* Move this CPU's run into the flow map and start a new one with `key`; returns the time. */
-static __always_inline u64 start_run4(struct run4 *run, struct clock *clk,
-                                      struct flow_key4 *key, u32 state, u32 generation,
-                                      u8 cause, struct sock_info *sock)
+/* Move the run in this slot into the flow map and start a new one: flow `key` on socket `sk`. */
+static __always_inline void start_run(struct run *run, struct flow_key *key, const void *sk,
+                                      u32 state, u32 generation, u8 cause, struct sock_info *sock,
+                                      u64 now)
 {
-    u64 jiffies;
-    u64 now = start_clock(clk, &jiffies);
     if (run->retransmits) {
-        struct flow_key4 done = run->key;
+        struct flow_key done = run->key;
         struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
                                  .last_ns = run->last_ns, .last_state = run->last_state,
                                  .sock = run->sock};
         __builtin_memcpy(add.by_cause, run->by_cause, sizeof(add.by_cause));
-        add_to_flow4(&done, &add);
+        add_to_flow(&done, &add);
     }
     run->key = *key;
+    run->sk = (u64)sk;
+    /* the low 4 bytes of saddr_v6 and daddr_v6, as continues_run reads them */
+    u32 tail = key->family == AF_INET_ ? 0 : 12;
+    __builtin_memcpy(&run->saddr_tail, key->saddr + tail, 4);
+    __builtin_memcpy(&run->daddr_tail, key->daddr + tail, 4);
     run->generation = generation;
     run->retransmits = 1;
     __builtin_memset(run->by_cause, 0, sizeof(run->by_cause));
     run->by_cause[cause & (CAUSE_SLOTS - 1)] = 1;
     run->first_ns = now;
-    run->first_jiffies = jiffies;
     run->last_ns = now;
     run->last_state = state;
     run->sock = *sock;
-    return now;
 }
 
-static __always_inline u64 continue_run6(struct run6 *run, struct clock *clk,
-                                         struct flow_key6 *key, u32 state, u32 generation,
-                                         u8 cause, struct sock_info *sock)
+static __always_inline void fill_event(struct event *e, struct flow_key *key, u8 kind, u32 state,
+                                       u64 now)
 {
-    if (!run->retransmits || run->generation != generation || !same_key6(&run->key, key))
-        return 0;
-    u64 now = run_clock(clk, run->first_ns, run->first_jiffies);
-    run->retransmits++;
-    run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
-    run->last_ns = now;
-    run->last_state = state;
-    /* the run's socket statistics stay those read at its start (see read_sock_stats) */
-    run->sock.ca_state = sock->ca_state;
-    run->sock.timeouts = sock->timeouts;
-    return now;
+    e->ts_ns = now;
+    e->family = key->family;
+    e->kind = kind;
+    e->state = state;
+    e->sport = key->sport;
+    e->dport = key->dport;
+    __builtin_memcpy(e->saddr, key->saddr, 16);
+    __builtin_memcpy(e->daddr, key->daddr, 16);
 }
 
-static __always_inline u64 start_run6(struct run6 *run, struct clock *clk,
-                                      struct flow_key6 *key, u32 state, u32 generation,
-                                      u8 cause, struct sock_info *sock)
-{
-    u64 jiffies;
-    u64 now = start_clock(clk, &jiffies);
-    if (run->retransmits) {
-        struct flow_key6 done = run->key;
-        struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
-                                 .last_ns = run->last_ns, .last_state = run->last_state,
-                                 .sock = run->sock};
-        __builtin_memcpy(add.by_cause, run->by_cause, sizeof(add.by_cause));
-        add_to_flow6(&done, &add);
-    }
-    run->key = *key;
-    run->generation = generation;
-    run->retransmits = 1;
-    __builtin_memset(run->by_cause, 0, sizeof(run->by_cause));
-    run->by_cause[cause & (CAUSE_SLOTS - 1)] = 1;
-    run->first_ns = now;
-    run->first_jiffies = jiffies;
-    run->last_ns = now;
-    run->last_state = state;
-    run->sock = *sock;
-    return now;
-}
-
-/* Hand one sample to user space unless the per-second budget is spent. */
+/* Hand one sample to user space unless the per-second budget is spent (the common case:
+ * then only the shared window is read, and the event is counted as lost). */
 static __always_inline void sample(void *ctx, struct config *cfg, struct totals *t,
-                                   struct event *ev)
+                                   struct flow_key *key, u8 kind, u32 state, u64 now)
 {
     u32 zero = 0;
     struct sample_window *w = sample_window.lookup(&zero);
     if (!w)
         return;
     /* Signed: event times estimated from jiffies may trail another CPU's clock read. */
-    if ((s64)(ev->ts_ns - w->start_ns) >= 1000000000LL) {
+    if ((s64)(now - w->start_ns) >= 1000000000LL) {
         /* Racy between CPUs by design: the budget may be exceeded by a few samples. */
-        w->start_ns = ev->ts_ns;
+        w->start_ns = now;
         w->count = 0;
     }
     if (w->count >= cfg->max_per_second) {
@@ -263,12 +296,14 @@ static __always_inline void sample(void *ctx, struct config *cfg, struct totals 
         t->lost++;
         return;
     }
-    __builtin_memcpy(e, ev, sizeof(*e));
+    fill_event(e, key, kind, state, now);
     /* No wake-up per event: the agent drains the buffer on a timer. */
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
     t->sampled++;
 #else
-    if (events.perf_submit(ctx, ev, sizeof(*ev)) < 0)
+    struct event ev = {};
+    fill_event(&ev, key, kind, state, now);
+    if (events.perf_submit(ctx, &ev, sizeof(ev)) < 0)
         t->lost++;
     else
         t->sampled++;
@@ -325,8 +360,42 @@ static __always_inline void read_sock_state(const void *sk, struct sock_info *so
     sock->valid = 1;
 }
 
+#define MIN2(a, b) ((a) < (b) ? (a) : (b))
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+#define SOCK_STATS_FIRST MIN2(MIN2(SOCK_SRTT_US, SOCK_SND_CWND), MIN2(SOCK_PACKETS_OUT, SOCK_RETRANS_OUT))
+#define SOCK_STATS_SPAN (MAX2(MAX2(SOCK_SRTT_US, SOCK_SND_CWND), MAX2(SOCK_PACKETS_OUT, SOCK_RETRANS_OUT)) \
+                         + 4 - SOCK_STATS_FIRST)
+
 /* At the first retransmit of a run (a burst of one flow on one CPU): RTT, window and
- * segments in flight. Read once per run, not per event, to keep the cost per event low. */
+ * segments in flight. Read once per run, not per event, to keep the cost per event low; in
+ * one bpf_probe_read when the four fields lie within 256 bytes (they do in 5.x-6.x
+ * kernels): a call costs about as much as copying a few hundred bytes. */
+#if SOCK_STATS_SPAN <= 256
+struct sock_span {
+    u8 bytes[256];
+};
+BPF_PERCPU_ARRAY(sock_scratch, struct sock_span, 1);   /* too big for the stack */
+
+static __always_inline u32 span_u32(struct sock_span *span, u32 offset)
+{
+    u32 value;
+    __builtin_memcpy(&value, span->bytes + (offset - SOCK_STATS_FIRST), 4);
+    return value;
+}
+
+static __always_inline void read_sock_stats(const void *sk, struct sock_info *sock)
+{
+    const char *base = sk;
+    u32 zero = 0;
+    struct sock_span *span = sock_scratch.lookup(&zero);
+    if (!span || read_kernel(span->bytes, SOCK_STATS_SPAN, base + SOCK_STATS_FIRST))
+        return;
+    sock->srtt_us = span_u32(span, SOCK_SRTT_US) >> 3;   /* the kernel keeps srtt_us scaled by 8 */
+    sock->snd_cwnd = span_u32(span, SOCK_SND_CWND);
+    sock->packets_out = span_u32(span, SOCK_PACKETS_OUT);
+    sock->retrans_out = span_u32(span, SOCK_RETRANS_OUT);
+}
+#else
 static __always_inline void read_sock_stats(const void *sk, struct sock_info *sock)
 {
     const char *base = sk;
@@ -339,169 +408,149 @@ static __always_inline void read_sock_stats(const void *sk, struct sock_info *so
     sock->srtt_us = srtt >> 3;   /* the kernel keeps srtt_us scaled by 8 */
 }
 #endif
+#endif
 
-/* Filter, count and sample one event; `ev` holds the tracepoint's fields (ts_ns unset). */
-static __always_inline int handle(void *ctx, struct event *ev, const void *sk, struct sock_info *sock)
+/* Count an event that passed the filters in the totals, and sample it. */
+static __always_inline int count_event(void *ctx, struct config *cfg, struct totals *t,
+                                       struct flow_key *key, u8 kind, u32 state, u8 cause, u64 now)
+{
+    count_totals(t, kind, state, cause);
+#ifndef WITHOUT_SAMPLES
+    if (cfg->max_per_second)
+        sample(ctx, cfg, t, key, kind, state, now);
+#endif
+    return 0;
+}
+
+/* An event that does not continue this CPU's run (a SYN-ACK never does): filter its flow,
+ * then start a run with it or add it to the flow map. `key` is the event's flow, `state`
+ * its slot (< STATE_SLOTS). */
+static __always_inline int handle(void *ctx, struct flow_key *key, u8 kind, u32 state,
+                                  const void *sk, struct sock_info *sock)
 {
     u32 zero = 0;
     struct config *cfg = config.lookup(&zero);
     struct totals *t = totals.lookup(&zero);
     struct clock *clk = clock.lookup(&zero);
-    if (!cfg || !t || !clk)
+    u32 slot = run_slot(sk);
+    struct run *run = runs.lookup(&slot);
+    if (!cfg || !t || !clk || !run)
         return 0;
 
-    /* Cheap filters: a bit test and an array index. */
-    int is_v4 = ev->family == AF_INET_;
-    if (!(cfg->families & (is_v4 ? FAMILY_IPV4 : FAMILY_IPV6)))
+#ifndef WITHOUT_FILTERS
+    /* Cheap filters first: a bit test and an array index. */
+    if (!(cfg->families & (key->family == AF_INET_ ? FAMILY_IPV4 : FAMILY_IPV6)))
         return 0;
-    u32 slot = ev->state;
-    if (cfg->states && !(cfg->states & (1U << slot)))
+    if (cfg->states && !(cfg->states & (1U << state)))
         return 0;
     if (cfg->ports_enabled) {
-        u32 sport = ev->sport, dport = ev->dport;
+        u32 sport = key->sport, dport = key->dport;
         u8 *s = ports.lookup(&sport), *d = ports.lookup(&dport);
         if (!(s && *s) && !(d && *d))
             return 0;
     }
-    int synack = ev->kind == KIND_SYNACK;
-    u8 cause = cause_of(sock, slot);
-
-    if (is_v4) {
-        struct flow_key4 key = {};
-        __builtin_memcpy(&key.saddr, ev->saddr, 4);
-        __builtin_memcpy(&key.daddr, ev->daddr, 4);
-        key.sport = ev->sport;
-        key.dport = ev->dport;
-        struct run4 *run = runs4.lookup(&zero);
-        if (!run)
-            return 0;
-        /* The flow of this CPU's run passed the address filters under this generation. */
-        u64 now = synack ? 0 : continue_run4(run, clk, &key, slot, cfg->generation, cause, sock);
-        if (!now) {
-            if (cfg->cidrs_enabled) {
-                struct cidr4_key c = {.prefixlen = 32};
-                __builtin_memcpy(c.addr, ev->daddr, 4);
-                if (!cidrs4.lookup(&c))
-                    return 0;
-            }
-            if (cfg->local_ips_enabled && !local4.lookup(&key.saddr))
-                return 0;
-            if (synack) {   /* rare: straight into the flow map */
-                now = bpf_ktime_get_ns();
-                struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
-                                         .last_ns = now, .last_state = slot};
-                add.by_cause[CAUSE_UNKNOWN] = 1;
-                add_to_flow4(&key, &add);
-            } else {
-#ifdef HAVE_SOCK_BTF
-                if (sock->valid)
-                    read_sock_stats(sk, sock);
+    if (!addresses_pass(cfg, key))
+        return 0;
 #endif
-                now = start_run4(run, clk, &key, slot, cfg->generation, cause, sock);
-            }
-        }
-        ev->ts_ns = now;
+    u8 cause = cause_of(sock, state);
+    u64 now = 0;
+#ifndef WITHOUT_FLOWS
+    now = now_ns(clk);
+    if (kind == KIND_SYNACK) {   /* rare: straight into the flow map */
+        struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
+                                 .last_ns = now, .last_state = state};
+        add.by_cause[CAUSE_UNKNOWN] = 1;
+        add_to_flow(key, &add);
     } else {
-        struct flow_key6 key = {};
-        __builtin_memcpy(key.saddr, ev->saddr, 16);
-        __builtin_memcpy(key.daddr, ev->daddr, 16);
-        key.sport = ev->sport;
-        key.dport = ev->dport;
-        struct run6 *run = runs6.lookup(&zero);
-        if (!run)
-            return 0;
-        u64 now = synack ? 0 : continue_run6(run, clk, &key, slot, cfg->generation, cause, sock);
-        if (!now) {
-            if (cfg->cidrs_enabled) {
-                struct cidr6_key c = {.prefixlen = 128};
-                __builtin_memcpy(c.addr, ev->daddr, 16);
-                if (!cidrs6.lookup(&c))
-                    return 0;
-            }
-            if (cfg->local_ips_enabled && !local6.lookup((struct ip6_addr *)key.saddr))
-                return 0;
-            if (synack) {
-                now = bpf_ktime_get_ns();
-                struct flow_stats add = {.synack_retransmits = 1, .first_ns = now,
-                                         .last_ns = now, .last_state = slot};
-                add.by_cause[CAUSE_UNKNOWN] = 1;
-                add_to_flow6(&key, &add);
-            } else {
-#ifdef HAVE_SOCK_BTF
-                if (sock->valid)
-                    read_sock_stats(sk, sock);
+#if defined(HAVE_SOCK_BTF) && !defined(WITHOUT_SOCK_STATS)
+        if (sock->valid)
+            read_sock_stats(sk, sock);
 #endif
-                now = start_run6(run, clk, &key, slot, cfg->generation, cause, sock);
-            }
-        }
-        ev->ts_ns = now;
+        start_run(run, key, sk, state, cfg->generation, cause, sock, now);
     }
-
-    count_totals(t, ev->kind, slot, cause);
-    if (cfg->max_per_second)
-        sample(ctx, cfg, t, ev);
-    return 0;
+#endif
+    return count_event(ctx, cfg, t, key, kind, state, cause, now);
 }
 
-/* An IPv4 connection has a v4-mapped daddr_v6 (::ffff:a.b.c.d) on every kernel: the
- * tracepoints store an AF_INET socket's addresses that way, and an AF_INET6 socket talking
- * IPv4 (a dual-stack server on [::]) has them so. The `family` field (5.12+) says the
- * socket's family, which for the latter is AF_INET6: the wire's family comes from here.
- * IPv4 addresses then move to the first 4 bytes, as struct event expects. */
-static __always_inline void classify_family(struct event *ev)
-{
-    u32 *s = (u32 *)ev->saddr, *d = (u32 *)ev->daddr;
-    if (d[0] == 0 && d[1] == 0 && ev->daddr[8] == 0 && ev->daddr[9] == 0 &&
-        ev->daddr[10] == 0xff && ev->daddr[11] == 0xff) {
-        ev->family = AF_INET_;
-        s[0] = s[3];
-        d[0] = d[3];
-        s[1] = s[2] = s[3] = 0;
-        d[1] = d[2] = d[3] = 0;
-    } else {
-        ev->family = AF_INET6_;
-    }
-}
-
-/* Copy the fields every kernel since 4.15 has (constant-offset context reads only). */
-#define COPY_FIELDS(ev, args)                                          \
-    do {                                                               \
-        (ev).sport = (args)->sport;                                    \
-        (ev).dport = (args)->dport;                                    \
-        __builtin_memcpy((ev).saddr, (args)->saddr_v6, 16);            \
-        __builtin_memcpy((ev).daddr, (args)->daddr_v6, 16);            \
-        classify_family(&(ev));                                        \
+/* The flow of an event, from the fields every kernel since 4.15 has (constant-offset
+ * context reads only). An IPv4 connection has a v4-mapped daddr_v6 (::ffff:a.b.c.d) on
+ * every kernel: the tracepoints store an AF_INET socket's addresses that way, and an
+ * AF_INET6 socket talking IPv4 (a dual-stack server on [::]) has them so. The `family`
+ * field (5.12+) says the socket's family, which for the latter is AF_INET6: the wire's
+ * family comes from here. The family is told first, so an IPv4 event copies only its
+ * 4-byte addresses (into the first 4 bytes). `key` starts zeroed. */
+#define READ_FLOW(key, args)                                                     \
+    do {                                                                         \
+        u64 prefix;                                                              \
+        u16 zero16, ones16;                                                      \
+        __builtin_memcpy(&prefix, (args)->daddr_v6, 8);                          \
+        __builtin_memcpy(&zero16, (args)->daddr_v6 + 8, 2);                      \
+        __builtin_memcpy(&ones16, (args)->daddr_v6 + 10, 2);                     \
+        (key).sport = (args)->sport;                                             \
+        (key).dport = (args)->dport;                                             \
+        if (prefix == 0 && zero16 == 0 && ones16 == 0xffff) {                    \
+            (key).family = AF_INET_;                                             \
+            __builtin_memcpy((key).saddr, (args)->saddr_v6 + 12, 4);             \
+            __builtin_memcpy((key).daddr, (args)->daddr_v6 + 12, 4);             \
+        } else {                                                                 \
+            (key).family = AF_INET6_;                                            \
+            __builtin_memcpy((key).saddr, (args)->saddr_v6, 16);                 \
+            __builtin_memcpy((key).daddr, (args)->daddr_v6, 16);                 \
+        }                                                                        \
     } while (0)
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
+    u32 zero = 0;
 #ifdef HAVE_SKB_ERR
     if (args->err) {
-        u32 zero = 0;
         struct totals *t = totals.lookup(&zero);
         if (t)
             t->failed++;
         return 0;
     }
 #endif
-    struct event ev = {.kind = KIND_RETRANSMIT};
+    u32 state = 0;   /* without the field: filed under UNKNOWN (the agent refuses a states filter there) */
 #ifdef HAVE_SKB_STATE
-    int state = args->state;
-    ev.state = (state > 0 && state < STATE_SLOTS) ? state : 0;
+    int s = args->state;
+    state = (s > 0 && s < STATE_SLOTS) ? s : 0;
+    /* Hide the range from the compiler, so it keeps the masks that prove it to the verifier. */
+    asm volatile("" : "+r"(state));
 #endif
-    /* else state 0: filed under UNKNOWN (the agent refuses a states filter there) */
-    COPY_FIELDS(ev, args);
     struct sock_info sock = {};
 #ifdef HAVE_SOCK_BTF
     read_sock_state(args->skaddr, &sock);
 #endif
-    return handle(args, &ev, args->skaddr, &sock);
+#ifndef WITHOUT_FLOWS
+    /* The common case: the event continues this CPU's run, whose flow passed the filters
+     * (only the state, which changes, is checked again). */
+    struct config *cfg = config.lookup(&zero);
+    struct totals *t = totals.lookup(&zero);
+    struct clock *clk = clock.lookup(&zero);
+    u32 slot = run_slot(args->skaddr);
+    struct run *run = runs.lookup(&slot);
+    if (!cfg || !t || !clk || !run)
+        return 0;
+    if (CONTINUES_RUN(run, args, cfg->generation)) {
+#ifndef WITHOUT_FILTERS
+        if (cfg->states && !(cfg->states & (1U << state)))
+            return 0;
+#endif
+        u8 cause = cause_of(&sock, state);
+        u64 now = now_ns(clk);
+        extend_run(run, state, cause, &sock, now);
+        return count_event(args, cfg, t, &run->key, KIND_RETRANSMIT, state, cause, now);
+    }
+#endif
+    struct flow_key key = {};
+    READ_FLOW(key, args);
+    return handle(args, &key, KIND_RETRANSMIT, state, args->skaddr, &sock);
 }
 
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
-    struct event ev = {.kind = KIND_SYNACK, .state = TCP_SYN_RECV_};
-    COPY_FIELDS(ev, args);
+    struct flow_key key = {};
+    READ_FLOW(key, args);
     struct sock_info sock = {};   /* a request socket: cause unknown */
-    return handle(args, &ev, args->req, &sock);
+    return handle(args, &key, KIND_SYNACK, TCP_SYN_RECV_, args->req, &sock);
 }

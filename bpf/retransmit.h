@@ -69,6 +69,8 @@ struct config {
                               whose flows passed the address filters of the old settings */
 };
 
+/* The flow maps' keys: one map per family, because hashing a 12-byte key costs much less
+ * than a 36-byte one. */
 struct flow_key4 {
     u32 saddr;             /* local (retransmitting) side, network byte order */
     u32 daddr;             /* remote side */
@@ -83,6 +85,17 @@ struct flow_key6 {
     u16 dport;
 };
 
+/* A flow of either family as the program handles it between the tracepoint and the flow
+ * maps: IPv4 addresses occupy the first 4 bytes of saddr/daddr (the rest 0). */
+struct flow_key {
+    u8 saddr[16];
+    u8 daddr[16];
+    u16 sport;
+    u16 dport;
+    u16 family;            /* AF_INET_ or AF_INET6_: the wire's family */
+    u16 pad;
+};
+
 struct flow_stats {
     u64 retransmits;         /* tcp_retransmit_skb events */
     u64 synack_retransmits;  /* tcp_retransmit_synack events */
@@ -94,41 +107,42 @@ struct flow_stats {
     struct sock_info sock;   /* the socket at the latest event */
 };
 
-/* The run of consecutive retransmits of one flow on one CPU, not yet added to flows4/6.
- * Retransmits come in bursts per socket, so most events only bump `retransmits` here,
- * an inlined per-CPU array access instead of hash and trie lookups (the address filters
- * are skipped too: the run's flow passed them). The run is added to the flow
- * map when the CPU sees another flow; the agent adds pending runs when it reads. */
-struct run4 {
-    struct flow_key4 key;
+/* A run: consecutive retransmits of one flow on one CPU, not yet added to flows4/6.
+ * Retransmits come in bursts per socket, so most events only bump `retransmits` here, an
+ * inlined per-CPU array access instead of hash and trie lookups (the flow filters are
+ * skipped too: the run's flow passed them). Each CPU keeps RUN_SLOTS runs, one per slot
+ * chosen by the socket's address: bursts of two sockets that interleave on a CPU then
+ * need no flow map update between them (a flow map update costs about as much as the
+ * rest of the program). A run is added to the flow map when another socket takes its
+ * slot or the filters change; the agent adds pending runs when it reads. */
+#ifndef RUN_SLOTS
+#define RUN_SLOTS 2            /* a power of two */
+#endif
+
+struct run {
+    struct flow_key key;
+    u64 sk;                /* the socket (skaddr): an event continues the run when it has the
+                              same socket, ports and low 4 bytes of both addresses */
+    u32 saddr_tail;        /* the low 4 bytes of saddr_v6, daddr_v6 */
+    u32 daddr_tail;
     u32 last_state;
     u32 generation;        /* config.generation when the run started */
     u64 retransmits;       /* 0: no run pending */
-    u64 first_ns;          /* bpf_ktime_get_ns() at the run's first event */
-    u64 first_jiffies;
-    u64 last_ns;           /* estimated from jiffies (see struct clock) */
+    u64 first_ns;          /* time of the run's first event (see struct clock) */
+    u64 last_ns;           /* ... of its latest event */
     u64 by_cause[CAUSE_SLOTS];
     struct sock_info sock; /* at the run's latest event */
 };
 
-struct run6 {
-    struct flow_key6 key;
-    u32 last_state;
-    u32 generation;
-    u64 retransmits;
-    u64 first_ns;
-    u64 first_jiffies;
-    u64 last_ns;
-    u64 by_cause[CAUSE_SLOTS];
-    struct sock_info sock; /* at the run's latest event */
-};
-
-/* jiffies -> ns calibration, so most events need bpf_jiffies64() (a load) rather than
- * bpf_ktime_get_ns() (a clock read; tracing programs may not use the coarse clock). */
+/* Per CPU: jiffies -> ns calibration, so most events need bpf_jiffies64() (a load) rather
+ * than bpf_ktime_get_ns() (a clock read; tracing programs may not use the coarse clock).
+ * Event times are CLOCK_MONOTONIC within about two jiffies. */
 struct clock {
-    u64 base_ns;
+    u64 base_ns;           /* the clock at this CPU's first event */
     u64 base_jiffies;
-    u64 ns_per_jiffy;      /* 0 until 16 ticks have passed: then events read the clock */
+    u64 ns_per_jiffy;
+    u64 calibrate_at;      /* jiffies since the base at which to calibrate again; 0: events
+                              read the clock until 16 jiffies have passed */
 };
 
 /* Per-CPU exact totals: every event that passed the filters, whatever the flow maps

@@ -171,7 +171,7 @@ def test_full_sample_buffer_counts_lost_events_and_totals_stay_exact(ns, referen
 def test_flows_evicted_from_a_tiny_map_still_count_in_totals(ns, reference):
     mine = loads.own_addresses(ns)
     config = KernelConfig(remote_cidrs=loads.own_cidrs(ns), flow_capacity=4)
-    # More flows than the map plus one pending run per CPU and family can hold, on any machine.
+    # More flows than the map plus the pending runs (two per CPU) can hold, on any machine.
     connections = 4 + 2 * os.cpu_count() + 4
     with RetransmitProgram.open(config) as program:
         loads.bulk(ns, loss=10, connections=connections, nbytes=256 << 10)
@@ -179,7 +179,7 @@ def test_flows_evicted_from_a_tiny_map_still_count_in_totals(ns, reference):
         snapshot = program.snapshot()
 
     expected = expected_flows(counts, mine)
-    # the map holds 4 flows; runs still pending on a CPU add at most one flow per CPU and family
+    # the map holds 4 flows; runs still pending add at most two flows per CPU (RUN_SLOTS in retransmit.h)
     assert len(snapshot.flow_counters) <= 4 + 2 * os.cpu_count() < len(expected)
     assert_totals_exact(snapshot, expected)
     assert sum(snapshot.by_state.values()) == snapshot.retransmits

@@ -31,10 +31,40 @@ def test_program_reads_tracepoint_fields_and_btf_resolved_socket_offsets_only():
     program = code("retransmit.bpf.c")
     assert not re.search(r"struct\s+(sock|sk_buff|inet_sock|tcp_sock|trace_event_raw_\w+)\b", program)
     reads = re.findall(r"read_kernel\(([^;]*?)\)\s*(?:\|\||\))", program)
-    assert len(reads) == 7
+    assert len(reads) == 8
     assert all(re.search(r"base \+ SOCK_[A-Z_]+$", args.strip()) for args in reads), reads
     assert "bpf_probe_read(" not in program.replace("#define read_kernel bpf_probe_read", "")
 
 
 def test_samples_are_submitted_without_waking_user_space():
     assert "BPF_RB_NO_WAKEUP" in source("retransmit.bpf.c")
+
+
+def test_both_families_take_one_code_path():
+    # an event becomes one struct flow_key whatever its family; only the maps keyed by
+    # address are per family, each touched in the one function that picks it by key.family
+    program = code("retransmit.bpf.c")
+    functions = re.findall(r"static __always_inline [\w\s*]+?\b(\w+)\(", program)
+    assert "handle" in functions and "start_run" in functions
+    assert [f for f in functions if re.search(r"[46]$", f)] == ["key4", "key6"]
+    for family_map in ("flows4", "flows6", "cidrs4", "cidrs6", "local4", "local6"):
+        assert len(re.findall(rf"\b{family_map}\.\w+\(", program)) <= 2, family_map
+    header = code("retransmit.h")
+    assert not re.search(r"\b(runs|run)[46]\b", program + header)
+
+
+def test_the_parts_the_bench_prices_are_the_programs_switches():
+    from retransmit_agent.kernelconfig import PROGRAM_PARTS
+
+    # every part kernelconfig can leave out has its switch in the program, and no other
+    assert set(re.findall(r"WITHOUT_(\w+)", code("retransmit.bpf.c"))) == {p.upper() for p in PROGRAM_PARTS}
+
+
+def test_an_unknown_part_is_refused_by_name(tmp_path):
+    from retransmit_agent.kernelconfig import KernelConfig, compile_flags
+    from retransmit_agent.kernelinfo import KernelFeatures, TracepointLayout
+
+    features = KernelFeatures(TracepointLayout(frozenset(), frozenset()), jiffies64=True, ringbuf=True)
+    assert "-DWITHOUT_SAMPLES" in compile_flags(KernelConfig(), tmp_path, features, without=("samples",))
+    with pytest.raises(ValueError, match="unknown program parts causes"):
+        compile_flags(KernelConfig(), tmp_path, features, without=("causes",))
