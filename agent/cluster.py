@@ -45,7 +45,7 @@ from retransmit_core.version import package_version
 
 from .metrics import AgentState, MetricsServer
 from .nodeentry import NodeEntry, NodeFacts, node_entry
-from .podselection import PodSelection, selected_ips
+from .podselection import PodSelection, selected_ips, with_filter_check
 from .podwatch import PodWatcher, node_addresses
 from .reportwriter import ApiError, ReportTarget, ReportWriter
 from .resume import Baseline, PodKey, read_entry
@@ -196,9 +196,15 @@ class ClusterAgent:
     def _set_local_ips(self, program: Any) -> None:
         """Push the selected pods' addresses into the kernel filter (caller holds the lock)."""
         ips = selected_ips(self.index, self.selection)
-        program.set_local_ips(ips)
+        left_out = program.set_local_ips(ips)
+        if left_out:
+            log.warning("%d selected pod addresses do not fit the local-IP filter (%d per family): not counted",
+                        left_out, program.config.filter_capacity)
+        self.facts = dataclasses.replace(self.facts, kernel_checks=with_filter_check(
+            self.facts.kernel_checks, left_out, program.config.filter_capacity))
         with self.state.lock:
             self.state.selected_ips = None if ips is None else len(ips)
+            self.state.local_ips_left_out = left_out
 
     def _read_baseline(self) -> None:
         """What this node already reported, from its own report (created here when there is

@@ -232,35 +232,44 @@ class RetransmitProgram:
                 keys6.append(key)
         return keys4, keys6
 
-    def _write_local_ips(self, ips: frozenset[str]) -> None:
-        """Make local4/local6 hold exactly `ips` (new entries first, then stale ones go)."""
+    def _write_local_ips(self, ips: frozenset[str]) -> int:
+        """Make local4/local6 hold `ips`, as many per family as the maps hold; returns how many
+        did not fit. Stale entries go first, so the room they free serves the new ones; which
+        addresses fit is stable (sorted), so a pod does not flap in and out as others come."""
+        left_out = 0
         keep4, keep6 = self._local_keys(ips)
         for table, keep in ((self._bpf[b"local4"], keep4), (self._bpf[b"local6"], keep6)):
-            wanted = {bytes(k): k for k in keep}
-            for key in wanted.values():
-                table[key] = table.Leaf(1)
+            ordered = sorted(keep, key=bytes)
+            fitting = ordered[: self._config.filter_capacity]
+            left_out += len(ordered) - len(fitting)
+            wanted = {bytes(k): k for k in fitting}
             for key in list(table.keys()):
                 if bytes(key) not in wanted:
                     with contextlib.suppress(KeyError):
                         del table[key]
+            for key in wanted.values():
+                table[key] = table.Leaf(1)
+        return left_out
 
-    def set_local_ips(self, ips: Optional[Iterable[str]]) -> None:
+    def set_local_ips(self, ips: Optional[Iterable[str]]) -> int:
         """Count only flows whose local address is in `ips` (None: any local address).
 
-        Takes effect at once, without reloading; an empty set counts nothing.
+        Takes effect at once, without reloading; an empty set counts nothing. Returns how many
+        addresses did not fit the filter maps (KernelConfig.filter_capacity per family): their
+        flows are not counted, and the caller says so.
         """
         new = None if ips is None else frozenset(str(ipaddress.ip_address(ip)) for ip in ips)
         with self._lock:
             if self._bpf is None:
-                return
+                return 0
             if new is None:
                 self._local_ips = None
                 self._write_config()
-                self._write_local_ips(frozenset())
-            else:
-                self._write_local_ips(new)
-                self._local_ips = new
-                self._write_config()
+                return self._write_local_ips(frozenset())
+            left_out = self._write_local_ips(new)
+            self._local_ips = new
+            self._write_config()
+            return left_out
 
     @property
     def config(self) -> KernelConfig:

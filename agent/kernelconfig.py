@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from retransmit_core.kernelvocab import (
+    DEFAULT_FILTER_CAPACITY,
     DEFAULT_FLOW_CAPACITY,
     DEFAULT_RING_PAGES,
     DEFAULT_SAMPLES_PER_SECOND,
@@ -35,7 +36,8 @@ class KernelConfig:
     states: kernel state names without TCP_; local_ips: None = no local-address filter,
     else only flows whose local address is in the set (an empty set matches nothing);
     samples_per_second: sampled events sent to user space (0 = none); flow_capacity:
-    entries per family in the LRU flow maps; ring_pages: ring buffer size (power of two).
+    entries per family in the LRU flow maps; ring_pages: ring buffer size (power of two);
+    filter_capacity: entries per family in the local-IP and remote-CIDR filter maps.
     """
 
     families: frozenset[str] = frozenset(FAMILY_BITS)
@@ -46,6 +48,7 @@ class KernelConfig:
     samples_per_second: int = DEFAULT_SAMPLES_PER_SECOND
     flow_capacity: int = DEFAULT_FLOW_CAPACITY
     ring_pages: int = DEFAULT_RING_PAGES
+    filter_capacity: int = DEFAULT_FILTER_CAPACITY
 
     def __post_init__(self) -> None:
         if not self.families or not set(self.families) <= set(FAMILY_BITS):
@@ -62,6 +65,8 @@ class KernelConfig:
             ipaddress.ip_address(ip)
         if self.samples_per_second < 0:
             raise ValueError("samples_per_second must be 0 or more")
+        if self.filter_capacity < 1:
+            raise ValueError("filter_capacity must be at least 1")
         if self.flow_capacity < 1:
             raise ValueError("flow_capacity must be at least 1")
         if self.ring_pages < 1 or self.ring_pages & (self.ring_pages - 1):
@@ -114,6 +119,7 @@ def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures,
         f"-I{include}",
         f"-DFLOW_CAPACITY={config.flow_capacity}",
         f"-DRINGBUF_PAGES={config.ring_pages}",
+        f"-DFILTER_CAPACITY={config.filter_capacity}",
     ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()] + [
         f"-DWITHOUT_{part.upper()}" for part in without] + ([f"-DRUN_SLOTS={run_slots}"] if run_slots else [])
 

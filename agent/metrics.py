@@ -91,6 +91,7 @@ class AgentState:
     period: float = 0.0
     failed: bool = False                 # the kernel program cannot be opened on this node
     selected_ips: Optional[int] = None   # addresses in the kernel's local-IP filter; None = no filter
+    local_ips_left_out: int = 0          # selected addresses the filter maps had no room for
     by_state: dict[str, int] = field(default_factory=dict)
     by_pod_port: dict[tuple[str, str, str], int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -190,6 +191,9 @@ class AgentCollector:
                 selected = GaugeMetricFamily("rtrace_selected_local_ips", "Pod addresses in the kernel's local-IP filter (namespaces/podSelector).", labels=["trace", "node"])
                 selected.add_metric([s.trace, s.node], s.selected_ips)
                 yield selected
+                left_out = GaugeMetricFamily("rtrace_local_ip_filter_left_out", "Selected pod addresses the kernel's local-IP filter has no room for: their flows are not counted.", labels=["trace", "node"])
+                left_out.add_metric([s.trace, s.node], s.local_ips_left_out)
+                yield left_out
             interval = GaugeMetricFamily("rtrace_report_interval_seconds", "The trace's reportInterval.", labels=["trace", "node"])
             interval.add_metric([s.trace, s.node], s.interval)
             yield interval

@@ -6,9 +6,9 @@ supplies the pods.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
-from retransmit_core.api import LabelSelector
+from retransmit_core.api import KernelCheck, LabelSelector
 from retransmit_core.podindex import PodFacts, PodIndex
 
 
@@ -50,6 +50,22 @@ class PodSelection:
         if self.namespaces and pod.namespace not in self.namespaces:
             return False
         return selector_matches(self.selector, pod.labels)
+
+
+FILTER_CHECK = "local-IP filter"
+
+
+def with_filter_check(checks: Sequence[KernelCheck], left_out: int, capacity: int) -> tuple[KernelCheck, ...]:
+    """The report's kernel checks with a degraded line when selected pods' addresses did not
+    fit the kernel's local-IP filter (their flows are not counted), and without one when all fit."""
+    kept = tuple(c for c in checks if c.name != FILTER_CHECK)
+    if left_out <= 0:
+        return kept
+    return kept + (KernelCheck(
+        name=FILTER_CHECK, status="degraded",
+        detail=f"{left_out} address(es) of selected pods do not fit the kernel's local-IP filter "
+               f"({capacity} per IP family): retransmits on their connections are not counted",
+        fix="select fewer pods with spec.namespaces or spec.podSelector, or split them over several traces"),)
 
 
 def selected_ips(index: PodIndex, selection: PodSelection) -> Optional[frozenset[str]]:

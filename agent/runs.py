@@ -1,5 +1,5 @@
 """Merging the kernel's per-CPU pending runs into flow-map entries, with counts that never go
-backwards between snapshots (see struct run4 in bpf/retransmit.h). Pure arithmetic."""
+backwards between snapshots (see struct run in bpf/retransmit.h). Pure arithmetic."""
 
 from __future__ import annotations
 

@@ -9,14 +9,16 @@
 #define RETRANSMIT_H
 
 /* Compile-time knobs (cflags -D...), chosen by the agent. */
+/* Map sizes come from the agent's compile flags (agent/kernelconfig.py), whose defaults are
+ * retransmit_core.kernelvocab's: one definition, no second copy here. */
 #ifndef FLOW_CAPACITY
-#define FLOW_CAPACITY 16384      /* entries in each of flows4 and flows6 (LRU) */
+#error "FLOW_CAPACITY (entries in each of flows4 and flows6, LRU) comes from the agent's compile flags"
 #endif
 #ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 64         /* ring buffer size in pages (power of two) */
+#error "RINGBUF_PAGES (ring buffer size in pages, a power of two) comes from the agent's compile flags"
 #endif
 #ifndef FILTER_CAPACITY
-#define FILTER_CAPACITY 1024     /* entries in each filter map (CIDRs, local IPs) */
+#error "FILTER_CAPACITY (entries in each filter map: CIDRs, local IPs) comes from the agent's compile flags"
 #endif
 
 /* Values shared with Python come from the agent as -D flags, defined once there
@@ -34,14 +36,14 @@
 
 /* Why a segment was retransmitted, from the socket's congestion-avoidance state (read through
  * the node's BTF offsets; enum tcp_ca_state: Open 0, Disorder 1, CWR 2, Recovery 3, Loss 4). */
-/* The values come from the agent (-DCAUSE_<NAME>=i, from api.RETRANSMIT_CAUSES, with the
+/* The values come from the agent (-DCAUSE_<NAME>=i, from kernelvocab.RETRANSMIT_CAUSES, with the
  * constants above):
  *   CAUSE_UNKNOWN  no BTF, or a SYN-ACK (a request socket has no such state)
  *   CAUSE_TIMEOUT  Loss: the retransmission timer fired (SYN retransmits too)
  *   CAUSE_FAST     Recovery (and CWR): fast retransmit after dupacks / SACK / RACK
  *   CAUSE_PROBE    Open, Disorder: tail loss probes and early retransmits */
 #ifndef CAUSE_PROBE
-#error "CAUSE_* come from the agent's compile flags (agent/kernelinfo.py)"
+#error "CAUSE_* come from the agent's compile flags (agent/kernelconfig.py, retransmit_core.kernelvocab)"
 #endif
 #define CAUSE_SLOTS 4             /* a power of two: indexes are masked with it */
 

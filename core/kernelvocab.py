@@ -24,5 +24,9 @@ RETRANSMIT_CAUSES: tuple[str, ...] = ("unknown", "timeout", "fast", "probe")
 DEFAULT_FLOW_CAPACITY = 16384
 # Ring (or perf) buffer size in pages, a power of two: room for bursts of samples.
 DEFAULT_RING_PAGES = 64
+# Entries per family in each filter map (remote CIDRs, the selected pods' local addresses).
+# A node holds far fewer pods; past it the addresses that do not fit are counted and said
+# (retransmit_agent.kernel.RetransmitProgram.set_local_ips), never silently dropped.
+DEFAULT_FILTER_CAPACITY = 1024
 # Samples per second per node that the kernel sends to user space (spec.events.maxPerSecond).
 DEFAULT_SAMPLES_PER_SECOND = 100

@@ -145,3 +145,24 @@ def test_dual_stack_server_flows_are_ipv4_for_every_filter(ns, reference):
         got = {f.key: (f.retransmits, f.synack_retransmits) for f in snapshots[name].flow_counters
                if f.local_ip in mine and f.local_port == 5201}
         assert got == (server_side if keeps_server_side else {}), name
+
+
+def test_local_ips_beyond_the_filter_capacity_are_counted_out_and_the_rest_still_count(reference):
+    """More selected addresses than the filter maps hold: set_local_ips says how many did not
+    fit (never raises: the pod watch once re-listed forever on that), keeps a stable subset
+    (the lowest addresses), and the flows of those it keeps count exactly."""
+    with LossNamespace() as ns:
+        b4 = ns.v4[1]
+        # Two addresses that sort after the server's (198.19 > 198.18): the one slot keeps b4.
+        beyond = {"198.19.255.253", "198.19.255.254"}
+        with RetransmitProgram.open(KernelConfig(local_ips=frozenset(), filter_capacity=1)) as program:
+            assert program.set_local_ips({b4} | beyond) == 2
+            first = reference.read()
+            loads.bulk(ns, loss=10, family="IPv4", port=5007, connections=2, nbytes=512 << 10)
+            second = reference.read()
+            snapshot = program.snapshot()
+            assert program.set_local_ips({b4}) == 0   # all fit again
+
+    expected = per_flow(second - first, lambda e: e.local_ip == b4 and succeeded(e))
+    assert expected, "the server side retransmitted during the load"
+    assert {f.key: (f.retransmits, f.synack_retransmits) for f in snapshot.flow_counters} == expected

@@ -332,3 +332,15 @@ def test_node_addresses_are_read_from_proc(tmp_path: Path):
 def test_node_addresses_of_this_machine_include_loopback():
     found = node_addresses()
     assert "127.0.0.1" in found
+
+
+def test_the_filter_check_says_how_many_addresses_did_not_fit_and_goes_when_all_fit():
+    from retransmit_agent.podselection import FILTER_CHECK, with_filter_check
+    from retransmit_core.api import KernelCheck
+
+    tracefs = KernelCheck(name="tracefs", status="ok", detail="mounted")
+    checks = with_filter_check((tracefs,), 3, 1024)
+    assert checks[0] == tracefs and checks[1].name == FILTER_CHECK and checks[1].status == "degraded"
+    assert checks[1].detail.startswith("3 address(es) of selected pods do not fit") and "1024" in checks[1].detail
+    assert with_filter_check(checks, 0, 1024) == (tracefs,)
+    assert len(with_filter_check(checks, 5, 1024)) == 2   # replaced, not added twice
