@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench import controlplane_bench, kernel_bench, kernel_breakdown, report
+from bench import controlplane_bench, figures, kernel_bench, kernel_breakdown
 from bench.plot import plot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,9 +95,9 @@ def main(argv=None) -> int:
             k: previous.get("meta", {}).get(k) for k in ("date", "git_commit", "git_dirty")}
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
 
-    summary = report.headline(results.get("node", {}), results.get("controlplane", {}))
-    document = {**summary, "units": report.UNITS, "targets": report.targets(summary), **results}
-    document = report.clean(document)
+    summary = figures.headline(results.get("node", {}), results.get("controlplane", {}))
+    document = {**summary, "units": figures.UNITS, "targets": figures.targets(summary), **results}
+    document = figures.clean(document)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2) + "\n")
     log(f"wrote {out}")

@@ -1,4 +1,4 @@
-"""bench/report.py, bench/synthetic.py and the metrics parser: how raw figures become latest.json,
+"""bench/figures.py, bench/synthetic.py and the metrics parser: how raw figures become latest.json,
 and that the simulated nodes write what a real agent writes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from bench import report
+from bench import figures
 from bench.controlplane_bench import parse_write_metrics
 from bench.synthetic import SyntheticNode
 from retransmit_core.api import DEFAULT_EVENTS_KEPT, DEFAULT_TOP_FLOWS, NodeStatus, to_api
@@ -30,11 +30,11 @@ def test_scale_figures_at_1000_and_5000_nodes_reach_the_headline_and_targets():
               "apiserver_cpu_percent": 80.0, "report_write_bytes_per_second": 1000.0, "trace_write_bytes_per_second": 500.0,
               "report_writes_per_second": 190.0, "trace_writes_per_second": 0.5, "busy_write_gap_p99_s": 61.0,
               "lease_writes_per_second": 150.0, "lease_write_bytes_per_second": 9000.0}]
-    h = report.headline(NODE, cp(scale))
+    h = figures.headline(NODE, cp(scale))
     assert (h["aggregation_lag_p50_s"], h["aggregation_lag_p99_s"], h["aggregation_lag_p99_s_5000_nodes"]) == (1.1, 2.9, 6.0)
     # Every write counts: reports, heartbeat Leases and the trace.
     assert h["write_bytes_per_second_5000_nodes"] == 10500.0 and h["writes_per_second_5000_nodes"] == 340.5
-    t = report.targets(h)
+    t = figures.targets(h)
     assert t["aggregation_lag_p99_s <= 5"]["met"] is True and t["aggregation_lag_p99_s_5000_nodes <= 5"]["met"] is False
     assert t["busy_write_gap_p99_s_1000_nodes <= 12"]["met"] is True
     assert t["busy_write_gap_p99_s_5000_nodes <= 60"]["met"] is False
@@ -43,8 +43,8 @@ def test_scale_figures_at_1000_and_5000_nodes_reach_the_headline_and_targets():
 
 
 def test_targets_report_met_missed_and_unmeasured():
-    h = report.headline(NODE, cp([]))
-    t = report.targets(h)
+    h = figures.headline(NODE, cp([]))
+    t = figures.targets(h)
     assert t["count_error == 0"]["met"] is True
     assert t["agent_cpu_percent <= 1"]["met"] is True
     assert t["baseline_cpu_percent / agent_cpu_percent >= 20"]["value"] == pytest.approx(17.0 / 0.12)
@@ -53,11 +53,11 @@ def test_targets_report_met_missed_and_unmeasured():
 
 
 def test_a_nonzero_count_error_misses_its_target():
-    assert report.targets({**NODE, "count_error": -3})["count_error == 0"]["met"] is False
+    assert figures.targets({**NODE, "count_error": -3})["count_error == 0"]["met"] is False
 
 
 def test_clean_makes_nan_null_so_the_file_is_strict_json():
-    doc = report.clean({"a": math.nan, "b": [1.0, math.nan], "c": {"d": math.nan}})
+    doc = figures.clean({"a": math.nan, "b": [1.0, math.nan], "c": {"d": math.nan}})
     assert json.loads(json.dumps(doc, allow_nan=False)) == {"a": None, "b": [1.0, None], "c": {"d": None}}
 
 
