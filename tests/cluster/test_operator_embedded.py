@@ -10,21 +10,17 @@ import pytest
 
 from retransmit_core.api import GROUP, PLURAL, VERSION
 from retransmit_operator.main import EmbeddedOperator
-from retransmit_operator.settings import Settings
 from tests.harness.controlplane import wait_until
-from tests.harness.tracecluster import install_crds
+from tests.harness.tracecluster import sleeping_agents_operator
 
 pytestmark = pytest.mark.cluster
 
 
 def test_embedded_operator_creates_agents_and_indexes_pods_then_stops_cleanly(control_plane, node_simulator, namespace):
     api = control_plane.api_client()
-    install_crds(api)
+    settings = sleeping_agents_operator(control_plane, api, namespace)
     custom = kubernetes.client.CustomObjectsApi(api)
     apps = kubernetes.client.AppsV1Api(api)
-    kubernetes.client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": "retransmit-agent"}})
-    settings = Settings(kubeconfig=str(control_plane.kubeconfig), namespace=namespace, metrics_port=0, sync_interval=1.0,
-                        agent_command=("/bin/sh", "-c", "exec sleep 1000", "--"))
     op = EmbeddedOperator(settings).start()
     name = f"t-{uuid.uuid4().hex[:8]}"
     try:

@@ -11,9 +11,8 @@ import pytest
 from retransmit_core.api import GROUP, PLURAL, VERSION
 from retransmit_core.naming import LEADER_LEASE
 from retransmit_operator.main import EmbeddedOperator
-from retransmit_operator.settings import Settings
 from tests.harness.controlplane import wait_until
-from tests.harness.tracecluster import install_crds
+from tests.harness.tracecluster import sleeping_agents_operator
 
 pytestmark = pytest.mark.cluster
 
@@ -24,12 +23,9 @@ def passes(op: EmbeddedOperator) -> float:
 
 def test_two_replicas_elect_one_leader_and_the_standby_takes_over(control_plane, node_simulator, namespace):
     api = control_plane.api_client()
-    install_crds(api)
+    settings = sleeping_agents_operator(control_plane, api, namespace)
     custom = kubernetes.client.CustomObjectsApi(api)
     leases = kubernetes.client.CoordinationV1Api(api)
-    kubernetes.client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": "retransmit-agent"}})
-    settings = Settings(kubeconfig=str(control_plane.kubeconfig), namespace=namespace, metrics_port=0, sync_interval=1.0,
-                        agent_command=("/bin/sh", "-c", "exec sleep 1000", "--"))
     leader = EmbeddedOperator(settings).start()
     standby = EmbeddedOperator(settings).start(wait_ready=False)
     name = f"t-{uuid.uuid4().hex[:8]}"

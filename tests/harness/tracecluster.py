@@ -54,6 +54,15 @@ def install_crds(api: Any) -> None:
         apply_manifest(api, yaml.safe_load((ROOT / "manifests" / path).read_text()))
 
 
+def sleeping_agents_operator(control_plane: Any, api: Any, namespace: str) -> Settings:
+    """Settings of an operator in `namespace` (its CRDs installed, its agents' ServiceAccount
+    made) whose agents only sleep: for tests of the operator itself, not of counting."""
+    install_crds(api)
+    kubernetes.client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": "retransmit-agent"}})
+    return Settings(kubeconfig=str(control_plane.kubeconfig), namespace=namespace, metrics_port=0, sync_interval=1.0,
+                    agent_command=("/bin/sh", "-c", "exec sleep 1000", "--"))
+
+
 def operator_settings(control_plane: Any, agent_state: Path, metrics_port: int = 0) -> Settings:
     """The embedded operator's settings: agents run the agent_state wrapper under the manifests'
     ServiceAccount, one sync pass a second."""
