@@ -38,14 +38,17 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
     def login(**_: Any) -> kopf.ConnectionInfo:
         return kube_module.connection_info(kube.cfg)
 
-    stop_watch = threading.Event()
+    # One stop flag per leadership term: a replica that stood by again and leads anew starts
+    # fresh watch threads, while the last term's end at their next wake-up.
+    stop_watch = [threading.Event()]
 
     @kopf.on.startup(registry=registry, id="start-sync")
     async def startup(**_: Any) -> None:
         # The nodes' reports and their heartbeat Leases: one label-selected watch of each kind
         # in the operator's namespace, each in its own thread.
+        stop_watch[0] = threading.Event()
         for watch, thread in ((kube.watch_reports, "rtrace-report-watch"), (kube.watch_heartbeats, "rtrace-heartbeat-watch")):
-            threading.Thread(target=watch, args=(settings.namespace, reconciler.reports, stop_watch),
+            threading.Thread(target=watch, args=(settings.namespace, reconciler.reports, stop_watch[0]),
                              name=thread, daemon=True).start()
         tasks.append(asyncio.create_task(reconciler.sync_forever(), name="rtrace-sync"))
         log.info("operator started: agents in namespace %s, image %s, security mode %s",
@@ -53,7 +56,7 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
 
     @kopf.on.cleanup(registry=registry, id="stop-sync")
     async def cleanup(**_: Any) -> None:
-        stop_watch.set()
+        stop_watch[0].set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

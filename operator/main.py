@@ -30,6 +30,8 @@ from .metrics import OperatorMetrics
 from .reconciler import Reconciler
 from .settings import Settings, SettingsError
 
+log = logging.getLogger("retransmit_operator")
+
 
 def operator_identity() -> str:
     """Who this operator process is, for kopf: the pod's name (its hostname) and pid.
@@ -39,10 +41,6 @@ def operator_identity() -> str:
     restricted SCC runs the pod as an arbitrary uid. The operator must start as any uid.
     """
     return f"{socket.gethostname()}/{os.getpid()}"  # kopf.Identity is a NewType of str
-
-
-class LostLeadership(RuntimeError):
-    """Another replica may lead now: this one stopped, and exits non-zero to restart as a standby."""
 
 
 async def run(settings: Settings, *, ready_flag: Optional[threading.Event] = None,
@@ -59,30 +57,33 @@ async def run(settings: Settings, *, ready_flag: Optional[threading.Event] = Non
     election = LeaderElection(kube.client, settings.namespace, f"{operator_identity()}/{uuid.uuid4().hex[:8]}")
     http = (asyncio.create_task(metrics.serve(settings.metrics_port, reconciler), name="rtrace-http")
             if settings.metrics_port else None)
-    lost = asyncio.Event()
-    stop_kopf = asyncio.Event()
     try:
-        if not await election.acquire(stop_flag):
-            return
-        holding = asyncio.create_task(election.hold(lost), name="rtrace-leader")
-        ending = asyncio.create_task(_either(stop_flag, lost, stop_kopf), name="rtrace-stop")
-        try:
-            await kopf.operator(
-                registry=registry,
-                settings=kopf_settings(settings),
-                clusterwide=True,
-                standalone=True,
-                identity=operator_identity(),
-                ready_flag=ready_flag,
-                stop_flag=stop_kopf,
-            )
-        finally:
-            holding.cancel()
-            ending.cancel()
+        # Lead until stopped; a leader that could not renew its Lease (an API server outage,
+        # a partition) stops acting at once and stands by again, like a replica that just
+        # started: when it can reach the API server it leads again, unless another replica
+        # took over meanwhile.
+        while await election.acquire(stop_flag):
+            lost, stop_kopf = asyncio.Event(), asyncio.Event()
+            holding = asyncio.create_task(election.hold(lost), name="rtrace-leader")
+            ending = asyncio.create_task(_either(stop_flag, lost, stop_kopf), name="rtrace-stop")
+            try:
+                await kopf.operator(
+                    registry=registry,
+                    settings=kopf_settings(settings),
+                    clusterwide=True,
+                    standalone=True,
+                    identity=operator_identity(),
+                    ready_flag=ready_flag,
+                    stop_flag=stop_kopf,
+                )
+            finally:
+                holding.cancel()
+                ending.cancel()
+                if not lost.is_set():
+                    await asyncio.to_thread(election.release)
             if not lost.is_set():
-                await asyncio.to_thread(election.release)
-        if lost.is_set():
-            raise LostLeadership(f"lost the Lease {settings.namespace}/{election.name}: another replica leads")
+                return   # stopped (stop_flag, or SIGTERM handled by kopf)
+            log.warning("standing by after losing the Lease %s/%s", settings.namespace, election.name)
     finally:
         if http is not None:
             http.cancel()
@@ -162,9 +163,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
         pass
-    except LostLeadership as e:
-        logging.getLogger("retransmit_operator").error("%s; exiting to restart as a standby", e)
-        return 1
     return 0
 
 
