@@ -49,7 +49,7 @@ from .podselection import PodSelection, selected_ips
 from .podwatch import PodWatcher, node_addresses
 from .reportwriter import ApiError, ReportTarget, ReportWriter
 from .resume import Baseline, PodKey, read_entry
-from .writeschedule import WriteTimes, decide_write, entry_changed
+from .writeschedule import WriteTimes, decide_write, entry_changed, final_attempt_timeout, final_retry_wait
 
 log = logging.getLogger("retransmit_agent.cluster")
 
@@ -313,8 +313,8 @@ class ClusterAgent:
                           now=datetime.now(timezone.utc), recent_events=list(self.events)[::-1],
                           baseline=baseline, previous_pods=self.loop.pod_counts, owners=owners)
 
-    def _report(self, final: bool = False) -> bool:
-        """Write what the schedule says is due (`final`: the report, if it changed). True when
+    def _report(self, final: bool = False, timeout: Optional[float] = None) -> bool:
+        """Write what the schedule says is due (`final`: the report, with `timeout`). True when
         nothing is left to write."""
         if self.loop.baseline is None:
             return False
@@ -330,7 +330,7 @@ class ClusterAgent:
             return True
         # The report itself, also when a heartbeat failed: it proves the agent alive too.
         try:
-            self.writer.apply(step.entry)
+            self.writer.apply(step.entry, timeout=timeout)
         except ApiError as exc:
             self._count_errors()
             log.warning("writing report %s failed: %s", self.writer.target.name, exc)
@@ -368,12 +368,14 @@ class ClusterAgent:
         self._drain()
         attempt = 0
         while True:
-            if self._report(final=True):
+            timeout = final_attempt_timeout(deadline - time.monotonic())
+            if timeout is not None and self._report(final=True, timeout=timeout):
                 log.info("final report written for node %s", self.facts.node)
                 return
-            delay = backoff_delay(attempt, cap=5.0)
+            delay = None if timeout is None else final_retry_wait(backoff_delay(attempt, cap=5.0),
+                                                                  deadline - time.monotonic())
             attempt += 1
-            if time.monotonic() + delay > deadline:
+            if delay is None:
                 log.error("final report for node %s not written within %.0fs",
                           self.facts.node, FINAL_REPORT_BUDGET_SECONDS)
                 return

@@ -110,13 +110,14 @@ class ReportWriter:
             raise ApiError(409, f"report {t.name} was created and deleted meanwhile: retried")
         return stored
 
-    def apply(self, entry: NodeStatus) -> dict[str, Any]:
-        """Server-side apply of the whole report (this agent is its only writer of spec)."""
+    def apply(self, entry: NodeStatus, timeout: Optional[float] = None) -> dict[str, Any]:
+        """Server-side apply of the whole report (this agent is its only writer of spec); it
+        creates the report when it is gone. `timeout`: this call's, instead of the writer's."""
         t = self.target
         return self._call(lambda: self._objects.patch_namespaced_custom_object(
             GROUP, VERSION, t.namespace, REPORT_PLURAL, t.name, t.body(entry),
             field_manager=field_manager(t.node), force=True,
-            _content_type="application/apply-patch+yaml", _request_timeout=self._timeout))
+            _content_type="application/apply-patch+yaml", _request_timeout=timeout or self._timeout))
 
     def heartbeat(self, renewed: datetime, duration_seconds: int) -> None:
         """Renew this report's heartbeat Lease (a merge patch of renewTime); create it the

@@ -2,8 +2,10 @@
 
 `entry_changed` says whether a write would change more than the timestamp; `decide_write`
 turns that and the times of this agent's last writes into what to send now, by the schedule
-of retransmit_core.schedule.next_write (a final report on SIGTERM is sent only when it
-changed). The cluster agent and bench/controlplane_bench.py both run it.
+of retransmit_core.schedule.next_write (on SIGTERM always the report: its final counts and a
+final lastReportTime). `final_attempt_timeout` and `final_retry_wait` fit that last write and
+its retries into FINAL_REPORT_BUDGET_SECONDS. The cluster agent and bench/controlplane_bench.py
+both run them.
 """
 
 from __future__ import annotations
@@ -45,10 +47,31 @@ class WriteTimes:
 def decide_write(changed: bool, last: WriteTimes, now: float, interval: float, nodes: int,
                  final: bool = False) -> Write:
     """What to send at the wake-up at `now`: retransmit_core.schedule.next_write over the
-    seconds since `last`'s writes. `final` (SIGTERM): the report when it changed, else nothing
-    (the pod ends: no heartbeat would outlive it, and the stored report is current).
+    seconds since `last`'s writes. `final` (SIGTERM): the report, changed or not. A heartbeat
+    would outlive the pod by a staleness bound; the report's final lastReportTime says when
+    the node stopped counting, and the write proves the stored report holds the final counts
+    (a change since the last write may have failed to land, and the report may be gone).
     """
     if final:
-        return Write.REPORT if changed else Write.NOTHING
+        return Write.REPORT
     since = lambda at: None if at is None else now - at  # noqa: E731
     return next_write(changed, since(last.report), since(last.any), interval, nodes)
+
+
+# The shortest final write worth starting: a report write takes well under a second.
+FINAL_ATTEMPT_MIN_SECONDS = 1.0
+
+
+def final_attempt_timeout(left: float) -> Optional[float]:
+    """The timeout of a final-report write with `left` seconds of FINAL_REPORT_BUDGET_SECONDS
+    to go: all of them (a slow API server's late answer still counts), None when fewer than
+    FINAL_ATTEMPT_MIN_SECONDS remain (no attempt: the pod is about to be killed)."""
+    return left if left >= FINAL_ATTEMPT_MIN_SECONDS else None
+
+
+def final_retry_wait(backoff: float, left: float) -> Optional[float]:
+    """The wait before retrying a failed final write, `left` seconds of the budget to go: the
+    backoff, cut so that one more attempt of FINAL_ATTEMPT_MIN_SECONDS still fits; None when
+    none does. Retries are thereby bounded by the budget, never by a count."""
+    room = left - FINAL_ATTEMPT_MIN_SECONDS
+    return None if room < 0 else max(0.0, min(backoff, room))

@@ -210,11 +210,13 @@ def test_failed_attempts_and_causes_add_across_restarts_and_unknown_stays_unknow
 
 # ---------------------------------------------------------------- the write decision
 
-def test_a_final_report_is_written_only_when_it_changed_never_a_heartbeat():
+def test_a_final_report_is_always_the_report_never_a_heartbeat():
     long_quiet = WriteTimes(report=0.0, any=0.0)
     now = 10 * heartbeat_seconds(10.0)
     assert decide_write(False, long_quiet, now, 10.0, 1) is Write.HEARTBEAT
-    assert decide_write(False, long_quiet, now, 10.0, 1, final=True) is Write.NOTHING
+    assert decide_write(False, long_quiet, now, 10.0, 1, final=True) is Write.REPORT   # unchanged: still written
+    just_written = WriteTimes(report=now, any=now)
+    assert decide_write(False, just_written, now, 10.0, 5000, final=True) is Write.REPORT   # no period applies
     assert decide_write(True, long_quiet, now, 10.0, 1, final=True) is Write.REPORT
     assert decide_write(True, WriteTimes(), 0.0, 10.0, 1, final=True) is Write.REPORT
 
