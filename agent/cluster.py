@@ -48,8 +48,8 @@ from .nodeentry import NodeEntry, NodeFacts, node_entry
 from .podselection import PodSelection, selected_ips
 from .podwatch import PodWatcher, node_addresses
 from .reportwriter import ApiError, ReportTarget, ReportWriter
-from .resume import Baseline, PodKey, read_entry
-from .writeschedule import WriteTimes, decide_write, entry_changed, final_attempt_timeout, final_retry_wait
+from .resume import Baseline, PodKey, StoredReport, read_entry, stored_report
+from .writeschedule import WriteTimes, check_due, decide_write, entry_changed, final_attempt_timeout, final_retry_wait
 
 log = logging.getLogger("retransmit_agent.cluster")
 
@@ -80,6 +80,7 @@ class LoopState:
     written_at: WriteTimes = WriteTimes()
     nodes: int = 0                         # nodes running this trace (0: not known yet)
     nodes_read_at: Optional[float] = None  # time.monotonic() of the last read of that count
+    superseded: bool = False               # the report is another trace's (ours was re-created): write nothing
 
 
 class ClusterAgent:
@@ -206,13 +207,20 @@ class ClusterAgent:
         attempt = 0
         while not self.stop_event.is_set():
             try:
+                # Created empty: what it holds becomes the baseline, and counts so far
+                # are this agent's own (adding them here would count them twice).
+                empty = NodeStatus(
+                    node=self.facts.node, phase=Phase.PENDING, kernel=self.facts.kernel_release,
+                    agent_version=self.facts.agent_version, last_report_time=datetime.now(timezone.utc))
                 stored = self.writer.read()
                 if stored is None:
-                    # Created empty: what it holds becomes the baseline, and counts so far
-                    # are this agent's own (adding them here would count them twice).
-                    stored = self.writer.create(NodeStatus(
-                        node=self.facts.node, phase=Phase.PENDING, kernel=self.facts.kernel_release,
-                        agent_version=self.facts.agent_version, last_report_time=datetime.now(timezone.utc)))
+                    stored = self.writer.create(empty)
+                if stored_report(stored, self.inv.trace_uid) is StoredReport.FOREIGN:
+                    # An earlier trace of this name, not yet garbage-collected: never resumed.
+                    log.info("report %s belongs to an earlier trace of the same name (owner uid %s): "
+                             "replacing it, counting from zero", self.writer.target.name,
+                             (stored.get("metadata") or {}).get("ownerReferences"))
+                    stored = self.writer.replace(stored, empty)
             except ApiError as exc:
                 delay = backoff_delay(attempt)
                 attempt += 1
@@ -220,7 +228,7 @@ class ClusterAgent:
                 self._count_errors()
                 self._wait(delay)
                 continue
-            previous = read_entry(stored, self.facts.node)
+            previous = read_entry(stored, self.facts.node, self.inv.trace_uid)
             self.loop.baseline = Baseline.from_entry(previous)
             if previous is not None and not self.loop.baseline.empty:
                 log.info("resuming node %s from %d retransmits, %d SYN-ACK retransmits",
@@ -318,12 +326,17 @@ class ClusterAgent:
         nothing is left to write."""
         if self.loop.baseline is None:
             return False
+        if self.loop.superseded:
+            return True
         step = self._next_entry(self.loop.baseline)
         self.loop.pod_counts = step.pod_counts
         if step.by_pod_port is not None:
             self.state.publish_entry(step.entry, step.by_pod_port)
         write = decide_write(entry_changed(self.loop.last_written, step.entry), self.loop.written_at,
                              time.monotonic(), self._interval(), self.loop.nodes, final=final)
+        if write is not Write.REPORT and check_due(self.loop.written_at, time.monotonic(), self._interval(),
+                                                   self.loop.nodes):
+            write = self._check_report(write)
         if write is Write.NOTHING:
             return True
         if write is Write.HEARTBEAT and self._heartbeat():
@@ -340,6 +353,29 @@ class ClusterAgent:
         with self.state.lock:
             self.state.reports += 1
         return True
+
+    def _check_report(self, write: Write) -> Write:
+        """A quiet node's read-back (check_due): is its report still stored, and still its
+        trace's? The write to make instead of `write`: the report when it is gone (the apply
+        re-creates it with the full cumulative counts), nothing when another trace took it."""
+        try:
+            found = stored_report(self.writer.read_metadata(), self.inv.trace_uid)
+        except ApiError as exc:
+            self._count_errors()
+            log.warning("reading back report %s failed (%s); again in a report period", self.writer.target.name, exc)
+            self.loop.written_at = self.loop.written_at.read_back(time.monotonic())
+            return write
+        if found is StoredReport.MISSING:
+            log.warning("report %s was deleted: writing it again with the node's cumulative counts",
+                        self.writer.target.name)
+            return Write.REPORT
+        if found is StoredReport.FOREIGN:
+            log.warning("report %s now belongs to a re-created trace of the same name: this agent's "
+                        "trace is gone, it writes no more", self.writer.target.name)
+            self.loop.superseded = True
+            return Write.NOTHING
+        self.loop.written_at = self.loop.written_at.read_back(time.monotonic())
+        return write
 
     def _heartbeat(self) -> bool:
         """Renew the report's heartbeat Lease; False when that failed."""
@@ -361,10 +397,17 @@ class ClusterAgent:
         if self.loop.baseline is None:
             # Never got the earlier report: one last try, else writing could lower the counts.
             try:
-                self.loop.baseline = Baseline.from_entry(read_entry(self.writer.read(), self.facts.node))
+                stored = self.writer.read()
+                if stored_report(stored, self.inv.trace_uid) is StoredReport.FOREIGN:
+                    log.error("final report skipped: report %s belongs to another trace", self.writer.target.name)
+                    return
+                self.loop.baseline = Baseline.from_entry(read_entry(stored, self.facts.node, self.inv.trace_uid))
             except ApiError as exc:
                 log.error("final report skipped: earlier report unreadable (%s)", exc)
                 return
+        if self.loop.superseded:
+            log.info("no final report: report %s belongs to a re-created trace", self.writer.target.name)
+            return
         self._drain()
         attempt = 0
         while True:
