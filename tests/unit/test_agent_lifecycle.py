@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from retransmit_agent.flows import OFFSET_TOLERANCE_NS, ktime_to_datetime, stable_offset, wall_clock_offset_ns
 from retransmit_agent.reportwriter import ReportTarget
 from retransmit_agent.resume import Baseline, StoredReport, owner_uid, read_entry, stored_report
 from retransmit_agent.writeschedule import (
@@ -137,3 +138,18 @@ def test_a_quiet_node_whose_report_was_deleted_writes_it_again_with_the_same_cou
     body = ReportTarget("t1", "uid-t1", "n1", "rs").body(held)
     assert read_entry(body, "n1", "uid-t1") == held                           # the same counts come back
 
+
+# ---------------------------------------------------------------- quiet means unchanged
+
+def test_kernel_timestamps_read_the_same_from_one_snapshot_to_the_next():
+    """A flow's firstSeen/lastSeen come from the kernel's monotonic clock plus the wall-clock
+    offset; the offset, measured anew, differs by some nanoseconds each time: it must not move
+    the timestamps, or a node that once retransmitted would never be quiet again."""
+    first = stable_offset(None, 1_700_000_000_000_000_000)
+    again = stable_offset(first, first + 700)          # the clocks read a little apart
+    assert again == first
+    ktime = 5_000_000_123_456
+    assert ktime_to_datetime(ktime, again) == ktime_to_datetime(ktime, first)
+    stepped = stable_offset(first, first + 2 * OFFSET_TOLERANCE_NS)   # the wall clock was set
+    assert stepped == first + 2 * OFFSET_TOLERANCE_NS
+    assert wall_clock_offset_ns() == wall_clock_offset_ns()
