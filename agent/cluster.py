@@ -413,7 +413,8 @@ class ClusterAgent:
         while True:
             timeout = final_attempt_timeout(deadline - time.monotonic())
             if timeout is not None and self._report(final=True, timeout=timeout):
-                log.info("final report written for node %s", self.facts.node)
+                log.info("final report written for node %s: lastReportTime %s", self.facts.node,
+                         self.loop.last_written.last_report_time.isoformat())
                 return
             delay = None if timeout is None else final_retry_wait(backoff_delay(attempt, cap=5.0),
                                                                   deadline - time.monotonic())

@@ -8,13 +8,17 @@ as in test_e2e.py. Every wait is on a condition with a generous timeout.
 from __future__ import annotations
 
 import os
+import re
 import signal
+import threading
 import uuid
 from datetime import datetime, timezone
 
+import kubernetes
 import pytest
+import urllib3
 
-from retransmit_core.api import GROUP, REPORT_PLURAL, VERSION
+from retransmit_core.api import GROUP, REPORT_PLURAL, VERSION, NodeStatus
 from tests.cluster.test_e2e import _agent_metrics
 from tests.harness.controlplane import wait_until
 from tests.harness.tracecluster import NODE_A, SYSTEM_NS, Trace, expected, running, totals
@@ -111,20 +115,44 @@ def test_a_trace_recreated_under_its_name_does_not_carry_the_old_counts(operator
                 t.delete()
 
 
-def test_sigterm_after_a_heartbeat_writes_the_final_report(operator, pods, traces, node_simulator):
+def test_sigterm_after_a_heartbeat_writes_the_final_report(operator, pods, traces, node_simulator, objects):
     trace = traces(namespaces=[pods.namespace], nodeSelector={"kubernetes.io/hostname": NODE_A})
     trace.wait_entry("attached", running)
-
     _wait_heartbeat_last(trace)
     entry = trace.entry()
+    name = trace.report()["metadata"]["name"]
+    # Every stored version of the report from now on: the DaemonSet restarts the agent, and the
+    # restarted one writes too; the terminated agent's final write is one of these versions.
+    versions: list[dict] = []
+    watch = kubernetes.watch.Watch()
+
+    def follow() -> None:
+        try:
+            for event in watch.stream(objects.list_namespaced_custom_object, GROUP, VERSION, SYSTEM_NS, REPORT_PLURAL,
+                                      field_selector=f"metadata.name={name}", timeout_seconds=180):
+                versions.append(event["object"])
+        except urllib3.exceptions.HTTPError:
+            pass   # the stream closed when stopped: what it saw is in `versions`
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    wait_until(lambda: versions, "the report's watch to start")   # the first event: the report as it is
     log_before = _agent_log(node_simulator, trace)
     sigterm_at = datetime.now(timezone.utc)
     os.kill(_agent_pid(node_simulator, trace), signal.SIGTERM)
 
-    def flushed():
-        written = "final report written" in _agent_log(node_simulator, trace)[len(log_before):]
-        e = trace.entry()
-        return e if written and e.last_report_time > sigterm_at else None
-    final = wait_until(flushed, "the final report after SIGTERM", timeout=120, interval=0.2)
-    assert final.retransmits == entry.retransmits and final.synack_retransmits == entry.synack_retransmits
+    def final_line():
+        # The terminated agent's log: up to the simulator's marker of the next start.
+        terminated = _agent_log(node_simulator, trace)[len(log_before):].split("--- node simulator: start")[0]
+        found = re.search(r"final report written for node \S+: lastReportTime (\S+)", terminated)
+        return datetime.fromisoformat(found.group(1)) if found else None
+    written_at = wait_until(final_line, "the terminated agent's final report", timeout=120, interval=0.2)
+    assert written_at > sigterm_at
+    stored = wait_until(lambda: next((v for v in versions if _report_time(v) == written_at), None),
+                        "the final report among the stored versions", timeout=60, interval=0.2)
+    watch.stop()
+    final = NodeStatus.model_validate(stored["spec"])
+    assert (final.retransmits, final.synack_retransmits) == (entry.retransmits, entry.synack_retransmits)
 
+
+def _report_time(report: dict) -> datetime:
+    return NodeStatus.model_validate(report["spec"]).last_report_time
