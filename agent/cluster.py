@@ -8,8 +8,13 @@ force) when it changed, at most every report period (the interval, stretched on 
 more than about 1,000 nodes), and renews its heartbeat Lease of the same name every few
 intervals when nothing else was written (the operator's staleness bound reads both).
 Counts survive everything that can happen to a pod:
-- restart (crash, kill -9, rollout): it reads its own report first and adds to it;
-- SIGTERM (trace completed or deleted, node drained): it writes a final report before exit;
+- restart (crash, kill -9, rollout): it reads its own report first and adds to it (only its
+  own trace's: a report owned by an earlier trace of the same name is replaced, and a
+  re-created trace counts from zero);
+- a deleted report: a quiet node reads its report's metadata back once per report period
+  and writes it again, with the cumulative counts it holds;
+- SIGTERM (trace completed or deleted, node drained): it writes a final report before exit,
+  always (also after a heartbeat), retrying within FINAL_REPORT_BUDGET_SECONDS;
 - API server away: the kernel keeps counting; writes retry with capped jittered backoff and
   the next successful write carries the full cumulative totals.
 
