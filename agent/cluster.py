@@ -8,8 +8,13 @@ force) when it changed, at most every report period (the interval, stretched on 
 more than about 1,000 nodes), and renews its heartbeat Lease of the same name every few
 intervals when nothing else was written (the operator's staleness bound reads both).
 Counts survive everything that can happen to a pod:
-- restart (crash, kill -9, rollout): it reads its own report first and adds to it;
-- SIGTERM (trace completed or deleted, node drained): it writes a final report before exit;
+- restart (crash, kill -9, rollout): it reads its own report first and adds to it (only its
+  own trace's: a report owned by an earlier trace of the same name is replaced, and a
+  re-created trace counts from zero);
+- a deleted report: a quiet node reads its report's metadata back once per report period
+  and writes it again, with the cumulative counts it holds;
+- SIGTERM (trace completed or deleted, node drained): it writes a final report before exit,
+  always (also after a heartbeat), retrying within FINAL_REPORT_BUDGET_SECONDS;
 - API server away: the kernel keeps counting; writes retry with capped jittered backoff and
   the next successful write carries the full cumulative totals.
 
@@ -48,8 +53,8 @@ from .nodeentry import NodeEntry, NodeFacts, node_entry
 from .podselection import PodSelection, selected_ips, with_filter_check
 from .podwatch import PodWatcher, node_addresses
 from .reportwriter import ApiError, ReportTarget, ReportWriter
-from .resume import Baseline, PodKey, read_entry
-from .writeschedule import WriteTimes, decide_write, entry_changed
+from .resume import Baseline, PodKey, StoredReport, read_entry, stored_report
+from .writeschedule import WriteTimes, check_due, decide_write, entry_changed, final_attempt_timeout, final_retry_wait
 
 log = logging.getLogger("retransmit_agent.cluster")
 
@@ -80,6 +85,7 @@ class LoopState:
     written_at: WriteTimes = WriteTimes()
     nodes: int = 0                         # nodes running this trace (0: not known yet)
     nodes_read_at: Optional[float] = None  # time.monotonic() of the last read of that count
+    superseded: bool = False               # the report is another trace's (ours was re-created): write nothing
 
 
 class ClusterAgent:
@@ -212,13 +218,20 @@ class ClusterAgent:
         attempt = 0
         while not self.stop_event.is_set():
             try:
+                # Created empty: what it holds becomes the baseline, and counts so far
+                # are this agent's own (adding them here would count them twice).
+                empty = NodeStatus(
+                    node=self.facts.node, phase=Phase.PENDING, kernel=self.facts.kernel_release,
+                    agent_version=self.facts.agent_version, last_report_time=datetime.now(timezone.utc))
                 stored = self.writer.read()
                 if stored is None:
-                    # Created empty: what it holds becomes the baseline, and counts so far
-                    # are this agent's own (adding them here would count them twice).
-                    stored = self.writer.create(NodeStatus(
-                        node=self.facts.node, phase=Phase.PENDING, kernel=self.facts.kernel_release,
-                        agent_version=self.facts.agent_version, last_report_time=datetime.now(timezone.utc)))
+                    stored = self.writer.create(empty)
+                if stored_report(stored, self.inv.trace_uid) is StoredReport.FOREIGN:
+                    # An earlier trace of this name, not yet garbage-collected: never resumed.
+                    log.info("report %s belongs to an earlier trace of the same name (owner uid %s): "
+                             "replacing it, counting from zero", self.writer.target.name,
+                             (stored.get("metadata") or {}).get("ownerReferences"))
+                    stored = self.writer.replace(stored, empty)
             except ApiError as exc:
                 delay = backoff_delay(attempt)
                 attempt += 1
@@ -226,7 +239,7 @@ class ClusterAgent:
                 self._count_errors()
                 self._wait(delay)
                 continue
-            previous = read_entry(stored, self.facts.node)
+            previous = read_entry(stored, self.facts.node, self.inv.trace_uid)
             self.loop.baseline = Baseline.from_entry(previous)
             if previous is not None and not self.loop.baseline.empty:
                 log.info("resuming node %s from %d retransmits, %d SYN-ACK retransmits",
@@ -319,24 +332,29 @@ class ClusterAgent:
                           now=datetime.now(timezone.utc), recent_events=list(self.events)[::-1],
                           baseline=baseline, previous_pods=self.loop.pod_counts, owners=owners)
 
-    def _report(self, final: bool = False) -> bool:
-        """Write what the schedule says is due (`final`: the report, if it changed). True when
+    def _report(self, final: bool = False, timeout: Optional[float] = None) -> bool:
+        """Write what the schedule says is due (`final`: the report, with `timeout`). True when
         nothing is left to write."""
         if self.loop.baseline is None:
             return False
+        if self.loop.superseded:
+            return True
         step = self._next_entry(self.loop.baseline)
         self.loop.pod_counts = step.pod_counts
         if step.by_pod_port is not None:
             self.state.publish_entry(step.entry, step.by_pod_port)
         write = decide_write(entry_changed(self.loop.last_written, step.entry), self.loop.written_at,
                              time.monotonic(), self._interval(), self.loop.nodes, final=final)
+        if write is not Write.REPORT and check_due(self.loop.written_at, time.monotonic(), self._interval(),
+                                                   self.loop.nodes):
+            write = self._check_report(write)
         if write is Write.NOTHING:
             return True
         if write is Write.HEARTBEAT and self._heartbeat():
             return True
         # The report itself, also when a heartbeat failed: it proves the agent alive too.
         try:
-            self.writer.apply(step.entry)
+            self.writer.apply(step.entry, timeout=timeout)
         except ApiError as exc:
             self._count_errors()
             log.warning("writing report %s failed: %s", self.writer.target.name, exc)
@@ -346,6 +364,29 @@ class ClusterAgent:
         with self.state.lock:
             self.state.reports += 1
         return True
+
+    def _check_report(self, write: Write) -> Write:
+        """A quiet node's read-back (check_due): is its report still stored, and still its
+        trace's? The write to make instead of `write`: the report when it is gone (the apply
+        re-creates it with the full cumulative counts), nothing when another trace took it."""
+        try:
+            found = stored_report(self.writer.read_metadata(), self.inv.trace_uid)
+        except ApiError as exc:
+            self._count_errors()
+            log.warning("reading back report %s failed (%s); again in a report period", self.writer.target.name, exc)
+            self.loop.written_at = self.loop.written_at.read_back(time.monotonic())
+            return write
+        if found is StoredReport.MISSING:
+            log.warning("report %s was deleted: writing it again with the node's cumulative counts",
+                        self.writer.target.name)
+            return Write.REPORT
+        if found is StoredReport.FOREIGN:
+            log.warning("report %s now belongs to a re-created trace of the same name: this agent's "
+                        "trace is gone, it writes no more", self.writer.target.name)
+            self.loop.superseded = True
+            return Write.NOTHING
+        self.loop.written_at = self.loop.written_at.read_back(time.monotonic())
+        return write
 
     def _heartbeat(self) -> bool:
         """Renew the report's heartbeat Lease; False when that failed."""
@@ -367,19 +408,29 @@ class ClusterAgent:
         if self.loop.baseline is None:
             # Never got the earlier report: one last try, else writing could lower the counts.
             try:
-                self.loop.baseline = Baseline.from_entry(read_entry(self.writer.read(), self.facts.node))
+                stored = self.writer.read()
+                if stored_report(stored, self.inv.trace_uid) is StoredReport.FOREIGN:
+                    log.error("final report skipped: report %s belongs to another trace", self.writer.target.name)
+                    return
+                self.loop.baseline = Baseline.from_entry(read_entry(stored, self.facts.node, self.inv.trace_uid))
             except ApiError as exc:
                 log.error("final report skipped: earlier report unreadable (%s)", exc)
                 return
+        if self.loop.superseded:
+            log.info("no final report: report %s belongs to a re-created trace", self.writer.target.name)
+            return
         self._drain()
         attempt = 0
         while True:
-            if self._report(final=True):
-                log.info("final report written for node %s", self.facts.node)
+            timeout = final_attempt_timeout(deadline - time.monotonic())
+            if timeout is not None and self._report(final=True, timeout=timeout):
+                log.info("final report written for node %s: lastReportTime %s", self.facts.node,
+                         self.loop.last_written.last_report_time.isoformat())
                 return
-            delay = backoff_delay(attempt, cap=5.0)
+            delay = None if timeout is None else final_retry_wait(backoff_delay(attempt, cap=5.0),
+                                                                  deadline - time.monotonic())
             attempt += 1
-            if time.monotonic() + delay > deadline:
+            if delay is None:
                 log.error("final report for node %s not written within %.0fs",
                           self.facts.node, FINAL_REPORT_BUDGET_SECONDS)
                 return

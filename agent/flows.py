@@ -57,9 +57,30 @@ def encode_address(ip: str) -> bytes:
     return ipaddress.ip_address(ip).packed
 
 
+# How far the measured wall-clock offset may wander before it is taken up: more than two
+# reads of the clocks ever lie apart, less than any clock step worth showing.
+OFFSET_TOLERANCE_NS = 1_000_000
+
+
+def stable_offset(previous: Optional[int], measured: int, tolerance_ns: int = OFFSET_TOLERANCE_NS) -> int:
+    """The offset to use: `previous` while `measured` stays within `tolerance_ns` of it.
+    Two reads of the clocks are never exactly as far apart, and a flow's firstSeen/lastSeen
+    that moved by a microsecond from one snapshot to the next would make an unchanged report
+    look changed: a report write every period, forever, instead of a heartbeat."""
+    if previous is None or abs(measured - previous) > tolerance_ns:
+        return measured
+    return previous
+
+
+_offset_ns: Optional[int] = None
+
+
 def wall_clock_offset_ns() -> int:
-    """CLOCK_REALTIME minus CLOCK_MONOTONIC now: add it to a bpf_ktime_get_ns() value."""
-    return time.time_ns() - time.monotonic_ns()
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC: add it to a bpf_ktime_get_ns() value. The same
+    from call to call until the wall clock is set or slewed by more than OFFSET_TOLERANCE_NS."""
+    global _offset_ns
+    _offset_ns = stable_offset(_offset_ns, time.time_ns() - time.monotonic_ns())
+    return _offset_ns
 
 
 def ktime_to_datetime(ktime_ns: int, offset_ns: int) -> datetime:

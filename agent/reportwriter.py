@@ -1,8 +1,9 @@
 """The agent's I/O edge to the API server: this node's RetransmitNodeReport and its heartbeat Lease.
 
 `ReportWriter` reads this node's report, creates it, server-side applies it with field manager
-`rtrace-agent/<node>` and force, renews its heartbeat Lease and reads the DaemonSet's node
-count; nothing else. What to write and when are pure functions (nodeentry, writeschedule).
+`rtrace-agent/<node>` and force, reads back its metadata (is it still there, whose is it),
+takes over an earlier trace's report of the same name, renews its heartbeat Lease and reads
+the DaemonSet's node count; nothing else. What to write and when are pure functions (nodeentry, writeschedule).
 A report is a few KB, so one write costs the API server the same at 10 nodes and at 5,000;
 the schedule bounds how many there are.
 """
@@ -29,6 +30,8 @@ from retransmit_core.schedule import WRITE_TIMEOUT_SECONDS, desired_nodes
 
 
 FIELD_MANAGER_PREFIX = "rtrace-agent/"
+# The Accept header of a metadata-only read (what client-go's metadata client sends).
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 def field_manager(node: str) -> str:
@@ -94,6 +97,47 @@ class ReportWriter:
                 return None
             raise
 
+    def read_metadata(self) -> Optional[dict[str, Any]]:
+        """The stored report's metadata only (PartialObjectMetadata: no spec, a few hundred
+        bytes), from the API server's watch cache (resourceVersion=0: no etcd read), or None
+        when there is none. What a quiet node reads to learn that its report was deleted."""
+        t = self.target
+        api = self._objects.api_client
+
+        def get() -> Any:
+            # The generated get_namespaced_custom_object takes no query parameters: the same
+            # request built as it builds it, plus resourceVersion=0 and the Accept header.
+            request = api.param_serialize(
+                method="GET", resource_path=f"/apis/{GROUP}/{VERSION}/namespaces/{t.namespace}/{REPORT_PLURAL}/{t.name}",
+                query_params=[("resourceVersion", "0")], header_params={"Accept": PARTIAL_METADATA},
+                auth_settings=["BearerToken"])
+            response = api.call_api(*request, _request_timeout=self._timeout)
+            response.read()
+            return api.response_deserialize(response, {"200": "object"}).data   # raises ApiException unless 2xx
+
+        try:
+            return self._call(get)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def replace(self, stored: dict[str, Any], entry: NodeStatus) -> dict[str, Any]:
+        """Take over `stored`, a report of an earlier trace of the same name that the garbage
+        collector has not removed yet: owner, labels and spec replaced whole (`entry`), in one
+        JSON patch that applies only while the stored object is that one (a test of its uid).
+        A patch, not a delete and create: the agent may only get, create and patch reports."""
+        t = self.target
+        body = t.body(entry)
+        ops = [{"op": "test", "path": "/metadata/uid", "value": (stored.get("metadata") or {}).get("uid")},
+               {"op": "replace", "path": "/metadata/ownerReferences", "value": body["metadata"]["ownerReferences"]},
+               {"op": "replace", "path": "/metadata/labels", "value": body["metadata"]["labels"]},
+               {"op": "replace", "path": "/spec", "value": body["spec"]}]
+        return self._call(lambda: self._objects.patch_namespaced_custom_object(
+            GROUP, VERSION, t.namespace, REPORT_PLURAL, t.name, ops,
+            field_manager=field_manager(t.node), _content_type="application/json-patch+json",
+            _request_timeout=self._timeout))
+
     def create(self, entry: NodeStatus) -> dict[str, Any]:
         """Create the report (labels, owner, first content) and return it; when it exists
         already (made since it was read), the stored one: it is the baseline."""
@@ -110,13 +154,14 @@ class ReportWriter:
             raise ApiError(409, f"report {t.name} was created and deleted meanwhile: retried")
         return stored
 
-    def apply(self, entry: NodeStatus) -> dict[str, Any]:
-        """Server-side apply of the whole report (this agent is its only writer of spec)."""
+    def apply(self, entry: NodeStatus, timeout: Optional[float] = None) -> dict[str, Any]:
+        """Server-side apply of the whole report (this agent is its only writer of spec); it
+        creates the report when it is gone. `timeout`: this call's, instead of the writer's."""
         t = self.target
         return self._call(lambda: self._objects.patch_namespaced_custom_object(
             GROUP, VERSION, t.namespace, REPORT_PLURAL, t.name, t.body(entry),
             field_manager=field_manager(t.node), force=True,
-            _content_type="application/apply-patch+yaml", _request_timeout=self._timeout))
+            _content_type="application/apply-patch+yaml", _request_timeout=timeout or self._timeout))
 
     def heartbeat(self, renewed: datetime, duration_seconds: int) -> None:
         """Renew this report's heartbeat Lease (a merge patch of renewTime); create it the

@@ -3,13 +3,16 @@
 - `Baseline` is what an earlier agent on this node already reported (read back from its own
   report at start-up); `cumulative_entry` adds it to the kernel's fresh counts, so a
   restarted agent continues instead of starting over and counts never go backwards. The
-  report is never trimmed, so the baseline is exact.
+  report is never trimmed, so the baseline is exact. Only the own trace's report (its
+  controlling owner's uid, `stored_report`) is a baseline: a trace re-created under the same
+  name starts from zero.
 - `pod_totals` / `cumulative_pods` / `ranked_pods` give each local pod's retransmits over
   every flow in the kernel map (not only the top flows), resumed like the totals.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -90,10 +93,35 @@ class Baseline:
         )
 
 
-def read_entry(report: Optional[Mapping[str, Any]], node: str) -> Optional[NodeStatus]:
-    """This node's entry in its report object (JSON dict), or None (no report, or unreadable)."""
+class StoredReport(enum.Enum):
+    """Whose the stored report of this agent's name is."""
+
+    MISSING = "missing"   # none (never made, deleted by someone, or garbage-collected)
+    OURS = "ours"         # owned by this agent's trace: its counts are this node's so far
+    FOREIGN = "foreign"   # owned by another trace of the same name (deleted and re-created)
+
+
+def owner_uid(report: Mapping[str, Any]) -> Optional[str]:
+    """The uid of the report's controlling owner (its trace), from the full object or its
+    metadata alone; None when it has none."""
+    owners = ((report.get("metadata") or {}).get("ownerReferences")) or []
+    return next((o.get("uid") for o in owners if o.get("controller")), None)
+
+
+def stored_report(report: Optional[Mapping[str, Any]], trace_uid: str) -> StoredReport:
+    """Whether `report` (full, or metadata only; None: not found) belongs to the trace whose
+    uid is `trace_uid`. A trace deleted and re-created under its name has a new uid, and the
+    garbage collector may not have removed the old trace's reports yet."""
+    if report is None:
+        return StoredReport.MISSING
+    return StoredReport.OURS if owner_uid(report) == trace_uid else StoredReport.FOREIGN
+
+
+def read_entry(report: Optional[Mapping[str, Any]], node: str, trace_uid: str) -> Optional[NodeStatus]:
+    """This node's entry in its report object (JSON dict), or None (no report, another trace's
+    report: a re-created trace starts from zero, or unreadable)."""
     raw = (report or {}).get("spec")
-    if not raw or raw.get("node") != node:
+    if not raw or raw.get("node") != node or stored_report(report, trace_uid) is not StoredReport.OURS:
         return None
     try:
         return NodeStatus.model_validate(raw)

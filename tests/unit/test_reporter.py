@@ -39,6 +39,13 @@ def event(second):
                        local=Endpoint(ip="198.18.0.2", port=1), remote=Endpoint(ip="198.18.0.3", port=2))
 
 
+def owned(report, uid="uid-t1"):
+    """`report` with trace t1 (uid `uid`) as its controlling owner, as the agent writes it."""
+    meta = {"ownerReferences": [{"apiVersion": "retransmit.dev/v1alpha1", "kind": "RetransmitTrace",
+                                 "name": "t1", "uid": uid, "controller": True}]}
+    return {"metadata": meta, **report}
+
+
 def entry(**kw):
     base = dict(node="n1", phase=Phase.RUNNING)
     base.update(kw)
@@ -86,13 +93,14 @@ def test_new_counts_or_phase_are_a_change():
 
 def test_no_earlier_report_means_an_empty_baseline():
     assert Baseline.from_entry(None).empty
-    assert read_entry(None, "n1") is None
-    assert read_entry({"spec": {"node": "other", "retransmits": 5}}, "n1") is None  # never another node's
-    assert read_entry({"spec": {"node": "n1", "retransmits": -5}}, "n1") is None  # unreadable: logged, no baseline
+    assert read_entry(None, "n1", "uid-t1") is None
+    assert read_entry(owned({"spec": {"node": "other", "retransmits": 5}}), "n1", "uid-t1") is None  # never another node's
+    assert read_entry(owned({"spec": {"node": "n1", "retransmits": -5}}), "n1", "uid-t1") is None  # unreadable: logged
 
 
 def test_own_report_is_the_baseline():
-    found = read_entry({"spec": {"node": "n1", "phase": "Running", "retransmits": 7, "byState": {"ESTABLISHED": 7}}}, "n1")
+    found = read_entry(owned({"spec": {"node": "n1", "phase": "Running", "retransmits": 7,
+                                       "byState": {"ESTABLISHED": 7}}}), "n1", "uid-t1")
     assert found.retransmits == 7 and found.by_state == {"ESTABLISHED": 7}
 
 
@@ -179,7 +187,7 @@ def test_the_report_document_is_named_labelled_and_owned_from_trace_and_node():
     assert body["spec"] == {"node": "n1", "phase": "Running", "retransmits": 3, "synackRetransmits": 0,
                             "lostEvents": 0, "flows": 0, "byState": {"ESTABLISHED": 3}, "byCause": {},
                             "kernelChecks": [], "topFlows": [], "topPods": [], "recentEvents": []}
-    assert read_entry(body, "n1") == entry(retransmits=3, by_state={"ESTABLISHED": 3})  # it reads back as written
+    assert read_entry(body, "n1", "uid-t1") == entry(retransmits=3, by_state={"ESTABLISHED": 3})  # it reads back as written
 
 
 def test_each_node_writes_with_its_own_field_manager():
@@ -210,18 +218,20 @@ def test_failed_attempts_and_causes_add_across_restarts_and_unknown_stays_unknow
 
 # ---------------------------------------------------------------- the write decision
 
-def test_a_final_report_is_written_only_when_it_changed_never_a_heartbeat():
+def test_a_final_report_is_always_the_report_never_a_heartbeat():
     long_quiet = WriteTimes(report=0.0, any=0.0)
     now = 10 * heartbeat_seconds(10.0)
     assert decide_write(False, long_quiet, now, 10.0, 1) is Write.HEARTBEAT
-    assert decide_write(False, long_quiet, now, 10.0, 1, final=True) is Write.NOTHING
+    assert decide_write(False, long_quiet, now, 10.0, 1, final=True) is Write.REPORT   # unchanged: still written
+    just_written = WriteTimes(report=now, any=now)
+    assert decide_write(False, just_written, now, 10.0, 5000, final=True) is Write.REPORT   # no period applies
     assert decide_write(True, long_quiet, now, 10.0, 1, final=True) is Write.REPORT
     assert decide_write(True, WriteTimes(), 0.0, 10.0, 1, final=True) is Write.REPORT
 
 
 def test_the_decision_reads_the_times_of_the_writes_that_were_stored():
     times = WriteTimes().after(Write.REPORT, 100.0).after(Write.HEARTBEAT, 130.0)
-    assert times == WriteTimes(report=100.0, any=130.0)
+    assert times == WriteTimes(report=100.0, any=130.0, checked=100.0)
     assert times.after(Write.NOTHING, 200.0) == times
     assert decide_write(False, WriteTimes(), 0.0, 10.0, 1) is Write.REPORT   # nothing written yet
     assert decide_write(True, times, 131.0, 10.0, 1) is Write.REPORT         # changed, a period since the report
