@@ -317,7 +317,7 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
     created = 0
     watch = SummaryWatch(kubeconfig, trace)
     out: dict[str, Any] = {"scale": [], "busy_fraction": BUSY_FRACTION, "report_interval_s": SPEC_REPORT_INTERVAL,
-                           "heartbeat_s": heartbeat_seconds(SPEC_REPORT_INTERVAL),
+                           "heartbeat_s": {str(n): heartbeat_seconds(SPEC_REPORT_INTERVAL, n) for n in counts},
                            "report_period_s": {str(n): report_period(SPEC_REPORT_INTERVAL, n) for n in counts}}
     out["report_bytes"] = len(json.dumps(to_api(nodes[0].next_entry()), separators=(",", ":")))
     try:
@@ -377,7 +377,7 @@ def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list
     """
     n = len(nodes)
     interval = SPEC_REPORT_INTERVAL
-    lease_seconds = round(stale_after(interval).total_seconds())
+    lease_seconds = round(stale_after(interval, n).total_seconds())
     rng = random.Random(n)
     busy = set(range(0, n, round(1 / BUSY_FRACTION)))
     records: list[dict[str, Any]] = []
@@ -406,7 +406,7 @@ def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list
     written_at = {}
     for i in range(n):
         last_report = t0 - rng.uniform(0, period)
-        written_at[i] = WriteTimes(report=last_report, any=max(last_report, t0 - rng.uniform(0, heartbeat_seconds(interval))))
+        written_at[i] = WriteTimes(report=last_report, any=max(last_report, t0 - rng.uniform(0, heartbeat_seconds(interval, n))))
     # What each node's last report write holds: the summary includes a write once it holds all.
     written = {i: node.retransmits for i, node in enumerate(nodes)}
     due = [(t0 + rng.uniform(0, interval), i) for i in range(n)]
