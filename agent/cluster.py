@@ -265,6 +265,7 @@ class ClusterAgent:
         with self.state.lock:
             self.state.interval = interval
             self.state.period = report_period(interval, self.loop.nodes)
+            self.state.agents = self.loop.nodes
         self.state.liveness_bound = liveness_bound(interval)
         return interval
 

@@ -38,9 +38,11 @@ import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import yaml
 
@@ -254,34 +256,51 @@ def object_sizes(obj: dict) -> dict[str, int]:
 
 # ---------------------------------------------------------------- the run
 
-def run(counts=COUNTS, window: float = 60.0, log=print) -> dict:
+@dataclass
+class BenchCluster:
+    cp: ControlPlane
+    admin: Any
+    custom: Any
+    apps: Any
+    namespace: str
+    operator: OperatorProcess
+    workdir: Path
+
+
+@contextmanager
+def bench_cluster() -> Iterator[BenchCluster]:
+    """etcd + kube-apiserver (no controllers), both CRDs, a namespace and the real operator."""
     import kubernetes
 
-    results: dict[str, Any] = {"scale": []}
     workdir = Path(tempfile.mkdtemp(prefix="rtrace-bench-"))   # the operator's log
     with ControlPlane(controllers=False) as cp:
         admin = cp.api_client()
-        custom = kubernetes.client.CustomObjectsApi(admin)
-        apps = kubernetes.client.AppsV1Api(admin)
         install_crd(admin)
         namespace = f"rtrace-bench-{uuid.uuid4().hex[:6]}"
         kubernetes.client.CoreV1Api(admin).create_namespace({"metadata": {"name": namespace}})
         operator = OperatorProcess(cp.kubeconfig, namespace, workdir / "operator.log")
         try:
-            times = [measure_reconcile(cp, apps, namespace, f"bench-{i}", workdir) for i in range(3)]
-            results["operator_reconcile_s"] = sorted(times)[1]
-            results["operator_reconcile_samples_s"] = times
-            log(f"operator reconcile (kubectl apply -> DaemonSet): {', '.join(f'{t:.3f}' for t in times)} s")
-            for i in (1, 2):
-                custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, f"bench-{i}")
-            apiserver = cp.component("kube-apiserver").proc.pid
-            results.update(scale(admin, custom, apiserver, "bench-0", namespace, counts, window, log,
-                                 cp.kubeconfig, operator.metrics))
+            yield BenchCluster(cp, admin, kubernetes.client.CustomObjectsApi(admin), kubernetes.client.AppsV1Api(admin),
+                               namespace, operator, workdir)
         finally:
             operator.stop()
             admin.close()
             if not os.environ.get("RTRACE_KEEP_CLUSTER"):
                 shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(counts=COUNTS, window: float = 60.0, log=print) -> dict:
+    results: dict[str, Any] = {"scale": []}
+    with bench_cluster() as bc:
+        times = [measure_reconcile(bc.cp, bc.apps, bc.namespace, f"bench-{i}", bc.workdir) for i in range(3)]
+        results["operator_reconcile_s"] = sorted(times)[1]
+        results["operator_reconcile_samples_s"] = times
+        log(f"operator reconcile (kubectl apply -> DaemonSet): {', '.join(f'{t:.3f}' for t in times)} s")
+        for i in (1, 2):
+            bc.custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, f"bench-{i}")
+        apiserver = bc.cp.component("kube-apiserver").proc.pid
+        results.update(scale(bc.admin, bc.custom, apiserver, "bench-0", bc.namespace, counts, window, log,
+                             bc.cp.kubeconfig, bc.operator.metrics))
     return results
 
 
@@ -292,30 +311,23 @@ def run_shared(traces: int = 5, nodes: int = 5000, window: float = 60.0, log=pri
     writes the cluster's count on every DaemonSet (retransmit.dev/cluster-agents) and the
     simulated agents read it with the agent's own ReportWriter.desired_nodes (once per trace,
     on behalf of its agents, instead of once per agent)."""
-    import kubernetes
-
     out: dict[str, Any] = {"traces": traces, "nodes_per_trace": nodes, "busy_fraction": BUSY_FRACTION,
                            "report_interval_s": SPEC_REPORT_INTERVAL,
                            "report_writes_budget_per_second": REPORT_WRITES_PER_SECOND,
                            "lease_renewals_budget_per_second": LEASE_RENEWALS_PER_SECOND}
-    workdir = Path(tempfile.mkdtemp(prefix="rtrace-bench-"))
-    with ControlPlane(controllers=False) as cp:
-        admin = cp.api_client()
-        custom = kubernetes.client.CustomObjectsApi(admin)
-        apps = kubernetes.client.AppsV1Api(admin)
-        install_crd(admin)
-        namespace = f"rtrace-bench-{uuid.uuid4().hex[:6]}"
-        kubernetes.client.CoreV1Api(admin).create_namespace({"metadata": {"name": namespace}})
-        operator = OperatorProcess(cp.kubeconfig, namespace, workdir / "operator.log")
+    with bench_cluster() as bc:
+        cp, admin, custom, apps, namespace, operator = bc.cp, bc.admin, bc.custom, bc.apps, bc.namespace, bc.operator
         watches: list[SummaryWatch] = []
         try:
             names = [f"bench-{i}" for i in range(traces)]
             for name in names:
-                measure_reconcile(cp, apps, namespace, name, workdir)
-                ds = apps.read_namespaced_daemon_set(daemonset_name(name), namespace)
+                measure_reconcile(cp, apps, namespace, name, bc.workdir)
+                # The count as the DaemonSet controller would report it, without observedGeneration:
+                # no agent pods exist here, so the operator must not judge nodes departed (as in the
+                # one-trace run, whose DaemonSet has no status at all); it sums the raw counts.
                 apps.patch_namespaced_daemon_set_status(daemonset_name(name), namespace, {"status": {
                     "desiredNumberScheduled": nodes, "currentNumberScheduled": nodes, "numberReady": nodes,
-                    "numberMisscheduled": 0, "observedGeneration": ds.metadata.generation}})
+                    "numberMisscheduled": 0}})
 
             def annotated() -> Optional[set]:
                 found = {(d.metadata.annotations or {}).get(CLUSTER_AGENTS_ANNOTATION)
@@ -375,10 +387,6 @@ def run_shared(traces: int = 5, nodes: int = 5000, window: float = 60.0, log=pri
         finally:
             for watch in watches:
                 watch.stop()
-            operator.stop()
-            admin.close()
-            if not os.environ.get("RTRACE_KEEP_CLUSTER"):
-                shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
