@@ -45,7 +45,14 @@ from retransmit_core.api import KernelCheck, NodeStatus, Phase, RecentEvent
 from retransmit_core.backoff import backoff_delay, jittered
 from retransmit_core.contract import ENV_NODE_NAME, ENV_POD_IP, ENV_POD_NAMESPACE, AgentInvocation
 from retransmit_core.podindex import PodIndex
-from retransmit_core.schedule import FINAL_REPORT_BUDGET_SECONDS, Write, liveness_bound, report_period, stale_after
+from retransmit_core.schedule import (
+    AGENT_COUNT_REFRESH_SECONDS,
+    FINAL_REPORT_BUDGET_SECONDS,
+    Write,
+    liveness_bound,
+    report_period,
+    stale_after,
+)
 from retransmit_core.version import package_version
 
 from .metrics import AgentState, MetricsServer
@@ -60,7 +67,7 @@ log = logging.getLogger("retransmit_agent.cluster")
 
 TICK = 1.0                # seconds between drains of sampled events and liveness beats
 POD_SYNC_WAIT = 15.0      # seconds to wait for the pod list before attaching a filtered program
-NODE_COUNT_REFRESH = 300.0  # seconds between two reads of the DaemonSet's node count
+NODE_COUNT_REFRESH = AGENT_COUNT_REFRESH_SECONDS  # seconds between two reads of the cluster's agent count
 
 
 def api_client() -> Any:
@@ -277,11 +284,13 @@ class ClusterAgent:
         with self.state.lock:
             self.state.interval = interval
             self.state.period = report_period(interval, self.loop.nodes)
+            self.state.agents = self.loop.nodes
         self.state.liveness_bound = liveness_bound(interval)
         return interval
 
     def _refresh_node_count(self) -> None:
-        """The trace's node count, read from its DaemonSet every NODE_COUNT_REFRESH seconds.
+        """The agents of all running traces (retransmit_core.schedule.desired_nodes), read from
+        this trace's DaemonSet every NODE_COUNT_REFRESH seconds.
         Unknown (unreadable) counts keep the last one: the period only stretches writes."""
         now = time.monotonic()
         if self.loop.nodes_read_at is not None and now - self.loop.nodes_read_at < NODE_COUNT_REFRESH:
@@ -390,7 +399,7 @@ class ClusterAgent:
 
     def _heartbeat(self) -> bool:
         """Renew the report's heartbeat Lease; False when that failed."""
-        bound = stale_after(self.inv.spec.report_interval_seconds)
+        bound = stale_after(self.inv.spec.report_interval_seconds, self.loop.nodes)
         try:
             self.writer.heartbeat(datetime.now(timezone.utc), round(bound.total_seconds()))
         except ApiError as exc:

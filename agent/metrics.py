@@ -35,6 +35,8 @@ Metrics (all carry the label `trace`):
 - rtrace_report_interval_seconds: the trace's reportInterval.
 - rtrace_report_period_seconds: seconds between two report writes while counts keep changing:
   the interval, stretched on big clusters (retransmit_core.schedule.report_period).
+- rtrace_cluster_agents: the agents of every running trace together, as this agent last read
+  them from its DaemonSet: the count its report period and heartbeat stretch by.
 - rtrace_selected_local_ips: pod addresses in the kernel's local-IP filter, when the trace
   selects pods (namespaces, podSelector); follows the pods as they come and go.
 """
@@ -89,6 +91,7 @@ class AgentState:
     heartbeats: int = 0
     interval: float = 0.0
     period: float = 0.0
+    agents: int = 0                      # the cluster's agents the period was computed for
     failed: bool = False                 # the kernel program cannot be opened on this node
     selected_ips: Optional[int] = None   # addresses in the kernel's local-IP filter; None = no filter
     local_ips_left_out: int = 0          # selected addresses the filter maps had no room for
@@ -202,6 +205,12 @@ class AgentCollector:
                                        labels=["trace", "node"])
             period.add_metric([s.trace, s.node], s.period)
             yield period
+            agents = GaugeMetricFamily("rtrace_cluster_agents",
+                                       "Agents of every running trace together, as this agent last read them "
+                                       "(its report period and heartbeat stretch by this count).",
+                                       labels=["trace", "node"])
+            agents.add_metric([s.trace, s.node], s.agents)
+            yield agents
 
 
 def _handler(state: AgentState, registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:

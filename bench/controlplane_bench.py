@@ -38,9 +38,11 @@ import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import yaml
 
@@ -50,9 +52,24 @@ from retransmit_agent.reportwriter import ApiError, ReportTarget, ReportWriter
 from retransmit_agent.writeschedule import WriteTimes, decide_write
 from retransmit_core.backoff import jittered
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, to_api
-from retransmit_core.schedule import Write, heartbeat_seconds, report_period, stale_after
+from retransmit_core.schedule import (
+    LEASE_RENEWALS_PER_SECOND,
+    REPORT_WRITES_PER_SECOND,
+    Write,
+    bound_agents,
+    heartbeat_seconds,
+    report_period,
+    stale_after,
+)
 from retransmit_operator.reportindex import ReportIndex
-from retransmit_core.naming import LEASE_GROUP, LEASE_PLURAL, LEASE_VERSION, trace_selector
+from retransmit_core.naming import (
+    CLUSTER_AGENTS_ANNOTATION,
+    LEASE_GROUP,
+    LEASE_PLURAL,
+    LEASE_VERSION,
+    daemonset_name,
+    trace_selector,
+)
 from tests.harness.controlplane import ControlPlane, end_process, free_port, start_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,35 +256,138 @@ def object_sizes(obj: dict) -> dict[str, int]:
 
 # ---------------------------------------------------------------- the run
 
-def run(counts=COUNTS, window: float = 60.0, log=print) -> dict:
+@dataclass
+class BenchCluster:
+    cp: ControlPlane
+    admin: Any
+    custom: Any
+    apps: Any
+    namespace: str
+    operator: OperatorProcess
+    workdir: Path
+
+
+@contextmanager
+def bench_cluster() -> Iterator[BenchCluster]:
+    """etcd + kube-apiserver (no controllers), both CRDs, a namespace and the real operator."""
     import kubernetes
 
-    results: dict[str, Any] = {"scale": []}
     workdir = Path(tempfile.mkdtemp(prefix="rtrace-bench-"))   # the operator's log
     with ControlPlane(controllers=False) as cp:
         admin = cp.api_client()
-        custom = kubernetes.client.CustomObjectsApi(admin)
-        apps = kubernetes.client.AppsV1Api(admin)
         install_crd(admin)
         namespace = f"rtrace-bench-{uuid.uuid4().hex[:6]}"
         kubernetes.client.CoreV1Api(admin).create_namespace({"metadata": {"name": namespace}})
         operator = OperatorProcess(cp.kubeconfig, namespace, workdir / "operator.log")
         try:
-            times = [measure_reconcile(cp, apps, namespace, f"bench-{i}", workdir) for i in range(3)]
-            results["operator_reconcile_s"] = sorted(times)[1]
-            results["operator_reconcile_samples_s"] = times
-            log(f"operator reconcile (kubectl apply -> DaemonSet): {', '.join(f'{t:.3f}' for t in times)} s")
-            for i in (1, 2):
-                custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, f"bench-{i}")
-            apiserver = cp.component("kube-apiserver").proc.pid
-            results.update(scale(admin, custom, apiserver, "bench-0", namespace, counts, window, log,
-                                 cp.kubeconfig, operator.metrics))
+            yield BenchCluster(cp, admin, kubernetes.client.CustomObjectsApi(admin), kubernetes.client.AppsV1Api(admin),
+                               namespace, operator, workdir)
         finally:
             operator.stop()
             admin.close()
             if not os.environ.get("RTRACE_KEEP_CLUSTER"):
                 shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(counts=COUNTS, window: float = 60.0, log=print) -> dict:
+    results: dict[str, Any] = {"scale": []}
+    with bench_cluster() as bc:
+        times = [measure_reconcile(bc.cp, bc.apps, bc.namespace, f"bench-{i}", bc.workdir) for i in range(3)]
+        results["operator_reconcile_s"] = sorted(times)[1]
+        results["operator_reconcile_samples_s"] = times
+        log(f"operator reconcile (kubectl apply -> DaemonSet): {', '.join(f'{t:.3f}' for t in times)} s")
+        for i in (1, 2):
+            bc.custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, f"bench-{i}")
+        apiserver = bc.cp.component("kube-apiserver").proc.pid
+        results.update(scale(bc.admin, bc.custom, apiserver, "bench-0", bc.namespace, counts, window, log,
+                             bc.cp.kubeconfig, bc.operator.metrics))
     return results
+
+
+def run_shared(traces: int = 5, nodes: int = 5000, window: float = 60.0, log=print) -> dict:
+    """`traces` traces running at once, each on the same `nodes` simulated nodes: the agents of
+    all of them follow one cluster-wide budget. No DaemonSet controller runs here, so the bench
+    sets each DaemonSet's status as the controller would (`nodes` desired); the real operator
+    writes the cluster's count on every DaemonSet (retransmit.dev/cluster-agents) and the
+    simulated agents read it with the agent's own ReportWriter.desired_nodes (once per trace,
+    on behalf of its agents, instead of once per agent)."""
+    out: dict[str, Any] = {"traces": traces, "nodes_per_trace": nodes, "busy_fraction": BUSY_FRACTION,
+                           "report_interval_s": SPEC_REPORT_INTERVAL,
+                           "report_writes_budget_per_second": REPORT_WRITES_PER_SECOND,
+                           "lease_renewals_budget_per_second": LEASE_RENEWALS_PER_SECOND}
+    with bench_cluster() as bc:
+        cp, admin, custom, apps, namespace, operator = bc.cp, bc.admin, bc.custom, bc.apps, bc.namespace, bc.operator
+        watches: list[SummaryWatch] = []
+        try:
+            names = [f"bench-{i}" for i in range(traces)]
+            for name in names:
+                measure_reconcile(cp, apps, namespace, name, bc.workdir)
+                # The count as the DaemonSet controller would report it, without observedGeneration:
+                # no agent pods exist here, so the operator must not judge nodes departed (as in the
+                # one-trace run, whose DaemonSet has no status at all); it sums the raw counts.
+                apps.patch_namespaced_daemon_set_status(daemonset_name(name), namespace, {"status": {
+                    "desiredNumberScheduled": nodes, "currentNumberScheduled": nodes, "numberReady": nodes,
+                    "numberMisscheduled": 0}})
+
+            def annotated() -> Optional[set]:
+                found = {(d.metadata.annotations or {}).get(CLUSTER_AGENTS_ANNOTATION)
+                         for d in apps.list_namespaced_daemon_set(namespace).items}
+                return found if found == {str(traces * nodes)} else None
+            out["daemonset_annotations"] = sorted(wait_until(annotated, "the operator's cluster-wide count on every "
+                                                             "DaemonSet", timeout=60))
+            uids = {name: custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)["metadata"]["uid"] for name in names}
+            groups = []
+            for t, name in enumerate(names):
+                sims = [SyntheticNode(f"node-{i:04d}", seed=t * nodes + i) for i in range(nodes)]
+                writers = [ReportWriter(admin, ReportTarget(name, uids[name], n.name, namespace), timeout=30) for n in sims]
+                watch = SummaryWatch(cp.kubeconfig, name)
+                watches.append(watch)
+                groups.append((watch, sims, writers))
+            read = {writers[0].desired_nodes() for _, _, writers in groups}
+            assert len(read) == 1, f"the traces' agents read different counts: {read}"
+            agents = read.pop() or 0
+            out["agents_read"] = agents
+            started = time.monotonic()
+            errors = []
+            for _, sims, writers in groups:
+                errors += create_reports(writers, sims)
+            out.update(create_s=round(time.monotonic() - started, 2), create_errors=len(errors), create_error_sample=errors[:3])
+            log(f"{traces} x {nodes} nodes: reports created in {out['create_s']} s ({len(errors)} errors)")
+            settle(custom, names[0])
+            for watch, sims, _ in groups:
+                expected = sum(n.retransmits for n in sims)
+                try:
+                    wait_until(lambda: watch.first_at_least(expected, 0.0) is not None,
+                               "the summary to include every node", timeout=300)
+                except TimeoutError as e:
+                    out["summary_wait_error"] = str(e)
+            passes_before = operator.metrics()
+            out.update(shared_window(admin, cp.component("kube-apiserver").proc.pid, groups, window, agents))
+            passes = {k: operator.metrics()[k] - passes_before.get(k, 0.0)
+                      for k in ("rtrace_operator_reconcile_seconds_sum", "rtrace_operator_reconcile_seconds_count")}
+            if passes["rtrace_operator_reconcile_seconds_count"]:
+                out["operator_pass_mean_s"] = (passes["rtrace_operator_reconcile_seconds_sum"]
+                                               / passes["rtrace_operator_reconcile_seconds_count"])
+            now = datetime.now(timezone.utc)
+            ages, bounds = [], set()
+            for name in names:
+                ages += freshness(custom, namespace, name, uids[name])
+                ds = apps.api_client.sanitize_for_serialization(apps.read_namespaced_daemon_set(daemonset_name(name), namespace))
+                bounds.add(stale_after(SPEC_REPORT_INTERVAL, bound_agents(ds, SPEC_REPORT_INTERVAL, now)).total_seconds())
+            out.update(report_age_p50_s=procstat.percentile(ages, 50), report_age_p99_s=procstat.percentile(ages, 99),
+                       report_age_max_s=max(ages) if ages else None, reports=len(ages),
+                       operator_stale_after_s=sorted(bounds))
+            out["writes_per_second"] = out["report_writes_per_second"] + out["lease_writes_per_second"]
+            log(f"{traces} x {nodes} nodes ({agents} agents read): {out['writes_per_second']:.1f} writes/s to reports "
+                f"({out['report_writes_per_second']:.1f}) and Leases ({out['lease_writes_per_second']:.1f}), "
+                f"{out['agent_writes_failed']}/{out['agent_writes']} failed, API server {out['apiserver_cpu_percent']:.0f}% CPU, "
+                f"lag p50 {out['aggregation_lag_p50_s']:.2f} s p99 {out['aggregation_lag_p99_s']:.2f} s "
+                f"({out['aggregation_lag_samples']} samples), operator pass {out.get('operator_pass_mean_s', float('nan')):.2f} s, "
+                f"report age max {out['report_age_max_s']:.1f} s (bound {sorted(bounds)} s)")
+        finally:
+            for watch in watches:
+                watch.stop()
+    return out
 
 
 def create_reports(writers: list[ReportWriter], nodes: list[SyntheticNode]) -> list[str]:
@@ -317,7 +437,7 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
     created = 0
     watch = SummaryWatch(kubeconfig, trace)
     out: dict[str, Any] = {"scale": [], "busy_fraction": BUSY_FRACTION, "report_interval_s": SPEC_REPORT_INTERVAL,
-                           "heartbeat_s": heartbeat_seconds(SPEC_REPORT_INTERVAL),
+                           "heartbeat_s": {str(n): heartbeat_seconds(SPEC_REPORT_INTERVAL, n) for n in counts},
                            "report_period_s": {str(n): report_period(SPEC_REPORT_INTERVAL, n) for n in counts}}
     out["report_bytes"] = len(json.dumps(to_api(nodes[0].next_entry()), separators=(",", ":")))
     try:
@@ -367,81 +487,101 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
 
 def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list[SyntheticNode],
                     writers: list[ReportWriter], window: float) -> dict[str, Any]:
-    """Every node runs the agent's write decision (writeschedule.decide_write) for `window` seconds: a wake-up every
-    jittered interval; its report when it changed (the busy nodes) and its period passed, a
-    heartbeat Lease renewal when one is due.
+    """One trace's nodes, on the schedule of their own count (shared_window)."""
+    return shared_window(admin, apiserver, [(watch, nodes, writers)], window, len(nodes))
+
+
+def shared_window(admin: Any, apiserver: int, groups: list[tuple[SummaryWatch, list[SyntheticNode], list[ReportWriter]]],
+                  window: float, agents: int) -> dict[str, Any]:
+    """Every node of every trace (a group: its summary watch, nodes and writers) runs the
+    agent's write decision (writeschedule.decide_write) for `window` seconds, for the
+    cluster's `agents` (as its DaemonSet says): a wake-up every jittered interval; its report
+    when it changed (the busy nodes) and its period passed, a heartbeat Lease renewal when one
+    is due.
 
     Each node is its own agent, so writes are sent on schedule whether or not earlier ones
-    have returned (a pool of threads). A busy write's lag ends at the first summary on the
-    watch, received after the write was sent, whose total includes every report sent up to it.
+    have returned (a pool of threads). A busy write's lag ends at the first summary on its
+    trace's watch, received after the write was sent, whose total includes every report of
+    that trace sent up to it.
     """
-    n = len(nodes)
+    agents_of = [(g, i) for g, (_, nodes, _) in enumerate(groups) for i in range(len(nodes))]
+    n = len(agents_of)
     interval = SPEC_REPORT_INTERVAL
-    lease_seconds = round(stale_after(interval).total_seconds())
+    lease_seconds = round(stale_after(interval, agents).total_seconds())
     rng = random.Random(n)
     busy = set(range(0, n, round(1 / BUSY_FRACTION)))
     records: list[dict[str, Any]] = []
     lock = threading.Lock()
-    reported: dict[int, list[float]] = {}   # node -> times its report writes were stored
+    reported: dict[int, list[float]] = {}   # agent -> times its report writes were stored
+    node = lambda k: groups[agents_of[k][0]][1][agents_of[k][1]]      # noqa: E731
+    writer = lambda k: groups[agents_of[k][0]][2][agents_of[k][1]]    # noqa: E731
 
-    def send(i: int, record: dict[str, Any]) -> None:
+    def send(k: int, record: dict[str, Any]) -> None:
         if time.monotonic() - record["sent"] > 30:
             record.update(ok=False, unsent=True)   # queued too long: an agent's write would have timed out
             return
         try:
             if record["kind"] is Write.HEARTBEAT:
-                writers[i].heartbeat(datetime.now(timezone.utc), lease_seconds)
+                writer(k).heartbeat(datetime.now(timezone.utc), lease_seconds)
             else:
-                writers[i].apply(nodes[i].next_entry())
+                writer(k).apply(node(k).next_entry())
                 with lock:
-                    reported.setdefault(i, []).append(time.monotonic())
+                    reported.setdefault(k, []).append(time.monotonic())
             record.update(ok=True, latency=time.monotonic() - record["sent"])
         except ApiError:
             record.update(ok=False)
 
     t0 = time.monotonic()
-    # As if the agents had been running a while: wake-ups spread over one interval, the last
-    # report writes over one report period, the last writes of either kind over one heartbeat.
-    period = report_period(interval, n)
+    # As if the agents had been running a while: wake-ups spread over one interval; a busy
+    # node's last report write over one report period (and its last write of either kind over
+    # one heartbeat, where heartbeats fill the period); a quiet node's last write (a Lease
+    # renewal) over one heartbeat, as it is in steady state. A window shorter than a stretched
+    # heartbeat (250 s at 25,000 agents) then sees the steady rate of renewals.
+    period, heartbeat = report_period(interval, agents), heartbeat_seconds(interval, agents)
     written_at = {}
-    for i in range(n):
-        last_report = t0 - rng.uniform(0, period)
-        written_at[i] = WriteTimes(report=last_report, any=max(last_report, t0 - rng.uniform(0, heartbeat_seconds(interval))))
-    # What each node's last report write holds: the summary includes a write once it holds all.
-    written = {i: node.retransmits for i, node in enumerate(nodes)}
-    due = [(t0 + rng.uniform(0, interval), i) for i in range(n)]
+    for k in range(n):
+        if k in busy:
+            last_report = t0 - rng.uniform(0, period)
+            written_at[k] = WriteTimes(report=last_report, any=max(last_report, t0 - rng.uniform(0, heartbeat)))
+        else:
+            last_write = t0 - rng.uniform(0, heartbeat)
+            written_at[k] = WriteTimes(report=last_write - period, any=last_write)
+    # What each node's last report write holds: a summary includes a write once it holds all.
+    written = [{i: nd.retransmits for i, nd in enumerate(nodes)} for _, nodes, _ in groups]
+    due = [(t0 + rng.uniform(0, interval), k) for k in range(n)]
     heapq.heapify(due)
     before = {plural: apiserver_counters(admin, plural) for plural in (REPORT_PLURAL, LEASE_PLURAL, PLURAL)}
     cpu_before = procstat.cpu_ticks(apiserver)
-    summaries_before = len(watch.seen)
+    summaries_before = [len(watch.seen) for watch, _, _ in groups]
     with ThreadPoolExecutor(WRITERS) as pool:
         while due[0][0] < t0 + window:
-            at, i = heapq.heappop(due)
+            at, k = heapq.heappop(due)
             time.sleep(max(0.0, at - time.monotonic()))
-            changed = i in busy
+            g, i = agents_of[k]
+            changed = k in busy
             if changed:
-                nodes[i].grow(7)
-            kind = decide_write(changed, written_at[i], at, interval, n)
+                node(k).grow(7)
+            kind = decide_write(changed, written_at[k], at, interval, agents)
             if kind is not Write.NOTHING:
-                written_at[i] = written_at[i].after(kind, at)
-                record = {"sent": time.monotonic(), "kind": kind, "node": i}
+                written_at[k] = written_at[k].after(kind, at)
+                record = {"sent": time.monotonic(), "kind": kind, "node": k, "group": g}
                 if kind is Write.REPORT:
-                    written[i] = nodes[i].retransmits
-                    record.update(busy=changed, total=sum(written.values()))
+                    written[g][i] = node(k).retransmits
+                    record.update(busy=changed, total=sum(written[g].values()))
                 records.append(record)
-                pool.submit(send, i, record)
-            heapq.heappush(due, (at + jittered(interval, rng.random), i))
+                pool.submit(send, k, record)
+            heapq.heappush(due, (at + jittered(interval, rng.random), k))
         elapsed = time.monotonic() - t0
         after = {plural: apiserver_counters(admin, plural) for plural in (REPORT_PLURAL, LEASE_PLURAL, PLURAL)}
         cpu = procstat.cpu_percent(procstat.cpu_ticks(apiserver) - cpu_before, elapsed)
-        summaries = len(watch.seen) - summaries_before
+        summaries = sum(len(watch.seen) for watch, _, _ in groups) - sum(summaries_before)
     time.sleep(5)   # let the last writes reach the summary
     lags = []
     for r in records:
-        seen = watch.first_at_least(r["total"], r["sent"]) if r.get("ok") and r.get("busy") else None
+        seen = groups[r["group"]][0].first_at_least(r["total"], r["sent"]) if r.get("ok") and r.get("busy") else None
         if seen is not None:
             lags.append(seen - r["sent"])
-    busy_gaps = [b - a for i, times in reported.items() if i in busy for a, b in zip(times, times[1:])]
+    busy_gaps = [b - a for k, times in reported.items() if k in busy for a, b in zip(times, times[1:])]
     ok = [r for r in records if r.get("ok")]
     latencies = [r["latency"] for r in records if "latency" in r]
     rate = lambda plural, key: (after[plural][key] - before[plural][key]) / elapsed  # noqa: E731
@@ -449,6 +589,7 @@ def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list
         "window_s": round(elapsed, 2),
         "busy_nodes": len(busy),
         "report_period_s": period,
+        "heartbeat_s": heartbeat_seconds(interval, agents),
         "agent_writes": len(records),
         "agent_writes_failed": len(records) - len(ok),
         "agent_writes_unsent": sum(1 for r in records if r.get("unsent")),
@@ -473,6 +614,31 @@ def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list
     }
 
 
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.controlplane_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--traces", type=int, default=0,
+                        help="run this many traces at once on --nodes nodes each (the shared write budget)")
+    parser.add_argument("--nodes", type=int, default=5000, help="with --traces: simulated nodes per trace")
+    parser.add_argument("--window", type=float, default=60.0, help="write window (s)")
+    parser.add_argument("--output", help="also write the figures here (JSON), with the command and commit")
+    args = parser.parse_args(argv)
+    if args.traces:
+        figures = run_shared(args.traces, args.nodes, args.window)
+    else:
+        figures = run(counts=(20, 50) if args.quick else COUNTS, window=20 if args.quick else args.window)
+    document = json.dumps(figures, indent=2)
+    print(document)
+    if args.output:
+        from bench.run import meta
+
+        path = Path(args.output)
+        path.write_text(json.dumps({"command": "python -m bench.controlplane_bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                                    "meta": meta(), **figures}, indent=2) + "\n")
+    return 0
+
+
 if __name__ == "__main__":
-    quick = "--quick" in sys.argv
-    print(json.dumps(run(counts=(20, 50) if quick else COUNTS, window=20 if quick else 60), indent=2))
+    sys.exit(main())

@@ -27,6 +27,12 @@ NODE_LABEL = "retransmit.dev/node"
 SPEC_HASH_ANNOTATION = "retransmit.dev/spec-hash"
 # The port a trace's agents listen on, chosen by the operator when it creates their DaemonSet.
 METRICS_PORT_ANNOTATION = "retransmit.dev/metrics-port"
+# On every agents' DaemonSet, written by the operator: how many agents all running traces have
+# together, the count their shared write schedule stretches by (core/schedule.py).
+CLUSTER_AGENTS_ANNOTATION = "retransmit.dev/cluster-agents"
+# "<count> <time>": the count the operator lowered that annotation from, and when; agents may
+# use it until they re-read the DaemonSet, so the staleness bound does too (core/schedule.py).
+AGENTS_LOWERED_ANNOTATION = "retransmit.dev/cluster-agents-lowered"
 DAEMONSET_PREFIX = "rtrace-"
 # The operator replicas' leader-election Lease, in the operator's namespace.
 LEADER_LEASE = f"{APP_NAME}-leader"

@@ -176,6 +176,12 @@ class KubeApi:
         )
         return self._client.sanitize_for_serialization(result)
 
+    async def annotate_daemonset(self, namespace: str, name: str, annotations: dict[str, Optional[str]]) -> None:
+        """Set (None: remove) annotations of a DaemonSet, metadata only: its pods do not roll."""
+        await self._call("annotate daemonset", self._apps.patch_namespaced_daemon_set, name, namespace,
+                         {"metadata": {"annotations": annotations}}, field_manager=FIELD_MANAGER,
+                         _content_type="application/merge-patch+json")
+
     async def delete_daemonset(self, namespace: str, name: str) -> bool:
         """Delete it (pods follow in the background); False when it was already gone."""
         try:

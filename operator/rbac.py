@@ -19,8 +19,9 @@ Why each one:
 - services list/watch (all namespaces): naming remote ends that are a Service's address or
   NodePort (remotenames.py).
 - daemonsets get/create/patch/delete (operator namespace only): the agents. Server-side apply
-  is a patch, and a patch that creates needs create too. list: the slots (ports, the running
-  traces) in use, read when a trace needs a DaemonSet (slots.py).
+  is a patch, and a patch that creates needs create too; so is writing the cluster's agent
+  count on each (retransmit.dev/cluster-agents). list: the slots (ports, the running traces)
+  in use, read when a trace needs a DaemonSet (slots.py), and the agent count, every pass.
 - retransmitnodereports list/watch (operator namespace only): the one label-selected watch
   of the nodes' reports. retransmitnodereports/status patch: marking reports of nodes that
   left the trace (server-side apply).
@@ -71,7 +72,8 @@ AGENT_CLUSTER_RULES: list[dict[str, Any]] = [
 # Lease. get (the restart baseline), create (the first time), patch (server-side apply of the
 # report, the Lease's renewTime). Which ones: the node-report guard admission policy allows
 # only the agent's own node's. daemonsets get: the agent's own DaemonSet's
-# desiredNumberScheduled, the node count that stretches its report period on big clusters.
+# desiredNumberScheduled and the cluster's agent count on it, which stretch its report period
+# and heartbeat on big clusters.
 AGENT_NAMESPACE_RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [REPORT_PLURAL], "verbs": ["get", "create", "patch"]},
     {"apiGroups": [LEASE_GROUP], "resources": [LEASE_PLURAL], "verbs": ["get", "create", "patch"]},

@@ -30,9 +30,24 @@ from retransmit_core.api import (
     to_api,
 )
 from retransmit_core.contract import METRICS_PORT_SPAN
-from retransmit_core.naming import SPEC_HASH_ANNOTATION, TRACE_LABEL, agent_selector_labels, daemonset_name
+from retransmit_core.naming import (
+    AGENTS_LOWERED_ANNOTATION,
+    CLUSTER_AGENTS_ANNOTATION,
+    SPEC_HASH_ANNOTATION,
+    TRACE_LABEL,
+    agent_selector_labels,
+    daemonset_name,
+)
 from retransmit_core.podindex import PodIndex
-from retransmit_core.schedule import desired_nodes, stale_after
+from retransmit_core.schedule import (
+    annotated_agents,
+    bound_agents,
+    cluster_agents,
+    lowered_note,
+    nodes_scheduled,
+    shared_agent_count,
+    stale_after,
+)
 from retransmit_core.validation import validate_trace
 
 from .aggregate import aggregate_summary, departed, node_rows, stale_nodes
@@ -153,10 +168,11 @@ class Reconciler:
         # SIGTERM reaches them do not keep rewriting a finished trace's status.
         stored = self.reports.for_trace(name, uid, heartbeats=completion is None)
         nodes = [r.entry for r in stored]
-        desired = desired_nodes(daemonset)
+        desired = nodes_scheduled(daemonset)
         previous_desired = current.summary.nodes_desired if current and current.summary else 0
         nodes_desired = desired if desired is not None else previous_desired
-        bound = None if completion or spec is None else stale_after(spec.report_interval_seconds)
+        bound = None if completion or spec is None else stale_after(
+            spec.report_interval_seconds, bound_agents(daemonset, spec.report_interval_seconds, now))
         gone = frozenset(r.entry.node for r in stored if r.status.departed)
         # Departures are judged only once the DaemonSet controller has placed the agents for
         # this spec (right after a create or a roll, no pod yet means nothing).
@@ -335,6 +351,10 @@ class Reconciler:
     async def sync_once(self) -> None:
         """One pass over every known trace; one trace's failure does not stop the others."""
         phases: dict[str, int] = {}
+        try:
+            await self.share_agent_count()
+        except ApiFailure as e:
+            log.warning("sharing the cluster's agent count failed, retried next pass: %s", e)
         for name, body in list(self.traces.items()):
             try:
                 new = await self.reconcile(body, trigger="sync")
@@ -350,6 +370,26 @@ class Reconciler:
         self.metrics.pod_index_addresses.set(len(self.pods))
         self.metrics.sync_passes.inc()
         self.last_sync = time.monotonic()
+
+    async def share_agent_count(self) -> None:
+        """Write the cluster's agent count (every running trace's, together) on every agents'
+        DaemonSet, where their agents read it for the shared write budget: one list per pass,
+        and patches only when the count moved by more than AGENT_COUNT_TOLERANCE."""
+        ns = self.settings.namespace
+        daemonsets = [ds for ds in await self.kube.list_agent_daemonsets(ns)
+                      if not (ds.get("metadata") or {}).get("deletionTimestamp")]
+        count = shared_agent_count([annotated_agents(ds) for ds in daemonsets], cluster_agents(daemonsets))
+        now = utcnow()
+        for ds in daemonsets:
+            written = annotated_agents(ds)
+            if written == count:
+                continue
+            change: dict[str, Optional[str]] = {CLUSTER_AGENTS_ANNOTATION: str(count)}
+            note = lowered_note(ds, count, now)
+            if note is not None:
+                change[AGENTS_LOWERED_ANNOTATION] = note
+            await self.kube.annotate_daemonset(ns, ds["metadata"]["name"], change)
+            log.info("DaemonSet %s/%s: the cluster's agents are %d (was %s)", ns, ds["metadata"]["name"], count, written)
 
     async def sync_forever(self) -> None:
         """A pass every sync interval (a longer pass is followed by a short pause, never a

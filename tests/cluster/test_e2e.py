@@ -440,7 +440,7 @@ def test_a_quiet_node_stays_reporting_and_a_stopped_agent_goes_stale_by_name(ope
     trace = traces(namespaces=[pods.namespace], nodeSelector={"kubernetes.io/hostname": NODE_A})
     first = trace.wait_entry("attached", running)
     interval = _agent_metrics(trace)["rtrace_report_interval_seconds"]
-    bound = stale_after(interval)
+    bound = stale_after(interval, 1)
     quiet = max(QUIET_NODE_SECONDS, 4 * bound.total_seconds())
     windows = int(quiet // bound.total_seconds())
     wait_until(lambda: (lambda st: (st.get("summary") or {}).get("nodes") == "1/1"

@@ -1,6 +1,7 @@
 """The heartbeat is one rule with two readers: the agent's write schedule and the operator's
 staleness bound. These tests run the agent's real schedule (next_write over jittered waits)
-against the operator's real bound (stale_after), so the two halves cannot drift apart."""
+against the operator's real bound (stale_after) for the same cluster-wide agent count, so the
+two halves cannot drift apart."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from retransmit_core.api import NodeStatus
 from retransmit_operator.conditions import Observation, compute_status
 from retransmit_core.schedule import (
     HEARTBEAT_INTERVALS,
+    LEASE_RENEWALS_PER_SECOND,
     REPORT_WRITES_PER_SECOND,
     WRITE_TIMEOUT_SECONDS,
     Write,
@@ -50,39 +52,70 @@ def gaps(times: list[float]) -> list[float]:
 
 @pytest.mark.parametrize("interval", [1.0, 10.0, 60.0])
 @pytest.mark.parametrize("jitter", [0.0, 0.5, 1.0], ids=["shortest", "middle", "longest"])
-def test_a_quiet_agent_renews_its_heartbeat_within_the_operators_staleness_bound(interval, jitter):
-    writes = agent_writes(interval, lambda: jitter)
+@pytest.mark.parametrize("agents", [1, 5000, 25000])
+def test_a_quiet_agent_renews_its_heartbeat_within_the_operators_staleness_bound(interval, jitter, agents):
+    writes = agent_writes(interval, lambda: jitter, nodes=agents, wakeups=400 * max(1, round(agents / 1000)))
     assert writes[0][1] is Write.REPORT and {w for _, w in writes[1:]} == {Write.HEARTBEAT}
     between = gaps([t for t, _ in writes])
     assert len(writes) > 20
     # The longest gap plus a write that took its whole timeout stays inside the bound.
-    assert max(between) + WRITE_TIMEOUT_SECONDS < stale_after(interval).total_seconds()
+    assert max(between) + WRITE_TIMEOUT_SECONDS < stale_after(interval, agents).total_seconds()
     # And the agent does not write more than needed: about one write per heartbeat period.
+    assert min(between) >= heartbeat_seconds(interval, agents) - interval / 2
     assert min(between) >= (HEARTBEAT_INTERVALS - 1) * interval
 
 
-@pytest.mark.parametrize("nodes", [1, 1000, 5000, 20000])
+@pytest.mark.parametrize("nodes", [1, 1000, 5000, 20000, 25000, 100000])
 def test_a_busy_agent_writes_its_report_every_period_and_stays_within_the_bound(nodes):
     interval = 10.0
-    writes = agent_writes(interval, random.Random(nodes).random, nodes=nodes, busy=True)
+    writes = agent_writes(interval, random.Random(nodes).random, nodes=nodes, busy=True, wakeups=4000)
     reports = [t for t, w in writes if w is Write.REPORT]
     period = report_period(interval, nodes)
     # Report writes: about one per period, never sooner than half an interval before it ends.
     assert min(gaps(reports)) >= period - interval / 2
     assert max(gaps(reports)) <= period + interval * 1.1
     # Between them, heartbeats keep the node inside the operator's bound, whatever the size.
-    assert max(gaps([t for t, _ in writes])) + WRITE_TIMEOUT_SECONDS < stale_after(interval).total_seconds()
-    if period > heartbeat_seconds(interval):
+    assert max(gaps([t for t, _ in writes])) + WRITE_TIMEOUT_SECONDS < stale_after(interval, nodes).total_seconds()
+    if period > heartbeat_seconds(interval, nodes):
         assert any(w is Write.HEARTBEAT for _, w in writes)
 
 
-def test_all_agents_of_a_big_trace_stay_within_the_write_budget():
-    """nodes / period report writes per second: the interval's rate up to 1,000 nodes (at
-    10 s), the budget beyond."""
-    for nodes in (10, 1000, 5000, 20000):
-        rate = nodes / report_period(10.0, nodes)
-        assert rate == pytest.approx(min(nodes / 10.0, REPORT_WRITES_PER_SECOND))
+@pytest.mark.parametrize("interval", [1.0, 10.0, 60.0])
+def test_all_agents_of_the_cluster_stay_within_the_write_budgets(interval):
+    """agents / period report writes and agents / heartbeat Lease renewals per second: the
+    interval's rate while it is within the budget, the budget beyond, for the agents of every
+    running trace together."""
+    for agents in (10, 1000, 5000, 20000, 25000, 100000):
+        assert agents / report_period(interval, agents) == pytest.approx(min(agents / interval, REPORT_WRITES_PER_SECOND))
+        assert agents / heartbeat_seconds(interval, agents) == pytest.approx(
+            min(agents / (HEARTBEAT_INTERVALS * interval), LEASE_RENEWALS_PER_SECOND))
     assert report_period(10.0, 5000) == 50.0 and report_period(10.0, 0) == 10.0
+    # The issue's case: a 1 s trace on 5,000 nodes renewed ~1,700 Leases/s; now the budget.
+    assert 5000 / heartbeat_seconds(1.0, 5000) == LEASE_RENEWALS_PER_SECOND
+
+
+def test_five_traces_share_one_traces_budget():
+    """Five traces of 5,000 nodes: each agent follows the count of all 25,000, so together they
+    send what one trace of 5,000 sent before, not five times that."""
+    one, five = 5000, 5 * 5000
+    assert five / report_period(10.0, five) == one / report_period(10.0, one) == REPORT_WRITES_PER_SECOND
+    assert five / heartbeat_seconds(10.0, five) == LEASE_RENEWALS_PER_SECOND
+    assert report_period(10.0, five) == 5 * report_period(10.0, one)
+    # And the operator's bound follows the same count: a quiet agent of 25,000 is not stale.
+    assert stale_after(10.0, five) > stale_after(10.0, one) > stale_after(10.0, 1)
+    assert stale_after(10.0, five).total_seconds() > heartbeat_seconds(10.0, five) * 1.1 + WRITE_TIMEOUT_SECONDS
+
+
+@pytest.mark.parametrize("interval", [10.0, 30.0, 60.0])
+def test_one_trace_below_1000_nodes_keeps_its_schedule(interval):
+    """The default interval and longer: below 1,000 agents, nothing stretches; the period is
+    the interval, the heartbeat 3 intervals and the bound the one before the shared budget."""
+    for agents in (0, 1, 10, 500, 999, 1000):
+        assert report_period(interval, agents) == interval
+        assert heartbeat_seconds(interval, agents) == HEARTBEAT_INTERVALS * interval
+        longest_wait = interval * 1.1
+        assert stale_after(interval, agents).total_seconds() == pytest.approx(
+            HEARTBEAT_INTERVALS * longest_wait + longest_wait + WRITE_TIMEOUT_SECONDS)
 
 
 def test_a_changed_report_is_written_at_once_and_a_first_report_always():
@@ -90,10 +123,15 @@ def test_a_changed_report_is_written_at_once_and_a_first_report_always():
     assert next_write(False, None, None, 10.0, 1) is Write.REPORT
     assert next_write(False, 10.0, 10.0, 10.0, 1) is Write.NOTHING
     assert next_write(False, 30.0, 25.0, 10.0, 1) is Write.HEARTBEAT
-    # On 5,000 nodes a change waits for the 50 s period; a heartbeat fills the gap meanwhile.
+    # On 5,000 agents a change waits for the 50 s period, and the heartbeat is stretched as
+    # long: a busy agent writes its report and nothing in between, a quiet one its Lease.
     assert next_write(True, 20.0, 20.0, 10.0, 5000) is Write.NOTHING
-    assert next_write(True, 26.0, 26.0, 10.0, 5000) is Write.HEARTBEAT
-    assert next_write(True, 46.0, 20.0, 10.0, 5000) is Write.REPORT
+    assert next_write(True, 36.0, 36.0, 10.0, 5000) is Write.NOTHING
+    assert next_write(True, 46.0, 46.0, 10.0, 5000) is Write.REPORT
+    assert next_write(False, 36.0, 36.0, 10.0, 5000) is Write.NOTHING
+    assert next_write(False, 46.0, 46.0, 10.0, 5000) is Write.HEARTBEAT
+    # Below 1,000 agents at the default interval, as before: a Lease every 3 intervals.
+    assert next_write(False, 26.0, 26.0, 10.0, 999) is Write.HEARTBEAT
 
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -104,7 +142,7 @@ def entry(name: str, age: timedelta, phase: str = "Running") -> NodeStatus:
 
 
 def test_a_node_silent_past_the_bound_is_named_in_agents_ready():
-    bound = stale_after(10.0)
+    bound = stale_after(10.0, 3)
     nodes = [entry("quiet", bound - timedelta(seconds=1)), entry("gone", bound + timedelta(seconds=1)),
              entry("broken", bound * 10, phase="Failed")]
     summary = aggregate_summary(nodes, nodes_desired=3, top_n=10, pod_index=None, now=NOW, stale_after=bound)

@@ -220,7 +220,7 @@ def test_failed_attempts_and_causes_add_across_restarts_and_unknown_stays_unknow
 
 def test_a_final_report_is_always_the_report_never_a_heartbeat():
     long_quiet = WriteTimes(report=0.0, any=0.0)
-    now = 10 * heartbeat_seconds(10.0)
+    now = 10 * heartbeat_seconds(10.0, 1)
     assert decide_write(False, long_quiet, now, 10.0, 1) is Write.HEARTBEAT
     assert decide_write(False, long_quiet, now, 10.0, 1, final=True) is Write.REPORT   # unchanged: still written
     just_written = WriteTimes(report=now, any=now)
@@ -236,5 +236,5 @@ def test_the_decision_reads_the_times_of_the_writes_that_were_stored():
     assert decide_write(False, WriteTimes(), 0.0, 10.0, 1) is Write.REPORT   # nothing written yet
     assert decide_write(True, times, 131.0, 10.0, 1) is Write.REPORT         # changed, a period since the report
     assert decide_write(False, times, 131.0, 10.0, 1) is Write.NOTHING       # a heartbeat just now
-    assert decide_write(False, times, 130.0 + heartbeat_seconds(10.0), 10.0, 1) is Write.HEARTBEAT
+    assert decide_write(False, times, 130.0 + heartbeat_seconds(10.0, 1), 10.0, 1) is Write.HEARTBEAT
     assert decide_write(True, times, 131.0, 10.0, 5000) is Write.NOTHING     # 5,000 nodes stretch the period
