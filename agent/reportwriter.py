@@ -188,8 +188,10 @@ class ReportWriter:
             self._call(renew)   # created meanwhile (an earlier agent's write that timed out)
 
     def desired_nodes(self) -> Optional[int]:
-        """How many nodes run this trace's agents, as the operator counts them (nodesDesired):
-        None until the DaemonSet controller has seen the DaemonSet's current generation."""
+        """The agent count the write schedule stretches by (core/schedule.desired_nodes): the
+        cluster-wide count of every running trace's agents the operator wrote on this trace's
+        DaemonSet, or this DaemonSet's own desiredNumberScheduled if larger; None until either
+        is known."""
         t = self.target
         return desired_nodes(self._call(lambda: self._objects.get_namespaced_custom_object(
             "apps", "v1", t.namespace, "daemonsets", daemonset_name(t.trace), _request_timeout=self._timeout)))
