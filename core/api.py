@@ -325,7 +325,11 @@ ByCause = Annotated[dict[Literal[RETRANSMIT_CAUSES], int], Field(
     default_factory=dict,
     description="Retransmits by cause: timeout (the retransmission timer fired: a stall of 200 ms or more), "
                 "fast (fast retransmit in recovery: one round trip), probe (tail loss probe or early retransmit), "
-                "unknown (no BTF on the node, or a SYN-ACK).")]
+                "unknown (no BTF on the node, or a SYN-ACK).",
+    # Atomic: its one writer replaces it whole. As a granular map, applying an empty one after
+    # a non-empty one made server-side apply store null, which the schema refuses (HTTP 422,
+    # and no status write for the trace until its reports came back).
+    json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))]
 
 
 class Flow(ApiModel):
@@ -402,7 +406,8 @@ class NodeStatus(ApiModel):
     by_cause: ByCause
     kernel_checks: list[KernelCheck] = Field(default_factory=list, description="The agent's kernel check at start: one line per requirement, why the node cannot trace or runs degraded.")
     flows: int = Field(0, ge=0, description="Distinct flows seen.")
-    by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.")
+    by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.",
+                                     json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows, at most spec.topFlows.")
     top_pods: list[PodCount] = Field(default_factory=list, description="Local-side pods on this node with their retransmits (tcp_retransmit_skb + synack) over every flow the agent knows, busiest first, at most spec.topFlows.")
     recent_events: list[RecentEvent] = Field(default_factory=list, description="Most recent samples, at most spec.events.keep.")
@@ -451,7 +456,8 @@ class Summary(ApiModel):
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows cluster-wide (at most spec.topFlows), each with its node; remote pods attributed from the operator's pod index.")
     top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods), busiest first, at most spec.topFlows.")
     top_services: list[ServiceCount] = Field(default_factory=list, description="Services as remote ends, by the retransmits of the nodes' top flows towards them, busiest first, at most spec.topFlows.")
-    by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes.")
+    by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes (atomic, as byCause).",
+                                     json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
 
 
 class Condition(ApiModel):

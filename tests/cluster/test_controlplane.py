@@ -90,6 +90,29 @@ def test_a_node_report_has_one_writer_per_part_the_agent_its_spec_the_operator_i
         co.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
 
 
+def test_the_operators_status_apply_can_empty_the_summary_maps(installed, kube, control_plane):
+    """byState and byCause go back to {} when a trace's reports go (deleted, say): server-side
+    apply must store that, not null (a granular map once did, the schema refused it with
+    HTTP 422, and the trace's status froze until a report came back)."""
+    from retransmit_core.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, Phase, RetransmitTraceStatus, Summary, to_api
+    from retransmit_operator.kube import KubeApi, client_configuration
+
+    co = kubernetes.client.CustomObjectsApi(kube)
+    name = f"maps-{uuid.uuid4().hex[:6]}"
+    co.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
+        "apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": {}})
+    operator = KubeApi(client_configuration(str(control_plane.kubeconfig)))
+    try:
+        for by_state, by_cause in (({"ESTABLISHED": 3}, {"fast": 3}), ({}, {})):
+            status = RetransmitTraceStatus(phase=Phase.RUNNING, summary=Summary(by_state=by_state, by_cause=by_cause))
+            asyncio.run(operator.apply_status(name, to_api(status)))
+            summary = co.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)["status"]["summary"]
+            assert (summary.get("byState", {}), summary.get("byCause", {})) == (by_state, by_cause)
+    finally:
+        operator.close()
+        co.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+
 def test_an_operator_call_fails_within_its_timeout_when_the_api_server_never_answers(control_plane):
     """A frozen API server accepts the connection and never answers: every KubeApi call has a
     timeout, so the call ends as a failure the next pass retries, instead of hanging the pass."""
