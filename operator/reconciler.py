@@ -96,6 +96,7 @@ class Reconciler:
         self.services = ServiceIndex()            # Service addresses and NodePorts (remote-end naming)
         # Slots (a port, one of maxRunningTraces) are handed out one trace at a time.
         self._admission = asyncio.Lock()
+        self._pass_daemonsets: dict[str, dict[str, Any]] = {}  # this sync pass's reads, by trace
         self.traces: dict[str, dict[str, Any]] = {}
         self._deleted: set[str] = set()  # uids: a late write response must not resurrect a trace
         self._locks: dict[str, asyncio.Lock] = {}
@@ -162,6 +163,8 @@ class Reconciler:
             daemonset, spec_error, events, waiting = await self._ensure_daemonset(body, spec, roll=roll)
             if start is None and spec_error is None and waiting is None:
                 start = now
+            if daemonset is not None:
+                self._pass_daemonsets[name] = daemonset
 
         # Heartbeats matter while the trace runs (who is still reporting); once it completed
         # the rows keep each report's own write time, so agents renewing their Lease until
@@ -351,33 +354,36 @@ class Reconciler:
     async def sync_once(self) -> None:
         """One pass over every known trace; one trace's failure does not stop the others."""
         phases: dict[str, int] = {}
-        try:
-            await self.share_agent_count()
-        except ApiFailure as e:
-            log.warning("sharing the cluster's agent count failed, retried next pass: %s", e)
+        self._pass_daemonsets = {}
+        complete = True   # every trace's DaemonSet read: the count may be shared
         for name, body in list(self.traces.items()):
             try:
                 new = await self.reconcile(body, trigger="sync")
                 phase = str(new.phase) if new else "Unknown"
             except ApiFailure as e:
                 log.warning("trace %s: sync failed, retried next pass: %s", name, e)
-                phase = "Unknown"
+                phase, complete = "Unknown", False
             except Exception:   # counted as result="error" by reconcile()
                 log.exception("trace %s: sync failed, retried next pass", name)
-                phase = "Unknown"
+                phase, complete = "Unknown", False
             phases[phase] = phases.get(phase, 0) + 1
+        if complete:
+            try:
+                await self.share_agent_count(list(self._pass_daemonsets.values()))
+            except ApiFailure as e:
+                log.warning("sharing the cluster's agent count failed, retried next pass: %s", e)
         self.metrics.set_traces(phases)
         self.metrics.pod_index_addresses.set(len(self.pods))
         self.metrics.sync_passes.inc()
         self.last_sync = time.monotonic()
 
-    async def share_agent_count(self) -> None:
+    async def share_agent_count(self, read: list[dict[str, Any]]) -> None:
         """Write the cluster's agent count (every running trace's, together) on every agents'
-        DaemonSet, where their agents read it for the shared write budget: one list per pass,
-        and patches only when the count moved by more than AGENT_COUNT_TOLERANCE."""
+        DaemonSet, where their agents read it for the shared write budget. From the DaemonSets
+        this pass read anyway (one per running trace), so a quiet cluster costs no request;
+        patches only when the count moved by more than AGENT_COUNT_TOLERANCE."""
         ns = self.settings.namespace
-        daemonsets = [ds for ds in await self.kube.list_agent_daemonsets(ns)
-                      if not (ds.get("metadata") or {}).get("deletionTimestamp")]
+        daemonsets = [ds for ds in read if not (ds.get("metadata") or {}).get("deletionTimestamp")]
         count = shared_agent_count([annotated_agents(ds) for ds in daemonsets], cluster_agents(daemonsets))
         now = utcnow()
         for ds in daemonsets:
