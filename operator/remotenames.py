@@ -66,12 +66,22 @@ class ServiceIndex:
         self._by_node_port: dict[int, ServiceFacts] = {}
 
     def observe(self, service: Mapping[str, Any], deleted: bool = False) -> None:
+        """One watch event, in time proportional to that Service's addresses and ports (the
+        operator's start lists every Service as one event each: no rebuild per event)."""
         facts = ServiceFacts.from_object(service)
-        self._services.pop(facts.uid, None)
-        if not deleted:
-            self._services[facts.uid] = facts
-        self._by_address = {ip: s for s in self._services.values() for ip in s.addresses}
-        self._by_node_port = {p.node_port: s for s in self._services.values() for p in s.ports if p.node_port}
+        old = self._services.pop(facts.uid, None)
+        if old is not None:
+            for ip in old.addresses:
+                if self._by_address.get(ip) is old:
+                    del self._by_address[ip]
+            for port in old.ports:
+                if port.node_port and self._by_node_port.get(port.node_port) is old:
+                    del self._by_node_port[port.node_port]
+        if deleted:
+            return
+        self._services[facts.uid] = facts
+        self._by_address.update(dict.fromkeys(facts.addresses, facts))
+        self._by_node_port.update({p.node_port: facts for p in facts.ports if p.node_port})
 
     def __len__(self) -> int:
         return len(self._services)

@@ -92,3 +92,13 @@ def test_the_summary_names_service_ends_and_counts_the_busiest_services():
     assert [(s.namespace, s.service, s.retransmits) for s in summary.top_services] == [("shop", "web", 12), ("shop", "api", 3)]
     by_port = {f.local.port: f.remote for f in summary.top_flows}
     assert by_port[40000].service == "web" and by_port[40003].outside is True
+
+
+def test_an_updated_service_drops_its_old_addresses_and_node_ports_and_keeps_anothers():
+    index = services(service("web"), service("api", cluster_ips=("198.19.0.111",), ports=(("grpc", 9090, 30090),)))
+    index.observe(service("web", cluster_ips=("198.19.0.120",), ports=(("http", 80, 30081),)))
+    assert index.at("198.19.0.110") is None and index.at("198.19.0.120").name == "web"
+    assert index.node_port(30080) is None and index.node_port(30081).name == "web"
+    assert index.at("198.19.0.111").name == "api" and index.node_port(30090).name == "api"
+    index.observe(service("api", cluster_ips=("198.19.0.111",)), deleted=True)
+    assert index.at("198.19.0.111") is None and len(index) == 1
