@@ -92,6 +92,12 @@ class ServiceIndex:
     def node_port(self, port: int) -> Optional[ServiceFacts]:
         return self._by_node_port.get(port)
 
+    def may_name(self, ip: str, port: int) -> bool:
+        """A cheap first look: could (ip, port) be one of these Services' ends? Addresses in
+        reports are canonical already (the agent formats them so), so a set lookup decides
+        for all but the ends that are then named in full."""
+        return ip in self._by_address or port in self._by_node_port
+
 
 def node_addresses(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     """Address -> node name, from Node objects' status.addresses (InternalIP, ExternalIP)."""
