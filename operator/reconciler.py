@@ -70,6 +70,9 @@ log = logging.getLogger("retransmit_operator")
 Event = tuple[str, str, str]  # Kubernetes Event: type, reason, message
 REPORTS_SYNC_WAIT = 30.0  # seconds a pass waits for the first list of the nodes' reports
 MAX_MARKS_PER_PASS = 50   # departed marks written on reports per pass
+# Traces reconciled at once in a sync pass: their API calls overlap (each waits on the API
+# server far longer than it computes); the computing itself takes turns on the event loop.
+SYNC_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,8 @@ class Reconciler:
         # Heartbeats matter while the trace runs (who is still reporting); once it completed
         # the rows keep each report's own write time, so agents renewing their Lease until
         # SIGTERM reaches them do not keep rewriting a finished trace's status.
-        stored = self.reports.for_trace(name, uid, heartbeats=completion is None)
+        top_n = spec.top_flows if spec else DEFAULT_TOP_FLOWS
+        stored, sums = self.reports.view(name, uid, heartbeats=completion is None, top_n=top_n)
         nodes = [r.entry for r in stored]
         desired = nodes_scheduled(daemonset)
         previous_desired = current.summary.nodes_desired if current and current.summary else 0
@@ -185,13 +189,14 @@ class Reconciler:
         summary = aggregate_summary(
             nodes,
             nodes_desired=nodes_desired,
-            top_n=spec.top_flows if spec else DEFAULT_TOP_FLOWS,
+            top_n=top_n,
             pod_index=self.pods,
             now=now,
             stale_after=bound,
             departed=gone,
             nodes_not_listed=not_listed,
             names=ClusterNames(self.pods, self.services, self.node_addresses),
+            tally=sums,
         )
         summary = self._with_coverage(summary, name, spec, daemonset, desired, current)
         observation = Observation(
@@ -352,22 +357,28 @@ class Reconciler:
         return known if known is not None and newer(known, body) else body
 
     async def sync_once(self) -> None:
-        """One pass over every known trace; one trace's failure does not stop the others."""
-        phases: dict[str, int] = {}
+        """One pass over every known trace, SYNC_CONCURRENCY traces at a time: one trace's
+        slow API call (a large status write to a busy API server) does not hold the others'
+        summaries back. One trace's failure does not stop the others."""
         self._pass_daemonsets = {}
-        complete = True   # every trace's DaemonSet read: the count may be shared
-        for name, body in list(self.traces.items()):
-            try:
-                new = await self.reconcile(body, trigger="sync")
-                phase = str(new.phase) if new else "Unknown"
-            except ApiFailure as e:
-                log.warning("trace %s: sync failed, retried next pass: %s", name, e)
-                phase, complete = "Unknown", False
-            except Exception:   # counted as result="error" by reconcile()
-                log.exception("trace %s: sync failed, retried next pass", name)
-                phase, complete = "Unknown", False
-            phases[phase] = phases.get(phase, 0) + 1
-        if complete:
+        gate = asyncio.Semaphore(SYNC_CONCURRENCY)
+
+        async def one(name: str, body: dict[str, Any]) -> str:
+            async with gate:
+                try:
+                    new = await self.reconcile(body, trigger="sync")
+                    return str(new.phase) if new else "Unknown"
+                except ApiFailure as e:
+                    log.warning("trace %s: sync failed, retried next pass: %s", name, e)
+                except Exception:   # counted as result="error" by reconcile()
+                    log.exception("trace %s: sync failed, retried next pass", name)
+                return ""   # failed: its DaemonSet was not read this pass
+
+        results = await asyncio.gather(*(one(name, body) for name, body in list(self.traces.items())))
+        phases: dict[str, int] = {}
+        for phase in results:
+            phases[phase or "Unknown"] = phases.get(phase or "Unknown", 0) + 1
+        if all(results):   # every trace's DaemonSet read: the count may be shared
             try:
                 await self.share_agent_count(list(self._pass_daemonsets.values()))
             except ApiFailure as e:
