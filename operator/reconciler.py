@@ -64,6 +64,7 @@ from .render import agent_placement, render_daemonset, selector_text
 from .reportindex import ReportIndex
 from .settings import Settings
 from .slots import choose_port, port_of, slots_in_use, waiting_reason
+from .vouching import IGNORED_REASON, ignored_message, unvouched
 
 log = logging.getLogger("retransmit_operator")
 
@@ -94,6 +95,10 @@ class Reconciler:
         self.pods = PodIndex()
         self.reports = ReportIndex()
         self.agent_pods: dict[str, dict[str, AgentPod]] = {}  # trace -> agent pod uid -> where, running
+        # trace -> every node where the pod watch showed an agent pod of it (vouching.py)
+        self.agent_nodes_seen: dict[str, set[str]] = {}
+        self._suspects: dict[str, frozenset[str]] = {}       # trace uid -> nodes ignored in the last pass
+        self._said_ignored: set[tuple[str, str]] = set()     # (trace uid, node) already in an Event
         self.nodes: dict[str, NodeFacts] = {}  # every Node by name (placement.coverage)
         self.node_addresses: dict[str, str] = {}  # node address -> node (remote-end naming)
         self.services = ServiceIndex()            # Service addresses and NodePorts (remote-end naming)
@@ -174,6 +179,12 @@ class Reconciler:
         # SIGTERM reaches them do not keep rewriting a finished trace's status.
         top_n = spec.top_flows if spec else DEFAULT_TOP_FLOWS
         stored, sums = self.reports.view(name, uid, heartbeats=completion is None, top_n=top_n)
+        ignored = unvouched(stored, frozenset(self.agent_nodes_seen.get(name, ())), self.nodes,
+                            agent_placement(spec, self.settings) if spec else None)
+        if ignored:
+            stored = [r for r in stored if r.entry.node not in ignored]
+            sums = None   # the index's sums include the ignored reports: add up the others here
+            events += self._ignored_events(uid, ignored, name)
         nodes = [r.entry for r in stored]
         desired = nodes_scheduled(daemonset)
         previous_desired = current.summary.nodes_desired if current and current.summary else 0
@@ -290,6 +301,15 @@ class Reconciler:
             return applied, None, [rolled_event(ns, ds_name)]
         return applied, None, []
 
+    def _ignored_events(self, uid: str, ignored: frozenset[str], trace: str) -> list[Event]:
+        """A Warning for reports left out in two passes in a row (an agent pod the pod watch
+        has not shown yet is not a squatter), once per node for this operator's lifetime."""
+        before = self._suspects.get(uid, frozenset())
+        self._suspects[uid] = ignored
+        new = sorted(node for node in ignored & before if (uid, node) not in self._said_ignored)
+        self._said_ignored.update((uid, node) for node in new)
+        return [("Warning", IGNORED_REASON, ignored_message(new, self.settings.namespace, trace))] if new else []
+
     def _with_coverage(self, summary: Summary, name: str, spec: Optional[RetransmitTraceSpec],
                        daemonset: Optional[dict[str, Any]], desired: Optional[int],
                        current: Optional[RetransmitTraceStatus]) -> Summary:
@@ -341,6 +361,7 @@ class Reconciler:
             pods.pop(meta.get("uid"), None)
         else:
             pods[meta.get("uid")] = AgentPod(node, (pod.get("status") or {}).get("phase") == "Running")
+            self.agent_nodes_seen.setdefault(trace, set()).add(node)
 
     def observe_node(self, node: dict[str, Any], deleted: bool) -> None:
         """The cluster's Nodes (from a watch), for the coverage in each trace's summary."""
@@ -423,6 +444,8 @@ class Reconciler:
             self._deleted.add(uid)
             self.traces.pop(name, None)
             self._locks.pop(name, None)
+            self.agent_nodes_seen.pop(name, None)   # a new trace of this name starts unvouched
+            self._suspects.pop(uid, None)
             return
         if uid in self._deleted:
             return
