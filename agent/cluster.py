@@ -88,6 +88,7 @@ class LoopState:
 
     baseline: Optional[Baseline] = None    # None until the node's own report was read: no write before it
     pod_counts: dict[PodKey, int] = field(default_factory=dict)   # node_entry's, fed back into the next one
+    remote_counts: dict[str, int] = field(default_factory=dict)   # likewise
     last_written: Optional[NodeStatus] = None
     written_at: WriteTimes = WriteTimes()
     nodes: int = 0                         # nodes running this trace (0: not known yet)
@@ -339,7 +340,8 @@ class ClusterAgent:
         spec = self.inv.spec
         return node_entry(snapshot, self.facts, top_flows=spec.top_flows, keep_events=spec.events.keep,
                           now=datetime.now(timezone.utc), recent_events=list(self.events)[::-1],
-                          baseline=baseline, previous_pods=self.loop.pod_counts, owners=owners)
+                          baseline=baseline, previous_pods=self.loop.pod_counts,
+                          previous_remotes=self.loop.remote_counts, owners=owners)
 
     def _report(self, final: bool = False, timeout: Optional[float] = None) -> bool:
         """Write what the schedule says is due (`final`: the report, with `timeout`). True when
@@ -350,6 +352,7 @@ class ClusterAgent:
             return True
         step = self._next_entry(self.loop.baseline)
         self.loop.pod_counts = step.pod_counts
+        self.loop.remote_counts = step.remote_counts
         if step.by_pod_port is not None:
             self.state.publish_entry(step.entry, step.by_pod_port)
         write = decide_write(entry_changed(self.loop.last_written, step.entry), self.loop.written_at,

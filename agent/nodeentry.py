@@ -24,9 +24,12 @@ from .resume import (
     PodKey,
     cumulative_entry,
     cumulative_pods,
+    cumulative_remotes,
     merge_flows,
     pod_totals,
     ranked_pods,
+    ranked_remotes,
+    remote_totals,
 )
 
 # (namespace, pod or node, remote port): rtrace_retransmits_total's labels before metrics.py
@@ -51,6 +54,7 @@ class NodeEntry:
 
     entry: NodeStatus                                  # the cumulative entry to write
     pod_counts: dict[PodKey, int]                      # every local pod's count: the next step's previous_pods
+    remote_counts: dict[str, int]                      # every remote address's count: the next step's previous_remotes
     # For /metrics; None: nothing to publish (no program yet, or no attribution asked for).
     by_pod_port: Optional[dict[PodPortKey, int]]
 
@@ -65,6 +69,7 @@ def node_entry(
     recent_events: Sequence[RecentEvent] = (),
     baseline: Baseline = Baseline(),
     previous_pods: Optional[Mapping[PodKey, int]] = None,
+    previous_remotes: Optional[Mapping[str, int]] = None,
     owners: Optional[Mapping[str, Owner]] = None,
 ) -> NodeEntry:
     """This node's cumulative entry at `now`.
@@ -73,7 +78,8 @@ def node_entry(
     `facts.problem`, else Pending; the baseline's counts stay). top_flows: how many flows the
     entry keeps (0 = all). recent_events: this agent's samples, newest first; keep_events of
     them and the baseline's go in. previous_pods: the last step's pod_counts (a pod's count
-    never drops when the kernel map evicts its flows). owners: the pod index's lookup_table();
+    never drops when the kernel map evicts its flows); previous_remotes likewise by remote
+    address. owners: the pod index's lookup_table();
     None attributes nothing (no pods, ends as the kernel saw them).
     """
     previous_pods = previous_pods or {}
@@ -83,7 +89,9 @@ def node_entry(
                              agent_version=facts.agent_version, last_report_time=now)
         entry = cumulative_entry(baseline, pending, merge_flows(baseline, []), top_flows, keep_events)
         pods = cumulative_pods(baseline, {}, previous_pods)
-        return NodeEntry(entry.model_copy(update={"top_pods": ranked_pods(pods, facts.node, top_flows)}), pods, None)
+        remotes = cumulative_remotes(baseline, {}, previous_remotes or {})
+        return NodeEntry(entry.model_copy(update={"top_pods": ranked_pods(pods, facts.node, top_flows),
+                                                  "by_remote": ranked_remotes(remotes)}), pods, remotes, None)
 
     fresh = NodeStatus(
         node=facts.node,
@@ -103,9 +111,11 @@ def node_entry(
         last_report_time=now,
     )
     merged = merge_flows(baseline, snapshot.flow_counters)
-    entry = cumulative_entry(baseline, fresh, merged, top_flows, keep_events)
+    remotes = cumulative_remotes(baseline, remote_totals(snapshot.flow_counters), previous_remotes or {})
+    entry = cumulative_entry(baseline, fresh, merged, top_flows, keep_events).model_copy(
+        update={"by_remote": ranked_remotes(remotes)})
     if owners is None:
-        return NodeEntry(entry, cumulative_pods(baseline, {}, previous_pods), None)
+        return NodeEntry(entry, cumulative_pods(baseline, {}, previous_pods), remotes, None)
 
     owner_of = _memoized_owners(owners, facts.node)
     pods = cumulative_pods(baseline, pod_totals(snapshot.flow_counters, _pod_of(owner_of)), previous_pods)
@@ -114,7 +124,7 @@ def node_entry(
         "recent_events": [e.model_copy(update=_attributed_ends(e.local, e.remote, owner_of)) for e in entry.recent_events],
         "top_pods": ranked_pods(pods, facts.node, top_flows),
     })
-    return NodeEntry(attributed, pods, retransmits_by_pod_port(merged, owner_of))
+    return NodeEntry(attributed, pods, remotes, retransmits_by_pod_port(merged, owner_of))
 
 
 def retransmits_by_pod_port(flows: Sequence[CumulativeFlow],

@@ -368,6 +368,16 @@ class PodCount(ApiModel):
     retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent, over every flow its node's agent knows.")
 
 
+MAX_REMOTES = 64   # remote addresses in a report's byRemote: the busiest, for the trace's path matrix
+
+
+class RemoteCount(ApiModel):
+    """Retransmits one node sent towards one remote address."""
+
+    ip: str = Field(description="Remote address, canonical text.")
+    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) towards it, over every flow the agent knows.")
+
+
 class KernelCheck(ApiModel):
     """One line of the agent's kernel check (`retransmit-agent check`)."""
 
@@ -411,6 +421,7 @@ class NodeStatus(ApiModel):
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows, at most spec.topFlows.")
     top_pods: list[PodCount] = Field(default_factory=list, description="Local-side pods on this node with their retransmits (tcp_retransmit_skb + synack) over every flow the agent knows, busiest first, at most spec.topFlows.")
     recent_events: list[RecentEvent] = Field(default_factory=list, description="Most recent samples, at most spec.events.keep.")
+    by_remote: list[RemoteCount] = Field(default_factory=list, max_length=MAX_REMOTES, description=f"Where this node's retransmits went: by remote address over every flow the agent knows, busiest first, at most {MAX_REMOTES} (the trace's path matrix names their nodes and zones).")
     last_report_time: Optional[datetime] = Field(None, description="When the agent last wrote this report (at least every few report intervals: the heartbeat).")
     kernel: Optional[str] = Field(None, description="Kernel release of the node.")
     agent_version: Optional[str] = Field(None, description="Version of the agent that wrote this entry.")
@@ -438,6 +449,18 @@ class UncoveredNodes(ApiModel):
     detail: Optional[str] = Field(None, description="What keeps them out, e.g. the taints not tolerated, and the fix.")
 
 
+MAX_PATHS = 20   # node pairs and zone pairs each in the summary, the busiest
+
+
+class PathCount(ApiModel):
+    """Retransmits sent from one place to another: a node pair or a zone pair."""
+
+    source: str = Field(description="The sending node (or its zone).")
+    destination: str = Field(description="The receiving node (or its zone); 'outside' for addresses outside the cluster, 'unknown' for a Service address or an address no pod or node has.")
+    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) from source to destination.")
+    percent: int = Field(0, ge=0, le=100, description="Share of all the trace's retransmits, rounded down.")
+
+
 class Summary(ApiModel):
     """The cluster-wide answer, aggregated by the operator from status.nodes[]."""
 
@@ -458,6 +481,9 @@ class Summary(ApiModel):
     top_services: list[ServiceCount] = Field(default_factory=list, description="Services as remote ends, by the retransmits of the nodes' top flows towards them, busiest first, at most spec.topFlows.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes (atomic, as byCause).",
                                      json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
+    by_node_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"Retransmits by sending and receiving node (from the nodes' byRemote), busiest first, at most {MAX_PATHS}.")
+    by_zone_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"The same by the nodes' topology.kubernetes.io/zone, busiest first, at most {MAX_PATHS}; empty when no node has a zone.")
+    hot_path: Optional[str] = Field(None, description="The node or zone pair that holds most of the retransmits, when one does (e.g. '82% of retransmits went from zone a to zone b'); absent when none stands out.")
 
 
 class Condition(ApiModel):

@@ -58,6 +58,7 @@ from .conditions import (
 from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
 from .objects import newer, operator_status
+from .paths import Places
 from .placement import NodeFacts, coverage
 from .remotenames import ClusterNames, ServiceIndex
 from .render import agent_placement, render_daemonset, selector_text
@@ -208,6 +209,7 @@ class Reconciler:
             nodes_not_listed=not_listed,
             names=ClusterNames(self.pods, self.services, self.node_addresses),
             tally=sums,
+            places=Places(self.pods, self.nodes, self.node_addresses, self.services),
         )
         summary = self._with_coverage(summary, name, spec, daemonset, desired, current)
         observation = Observation(

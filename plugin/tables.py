@@ -23,6 +23,7 @@ OUTPUTS = ("table", "wide", "json", "yaml", "name")
 JSONPATH = "jsonpath"
 # How kubectl names the kind in `-o name` and `delete`: resource.group.
 RESOURCE = f"{KIND.lower()}.{GROUP}"
+PATHS_SHOWN = 5   # pairs per matrix in the table output (-o json has them all)
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,10 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
     and each node's reporting and departed marks."""
     status = trace.get("status") or {}
     summary = status.get("summary") or {}
-    out = [progress_line(trace, now), ""]
+    out = [progress_line(trace, now)]
+    if summary.get("hotPath"):
+        out.append(f"WHERE: {summary['hotPath']}")   # the answer first: the pair that holds most of the loss
+    out.append("")
     totals = [("retransmits", summary.get("retransmits", 0)),
               ("SYN-ACK retransmits", summary.get("synackRetransmits", 0)),
               ("lost samples", summary.get("lostEvents", 0))]
@@ -185,6 +189,13 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
         out += ["", "TOP SERVICES (REMOTE)"]
         out += table(("NAMESPACE", "SERVICE", "RETRANSMITS"),
                      ((s.get("namespace"), s.get("service"), s.get("retransmits", 0)) for s in services), right=(2,))
+    for key, title in (("byNodePair", "PATHS (NODE TO NODE)"), ("byZonePair", "PATHS (ZONE TO ZONE)")):
+        pairs = summary.get(key) or []
+        if pairs:
+            out += ["", title]
+            out += table(("FROM", "TO", "RETRANSMITS", "%"),
+                         ((p.get("source"), p.get("destination"), p.get("retransmits", 0), p.get("percent", 0))
+                          for p in pairs[:PATHS_SHOWN]), right=(2, 3))
     for key, title in (("byState", "BY TCP STATE"), ("byCause", "BY CAUSE")):
         counts = summary.get(key) or {}
         if counts:

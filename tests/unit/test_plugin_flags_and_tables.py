@@ -273,3 +273,17 @@ def test_service_node_and_outside_ends_read_as_who_has_the_address():
     header = lines.index("TOP SERVICES (REMOTE)")
     assert lines[header + 2].split() == ["shop", "web", "10"]
 
+
+
+def test_the_answer_where_comes_first_then_the_path_tables():
+    pairs = [{"source": "node-a", "destination": "node-b", "retransmits": 82, "percent": 82},
+             {"source": "node-b", "destination": "outside", "retransmits": 3, "percent": 3}]
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "hotPath": "82% of retransmits went from node node-a to node node-b",
+        "byNodePair": pairs}}}
+    lines = render(trace).splitlines()
+    assert lines[1] == "WHERE: 82% of retransmits went from node node-a to node node-b"
+    header = lines.index("PATHS (NODE TO NODE)")
+    assert [line.split() for line in lines[header + 2:header + 4]] == [["node-a", "node-b", "82", "82"],
+                                                                       ["node-b", "outside", "3", "3"]]
+    assert "WHERE:" not in render(TRACE) and "PATHS" not in render(TRACE)   # nothing stands out: nothing said
