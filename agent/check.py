@@ -26,11 +26,9 @@ from .kernelinfo import (
     ringbuf_supported,
 )
 from .preflight import (
-    CAP_BPF,
-    CAP_PERFMON,
-    CAP_SYS_ADMIN,
     TRACEFS_CANDIDATES,
     effective_capabilities,
+    missing_privileges,
 )
 
 Status = Literal["ok", "degraded", "fail"]
@@ -142,8 +140,8 @@ def gather_facts(tracefs: Optional[str] = None) -> HostFacts:
 
 
 def _can_load(caps: int) -> bool:
-    has = lambda cap: bool(caps & (1 << cap))  # noqa: E731
-    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
+    """The agent's own rule (preflight.missing_privileges), for the capabilities alone."""
+    return missing_privileges(caps, None) is None
 
 
 def evaluate(facts: HostFacts) -> list[CheckLine]:

@@ -173,6 +173,7 @@ class ClusterAgent:
         """Attach the kernel program; when the node cannot trace, the problem goes into every
         report (phase Failed) and /metrics, and the agent stays up."""
         from .kernel import KernelConfig, KernelProblem, RetransmitProgram
+        from .preflight import PrivilegeProblem
 
         self.facts = dataclasses.replace(self.facts, kernel_checks=self._kernel_checks())
         local_ips = None
@@ -185,8 +186,10 @@ class ClusterAgent:
             program = RetransmitProgram.open(KernelConfig.from_spec(self.inv.spec, local_ips=local_ips),
                                              tracefs=self.inv.tracefs)
         except KernelProblem as exc:
-            self.facts = dataclasses.replace(self.facts, problem=str(exc))
-            log.error("node %s cannot trace: %s", self.facts.node, exc)
+            needs_privileged = isinstance(exc, PrivilegeProblem) and exc.needs_privileged
+            self.facts = dataclasses.replace(self.facts, problem=str(exc), needs_privileged=needs_privileged)
+            log.error("node %s cannot trace%s: %s", self.facts.node,
+                      " without privileges this agent lacks" if needs_privileged else "", exc)
             with self.state.lock:
                 self.state.failed = True
             return

@@ -46,6 +46,8 @@ class NodeFacts:
     agent_version: Optional[str] = None
     kernel_checks: tuple[KernelCheck, ...] = ()   # `retransmit-agent check`'s lines
     problem: Optional[str] = None                 # why this node cannot trace (phase Failed); None: it can
+    # The problem is privileges a privileged agent would have (preflight.PrivilegeProblem).
+    needs_privileged: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ def node_entry(
     previous_pods = previous_pods or {}
     if snapshot is None:
         pending = NodeStatus(node=facts.node, phase=Phase.FAILED if facts.problem else Phase.PENDING,
-                             message=facts.problem, kernel=facts.kernel_release, kernel_checks=list(facts.kernel_checks),
+                             message=facts.problem, needs_privileged=bool(facts.problem and facts.needs_privileged) or None,
+                             kernel=facts.kernel_release, kernel_checks=list(facts.kernel_checks),
                              agent_version=facts.agent_version, last_report_time=now)
         entry = cumulative_entry(baseline, pending, merge_flows(baseline, []), top_flows, keep_events)
         pods = cumulative_pods(baseline, {}, previous_pods)

@@ -426,6 +426,7 @@ class NodeStatus(ApiModel):
     kernel: Optional[str] = Field(None, description="Kernel release of the node.")
     agent_version: Optional[str] = Field(None, description="Version of the agent that wrote this entry.")
     message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
+    needs_privileged: Optional[bool] = Field(None, description="True when the agent, not privileged, found it may not load BPF (its capabilities, the kernel's, or the kernel's answer EPERM) and a privileged agent may: phase is Failed and the message says why. In the operator's auto security mode a privileged agent then takes over this node for the trace.")
 
 
 MAX_NODE_ROWS = 500   # rows in status.nodes[]: at 5,000 nodes the trace stays far below 512 KiB
@@ -461,6 +462,18 @@ class PathCount(ApiModel):
     percent: int = Field(0, ge=0, le=100, description="Share of all the trace's retransmits, rounded down.")
 
 
+MAX_PRIVILEGED_REASONS = 3  # reasons summary.privilegedNodes lists (the most common first)
+
+
+class PrivilegedNodes(ApiModel):
+    """Nodes whose agents run privileged (security mode auto), for one reason."""
+
+    reason: str = Field(description="Why the agent there could not load BPF with capabilities alone, as that node's agent said.")
+    count: int = Field(ge=0, description="How many nodes, for this reason.")
+    nodes: list[str] = Field(default_factory=list, max_length=MAX_UNCOVERED_EXAMPLES,
+                             description=f"Some of them (at most {MAX_UNCOVERED_EXAMPLES}), by name.")
+
+
 class Summary(ApiModel):
     """The cluster-wide answer, aggregated by the operator from status.nodes[]."""
 
@@ -476,6 +489,7 @@ class Summary(ApiModel):
     nodes: Optional[str] = Field(None, description="nodesReporting/nodesDesired, e.g. '2/3': the Nodes column of kubectl get.")
     nodes_linux: Optional[int] = Field(None, ge=0, description="Linux nodes in the cluster (kubernetes.io/os=linux), while the trace runs.")
     nodes_not_covered: list[UncoveredNodes] = Field(default_factory=list, max_length=3, description="Linux nodes the trace does not reach, by reason; empty when it covers every one.")
+    privileged_nodes: list[PrivilegedNodes] = Field(default_factory=list, max_length=MAX_PRIVILEGED_REASONS, description=f"Nodes whose agents run privileged because capabilities were not enough there (the operator's auto security mode), by reason, the {MAX_PRIVILEGED_REASONS} most common; empty when every agent runs with capabilities only (or the mode is explicit).")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows cluster-wide (at most spec.topFlows), each with its node; remote pods attributed from the operator's pod index.")
     top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods), busiest first, at most spec.topFlows.")
     top_services: list[ServiceCount] = Field(default_factory=list, description="Services as remote ends, by the retransmits of the nodes' top flows towards them, busiest first, at most spec.topFlows.")

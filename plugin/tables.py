@@ -207,6 +207,12 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
         out += table(("REASON", "NODES", "EXAMPLES", "FIX"),
                      ((m.get("reason"), m.get("count", 0), ", ".join(m.get("nodes") or []), m.get("detail")) for m in missed),
                      right=(1,))
+    privileged = summary.get("privilegedNodes") or []
+    if privileged:
+        out += ["", f"PRIVILEGED AGENTS ({sum(p.get('count', 0) for p in privileged)} nodes: capabilities were not enough)"]
+        out += table(("NODES", "EXAMPLES", "REASON"),
+                     ((p.get("count", 0), ", ".join(p.get("nodes") or []), p.get("reason")) for p in privileged),
+                     right=(0,))
     nodes = status.get("nodes") or []
     if nodes:
         out += ["", "NODES"]

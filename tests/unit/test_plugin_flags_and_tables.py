@@ -202,6 +202,17 @@ def test_the_result_names_the_linux_nodes_the_trace_misses():
     assert "NOT COVERED" not in render(TRACE)
 
 
+def test_the_result_names_the_nodes_whose_agents_run_privileged_and_why():
+    why = "not permitted to load BPF programs (uid 0): this kernel has no CAP_BPF or CAP_PERFMON (cap_last_cap is 37)"
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "privilegedNodes": [{"reason": why, "count": 2, "nodes": ["old-1", "old-2"]}]}}}
+    lines = render(trace).splitlines()
+    header = lines.index("PRIVILEGED AGENTS (2 nodes: capabilities were not enough)")
+    assert lines[header + 1].split() == ["NODES", "EXAMPLES", "REASON"]
+    assert lines[header + 2].split()[:3] == ["2", "old-1,", "old-2"] and lines[header + 2].endswith(why)
+    assert "PRIVILEGED AGENTS" not in render(TRACE)
+
+
 STORED = {**TRACE, "apiVersion": "retransmit.dev/v1alpha1", "kind": "RetransmitTrace",
           "metadata": {"name": "shop", "resourceVersion": "7",
                        "managedFields": [{"manager": "retransmit-operator", "operation": "Apply"}]}}
