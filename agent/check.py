@@ -26,11 +26,10 @@ from .kernelinfo import (
     ringbuf_supported,
 )
 from .preflight import (
-    CAP_BPF,
-    CAP_PERFMON,
-    CAP_SYS_ADMIN,
     TRACEFS_CANDIDATES,
+    UNPRIVILEGED,
     effective_capabilities,
+    security_mode,
 )
 
 Status = Literal["ok", "degraded", "fail"]
@@ -141,11 +140,6 @@ def gather_facts(tracefs: Optional[str] = None) -> HostFacts:
     )
 
 
-def _can_load(caps: int) -> bool:
-    has = lambda cap: bool(caps & (1 << cap))  # noqa: E731
-    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
-
-
 def evaluate(facts: HostFacts) -> list[CheckLine]:
     """The check lines for `facts`, in the order a person reads them."""
     lines = [CheckLine("kernel", "ok", f"Linux {facts.release}")]
@@ -177,7 +171,7 @@ def evaluate(facts: HostFacts) -> list[CheckLine]:
         if not facts.layout.has("state"):
             lines.append(CheckLine("TCP states", "degraded", "no `state` field (Linux < 5.0): retransmits are "
                                    "counted under UNKNOWN and a states filter is refused", "a 5.0+ kernel reports states"))
-    caps_ok = _can_load(facts.capabilities)
+    caps_ok = security_mode(facts.capabilities) != UNPRIVILEGED
     if caps_ok:
         lines.append(CheckLine("BPF permission", "ok", f"capabilities 0x{facts.capabilities:x} (CAP_SYS_ADMIN or CAP_BPF+CAP_PERFMON)"))
     else:

@@ -64,11 +64,29 @@ def effective_capabilities() -> int:
     return 0
 
 
+# What an agent's capabilities let it do, named after the operator's security modes
+# (RTRACE_AGENT_SECURITY_MODE, operator/render.py) so rtrace_agent_info{mode} shows whether a
+# rollout to the capabilities mode took effect on every node.
+PRIVILEGED = "privileged"        # CAP_SYS_ADMIN: a privileged container, or root on a host
+CAPABILITIES = "capabilities"    # CAP_BPF + CAP_PERFMON without CAP_SYS_ADMIN (Linux 5.8+)
+UNPRIVILEGED = "unprivileged"    # neither: cannot load the program
+SECURITY_MODES = (PRIVILEGED, CAPABILITIES, UNPRIVILEGED)
+
+
+def security_mode(caps: int) -> str:
+    """The security mode a CapEff bit mask amounts to. Loading a tracing BPF program needs
+    CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON."""
+    has = lambda cap: bool(caps & (1 << cap))  # noqa: E731
+    if has(CAP_SYS_ADMIN):
+        return PRIVILEGED
+    if has(CAP_BPF) and has(CAP_PERFMON):
+        return CAPABILITIES
+    return UNPRIVILEGED
+
+
 def require_privileges() -> None:
     """Loading a tracing BPF program needs CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON."""
-    caps = effective_capabilities()
-    has = lambda cap: bool(caps & (1 << cap))  # noqa: E731
-    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
+    if security_mode(effective_capabilities()) != UNPRIVILEGED:
         return
     raise KernelProblem(
         f"not permitted to load BPF programs (uid {os.geteuid()}, no CAP_SYS_ADMIN or CAP_BPF+CAP_PERFMON): "
