@@ -17,12 +17,11 @@ Metrics (all carry the label `trace`):
 - rtrace_retransmits_total{pod_namespace,pod_name,remote_port}: tcp_retransmit_skb events
   (retransmitted skbs: one skb may carry several segments) by the local pod (empty for
   addresses that are no pod's; the node's own addresses under pod_namespace "" pod_name
-  "<node>") and remote port. Remote ports from 32768 up
-  (Linux's default ephemeral range: the clients' side of connections to a server pod) are
-  one value, "ephemeral", so a series is a (pod, service port) pair, never a flow: a server
-  pod has one series for all its clients, a client pod one per server port it talks to
-  below 32768. A series never decreases: when the kernel's LRU map evicts a flow, the series
-  keeps its highest value.
+  "<node>") and remote port. Remote ports from 32768 up (Linux's default ephemeral range:
+  the clients' side of connections to a server pod) are one value, "ephemeral", so a series
+  is a (pod, service port) pair, never a flow: a server pod has one series for all its
+  clients, a client pod one per server port it talks to below 32768. A series never
+  decreases: when the kernel's LRU map evicts a flow, the series keeps its highest value.
 - rtrace_node_retransmits_total, rtrace_node_synack_retransmits_total: the node's exact totals.
 - rtrace_node_retransmits_by_state_total{state}: tcp_retransmit_skb and tcp_retransmit_synack
   events by the socket's TCP state as the kernel names it without `TCP_` (SYN-ACK retransmits
