@@ -27,8 +27,9 @@ from .kernelinfo import (
 )
 from .preflight import (
     TRACEFS_CANDIDATES,
+    UNPRIVILEGED,
     effective_capabilities,
-    missing_privileges,
+    security_mode,
 )
 
 Status = Literal["ok", "degraded", "fail"]
@@ -139,11 +140,6 @@ def gather_facts(tracefs: Optional[str] = None) -> HostFacts:
     )
 
 
-def _can_load(caps: int) -> bool:
-    """The agent's own rule (preflight.missing_privileges), for the capabilities alone."""
-    return missing_privileges(caps, None) is None
-
-
 def evaluate(facts: HostFacts) -> list[CheckLine]:
     """The check lines for `facts`, in the order a person reads them."""
     lines = [CheckLine("kernel", "ok", f"Linux {facts.release}")]
@@ -175,7 +171,7 @@ def evaluate(facts: HostFacts) -> list[CheckLine]:
         if not facts.layout.has("state"):
             lines.append(CheckLine("TCP states", "degraded", "no `state` field (Linux < 5.0): retransmits are "
                                    "counted under UNKNOWN and a states filter is refused", "a 5.0+ kernel reports states"))
-    caps_ok = _can_load(facts.capabilities)
+    caps_ok = security_mode(facts.capabilities) != UNPRIVILEGED
     if caps_ok:
         lines.append(CheckLine("BPF permission", "ok", f"capabilities 0x{facts.capabilities:x} (CAP_SYS_ADMIN or CAP_BPF+CAP_PERFMON)"))
     else:

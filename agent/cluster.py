@@ -55,8 +55,9 @@ from retransmit_core.schedule import (
 )
 from retransmit_core.version import package_version
 
-from .metrics import AgentState, MetricsServer
+from .metrics import AgentInfo, AgentState, MetricsServer
 from .nodeentry import NodeEntry, NodeFacts, node_entry
+from .preflight import effective_capabilities, security_mode
 from .podselection import PodSelection, selected_ips, with_filter_check
 from .podwatch import PodWatcher, node_addresses
 from .reportwriter import ApiError, ReportTarget, ReportWriter
@@ -104,9 +105,12 @@ class ClusterAgent:
         self.inv = inv
         self.client = client
         self.writer = ReportWriter(client, ReportTarget(inv.trace, inv.trace_uid, node, namespace))
-        self.facts = NodeFacts(node=node, kernel_release=os.uname().release, agent_version=package_version())
+        kernel, version = os.uname().release, package_version()
+        self.facts = NodeFacts(node=node, kernel_release=kernel, agent_version=version)
         self.stop_event = threading.Event()
-        self.state = AgentState(trace=inv.trace, node=node)   # what /metrics, /readyz and /livez read
+        # What /metrics, /readyz and /livez read.
+        self.state = AgentState(trace=inv.trace, node=node, info=AgentInfo(
+            version=version, kernel=kernel, mode=security_mode(effective_capabilities())))
         self.lock = threading.Lock()       # guards index and program between the loop and the pod watch
         self.index = PodIndex(node, node_addresses())
         self.selection = PodSelection(frozenset(inv.spec.namespaces), inv.spec.pod_selector)

@@ -32,8 +32,9 @@ from .resume import (
     remote_totals,
 )
 
-# (namespace, pod or node, remote port): rtrace_retransmits_total's labels before metrics.py
-# folds ephemeral ports. Addresses that are no pod's count under the node, or "" when unknown.
+# (namespace, pod or node, remote port): rtrace_retransmits_total's pod_namespace, pod_name
+# and remote_port before metrics.py folds ephemeral ports. Addresses that are no pod's count
+# under the node, or "" when unknown.
 PodPortKey = tuple[str, str, str]
 
 

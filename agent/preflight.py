@@ -65,6 +65,26 @@ def effective_capabilities() -> int:
     return 0
 
 
+# What an agent's capabilities let it do, named after the operator's security modes
+# (RTRACE_AGENT_SECURITY_MODE, operator/render.py) so rtrace_agent_info{mode} shows whether a
+# rollout to the capabilities mode took effect on every node.
+PRIVILEGED = "privileged"        # CAP_SYS_ADMIN: a privileged container, or root on a host
+CAPABILITIES = "capabilities"    # CAP_BPF + CAP_PERFMON without CAP_SYS_ADMIN (Linux 5.8+)
+UNPRIVILEGED = "unprivileged"    # neither: cannot load the program
+SECURITY_MODES = (PRIVILEGED, CAPABILITIES, UNPRIVILEGED)
+
+
+def security_mode(caps: int) -> str:
+    """The security mode a CapEff bit mask amounts to. Loading a tracing BPF program needs
+    CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON."""
+    has = lambda cap: bool(caps & (1 << cap))  # noqa: E731
+    if has(CAP_SYS_ADMIN):
+        return PRIVILEGED
+    if has(CAP_BPF) and has(CAP_PERFMON):
+        return CAPABILITIES
+    return UNPRIVILEGED
+
+
 def last_capability() -> Optional[int]:
     """The highest capability this kernel knows (/proc/sys/kernel/cap_last_cap): below
     CAP_BPF (39) on kernels before 5.8, whatever their version string says (backports)."""
@@ -87,9 +107,9 @@ class PrivilegeProblem(KernelProblem):
 def missing_privileges(caps: int, last_cap: Optional[int]) -> Optional[str]:
     """Why `caps` (a CapEff mask) may not load a tracing BPF program, or None when they may:
     CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON (Linux 5.8+, when the kernel knows them)."""
-    has = lambda cap: bool(caps & (1 << cap))  # noqa: E731
-    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
+    if security_mode(caps) != UNPRIVILEGED:
         return None
+    has = lambda cap: bool(caps & (1 << cap))  # noqa: E731
     if last_cap is not None and last_cap < CAP_BPF:
         return (f"this kernel has no CAP_BPF or CAP_PERFMON (cap_last_cap is {last_cap}: they came with Linux 5.8), "
                 "and this process has no CAP_SYS_ADMIN")
