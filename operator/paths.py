@@ -35,8 +35,10 @@ from .remotenames import ServiceIndex
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 OUTSIDE, UNKNOWN = "outside", "unknown"
+LOOPBACK = "loopback"   # in Places' memory only: the sending node itself
 HOT_SHARE = 0.5
 HOT_MINIMUM = 10
+PLACES_TTL = 60.0   # seconds an address's node is remembered
 
 
 class NodeOfPod(Protocol):
@@ -47,27 +49,51 @@ class NodeOfPod(Protocol):
 
 @dataclass
 class Places:
-    """Address -> receiving node, memoized for one sync pass (a pass maps each distinct
-    address once, however many nodes send to it)."""
+    """Address -> receiving node, from the operator's live indexes (which the watches update
+    in place). Kept across sync passes: an address's node is worked out once per
+    PLACES_TTL seconds, not once per pass and report (5,000 reports list up to 320,000
+    addresses; parsing each on every pass took seconds), and so is each report's list of
+    (receiving node, retransmits). Pod addresses come from their node's podCIDR, so a
+    remembered node rarely goes wrong; the TTL bounds how long it may."""
 
     pods: Optional[NodeOfPod]
     nodes: Mapping[str, NodeFacts]
     node_addresses: Mapping[str, str]
     services: ServiceIndex
-    _known: dict[str, str] = field(default_factory=dict)
+    _known: dict[str, str] = field(default_factory=dict)   # address as reported -> node, outside, unknown, LOOPBACK
+    _by_report: dict[int, tuple[NodeStatus, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
     _cidrs: Optional[dict[int, dict[Any, str]]] = None   # prefix length -> network -> node
+    _since: float = 0.0
+
+    def expire(self, now: float) -> None:
+        """Forget what was worked out PLACES_TTL seconds ago or earlier (`now`: monotonic)."""
+        if now - self._since >= PLACES_TTL:
+            self._known, self._by_report, self._cidrs, self._since = {}, {}, None, now
 
     def node_of(self, ip: str, sender: str) -> str:
+        place = self._known.get(ip)
+        if place is None:
+            place = self._known[ip] = self._receiver(ip)
+        return sender if place is LOOPBACK else place
+
+    def sent_to(self, report: NodeStatus) -> tuple[tuple[str, int], ...]:
+        """The report's retransmits by receiving node (its byRemote, addresses named)."""
+        known = self._by_report.get(id(report))
+        if known is not None and known[0] is report:
+            return known[1]
+        by_place: Counter[str] = Counter()
+        for remote in report.by_remote:
+            by_place[self.node_of(remote.ip, report.node)] += remote.retransmits
+        pairs = tuple(by_place.items())
+        self._by_report[id(report)] = (report, pairs)   # the report is kept with it: its id stays its own
+        return pairs
+
+    def _receiver(self, ip: str) -> str:
         key = canonical_ip(ip)
         if key is None:
             return UNKNOWN
         if ipaddress.ip_address(key).is_loopback:
-            return sender
-        if key not in self._known:
-            self._known[key] = self._receiver(key)
-        return self._known[key]
-
-    def _receiver(self, key: str) -> str:
+            return LOOPBACK
         node = (self.pods.node_of(key) if self.pods is not None else None) or self.node_addresses.get(key)
         if node:
             return node
@@ -114,8 +140,8 @@ def path_matrix(nodes: Iterable[NodeStatus], places: Places, total: int, limit: 
     out; `total` is all the trace's retransmits (the percentages' whole)."""
     by_node: Counter[tuple[str, str]] = Counter()
     for node in nodes:
-        for remote in node.by_remote:
-            by_node[(node.node, places.node_of(remote.ip, node.node))] += remote.retransmits
+        for place, n in places.sent_to(node):
+            by_node[(node.node, place)] += n
     zones: dict[str, Optional[str]] = {}
     for pair in by_node:
         for place in pair:

@@ -106,6 +106,7 @@ class Reconciler:
         self.nodes: dict[str, NodeFacts] = {}  # every Node by name (placement.coverage)
         self.node_addresses: dict[str, str] = {}  # node address -> node (remote-end naming)
         self.services = ServiceIndex()            # Service addresses and NodePorts (remote-end naming)
+        self.places = Places(self.pods, self.nodes, self.node_addresses, self.services)   # the path matrix
         # Slots (a port, one of maxRunningTraces) are handed out one trace at a time.
         self._admission = asyncio.Lock()
         self._pass_daemonsets: dict[str, dict[str, Any]] = {}  # this sync pass's reads, by trace
@@ -220,7 +221,7 @@ class Reconciler:
             nodes_not_listed=not_listed,
             names=ClusterNames(self.pods, self.services, self.node_addresses),
             tally=sums,
-            places=Places(self.pods, self.nodes, self.node_addresses, self.services),
+            places=self.places,
         )
         summary = self._with_coverage(summary, name, spec, daemonset, desired, current)
         summary = _with_privileged(summary, daemonset, current)
@@ -430,6 +431,7 @@ class Reconciler:
         slow API call (a large status write to a busy API server) does not hold the others'
         summaries back. One trace's failure does not stop the others."""
         self._pass_daemonsets = {}
+        self.places.expire(time.monotonic())
         gate = asyncio.Semaphore(SYNC_CONCURRENCY)
 
         async def one(name: str, body: dict[str, Any]) -> str:
