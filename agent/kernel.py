@@ -42,7 +42,8 @@ from .flows import (
     wall_clock_offset_ns,
 )
 from .bccerrors import bcc_failure, stderr_captured
-from .kernelconfig import FAMILY_BITS, KernelConfig, compile_flags, require_fitting_layout
+from .drops import DropSnapshot, read_drops
+from .kernelconfig import FAMILY_BITS, KernelConfig, compile_flags, drops_counted, require_fitting_layout
 from .kernelinfo import VMLINUX_BTF, KernelFeatures, misses_counted, probe_features
 from .runs import FlowEntry, merge_pending_runs
 from .preflight import (
@@ -55,6 +56,7 @@ from .preflight import (
 
 __all__ = ["KernelConfig", "KernelProblem", "KernelSnapshot", "RetransmitProgram", "FlowCounters"]
 
+DROP_PROBE = "kfree_skb"      # the drop program's probe name in _probe_stats and kernel_cost
 MAX_PENDING_EVENTS = 10_000   # samples kept between drains; more are counted as lost
 
 
@@ -80,6 +82,7 @@ class KernelSnapshot:
     by_state: dict[str, int]
     flow_counters: list[FlowCounters]
     by_cause: dict[str, int] = field(default_factory=dict)   # retransmits + SYN-ACKs per cause
+    drops: Optional[DropSnapshot] = None   # None: the program counts no drops (drops.py: why not)
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
@@ -107,6 +110,7 @@ class RetransmitProgram:
         self._local_ips: Optional[frozenset[str]] = None
         self._floors: dict[tuple, tuple[int, int]] = {}
         self._generation = 0
+        self.counts_drops = drops_counted(config, features)   # the kfree_skb probe is attached
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -299,7 +303,9 @@ class RetransmitProgram:
                     states[i] += n
             flows = list(self._read_flows(offset))
             lost += self._dropped_in_python
-            missed = sum(f.get("recursion_misses", 0) for f in self._probe_stats().values())
+            missed = sum(f.get("recursion_misses", 0) for name, f in self._probe_stats().items()
+                         if name != DROP_PROBE)   # kfree_skb's misses are no retransmits missed
+            drops = read_drops(self._bpf, self.features.drops.reasons) if self.counts_drops else None
         by_state = {}
         for number, n in enumerate(states):
             if n:
@@ -310,6 +316,7 @@ class RetransmitProgram:
             failed_attempts=failed if self.features.layout.has("err") else None,
             missed_events=missed if misses_counted(os.uname().release) else None,
             by_cause=causes_by_name(causes),
+            drops=drops,
         )
 
     def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
@@ -377,8 +384,9 @@ class RetransmitProgram:
         with self._lock:
             if self._bpf is None:
                 return {}
-            return {name.decode().rsplit("__", 1)[-1]: len(self._bpf.dump_func(name)) // 8
-                    for name in (b"tracepoint__tcp__tcp_retransmit_skb", b"tracepoint__tcp__tcp_retransmit_synack")}
+            names = [b"tracepoint__tcp__tcp_retransmit_skb", b"tracepoint__tcp__tcp_retransmit_synack"]
+            names += [b"tracepoint__skb__kfree_skb"] if self.counts_drops else []
+            return {name.decode().rsplit("__", 1)[-1]: len(self._bpf.dump_func(name)) // 8 for name in names}
 
     def kernel_cost(self) -> dict[str, tuple[int, int]]:
         """Per probe: (run_time_ns, run_cnt) from the kernel's BPF statistics.

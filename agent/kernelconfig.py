@@ -22,6 +22,7 @@ from retransmit_core.api import RetransmitTraceSpec
 
 from .flows import AF_INET, AF_INET6, KIND_RETRANSMIT, KIND_SYNACK
 
+from .drops import drop_defines
 from .kernelinfo import KernelFeatures
 from .preflight import KernelProblem
 
@@ -49,6 +50,7 @@ class KernelConfig:
     flow_capacity: int = DEFAULT_FLOW_CAPACITY
     ring_pages: int = DEFAULT_RING_PAGES
     filter_capacity: int = DEFAULT_FILTER_CAPACITY
+    drops: bool = True   # also count drops by reason where the kernel can (drops.py); False: never
 
     def __post_init__(self) -> None:
         if not self.families or not set(self.families) <= set(FAMILY_BITS):
@@ -83,6 +85,7 @@ class KernelConfig:
             states=frozenset(str(getattr(x, "value", x)) for x in f.states),
             local_ips=None if local_ips is None else frozenset(local_ips),
             samples_per_second=spec.events.max_per_second,
+            drops=spec.drops,
         )
 
 
@@ -121,7 +124,8 @@ def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures,
         f"-DRINGBUF_PAGES={config.ring_pages}",
         f"-DFILTER_CAPACITY={config.filter_capacity}",
     ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()] + [
-        f"-DWITHOUT_{part.upper()}" for part in without] + ([f"-DRUN_SLOTS={run_slots}"] if run_slots else [])
+        f"-DWITHOUT_{part.upper()}" for part in without] + ([f"-DRUN_SLOTS={run_slots}"] if run_slots else []) + [
+        f"-D{name}={value}" for name, value in drop_defines_for(config, features).items()]
 
 
 def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> None:
@@ -136,3 +140,13 @@ def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> No
             f"a TCP state filter ({', '.join(sorted(config.states))}) needs the `state` field of "
             f"tcp:tcp_retransmit_skb, which Linux {os.uname().release} does not have (added in 5.0): "
             "remove the states filter (spec.filter.states / --state); retransmits are counted under UNKNOWN")
+
+
+def drops_counted(config: KernelConfig, features: KernelFeatures) -> bool:
+    """The program counts drops: the trace wants them and the kernel can (drops.probe_drops)."""
+    return config.drops and features.drops is not None and features.drops.available
+
+
+def drop_defines_for(config: KernelConfig, features: KernelFeatures) -> dict[str, int]:
+    """bpf/drops.h's -D constants when the program counts drops, else none (no kfree_skb probe)."""
+    return drop_defines(features.drops) if drops_counted(config, features) else {}

@@ -17,7 +17,10 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from .drops import DropSupport
 
 SKB = "tcp_retransmit_skb"
 SYNACK = "tcp_retransmit_synack"
@@ -225,6 +228,7 @@ class KernelFeatures:
     sock: Optional[SockOffsets] = None      # None: causes unknown (see sock_problem)
     sock_problem: str = "not probed"
     probe_read_kernel: bool = True
+    drops: Optional["DropSupport"] = None   # drops.probe_drops(): on, or why not; None: not probed
 
     def switches(self) -> list[str]:
         names = self.layout.switches()
@@ -237,14 +241,18 @@ class KernelFeatures:
         """One line on the mode the program runs in, for logs and the node's report."""
         fields = ", ".join(f"{name} {'yes' if self.layout.has(name) else 'no'}" for name in OPTIONAL_FIELDS)
         causes = "causes from BTF" if self.sock else f"causes unknown ({self.sock_problem})"
+        from .drops import describe
+
         return (f"tracepoint fields: {fields}; {'ring buffer' if self.ringbuf else 'perf buffer'}; "
-                f"{'bpf_jiffies64' if self.jiffies64 else 'clock per event'}; {causes}")
+                f"{'bpf_jiffies64' if self.jiffies64 else 'clock per event'}; {causes}; {describe(self.drops)}")
 
 
 def probe_features(tracefs: Path, ringbuf: Optional[bool] = None, jiffies64: Optional[bool] = None,
                    btf_path: Optional[str] = VMLINUX_BTF) -> KernelFeatures:
     """Probe the running kernel; `ringbuf`/`jiffies64` force a choice (False works everywhere);
     btf_path None (or a missing file) leaves causes unknown."""
+    from .drops import probe_drops
+
     sock, problem = resolve_sock_offsets(btf_path) if btf_path else (None, "BTF disabled")
     return KernelFeatures(
         layout=read_layout(tracefs),
@@ -253,4 +261,5 @@ def probe_features(tracefs: Path, ringbuf: Optional[bool] = None, jiffies64: Opt
         sock=sock,
         sock_problem=problem,
         probe_read_kernel=bool(helper_supported(BPF_FUNC_PROBE_READ_KERNEL)) if sock else True,
+        drops=probe_drops(tracefs, btf_path),
     )

@@ -247,6 +247,7 @@ class RetransmitTraceSpec(ApiModel):
                                  ]))
     top_flows: int = Field(DEFAULT_TOP_FLOWS, ge=1, le=100, description="How many flows each node and the summary keep, busiest first.")
     events: Events = Field(default_factory=Events, description="Per-event samples.", json_schema_extra={"default": {}})
+    drops: bool = Field(True, description="Also count the kernel's drops of the traced flows' TCP packets by reason (skb:kfree_skb; nodes with Linux 5.17+ and BTF). false saves the cost on nodes that drop or free many packets.")
 
     @field_validator("node_selector")
     @classmethod
@@ -332,6 +333,30 @@ ByCause = Annotated[dict[Literal[RETRANSMIT_CAUSES], int], Field(
     json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))]
 
 
+# ---------------------------------------------------------------- drops (skb:kfree_skb reasons)
+
+MAX_DROPPED_FLOWS = 20   # flows in a report's droppedFlows: the busiest
+
+ByReason = Annotated[dict[str, int], Field(
+    default_factory=dict,
+    description="TCP packets the kernel dropped, by its drop reason (enum skb_drop_reason without "
+                "SKB_DROP_REASON_, e.g. NETFILTER_DROP, TCP_OFO_DROP, SOCKET_RCVBUFF, NOT_SPECIFIED).",
+    json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))]   # atomic: see ByCause
+
+
+class DroppedFlow(ApiModel):
+    """A flow whose TCP packets a traced node dropped, seen from that node's traced end: `local`
+    is the end on this node (the receiver of an inbound drop, the sender of an outbound one)."""
+
+    local: Endpoint = Field(description="The flow's end on this node.")
+    remote: Endpoint = Field(description="The peer.")
+    family: IPFamily = Field(description="IPv4 or IPv6.")
+    drops: int = Field(0, ge=0, description="Packets of the flow this node dropped (inbound + outbound).")
+    inbound: int = Field(0, ge=0, description="Dropped on their way in to the local end (sent by the remote end).")
+    outbound: int = Field(0, ge=0, description="Dropped on their way out from the local end.")
+    by_reason: ByReason
+
+
 class Flow(ApiModel):
     """Retransmits of one connection. `local` is the side that retransmitted."""
 
@@ -346,6 +371,8 @@ class Flow(ApiModel):
     node: Optional[str] = Field(None, description="Node that saw the flow (set in status.summary.topFlows).")
     by_cause: ByCause
     socket: Optional[SocketSnapshot] = Field(None, description="The retransmitting socket (needs BTF on the node; absent for SYN-ACK-only flows).")
+    drops: Optional[dict[str, int]] = Field(None, description="This flow's TCP packets its node dropped, by reason (skb:kfree_skb, Linux 5.17+); absent when that node dropped none or does not count drops.",
+                                            json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
 
 
 class RecentEvent(ApiModel):
@@ -426,6 +453,9 @@ class NodeStatus(ApiModel):
     kernel: Optional[str] = Field(None, description="Kernel release of the node.")
     agent_version: Optional[str] = Field(None, description="Version of the agent that wrote this entry.")
     message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
+    drops: Optional[int] = Field(None, ge=0, description="TCP packets of the traced flows this node's kernel dropped (skb:kfree_skb), inbound to and outbound from its traced addresses. Absent when the node does not count drops: kernel before 5.17 (no reason field), no BTF, or spec.drops false (kernelChecks says which).")
+    drops_by_reason: ByReason
+    dropped_flows: list[DroppedFlow] = Field(default_factory=list, max_length=MAX_DROPPED_FLOWS, description=f"The flows with the most dropped packets on this node, at most {MAX_DROPPED_FLOWS}, each from this node's end: a receiver's inbound drops carry the reversed tuple of the sender's retransmitting flow.")
     needs_privileged: Optional[bool] = Field(None, description="True when the agent, not privileged, found it may not load BPF (its capabilities, the kernel's, or the kernel's answer EPERM) and a privileged agent may: phase is Failed and the message says why. In the operator's auto security mode a privileged agent then takes over this node for the trace.")
 
 

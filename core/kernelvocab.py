@@ -30,3 +30,6 @@ DEFAULT_RING_PAGES = 64
 DEFAULT_FILTER_CAPACITY = 1024
 # Samples per second per node that the kernel sends to user space (spec.events.maxPerSecond).
 DEFAULT_SAMPLES_PER_SECOND = 100
+# Entries in the kernel's LRU map of dropped packets per (flow, direction, reason). The
+# per-reason totals stay exact beyond it.
+DEFAULT_DROP_FLOW_CAPACITY = 4096
