@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from retransmit_core.api import DroppedFlow, Endpoint, IPFamily
+from retransmit_core.api import MAX_DROPPED_FLOWS, DroppedFlow, Endpoint, Flow, IPFamily, NodeStatus, add_counts, add_known
 from retransmit_core.kernelvocab import DEFAULT_DROP_FLOW_CAPACITY
 
 from .flows import AF_INET, FAMILY_NAMES, decode_address
@@ -226,3 +226,67 @@ def read_drops(bpf: Any, reasons: Mapping[int, str]) -> DropSnapshot:
         entries.append(((key.family, bytes(key.saddr)[:size], bytes(key.daddr)[:size], key.sport, key.dport,
                          key.direction, key.reason), count.value))
     return DropSnapshot(by_reason=totals_by_reason(per_slot, reasons), flows=aggregate_flows(entries, reasons))
+
+
+# ---- the node's report --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DropBaseline:
+    """Drops an earlier agent on this node already reported (its report's drop fields); a
+    restarted agent adds its kernel's fresh counts to them, as resume.Baseline does."""
+
+    drops: Optional[int] = None
+    by_reason: Mapping[str, int] = field(default_factory=dict)
+    flows: Mapping[FlowTuple, DroppedFlow] = field(default_factory=dict)
+
+    @classmethod
+    def from_entry(cls, entry: Optional[NodeStatus]) -> "DropBaseline":
+        if entry is None:
+            return cls()
+        return cls(drops=entry.drops, by_reason=dict(entry.drops_by_reason or {}),
+                   flows={dropped_key(f): f for f in entry.dropped_flows or ()})
+
+    @property
+    def empty(self) -> bool:
+        return not self.drops and not self.flows
+
+
+def dropped_key(flow: DroppedFlow | Flow) -> FlowTuple:
+    """The flow tuple of an API flow, from its local end: a Flow's local end retransmitted,
+    so a flow of this node matches its own drops by the same tuple."""
+    return (str(flow.family), flow.local.ip, flow.local.port, flow.remote.ip, flow.remote.port)
+
+
+def _add_flow(old: Optional[DroppedFlow], fresh: Optional[DroppedFlowCounters]) -> DroppedFlow:
+    if fresh is None:
+        return old
+    new = fresh.to_api()
+    if old is None:
+        return new
+    return new.model_copy(update={"drops": old.drops + new.drops, "inbound": old.inbound + new.inbound,
+                                  "outbound": old.outbound + new.outbound,
+                                  "by_reason": add_counts(old.by_reason, new.by_reason)})
+
+
+def ranked_dropped(flows: Iterable[DroppedFlow], limit: int = MAX_DROPPED_FLOWS) -> list[DroppedFlow]:
+    """The flows with the most drops (ties by their tuple), at most `limit`."""
+    return sorted(flows, key=lambda f: (-f.drops, dropped_key(f)))[:limit]
+
+
+def drop_fields(baseline: DropBaseline, snapshot: Optional[DropSnapshot], top_flows: list[Flow]) -> dict[str, Any]:
+    """The NodeStatus fields on drops (an update for model_copy): totals and byReason resumed
+    from `baseline`, the busiest dropped flows, and each of `top_flows` with its own drops.
+    Nothing when neither this agent nor an earlier one counted drops (drops stays absent)."""
+    if snapshot is None and baseline.drops is None:
+        return {}
+    merged = dict(baseline.flows)
+    for counters in (snapshot.flows if snapshot else ()):
+        merged[counters.key] = _add_flow(merged.get(counters.key), counters)
+    flows = [f.model_copy(update={"drops": merged[dropped_key(f)].by_reason}) if dropped_key(f) in merged else f
+             for f in top_flows]
+    return {
+        "drops": add_known(baseline.drops, snapshot.total if snapshot else None),
+        "drops_by_reason": add_counts(baseline.by_reason, snapshot.by_reason if snapshot else {}),
+        "dropped_flows": ranked_dropped(merged.values()),
+        "top_flows": flows,
+    }

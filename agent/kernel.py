@@ -42,7 +42,7 @@ from .flows import (
     wall_clock_offset_ns,
 )
 from .bccerrors import bcc_failure, stderr_captured
-from .drops import DropSnapshot, read_drops
+from .drops import DropSnapshot, DropSupport, probe_drops, read_drops
 from .kernelconfig import FAMILY_BITS, KernelConfig, compile_flags, drops_counted, require_fitting_layout
 from .kernelinfo import VMLINUX_BTF, KernelFeatures, misses_counted, probe_features
 from .runs import FlowEntry, merge_pending_runs
@@ -97,7 +97,8 @@ def _socket_state(sock: Any) -> Optional[SocketState]:
 class RetransmitProgram:
     """The attached kernel program. Thread-safe; use open() to create one."""
 
-    def __init__(self, bpf: Any, config: KernelConfig, features: KernelFeatures, tracefs: Path) -> None:
+    def __init__(self, bpf: Any, config: KernelConfig, features: KernelFeatures, tracefs: Path,
+                 drops: Optional[DropSupport] = None) -> None:
         self._bpf = bpf
         self._config = config
         self.features = features
@@ -110,7 +111,8 @@ class RetransmitProgram:
         self._local_ips: Optional[frozenset[str]] = None
         self._floors: dict[tuple, tuple[int, int]] = {}
         self._generation = 0
-        self.counts_drops = drops_counted(config, features)   # the kfree_skb probe is attached
+        self.drop_support = drops   # what the kernel offers for drops (None: not probed)
+        self.counts_drops = drops_counted(config, drops)   # the kfree_skb probe is attached
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -142,9 +144,10 @@ class RetransmitProgram:
             ) from None
         features = probe_features(path, ringbuf=ringbuf, jiffies64=jiffies64, btf_path=btf)
         require_fitting_layout(config, features)
+        drops = probe_drops(path, btf) if config.drops else None
         source = resources.files("retransmit_bpf")
         with resources.as_file(source) as folder:
-            cflags = compile_flags(config, folder, features, without, run_slots)
+            cflags = compile_flags(config, folder, features, without, run_slots, drops)
             with stderr_captured() as output:
                 try:
                     bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
@@ -154,7 +157,7 @@ class RetransmitProgram:
                     failure = None
             if failure is not None:
                 raise bcc_failure(failure, output)
-        program = cls(bpf, config, features, path)
+        program = cls(bpf, config, features, path, drops)
         try:
             program._start()
         except Exception:
@@ -305,7 +308,7 @@ class RetransmitProgram:
             lost += self._dropped_in_python
             missed = sum(f.get("recursion_misses", 0) for name, f in self._probe_stats().items()
                          if name != DROP_PROBE)   # kfree_skb's misses are no retransmits missed
-            drops = read_drops(self._bpf, self.features.drops.reasons) if self.counts_drops else None
+            drops = read_drops(self._bpf, self.drop_support.reasons) if self.counts_drops else None
         by_state = {}
         for number, n in enumerate(states):
             if n:

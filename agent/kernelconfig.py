@@ -22,7 +22,7 @@ from retransmit_core.api import RetransmitTraceSpec
 
 from .flows import AF_INET, AF_INET6, KIND_RETRANSMIT, KIND_SYNACK
 
-from .drops import drop_defines
+from .drops import DropSupport, drop_defines
 from .kernelinfo import KernelFeatures
 from .preflight import KernelProblem
 
@@ -106,12 +106,14 @@ PROGRAM_PARTS = ("filters", "flows", "samples", "sock_stats")
 
 
 def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures,
-                  without: Iterable[str] = (), run_slots: Optional[int] = None) -> list[str]:
+                  without: Iterable[str] = (), run_slots: Optional[int] = None,
+                  drops: Optional[DropSupport] = None) -> list[str]:
     """cflags for retransmit.bpf.c: the compile-time half of the configuration.
 
     For the cost breakdown only: `without` leaves PROGRAM_PARTS out (the result no longer
     counts what the agent promises); `run_slots` replaces the program's RUN_SLOTS (pending
-    runs per CPU, a power of two; more than 2 lets more flows than flow_capacity show)."""
+    runs per CPU, a power of two; more than 2 lets more flows than flow_capacity show).
+    drops: what the kernel offers for counting drops (drops.probe_drops); None: no drops."""
     without = tuple(without)
     unknown = set(without) - set(PROGRAM_PARTS)
     if unknown:
@@ -125,7 +127,7 @@ def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures,
         f"-DFILTER_CAPACITY={config.filter_capacity}",
     ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()] + [
         f"-DWITHOUT_{part.upper()}" for part in without] + ([f"-DRUN_SLOTS={run_slots}"] if run_slots else []) + [
-        f"-D{name}={value}" for name, value in drop_defines_for(config, features).items()]
+        f"-D{name}={value}" for name, value in drop_defines_for(config, drops).items()]
 
 
 def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> None:
@@ -142,11 +144,11 @@ def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> No
             "remove the states filter (spec.filter.states / --state); retransmits are counted under UNKNOWN")
 
 
-def drops_counted(config: KernelConfig, features: KernelFeatures) -> bool:
+def drops_counted(config: KernelConfig, drops: Optional[DropSupport]) -> bool:
     """The program counts drops: the trace wants them and the kernel can (drops.probe_drops)."""
-    return config.drops and features.drops is not None and features.drops.available
+    return config.drops and drops is not None and drops.available
 
 
-def drop_defines_for(config: KernelConfig, features: KernelFeatures) -> dict[str, int]:
+def drop_defines_for(config: KernelConfig, drops: Optional[DropSupport]) -> dict[str, int]:
     """bpf/drops.h's -D constants when the program counts drops, else none (no kfree_skb probe)."""
-    return drop_defines(features.drops) if drops_counted(config, features) else {}
+    return drop_defines(drops) if drops_counted(config, drops) else {}

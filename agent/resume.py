@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 from retransmit_core.api import MAX_REMOTES, Flow, NodeStatus, PodCount, RecentEvent, RemoteCount, add_counts, add_known
 from retransmit_core.ranking import busiest_first_key, pod_key
 
+from .drops import DropBaseline
 from .flows import FlowCounters
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Baseline:
     recent_events: Sequence[RecentEvent] = ()
     top_pods: Mapping[PodKey, int] = field(default_factory=dict)
     by_remote: Mapping[str, int] = field(default_factory=dict)
+    drops: DropBaseline = field(default_factory=DropBaseline)   # drop fields: drops.drop_fields
 
     @classmethod
     def from_entry(cls, entry: Optional[NodeStatus]) -> "Baseline":
@@ -84,6 +86,7 @@ class Baseline:
             recent_events=tuple(entry.recent_events),
             top_pods={(p.namespace, p.pod): p.retransmits for p in entry.top_pods},
             by_remote={r.ip: r.retransmits for r in entry.by_remote},
+            drops=DropBaseline.from_entry(entry),
         )
 
     @property
@@ -92,7 +95,7 @@ class Baseline:
             self.retransmits == 0 and self.synack_retransmits == 0 and self.lost_events == 0
             and not self.missed_events and not self.failed_attempts
             and not self.top_flows and not self.recent_events and self.flows == 0
-            and not self.top_pods and not self.by_remote
+            and not self.top_pods and not self.by_remote and self.drops.empty
         )
 
 

@@ -454,8 +454,9 @@ class NodeStatus(ApiModel):
     agent_version: Optional[str] = Field(None, description="Version of the agent that wrote this entry.")
     message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
     drops: Optional[int] = Field(None, ge=0, description="TCP packets of the traced flows this node's kernel dropped (skb:kfree_skb), inbound to and outbound from its traced addresses. Absent when the node does not count drops: kernel before 5.17 (no reason field), no BTF, or spec.drops false (kernelChecks says which).")
-    drops_by_reason: ByReason
-    dropped_flows: list[DroppedFlow] = Field(default_factory=list, max_length=MAX_DROPPED_FLOWS, description=f"The flows with the most dropped packets on this node, at most {MAX_DROPPED_FLOWS}, each from this node's end: a receiver's inbound drops carry the reversed tuple of the sender's retransmitting flow.")
+    drops_by_reason: Optional[dict[str, int]] = Field(None, description="drops by the kernel's reason (enum skb_drop_reason without SKB_DROP_REASON_, e.g. NETFILTER_DROP, TCP_OFO_DROP, SOCKET_RCVBUFF); exact. Absent when drops is.",
+                                                      json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
+    dropped_flows: Optional[list[DroppedFlow]] = Field(None, max_length=MAX_DROPPED_FLOWS, description=f"The flows with the most dropped packets on this node, at most {MAX_DROPPED_FLOWS}, each from this node's end: a receiver's inbound drops carry the reversed tuple of the sender's retransmitting flow.")
     needs_privileged: Optional[bool] = Field(None, description="True when the agent, not privileged, found it may not load BPF (its capabilities, the kernel's, or the kernel's answer EPERM) and a privileged agent may: phase is Failed and the message says why. In the operator's auto security mode a privileged agent then takes over this node for the trace.")
 
 
