@@ -184,6 +184,9 @@ class DropSnapshot:
 
     by_reason: dict[str, int]
     flows: list[DroppedFlowCounters]
+    # kfree_skb hits the kernel did not run the program for (another BPF program was running
+    # on that CPU; Linux 6.7+ counts them): drops may be higher by up to this many
+    missed: int = 0
 
     @property
     def total(self) -> int:
@@ -216,7 +219,7 @@ def aggregate_flows(entries: Iterable[tuple[tuple, int]], reasons: Mapping[int, 
     return [DroppedFlowCounters(*key, inbound=i, outbound=o, by_reason=r) for key, (i, o, r) in acc.items()]
 
 
-def read_drops(bpf: Any, reasons: Mapping[int, str]) -> DropSnapshot:
+def read_drops(bpf: Any, reasons: Mapping[int, str], missed: int = 0) -> DropSnapshot:
     """The drop maps of a program compiled with HAVE_DROP_REASONS."""
     totals = bpf[b"drop_totals"]
     per_slot = [sum(totals[totals.Key(slot)]) for slot in range(len(totals))] if len(totals) else []
@@ -225,7 +228,8 @@ def read_drops(bpf: Any, reasons: Mapping[int, str]) -> DropSnapshot:
         size = 4 if key.family == AF_INET else 16   # IPv4 in the first 4 bytes
         entries.append(((key.family, bytes(key.saddr)[:size], bytes(key.daddr)[:size], key.sport, key.dport,
                          key.direction, key.reason), count.value))
-    return DropSnapshot(by_reason=totals_by_reason(per_slot, reasons), flows=aggregate_flows(entries, reasons))
+    return DropSnapshot(by_reason=totals_by_reason(per_slot, reasons), flows=aggregate_flows(entries, reasons),
+                        missed=missed)
 
 
 # ---- the node's report --------------------------------------------------------------------

@@ -306,9 +306,11 @@ class RetransmitProgram:
                     states[i] += n
             flows = list(self._read_flows(offset))
             lost += self._dropped_in_python
-            missed = sum(f.get("recursion_misses", 0) for name, f in self._probe_stats().items()
+            probes = self._probe_stats()
+            missed = sum(f.get("recursion_misses", 0) for name, f in probes.items()
                          if name != DROP_PROBE)   # kfree_skb's misses are no retransmits missed
-            drops = read_drops(self._bpf, self.drop_support.reasons) if self.counts_drops else None
+            drops = read_drops(self._bpf, self.drop_support.reasons,
+                               probes.get(DROP_PROBE, {}).get("recursion_misses", 0)) if self.counts_drops else None
         by_state = {}
         for number, n in enumerate(states):
             if n:
