@@ -87,8 +87,11 @@ def _socket_state(sock: Any) -> Optional[SocketState]:
     """A struct sock_info from a map value, None when the kernel read no socket."""
     if not sock.valid:
         return None
+    segs = bool(sock.segs_valid)   # 0 without HAVE_SOCK_SEGS: absent, not zero
     return SocketState(srtt_us=sock.srtt_us, snd_cwnd=sock.snd_cwnd, packets_out=sock.packets_out,
-                       retrans_out=sock.retrans_out, timeouts=sock.timeouts)
+                       retrans_out=sock.retrans_out, timeouts=sock.timeouts,
+                       data_segs_out=sock.data_segs_out if segs else None,
+                       total_retrans=sock.total_retrans if segs else None)
 
 
 class RetransmitProgram:

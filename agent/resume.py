@@ -169,7 +169,12 @@ class CumulativeFlow:
         old, fresh = self.old, self.fresh.to_flow() if self.fresh else None
         if fresh is None or old is None:
             return fresh or old
+        # The connection's counters (and the ratio of the two) come whole from the latest read.
+        counters = fresh if fresh.data_segs_out is not None else old
         return fresh.model_copy(update={
+            "data_segs_out": counters.data_segs_out,
+            "total_retrans": counters.total_retrans,
+            "retrans_ratio": counters.retrans_ratio,
             "retransmits": self.retransmits,
             "synack_retransmits": self.synack_retransmits,
             "first_seen": _min_time(old.first_seen, fresh.first_seen),

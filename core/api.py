@@ -16,11 +16,12 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pydantic.alias_generators import to_camel
 
-from .kernelvocab import DEFAULT_SAMPLES_PER_SECOND, RETRANSMIT_CAUSES, TCP_STATES
+from .kernelvocab import DEFAULT_SAMPLES_PER_SECOND, RETRANSMIT_CAUSES, SOCKET_READ_INTERVAL_MS, TCP_STATES
+from .ratio import retransmit_ratio
 
 GROUP = "retransmit.dev"
 VERSION = "v1alpha1"
@@ -314,7 +315,7 @@ class ServiceCount(ApiModel):
 class SocketSnapshot(ApiModel):
     """The retransmitting socket, read through the node's BTF (absent without BTF)."""
 
-    srtt_microseconds: int = Field(ge=0, description="Smoothed round-trip time, at the first retransmit of the flow's latest burst.")
+    srtt_microseconds: int = Field(ge=0, description=f"Smoothed round-trip time, read at the first retransmit of the flow's latest burst and again at a retransmit {SOCKET_READ_INTERVAL_MS} ms or more after the last read: at most that long before the flow's latest retransmit.")
     congestion_window: int = Field(ge=0, description="Congestion window in segments, same moment.")
     segments_in_flight: int = Field(ge=0, description="Segments sent and not yet acknowledged, same moment.")
     retransmitted_in_flight: int = Field(ge=0, description="Retransmitted segments not yet acknowledged, same moment.")
@@ -346,6 +347,15 @@ class Flow(ApiModel):
     node: Optional[str] = Field(None, description="Node that saw the flow (set in status.summary.topFlows).")
     by_cause: ByCause
     socket: Optional[SocketSnapshot] = Field(None, description="The retransmitting socket (needs BTF on the node; absent for SYN-ACK-only flows).")
+    data_segs_out: Optional[int] = Field(None, ge=0, description="Data segments the connection sent over its life, retransmissions included (tcp_sock data_segs_out, as ss -ti and TCP_INFO show it), read with socket. Absent where the node's BTF lacks it.")
+    total_retrans: Optional[int] = Field(None, ge=0, description="Segments the connection retransmitted over its life (tcp_sock total_retrans), same read. It counts segments where retransmits counts events, and from the connection's start, not the trace's.")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="totalRetrans / dataSegsOut: the share of the connection's segments that were retransmissions, about its loss rate. Set from the two counters, never on its own.")
+
+    @model_validator(mode="after")
+    def _ratio_from_counters(self) -> "Flow":
+        # One definition (retransmit_core.ratio): whatever a reader sends, the ratio follows the counters.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.total_retrans, self.data_segs_out)
+        return self
 
 
 class RecentEvent(ApiModel):
