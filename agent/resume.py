@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from retransmit_core.api import Flow, NodeStatus, PodCount, RecentEvent, add_counts, add_known
 from retransmit_core.ranking import busiest_first_key, pod_key
+from retransmit_core.ratio import retransmit_ratio
 
 from .flows import FlowCounters
 
@@ -64,6 +65,8 @@ class Baseline:
     top_flows: Mapping[FlowKey, Flow] = field(default_factory=dict)
     recent_events: Sequence[RecentEvent] = ()
     top_pods: Mapping[PodKey, int] = field(default_factory=dict)
+    out_segs: Optional[int] = None       # the node's Tcp OutSegs during the trace; None: unknown
+    retrans_segs: Optional[int] = None
 
     @classmethod
     def from_entry(cls, entry: Optional[NodeStatus]) -> "Baseline":
@@ -81,6 +84,8 @@ class Baseline:
             top_flows={FlowKey.of_flow(f): f for f in entry.top_flows},
             recent_events=tuple(entry.recent_events),
             top_pods={(p.namespace, p.pod): p.retransmits for p in entry.top_pods},
+            out_segs=entry.out_segs,
+            retrans_segs=entry.retrans_segs,
         )
 
     @property
@@ -203,13 +208,18 @@ def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequen
                      keep: int) -> NodeStatus:
     """The entry to write: this agent's counts `fresh` plus what earlier agents reported.
 
-    Totals, byState, byCause, lostEvents, missedEvents and failedAttempts add (the last two stay
-    unknown only when neither knows); `flows` never shrinks; top flows: the first top_n (0 = all)
+    Totals, byState, byCause, lostEvents, missedEvents, failedAttempts, outSegs and retransSegs
+    add (the last four stay unknown only when neither knows); `flows` never shrinks; top flows: the first top_n (0 = all)
     of `merged_flows` (merge_flows: ranked already); recent events: this agent's first, then older ones.
     """
     events = (list(fresh.recent_events) + list(baseline.recent_events))[:keep] if keep > 0 else []
     top = merged_flows[:top_n] if top_n > 0 else merged_flows
+    out_segs = add_known(baseline.out_segs, fresh.out_segs)
+    retrans_segs = add_known(baseline.retrans_segs, fresh.retrans_segs)
     return fresh.model_copy(update={
+        "out_segs": out_segs,
+        "retrans_segs": retrans_segs,
+        "retrans_ratio": retransmit_ratio(retrans_segs, out_segs),   # model_copy runs no validator
         "retransmits": baseline.retransmits + fresh.retransmits,
         "synack_retransmits": baseline.synack_retransmits + fresh.synack_retransmits,
         "lost_events": baseline.lost_events + fresh.lost_events,

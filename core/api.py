@@ -414,6 +414,9 @@ class NodeStatus(ApiModel):
     missed_events: Optional[int] = Field(None, ge=0, description="Tracepoint hits the kernel did not run this program for (another BPF program was running on that CPU: recursion protection); the true count may be higher by this much. Absent where the kernel cannot count them (before Linux 6.7).")
     failed_attempts: Optional[int] = Field(None, ge=0, description="Retransmits the kernel tried and could not send (e.g. its queue was full); in no other count. Absent where the kernel cannot tell (before Linux 6.17).")
     by_cause: ByCause
+    out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the node sent during the trace, retransmissions included (Tcp OutSegs of /proc/net/snmp in the node's own network namespace: the node's and its hostNetwork pods' connections, IPv4 and IPv6, every port, whatever the trace's filters). Absent when the agent cannot read it.")
+    retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments the node retransmitted during the trace (Tcp RetransSegs, same counters). Segments sent while no agent ran (a restart) are in neither.")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs: the share of the node's segments that were retransmissions. Set from the two counters, never on its own.")
     kernel_checks: list[KernelCheck] = Field(default_factory=list, description="The agent's kernel check at start: one line per requirement, why the node cannot trace or runs degraded.")
     flows: int = Field(0, ge=0, description="Distinct flows seen.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.",
@@ -425,6 +428,12 @@ class NodeStatus(ApiModel):
     kernel: Optional[str] = Field(None, description="Kernel release of the node.")
     agent_version: Optional[str] = Field(None, description="Version of the agent that wrote this entry.")
     message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
+
+    @model_validator(mode="after")
+    def _ratio_from_segments(self) -> "NodeStatus":
+        # As Flow's: one definition (retransmit_core.ratio), following the counters.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.retrans_segs, self.out_segs)
+        return self
 
 
 MAX_NODE_ROWS = 500   # rows in status.nodes[]: at 5,000 nodes the trace stays far below 512 KiB

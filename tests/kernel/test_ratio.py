@@ -16,6 +16,7 @@ import pytest
 
 from retransmit_agent.flows import FlowCounters, wall_clock_offset_ns
 from retransmit_agent.kernel import KernelConfig, RetransmitProgram
+from retransmit_agent.segments import TcpSegments, read_tcp_segments
 from retransmit_core.kernelvocab import SOCKET_READ_INTERVAL_MS
 from retransmit_core.ratio import retransmit_ratio
 from tests.harness import loads
@@ -116,3 +117,26 @@ def test_flow_counters_are_the_connections_own(ns):
         finally:
             ns.clear_loss()
             sender.close()
+
+
+def test_a_namespaces_segment_counters_read_through_proc_are_its_own(ns):
+    # A process in the namespace: its /proc/PID/net/snmp is the namespace's, as the agent's
+    # /proc/net/snmp is the node's. The lossy bulk's segments show in it, and equal what
+    # the namespace's own /proc/net/snmp says (read with nothing sending in between).
+    holder = ns.popen("sleep", "infinity")
+    path = f"/proc/{holder.pid}/net/snmp"
+    deadline = time.monotonic() + 30
+    while read_tcp_segments(path) == read_tcp_segments("/proc/net/snmp"):   # `ip netns exec` not yet in
+        assert time.monotonic() < deadline, "the process never entered the namespace"
+        time.sleep(0.01)
+    start = read_tcp_segments(path)
+    loads.bulk(ns, loss=LOSS_PERCENT, connections=2, nbytes=2 << 20)
+    during = read_tcp_segments(path).since(start)
+    inside = ns.snmp_tcp()
+    assert read_tcp_segments(path) == TcpSegments(inside["OutSegs"], inside["RetransSegs"])
+    assert during.out_segs > 2 * (2 << 20) // 1448 and during.retrans_segs > 0
+    ratio = retransmit_ratio(during.retrans_segs, during.out_segs)
+    print(f"namespace at {LOSS_PERCENT}% loss: {during.retrans_segs}/{during.out_segs} = {ratio}")
+    # about the loss rate (retransmissions are lost as often; ACKs dilute it, resets and
+    # spurious retransmits add): within a factor of two of it
+    assert LOSS_PERCENT / 100 / 2 < ratio < LOSS_PERCENT / 100 * 2
