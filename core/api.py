@@ -514,9 +514,18 @@ class Summary(ApiModel):
     top_services: list[ServiceCount] = Field(default_factory=list, description="Services as remote ends, by the retransmits of the nodes' top flows towards them, busiest first, at most spec.topFlows.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes (atomic, as byCause).",
                                      json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
+    out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the traced nodes sent during the trace (their reports' outSegs summed, where known).")
+    retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments they retransmitted (retransSegs summed over the same nodes).")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs over the traced nodes. Set from the two sums, never on its own.")
     by_node_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"Retransmits by sending and receiving node (from the nodes' byRemote), busiest first, at most {MAX_PATHS}.")
     by_zone_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"The same by the nodes' topology.kubernetes.io/zone, busiest first, at most {MAX_PATHS}; empty when no node has a zone.")
     hot_path: Optional[str] = Field(None, description="The node or zone pair that holds most of the retransmits, when one does (e.g. '82% of retransmits went from zone a to zone b'); absent when none stands out.")
+
+    @model_validator(mode="after")
+    def _ratio_from_segments(self) -> "Summary":
+        # As NodeStatus's: one definition (retransmit_core.ratio), following the sums.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.retrans_segs, self.out_segs)
+        return self
 
 
 class Condition(ApiModel):
@@ -538,6 +547,7 @@ class NodeRow(ApiModel):
     retransmits: int = Field(0, ge=0, description="The node's tcp_retransmit_skb events.")
     synack_retransmits: int = Field(0, ge=0, description="The node's tcp_retransmit_synack events.")
     lost_events: int = Field(0, ge=0, description="The node's dropped samples (counts stay exact).")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="The node report's retransRatio: retransSegs / outSegs of the node's own network namespace during the trace.")
     last_report_time: Optional[datetime] = Field(None, description="When the node's agent last wrote its report.")
     reporting: bool = Field(False, description="The node counts as reporting: Running and written within the heartbeat bound.")
     departed: bool = Field(False, description="The node left the cluster or the trace's selector; its report keeps its final counts.")

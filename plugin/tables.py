@@ -188,6 +188,9 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
     for key, label in (("missedEvents", "missed hits"), ("failedAttempts", "failed attempts")):
         if summary.get(key) is not None:
             totals.append((label, summary[key]))
+    if summary.get("outSegs") is not None:   # the nodes' own segment counters: the count's denominator
+        totals.append(("nodes retransmitted/sent segments",
+                       f"{summary.get('retransSegs', 0)}/{summary['outSegs']} ({format_ratio(summary.get('retransRatio'))})"))
     out.append("   ".join(f"{label} {value}" for label, value in totals))
     flows = sort_flows([f for f in summary.get("topFlows") or []
                         if in_namespaces(f.get("local", {}).get("namespace"), namespaces)], sort)
@@ -240,10 +243,10 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
     if nodes:
         out += ["", "NODES"]
         extra = ("REPORTING", "DEPARTED") if wide else ()
-        out += table(("NODE", "PHASE", "RETRANSMITS", "SYN-ACK", "LOST", "LAST REPORT") + extra + ("MESSAGE",),
-                     ((n.get("node"), n.get("phase"), n.get("retransmits", 0), n.get("synackRetransmits", 0),
-                       n.get("lostEvents", 0), n.get("lastReportTime"))
+        out += table(("NODE", "PHASE", "RETRANSMITS", "SEGMENT RATIO", "SYN-ACK", "LOST", "LAST REPORT") + extra + ("MESSAGE",),
+                     ((n.get("node"), n.get("phase"), n.get("retransmits", 0), format_ratio(n.get("retransRatio")),
+                       n.get("synackRetransmits", 0), n.get("lostEvents", 0), n.get("lastReportTime"))
                       + (("yes" if n.get("reporting") else "no", "yes" if n.get("departed") else "no") if wide else ())
                       + (n.get("message"),) for n in nodes),
-                     right=(2, 3, 4))
+                     right=(2, 3, 4, 5))
     return "\n".join(out)

@@ -323,3 +323,17 @@ def test_flows_show_their_ratio_beside_the_count_and_sort_by_it_on_request():
     assert [r[0] for r in rows] == ["198.18.0.3:80", "198.18.0.2:5201", "198.18.0.4:81"]   # unknown last
     ns = build_parser().parse_args(["show", "shop", "--sort", "ratio"])
     assert ns.sort == "ratio" and build_parser().parse_args(["show", "shop"]).sort == "retransmits"
+
+
+def test_the_nodes_segment_ratio_is_beside_the_totals_and_in_each_node_row():
+    trace = {**TRACE, "status": {**TRACE["status"],
+                                 "summary": {**TRACE["status"]["summary"], "outSegs": 20000, "retransSegs": 300,
+                                             "retransRatio": 0.015},
+                                 "nodes": [{"node": "node-a", "phase": "Running", "retransmits": 120, "retransRatio": 0.02}]}}
+    text = render(trace)
+    assert "nodes retransmitted/sent segments 300/20000 (1.50%)" in text
+    lines = text.splitlines()
+    header = lines.index("NODES")
+    assert lines[header + 1].split()[:5] == ["NODE", "PHASE", "RETRANSMITS", "SEGMENT", "RATIO"]
+    assert lines[header + 2].split()[:4] == ["node-a", "Running", "120", "2.00%"]
+    assert "retransmitted/sent" not in render(TRACE)   # no counters read: no ratio made up
