@@ -31,6 +31,7 @@ from retransmit_core.api import (
 from retransmit_core.podindex import PodLookup, with_owner
 from retransmit_core.ranking import pod_key
 
+from .paths import Places, path_matrix
 from .remotenames import ClusterNames
 from .tally import Tally, TraceTally
 
@@ -111,14 +112,17 @@ def stale_nodes(nodes: Iterable[NodeStatus], now: Optional[datetime], stale_afte
 def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, pod_index: Optional[PodLookup],
                       *, now: Optional[datetime] = None, stale_after: Optional[timedelta] = None,
                       departed: frozenset[str] = frozenset(), nodes_not_listed: int = 0,
-                      names: Optional[ClusterNames] = None, tally: Optional[Tally] = None) -> Summary:
+                      names: Optional[ClusterNames] = None, tally: Optional[Tally] = None,
+                      places: Optional[Places] = None) -> Summary:
     """The summary the operator writes: sums, cluster-wide top flows and pods, node counts.
 
     `tally` is the sums of these very reports when the caller keeps them (the report index
     does, per watch event); otherwise they are added up here. Totals include every report,
     stale, failed or departed: counts are cumulative and never go back. Departed nodes do
-    not count as reporting."""
+    not count as reporting. `places` names the nodes of the remote addresses for the path
+    matrix (paths.py); without it there is none."""
     sums = tally if tally is not None else TraceTally.of(nodes).snapshot(top_n)
+    matrix = path_matrix(nodes, places, sums.retransmits + sums.synack_retransmits) if places is not None else None
     reporting_nodes = sum(1 for node in nodes if node.node not in departed and reporting(node, now, stale_after))
     return Summary(
         retransmits=sums.retransmits,
@@ -135,6 +139,9 @@ def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, p
         top_services=summary_services(nodes, names, top_n),
         by_state=sums.by_state,
         nodes_not_listed=nodes_not_listed,
+        by_node_pair=matrix.by_node_pair if matrix else [],
+        by_zone_pair=matrix.by_zone_pair if matrix else [],
+        hot_path=matrix.hot_path if matrix else None,
     )
 
 

@@ -37,6 +37,7 @@ from retransmit_core.naming import (
     TRACE_LABEL,
     agent_selector_labels,
     daemonset_name,
+    privileged_daemonset_name,
 )
 from retransmit_core.podindex import PodIndex
 from retransmit_core.schedule import (
@@ -44,7 +45,6 @@ from retransmit_core.schedule import (
     bound_agents,
     cluster_agents,
     lowered_note,
-    nodes_scheduled,
     shared_agent_count,
     stale_after,
 )
@@ -58,9 +58,13 @@ from .conditions import (
 from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
 from .objects import newer, operator_status
+from .paths import Places
 from .placement import NodeFacts, coverage
 from .remotenames import ClusterNames, ServiceIndex
-from .render import agent_placement, render_daemonset, selector_text
+from .privilege import (
+    AUTO, agents_scheduled, privileged_event, privileged_nodes, privileged_summary, recorded_privileged_nodes,
+)
+from .render import agent_placement, render_daemonset, render_privileged_daemonset, selector_text
 from .reportindex import ReportIndex
 from .settings import Settings
 from .slots import choose_port, port_of, slots_in_use, waiting_reason
@@ -102,9 +106,12 @@ class Reconciler:
         self.nodes: dict[str, NodeFacts] = {}  # every Node by name (placement.coverage)
         self.node_addresses: dict[str, str] = {}  # node address -> node (remote-end naming)
         self.services = ServiceIndex()            # Service addresses and NodePorts (remote-end naming)
+        self.places = Places(self.pods, self.nodes, self.node_addresses, self.services)   # the path matrix
         # Slots (a port, one of maxRunningTraces) are handed out one trace at a time.
         self._admission = asyncio.Lock()
         self._pass_daemonsets: dict[str, dict[str, Any]] = {}  # this sync pass's reads, by trace
+        # The auto mode's privileged DaemonSet of each trace, as this pass applied or read it.
+        self._privileged_agents: dict[str, Optional[dict[str, Any]]] = {}
         self.traces: dict[str, dict[str, Any]] = {}
         self._deleted: set[str] = set()  # uids: a late write response must not resurrect a trace
         self._locks: dict[str, asyncio.Lock] = {}
@@ -157,15 +164,18 @@ class Reconciler:
         completion = current.completion_time if current else None
         ns, ds_name = self.settings.namespace, daemonset_name(name)
         daemonset: Optional[dict[str, Any]] = None
+        privileged: Optional[dict[str, Any]] = None   # the auto mode's privileged agents, if any
         events: list[Event] = []
         waiting: Optional[str] = None
 
         if spec_error is not None:
             if await self.kube.delete_daemonset(ns, ds_name):
+                await self.kube.delete_daemonset(ns, privileged_daemonset_name(name))
                 log.info("trace %s: spec invalid, DaemonSet %s/%s deleted", name, ns, ds_name)
         elif completion is None and is_due(start, spec.duration_seconds, now):
             # The end: agents get SIGTERM and flush a final report; the summary keeps following.
             await self.kube.delete_daemonset(ns, ds_name)
+            await self.kube.delete_daemonset(ns, privileged_daemonset_name(name))
             completion = now
         elif completion is None:
             daemonset, spec_error, events, waiting = await self._ensure_daemonset(body, spec, roll=roll)
@@ -173,6 +183,9 @@ class Reconciler:
                 start = now
             if daemonset is not None:
                 self._pass_daemonsets[name] = daemonset
+            privileged = self._privileged_agents.pop(name, None)
+            if privileged is not None:
+                self._pass_daemonsets[privileged_daemonset_name(name)] = privileged
 
         # Heartbeats matter while the trace runs (who is still reporting); once it completed
         # the rows keep each report's own write time, so agents renewing their Lease until
@@ -186,7 +199,7 @@ class Reconciler:
             sums = None   # the index's sums include the ignored reports: add up the others here
             events += self._ignored_events(uid, ignored, name)
         nodes = [r.entry for r in stored]
-        desired = nodes_scheduled(daemonset)
+        desired = agents_scheduled(daemonset, privileged)
         previous_desired = current.summary.nodes_desired if current and current.summary else 0
         nodes_desired = desired if desired is not None else previous_desired
         bound = None if completion or spec is None else stale_after(
@@ -208,8 +221,10 @@ class Reconciler:
             nodes_not_listed=not_listed,
             names=ClusterNames(self.pods, self.services, self.node_addresses),
             tally=sums,
+            places=self.places,
         )
         summary = self._with_coverage(summary, name, spec, daemonset, desired, current)
+        summary = _with_privileged(summary, daemonset, current)
         observation = Observation(
             generation=generation, spec_error=spec_error, start_time=start, completion_time=completion,
             nodes=nodes, summary=summary, now=now,
@@ -279,11 +294,15 @@ class Reconciler:
                                daemonset: Optional[dict[str, Any]], port: Optional[int], *, roll: bool
                                ) -> tuple[Optional[dict[str, Any]], Optional[str], list[Event]]:
         ns, ds_name = self.settings.namespace, daemonset_name(name)
-        rendered = render_daemonset(name, uid, spec, self.settings, port)
+        recorded = recorded_privileged_nodes(daemonset)
+        wanted_privileged = (privileged_nodes(recorded, (r.entry for r in self.reports.for_trace(name, uid, heartbeats=False)))
+                             if self.settings.agent_security_mode == AUTO else {})
+        rendered = render_daemonset(name, uid, spec, self.settings, port, wanted_privileged)
         wanted = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         have = ((daemonset or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
         if not (roll or daemonset is None or have != wanted):
-            return daemonset, None, []
+            events = await self._apply_privileged_agents(name, uid, spec, daemonset, recorded, roll=roll)
+            return daemonset, None, events
         try:
             applied = await self.kube.apply_daemonset(rendered)
         except ApiFailure as e:
@@ -292,14 +311,44 @@ class Reconciler:
             # The API server refused what the spec rendered to: the spec is at fault.
             if daemonset is not None:
                 await self.kube.delete_daemonset(ns, ds_name)
+                await self.kube.delete_daemonset(ns, privileged_daemonset_name(name))
             return None, refused_message(name, e.message), []
         self.metrics.daemonset_applies.inc()
+        events = await self._apply_privileged_agents(name, uid, spec, applied, recorded, roll=roll)
         if have is None:
             selector = selector_text(rendered["spec"]["template"]["spec"]["nodeSelector"])
-            return applied, None, [scheduled_event(ns, ds_name, selector)]
+            return applied, None, [scheduled_event(ns, ds_name, selector), *events]
         if have != wanted:
-            return applied, None, [rolled_event(ns, ds_name)]
-        return applied, None, []
+            return applied, None, [rolled_event(ns, ds_name), *events]
+        return applied, None, events
+
+    async def _apply_privileged_agents(self, name: str, uid: str, spec: RetransmitTraceSpec,
+                                       daemonset: dict[str, Any], before: dict[str, str], *, roll: bool) -> list[Event]:
+        """The auto mode's privileged DaemonSet, on the nodes the trace's DaemonSet records
+        (privilege.py); deleted once that records none (the mode changed). Read each pass
+        only while it has nodes: its agents count in nodesDesired."""
+        ns, ds_name = self.settings.namespace, privileged_daemonset_name(name)
+        nodes = recorded_privileged_nodes(daemonset)
+        if not nodes:
+            if before:
+                await self.kube.delete_daemonset(ns, ds_name)
+                log.info("trace %s: no node needs a privileged agent now; DaemonSet %s/%s deleted", name, ns, ds_name)
+            return []
+        current = await self.kube.get_daemonset(ns, ds_name)
+        rendered = render_privileged_daemonset(name, uid, spec, self.settings, port_of(daemonset), nodes)
+        wanted = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        have = ((current or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+        if current is not None and have == wanted and not roll:
+            self._privileged_agents[name] = current
+            return []
+        self._privileged_agents[name] = await self.kube.apply_daemonset(rendered)
+        self.metrics.daemonset_applies.inc()
+        added = {node: reason for node, reason in nodes.items() if node not in before} if current is not None \
+            else nodes
+        if not added:
+            return []
+        log.info("trace %s: privileged agents on %s", name, ", ".join(sorted(added)))
+        return [privileged_event(ns, ds_name, added)]
 
     def _ignored_events(self, uid: str, ignored: frozenset[str], trace: str) -> list[Event]:
         """A Warning for reports left out in two passes in a row (an agent pod the pod watch
@@ -382,6 +431,7 @@ class Reconciler:
         slow API call (a large status write to a busy API server) does not hold the others'
         summaries back. One trace's failure does not stop the others."""
         self._pass_daemonsets = {}
+        self.places.expire(time.monotonic())
         gate = asyncio.Semaphore(SYNC_CONCURRENCY)
 
         async def one(name: str, body: dict[str, Any]) -> str:
@@ -458,3 +508,13 @@ class Reconciler:
         if self.last_sync is None:
             return True  # still starting: readiness says so
         return time.monotonic() - self.last_sync < 10 * self.settings.sync_interval + 60
+
+
+def _with_privileged(summary: Summary, daemonset: Optional[dict[str, Any]],
+                     current: Optional[RetransmitTraceStatus]) -> Summary:
+    """The summary with the nodes whose agents run privileged (auto mode), from the trace's
+    DaemonSet while it exists; afterwards the last known list stays with the results."""
+    if daemonset is None:
+        previous = current.summary.privileged_nodes if current and current.summary else []
+        return summary.model_copy(update={"privileged_nodes": previous})
+    return summary.model_copy(update={"privileged_nodes": privileged_summary(recorded_privileged_nodes(daemonset))})

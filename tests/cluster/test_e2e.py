@@ -221,7 +221,7 @@ def _agent_metrics(trace: Trace) -> dict[str, float]:
     ip = trace.core.read_namespaced_pod(trace.agent_pod(), SYSTEM_NS).status.pod_ip
     with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels.get("pod")}
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels.get("pod_name")}
 
 
 def test_counts_are_complete_after_the_api_server_was_stopped_for_30s(operator, reference, pods, traces,

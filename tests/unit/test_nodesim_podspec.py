@@ -10,7 +10,8 @@ from retransmit_core.contract import DOWNWARD_API_ENV, parse_agent_args
 from retransmit_operator.render import agent_metrics_port, render_daemonset
 from retransmit_operator.settings import Settings
 from tests.harness.nodesim.podspec import (
-    PodContext, container_command, container_env, container_port, expand, field_path,
+    PodContext, container_command, container_env, container_port, expand, field_path, granted_capabilities,
+    with_capabilities,
 )
 
 pytestmark = pytest.mark.unit
@@ -223,3 +224,22 @@ def test_probe_ports_by_number_or_name_and_an_unknown_name_is_refused():
 
 def test_expand_leaves_text_without_references_alone():
     assert expand("plain $HOME and $(", {"HOME": "x"}) == "plain $HOME and $("
+
+
+@pytest.mark.parametrize("mode, withheld, granted", [
+    ("capabilities", (), ["BPF", "PERFMON", "SYS_RESOURCE"]),
+    ("auto", ("PERFMON",), ["BPF", "SYS_RESOURCE"]),     # a runtime that does not grant PERFMON
+    ("privileged", ("PERFMON",), None),                  # privileged: everything, withheld or not
+])
+def test_the_simulated_runtime_grants_what_the_agents_container_adds(mode, withheld, granted):
+    (container,) = render_daemonset("web", "uid-1", RetransmitTraceSpec(), Settings(agent_security_mode=mode))[
+        "spec"]["template"]["spec"]["containers"]
+    assert granted_capabilities(container, withheld) == granted
+    assert granted_capabilities({"name": "plain"}) is None          # no securityContext: as before
+
+
+def test_granted_capabilities_become_the_processes_bounding_set():
+    assert with_capabilities(["agent", "cluster"], ["BPF", "PERFMON"]) == [
+        "setpriv", "--bounding-set=-all,+bpf,+perfmon", "--inh-caps=-all", "--", "agent", "cluster"]
+    assert with_capabilities(["agent"], None) == ["agent"]
+    assert with_capabilities(["agent"], [])[1] == "--bounding-set=-all"

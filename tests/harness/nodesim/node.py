@@ -84,6 +84,9 @@ class NodeSimulator:
         self._own_state = state_dir is None
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="rtrace-nodesim-"))
         self.image_entrypoints = dict(image_entrypoints or {})
+        # node -> capabilities its "runtime" does not grant unprivileged containers (a test
+        # sets it, e.g. {"node-b": {"PERFMON"}}; containers started afterwards see it).
+        self.withheld_capabilities: dict[str, set[str]] = {}
         self.restart_backoff = restart_backoff
         self.max_restart_backoff = max_restart_backoff
         self.delete_nodes = delete_nodes

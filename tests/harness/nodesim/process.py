@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..controlplane import end_process, kubeconfig_document, start_process, write_kubeconfig
 from .network import PodSandbox
-from .podspec import PodContext, container_command, container_env, container_port
+from .podspec import PodContext, container_command, container_env, container_port, granted_capabilities, with_capabilities
 
 if TYPE_CHECKING:
     from .node import NodeSimulator
@@ -213,7 +213,8 @@ class PodWorker(threading.Thread):
             c.waiting = {"reason": "CreateContainerConfigError", "message": str(e)}
             c.next_start = time.monotonic() + 5
             return
-        argv = in_sandbox(argv, self.sandbox)
+        granted = granted_capabilities(c.spec, self.sim.withheld_capabilities.get(self.node.name, ()))
+        argv = in_sandbox(with_capabilities(argv, granted), self.sandbox)
         with open(c.log_path, "a") as f:
             f.write(f"--- node simulator: start #{c.restarts} at {now_iso()}: {argv}\n")
         try:
