@@ -118,6 +118,19 @@ def property_paths(schema: dict, prefix: str = "") -> set[str]:
     return paths
 
 
+def object_paths(obj, prefix: str = "") -> set[str]:
+    """Every field path an object holds, in property_paths' notation."""
+    paths = set()
+    if isinstance(obj, dict):
+        for name, value in obj.items():
+            paths.add(prefix + name)
+            paths |= object_paths(value, f"{prefix}{name}.")
+    elif isinstance(obj, list):
+        for item in obj:
+            paths |= object_paths(item, prefix.rstrip(".") + "[].")
+    return paths
+
+
 def ready(pod: dict) -> bool:
     conditions = (pod.get("status") or {}).get("conditions") or []
     return not pod["metadata"].get("deletionTimestamp") and any(
@@ -340,12 +353,13 @@ def test_a_running_trace_and_its_results_survive_the_upgrade_from_v0_1_0(upgrade
                 # The CRDs are this tree's.
                 stored = {n: get_json(cp, "crd", n, "--show-managed-fields") for n in CRD_NAMES}
                 assert {n: crd_schemas(c) for n, c in stored.items()} == {n: crd_schemas(new_crds[n]) for n in CRD_NAMES}
+                new_fields = {}
                 for n, crd in stored.items():
                     managers = {(m["manager"], m["operation"]) for m in crd["metadata"]["managedFields"]}
                     assert ("kubectl", "Apply") in managers, (n, managers)
-                    new_fields = {v: sorted(property_paths(s) - property_paths(crd_schemas(old_crds[n])[v]))
-                                  for v, s in crd_schemas(new_crds[n]).items()}
-                    print(f"upgrade: {n}: fields this tree adds to {TAG}'s schema: {new_fields}")
+                    (version, schema), = crd_schemas(new_crds[n]).items()
+                    new_fields[n] = property_paths(schema) - property_paths(crd_schemas(old_crds[n])[version])
+                    print(f"upgrade: {n}: fields this tree adds to {TAG}'s schema: {sorted(new_fields[n])}")
 
                 # The new operator runs this tree's code; it rolls the agents out with the new image.
                 def new_operator():
@@ -381,6 +395,12 @@ def test_a_running_trace_and_its_results_survive_the_upgrade_from_v0_1_0(upgrade
                 cp, "rtreport", "-n", up.ns, "-l", f"{TRACE_LABEL}={name}")["items"]}
             assert {n: r["metadata"]["uid"] for n, r in reports_after.items()} == \
                 {n: r["metadata"]["uid"] for n, r in reports.items()}, "the reports are not the same objects"
+            # The new agents write fields only this tree's schema has, and the API server keeps
+            # them (under v0.1.0's schema it would prune them): the CRD step took effect.
+            kept = {n: sorted(object_paths(r) & new_fields[CRD_NAMES[1]]) for n, r in reports_after.items()}
+            assert all(kept.values()), f"no field new since {TAG} is stored in the reports: {kept}"
+            assert not object_paths(reports[NODES[0]]) & new_fields[CRD_NAMES[1]]
+            print(f"upgrade: new fields stored in the reports: {kept}")
             assert get_json(cp, "daemonset", "-n", up.ns, daemonset_name(name))["metadata"]["uid"] == \
                 daemonset["metadata"]["uid"], "the agents' DaemonSet was made anew, not re-rendered"
 
