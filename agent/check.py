@@ -68,6 +68,7 @@ class HostFacts:
     bcc_has_ringbuf_api: bool = True
     misses_counted: bool = True             # see kernelinfo.misses_counted
     drops_problem: str = "not probed"       # "" when drops are counted by reason (drops.probe_drops)
+    segs_problem: str = ""                  # "" when BTF has the flows' segment counters too
 
 
 def _mount_kind(path: str, mountinfo: str) -> str:
@@ -134,9 +135,10 @@ def gather_facts(tracefs: Optional[str] = None) -> HostFacts:
             ringbuf = ringbuf_supported()
         except OSError:
             ringbuf = None
+    offsets, btf_problem = resolve_sock_offsets(BTF_PATH)
     return HostFacts(
         release=release, tracefs=found, tracefs_how=how, tracepoints=tracepoints, layout=layout,
-        btf_problem=resolve_sock_offsets(BTF_PATH)[1], ringbuf=ringbuf, jiffies64=helper_supported(BPF_FUNC_JIFFIES64),
+        btf_problem=btf_problem, segs_problem=offsets.segs_problem if offsets else "", ringbuf=ringbuf, jiffies64=helper_supported(BPF_FUNC_JIFFIES64),
         capabilities=caps, headers=_headers(release), bcc_version=bcc_version, bcc_has_ringbuf_api=has_rb_api,
         misses_counted=misses_counted(release),
         drops_problem=probe_drops(Path(found), BTF_PATH).problem if found else "no tracefs",
@@ -200,7 +202,9 @@ def evaluate(facts: HostFacts) -> list[CheckLine]:
                                "(before 6.7): missedEvents is reported as unknown"))
     if not facts.btf_problem:
         lines.append(CheckLine("retransmit causes", "ok", f"socket offsets resolved from {BTF_PATH}: "
-                               "timeout / fast / probe per retransmit, srtt and cwnd per flow"))
+                               "timeout / fast / probe per retransmit, srtt and cwnd per flow"
+                               + (f"; no retransmit ratio per flow ({facts.segs_problem})" if facts.segs_problem
+                                  else ", and its connection's segments sent and retransmitted")))
     else:
         lines.append(CheckLine("retransmit causes", "degraded", f"unknown ({facts.btf_problem}); counts unchanged",
                                "a kernel with BTF (CONFIG_DEBUG_INFO_BTF: RHEL 8.2+, RHCOS, Ubuntu 20.10+, Debian 11+, "

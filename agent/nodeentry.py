@@ -110,6 +110,8 @@ def node_entry(
         by_state=snapshot.by_state,
         by_cause=snapshot.by_cause,
         flows=len(snapshot.flow_counters),
+        out_segs=snapshot.tcp_segments.out_segs if snapshot.tcp_segments else None,
+        retrans_segs=snapshot.tcp_segments.retrans_segs if snapshot.tcp_segments else None,
         recent_events=list(recent_events)[:keep_events],
         kernel_checks=list(facts.kernel_checks),
         kernel=facts.kernel_release,

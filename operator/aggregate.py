@@ -130,6 +130,8 @@ def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, p
         lost_events=sums.lost_events,
         missed_events=sums.missed_events,
         failed_attempts=sums.failed_attempts,
+        out_segs=sums.out_segs,
+        retrans_segs=sums.retrans_segs,
         by_cause=sums.by_cause,
         nodes_desired=nodes_desired,
         nodes_reporting=reporting_nodes,
@@ -164,7 +166,8 @@ def node_rows(nodes: Iterable[NodeStatus], now: Optional[datetime], stale_after:
             message = message[: MAX_ROW_MESSAGE - 3] + "..."
         rows.append(NodeRow(
             node=n.node, phase=n.phase, retransmits=n.retransmits, synack_retransmits=n.synack_retransmits,
-            lost_events=n.lost_events, last_report_time=n.last_report_time, reporting=counts, departed=gone,
+            lost_events=n.lost_events, retrans_ratio=n.retrans_ratio, last_report_time=n.last_report_time,
+            reporting=counts, departed=gone,
             message=message,
         ))
     return rows, max(0, len(ranked) - limit)

@@ -46,6 +46,8 @@ class Tally:
     lost_events: int
     missed_events: Optional[int]     # None when no node's kernel can tell
     failed_attempts: Optional[int]
+    out_segs: Optional[int]          # None when no node could read its segment counters
+    retrans_segs: Optional[int]
     by_cause: dict[str, int]
     by_state: dict[str, int]
     top_pods: list[PodCount]         # busiest first, top_n
@@ -60,7 +62,8 @@ class TraceTally:
         self._entries: dict[str, NodeStatus] = {}
         self._flows: dict[str, tuple[tuple[tuple, str, Flow], ...]] = {}   # node -> (rank key, node, flow)
         self._sums = {"retransmits": 0, "synack_retransmits": 0, "lost_events": 0}
-        self._known = {"missed_events": [0, 0], "failed_attempts": [0, 0]}   # field -> [sum, reports that know]
+        # field -> [sum, reports that know]
+        self._known = {name: [0, 0] for name in ("missed_events", "failed_attempts", "out_segs", "retrans_segs")}
         self._by_cause: dict[str, int] = {}
         self._by_state: dict[str, int] = {}
         self._pods: dict[PodName, _PodTotal] = {}
@@ -132,6 +135,8 @@ class TraceTally:
             lost_events=self._sums["lost_events"],
             missed_events=_known_sum(self._known["missed_events"]),
             failed_attempts=_known_sum(self._known["failed_attempts"]),
+            out_segs=_known_sum(self._known["out_segs"]),
+            retrans_segs=_known_sum(self._known["retrans_segs"]),
             by_cause=add_counts(self._by_cause),
             by_state=add_counts(self._by_state),
             top_pods=self.top_pods(top_n),
