@@ -377,6 +377,9 @@ class Flow(ApiModel):
     data_segs_out: Optional[int] = Field(None, ge=0, description="Data segments the connection sent over its life, retransmissions included (tcp_sock data_segs_out, as ss -ti and TCP_INFO show it), read with socket. Absent where the node's BTF lacks it.")
     total_retrans: Optional[int] = Field(None, ge=0, description="Segments the connection retransmitted over its life (tcp_sock total_retrans), same read. It counts segments where retransmits counts events, and from the connection's start, not the trace's.")
     retrans_ratio: Optional[float] = Field(None, ge=0, description="totalRetrans / dataSegsOut: the share of the connection's segments that were retransmissions, about its loss rate. Set from the two counters, never on its own.")
+    peer_drops: Optional[dict[str, int]] = Field(None, description="In status.summary.topFlows: this flow's packets the node at the remote end dropped on their way in, by reason (that node's report lists the flow reversed); absent when that end dropped none or is no traced node counting drops.",
+                                                 json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
+    loss_at: Optional[str] = Field(None, description="In status.summary.topFlows: where this flow's packets were lost, as far as the traced nodes tell: the nodes that dropped them and why, or 'not dropped on a traced node' (the loss is on the wire or on an untraced box) when both ends' nodes count drops and neither dropped any; absent when a node that would know does not count drops.")
 
     @model_validator(mode="after")
     def _ratio_from_counters(self) -> "Flow":
@@ -501,6 +504,15 @@ class UncoveredNodes(ApiModel):
 
 
 MAX_PATHS = 20   # node pairs and zone pairs each in the summary, the busiest
+MAX_DROP_ROWS = 10   # (node, reason) rows in summary.topDrops
+
+
+class NodeDropCount(ApiModel):
+    """TCP packets of the traced flows one node's kernel dropped for one reason."""
+
+    node: str = Field(description="The node that dropped them.")
+    reason: str = Field(description="The kernel's drop reason (enum skb_drop_reason without SKB_DROP_REASON_).")
+    drops: int = Field(0, ge=0, description="Packets dropped.")
 
 
 class PathCount(ApiModel):
@@ -548,6 +560,7 @@ class Summary(ApiModel):
     out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the traced nodes sent during the trace (their reports' outSegs summed, where known).")
     retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments they retransmitted (retransSegs summed over the same nodes).")
     retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs over the traced nodes. Set from the two sums, never on its own.")
+    top_drops: list[NodeDropCount] = Field(default_factory=list, max_length=MAX_DROP_ROWS, description=f"Which traced nodes dropped the traced flows' packets and why (skb:kfree_skb reasons, Linux 5.17+), busiest first, at most {MAX_DROP_ROWS}; empty when none did or no node counts drops.")
     by_node_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"Retransmits by sending and receiving node (from the nodes' byRemote), busiest first, at most {MAX_PATHS}.")
     by_zone_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"The same by the nodes' topology.kubernetes.io/zone, busiest first, at most {MAX_PATHS}; empty when no node has a zone.")
     hot_path: Optional[str] = Field(None, description="The node or zone pair that holds most of the retransmits, when one does (e.g. '82% of retransmits went from zone a to zone b'); absent when none stands out.")

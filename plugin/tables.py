@@ -179,8 +179,13 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
     status = trace.get("status") or {}
     summary = status.get("summary") or {}
     out = [progress_line(trace, now)]
-    if summary.get("hotPath"):
-        out.append(f"WHERE: {summary['hotPath']}")   # the answer first: the pair that holds most of the loss
+    where = [summary["hotPath"]] if summary.get("hotPath") else []
+    drops = summary.get("topDrops") or []
+    if drops:
+        top = drops[0]
+        where.append(f"most dropped on node {top.get('node')}: {top.get('reason')} {top.get('drops', 0)}")
+    if where:
+        out.append(f"WHERE: {'; '.join(where)}")   # the answer first: the path that holds the loss, the box that dropped
     out.append("")
     totals = [("retransmits", summary.get("retransmits", 0)),
               ("SYN-ACK retransmits", summary.get("synackRetransmits", 0)),
@@ -198,12 +203,14 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
         out += ["", "TOP FLOWS" + (" (by retransmit ratio)" if sort == "ratio" else "")]
         headers = ("NODE", "LOCAL (RETRANSMITTING)", "REMOTE", "RETRANSMITS", "RATIO", "SYN-ACK", "LAST STATE", "CAUSES")
         extra = ("FAMILY", "FIRST SEEN", "LAST SEEN", "SRTT (us)", "RETRANS/SENT") if wide else ()
-        out += table(headers + extra,
+        lost_at = any(f.get("lossAt") for f in flows)   # the traced nodes' drops say where (kernels 5.17+)
+        out += table(headers + extra + (("LOST AT",) if lost_at else ()),
                      ((f.get("node"), endpoint(f.get("local", {})), endpoint(f.get("remote", {})), f.get("retransmits", 0),
                        format_ratio(f.get("retransRatio")), f.get("synackRetransmits", 0), f.get("lastState"),
                        causes(f.get("byCause")))
                       + ((f.get("family"), f.get("firstSeen"), f.get("lastSeen"),
-                          (f.get("socket") or {}).get("srttMicroseconds"), segments(f)) if wide else ()) for f in flows),
+                          (f.get("socket") or {}).get("srttMicroseconds"), segments(f)) if wide else ())
+                      + ((f.get("lossAt") or "-",) if lost_at else ()) for f in flows),
                      right=(3, 4, 5))
     pods = [p for p in summary.get("topPods") or [] if in_namespaces(p.get("namespace"), namespaces)]
     if pods:
@@ -222,6 +229,10 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
             out += table(("FROM", "TO", "RETRANSMITS", "%"),
                          ((p.get("source"), p.get("destination"), p.get("retransmits", 0), p.get("percent", 0))
                           for p in pairs[:PATHS_SHOWN]), right=(2, 3))
+    if drops:
+        out += ["", "DROPPED BY TRACED NODES"]
+        out += table(("NODE", "REASON", "DROPS"),
+                     ((d.get("node"), d.get("reason"), d.get("drops", 0)) for d in drops), right=(2,))
     for key, title in (("byState", "BY TCP STATE"), ("byCause", "BY CAUSE")):
         counts = summary.get(key) or {}
         if counts:

@@ -337,3 +337,18 @@ def test_the_nodes_segment_ratio_is_beside_the_totals_and_in_each_node_row():
     assert lines[header + 1].split()[:5] == ["NODE", "PHASE", "RETRANSMITS", "SEGMENT", "RATIO"]
     assert lines[header + 2].split()[:4] == ["node-a", "Running", "120", "2.00%"]
     assert "retransmitted/sent" not in render(TRACE)   # no counters read: no ratio made up
+
+
+def test_the_dropping_node_and_reason_lead_and_each_flow_says_where_it_was_lost():
+    flow = {**TRACE["status"]["summary"]["topFlows"][0], "lossAt": "dropped on node-b (NETFILTER_DROP 37)"}
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "hotPath": "90% of retransmits went from node node-a to node node-b",
+        "topDrops": [{"node": "node-b", "reason": "NETFILTER_DROP", "drops": 37}], "topFlows": [flow]}}}
+    lines = render(trace).splitlines()
+    assert lines[1] == ("WHERE: 90% of retransmits went from node node-a to node node-b; "
+                        "most dropped on node node-b: NETFILTER_DROP 37")
+    header = lines.index("TOP FLOWS")
+    assert lines[header + 1].rstrip().endswith("LOST AT") and lines[header + 2].endswith("dropped on node-b (NETFILTER_DROP 37)")
+    dropped = lines.index("DROPPED BY TRACED NODES")
+    assert lines[dropped + 2].split() == ["node-b", "NETFILTER_DROP", "37"]
+    assert "LOST AT" not in render(TRACE) and "DROPPED" not in render(TRACE)
