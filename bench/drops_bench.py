@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.kernel_bench import floor_source
 from bench.procstat import BpfStats
 from retransmit_agent.kernel import KernelConfig, RetransmitProgram
 from tests.harness.netns import LossNamespace
@@ -41,18 +42,7 @@ PORT = 5501
 CLOSED_PORT = 5599
 
 # The enum: as in bpf/retransmit.bpf.c, bcc's generic headers do not define the type of `reason`.
-FLOOR_SOURCE = r"""
-enum skb_drop_reason { RTRACE_SKB_DROP_REASON_SIZE_ = 0x7fffffff };
-BPF_PERCPU_ARRAY(hits, u64, 1);
-TRACEPOINT_PROBE(skb, kfree_skb)
-{
-    u32 zero = 0;
-    u64 *n = hits.lookup(&zero);
-    if (n)
-        (*n)++;
-    return 0;
-}
-"""
+FLOOR_SOURCE = floor_source("skb", "kfree_skb", "enum skb_drop_reason { RTRACE_SKB_DROP_REASON_SIZE_ = 0x7fffffff };\n")
 
 # Datagrams to a port nobody listens on, as fast as one process sends them, until killed.
 UDP_FLOOD = ("import socket, sys\n"
