@@ -14,6 +14,7 @@
 ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 
 # checkov:skip=CKV_DOCKER_2: No HEALTHCHECK: Kubernetes ignores it; the operator Deployment has probes and the agent serves /metrics and readiness to its DaemonSet.
+# checkov:skip=CKV_DOCKER_7: The base is the build argument BASE_IMAGE, by default debian:bookworm-slim (a versioned tag); `make image` passes a local import of that release.
 
 # ---- generic kernel headers (agent) --------------------------------------------------
 # bcc compiles the agent's tracepoint program on the node, against kernel headers. Nodes

@@ -10,22 +10,18 @@ import json
 import os
 import re
 import subprocess
-import tarfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.images import AGENT_IMAGE, OPERATOR_IMAGE, build
+from tests.deploy.images import AGENT_IMAGE, OPERATOR_IMAGE, PODMAN, ULIMITS, build, inspect, paths_in
 from tests.harness.netns import LossNamespace
 from tests.harness.refcount import ReferenceCounter, involving, per_flow
 
 pytestmark = pytest.mark.deploy
 
-# crun fails on this machine's hybrid cgroups; podman's default ulimits exceed its hard limit.
-PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
-ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 # The issue's target for the operator image (podman's size: the unpacked layers, in bytes).
 OPERATOR_IMAGE_MAX_BYTES = 150_000_000
 # Paths of the agent's toolchain that the operator image must not carry: bcc (its Python
@@ -53,25 +49,6 @@ def operator_image(images) -> str:
 
 def podman_run(*args: str, name: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([*PODMAN, "run", "--rm", "--name", name, *ULIMITS, *args], **kwargs)
-
-
-def inspect(image: str) -> dict:
-    out = subprocess.run(["podman", "image", "inspect", image], check=True, capture_output=True, text=True).stdout
-    return json.loads(out)[0]
-
-
-def paths_in(image: str) -> list[str]:
-    """Every path of the image's filesystem (podman export of a container never started)."""
-    name = f"rtrace-image-files-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    subprocess.run([*PODMAN, "create", "--name", name, image], check=True, capture_output=True)
-    try:
-        export = subprocess.Popen([*PODMAN, "export", name], stdout=subprocess.PIPE)
-        with tarfile.open(fileobj=export.stdout, mode="r|") as tar:
-            paths = [member.name.lstrip("./") for member in tar]
-        assert export.wait() == 0
-    finally:
-        subprocess.run([*PODMAN, "rm", "-f", name], capture_output=True)
-    return paths
 
 
 def test_operator_image_is_small_and_has_no_bcc_clang_or_kernel_headers(images):
