@@ -3,7 +3,9 @@
 Marked `emulated`, not `deploy`: the build takes tens of minutes on 2 cores, so `make test`
 leaves it out. What emulation can show: the image is arm64 throughout (its programs, bcc's
 library, the headers' arch/ folder), bcc imports and the agent's CLI starts. What it cannot:
-counting retransmits, which needs an arm64 kernel."""
+counting retransmits. bcc's clang compiles the program under emulation, but qemu-user (7.2)
+does not pass the bpf() system call through (ENOSYS at the first map): loading and counting
+need an arm64 kernel."""
 
 from __future__ import annotations
 
