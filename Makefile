@@ -27,8 +27,9 @@ help:
 	@echo "make test       set up, then run every test"
 	@echo "make setup      only install what the project needs (idempotent)"
 	@echo "make cluster-up / cluster-down   a real control plane on 127.0.0.1 for kubectl"
-	@echo "make cluster-up REAL_NODE=1      ... plus a real kubelet + containerd node with the image"
+	@echo "make cluster-up REAL_NODE=1      ... plus a real kubelet + containerd node with both images"
 	@echo "make image      build the operator and agent images with podman and check them"
+	@echo "make image-agent-arm64   the arm64 agent image, built and checked under qemu-user emulation"
 	@echo "make bench      measure overhead and scale into bench/results/"
 	@echo "make scan       checkov over Dockerfile, manifests/, chart and the rendered agent DaemonSet"
 	@echo "make manifests  render manifests/ from the Helm chart (the source of truth)"
@@ -194,7 +195,7 @@ endif
 # Delete it to make it again (after editing the script, or for newer packages).
 $(BASE_TAR): | image-tools
 	@mkdir -p $(CACHE)
-	bash tests/harness/image_base.sh $(IMAGE_ARCH) $@
+	bash $(ROOT)/tests/harness/image_base.sh $(IMAGE_ARCH) $@
 
 # Imported again only when the tarball changed (its image id is kept beside it).
 image-base: image-tools $(BASE_TAR)
