@@ -8,7 +8,7 @@ import re
 import tempfile
 from typing import Iterator
 
-from .preflight import KernelProblem
+from .preflight import KernelProblem, PrivilegeProblem, effective_capabilities
 
 
 @contextlib.contextmanager
@@ -40,9 +40,12 @@ def bcc_failure(exc: Exception, output: list[str]) -> KernelProblem:
     if denied:
         # bcc creates maps while "compiling": a seccomp filter or missing capabilities fail
         # there, and blaming the headers would send the user the wrong way.
-        return KernelProblem(
+        # The kernel's own answer is the probe that counts: capabilities the kernel knows
+        # and the process holds may still not be enough (a seccomp profile, an LSM, a
+        # kernel that wants more for this program type).
+        return PrivilegeProblem(
             f"the kernel denied BPF ({denied[0]}): run the agent privileged, or with CAP_BPF, "
-            "CAP_PERFMON and CAP_SYS_RESOURCE and seccomp Unconfined"
+            "CAP_PERFMON and CAP_SYS_RESOURCE and seccomp Unconfined", effective_capabilities()
         )
     release = os.uname().release
     if "compile" in why.lower():

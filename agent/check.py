@@ -26,11 +26,10 @@ from .kernelinfo import (
     ringbuf_supported,
 )
 from .preflight import (
-    CAP_BPF,
-    CAP_PERFMON,
-    CAP_SYS_ADMIN,
     TRACEFS_CANDIDATES,
+    UNPRIVILEGED,
     effective_capabilities,
+    security_mode,
 )
 
 Status = Literal["ok", "degraded", "fail"]
@@ -67,6 +66,7 @@ class HostFacts:
     bcc_version: Optional[str]              # None: python module bcc missing
     bcc_has_ringbuf_api: bool = True
     misses_counted: bool = True             # see kernelinfo.misses_counted
+    segs_problem: str = ""                  # "" when BTF has the flows' segment counters too
 
 
 def _mount_kind(path: str, mountinfo: str) -> str:
@@ -133,17 +133,13 @@ def gather_facts(tracefs: Optional[str] = None) -> HostFacts:
             ringbuf = ringbuf_supported()
         except OSError:
             ringbuf = None
+    offsets, btf_problem = resolve_sock_offsets(BTF_PATH)
     return HostFacts(
         release=release, tracefs=found, tracefs_how=how, tracepoints=tracepoints, layout=layout,
-        btf_problem=resolve_sock_offsets(BTF_PATH)[1], ringbuf=ringbuf, jiffies64=helper_supported(BPF_FUNC_JIFFIES64),
+        btf_problem=btf_problem, segs_problem=offsets.segs_problem if offsets else "", ringbuf=ringbuf, jiffies64=helper_supported(BPF_FUNC_JIFFIES64),
         capabilities=caps, headers=_headers(release), bcc_version=bcc_version, bcc_has_ringbuf_api=has_rb_api,
         misses_counted=misses_counted(release),
     )
-
-
-def _can_load(caps: int) -> bool:
-    has = lambda cap: bool(caps & (1 << cap))  # noqa: E731
-    return has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))
 
 
 def evaluate(facts: HostFacts) -> list[CheckLine]:
@@ -177,7 +173,7 @@ def evaluate(facts: HostFacts) -> list[CheckLine]:
         if not facts.layout.has("state"):
             lines.append(CheckLine("TCP states", "degraded", "no `state` field (Linux < 5.0): retransmits are "
                                    "counted under UNKNOWN and a states filter is refused", "a 5.0+ kernel reports states"))
-    caps_ok = _can_load(facts.capabilities)
+    caps_ok = security_mode(facts.capabilities) != UNPRIVILEGED
     if caps_ok:
         lines.append(CheckLine("BPF permission", "ok", f"capabilities 0x{facts.capabilities:x} (CAP_SYS_ADMIN or CAP_BPF+CAP_PERFMON)"))
     else:
@@ -203,7 +199,9 @@ def evaluate(facts: HostFacts) -> list[CheckLine]:
                                "(before 6.7): missedEvents is reported as unknown"))
     if not facts.btf_problem:
         lines.append(CheckLine("retransmit causes", "ok", f"socket offsets resolved from {BTF_PATH}: "
-                               "timeout / fast / probe per retransmit, srtt and cwnd per flow"))
+                               "timeout / fast / probe per retransmit, srtt and cwnd per flow"
+                               + (f"; no retransmit ratio per flow ({facts.segs_problem})" if facts.segs_problem
+                                  else ", and its connection's segments sent and retransmitted")))
     else:
         lines.append(CheckLine("retransmit causes", "degraded", f"unknown ({facts.btf_problem}); counts unchanged",
                                "a kernel with BTF (CONFIG_DEBUG_INFO_BTF: RHEL 8.2+, RHCOS, Ubuntu 20.10+, Debian 11+, "

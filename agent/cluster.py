@@ -55,8 +55,9 @@ from retransmit_core.schedule import (
 )
 from retransmit_core.version import package_version
 
-from .metrics import AgentState, MetricsServer
+from .metrics import AgentInfo, AgentState, MetricsServer
 from .nodeentry import NodeEntry, NodeFacts, node_entry
+from .preflight import effective_capabilities, security_mode
 from .podselection import PodSelection, selected_ips, with_filter_check
 from .podwatch import PodWatcher, node_addresses
 from .reportwriter import ApiError, ReportTarget, ReportWriter
@@ -88,6 +89,7 @@ class LoopState:
 
     baseline: Optional[Baseline] = None    # None until the node's own report was read: no write before it
     pod_counts: dict[PodKey, int] = field(default_factory=dict)   # node_entry's, fed back into the next one
+    remote_counts: dict[str, int] = field(default_factory=dict)   # likewise
     last_written: Optional[NodeStatus] = None
     written_at: WriteTimes = WriteTimes()
     nodes: int = 0                         # nodes running this trace (0: not known yet)
@@ -103,9 +105,12 @@ class ClusterAgent:
         self.inv = inv
         self.client = client
         self.writer = ReportWriter(client, ReportTarget(inv.trace, inv.trace_uid, node, namespace))
-        self.facts = NodeFacts(node=node, kernel_release=os.uname().release, agent_version=package_version())
+        kernel, version = os.uname().release, package_version()
+        self.facts = NodeFacts(node=node, kernel_release=kernel, agent_version=version)
         self.stop_event = threading.Event()
-        self.state = AgentState(trace=inv.trace, node=node)   # what /metrics, /readyz and /livez read
+        # What /metrics, /readyz and /livez read.
+        self.state = AgentState(trace=inv.trace, node=node, info=AgentInfo(
+            version=version, kernel=kernel, mode=security_mode(effective_capabilities())))
         self.lock = threading.Lock()       # guards index and program between the loop and the pod watch
         self.index = PodIndex(node, node_addresses())
         self.selection = PodSelection(frozenset(inv.spec.namespaces), inv.spec.pod_selector)
@@ -172,6 +177,7 @@ class ClusterAgent:
         """Attach the kernel program; when the node cannot trace, the problem goes into every
         report (phase Failed) and /metrics, and the agent stays up."""
         from .kernel import KernelConfig, KernelProblem, RetransmitProgram
+        from .preflight import PrivilegeProblem
 
         self.facts = dataclasses.replace(self.facts, kernel_checks=self._kernel_checks())
         local_ips = None
@@ -184,8 +190,10 @@ class ClusterAgent:
             program = RetransmitProgram.open(KernelConfig.from_spec(self.inv.spec, local_ips=local_ips),
                                              tracefs=self.inv.tracefs)
         except KernelProblem as exc:
-            self.facts = dataclasses.replace(self.facts, problem=str(exc))
-            log.error("node %s cannot trace: %s", self.facts.node, exc)
+            needs_privileged = isinstance(exc, PrivilegeProblem) and exc.needs_privileged
+            self.facts = dataclasses.replace(self.facts, problem=str(exc), needs_privileged=needs_privileged)
+            log.error("node %s cannot trace%s: %s", self.facts.node,
+                      " without privileges this agent lacks" if needs_privileged else "", exc)
             with self.state.lock:
                 self.state.failed = True
             return
@@ -339,7 +347,8 @@ class ClusterAgent:
         spec = self.inv.spec
         return node_entry(snapshot, self.facts, top_flows=spec.top_flows, keep_events=spec.events.keep,
                           now=datetime.now(timezone.utc), recent_events=list(self.events)[::-1],
-                          baseline=baseline, previous_pods=self.loop.pod_counts, owners=owners)
+                          baseline=baseline, previous_pods=self.loop.pod_counts,
+                          previous_remotes=self.loop.remote_counts, owners=owners)
 
     def _report(self, final: bool = False, timeout: Optional[float] = None) -> bool:
         """Write what the schedule says is due (`final`: the report, with `timeout`). True when
@@ -350,6 +359,7 @@ class ClusterAgent:
             return True
         step = self._next_entry(self.loop.baseline)
         self.loop.pod_counts = step.pod_counts
+        self.loop.remote_counts = step.remote_counts
         if step.by_pod_port is not None:
             self.state.publish_entry(step.entry, step.by_pod_port)
         write = decide_write(entry_changed(self.loop.last_written, step.entry), self.loop.written_at,

@@ -45,6 +45,7 @@ from .bccerrors import bcc_failure, stderr_captured
 from .kernelconfig import FAMILY_BITS, KernelConfig, compile_flags, require_fitting_layout
 from .kernelinfo import VMLINUX_BTF, KernelFeatures, misses_counted, probe_features
 from .runs import FlowEntry, merge_pending_runs
+from .segments import TcpSegments, read_tcp_segments
 from .preflight import (
     KernelProblem,
     find_tracefs,
@@ -81,14 +82,21 @@ class KernelSnapshot:
     flow_counters: list[FlowCounters]
     by_cause: dict[str, int] = field(default_factory=dict)   # retransmits + SYN-ACKs per cause
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    # The namespace's Tcp OutSegs and RetransSegs since the program started (the node's for
+    # the agent, which has the host's network; every segment, not only the filters' flows).
+    # None when /proc/net/snmp cannot be read.
+    tcp_segments: Optional[TcpSegments] = None
 
 
 def _socket_state(sock: Any) -> Optional[SocketState]:
     """A struct sock_info from a map value, None when the kernel read no socket."""
     if not sock.valid:
         return None
+    segs = bool(sock.segs_valid)   # 0 without HAVE_SOCK_SEGS: absent, not zero
     return SocketState(srtt_us=sock.srtt_us, snd_cwnd=sock.snd_cwnd, packets_out=sock.packets_out,
-                       retrans_out=sock.retrans_out, timeouts=sock.timeouts)
+                       retrans_out=sock.retrans_out, timeouts=sock.timeouts,
+                       data_segs_out=sock.data_segs_out if segs else None,
+                       total_retrans=sock.total_retrans if segs else None)
 
 
 class RetransmitProgram:
@@ -107,6 +115,7 @@ class RetransmitProgram:
         self._local_ips: Optional[frozenset[str]] = None
         self._floors: dict[tuple, tuple[int, int]] = {}
         self._generation = 0
+        self._segments_at_start: Optional[TcpSegments] = None   # read when counting starts
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -172,6 +181,7 @@ class RetransmitProgram:
         self._write_local_ips(c.local_ips or frozenset())
         self._local_ips = c.local_ips
         self._write_config()  # last: families != 0 is what starts counting
+        self._segments_at_start = read_tcp_segments()
 
     def close(self) -> None:
         """Detach the program and free its maps."""
@@ -310,7 +320,12 @@ class RetransmitProgram:
             failed_attempts=failed if self.features.layout.has("err") else None,
             missed_events=missed if misses_counted(os.uname().release) else None,
             by_cause=causes_by_name(causes),
+            tcp_segments=self._segments_since_start(),
         )
+
+    def _segments_since_start(self) -> Optional[TcpSegments]:
+        now = read_tcp_segments()
+        return now.since(self._segments_at_start) if now and self._segments_at_start else None
 
     def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
         """Flow map entries plus the runs still pending on each CPU (see struct run).

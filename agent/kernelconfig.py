@@ -15,6 +15,7 @@ from retransmit_core.kernelvocab import (
     DEFAULT_RING_PAGES,
     DEFAULT_SAMPLES_PER_SECOND,
     RETRANSMIT_CAUSES,
+    SOCKET_READ_INTERVAL_MS,
     TCP_STATE_NUMBERS,
     TCP_STATES,
 )
@@ -89,6 +90,7 @@ class KernelConfig:
 def program_defines() -> dict[str, int]:
     """The constants the program shares with Python, defined once here (as -D flags)."""
     return {
+        "SOCK_READ_INTERVAL_NS": SOCKET_READ_INTERVAL_MS * 1_000_000,
         "AF_INET_": AF_INET, "AF_INET6_": AF_INET6,
         "FAMILY_IPV4": FAMILY_BITS["IPv4"], "FAMILY_IPV6": FAMILY_BITS["IPv6"],
         "KIND_RETRANSMIT": KIND_RETRANSMIT, "KIND_SYNACK": KIND_SYNACK,

@@ -4,15 +4,24 @@
 metrics when Prometheus scrapes, so there is one source for the numbers (the same cumulative
 counts that go into status.nodes[]).
 
+Label names never collide with the labels the Prometheus Operator (and most scrape configs)
+put on a scraped target: `namespace`, `pod`, `container`, `instance`, `job`, `service`,
+`endpoint` are the agent pod's own, kept on every series and on `up`; the pod that
+retransmitted is `pod_namespace`/`pod_name`. (On OpenShift's user-workload monitoring
+`namespace` is always the target's, whatever the scrape config says.)
+
 Metrics (all carry the label `trace`):
-- rtrace_retransmits_total{namespace,pod,remote_port}: tcp_retransmit_skb events by the
-  local pod (empty for addresses that are no pod's; pod "" with namespace "" and the node's
-  own addresses under namespace "" pod "<node>") and remote port. Remote ports from 32768 up
-  (Linux's default ephemeral range: the clients' side of connections to a server pod) are
-  one value, "ephemeral", so a series is a (pod, service port) pair, never a flow: a server
-  pod has one series for all its clients, a client pod one per server port it talks to
-  below 32768. A series never decreases: when the kernel's LRU map evicts a flow, the series
-  keeps its highest value.
+- rtrace_agent_info{node,version,kernel,mode}: 1; the agent's version, the node's kernel
+  release and its security mode (preflight.security_mode: privileged, capabilities or
+  unprivileged, from its effective capabilities).
+- rtrace_retransmits_total{pod_namespace,pod_name,remote_port}: tcp_retransmit_skb events
+  (retransmitted skbs: one skb may carry several segments) by the local pod (empty for
+  addresses that are no pod's; the node's own addresses under pod_namespace "" pod_name
+  "<node>") and remote port. Remote ports from 32768 up (Linux's default ephemeral range:
+  the clients' side of connections to a server pod) are one value, "ephemeral", so a series
+  is a (pod, service port) pair, never a flow: a server pod has one series for all its
+  clients, a client pod one per server port it talks to below 32768. A series never
+  decreases: when the kernel's LRU map evicts a flow, the series keeps its highest value.
 - rtrace_node_retransmits_total, rtrace_node_synack_retransmits_total: the node's exact totals.
 - rtrace_node_retransmits_by_state_total{state}: tcp_retransmit_skb and tcp_retransmit_synack
   events by the socket's TCP state as the kernel names it without `TCP_` (SYN-ACK retransmits
@@ -62,6 +71,22 @@ log = logging.getLogger(__name__)
 # rtrace_retransmits_total's remote_port: ports from here up are "ephemeral" (see above).
 EPHEMERAL_PORTS_FROM = 32768
 
+# The labels naming the pod that retransmitted: not `namespace`/`pod`, which are the scraped
+# target's (the agent pod's) and would be renamed exported_* or dropped (see above).
+POD_NAMESPACE_LABEL = "pod_namespace"
+POD_NAME_LABEL = "pod_name"
+PER_POD_LABELS = ("trace", POD_NAMESPACE_LABEL, POD_NAME_LABEL, "remote_port")
+AGENT_INFO_LABELS = ("trace", "node", "version", "kernel", "mode")
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What rtrace_agent_info says about the agent: fixed for its lifetime."""
+
+    version: str
+    kernel: str
+    mode: str     # preflight.security_mode of the agent's effective capabilities
+
 
 def remote_port_label(port: str) -> str:
     """The port, or "ephemeral" from 32768 up: clients' ports would make a series per flow.
@@ -76,6 +101,7 @@ class AgentState:
 
     trace: str
     node: str
+    info: AgentInfo
     # How long the report loop may stay silent before /livez fails.
     liveness_bound: float = LIVENESS_FLOOR_SECONDS
     attached: bool = False
@@ -147,30 +173,35 @@ class AgentCollector:
     def collect(self) -> Iterable:
         s = self._state
         with s.lock:
+            info = GaugeMetricFamily("rtrace_agent_info", "1; the agent's version, the node's kernel release and "
+                                     "the agent's security mode (privileged, capabilities, unprivileged).",
+                                     labels=list(AGENT_INFO_LABELS))
+            info.add_metric([s.trace, s.node, s.info.version, s.info.kernel, s.info.mode], 1.0)
+            yield info
             per_pod = CounterMetricFamily(
-                "rtrace_retransmits", "Retransmitted skbs by local pod and remote port.",
-                labels=["trace", "namespace", "pod", "remote_port"],
+                "rtrace_retransmits", "Retransmitted skbs by the local pod (pod_namespace, pod_name) and remote port.",
+                labels=list(PER_POD_LABELS),
             )
             for (namespace, pod, port), value in sorted(s.by_pod_port.items()):
                 per_pod.add_metric([s.trace, namespace, pod, port], value)
             yield per_pod
             by_state = CounterMetricFamily(
-                "rtrace_node_retransmits_by_state", "Retransmit and SYN-ACK retransmit events by TCP state.",
+                "rtrace_node_retransmits_by_state", "Retransmitted skbs and SYN-ACKs by TCP state.",
                 labels=["trace", "node", "state"],
             )
             for state, value in sorted(s.by_state.items()):
                 by_state.add_metric([s.trace, s.node, state], value)
             yield by_state
             by_cause = CounterMetricFamily(
-                "rtrace_node_retransmits_by_cause", "Retransmit and SYN-ACK retransmit events by cause "
+                "rtrace_node_retransmits_by_cause", "Retransmitted skbs and SYN-ACKs by cause "
                 "(timeout, fast, probe, unknown).", labels=["trace", "node", "cause"],
             )
             for cause, value in sorted(s.by_cause.items()):
                 by_cause.add_metric([s.trace, s.node, cause], value)
             yield by_cause
             for name, doc, value in (
-                ("rtrace_node_retransmits", "Every matched tcp_retransmit_skb event on this node.", s.retransmits),
-                ("rtrace_node_synack_retransmits", "Every matched tcp_retransmit_synack event on this node.", s.synack_retransmits),
+                ("rtrace_node_retransmits", "Retransmitted skbs on this node (every matched tcp_retransmit_skb event).", s.retransmits),
+                ("rtrace_node_synack_retransmits", "Retransmitted SYN-ACKs on this node (every matched tcp_retransmit_synack event).", s.synack_retransmits),
                 ("rtrace_lost_events", "Samples dropped by the rate limit or a full buffer.", s.lost_events),
                 ("rtrace_missed_events", "Tracepoint hits the kernel did not run the program for (another BPF program was running on that CPU).", s.missed_events),
                 ("rtrace_failed_attempts", "Retransmits the kernel tried and could not send.", s.failed_attempts),

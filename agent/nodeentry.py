@@ -24,13 +24,17 @@ from .resume import (
     PodKey,
     cumulative_entry,
     cumulative_pods,
+    cumulative_remotes,
     merge_flows,
     pod_totals,
     ranked_pods,
+    ranked_remotes,
+    remote_totals,
 )
 
-# (namespace, pod or node, remote port): rtrace_retransmits_total's labels before metrics.py
-# folds ephemeral ports. Addresses that are no pod's count under the node, or "" when unknown.
+# (namespace, pod or node, remote port): rtrace_retransmits_total's pod_namespace, pod_name
+# and remote_port before metrics.py folds ephemeral ports. Addresses that are no pod's count
+# under the node, or "" when unknown.
 PodPortKey = tuple[str, str, str]
 
 
@@ -43,6 +47,8 @@ class NodeFacts:
     agent_version: Optional[str] = None
     kernel_checks: tuple[KernelCheck, ...] = ()   # `retransmit-agent check`'s lines
     problem: Optional[str] = None                 # why this node cannot trace (phase Failed); None: it can
+    # The problem is privileges a privileged agent would have (preflight.PrivilegeProblem).
+    needs_privileged: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class NodeEntry:
 
     entry: NodeStatus                                  # the cumulative entry to write
     pod_counts: dict[PodKey, int]                      # every local pod's count: the next step's previous_pods
+    remote_counts: dict[str, int]                      # every remote address's count: the next step's previous_remotes
     # For /metrics; None: nothing to publish (no program yet, or no attribution asked for).
     by_pod_port: Optional[dict[PodPortKey, int]]
 
@@ -65,6 +72,7 @@ def node_entry(
     recent_events: Sequence[RecentEvent] = (),
     baseline: Baseline = Baseline(),
     previous_pods: Optional[Mapping[PodKey, int]] = None,
+    previous_remotes: Optional[Mapping[str, int]] = None,
     owners: Optional[Mapping[str, Owner]] = None,
 ) -> NodeEntry:
     """This node's cumulative entry at `now`.
@@ -73,17 +81,21 @@ def node_entry(
     `facts.problem`, else Pending; the baseline's counts stay). top_flows: how many flows the
     entry keeps (0 = all). recent_events: this agent's samples, newest first; keep_events of
     them and the baseline's go in. previous_pods: the last step's pod_counts (a pod's count
-    never drops when the kernel map evicts its flows). owners: the pod index's lookup_table();
+    never drops when the kernel map evicts its flows); previous_remotes likewise by remote
+    address. owners: the pod index's lookup_table();
     None attributes nothing (no pods, ends as the kernel saw them).
     """
     previous_pods = previous_pods or {}
     if snapshot is None:
         pending = NodeStatus(node=facts.node, phase=Phase.FAILED if facts.problem else Phase.PENDING,
-                             message=facts.problem, kernel=facts.kernel_release, kernel_checks=list(facts.kernel_checks),
+                             message=facts.problem, needs_privileged=bool(facts.problem and facts.needs_privileged) or None,
+                             kernel=facts.kernel_release, kernel_checks=list(facts.kernel_checks),
                              agent_version=facts.agent_version, last_report_time=now)
         entry = cumulative_entry(baseline, pending, merge_flows(baseline, []), top_flows, keep_events)
         pods = cumulative_pods(baseline, {}, previous_pods)
-        return NodeEntry(entry.model_copy(update={"top_pods": ranked_pods(pods, facts.node, top_flows)}), pods, None)
+        remotes = cumulative_remotes(baseline, {}, previous_remotes or {})
+        return NodeEntry(entry.model_copy(update={"top_pods": ranked_pods(pods, facts.node, top_flows),
+                                                  "by_remote": ranked_remotes(remotes)}), pods, remotes, None)
 
     fresh = NodeStatus(
         node=facts.node,
@@ -96,6 +108,8 @@ def node_entry(
         by_state=snapshot.by_state,
         by_cause=snapshot.by_cause,
         flows=len(snapshot.flow_counters),
+        out_segs=snapshot.tcp_segments.out_segs if snapshot.tcp_segments else None,
+        retrans_segs=snapshot.tcp_segments.retrans_segs if snapshot.tcp_segments else None,
         recent_events=list(recent_events)[:keep_events],
         kernel_checks=list(facts.kernel_checks),
         kernel=facts.kernel_release,
@@ -103,9 +117,11 @@ def node_entry(
         last_report_time=now,
     )
     merged = merge_flows(baseline, snapshot.flow_counters)
-    entry = cumulative_entry(baseline, fresh, merged, top_flows, keep_events)
+    remotes = cumulative_remotes(baseline, remote_totals(snapshot.flow_counters), previous_remotes or {})
+    entry = cumulative_entry(baseline, fresh, merged, top_flows, keep_events).model_copy(
+        update={"by_remote": ranked_remotes(remotes)})
     if owners is None:
-        return NodeEntry(entry, cumulative_pods(baseline, {}, previous_pods), None)
+        return NodeEntry(entry, cumulative_pods(baseline, {}, previous_pods), remotes, None)
 
     owner_of = _memoized_owners(owners, facts.node)
     pods = cumulative_pods(baseline, pod_totals(snapshot.flow_counters, _pod_of(owner_of)), previous_pods)
@@ -114,7 +130,7 @@ def node_entry(
         "recent_events": [e.model_copy(update=_attributed_ends(e.local, e.remote, owner_of)) for e in entry.recent_events],
         "top_pods": ranked_pods(pods, facts.node, top_flows),
     })
-    return NodeEntry(attributed, pods, retransmits_by_pod_port(merged, owner_of))
+    return NodeEntry(attributed, pods, remotes, retransmits_by_pod_port(merged, owner_of))
 
 
 def retransmits_by_pod_port(flows: Sequence[CumulativeFlow],

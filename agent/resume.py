@@ -7,7 +7,8 @@
   controlling owner's uid, `stored_report`) is a baseline: a trace re-created under the same
   name starts from zero.
 - `pod_totals` / `cumulative_pods` / `ranked_pods` give each local pod's retransmits over
-  every flow in the kernel map (not only the top flows), resumed like the totals.
+  every flow in the kernel map (not only the top flows), resumed like the totals;
+  `remote_totals` / `cumulative_remotes` / `ranked_remotes` the same by remote address.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from retransmit_core.api import Flow, NodeStatus, PodCount, RecentEvent, add_counts, add_known
+from retransmit_core.api import MAX_REMOTES, Flow, NodeStatus, PodCount, RecentEvent, RemoteCount, add_counts, add_known
 from retransmit_core.ranking import busiest_first_key, pod_key
+from retransmit_core.ratio import retransmit_ratio
 
 from .flows import FlowCounters
 
@@ -64,6 +66,9 @@ class Baseline:
     top_flows: Mapping[FlowKey, Flow] = field(default_factory=dict)
     recent_events: Sequence[RecentEvent] = ()
     top_pods: Mapping[PodKey, int] = field(default_factory=dict)
+    by_remote: Mapping[str, int] = field(default_factory=dict)
+    out_segs: Optional[int] = None       # the node's Tcp OutSegs during the trace; None: unknown
+    retrans_segs: Optional[int] = None
 
     @classmethod
     def from_entry(cls, entry: Optional[NodeStatus]) -> "Baseline":
@@ -81,6 +86,9 @@ class Baseline:
             top_flows={FlowKey.of_flow(f): f for f in entry.top_flows},
             recent_events=tuple(entry.recent_events),
             top_pods={(p.namespace, p.pod): p.retransmits for p in entry.top_pods},
+            by_remote={r.ip: r.retransmits for r in entry.by_remote},
+            out_segs=entry.out_segs,
+            retrans_segs=entry.retrans_segs,
         )
 
     @property
@@ -89,7 +97,7 @@ class Baseline:
             self.retransmits == 0 and self.synack_retransmits == 0 and self.lost_events == 0
             and not self.missed_events and not self.failed_attempts
             and not self.top_flows and not self.recent_events and self.flows == 0
-            and not self.top_pods
+            and not self.top_pods and not self.by_remote
         )
 
 
@@ -169,7 +177,12 @@ class CumulativeFlow:
         old, fresh = self.old, self.fresh.to_flow() if self.fresh else None
         if fresh is None or old is None:
             return fresh or old
+        # The connection's counters (and the ratio of the two) come whole from the latest read.
+        counters = fresh if fresh.data_segs_out is not None else old
         return fresh.model_copy(update={
+            "data_segs_out": counters.data_segs_out,
+            "total_retrans": counters.total_retrans,
+            "retrans_ratio": counters.retrans_ratio,
             "retransmits": self.retransmits,
             "synack_retransmits": self.synack_retransmits,
             "first_seen": _min_time(old.first_seen, fresh.first_seen),
@@ -198,13 +211,18 @@ def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequen
                      keep: int) -> NodeStatus:
     """The entry to write: this agent's counts `fresh` plus what earlier agents reported.
 
-    Totals, byState, byCause, lostEvents, missedEvents and failedAttempts add (the last two stay
-    unknown only when neither knows); `flows` never shrinks; top flows: the first top_n (0 = all)
+    Totals, byState, byCause, lostEvents, missedEvents, failedAttempts, outSegs and retransSegs
+    add (the last four stay unknown only when neither knows); `flows` never shrinks; top flows: the first top_n (0 = all)
     of `merged_flows` (merge_flows: ranked already); recent events: this agent's first, then older ones.
     """
     events = (list(fresh.recent_events) + list(baseline.recent_events))[:keep] if keep > 0 else []
     top = merged_flows[:top_n] if top_n > 0 else merged_flows
+    out_segs = add_known(baseline.out_segs, fresh.out_segs)
+    retrans_segs = add_known(baseline.retrans_segs, fresh.retrans_segs)
     return fresh.model_copy(update={
+        "out_segs": out_segs,
+        "retrans_segs": retrans_segs,
+        "retrans_ratio": retransmit_ratio(retrans_segs, out_segs),   # model_copy runs no validator
         "retransmits": baseline.retransmits + fresh.retransmits,
         "synack_retransmits": baseline.synack_retransmits + fresh.synack_retransmits,
         "lost_events": baseline.lost_events + fresh.lost_events,
@@ -218,32 +236,55 @@ def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequen
     })
 
 
-def pod_totals(flows: Iterable[FlowCounters], pod_of: Callable[[str], Optional[PodKey]]) -> dict[PodKey, int]:
-    """Retransmits (skb + SYN-ACK) by local pod over `flows` (the kernel map's FlowCounters).
-
-    `pod_of(ip)` names the pod owning a local address, None for addresses that are no pod
-    (hostNetwork pods, the node's own addresses, unknown ones): those flows are skipped.
-    """
-    totals: dict[PodKey, int] = {}
+def totals_by(flows: Iterable[FlowCounters], key_of: Callable[[FlowCounters], Optional[Any]]) -> dict[Any, int]:
+    """Retransmits (skb + SYN-ACK) by key over `flows` (the kernel map's FlowCounters);
+    flows whose key is None are skipped."""
+    totals: dict[Any, int] = {}
     for flow in flows:
-        key = pod_of(flow.local_ip)
         count = flow.retransmits + flow.synack_retransmits
-        if key is not None and count:
+        if count and (key := key_of(flow)) is not None:
             totals[key] = totals.get(key, 0) + count
     return totals
 
 
-def cumulative_pods(baseline: Baseline, fresh: Mapping[PodKey, int], previous: Mapping[PodKey, int]) -> dict[PodKey, int]:
-    """Per-pod counts to report: max(what this agent reported before, baseline + fresh).
+def pod_totals(flows: Iterable[FlowCounters], pod_of: Callable[[str], Optional[PodKey]]) -> dict[PodKey, int]:
+    """Retransmits by local pod. `pod_of(ip)` names the pod owning a local address, None for
+    addresses that are no pod (hostNetwork pods, the node's own addresses, unknown ones):
+    those flows are skipped."""
+    return totals_by(flows, lambda flow: pod_of(flow.local_ip))
 
-    A restarted agent's kernel map starts empty, so baseline + fresh is the pod's count
-    since the trace began. The max with `previous` (this agent's last result) keeps a count
-    from going down when the kernel's LRU map evicts a flow or a pod leaves the index.
+
+def remote_totals(flows: Iterable[FlowCounters]) -> dict[str, int]:
+    """Retransmits by remote address (canonical text, as the kernel's flows carry it)."""
+    return totals_by(flows, lambda flow: flow.remote_ip)
+
+
+def cumulative_counts(base: Mapping[Any, int], fresh: Mapping[Any, int], previous: Mapping[Any, int]) -> dict[Any, int]:
+    """Per-key counts to report: max(what this agent reported before, base + fresh).
+
+    A restarted agent's kernel map starts empty, so base (the report read back) + fresh is the
+    key's count since the trace began. The max with `previous` (this agent's last result)
+    keeps a count from going down when the kernel's LRU map evicts a flow or a pod leaves the
+    index.
     """
     counts = dict(previous)
-    for key in set(baseline.top_pods) | set(fresh):
-        counts[key] = max(counts.get(key, 0), baseline.top_pods.get(key, 0) + fresh.get(key, 0))
+    for key in set(base) | set(fresh):
+        counts[key] = max(counts.get(key, 0), base.get(key, 0) + fresh.get(key, 0))
     return counts
+
+
+def cumulative_pods(baseline: Baseline, fresh: Mapping[PodKey, int], previous: Mapping[PodKey, int]) -> dict[PodKey, int]:
+    return cumulative_counts(baseline.top_pods, fresh, previous)
+
+
+def cumulative_remotes(baseline: Baseline, fresh: Mapping[str, int], previous: Mapping[str, int]) -> dict[str, int]:
+    return cumulative_counts(baseline.by_remote, fresh, previous)
+
+
+def ranked_remotes(counts: Mapping[str, int], limit: int = MAX_REMOTES) -> list[RemoteCount]:
+    """The busiest remote addresses (ties by address), at most `limit`."""
+    ordered = sorted(((ip, n) for ip, n in counts.items() if n > 0), key=lambda item: (-item[1], item[0]))
+    return [RemoteCount(ip=ip, retransmits=n) for ip, n in ordered[:limit]]
 
 
 def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int) -> list[PodCount]:

@@ -47,6 +47,7 @@ class SyntheticNode:
     flows: list[list] = field(default_factory=list)   # [family, saddr, daddr, sport, dport, count, state]
     owners: dict[str, Owner] = field(default_factory=dict)   # local IP -> its pod, as the pod index's lookup table
     pod_counts: dict[PodKey, int] = field(default_factory=dict)   # the last entry's, as the agent carries them
+    remote_counts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         rng = random.Random(self.seed)
@@ -93,6 +94,8 @@ class SyntheticNode:
             events.append(recent_event(now - i * 10**7, f[0], KIND_RETRANSMIT, f[6], f[3], f[4], f[1], f[2], offset))
         step = node_entry(self.snapshot(), NodeFacts(self.name, self.kernel, self.agent_version),
                           top_flows=self.top_flows, keep_events=self.keep_events, now=datetime.now(timezone.utc),
-                          recent_events=events, previous_pods=self.pod_counts, owners=self.owners)
+                          recent_events=events, previous_pods=self.pod_counts,
+                          previous_remotes=self.remote_counts, owners=self.owners)
         self.pod_counts = step.pod_counts
+        self.remote_counts = step.remote_counts
         return step.entry

@@ -25,6 +25,8 @@
  *   USE_RINGBUF     BPF ring buffer (5.8+, RHEL 8.4+), else a perf buffer
  *   HAVE_SOCK_BTF   the node's BTF gave the socket fields' offsets (SOCK_* constants):
  *                   each retransmit gets a cause and the flow the socket's RTT and window
+ *   HAVE_SOCK_SEGS  ... and of tcp_sock's data_segs_out and total_retrans: the flow carries
+ *                   the segments its connection sent and retransmitted (the kernel's ratio)
  *   HAVE_PROBE_READ_KERNEL  bpf_probe_read_kernel() (5.5+), else bpf_probe_read()
  * and FLOW_CAPACITY, RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
  * `cidrs4`, `cidrs6`, `local4`, `local6`, filled by the agent.
@@ -223,9 +225,16 @@ static __always_inline void extend_run(struct run *run, u32 state, u8 cause, str
     run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
     run->last_ns = now;
     run->last_state = state;
-    /* the run's socket statistics stay those read at its start (see read_sock_stats) */
+    /* the run's socket statistics are those of its latest read (see read_sock_stats) */
     run->sock.ca_state = sock->ca_state;
     run->sock.timeouts = sock->timeouts;
+}
+
+/* Whether a run's socket statistics are due for another read at `now`. Signed: per-CPU
+ * times estimated from jiffies may step back a little when the clock is calibrated. */
+static __always_inline int sock_read_due(struct run *run, u64 now)
+{
+    return (s64)(now - run->read_ns) >= (s64)SOCK_READ_INTERVAL_NS;
 }
 
 /* Move the run in this slot into the flow map and start a new one: flow `key` on socket `sk`. */
@@ -255,6 +264,7 @@ static __always_inline void start_run(struct run *run, struct flow_key *key, con
     run->last_ns = now;
     run->last_state = state;
     run->sock = *sock;
+    run->read_ns = now;
 }
 
 static __always_inline void fill_event(struct event *e, struct flow_key *key, u8 kind, u32 state,
@@ -366,10 +376,28 @@ static __always_inline void read_sock_state(const void *sk, struct sock_info *so
 #define SOCK_STATS_SPAN (MAX2(MAX2(SOCK_SRTT_US, SOCK_SND_CWND), MAX2(SOCK_PACKETS_OUT, SOCK_RETRANS_OUT)) \
                          + 4 - SOCK_STATS_FIRST)
 
-/* At the first retransmit of a run (a burst of one flow on one CPU): RTT, window and
- * segments in flight. Read once per run, not per event, to keep the cost per event low; in
- * one bpf_probe_read when the four fields lie within 256 bytes (they do in 5.x-6.x
- * kernels): a call costs about as much as copying a few hundred bytes. */
+/* The connection's segment counters, data_segs_out and total_retrans (HAVE_SOCK_SEGS):
+ * both are counted before the tracepoint fires, so a read includes the event being handled.
+ * Two reads of 4 bytes: in 6.x kernels they lie 660 bytes apart, far from the fields below. */
+static __always_inline void read_sock_segs(const void *sk, struct sock_info *sock)
+{
+#ifdef HAVE_SOCK_SEGS
+    const char *base = sk;
+    u32 sent = 0, retransmitted = 0;
+    if (read_kernel(&sent, 4, base + SOCK_DATA_SEGS_OUT) ||
+        read_kernel(&retransmitted, 4, base + SOCK_TOTAL_RETRANS))
+        return;   /* a failed read changes nothing shown: never half of a pair */
+    sock->data_segs_out = sent;
+    sock->total_retrans = retransmitted;
+    sock->segs_valid = 1;
+#endif
+}
+
+/* At the first retransmit of a run (a burst of one flow on one CPU), and again at a
+ * retransmit of the run once SOCK_READ_INTERVAL_NS has passed since: RTT, window, segments
+ * in flight and the segment counters. Not per event, to keep the cost per event low (a
+ * time compare); in one bpf_probe_read when the four fields lie within 256 bytes (they do
+ * in 5.x-6.x kernels): a call costs about as much as copying a few hundred bytes. */
 #if SOCK_STATS_SPAN <= 256
 struct sock_span {
     u8 bytes[256];
@@ -394,6 +422,7 @@ static __always_inline void read_sock_stats(const void *sk, struct sock_info *so
     sock->snd_cwnd = span_u32(span, SOCK_SND_CWND);
     sock->packets_out = span_u32(span, SOCK_PACKETS_OUT);
     sock->retrans_out = span_u32(span, SOCK_RETRANS_OUT);
+    read_sock_segs(sk, sock);
 }
 #else
 static __always_inline void read_sock_stats(const void *sk, struct sock_info *sock)
@@ -406,6 +435,7 @@ static __always_inline void read_sock_stats(const void *sk, struct sock_info *so
         read_kernel(&sock->retrans_out, 4, base + SOCK_RETRANS_OUT))
         return;
     sock->srtt_us = srtt >> 3;   /* the kernel keeps srtt_us scaled by 8 */
+    read_sock_segs(sk, sock);
 }
 #endif
 #endif
@@ -539,6 +569,12 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
         u8 cause = cause_of(&sock, state);
         u64 now = now_ns(clk);
         extend_run(run, state, cause, &sock, now);
+#if defined(HAVE_SOCK_BTF) && !defined(WITHOUT_SOCK_STATS)
+        if (sock.valid && sock_read_due(run, now)) {
+            read_sock_stats(args->skaddr, &run->sock);
+            run->read_ns = now;
+        }
+#endif
         return count_event(args, cfg, t, &run->key, KIND_RETRANSMIT, state, cause, now);
     }
 #endif

@@ -16,11 +16,12 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pydantic.alias_generators import to_camel
 
-from .kernelvocab import DEFAULT_SAMPLES_PER_SECOND, RETRANSMIT_CAUSES, TCP_STATES
+from .kernelvocab import DEFAULT_SAMPLES_PER_SECOND, RETRANSMIT_CAUSES, SOCKET_READ_INTERVAL_MS, TCP_STATES
+from .ratio import retransmit_ratio
 
 GROUP = "retransmit.dev"
 VERSION = "v1alpha1"
@@ -314,7 +315,7 @@ class ServiceCount(ApiModel):
 class SocketSnapshot(ApiModel):
     """The retransmitting socket, read through the node's BTF (absent without BTF)."""
 
-    srtt_microseconds: int = Field(ge=0, description="Smoothed round-trip time, at the first retransmit of the flow's latest burst.")
+    srtt_microseconds: int = Field(ge=0, description=f"Smoothed round-trip time, read at the first retransmit of the flow's latest burst and again at a retransmit {SOCKET_READ_INTERVAL_MS} ms or more after the last read: at most that long before the flow's latest retransmit.")
     congestion_window: int = Field(ge=0, description="Congestion window in segments, same moment.")
     segments_in_flight: int = Field(ge=0, description="Segments sent and not yet acknowledged, same moment.")
     retransmitted_in_flight: int = Field(ge=0, description="Retransmitted segments not yet acknowledged, same moment.")
@@ -346,6 +347,15 @@ class Flow(ApiModel):
     node: Optional[str] = Field(None, description="Node that saw the flow (set in status.summary.topFlows).")
     by_cause: ByCause
     socket: Optional[SocketSnapshot] = Field(None, description="The retransmitting socket (needs BTF on the node; absent for SYN-ACK-only flows).")
+    data_segs_out: Optional[int] = Field(None, ge=0, description="Data segments the connection sent over its life, retransmissions included (tcp_sock data_segs_out, as ss -ti and TCP_INFO show it), read with socket. Absent where the node's BTF lacks it.")
+    total_retrans: Optional[int] = Field(None, ge=0, description="Segments the connection retransmitted over its life (tcp_sock total_retrans), same read. It counts segments where retransmits counts events, and from the connection's start, not the trace's.")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="totalRetrans / dataSegsOut: the share of the connection's segments that were retransmissions, about its loss rate. Set from the two counters, never on its own.")
+
+    @model_validator(mode="after")
+    def _ratio_from_counters(self) -> "Flow":
+        # One definition (retransmit_core.ratio): whatever a reader sends, the ratio follows the counters.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.total_retrans, self.data_segs_out)
+        return self
 
 
 class RecentEvent(ApiModel):
@@ -366,6 +376,16 @@ class PodCount(ApiModel):
     namespace: str = Field(description="Pod namespace.")
     node: Optional[str] = Field(None, description="Node the pod runs on.")
     retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent, over every flow its node's agent knows.")
+
+
+MAX_REMOTES = 64   # remote addresses in a report's byRemote: the busiest, for the trace's path matrix
+
+
+class RemoteCount(ApiModel):
+    """Retransmits one node sent towards one remote address."""
+
+    ip: str = Field(description="Remote address, canonical text.")
+    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) towards it, over every flow the agent knows.")
 
 
 class KernelCheck(ApiModel):
@@ -404,6 +424,9 @@ class NodeStatus(ApiModel):
     missed_events: Optional[int] = Field(None, ge=0, description="Tracepoint hits the kernel did not run this program for (another BPF program was running on that CPU: recursion protection); the true count may be higher by this much. Absent where the kernel cannot count them (before Linux 6.7).")
     failed_attempts: Optional[int] = Field(None, ge=0, description="Retransmits the kernel tried and could not send (e.g. its queue was full); in no other count. Absent where the kernel cannot tell (before Linux 6.17).")
     by_cause: ByCause
+    out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the node sent during the trace, retransmissions included (Tcp OutSegs of /proc/net/snmp in the node's own network namespace: the node's and its hostNetwork pods' connections, IPv4 and IPv6, every port, whatever the trace's filters). Absent when the agent cannot read it.")
+    retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments the node retransmitted during the trace (Tcp RetransSegs, same counters). Segments sent while no agent ran (a restart) are in neither.")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs: the share of the node's segments that were retransmissions. Set from the two counters, never on its own.")
     kernel_checks: list[KernelCheck] = Field(default_factory=list, description="The agent's kernel check at start: one line per requirement, why the node cannot trace or runs degraded.")
     flows: int = Field(0, ge=0, description="Distinct flows seen.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.",
@@ -411,10 +434,18 @@ class NodeStatus(ApiModel):
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows, at most spec.topFlows.")
     top_pods: list[PodCount] = Field(default_factory=list, description="Local-side pods on this node with their retransmits (tcp_retransmit_skb + synack) over every flow the agent knows, busiest first, at most spec.topFlows.")
     recent_events: list[RecentEvent] = Field(default_factory=list, description="Most recent samples, at most spec.events.keep.")
+    by_remote: list[RemoteCount] = Field(default_factory=list, max_length=MAX_REMOTES, description=f"Where this node's retransmits went: by remote address over every flow the agent knows, busiest first, at most {MAX_REMOTES} (the trace's path matrix names their nodes and zones).")
     last_report_time: Optional[datetime] = Field(None, description="When the agent last wrote this report (at least every few report intervals: the heartbeat).")
     kernel: Optional[str] = Field(None, description="Kernel release of the node.")
     agent_version: Optional[str] = Field(None, description="Version of the agent that wrote this entry.")
     message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
+    needs_privileged: Optional[bool] = Field(None, description="True when the agent, not privileged, found it may not load BPF (its capabilities, the kernel's, or the kernel's answer EPERM) and a privileged agent may: phase is Failed and the message says why. In the operator's auto security mode a privileged agent then takes over this node for the trace.")
+
+    @model_validator(mode="after")
+    def _ratio_from_segments(self) -> "NodeStatus":
+        # As Flow's: one definition (retransmit_core.ratio), following the counters.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.retrans_segs, self.out_segs)
+        return self
 
 
 MAX_NODE_ROWS = 500   # rows in status.nodes[]: at 5,000 nodes the trace stays far below 512 KiB
@@ -438,6 +469,30 @@ class UncoveredNodes(ApiModel):
     detail: Optional[str] = Field(None, description="What keeps them out, e.g. the taints not tolerated, and the fix.")
 
 
+MAX_PATHS = 20   # node pairs and zone pairs each in the summary, the busiest
+
+
+class PathCount(ApiModel):
+    """Retransmits sent from one place to another: a node pair or a zone pair."""
+
+    source: str = Field(description="The sending node (or its zone).")
+    destination: str = Field(description="The receiving node (or its zone); 'outside' for addresses outside the cluster, 'unknown' for a Service address or an address no pod or node has.")
+    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) from source to destination.")
+    percent: int = Field(0, ge=0, le=100, description="Share of all the trace's retransmits, rounded down.")
+
+
+MAX_PRIVILEGED_REASONS = 3  # reasons summary.privilegedNodes lists (the most common first)
+
+
+class PrivilegedNodes(ApiModel):
+    """Nodes whose agents run privileged (security mode auto), for one reason."""
+
+    reason: str = Field(description="Why the agent there could not load BPF with capabilities alone, as that node's agent said.")
+    count: int = Field(ge=0, description="How many nodes, for this reason.")
+    nodes: list[str] = Field(default_factory=list, max_length=MAX_UNCOVERED_EXAMPLES,
+                             description=f"Some of them (at most {MAX_UNCOVERED_EXAMPLES}), by name.")
+
+
 class Summary(ApiModel):
     """The cluster-wide answer, aggregated by the operator from status.nodes[]."""
 
@@ -453,11 +508,24 @@ class Summary(ApiModel):
     nodes: Optional[str] = Field(None, description="nodesReporting/nodesDesired, e.g. '2/3': the Nodes column of kubectl get.")
     nodes_linux: Optional[int] = Field(None, ge=0, description="Linux nodes in the cluster (kubernetes.io/os=linux), while the trace runs.")
     nodes_not_covered: list[UncoveredNodes] = Field(default_factory=list, max_length=3, description="Linux nodes the trace does not reach, by reason; empty when it covers every one.")
+    privileged_nodes: list[PrivilegedNodes] = Field(default_factory=list, max_length=MAX_PRIVILEGED_REASONS, description=f"Nodes whose agents run privileged because capabilities were not enough there (the operator's auto security mode), by reason, the {MAX_PRIVILEGED_REASONS} most common; empty when every agent runs with capabilities only (or the mode is explicit).")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows cluster-wide (at most spec.topFlows), each with its node; remote pods attributed from the operator's pod index.")
     top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods), busiest first, at most spec.topFlows.")
     top_services: list[ServiceCount] = Field(default_factory=list, description="Services as remote ends, by the retransmits of the nodes' top flows towards them, busiest first, at most spec.topFlows.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes (atomic, as byCause).",
                                      json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
+    out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the traced nodes sent during the trace (their reports' outSegs summed, where known).")
+    retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments they retransmitted (retransSegs summed over the same nodes).")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs over the traced nodes. Set from the two sums, never on its own.")
+    by_node_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"Retransmits by sending and receiving node (from the nodes' byRemote), busiest first, at most {MAX_PATHS}.")
+    by_zone_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"The same by the nodes' topology.kubernetes.io/zone, busiest first, at most {MAX_PATHS}; empty when no node has a zone.")
+    hot_path: Optional[str] = Field(None, description="The node or zone pair that holds most of the retransmits, when one does (e.g. '82% of retransmits went from zone a to zone b'); absent when none stands out.")
+
+    @model_validator(mode="after")
+    def _ratio_from_segments(self) -> "Summary":
+        # As NodeStatus's: one definition (retransmit_core.ratio), following the sums.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.retrans_segs, self.out_segs)
+        return self
 
 
 class Condition(ApiModel):
@@ -479,6 +547,7 @@ class NodeRow(ApiModel):
     retransmits: int = Field(0, ge=0, description="The node's tcp_retransmit_skb events.")
     synack_retransmits: int = Field(0, ge=0, description="The node's tcp_retransmit_synack events.")
     lost_events: int = Field(0, ge=0, description="The node's dropped samples (counts stay exact).")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="The node report's retransRatio: retransSegs / outSegs of the node's own network namespace during the trace.")
     last_report_time: Optional[datetime] = Field(None, description="When the node's agent last wrote its report.")
     reporting: bool = Field(False, description="The node counts as reporting: Running and written within the heartbeat bound.")
     departed: bool = Field(False, description="The node left the cluster or the trace's selector; its report keeps its final counts.")

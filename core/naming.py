@@ -34,6 +34,14 @@ CLUSTER_AGENTS_ANNOTATION = "retransmit.dev/cluster-agents"
 # use it until they re-read the DaemonSet, so the staleness bound does too (core/schedule.py).
 AGENTS_LOWERED_ANNOTATION = "retransmit.dev/cluster-agents-lowered"
 DAEMONSET_PREFIX = "rtrace-"
+# The operator's auto security mode (operator/privilege.py): the nodes whose agents run
+# privileged, each with its agent's reason, on the trace's DaemonSet (JSON {reason: [node, ...]}),
+# so the choice survives an operator restart and never flips back while the trace runs.
+PRIVILEGED_NODES_ANNOTATION = "retransmit.dev/privileged-nodes"
+# Only the privileged agents' pods carry it (and their DaemonSet selects on it): the trace's
+# other labels stay as they are, so both DaemonSets' pods count as the trace's agents.
+AGENT_PRIVILEGE_LABEL = "retransmit.dev/agent-privilege"
+PRIVILEGED_SUFFIX = "-privileged"
 # The operator replicas' leader-election Lease, in the operator's namespace.
 LEADER_LEASE = f"{APP_NAME}-leader"
 MAX_NAME = 253          # an object name is a DNS subdomain
@@ -51,6 +59,12 @@ HEARTBEATS_SELECTOR = f"app.kubernetes.io/name={APP_NAME},app.kubernetes.io/comp
 def daemonset_name(trace: str) -> str:
     """The agents' DaemonSet of one trace, in the operator's namespace."""
     return f"{DAEMONSET_PREFIX}{trace}"
+
+
+def privileged_daemonset_name(trace: str) -> str:
+    """The trace's second agents' DaemonSet in the auto security mode: privileged agents, only
+    on the nodes where capabilities were not enough (a DNS subdomain: up to 74 characters)."""
+    return f"{daemonset_name(trace)}{PRIVILEGED_SUFFIX}"
 
 
 def agent_selector_labels(trace: str) -> dict[str, str]:

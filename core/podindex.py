@@ -179,6 +179,11 @@ class PodIndex:
             return Owner(node=self.node)
         return None
 
+    def node_of(self, ip: str) -> Optional[str]:
+        """The node of the pod (hostNetwork or not) that last held `ip`; None when no pod does."""
+        holders = self._by_ip.get(canonical_ip(ip) or "")
+        return next(reversed(holders.values())).node_name if holders else None
+
     def lookup_table(self) -> dict[str, Owner]:
         """Every known address and its owner at once, for attributing many flows in one pass
         (see `owner_in_table`)."""

@@ -5,7 +5,8 @@ node's own top flows (the only flows in the reports), so they are exact for the 
 list: a flow that is in no node's top list cannot be in the cluster's. Top pods are the sums
 of the nodes' topPods, which each agent counts by local pod over every flow it knows, so a
 pod's count is the retransmits it sent. Rows are bounded (MAX_NODE_ROWS): problems first,
-then the busiest nodes; every node's report keeps everything.
+then the busiest nodes; every node's report keeps everything. The sums are tally.py's,
+which the report index keeps current per watch event.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from retransmit_core.api import (
     PodCount,
     ServiceCount,
     Summary,
-    add_counts,
-    add_known,
 )
 from retransmit_core.podindex import PodLookup, with_owner
-from retransmit_core.ranking import flow_key, pod_key
+from retransmit_core.ranking import pod_key
 
+from .paths import Places, path_matrix
 from .remotenames import ClusterNames
+from .tally import Tally, TraceTally
 
 # Entries whose agent counts: Running while the trace runs, Completed after its final report.
 REPORTING_PHASES = frozenset({Phase.RUNNING.value, Phase.COMPLETED.value})
@@ -54,15 +55,15 @@ def cluster_flows(nodes: Iterable[NodeStatus], pods: Optional[PodLookup], top_n:
                   names: Optional[ClusterNames] = None) -> list[Flow]:
     """The busiest of every node's top flows (top_n 0 = all), tagged with their node and
     attributed on both sides (remote ends by `names` when given: pods, Services, nodes,
-    outside). Ranked before they are copied: at 5,000 nodes there are 50,000 candidates and
-    the summary keeps a hundred at most."""
-    def order(pair: tuple[NodeStatus, Flow]) -> tuple:
-        node, flow = pair
-        return flow_key(flow, node.node)
-    candidates = [(node, flow) for node in nodes for flow in node.top_flows]
-    chosen = heapq.nsmallest(top_n, candidates, key=order) if top_n > 0 else sorted(candidates, key=order)
+    outside)."""
+    return attributed_flows(TraceTally.of(nodes).top_flows(top_n), pods, names)
+
+
+def attributed_flows(chosen: Iterable[tuple[str, Flow]], pods: Optional[PodLookup],
+                     names: Optional[ClusterNames] = None) -> list[Flow]:
+    """Ranked (node, flow) pairs as the summary lists them: copied only once chosen."""
     return [flow.model_copy(update={
-        "node": node.node,
+        "node": node,
         "local": attributed_endpoint(flow.local, pods),
         "remote": names.remote(flow.remote) if names is not None else attributed_endpoint(flow.remote, pods),
     }) for node, flow in chosen]
@@ -87,15 +88,7 @@ def summary_services(nodes: Iterable[NodeStatus], names: Optional[ClusterNames],
 
 def summary_pods(nodes: list[NodeStatus], top_n: int) -> list[PodCount]:
     """The busiest pods cluster-wide: the nodes' topPods summed (exact, local side)."""
-    counts: Counter[tuple[str, str]] = Counter()
-    node_of: dict[tuple[str, str], Optional[str]] = {}
-    for node in sorted(nodes, key=lambda n: n.node):
-        for pod in node.top_pods:
-            key = (pod.namespace, pod.pod)
-            counts[key] += pod.retransmits
-            node_of.setdefault(key, pod.node or node.node)  # a pod name reused on another node keeps its first node
-    ranked = sorted(counts.items(), key=lambda item: pod_key(item[1], *item[0]))[:top_n]
-    return [PodCount(namespace=ns, pod=pod, node=node_of.get((ns, pod)), retransmits=n) for (ns, pod), n in ranked]
+    return TraceTally.of(nodes).top_pods(top_n)
 
 
 def reporting(node: NodeStatus, now: Optional[datetime], stale_after: Optional[timedelta]) -> bool:
@@ -119,28 +112,38 @@ def stale_nodes(nodes: Iterable[NodeStatus], now: Optional[datetime], stale_afte
 def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, pod_index: Optional[PodLookup],
                       *, now: Optional[datetime] = None, stale_after: Optional[timedelta] = None,
                       departed: frozenset[str] = frozenset(), nodes_not_listed: int = 0,
-                      names: Optional[ClusterNames] = None) -> Summary:
+                      names: Optional[ClusterNames] = None, tally: Optional[Tally] = None,
+                      places: Optional[Places] = None) -> Summary:
     """The summary the operator writes: sums, cluster-wide top flows and pods, node counts.
 
-    Totals include every report, stale, failed or departed: counts are cumulative and never
-    go back. Departed nodes do not count as reporting."""
-    flows = cluster_flows(nodes, pod_index, top_n, names)
+    `tally` is the sums of these very reports when the caller keeps them (the report index
+    does, per watch event); otherwise they are added up here. Totals include every report,
+    stale, failed or departed: counts are cumulative and never go back. Departed nodes do
+    not count as reporting. `places` names the nodes of the remote addresses for the path
+    matrix (paths.py); without it there is none."""
+    sums = tally if tally is not None else TraceTally.of(nodes).snapshot(top_n)
+    matrix = path_matrix(nodes, places, sums.retransmits + sums.synack_retransmits) if places is not None else None
     reporting_nodes = sum(1 for node in nodes if node.node not in departed and reporting(node, now, stale_after))
     return Summary(
-        retransmits=sum(n.retransmits for n in nodes),
-        synack_retransmits=sum(n.synack_retransmits for n in nodes),
-        lost_events=sum(n.lost_events for n in nodes),
-        missed_events=add_known(*(n.missed_events for n in nodes)),
-        failed_attempts=add_known(*(n.failed_attempts for n in nodes)),
-        by_cause=add_counts(*(n.by_cause for n in nodes)),
+        retransmits=sums.retransmits,
+        synack_retransmits=sums.synack_retransmits,
+        lost_events=sums.lost_events,
+        missed_events=sums.missed_events,
+        failed_attempts=sums.failed_attempts,
+        out_segs=sums.out_segs,
+        retrans_segs=sums.retrans_segs,
+        by_cause=sums.by_cause,
         nodes_desired=nodes_desired,
         nodes_reporting=reporting_nodes,
         nodes=f"{reporting_nodes}/{nodes_desired}",
-        top_flows=flows[:top_n],
-        top_pods=summary_pods(nodes, top_n),
+        top_flows=attributed_flows(sums.top_flows[:top_n], pod_index, names),
+        top_pods=sums.top_pods[:top_n],
         top_services=summary_services(nodes, names, top_n),
-        by_state=add_counts(*(n.by_state for n in nodes)),
+        by_state=sums.by_state,
         nodes_not_listed=nodes_not_listed,
+        by_node_pair=matrix.by_node_pair if matrix else [],
+        by_zone_pair=matrix.by_zone_pair if matrix else [],
+        hot_path=matrix.hot_path if matrix else None,
     )
 
 
@@ -163,7 +166,8 @@ def node_rows(nodes: Iterable[NodeStatus], now: Optional[datetime], stale_after:
             message = message[: MAX_ROW_MESSAGE - 3] + "..."
         rows.append(NodeRow(
             node=n.node, phase=n.phase, retransmits=n.retransmits, synack_retransmits=n.synack_retransmits,
-            lost_events=n.lost_events, last_report_time=n.last_report_time, reporting=counts, departed=gone,
+            lost_events=n.lost_events, retrans_ratio=n.retrans_ratio, last_report_time=n.last_report_time,
+            reporting=counts, departed=gone,
             message=message,
         ))
     return rows, max(0, len(ranked) - limit)

@@ -101,14 +101,26 @@ def _agents(obs: Observation, phase: Phase) -> tuple[str, str, str]:
         return "False", "NodesFailed", (f"{counts}; {count(len(failed), 'node')} failed: check the Degraded "
                                         "condition, which names each node's problem and its fix")
     if s.nodes_reporting >= s.nodes_desired:
-        return "True", "AllAgentsReporting", counts + _not_covered(s)
+        return "True", "AllAgentsReporting", counts + _privileged(s) + _not_covered(s)
     if obs.stale_nodes:
         bound = f" within {obs.stale_after.total_seconds():.0f}s" if obs.stale_after else ""
         where = f"kubectl -n {obs.namespace} get pods -o wide" if obs.namespace else "in the operator's namespace"
         return "False", "AgentsNotReporting", (
             f"{counts}; no report{bound} from {count(len(obs.stale_nodes), 'node')}: {', '.join(obs.stale_nodes)}; "
             f"check the agent pods on those nodes and their logs ({where})")
-    return "False", "AgentsStarting", f"{counts}; waiting for the other agents to attach and report"
+    return "False", "AgentsStarting", f"{counts}; waiting for the other agents to attach and report{_privileged(s)}"
+
+
+def _privileged(s: Summary) -> str:
+    """'; 2 nodes run privileged agents (node-a, node-b: <their agents' reason>)', or '' when
+    every agent runs with capabilities only (summary.privilegedNodes, the auto mode)."""
+    if not s.privileged_nodes:
+        return ""
+    total = sum(p.count for p in s.privileged_nodes)
+    parts = [f"{', '.join(p.nodes)}{' and more' if p.count > len(p.nodes) else ''}: {p.reason}"
+             for p in s.privileged_nodes]
+    verb = "runs a privileged agent" if total == 1 else "run privileged agents"
+    return f"; {count(total, 'node')} {verb}, capabilities were not enough there ({'; '.join(parts)})"
 
 
 def _not_covered(s: Summary) -> str:

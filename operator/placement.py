@@ -67,13 +67,15 @@ class NodeFacts:
     labels: Mapping[str, str]
     taints: tuple[Mapping[str, Any], ...]
     addresses: tuple[str, ...] = ()   # InternalIP and ExternalIP, canonical (remote-end naming)
+    pod_cidrs: tuple[str, ...] = ()   # spec.podCIDRs: its pods' addresses, even of pods gone (paths.py)
 
     @classmethod
     def from_object(cls, node: Mapping[str, Any]) -> "NodeFacts":
-        meta = node.get("metadata") or {}
+        meta, spec = node.get("metadata") or {}, node.get("spec") or {}
         return cls(name=meta.get("name", ""), labels=dict(meta.get("labels") or {}),
-                   taints=tuple((node.get("spec") or {}).get("taints") or ()),
-                   addresses=tuple(node_addresses([node])))
+                   taints=tuple(spec.get("taints") or ()),
+                   addresses=tuple(node_addresses([node])),
+                   pod_cidrs=tuple(spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])))
 
     @property
     def linux(self) -> bool:

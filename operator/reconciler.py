@@ -37,6 +37,7 @@ from retransmit_core.naming import (
     TRACE_LABEL,
     agent_selector_labels,
     daemonset_name,
+    privileged_daemonset_name,
 )
 from retransmit_core.podindex import PodIndex
 from retransmit_core.schedule import (
@@ -44,7 +45,6 @@ from retransmit_core.schedule import (
     bound_agents,
     cluster_agents,
     lowered_note,
-    nodes_scheduled,
     shared_agent_count,
     stale_after,
 )
@@ -58,18 +58,26 @@ from .conditions import (
 from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
 from .objects import newer, operator_status
+from .paths import Places
 from .placement import NodeFacts, coverage
 from .remotenames import ClusterNames, ServiceIndex
-from .render import agent_placement, render_daemonset, selector_text
+from .privilege import (
+    AUTO, agents_scheduled, privileged_event, privileged_nodes, privileged_summary, recorded_privileged_nodes,
+)
+from .render import agent_placement, render_daemonset, render_privileged_daemonset, selector_text
 from .reportindex import ReportIndex
 from .settings import Settings
 from .slots import choose_port, port_of, slots_in_use, waiting_reason
+from .vouching import IGNORED_REASON, ignored_message, unvouched
 
 log = logging.getLogger("retransmit_operator")
 
 Event = tuple[str, str, str]  # Kubernetes Event: type, reason, message
 REPORTS_SYNC_WAIT = 30.0  # seconds a pass waits for the first list of the nodes' reports
 MAX_MARKS_PER_PASS = 50   # departed marks written on reports per pass
+# Traces reconciled at once in a sync pass: their API calls overlap (each waits on the API
+# server far longer than it computes); the computing itself takes turns on the event loop.
+SYNC_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -91,12 +99,19 @@ class Reconciler:
         self.pods = PodIndex()
         self.reports = ReportIndex()
         self.agent_pods: dict[str, dict[str, AgentPod]] = {}  # trace -> agent pod uid -> where, running
+        # trace -> every node where the pod watch showed an agent pod of it (vouching.py)
+        self.agent_nodes_seen: dict[str, set[str]] = {}
+        self._suspects: dict[str, frozenset[str]] = {}       # trace uid -> nodes ignored in the last pass
+        self._said_ignored: set[tuple[str, str]] = set()     # (trace uid, node) already in an Event
         self.nodes: dict[str, NodeFacts] = {}  # every Node by name (placement.coverage)
         self.node_addresses: dict[str, str] = {}  # node address -> node (remote-end naming)
         self.services = ServiceIndex()            # Service addresses and NodePorts (remote-end naming)
+        self.places = Places(self.pods, self.nodes, self.node_addresses, self.services)   # the path matrix
         # Slots (a port, one of maxRunningTraces) are handed out one trace at a time.
         self._admission = asyncio.Lock()
         self._pass_daemonsets: dict[str, dict[str, Any]] = {}  # this sync pass's reads, by trace
+        # The auto mode's privileged DaemonSet of each trace, as this pass applied or read it.
+        self._privileged_agents: dict[str, Optional[dict[str, Any]]] = {}
         self.traces: dict[str, dict[str, Any]] = {}
         self._deleted: set[str] = set()  # uids: a late write response must not resurrect a trace
         self._locks: dict[str, asyncio.Lock] = {}
@@ -149,15 +164,18 @@ class Reconciler:
         completion = current.completion_time if current else None
         ns, ds_name = self.settings.namespace, daemonset_name(name)
         daemonset: Optional[dict[str, Any]] = None
+        privileged: Optional[dict[str, Any]] = None   # the auto mode's privileged agents, if any
         events: list[Event] = []
         waiting: Optional[str] = None
 
         if spec_error is not None:
             if await self.kube.delete_daemonset(ns, ds_name):
+                await self.kube.delete_daemonset(ns, privileged_daemonset_name(name))
                 log.info("trace %s: spec invalid, DaemonSet %s/%s deleted", name, ns, ds_name)
         elif completion is None and is_due(start, spec.duration_seconds, now):
             # The end: agents get SIGTERM and flush a final report; the summary keeps following.
             await self.kube.delete_daemonset(ns, ds_name)
+            await self.kube.delete_daemonset(ns, privileged_daemonset_name(name))
             completion = now
         elif completion is None:
             daemonset, spec_error, events, waiting = await self._ensure_daemonset(body, spec, roll=roll)
@@ -165,13 +183,23 @@ class Reconciler:
                 start = now
             if daemonset is not None:
                 self._pass_daemonsets[name] = daemonset
+            privileged = self._privileged_agents.pop(name, None)
+            if privileged is not None:
+                self._pass_daemonsets[privileged_daemonset_name(name)] = privileged
 
         # Heartbeats matter while the trace runs (who is still reporting); once it completed
         # the rows keep each report's own write time, so agents renewing their Lease until
         # SIGTERM reaches them do not keep rewriting a finished trace's status.
-        stored = self.reports.for_trace(name, uid, heartbeats=completion is None)
+        top_n = spec.top_flows if spec else DEFAULT_TOP_FLOWS
+        stored, sums = self.reports.view(name, uid, heartbeats=completion is None, top_n=top_n)
+        ignored = unvouched(stored, frozenset(self.agent_nodes_seen.get(name, ())), self.nodes,
+                            agent_placement(spec, self.settings) if spec else None)
+        if ignored:
+            stored = [r for r in stored if r.entry.node not in ignored]
+            sums = None   # the index's sums include the ignored reports: add up the others here
+            events += self._ignored_events(uid, ignored, name)
         nodes = [r.entry for r in stored]
-        desired = nodes_scheduled(daemonset)
+        desired = agents_scheduled(daemonset, privileged)
         previous_desired = current.summary.nodes_desired if current and current.summary else 0
         nodes_desired = desired if desired is not None else previous_desired
         bound = None if completion or spec is None else stale_after(
@@ -185,15 +213,18 @@ class Reconciler:
         summary = aggregate_summary(
             nodes,
             nodes_desired=nodes_desired,
-            top_n=spec.top_flows if spec else DEFAULT_TOP_FLOWS,
+            top_n=top_n,
             pod_index=self.pods,
             now=now,
             stale_after=bound,
             departed=gone,
             nodes_not_listed=not_listed,
             names=ClusterNames(self.pods, self.services, self.node_addresses),
+            tally=sums,
+            places=self.places,
         )
         summary = self._with_coverage(summary, name, spec, daemonset, desired, current)
+        summary = _with_privileged(summary, daemonset, current)
         observation = Observation(
             generation=generation, spec_error=spec_error, start_time=start, completion_time=completion,
             nodes=nodes, summary=summary, now=now,
@@ -263,11 +294,15 @@ class Reconciler:
                                daemonset: Optional[dict[str, Any]], port: Optional[int], *, roll: bool
                                ) -> tuple[Optional[dict[str, Any]], Optional[str], list[Event]]:
         ns, ds_name = self.settings.namespace, daemonset_name(name)
-        rendered = render_daemonset(name, uid, spec, self.settings, port)
+        recorded = recorded_privileged_nodes(daemonset)
+        wanted_privileged = (privileged_nodes(recorded, (r.entry for r in self.reports.for_trace(name, uid, heartbeats=False)))
+                             if self.settings.agent_security_mode == AUTO else {})
+        rendered = render_daemonset(name, uid, spec, self.settings, port, wanted_privileged)
         wanted = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         have = ((daemonset or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
         if not (roll or daemonset is None or have != wanted):
-            return daemonset, None, []
+            events = await self._apply_privileged_agents(name, uid, spec, daemonset, recorded, roll=roll)
+            return daemonset, None, events
         try:
             applied = await self.kube.apply_daemonset(rendered)
         except ApiFailure as e:
@@ -276,14 +311,53 @@ class Reconciler:
             # The API server refused what the spec rendered to: the spec is at fault.
             if daemonset is not None:
                 await self.kube.delete_daemonset(ns, ds_name)
+                await self.kube.delete_daemonset(ns, privileged_daemonset_name(name))
             return None, refused_message(name, e.message), []
         self.metrics.daemonset_applies.inc()
+        events = await self._apply_privileged_agents(name, uid, spec, applied, recorded, roll=roll)
         if have is None:
             selector = selector_text(rendered["spec"]["template"]["spec"]["nodeSelector"])
-            return applied, None, [scheduled_event(ns, ds_name, selector)]
+            return applied, None, [scheduled_event(ns, ds_name, selector), *events]
         if have != wanted:
-            return applied, None, [rolled_event(ns, ds_name)]
-        return applied, None, []
+            return applied, None, [rolled_event(ns, ds_name), *events]
+        return applied, None, events
+
+    async def _apply_privileged_agents(self, name: str, uid: str, spec: RetransmitTraceSpec,
+                                       daemonset: dict[str, Any], before: dict[str, str], *, roll: bool) -> list[Event]:
+        """The auto mode's privileged DaemonSet, on the nodes the trace's DaemonSet records
+        (privilege.py); deleted once that records none (the mode changed). Read each pass
+        only while it has nodes: its agents count in nodesDesired."""
+        ns, ds_name = self.settings.namespace, privileged_daemonset_name(name)
+        nodes = recorded_privileged_nodes(daemonset)
+        if not nodes:
+            if before:
+                await self.kube.delete_daemonset(ns, ds_name)
+                log.info("trace %s: no node needs a privileged agent now; DaemonSet %s/%s deleted", name, ns, ds_name)
+            return []
+        current = await self.kube.get_daemonset(ns, ds_name)
+        rendered = render_privileged_daemonset(name, uid, spec, self.settings, port_of(daemonset), nodes)
+        wanted = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        have = ((current or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+        if current is not None and have == wanted and not roll:
+            self._privileged_agents[name] = current
+            return []
+        self._privileged_agents[name] = await self.kube.apply_daemonset(rendered)
+        self.metrics.daemonset_applies.inc()
+        added = {node: reason for node, reason in nodes.items() if node not in before} if current is not None \
+            else nodes
+        if not added:
+            return []
+        log.info("trace %s: privileged agents on %s", name, ", ".join(sorted(added)))
+        return [privileged_event(ns, ds_name, added)]
+
+    def _ignored_events(self, uid: str, ignored: frozenset[str], trace: str) -> list[Event]:
+        """A Warning for reports left out in two passes in a row (an agent pod the pod watch
+        has not shown yet is not a squatter), once per node for this operator's lifetime."""
+        before = self._suspects.get(uid, frozenset())
+        self._suspects[uid] = ignored
+        new = sorted(node for node in ignored & before if (uid, node) not in self._said_ignored)
+        self._said_ignored.update((uid, node) for node in new)
+        return [("Warning", IGNORED_REASON, ignored_message(new, self.settings.namespace, trace))] if new else []
 
     def _with_coverage(self, summary: Summary, name: str, spec: Optional[RetransmitTraceSpec],
                        daemonset: Optional[dict[str, Any]], desired: Optional[int],
@@ -336,6 +410,7 @@ class Reconciler:
             pods.pop(meta.get("uid"), None)
         else:
             pods[meta.get("uid")] = AgentPod(node, (pod.get("status") or {}).get("phase") == "Running")
+            self.agent_nodes_seen.setdefault(trace, set()).add(node)
 
     def observe_node(self, node: dict[str, Any], deleted: bool) -> None:
         """The cluster's Nodes (from a watch), for the coverage in each trace's summary."""
@@ -352,22 +427,29 @@ class Reconciler:
         return known if known is not None and newer(known, body) else body
 
     async def sync_once(self) -> None:
-        """One pass over every known trace; one trace's failure does not stop the others."""
-        phases: dict[str, int] = {}
+        """One pass over every known trace, SYNC_CONCURRENCY traces at a time: one trace's
+        slow API call (a large status write to a busy API server) does not hold the others'
+        summaries back. One trace's failure does not stop the others."""
         self._pass_daemonsets = {}
-        complete = True   # every trace's DaemonSet read: the count may be shared
-        for name, body in list(self.traces.items()):
-            try:
-                new = await self.reconcile(body, trigger="sync")
-                phase = str(new.phase) if new else "Unknown"
-            except ApiFailure as e:
-                log.warning("trace %s: sync failed, retried next pass: %s", name, e)
-                phase, complete = "Unknown", False
-            except Exception:   # counted as result="error" by reconcile()
-                log.exception("trace %s: sync failed, retried next pass", name)
-                phase, complete = "Unknown", False
-            phases[phase] = phases.get(phase, 0) + 1
-        if complete:
+        self.places.expire(time.monotonic())
+        gate = asyncio.Semaphore(SYNC_CONCURRENCY)
+
+        async def one(name: str, body: dict[str, Any]) -> str:
+            async with gate:
+                try:
+                    new = await self.reconcile(body, trigger="sync")
+                    return str(new.phase) if new else "Unknown"
+                except ApiFailure as e:
+                    log.warning("trace %s: sync failed, retried next pass: %s", name, e)
+                except Exception:   # counted as result="error" by reconcile()
+                    log.exception("trace %s: sync failed, retried next pass", name)
+                return ""   # failed: its DaemonSet was not read this pass
+
+        results = await asyncio.gather(*(one(name, body) for name, body in list(self.traces.items())))
+        phases: dict[str, int] = {}
+        for phase in results:
+            phases[phase or "Unknown"] = phases.get(phase or "Unknown", 0) + 1
+        if all(results):   # every trace's DaemonSet read: the count may be shared
             try:
                 await self.share_agent_count(list(self._pass_daemonsets.values()))
             except ApiFailure as e:
@@ -412,6 +494,8 @@ class Reconciler:
             self._deleted.add(uid)
             self.traces.pop(name, None)
             self._locks.pop(name, None)
+            self.agent_nodes_seen.pop(name, None)   # a new trace of this name starts unvouched
+            self._suspects.pop(uid, None)
             return
         if uid in self._deleted:
             return
@@ -424,3 +508,13 @@ class Reconciler:
         if self.last_sync is None:
             return True  # still starting: readiness says so
         return time.monotonic() - self.last_sync < 10 * self.settings.sync_interval + 60
+
+
+def _with_privileged(summary: Summary, daemonset: Optional[dict[str, Any]],
+                     current: Optional[RetransmitTraceStatus]) -> Summary:
+    """The summary with the nodes whose agents run privileged (auto mode), from the trace's
+    DaemonSet while it exists; afterwards the last known list stays with the results."""
+    if daemonset is None:
+        previous = current.summary.privileged_nodes if current and current.summary else []
+        return summary.model_copy(update={"privileged_nodes": previous})
+    return summary.model_copy(update={"privileged_nodes": privileged_summary(recorded_privileged_nodes(daemonset))})

@@ -4,7 +4,10 @@ The pod template is the operator-agent contract (retransmit_core.contract): the 
 reads its whole configuration from the args and the downward-API env rendered here.
 
 Security modes (RTRACE_AGENT_SECURITY_MODE):
-- privileged (default): works on every kernel and runtime; what OpenShift's privileged SCC
+- auto (default): the capabilities context below on every node; where a node's agent finds
+  it may not load BPF with it, a second, privileged DaemonSet takes over that node for the
+  trace (operator/privilege.py; `render_privileged_daemonset`).
+- privileged: works on every kernel and runtime; what OpenShift's privileged SCC
   and Pod Security "privileged" expect for a tracing agent.
 - capabilities: not privileged, every capability dropped except BPF (load programs, create
   maps), PERFMON (perf_event_open on a tracepoint) and SYS_RESOURCE (raise RLIMIT_MEMLOCK:
@@ -26,21 +29,25 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from retransmit_core.api import RetransmitTraceSpec
 from retransmit_core.contract import DOWNWARD_API_ENV, METRICS_PORT_SPAN, AgentInvocation, render_agent_args
 from retransmit_core.naming import (
+    AGENT_PRIVILEGE_LABEL,
     METRICS_PORT_ANNOTATION,
+    PRIVILEGED_NODES_ANNOTATION,
     SPEC_HASH_ANNOTATION,
     agent_labels,
     agent_selector_labels,
     daemonset_name,
+    privileged_daemonset_name,
     trace_owner,
 )
 from retransmit_core.schedule import TERMINATION_GRACE_SECONDS
 
 from .placement import Placement, placement
+from .privilege import AUTO, node_name_affinity, privileged_nodes_annotation
 from .settings import Settings
 from .slots import preferred_port
 
@@ -74,6 +81,8 @@ def agent_placement(spec: RetransmitTraceSpec, settings: Settings) -> Placement:
 
 
 def security_context(mode: str) -> dict[str, Any]:
+    """The agent container's securityContext: privileged, or the capabilities context
+    (the explicit capabilities mode, and the auto mode's first try on every node)."""
     if mode == "privileged":
         return {"privileged": True, "runAsUser": 0, "readOnlyRootFilesystem": True}
     return {
@@ -88,7 +97,9 @@ def security_context(mode: str) -> dict[str, Any]:
 
 
 def render_pod_template(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec, settings: Settings,
-                        port: int) -> dict[str, Any]:
+                        port: int, mode: Optional[str] = None) -> dict[str, Any]:
+    """The agents' pod template; `mode` overrides the settings' security mode (the auto
+    mode's privileged DaemonSet)."""
     args = render_agent_args(AgentInvocation(trace=trace_name, trace_uid=trace_uid, spec=spec, metrics_port=port))
     where = agent_placement(spec, settings)
     env = [{"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
@@ -121,7 +132,7 @@ def render_pod_template(trace_name: str, trace_uid: str, spec: RetransmitTraceSp
         "env": env,
         "ports": [{"name": "metrics", "containerPort": port, "protocol": "TCP"}],
         "resources": copy.deepcopy(settings.agent_resources),
-        "securityContext": security_context(settings.agent_security_mode),
+        "securityContext": security_context(mode or settings.agent_security_mode),
         "volumeMounts": mounts,
         # Compiling the program takes seconds (more on a busy node): the startup probe gives
         # it two minutes before liveness counts.
@@ -153,25 +164,52 @@ def spec_hash(template: dict[str, Any]) -> str:
 
 
 def render_daemonset(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec, settings: Settings,
-                     port: Optional[int] = None) -> dict[str, Any]:
+                     port: Optional[int] = None, privileged_nodes: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """The DaemonSet rtrace-<trace> in the operator's namespace, owned by the trace, its agents
-    on `port` (default: the trace's preferred one; the reconciler passes the one it chose)."""
+    on `port` (default: the trace's preferred one; the reconciler passes the one it chose).
+    In the auto mode, `privileged_nodes` (node -> reason) are recorded on it and kept off it:
+    the privileged DaemonSet runs there (`render_privileged_daemonset`)."""
     port = agent_metrics_port(trace_name, settings) if port is None else port
     template = render_pod_template(trace_name, trace_uid, spec, settings, port)
+    annotations: dict[str, str] = {}
+    if settings.agent_security_mode == AUTO and privileged_nodes:
+        template["spec"]["affinity"] = node_name_affinity(privileged_nodes, "NotIn")
+        annotations[PRIVILEGED_NODES_ANNOTATION] = privileged_nodes_annotation(privileged_nodes)
+    return _daemonset(daemonset_name(trace_name), trace_name, trace_uid, settings, port, template,
+                      agent_selector_labels(trace_name), annotations)
+
+
+def render_privileged_daemonset(trace_name: str, trace_uid: str, spec: RetransmitTraceSpec, settings: Settings,
+                                port: int, nodes: Iterable[str]) -> dict[str, Any]:
+    """The auto mode's second DaemonSet of a trace: the same agents, privileged, only on
+    `nodes` (those whose capabilities agent could not load BPF), on the trace's port (the
+    capabilities agents are kept off these nodes, so the port is free there). Its pods carry
+    the trace's agent labels, so they count as the trace's agents everywhere the operator
+    looks; AGENT_PRIVILEGE_LABEL keeps its selector from matching the other DaemonSet's pods."""
+    template = render_pod_template(trace_name, trace_uid, spec, settings, port, mode="privileged")
+    template["metadata"]["labels"][AGENT_PRIVILEGE_LABEL] = "true"
+    template["spec"]["affinity"] = node_name_affinity(nodes, "In")
+    selector = {**agent_selector_labels(trace_name), AGENT_PRIVILEGE_LABEL: "true"}
+    return _daemonset(privileged_daemonset_name(trace_name), trace_name, trace_uid, settings, port, template,
+                      selector, {})
+
+
+def _daemonset(name: str, trace_name: str, trace_uid: str, settings: Settings, port: int, template: dict[str, Any],
+               selector: dict[str, str], annotations: dict[str, str]) -> dict[str, Any]:
     digest = spec_hash(template)
     template["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
         "metadata": {
-            "name": daemonset_name(trace_name),
+            "name": name,
             "namespace": settings.namespace,
             "labels": agent_labels(trace_name),
-            "annotations": {SPEC_HASH_ANNOTATION: digest, METRICS_PORT_ANNOTATION: str(port)},
+            "annotations": {SPEC_HASH_ANNOTATION: digest, METRICS_PORT_ANNOTATION: str(port), **annotations},
             "ownerReferences": [trace_owner(trace_name, trace_uid, block_owner_deletion=True)],
         },
         "spec": {
-            "selector": {"matchLabels": agent_selector_labels(trace_name)},
+            "selector": {"matchLabels": selector},
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%"}},
             "template": template,
         },

@@ -19,6 +19,8 @@ from retransmit_core.api import NodeReportStatus, NodeStatus
 from retransmit_core.naming import TRACE_LABEL, heartbeat_of, well_named
 from retransmit_core.validation import format_error
 
+from .tally import Tally, TraceTally
+
 log = logging.getLogger(__name__)
 
 
@@ -95,25 +97,60 @@ class ReportIndex:
         # heartbeat would make quiet nodes look stale.
         self.synced = threading.Event()
         self._listed: set[str] = set()
+        # Kept with every report change, so a pass over one trace reads only that trace's
+        # reports and sums (tally.py) whatever the number of traces and nodes.
+        self._by_trace: dict[str, dict[Key, StoredReport]] = {}
+        self._tallies: dict[tuple[str, str], TraceTally] = {}   # (trace, its uid)
+        self._heard_memo: dict[Key, tuple[StoredReport, Optional[datetime], StoredReport]] = {}
 
     def _observe(self, kind: str, obj: dict[str, Any], deleted: bool) -> None:
         item = None if deleted else self.KINDS[kind](obj)
+        key = _key(obj)
         with self._lock:
             self.events += 1
+            if kind == "reports":
+                self._unindex(key)
             if item is None:
-                self._tables[kind].pop(_key(obj), None)
+                self._tables[kind].pop(key, None)
             else:
-                self._tables[kind][_key(obj)] = item
+                self._tables[kind][key] = item
+                if kind == "reports":
+                    self._index(key, item)
 
     def _replace(self, kind: str, objs: Iterable[dict[str, Any]]) -> None:
         """After a (re)list: exactly these."""
         items = {_key(obj): item for obj in objs if (item := self.KINDS[kind](obj)) is not None}
         with self._lock:
             self._tables[kind] = items
+            if kind == "reports":
+                self._by_trace, self._tallies, self._heard_memo = {}, {}, {}
+                for key, report in items.items():
+                    self._index(key, report)
             self.events += 1
             self._listed.add(kind)
             if self._listed >= set(self.KINDS):
                 self.synced.set()
+
+    def _index(self, key: Key, report: StoredReport) -> None:
+        self._by_trace.setdefault(report.trace, {})[key] = report
+        for uid in report.owner_uids:
+            self._tallies.setdefault((report.trace, uid), TraceTally()).put(report.entry)
+
+    def _unindex(self, key: Key) -> None:
+        old = self._tables["reports"].get(key)
+        if old is None:
+            return
+        reports = self._by_trace.get(old.trace, {})
+        reports.pop(key, None)
+        if not reports:
+            self._by_trace.pop(old.trace, None)
+        for uid in old.owner_uids:
+            tally = self._tallies.get((old.trace, uid))
+            if tally is not None:
+                tally.drop(old.entry.node)
+                if not len(tally):
+                    del self._tallies[(old.trace, uid)]
+        self._heard_memo.pop(key, None)
 
     def observe(self, obj: dict[str, Any], deleted: bool = False) -> None:
         self._observe("reports", obj, deleted)
@@ -127,22 +164,34 @@ class ReportIndex:
     def replace_heartbeats(self, objs: Iterable[dict[str, Any]]) -> None:
         self._replace("heartbeats", objs)
 
-    def _heard(self, report: StoredReport) -> StoredReport:
-        """The report with lastReportTime moved to its Lease's renewal, when that is later."""
-        beat = self._tables["heartbeats"].get((report.namespace, report.name))
+    def _heard(self, key: Key, report: StoredReport) -> StoredReport:
+        """The report with lastReportTime moved to its Lease's renewal, when that is later
+        (a copy made once per report and renewal, not once per pass)."""
+        beat = self._tables["heartbeats"].get(key)
         renewed = beat.renewed if beat is not None and beat.owner_uids & report.owner_uids else None
+        memo = self._heard_memo.get(key)
+        if memo is not None and memo[0] is report and memo[1] == renewed:
+            return memo[2]
         heard = max((t for t in (report.entry.last_report_time, renewed) if t is not None), default=None)
-        if heard == report.entry.last_report_time:
-            return report
-        return replace(report, entry=report.entry.model_copy(update={"last_report_time": heard}))
+        result = report if heard == report.entry.last_report_time else replace(
+            report, entry=report.entry.model_copy(update={"last_report_time": heard}))
+        self._heard_memo[key] = (report, renewed, result)
+        return result
 
     def for_trace(self, trace: str, uid: str, heartbeats: bool = True) -> list[StoredReport]:
         """The reports of this very trace, by node name; with `heartbeats`, each heard at the
         later of its write and its Lease's renewal."""
+        return self.view(trace, uid, heartbeats=heartbeats)[0]
+
+    def view(self, trace: str, uid: str, heartbeats: bool = True, top_n: int = 0
+             ) -> tuple[list[StoredReport], Optional[Tally]]:
+        """for_trace's reports and, with top_n, the sums of those same reports (one moment)."""
         with self._lock:
-            found = [self._heard(r) if heartbeats else r
-                     for r in self._tables["reports"].values() if r.trace == trace and uid in r.owner_uids]
-        return sorted(found, key=lambda r: r.entry.node)
+            found = [self._heard(key, r) if heartbeats else r
+                     for key, r in self._by_trace.get(trace, {}).items() if uid in r.owner_uids]
+            tally = self._tallies.get((trace, uid))
+            sums = (tally or TraceTally()).snapshot(top_n) if top_n > 0 else None
+        return sorted(found, key=lambda r: r.entry.node), sums
 
     def __len__(self) -> int:
         with self._lock:

@@ -30,7 +30,9 @@ from retransmit_core.contract import DEFAULT_METRICS_PORT, METRICS_PORT_SPAN
 
 ENV_PREFIX = "RTRACE_"
 
-SecurityMode = Literal["privileged", "capabilities"]
+# auto: capabilities where the node's own agent can load BPF with them, privileged elsewhere
+# (operator/privilege.py); the other two apply to every node.
+SecurityMode = Literal["auto", "privileged", "capabilities"]
 PullPolicy = Literal["Always", "IfNotPresent", "Never"]
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -70,7 +72,9 @@ class Settings(BaseSettings):
     agent_image: str = Field("retransmit-agent:0.1.0", min_length=1, description="Image of the agent container (the Dockerfile's `agent` target).")
     agent_image_pull_policy: PullPolicy = Field("IfNotPresent", description="The agent container's imagePullPolicy.")
     agent_service_account: str = Field("retransmit-agent", min_length=1, description="ServiceAccount of the agent pods.")
-    agent_security_mode: SecurityMode = Field("privileged", description="How agent pods may load BPF (see render.py).")
+    agent_security_mode: SecurityMode = Field(
+        "auto", description="How agent pods may load BPF: auto (capabilities, privileged only on the nodes whose "
+                            "agent found capabilities not enough), privileged or capabilities (see render.py).")
     agent_resources: Annotated[dict[str, Any], NoDecode] = Field(
         default_factory=lambda: json.loads(json.dumps(DEFAULT_AGENT_RESOURCES)),
         description="The agent container's resources; JSON in the environment.")

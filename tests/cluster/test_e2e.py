@@ -221,7 +221,7 @@ def _agent_metrics(trace: Trace) -> dict[str, float]:
     ip = trace.core.read_namespaced_pod(trace.agent_pod(), SYSTEM_NS).status.pod_ip
     with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels.get("pod")}
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels.get("pod_name")}
 
 
 def test_counts_are_complete_after_the_api_server_was_stopped_for_30s(operator, reference, pods, traces,
@@ -374,6 +374,15 @@ def test_an_agent_writes_only_its_own_nodes_report_and_reads_only_pods(operator,
     finally:
         core.delete_namespaced_pod("agent-token-a", SYSTEM_NS, grace_period_seconds=0)
     assert trace.entry(NODE_A).retransmits == 5 and trace.report(NODE_B) is None
+    # node-a may write its own report, but this trace selects no node and no agent pod of it
+    # ran on node-a: the operator leaves the report out of the trace and says so.
+    ignored = wait_until(lambda: [e for e in core.list_namespaced_event("default").items
+                                  if e.involved_object.name == trace.name and e.reason == "ReportIgnored"],
+                         "a ReportIgnored Warning about node-a's report", timeout=60)
+    assert ignored[0].type == "Warning" and NODE_A in ignored[0].message, ignored[0].message
+    status = trace.get().get("status") or {}
+    assert (status.get("summary") or {}).get("retransmits", 0) == 0, status
+    assert NODE_A not in [row["node"] for row in status.get("nodes") or []], status
 
 
 def test_a_node_without_the_tracepoint_fails_while_the_other_counts(operator, reference, pods, traces,

@@ -9,7 +9,9 @@ is pointed at a tracefs without the tcp tracepoints, so it cannot trace.
 
 Prometheus (Debian's package) runs on 127.0.0.1 with its own storage, 1s scrape and
 evaluation intervals and static targets: each agent pod's IP (a node address: agents use
-the host network) and its trace's metrics port, and the operator. Its rule file is a
+the host network) and its trace's metrics port, and the operator, each with the target
+labels the chart's PodMonitors give (the pod's namespace, pod and container), so a metric
+label that collided with them would show as exported_*. Its rule file is a
 test-only copy of the shipped rules/retransmit-rules.yaml in which only the `for:` durations
 are shortened to FOR (expressions, windows and thresholds are the shipped ones).
 """
@@ -17,6 +19,7 @@ are shortened to FOR (expressions, windows and thresholds are the shipped ones).
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -27,8 +30,10 @@ from typing import Any
 import pytest
 import yaml
 
+from retransmit_agent.preflight import effective_capabilities, security_mode
 from retransmit_operator.main import EmbeddedOperator
 from retransmit_core.naming import agent_selector_labels
+from retransmit_core.version import package_version
 from tests.harness.controlplane import wait_until
 from tests.harness.prometheus import Prometheus, free_port, promtool
 from tests.harness.tracecluster import NODE_A, NODE_B, SYSTEM_NS, expected, operator_settings, totals
@@ -42,17 +47,27 @@ FOR = "2s"
 THRESHOLD = 1.0  # retransmits/s of RetransmitPodRetransmitting in the shipped file (checked below)
 POD_ALERT = "RetransmitPodRetransmitting"
 AGENT_ALERT = "RetransmitAgentCannotTrace"
+DOWN_ALERT = "RetransmitOperatorDown"
+STALLED_ALERT = "RetransmitOperatorNotReconciling"
+# The target labels the Prometheus Operator gives a PodMonitor's pods (besides job, instance).
+OPERATOR_POD = "retransmit-operator-0"
 # What Grafana puts in for its variables when a user picks this trace and all nodes.
 RATE_INTERVAL, RANGE = "1m", "5m"
 
 
 @pytest.fixture(scope="module")
 def operator_http(installed, node_simulator, agent_state):
-    """The operator as in test_e2e.py, with /metrics served on a free port."""
+    """The operator as in test_e2e.py, with /metrics served on a free port (the test stops it
+    to see RetransmitOperatorDown; stopping twice is harmless)."""
     settings = operator_settings(installed, agent_state, metrics_port=free_port())
     op = EmbeddedOperator(settings).start()
-    yield settings
+    yield settings, op
     op.stop()
+
+
+def target_labels(pod: str, container: str) -> dict[str, str]:
+    """What a PodMonitor's target carries besides job and instance."""
+    return {"namespace": SYSTEM_NS, "pod": pod, "container": container}
 
 
 def shipped_rules_with_short_for(tmp_path: Path) -> Path:
@@ -104,7 +119,7 @@ class AlertLog:
             if alerts is not None:
                 for a in alerts:
                     key = (a["labels"]["alertname"], tuple(sorted((k, v) for k, v in a["labels"].items()
-                                                                  if k in ("node", "namespace", "pod"))))
+                                                                  if k in ("node", "pod_namespace", "pod_name"))))
                     seen = self.states.setdefault(key, ["inactive"])
                     if seen[-1] != a["state"]:
                         seen.append(a["state"])
@@ -119,6 +134,10 @@ class AlertLog:
         self._thread.join(5)
 
 
+def operator_alerts(prom: Prometheus) -> list[dict]:
+    return [a for a in prom.alerts() if a["labels"]["alertname"] in (DOWN_ALERT, STALLED_ALERT)]
+
+
 def alerts_of(prom: Prometheus, name: str, trace: str) -> list[dict]:
     return [a for a in prom.alerts() if a["labels"]["alertname"] == name and a["labels"].get("trace") == trace]
 
@@ -130,15 +149,15 @@ def rule_group_evaluated_after(prom: Prometheus, moment: float) -> bool:
     return datetime.fromisoformat(stamp).timestamp() > moment
 
 
-def agent_targets(core: Any, trace: str) -> dict[str, str]:
-    """node -> host:port of the trace's agent there (its pod IP: a node address)."""
+def agent_targets(core: Any, trace: str) -> dict[str, tuple[str, str]]:
+    """node -> (host:port, pod name) of the trace's agent there (its pod IP: a node address)."""
     selector = ",".join(f"{k}={v}" for k, v in agent_selector_labels(trace).items())
 
     def metrics_port(pod: Any) -> int:
         return next(p.container_port for c in pod.spec.containers for p in c.ports or [] if p.name == "metrics")
 
     def ready():
-        found = {p.spec.node_name: f"{p.status.pod_ip}:{metrics_port(p)}"
+        found = {p.spec.node_name: (f"{p.status.pod_ip}:{metrics_port(p)}", p.metadata.name)
                  for p in core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items
                  if p.status.pod_ip and p.status.phase == "Running"}
         return found if set(found) == {NODE_A, NODE_B} else None
@@ -162,8 +181,10 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
     try:
         trace = traces(namespaces=[pods.namespace])
         agents = agent_targets(core, trace.name)
-        jobs = {"retransmit-agents": sorted(agents.values()),
-                "retransmit-operator": [f"127.0.0.1:{operator_http.metrics_port}"]}
+        settings, operator = operator_http
+        agent_pods = {pod for _, pod in agents.values()}
+        jobs = {"retransmit-agents": {address: target_labels(pod, "agent") for address, pod in agents.values()},
+                "retransmit-operator": {f"127.0.0.1:{settings.metrics_port}": target_labels(OPERATOR_POD, "operator")}}
         with Prometheus(tmp_path / "prometheus", jobs, rule_files=[rules]) as prom, AlertLog(prom) as log:
             wait_until(lambda: set(prom.targets_up().values()) == {"up"} and len(prom.targets_up()) == 3,
                        "Prometheus to scrape both agents and the operator", timeout=120)
@@ -183,6 +204,22 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
                                 f"{AGENT_ALERT} firing for node-b")
             assert {a["labels"]["node"] for a in alerts_of(prom, AGENT_ALERT, t)} == {NODE_B}
             assert {a["labels"]["node"] for a in broken} == {NODE_B}
+            # The operator is scraped and passes over the traces: neither operator alert.
+            assert not operator_alerts(prom)
+
+            # Each agent says what it runs: this machine's kernel, this version, and the
+            # security mode of its capabilities (host processes with ours).
+            info = {s["metric"]["node"]: s["metric"] for s in prom.query(f'rtrace_agent_info{{trace="{t}"}} == 1')}
+            assert set(info) == {NODE_A, NODE_B}
+            for node, labels in info.items():
+                assert (labels["version"], labels["kernel"], labels["mode"]) == (
+                    package_version(), os.uname().release, security_mode(effective_capabilities())), labels
+                # The target's own labels are kept beside the metric's.
+                assert labels["namespace"] == SYSTEM_NS and labels["pod"] in agent_pods, labels
+            # `up` keeps them too.
+            up = prom.query('up{job="retransmit-agents"}')
+            assert {(s["metric"]["namespace"], s["metric"]["pod"], s["metric"]["container"]) for s in up} == {
+                (SYSTEM_NS, pod, "agent") for pod in agent_pods}
 
             # Under loss, until the pods' 5-minute average passes the shipped threshold.
             before = reference.read()
@@ -196,13 +233,15 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
             try:
                 fired = wait_until(firing, f"{POD_ALERT} firing after {rounds} lossy rounds", timeout=120)
             except TimeoutError as e:
-                rates = prom.query(f'sum by (namespace, pod) (rate(rtrace_retransmits_total{{trace="{t}"}}[5m]))')
+                rates = prom.query(f'sum by (pod_namespace, pod_name) (rate(rtrace_retransmits_total{{trace="{t}"}}[5m]))')
                 counts = prom.query(f'rtrace_retransmits_total{{trace="{t}"}}')
                 raise AssertionError(f"{e}: per-pod rates {rates}, counters {counts}, "
                                      f"alerts {alerts_of(prom, POD_ALERT, t)}") from None
-            assert {a["labels"]["namespace"] for a in fired} == {pods.namespace}
-            assert {a["labels"]["pod"] for a in fired} <= {"server", "client"}
+            assert {a["labels"]["pod_namespace"] for a in fired} == {pods.namespace}
+            assert {a["labels"]["pod_name"] for a in fired} <= {"server", "client"}
             assert all(float(a["value"]) > THRESHOLD for a in fired)
+            assert all(a["annotations"]["runbook_url"].endswith("#retransmitpodretransmitting") for a in fired)
+            assert all("skbs/s" in a["annotations"]["summary"] for a in fired)
 
             # What Prometheus scraped is the agents' exact count (reference counter).
             want = expected(reference.read(), set(pods.server_ips + pods.client_ips), before)
@@ -214,8 +253,15 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
                 return float(result[0]["value"][1]) if result else -1.0
             wait_until(lambda: scraped(f'sum(rtrace_node_retransmits_total{{trace="{t}"}})') == want_r,
                        f"Prometheus to hold node-a's total of {want_r} retransmits", timeout=60)
-            wait_until(lambda: scraped(f'sum(rtrace_retransmits_total{{trace="{t}", namespace="{pods.namespace}"}})') == want_r,
+            wait_until(lambda: scraped(f'sum(rtrace_retransmits_total{{trace="{t}", pod_namespace="{pods.namespace}"}})') == want_r,
                        f"Prometheus to hold the pods' total of {want_r} retransmits", timeout=60)
+            # The retransmitting pods by pod_namespace/pod_name; namespace/pod stay the agent's,
+            # and nothing was renamed exported_* (no metric label collides with the target's).
+            per_pod = prom.query(f'rtrace_retransmits_total{{trace="{t}", pod_namespace="{pods.namespace}"}}')
+            assert {s["metric"]["pod_name"] for s in per_pod} <= {"server", "client"} and per_pod
+            assert {(s["metric"]["namespace"], s["metric"]["pod"]) for s in per_pod} == {(SYSTEM_NS, agents[NODE_A][1])}
+            exported = prom.query('{__name__=~"rtrace_.+"}')
+            assert not [s["metric"] for s in exported if any(k.startswith("exported_") for k in s["metric"])]
             # Bounded labels: the server's clients' ports are one value, not one per flow.
             ports = {s["metric"].get("remote_port") for s in prom.query(f'rtrace_retransmits_total{{trace="{t}"}}')}
             assert ports <= {"5201", "5202", "ephemeral"}, ports
@@ -239,6 +285,13 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
             causes = prom.query(f'sum by (cause) (rtrace_node_retransmits_by_cause_total{{trace="{t}"}}) > 0')
             assert {s["metric"]["cause"] for s in causes} <= {"timeout", "fast", "probe", "unknown"}
             assert causes, "no retransmit cause counted under loss"
+            # The operator stops: its target's series turn stale and RetransmitOperatorDown fires
+            # (the only operator alert: with nothing scraped, "not reconciling" has no sum).
+            operator.stop()
+            down = wait_until(lambda: [a for a in operator_alerts(prom) if a["state"] == "firing"],
+                              f"{DOWN_ALERT} firing once the operator is gone", timeout=120)
+            assert {a["labels"]["alertname"] for a in operator_alerts(prom)} == {DOWN_ALERT}
+            assert down[0]["annotations"]["runbook_url"].endswith("#retransmitoperatordown")
             print(f"\n{len(queries)} dashboard queries returned data; {rounds} lossy round(s); alert states:")
             for key, states in sorted(log.states.items()):
                 print(f"  {key[0]} {dict(key[1])}: {' -> '.join(states)}")

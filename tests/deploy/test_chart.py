@@ -17,6 +17,7 @@ VARIANTS = {
     "default": [],
     "openshift": ["--set", "openshift.enabled=true"],
     "capabilities": ["--set", "agent.securityMode=capabilities"],
+    "privileged": ["--set", "agent.securityMode=privileged"],
 }
 
 
@@ -40,7 +41,7 @@ def test_helm_lint_is_clean(variant):
 
 
 @pytest.mark.parametrize("setting, message", [
-    (["--set", "agent.securityMode=root"], "at '/agent/securityMode': value must be one of 'privileged', 'capabilities'"),
+    (["--set", "agent.securityMode=root"], "at '/agent/securityMode': value must be one of 'auto', 'privileged', 'capabilities'"),
     (["--set", "agent.image.pullPolicy=Sometimes"], "at '/agent/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'"),
     (["--set", "operator.image.pullPolicy=Sometimes"], "at '/operator/image/pullPolicy': value must be one of"),
     (["--set", "operator.resources.limits.memory=lots"], "at '/operator/resources/limits/memory': 'lots' does not match pattern"),
@@ -111,23 +112,39 @@ def scc_refusals(scc: dict, pod: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("mode", ["privileged", "capabilities"])
-def test_the_agents_scc_admits_the_pods_the_operator_renders_and_nothing_more(mode):
+def agent_pod_templates(mode: str) -> list[dict]:
+    """Every agent pod template the operator renders in `mode`: in auto, the capabilities
+    agents (here with one node left to a privileged agent) and that privileged agent."""
     from retransmit_core.api import RetransmitTraceSpec
-    from retransmit_operator.render import render_daemonset
+    from retransmit_operator.render import render_daemonset, render_privileged_daemonset
     from retransmit_operator.settings import Settings
 
+    settings = Settings(agent_security_mode=mode)
+    spec = RetransmitTraceSpec()
+    if mode != "auto":
+        return [render_daemonset("t", "uid", spec, settings)["spec"]["template"]]
+    needs = {"old-node": "this kernel has no CAP_BPF or CAP_PERFMON"}
+    return [render_daemonset("t", "uid", spec, settings, 9464, needs)["spec"]["template"],
+            render_privileged_daemonset("t", "uid", spec, settings, 9464, needs)["spec"]["template"]]
+
+
+@pytest.mark.parametrize("mode", ["auto", "privileged", "capabilities"])
+def test_the_agents_scc_admits_the_pods_the_operator_renders_and_nothing_more(mode):
     scc = objects(*VARIANTS["openshift"], "--set", f"agent.securityMode={mode}")[
         "SecurityContextConstraints/retransmit-operator-agent"]
-    pod = render_daemonset("t", "uid", RetransmitTraceSpec(), Settings(agent_security_mode=mode))["spec"]["template"]
-    assert scc_refusals(scc, pod) == []
+    pods = agent_pod_templates(mode)
+    assert len(pods) == (2 if mode == "auto" else 1)
+    for pod in pods:
+        assert scc_refusals(scc, pod) == []
     assert not scc["allowHostPID"] and not scc["allowHostIPC"]
     assert scc["seLinuxContext"] == {"type": "MustRunAs", "seLinuxOptions": {"type": "spc_t"}}
     if mode == "capabilities":
         # Nothing more: no privileged container, no capability beyond the agent's three.
         assert not scc["allowPrivilegedContainer"] and not scc["allowPrivilegeEscalation"]
-        privileged = render_daemonset("t", "uid", RetransmitTraceSpec(), Settings())["spec"]["template"]
+        (privileged,) = agent_pod_templates("privileged")
         assert "privileged" in scc_refusals(scc, privileged)
+    if mode == "auto":
+        assert [p["spec"]["containers"][0]["securityContext"]["privileged"] for p in pods] == [False, True]
 
 
 def test_operator_settings_come_from_values():

@@ -2,9 +2,12 @@
 the project's images as real containers, with the images, mounts, probes, securityContext and
 resource limits the chart and the operator render (the node simulator applies none of them).
 
-One module, in order: helm install with the chart's defaults (privileged agents), then the
-capabilities security mode with the operator at an arbitrary uid, then helm uninstall and the
-node's teardown, compared with the host as it was before. Each trace's agent counts lossy
+One module, in order: helm install with the chart's defaults (security mode auto: agents
+with BPF and PERFMON only, as this 6.18 kernel allows), then the privileged security mode
+with the operator at an arbitrary uid, then auto on a runtime that withholds CAP_PERFMON from
+unprivileged containers (the agent finds it may not load BPF, asks for privileged, and a
+privileged agent takes the node over), then helm uninstall and the node's teardown, compared
+with the host as it was before. Each trace's agent counts lossy
 IPv4, IPv6 and SYN-ACK traffic between two pods of the node with addresses of their own; its
 node report must equal the reference counter.
 
@@ -24,8 +27,10 @@ import kubernetes
 import pytest
 
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
-from retransmit_core.naming import report_name
-from retransmit_core.naming import agent_selector_labels
+from retransmit_core.naming import (
+    agent_selector_labels, daemonset_name, privileged_daemonset_name, report_name,
+)
+from retransmit_operator.privilege import recorded_privileged_nodes
 from tests.deploy.images import AGENT_IMAGE, OPERATOR_IMAGE, build, chart_values
 from tests.deploy.kube import CHART, helm, kubectl, unique
 from tests.harness import podtraffic
@@ -245,9 +250,11 @@ class Trace:
         self.objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, self.name)
 
 
-def run_trace_and_compare(cp, release: Release, real: Node, reference, core, namespace: str, port: int) -> dict:
+def run_trace_and_compare(cp, release: Release, real: Node, reference, core, namespace: str, port: int,
+                          while_running=None) -> dict:
     """A trace on the real node, lossy traffic between two pods there, the node's report equal
-    to the reference; returns the agent pod and the figures measured on it."""
+    to the reference; returns the agent pod and the figures measured on it. `while_running`
+    (trace) checks more before the trace is deleted."""
     node = real.node
     pods = PodPair(core, node, namespace)
     trace = Trace(cp, node, namespace, release.ns)
@@ -306,7 +313,9 @@ def run_trace_and_compare(cp, release: Release, real: Node, reference, core, nam
         "agent_uid": proc_status(pid)["Uid"].split()[0],
     }
 
-    # Deleting the trace removes its agent pods (the DaemonSet goes with its owner).
+    if while_running is not None:
+        while_running(trace)
+    # Deleting the trace removes its agent pods (the DaemonSets go with their owner).
     trace.delete()
     wait_until(lambda: not release.pods(**labels), f"the agent pods of {trace.name} gone", timeout=240)
     return figures
@@ -325,19 +334,30 @@ def test_default_install_runs_on_real_containers_and_counts_like_the_reference(
     assert "ro" in mounts(pid)["/"][0].split(",")                   # read-only root filesystem
     assert capabilities(proc_status(pid)["CapEff"]) == set()
 
-    figures = run_trace_and_compare(control_plane, release, real, reference, core, namespace, port=5401)
+    def capabilities_only(trace: Trace) -> None:
+        # This kernel and runtime allow BPF with capabilities: no node needs a privileged agent.
+        apps = kubernetes.client.AppsV1Api(core.api_client)
+        main = apps.api_client.sanitize_for_serialization(apps.read_namespaced_daemon_set(
+            daemonset_name(trace.name), release.ns))
+        assert recorded_privileged_nodes(main) == {}
+        assert not apps.list_namespaced_daemon_set(
+            release.ns, field_selector=f"metadata.name={privileged_daemonset_name(trace.name)}").items
+
+    figures = run_trace_and_compare(control_plane, release, real, reference, core, namespace, port=5401,
+                                    while_running=capabilities_only)
     assert figures["agent_uid"] == "0"
-    assert {"BPF", "PERFMON", "SYS_ADMIN"} <= set(figures["agent_capabilities"])
-    figures["agent_capabilities"] = f"{len(figures['agent_capabilities'])} (privileged)"
-    print(f"\nprivileged agent on the real node: {figures}")
+    # The chart's default asks for BPF, PERFMON and SYS_RESOURCE; this host cannot grant
+    # SYS_RESOURCE (the test-only runc wrapper drops it), and the agent counts with the other two.
+    assert figures["agent_capabilities"] == ["BPF", "PERFMON"]
+    print(f"\nagent of the default security mode (auto) on the real node: {figures}")
     operator = core.api_client.sanitize_for_serialization(
         core.read_namespaced_pod(operator["metadata"]["name"], release.ns))
     assert ready(operator) and container_status(operator, "operator")["restartCount"] == 0
 
 
-def test_capabilities_mode_with_the_operator_at_an_arbitrary_uid(control_plane, real, release, reference, core,
-                                                                   namespace):
-    release.upgrade("--set", "agent.securityMode=capabilities")
+def test_privileged_mode_with_the_operator_at_an_arbitrary_uid(control_plane, real, release, reference, core,
+                                                                 namespace):
+    release.upgrade("--set", "agent.securityMode=privileged")
     # OpenShift's restricted-v2 runs the operator as an arbitrary uid with gid 0 and no
     # passwd entry: the same Deployment must come up Ready.
     kubectl(control_plane, "patch", "deployment", "-n", release.ns, release.name, "--type", "merge", "-p",
@@ -351,10 +371,36 @@ def test_capabilities_mode_with_the_operator_at_an_arbitrary_uid(control_plane, 
     assert proc_status(pid)["Gid"].split()[0] == "0"
 
     figures = run_trace_and_compare(control_plane, release, real, reference, core, namespace, port=5501)
-    # The chart asks for BPF, PERFMON and SYS_RESOURCE; this host cannot grant SYS_RESOURCE
-    # (the test-only runc wrapper drops it), and the agent counts with the other two.
-    assert figures["agent_capabilities"] == ["BPF", "PERFMON"]
-    print(f"\ncapabilities agent on the real node: {figures}")
+    assert {"BPF", "PERFMON", "SYS_ADMIN"} <= set(figures["agent_capabilities"])
+    figures["agent_capabilities"] = f"{len(figures['agent_capabilities'])} (privileged)"
+    print(f"\nprivileged agent on the real node: {figures}")
+
+
+def test_auto_mode_falls_back_to_a_privileged_agent_where_the_runtime_withholds_perfmon(
+        control_plane, real, release, reference, core, namespace):
+    release.upgrade()   # the chart's defaults again: auto
+    node = real.node.name
+
+    def privileged_there(trace: Trace) -> None:
+        apps = kubernetes.client.AppsV1Api(core.api_client)
+        read = lambda name: apps.api_client.sanitize_for_serialization(  # noqa: E731
+            apps.read_namespaced_daemon_set(name, release.ns))
+        recorded = recorded_privileged_nodes(read(daemonset_name(trace.name)))
+        assert set(recorded) == {node} and "CAP_PERFMON" in recorded[node], recorded
+        terms = read(privileged_daemonset_name(trace.name))["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert terms == [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [node]}]}]
+        status = trace.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace.name)["status"]
+        assert [(g["nodes"], g["reason"]) for g in status["summary"]["privilegedNodes"]] == [([node], recorded[node])]
+
+    # The runtime gives unprivileged containers no CAP_PERFMON: the capabilities agent really
+    # fails to get BPF, says needsPrivileged, and the privileged agent that replaces it counts.
+    with real.node.withhold_capabilities("CAP_PERFMON"):
+        figures = run_trace_and_compare(control_plane, release, real, reference, core, namespace, port=5601,
+                                        while_running=privileged_there)
+    assert {"BPF", "PERFMON", "SYS_ADMIN"} <= set(figures["agent_capabilities"])
+    figures["agent_capabilities"] = f"{len(figures['agent_capabilities'])} (privileged)"
+    print(f"\nauto mode's privileged agent on the real node: {figures}")
 
 
 def test_helm_uninstall_and_teardown_leave_the_host_as_it_was(control_plane, real, release, core):

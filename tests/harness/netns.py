@@ -83,6 +83,13 @@ class NftLoss(abc.ABC):
         else:
             self._rules(f"meta l4proto tcp {match} numgen random mod 100 < {percent} drop")
 
+    def data_loss_from(self, sources: Sequence[str], percent: int) -> None:
+        """Drop `percent`% of the data-carrying TCP segments arriving from `sources` (addresses
+        or prefixes), counted: loss on one direction of one path. Pure ACKs (IP + TCP headers
+        with options stay under 120 bytes) pass, so the other direction stays clean."""
+        self._rules(*(f"{'ip6' if ':' in src else 'ip'} saddr {src} tcp flags & syn == 0 meta length > 120 "
+                      f"numgen random mod 100 < {percent} counter drop" for src in sources))
+
     def drop_syns(self, port: int, percent: int = 100) -> None:
         """Drop SYNs to `port`: the client retransmits them in SYN_SENT."""
         chance = "" if percent >= 100 else f" numgen random mod 100 < {percent}"

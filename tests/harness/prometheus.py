@@ -5,6 +5,10 @@ targets, a rule file, its own storage under a temp dir, and its HTTP API.
         prom.query('rtrace_node_retransmits_total')    # /api/v1/query -> result list
         prom.alerts()                                  # /api/v1/alerts -> alerts list
 
+A job's targets may also be a mapping of target -> labels: the labels a service discovery
+would give it (the Prometheus Operator gives a PodMonitor's targets the pod's namespace, pod
+and container), so a test sees what a metric label that collides with them would become.
+
 Scrape and evaluation intervals are 1s (a test's own config, not a recommendation):
 conditions turn true quickly, and tests wait for them, never for a fixed time.
 """
@@ -19,13 +23,22 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
 from tests.harness.controlplane import end_process, start_process, wait_until
 
 INTERVAL = "1s"
+
+# A job's targets: addresses, or address -> the target's labels.
+Targets = Union[Sequence[str], Mapping[str, Mapping[str, str]]]
+
+
+def static_configs(targets: Targets) -> list[dict]:
+    if isinstance(targets, Mapping):
+        return [{"targets": [address], "labels": dict(labels)} for address, labels in targets.items()]
+    return [{"targets": list(targets)}]
 
 
 def binary(name: str = "prometheus") -> str:
@@ -50,14 +63,14 @@ class PrometheusError(RuntimeError):
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, jobs: dict[str, Sequence[str]], rule_files: Sequence[Path] = ()) -> None:
+    def __init__(self, workdir: Path, jobs: dict[str, Targets], rule_files: Sequence[Path] = ()) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = self.workdir / "prometheus.yml"
         self.config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": INTERVAL, "scrape_timeout": INTERVAL, "evaluation_interval": INTERVAL},
             "rule_files": [str(p) for p in rule_files],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}
+            "scrape_configs": [{"job_name": job, "static_configs": static_configs(targets)}
                                for job, targets in jobs.items()],
         }, sort_keys=False))
         self.log = self.workdir / "prometheus.log"

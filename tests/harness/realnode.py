@@ -177,6 +177,21 @@ class RealNode:
     # -- paths --
 
     @property
+    def withheld_capabilities_file(self) -> Path:
+        """While it exists, containers started without CAP_SYS_ADMIN do not get the
+        capabilities it names (runc_capfilter.py): a runtime that does not grant them."""
+        return self.state / "capfilter-withhold"
+
+    @contextlib.contextmanager
+    def withhold_capabilities(self, *names: str):
+        """Within the block, new unprivileged containers lack `names` (e.g. "CAP_PERFMON")."""
+        self.withheld_capabilities_file.write_text("".join(f"{name}\n" for name in names))
+        try:
+            yield
+        finally:
+            self.withheld_capabilities_file.unlink(missing_ok=True)
+
+    @property
     def socket(self) -> Path:
         return self.state / "containerd.sock"
 
@@ -328,8 +343,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     max_conf_num = 1
 """
         (s / "containerd.toml").write_text(config)
+        # Its shims, and so runc_capfilter.py, inherit the environment: the file a test writes
+        # to withhold capabilities from unprivileged containers (withhold_capabilities).
         self._containerd = start_process(
-            self._in_namespace([CONTAINERD, "--config", str(s / "containerd.toml")]), self.log_file("containerd"))
+            self._in_namespace([CONTAINERD, "--config", str(s / "containerd.toml")]), self.log_file("containerd"),
+            env={**os.environ, "RTRACE_CAPFILTER_WITHHOLD": str(self.withheld_capabilities_file)})
 
         def answers() -> bool:
             if self._containerd.poll() is not None:

@@ -12,6 +12,12 @@ wrapper changes nothing. It is never part of what the project ships: the chart a
 operator render the DaemonSet unchanged, and the agent works with BPF + PERFMON on kernels
 that no longer charge BPF maps to RLIMIT_MEMLOCK (5.11+, this host's 6.18).
 
+A test may also play a runtime that does not grant some capabilities to unprivileged
+containers: when the file named by RTRACE_CAPFILTER_WITHHOLD (env, set on containerd by
+realnode.py, inherited by its shims and so by this wrapper) exists, the capability names in
+it (one per line, e.g. CAP_PERFMON) are dropped too from every container that does not ask
+for CAP_SYS_ADMIN (a privileged container asks for every capability, and keeps them).
+
 containerd's runc shim calls `<BinaryName> [global flags] create --bundle DIR ... ID` (and
 `run`); `exec --process FILE` carries a process spec of its own. Both are filtered.
 Usage (containerd config): runtimes.runc.options.BinaryName = this file; RTRACE_RUNC (env)
@@ -54,10 +60,28 @@ def filter_process(process: dict, allowed: set[str]) -> list[str]:
     return sorted(removed)
 
 
+def withheld() -> set[str]:
+    """Capabilities the test's runtime does not grant unprivileged containers (none unless
+    the RTRACE_CAPFILTER_WITHHOLD file exists)."""
+    path = os.environ.get("RTRACE_CAPFILTER_WITHHOLD")
+    if not path or not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {line.strip() for line in f if line.strip()}
+
+
+def allowed_for(process: dict, bounding: set[str], withheld: set[str]) -> set[str]:
+    """What a container's process may keep: the host's bounding set, less `withheld` unless
+    the container is privileged (asks for CAP_SYS_ADMIN)."""
+    asked = set((process.get("capabilities") or {}).get("bounding") or [])
+    return bounding if "CAP_SYS_ADMIN" in asked else bounding - withheld
+
+
 def rewrite(path: str, in_bundle: bool) -> None:
     with open(path) as f:
         doc = json.load(f)
-    removed = filter_process(doc["process"] if in_bundle else doc, bounding_set())
+    process = doc["process"] if in_bundle else doc
+    removed = filter_process(process, allowed_for(process, bounding_set(), withheld()))
     if removed:
         tmp = path + ".capfilter"
         with open(tmp, "w") as f:

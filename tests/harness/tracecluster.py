@@ -16,7 +16,9 @@ from typing import Any, Callable, Optional
 import kubernetes
 
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
-from retransmit_core.naming import DEFAULT_NAMESPACE, agent_selector_labels, daemonset_name, report_name, trace_selector
+from retransmit_core.naming import (
+    DEFAULT_NAMESPACE, agent_selector_labels, daemonset_name, privileged_daemonset_name, report_name, trace_selector,
+)
 from retransmit_operator.settings import Settings
 from retransmit_operator.slots import port_of
 from tests.harness import podtraffic
@@ -171,15 +173,16 @@ class Trace:
         except kubernetes.client.ApiException as e:
             if e.status != 404:
                 raise
-        # Garbage collection would remove the DaemonSet too, but the controller-manager's
+        # Garbage collection would remove the DaemonSets too, but the controller-manager's
         # collector resolves the owner (a custom resource) only after its periodic discovery,
         # and it backs off after an API server restart: delete it here so teardown is prompt.
         apps = kubernetes.client.AppsV1Api(self.core.api_client)
-        try:
-            apps.delete_namespaced_daemon_set(daemonset_name(self.name), SYSTEM_NS)
-        except kubernetes.client.ApiException as e:
-            if e.status != 404:
-                raise
+        for name in (daemonset_name(self.name), privileged_daemonset_name(self.name)):
+            try:
+                apps.delete_namespaced_daemon_set(name, SYSTEM_NS)
+            except kubernetes.client.ApiException as e:
+                if e.status != 404:
+                    raise
         selector = ",".join(f"{k}={v}" for k, v in agent_selector_labels(self.name).items())
         try:
             wait_until(lambda: not self.core.list_namespaced_pod(SYSTEM_NS, label_selector=selector).items,

@@ -8,7 +8,7 @@ import pytest
 
 from retransmit_agent.check import HostFacts, can_count, evaluate
 from retransmit_agent.kernelinfo import TracepointLayout, misses_counted
-from retransmit_agent.preflight import CAP_BPF, CAP_PERFMON
+from retransmit_agent.preflight import CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, security_mode
 
 pytestmark = pytest.mark.unit
 
@@ -71,3 +71,21 @@ def test_rendered_lines_carry_status_name_detail_and_fix():
                                                ("6.18.44-fc", True), ("garbage", False)])
 def test_missed_events_are_counted_for_tracepoints_from_6_7(release, counted):
     assert misses_counted(release) is counted
+
+
+CAP_SYS_RESOURCE = 24
+# CapEff of a privileged container on Linux 6.x (every capability up to CAP_CHECKPOINT_RESTORE).
+PRIVILEGED_CAPS = (1 << 41) - 1
+
+
+@pytest.mark.parametrize("caps, mode", [
+    (PRIVILEGED_CAPS, "privileged"),
+    (1 << CAP_SYS_ADMIN, "privileged"),            # SYS_ADMIN alone is enough (kernels before 5.8)
+    ((1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_RESOURCE), "capabilities"),  # the chart's mode
+    (1 << CAP_BPF, "unprivileged"),                # perf_event_open on a tracepoint needs PERFMON too
+    (0, "unprivileged"),
+])
+def test_security_mode_names_what_the_capabilities_allow(caps, mode):
+    """rtrace_agent_info{mode}: the operator's mode names, from the agent's effective capabilities."""
+    assert security_mode(caps) == mode
+    assert can_count(evaluate(replace(HEALTHY, capabilities=caps))) == (mode != "unprivileged")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 
 from retransmit_agent.kernelconfig import KernelConfig, compile_flags
@@ -71,3 +74,81 @@ def test_compile_flags_carry_the_compile_time_configuration(tmp_path):
             "-DFAMILY_IPV6=2"} <= set(flags)
     plain = compile_flags(KernelConfig(), tmp_path, KernelFeatures(layout, jiffies64=False, ringbuf=False))
     assert not {"-DUSE_RINGBUF", "-DHAVE_JIFFIES64"} & set(plain)
+
+
+# ---------------------------------------------------------------- privileges (the auto mode's probe)
+
+CAP_MASK = {name: 1 << bit for name, bit in (("SYS_ADMIN", 21), ("PERFMON", 38), ("BPF", 39))}
+
+
+@pytest.mark.parametrize("caps, last_cap, expected", [
+    ({"SYS_ADMIN"}, 40, None),
+    ({"SYS_ADMIN"}, 37, None),                    # a privileged agent on a kernel before 5.8
+    ({"BPF", "PERFMON"}, 40, None),
+    ({"BPF"}, 40, "neither CAP_SYS_ADMIN nor CAP_PERFMON (effective capabilities 0x8000000000)"),
+    (set(), 40, "neither CAP_SYS_ADMIN nor CAP_BPF and CAP_PERFMON"),
+    (set(), 37, "this kernel has no CAP_BPF or CAP_PERFMON (cap_last_cap is 37: they came with Linux 5.8)"),
+])
+def test_missing_privileges_names_what_the_kernel_or_the_process_lacks(caps, last_cap, expected):
+    from retransmit_agent.preflight import missing_privileges
+
+    why = missing_privileges(sum(CAP_MASK[c] for c in caps), last_cap)
+    if expected is None:
+        assert why is None
+    else:
+        assert expected in why
+
+
+def test_a_privilege_problem_asks_for_privileged_only_without_sys_admin():
+    from retransmit_agent.preflight import PrivilegeProblem
+
+    assert PrivilegeProblem("x", CAP_MASK["BPF"]).needs_privileged is True
+    assert PrivilegeProblem("x", CAP_MASK["SYS_ADMIN"] | CAP_MASK["BPF"]).needs_privileged is False
+
+
+def test_the_kernel_denying_bpf_asks_for_privileged_when_this_process_is_not():
+    from retransmit_agent.bccerrors import bcc_failure
+    from retransmit_agent.preflight import PrivilegeProblem, effective_capabilities
+
+    problem = bcc_failure(Exception("Failed to load BPF program b'tcp_retransmit_skb'"),
+                          ["bpf: Failed to load program: Operation not permitted"])
+    assert isinstance(problem, PrivilegeProblem)
+    # This test runs as root with CAP_SYS_ADMIN: more privilege would not help here.
+    assert effective_capabilities() & CAP_MASK["SYS_ADMIN"] and problem.needs_privileged is False
+
+
+def run_preflight_without(*capabilities: str) -> str:
+    """require_privileges() in a child process whose bounding set (so, as root, its
+    effective set) lacks `capabilities`: the probe on this very kernel, not a mask."""
+    import subprocess
+    import sys
+
+    code = ("from retransmit_agent.preflight import PrivilegeProblem, require_privileges\n"
+            "try:\n    require_privileges()\n    print('permitted')\n"
+            "except PrivilegeProblem as p:\n    print(p.needs_privileged, p)\n")
+    drop = ",".join(f"-{c.lower()}" for c in capabilities)
+    done = subprocess.run(["setpriv", f"--bounding-set={drop}", "--inh-caps=-all", sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_the_probe_on_this_kernel_without_perfmon_asks_for_privileged():
+    if not shutil.which("setpriv") or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux) to drop capabilities from a child")
+    assert run_preflight_without("sys_admin", "perfmon") == (
+        "True not permitted to load BPF programs (uid 0): this process has neither CAP_SYS_ADMIN nor CAP_PERFMON "
+        f"(effective capabilities {effective_without('sys_admin', 'perfmon'):#x}): run as root (sudo) or, in a pod, "
+        "privileged (the chart's agent.securityMode auto does that on such nodes by itself)")
+    assert run_preflight_without("perfmon") == "permitted"            # CAP_SYS_ADMIN covers it
+    assert run_preflight_without("sys_admin") == "permitted"          # CAP_BPF + CAP_PERFMON (Linux 5.8+)
+
+
+def effective_without(*capabilities: str) -> int:
+    from retransmit_agent.preflight import effective_capabilities
+    from tests.harness.runc_capfilter import CAPABILITIES
+
+    mask = effective_capabilities()
+    for name in capabilities:
+        mask &= ~(1 << CAPABILITIES.index(name.upper()))
+    return mask

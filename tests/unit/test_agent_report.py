@@ -66,3 +66,15 @@ def test_report_serialises_with_the_api_names():
     assert len(doc["recentEvents"]) == 2
     assert doc["missedEvents"] == 5
     assert NodeStatus.model_validate(doc) == entry
+
+
+def test_a_node_that_needs_privileged_says_so_in_its_failed_entry():
+    why = "not permitted to load BPF programs (uid 0): this kernel has no CAP_BPF or CAP_PERFMON (cap_last_cap is 37)"
+    entry = node_entry(None, NodeFacts("old", problem=why, needs_privileged=True), top_flows=10, keep_events=5,
+                       now=T0).entry
+    assert (entry.phase, entry.message, entry.needs_privileged) == ("Failed", why, True)
+    assert to_api(entry)["needsPrivileged"] is True
+    # Any other problem (privileges would not help), and a node that traces, do not ask.
+    other = node_entry(None, NodeFacts("n", problem="tracefs is not mounted"), top_flows=10, keep_events=5, now=T0).entry
+    assert other.needs_privileged is None and "needsPrivileged" not in to_api(other)
+    assert local_entry(snapshot([]), 10).needs_privileged is None

@@ -14,19 +14,21 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from retransmit_agent.metrics import AgentCollector, AgentState
+from retransmit_agent.metrics import AgentCollector, AgentInfo, AgentState
 from retransmit_operator.metrics import RECONCILE_RESULTS, RECONCILE_TRIGGERS, OperatorMetrics
 
 pytestmark = pytest.mark.unit
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "retransmit-operator"
-# Labels Prometheus adds itself (scrape target, histogram buckets).
-PROMETHEUS_LABELS = {"job", "instance", "le"}
+# Labels the Prometheus Operator puts on every target of a PodMonitor (service on a
+# ServiceMonitor's) and Prometheus itself (job, instance; le of histogram buckets).
+TARGET_LABELS = {"namespace", "pod", "container", "endpoint", "service", "job", "instance"}
+PROMETHEUS_LABELS = TARGET_LABELS | {"le"}
 
 
 def exported() -> dict[str, set[str]]:
     """Sample name -> label names, from the agent's and the operator's real exporters."""
-    state = AgentState(trace="t", node="n")
+    state = AgentState(trace="t", node="n", info=AgentInfo(version="0.1.0", kernel="6.18.0", mode="privileged"))
     state.publish_counts(3, 1, 0, {("ns", "web", "443"): 3}, by_state={"ESTABLISHED": 3, "SYN_RECV": 1},
                          missed=0, failed=0, by_cause={"fast": 3, "unknown": 1})
     state.selected_ips = 2
@@ -93,8 +95,26 @@ def test_dashboard_covers_what_the_issue_asks_for():
 def test_no_label_of_an_exported_series_names_a_flow_or_an_address():
     """Cardinality: a pod, a node, a remote port, a TCP state, a cause; never an address or a local port."""
     labels = set().union(*exported().values())
-    assert labels <= {"trace", "node", "namespace", "pod", "remote_port", "state", "cause",
-                      "trigger", "result", "reason", "phase", "operation", "code", "le"}
+    assert labels <= {"trace", "node", "pod_namespace", "pod_name", "remote_port", "state", "cause",
+                      "version", "kernel", "mode", "trigger", "result", "reason", "phase", "operation", "code", "le"}
+
+
+def test_no_exported_label_collides_with_a_label_of_the_scraped_target():
+    """A metric label named like a target label is renamed exported_* (or, with honor_labels,
+    overwrites the target's): per-pod panels and alerts would collapse onto the agent pod."""
+    assert set().union(*exported().values()) & TARGET_LABELS == set()
+
+
+@pytest.mark.parametrize("source", ["dashboard", "rules"])
+def test_dashboard_and_rules_name_the_retransmitting_pod_by_its_own_labels(source):
+    """Grouping rtrace_retransmits_total by namespace/pod would group by the agent pod."""
+    exprs = dashboard_expressions() if source == "dashboard" else rule_expressions()
+    per_pod = [e for e in exprs if "rtrace_retransmits_total" in e and "by (" in e and "remote_port" not in e]
+    assert per_pod
+    for expr in per_pod:
+        grouped = set().union(*(set(x.strip() for x in g.split(",")) for g in re.findall(r"\bby\s*\(([^)]*)\)", expr)))
+        assert {"pod_namespace", "pod_name"} <= grouped, expr
+        assert not grouped & {"namespace", "pod"}, expr
 
 
 def test_every_reconcile_outcome_exists_at_zero_before_the_first_pass():

@@ -10,10 +10,12 @@ from retransmit_core.contract import DOWNWARD_API_ENV, parse_agent_args
 from retransmit_operator.render import agent_metrics_port, render_daemonset
 from retransmit_operator.settings import Settings
 from tests.harness.nodesim.podspec import (
-    PodContext, container_command, container_env, container_port, expand, field_path,
+    PodContext, container_command, container_env, container_port, expand, field_path, granted_capabilities,
+    with_capabilities,
 )
 
 pytestmark = pytest.mark.unit
+from tests.harness.nodesim.podspec import container_path
 
 SETTINGS = Settings(namespace="rt-system", agent_image="example/agent:1", agent_service_account="agent-sa")
 NODE_IPS = ["198.18.0.1", "fd00:0:1:0::1"]
@@ -125,6 +127,19 @@ def test_container_without_command_or_known_image_is_refused_with_the_reason():
         container_command(container, {}, {}, "/d")
 
 
+def test_a_container_of_an_image_with_its_own_build_finds_that_builds_scripts_first():
+    bins = {"localhost/rtrace:v0.1.0": "/tmp/v0.1.0/bin"}
+    old, new = ({"name": "operator", "image": image, "command": ["retransmit-operator"]}
+                for image in ("localhost/rtrace:v0.1.0", "localhost/rtrace:head"))
+    assert container_path(old, "/venv/bin:/usr/bin", bins) == "/tmp/v0.1.0/bin:/venv/bin:/usr/bin"
+    assert container_path(new, "/venv/bin:/usr/bin", bins) == "/venv/bin:/usr/bin"
+    assert container_path({"name": "no-image"}, "/venv/bin", bins) == "/venv/bin"
+    # ... and it is the container's $PATH, where its command is looked up.
+    pod = plain_pod(old)
+    env = container_env(old, context(pod, path=container_path(old, "/venv/bin:/usr/bin", bins)))
+    assert env["PATH"] == "/tmp/v0.1.0/bin:/venv/bin:/usr/bin"
+
+
 # ---- env ----------------------------------------------------------------------------------
 
 def test_env_values_may_use_earlier_variables_in_order():
@@ -209,3 +224,22 @@ def test_probe_ports_by_number_or_name_and_an_unknown_name_is_refused():
 
 def test_expand_leaves_text_without_references_alone():
     assert expand("plain $HOME and $(", {"HOME": "x"}) == "plain $HOME and $("
+
+
+@pytest.mark.parametrize("mode, withheld, granted", [
+    ("capabilities", (), ["BPF", "PERFMON", "SYS_RESOURCE"]),
+    ("auto", ("PERFMON",), ["BPF", "SYS_RESOURCE"]),     # a runtime that does not grant PERFMON
+    ("privileged", ("PERFMON",), None),                  # privileged: everything, withheld or not
+])
+def test_the_simulated_runtime_grants_what_the_agents_container_adds(mode, withheld, granted):
+    (container,) = render_daemonset("web", "uid-1", RetransmitTraceSpec(), Settings(agent_security_mode=mode))[
+        "spec"]["template"]["spec"]["containers"]
+    assert granted_capabilities(container, withheld) == granted
+    assert granted_capabilities({"name": "plain"}) is None          # no securityContext: as before
+
+
+def test_granted_capabilities_become_the_processes_bounding_set():
+    assert with_capabilities(["agent", "cluster"], ["BPF", "PERFMON"]) == [
+        "setpriv", "--bounding-set=-all,+bpf,+perfmon", "--inh-caps=-all", "--", "agent", "cluster"]
+    assert with_capabilities(["agent"], None) == ["agent"]
+    assert with_capabilities(["agent"], [])[1] == "--bounding-set=-all"

@@ -91,12 +91,15 @@ def test_host_paths_are_mounted_read_only_without_creating_anything():
 
 
 def test_security_modes():
-    privileged = _container(_ds())["securityContext"]
+    privileged = _container(_ds(settings=Settings(agent_security_mode="privileged")))["securityContext"]
     assert privileged["privileged"] is True
     caps = _container(_ds(settings=Settings(agent_security_mode="capabilities")))["securityContext"]
     assert caps["privileged"] is False and caps["allowPrivilegeEscalation"] is False
     assert caps["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "SYS_RESOURCE"]}
     assert "SYS_ADMIN" not in caps["capabilities"]["add"]
+    # The default, auto, starts every node's agent with the capabilities context.
+    assert Settings().agent_security_mode == "auto"
+    assert _container(_ds(settings=Settings()))["securityContext"] == caps
 
 
 def test_probes_use_the_agents_metrics_port_paths():

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.unit
 
 def test_defaults_without_environment():
     s = Settings.from_env({})
-    assert (s.namespace, s.agent_service_account, s.agent_security_mode) == ("retransmit-system", "retransmit-agent", "privileged")
+    assert (s.namespace, s.agent_service_account, s.agent_security_mode) == ("retransmit-system", "retransmit-agent", "auto")
     assert s.agent_command == ("retransmit-agent",)
     assert s == Settings()
 
@@ -83,7 +83,7 @@ def test_bad_values_name_the_variable(env, named):
 
 @pytest.mark.parametrize("env, message", [
     ({"RTRACE_AGENT_SECURITY_MODE": "root"},
-     "RTRACE_AGENT_SECURITY_MODE='root': use one of privileged, capabilities"),
+     "RTRACE_AGENT_SECURITY_MODE='root': use one of auto, privileged, capabilities"),
     ({"RTRACE_AGENT_IMAGE_PULL_POLICY": "Sometimes"},
      "RTRACE_AGENT_IMAGE_PULL_POLICY='Sometimes': use one of Always, IfNotPresent, Never"),
     ({"RTRACE_METRICS_PORT": "http"}, "RTRACE_METRICS_PORT='http' is not an integer"),

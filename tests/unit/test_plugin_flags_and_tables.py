@@ -202,6 +202,17 @@ def test_the_result_names_the_linux_nodes_the_trace_misses():
     assert "NOT COVERED" not in render(TRACE)
 
 
+def test_the_result_names_the_nodes_whose_agents_run_privileged_and_why():
+    why = "not permitted to load BPF programs (uid 0): this kernel has no CAP_BPF or CAP_PERFMON (cap_last_cap is 37)"
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "privilegedNodes": [{"reason": why, "count": 2, "nodes": ["old-1", "old-2"]}]}}}
+    lines = render(trace).splitlines()
+    header = lines.index("PRIVILEGED AGENTS (2 nodes: capabilities were not enough)")
+    assert lines[header + 1].split() == ["NODES", "EXAMPLES", "REASON"]
+    assert lines[header + 2].split()[:3] == ["2", "old-1,", "old-2"] and lines[header + 2].endswith(why)
+    assert "PRIVILEGED AGENTS" not in render(TRACE)
+
+
 STORED = {**TRACE, "apiVersion": "retransmit.dev/v1alpha1", "kind": "RetransmitTrace",
           "metadata": {"name": "shop", "resourceVersion": "7",
                        "managedFields": [{"manager": "retransmit-operator", "operation": "Apply"}]}}
@@ -240,7 +251,8 @@ def test_jsonpath_prints_what_the_template_selects(template, want):
 
 def test_wide_adds_columns_and_n_keeps_only_that_namespaces_rows():
     flow = {**TRACE["status"]["summary"]["topFlows"][0], "family": "IPv4", "firstSeen": "2026-11-30T10:00:01Z",
-            "lastSeen": "2026-11-30T10:00:09Z", "socket": {"srttMicroseconds": 2500}}
+            "lastSeen": "2026-11-30T10:00:09Z", "socket": {"srttMicroseconds": 2500},
+            "dataSegsOut": 4000, "totalRetrans": 220, "retransRatio": 0.055}
     other = {**flow, "local": {"ip": "198.18.0.3", "port": 80, "pod": "db", "namespace": "data"}, "retransmits": 20}
     trace = {**TRACE, "status": {**TRACE["status"], "summary": {
         **TRACE["status"]["summary"], "topFlows": [flow, other],
@@ -249,9 +261,9 @@ def test_wide_adds_columns_and_n_keeps_only_that_namespaces_rows():
     assert "FIRST SEEN" not in table_text and "SRTT" not in table_text and "REPORTING" not in table_text
     lines = wide.splitlines()
     header, first = lines[lines.index("TOP FLOWS") + 1:][:2]
-    assert [c.strip() for c in header.split("  ") if c.strip()][-5:] == [
-        "CAUSES", "FAMILY", "FIRST SEEN", "LAST SEEN", "SRTT (us)"]
-    assert first.split()[-4:] == ["IPv4", "2026-11-30T10:00:01Z", "2026-11-30T10:00:09Z", "2500"]
+    assert [c.strip() for c in header.split("  ") if c.strip()][-6:] == [
+        "CAUSES", "FAMILY", "FIRST SEEN", "LAST SEEN", "SRTT (us)", "RETRANS/SENT"]
+    assert first.split()[-5:] == ["IPv4", "2026-11-30T10:00:01Z", "2026-11-30T10:00:09Z", "2500", "220/4000"]
     assert "REPORTING" in wide and "DEPARTED" in wide
     everything = format_trace(trace, Output("table"))
     only_shop = format_trace(trace, Output("table"), namespaces=["shop"])
@@ -273,3 +285,55 @@ def test_service_node_and_outside_ends_read_as_who_has_the_address():
     header = lines.index("TOP SERVICES (REMOTE)")
     assert lines[header + 2].split() == ["shop", "web", "10"]
 
+
+def test_the_answer_where_comes_first_then_the_path_tables():
+    pairs = [{"source": "node-a", "destination": "node-b", "retransmits": 82, "percent": 82},
+             {"source": "node-b", "destination": "outside", "retransmits": 3, "percent": 3}]
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "hotPath": "82% of retransmits went from node node-a to node node-b",
+        "byNodePair": pairs}}}
+    lines = render(trace).splitlines()
+    assert lines[1] == "WHERE: 82% of retransmits went from node node-a to node node-b"
+    header = lines.index("PATHS (NODE TO NODE)")
+    assert [line.split() for line in lines[header + 2:header + 4]] == [["node-a", "node-b", "82", "82"],
+                                                                       ["node-b", "outside", "3", "3"]]
+    assert "WHERE:" not in render(TRACE) and "PATHS" not in render(TRACE)   # nothing stands out: nothing said
+
+
+def test_flows_show_their_ratio_beside_the_count_and_sort_by_it_on_request():
+    low = {**TRACE["status"]["summary"]["topFlows"][0], "local": {"ip": "198.18.0.2", "port": 5201},
+           "dataSegsOut": 10000, "totalRetrans": 100, "retransRatio": 0.01}
+    high = {**low, "local": {"ip": "198.18.0.3", "port": 80}, "retransmits": 20, "retransRatio": 0.2}
+    unread = {**low, "local": {"ip": "198.18.0.4", "port": 81}, "retransmits": 50}
+    del unread["retransRatio"]
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "topFlows": [low, unread, high]}}}
+
+    def flow_rows(text):
+        rows = text.split("\n\n")[2].splitlines()
+        header = rows[1].split()
+        return rows[0], header[header.index("RETRANSMITS"):][:2], [row.split()[1:5] for row in rows[2:]]
+
+    title, columns, rows = flow_rows(format_trace(trace, Output("table")))
+    assert title == "TOP FLOWS" and columns == ["RETRANSMITS", "RATIO"]
+    assert [r[0] for r in rows] == ["198.18.0.2:5201", "198.18.0.4:81", "198.18.0.3:80"]
+    assert [r[3] for r in rows] == ["1.00%", "-", "20.00%"]
+    title, _, rows = flow_rows(format_trace(trace, Output("table"), sort="ratio"))
+    assert title == "TOP FLOWS (by retransmit ratio)"
+    assert [r[0] for r in rows] == ["198.18.0.3:80", "198.18.0.2:5201", "198.18.0.4:81"]   # unknown last
+    ns = build_parser().parse_args(["show", "shop", "--sort", "ratio"])
+    assert ns.sort == "ratio" and build_parser().parse_args(["show", "shop"]).sort == "retransmits"
+
+
+def test_the_nodes_segment_ratio_is_beside_the_totals_and_in_each_node_row():
+    trace = {**TRACE, "status": {**TRACE["status"],
+                                 "summary": {**TRACE["status"]["summary"], "outSegs": 20000, "retransSegs": 300,
+                                             "retransRatio": 0.015},
+                                 "nodes": [{"node": "node-a", "phase": "Running", "retransmits": 120, "retransRatio": 0.02}]}}
+    text = render(trace)
+    assert "nodes retransmitted/sent segments 300/20000 (1.50%)" in text
+    lines = text.splitlines()
+    header = lines.index("NODES")
+    assert lines[header + 1].split()[:5] == ["NODE", "PHASE", "RETRANSMITS", "SEGMENT", "RATIO"]
+    assert lines[header + 2].split()[:4] == ["node-a", "Running", "120", "2.00%"]
+    assert "retransmitted/sent" not in render(TRACE)   # no counters read: no ratio made up

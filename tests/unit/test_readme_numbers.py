@@ -1,4 +1,4 @@
-"""The README's figures that follow from a rule in the code are recomputed here from that
+"""The figures in the README and docs/ that follow from a rule in the code are recomputed here from that
 rule, so a change of the rule fails until the prose follows (a staleness bound once read
 "45 s" in the README while the code gave 54 s)."""
 
@@ -23,8 +23,10 @@ from retransmit_core.schedule import (
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-# The README and the pages it points to (docs/performance.md holds the bench's prose).
-README = " ".join(" ".join((ROOT / page).read_text().split()) for page in ("README.md", "docs/performance.md"))
+# The README and every page under docs/ (how-it-works.md holds the schedule's prose,
+# results.md the API's bounds, performance.md the bench's).
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README = " ".join(" ".join(page.read_text().split()) for page in PAGES)
 DEFAULT_INTERVAL = RetransmitTraceSpec().report_interval_seconds
 # The README's schedule figures are for one trace of up to this many nodes at the default
 # interval, where the cluster-wide budget stretches nothing (tests/unit/test_heartbeat.py).

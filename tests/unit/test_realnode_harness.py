@@ -39,6 +39,24 @@ def test_capability_filter_rewrites_the_bundle_and_execs_runc_with_the_same_argu
     assert calls == [("/usr/sbin/runc", ["/usr/sbin/runc", *argv])]
 
 
+def test_withheld_capabilities_are_dropped_from_unprivileged_containers_only(tmp_path, monkeypatch):
+    host = {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"}
+    unprivileged = {"capabilities": {"bounding": ["CAP_BPF", "CAP_PERFMON"], "effective": ["CAP_BPF", "CAP_PERFMON"]}}
+    privileged = {"capabilities": {"bounding": sorted(host), "effective": sorted(host)}}
+    monkeypatch.delenv("RTRACE_CAPFILTER_WITHHOLD", raising=False)
+    assert runc_capfilter.withheld() == set()
+    withhold = tmp_path / "withhold"
+    monkeypatch.setenv("RTRACE_CAPFILTER_WITHHOLD", str(withhold))
+    assert runc_capfilter.withheld() == set()               # no file: nothing withheld
+    withhold.write_text("CAP_PERFMON\n")
+    assert runc_capfilter.withheld() == {"CAP_PERFMON"}
+    assert runc_capfilter.filter_process(unprivileged, runc_capfilter.allowed_for(
+        unprivileged, host, runc_capfilter.withheld())) == ["CAP_PERFMON"]
+    assert unprivileged["capabilities"]["effective"] == ["CAP_BPF"]
+    assert runc_capfilter.filter_process(privileged, runc_capfilter.allowed_for(
+        privileged, host, runc_capfilter.withheld())) == []
+
+
 def test_sandbox_image_is_an_oci_layout_naming_the_image_with_pause_as_entrypoint(tmp_path):
     pause = tmp_path / "pause"
     pause.write_bytes(b"\x7fELF not really")

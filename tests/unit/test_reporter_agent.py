@@ -12,7 +12,7 @@ import pytest
 
 from retransmit_agent.flows import FlowCounters
 from retransmit_agent.kernel import KernelSnapshot
-from retransmit_agent.metrics import AgentState
+from retransmit_agent.metrics import AgentInfo, AgentState
 from retransmit_agent.nodeentry import NodeFacts, node_entry
 from retransmit_agent.resume import Baseline
 from retransmit_core.api import Endpoint, Flow, NodeStatus, Phase, PodCount
@@ -93,7 +93,7 @@ def test_a_node_that_cannot_trace_reports_failed_and_keeps_earlier_counts(owners
 def test_metrics_count_by_local_pod_and_remote_port(owners):
     result = step(snapshot([counters(WEB, 1, 4, remote_port=5432), counters(WEB, 2, 3, remote_port=5432),
                             counters(DB, 3, 2, family="IPv6", remote_ip="fd00::9")]), owners)
-    state = AgentState(trace="t1", node="n1")
+    state = AgentState(trace="t1", node="n1", info=AgentInfo(version="0.1.0", kernel="6.18.0", mode="privileged"))
     state.publish_entry(result.entry, result.by_pod_port)
     assert state.by_pod_port == {("shop", "web", "5432"): 7, ("shop", "db", "443"): 2}
     assert state.retransmits == 9

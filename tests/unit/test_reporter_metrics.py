@@ -1,5 +1,6 @@
 """The agent's /metrics, /readyz and /livez, served for real on a free local port."""
 
+import os
 import time
 import urllib.error
 import urllib.request
@@ -7,14 +8,18 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from retransmit_agent.metrics import AgentState, MetricsServer
+from retransmit_agent.preflight import effective_capabilities, security_mode
+from retransmit_core.version import package_version
+from retransmit_agent.metrics import AgentInfo, AgentState, MetricsServer
 
 pytestmark = pytest.mark.unit
+
+INFO = AgentInfo(version="0.1.0", kernel="6.18.0-1-amd64", mode="capabilities")
 
 
 @pytest.fixture
 def served():
-    state = AgentState(trace="t1", node="n1")
+    state = AgentState(trace="t1", node="n1", info=INFO)
     server = MetricsServer(state, 0, host="127.0.0.1").start()
     yield state, f"http://127.0.0.1:{server.port}"
     server.stop()
@@ -56,8 +61,8 @@ def test_metrics_expose_counts_by_pod_and_remote_port(served):
     code, text = get(url + "/metrics")
     assert code == 200
     got = samples(text)
-    assert got[("rtrace_retransmits_total", (("namespace", "shop"), ("pod", "web"), ("remote_port", "5201"), ("trace", "t1")))] == 10
-    assert got[("rtrace_retransmits_total", (("namespace", ""), ("pod", "n1"), ("remote_port", "22"), ("trace", "t1")))] == 2
+    assert got[("rtrace_retransmits_total", (("pod_name", "web"), ("pod_namespace", "shop"), ("remote_port", "5201"), ("trace", "t1")))] == 10
+    assert got[("rtrace_retransmits_total", (("pod_name", "n1"), ("pod_namespace", ""), ("remote_port", "22"), ("trace", "t1")))] == 2
     assert got[("rtrace_node_retransmits_total", (("node", "n1"), ("trace", "t1")))] == 12
     assert got[("rtrace_node_synack_retransmits_total", (("node", "n1"), ("trace", "t1")))] == 3
     assert got[("rtrace_lost_events_total", (("node", "n1"), ("trace", "t1")))] == 4
@@ -70,7 +75,15 @@ def test_counters_never_decrease_when_a_flow_leaves_the_kernel_map(served):
     state.publish_counts(10, 0, 0, {("shop", "web", "5201"): 10})
     state.publish_counts(10, 0, 0, {("shop", "web", "5201"): 4})  # flow evicted, a new one counted
     got = samples(get(url + "/metrics")[1])
-    assert got[("rtrace_retransmits_total", (("namespace", "shop"), ("pod", "web"), ("remote_port", "5201"), ("trace", "t1")))] == 10
+    assert got[("rtrace_retransmits_total", (("pod_name", "web"), ("pod_namespace", "shop"), ("remote_port", "5201"), ("trace", "t1")))] == 10
+
+
+def test_agent_info_is_one_series_naming_version_kernel_and_security_mode(served):
+    _, url = served
+    info = {labels: value for (name, labels), value in samples(get(url + "/metrics")[1]).items()
+            if name == "rtrace_agent_info"}
+    assert info == {(("kernel", "6.18.0-1-amd64"), ("mode", "capabilities"), ("node", "n1"), ("trace", "t1"),
+                     ("version", "0.1.0")): 1}
 
 
 def test_unknown_paths_are_404(served):
@@ -112,6 +125,11 @@ def test_an_agent_whose_kernel_cannot_trace_exports_failed_1_and_attached_0(tmp_
         server.stop()
     assert after[("rtrace_agent_failed", (("node", "n1"), ("trace", "t1")))] == 1
     assert after[("rtrace_program_attached", (("node", "n1"), ("trace", "t1")))] == 0
+    # The running agent's own facts: this process's kernel, version and capabilities.
+    info, = [dict(labels) for (name, labels) in after if name == "rtrace_agent_info"]
+    assert info["kernel"] == os.uname().release
+    assert info["version"] == package_version()
+    assert info["mode"] == security_mode(effective_capabilities())
 
 
 def test_clients_ephemeral_ports_are_one_remote_port_value_so_a_series_is_never_a_flow(served):
@@ -120,6 +138,6 @@ def test_clients_ephemeral_ports_are_one_remote_port_value_so_a_series_is_never_
     state.publish_counts(10, 0, 0, {("shop", "db", "41234"): 3, ("shop", "db", "58000"): 4, ("shop", "db", "32768"): 1,
                                     ("shop", "web", "5432"): 2, ("shop", "web", "32767"): 1})
     got = samples(get(url + "/metrics")[1])
-    per_pod = {(dict(labels)["pod"], dict(labels)["remote_port"]): value for (name, labels), value in got.items()
+    per_pod = {(dict(labels)["pod_name"], dict(labels)["remote_port"]): value for (name, labels), value in got.items()
                if name == "rtrace_retransmits_total"}
     assert per_pod == {("db", "ephemeral"): 8, ("web", "5432"): 2, ("web", "32767"): 1}

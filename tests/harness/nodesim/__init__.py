@@ -21,6 +21,8 @@ What it does for each simulated node (node-a, node-b, ...):
         metadata.namespace, metadata.uid, metadata.labels/annotations['k'], spec.nodeName,
         spec.serviceAccountName, status.podIP(s), status.hostIP(s)), configMapKeyRef,
         secretKeyRef, resourceFieldRef, envFrom; $(VAR) references expanded as kubelet does;
+      * a container that drops ALL capabilities and is not privileged runs with only those it
+        adds (setpriv bounding set), less the ones `withheld_capabilities[node]` names;
       * posts pod status: Pending, then Running with Ready/ContainersReady while every
         container's process is alive (and its readinessProbe, httpGet/tcpSocket/exec,
         passes when it has one), containerStatuses with restartCount and last exit;
@@ -32,10 +34,14 @@ What it does for each simulated node (node-a, node-b, ...):
 
 Not simulated: images (a container without `command` runs `image_entrypoints[image]` if
 given, else waits with reason CreateContainerConfigError), volumes other than hostPath (paths are the host's
-own), liveness/startup probes, resource limits, `kubectl logs/exec` (no kubelet API).
+own), liveness/startup probes, resource limits, securityContext beyond capabilities, `kubectl logs/exec` (no kubelet API).
 
 Use it from Python (threads in this process) or from the command line:
     python -m tests.harness.nodesim --kubeconfig admin.kubeconfig --nodes node-a,node-b
+
+Another build for an image: a container whose image has a folder in `image_bins` finds that
+folder's console scripts first on its $PATH (tests/deploy/test_upgrade.py runs the release
+v0.1.0's operator and agents for v0.1.0's images that way).
 
 The package by concern: podspec (a container's argv, env and cwd from the pod spec, pure),
 network (address plan, bridge and per-pod namespaces, the apiserver proxy), process (one

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 # (name, optional) -> the object's data; raises when it is missing and not optional.
 DataLookup = Callable[[str, bool], Mapping[str, str]]
@@ -140,6 +140,14 @@ def container_command(spec: dict, env: Mapping[str, str], image_entrypoints: Map
     return argv, spec.get("workingDir") or default_cwd
 
 
+def container_path(spec: dict, path: str, image_bins: Mapping[str, str]) -> str:
+    """$PATH of a container: the folder `image_bins` names for its image first, then `path`.
+    The simulator has no images; this is how a test makes a container of a given image run
+    another build of the project (an older release's console scripts) by the same command."""
+    folder = image_bins.get(spec.get("image", ""))
+    return f"{folder}:{path}" if folder else path
+
+
 def container_port(spec: dict, port: int | str) -> int:
     """A probe's port: a number, or the name of one of the container's ports."""
     if isinstance(port, int) or str(port).isdigit():
@@ -148,3 +156,27 @@ def container_port(spec: dict, port: int | str) -> int:
         if p.get("name") == port:
             return int(p["containerPort"])
     raise ValueError(f"container {spec['name']} has no port named {port}")
+
+
+def granted_capabilities(spec: dict, withheld: Iterable[str] = ()) -> Optional[list[str]]:
+    """The capabilities a container's process gets, as a runtime grants them: None (the
+    simulator's own, root's) for a privileged container or one that does not drop ALL;
+    otherwise exactly those it adds, less `withheld` (a runtime that does not grant some to
+    unprivileged containers). Only the "drop ALL, add a few" shape is modelled: it is the
+    one the operator renders for its capabilities agents."""
+    context = spec.get("securityContext") or {}
+    capabilities = context.get("capabilities") or {}
+    if context.get("privileged") or "ALL" not in (capabilities.get("drop") or []):
+        return None
+    skip = {name.upper() for name in withheld}
+    return [name.upper() for name in capabilities.get("add") or [] if name.upper() not in skip]
+
+
+def with_capabilities(argv: list[str], capabilities: Optional[list[str]]) -> list[str]:
+    """argv run with only `capabilities` (its bounding set, hence a root process's
+    effective set after exec); as is for None. Capabilities the host's bounding set lacks
+    stay absent, as runc_capfilter.py does on the real node."""
+    if capabilities is None:
+        return argv
+    keep = "".join(f",+{name.lower()}" for name in capabilities)
+    return ["setpriv", f"--bounding-set=-all{keep}", "--inh-caps=-all", "--", *argv]

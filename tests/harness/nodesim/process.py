@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..controlplane import end_process, kubeconfig_document, start_process, write_kubeconfig
 from .network import PodSandbox
-from .podspec import PodContext, container_command, container_env, container_port
+from .podspec import PodContext, container_command, container_env, container_port, granted_capabilities, with_capabilities
 
 if TYPE_CHECKING:
     from .node import NodeSimulator
@@ -213,7 +213,8 @@ class PodWorker(threading.Thread):
             c.waiting = {"reason": "CreateContainerConfigError", "message": str(e)}
             c.next_start = time.monotonic() + 5
             return
-        argv = in_sandbox(argv, self.sandbox)
+        granted = granted_capabilities(c.spec, self.sim.withheld_capabilities.get(self.node.name, ()))
+        argv = in_sandbox(with_capabilities(argv, granted), self.sandbox)
         with open(c.log_path, "a") as f:
             f.write(f"--- node simulator: start #{c.restarts} at {now_iso()}: {argv}\n")
         try:
@@ -270,13 +271,13 @@ class PodWorker(threading.Thread):
         return argv, env, cwd
 
     def _env(self, spec: dict) -> dict[str, str]:
-        return container_env(spec, self._context())
+        return container_env(spec, self._context(spec))
 
-    def _context(self) -> PodContext:
+    def _context(self, spec: dict) -> PodContext:
         return PodContext(
             pod=self.pod, node_name=self.node.name, pod_ips=self.pod_ips,
             host_ips=[self.node.ip_v4, self.node.ip_v6],
-            path=self.sim.path, home=os.environ.get("HOME", "/root"),
+            path=self.sim.container_path(spec), home=os.environ.get("HOME", "/root"),
             apiserver_service=self.sim.apiserver_service, kubeconfig=self.kubeconfig_path,
             config_maps=lambda name, optional: self.sim.read_config_map(self.namespace, name, optional),
             secrets=lambda name, optional: self.sim.read_secret(self.namespace, name, optional))

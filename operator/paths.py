@@ -1,0 +1,200 @@
+"""Where a trace's retransmits went: the node-pair and zone-pair matrix, and the pair that
+stands out. Pure, given a `Places` built from the operator's watches.
+
+Each node's report lists its retransmits by remote address (byRemote: the busiest addresses
+over every flow its agent knows). The sending node is the report's; the receiving node of an
+address is:
+- a pod's address (hostNetwork or not) -> the node the pod runs on, from the pod watch;
+- a node's own address -> that node; a loopback address -> the sending node itself;
+- an address inside a node's spec.podCIDRs -> that node (the pod may be gone by now);
+- a Service address -> "unknown": kube-proxy translated it to a backend this operator does
+  not see (the node's conntrack would know);
+- anything else -> "outside" the cluster.
+Zones are the nodes' topology.kubernetes.io/zone label. Retransmits beyond the reports'
+byRemote lists are in no pair, so the pairs' percentages (of all the trace's retransmits)
+may add up to less than 100.
+
+A pair stands out when it holds at least HOT_SHARE of all the trace's retransmits (and at
+least HOT_MINIMUM of them): `hot_path` names the node pair (with the zones when known), or,
+when no node pair stands out but a zone pair does, the zone pair. Otherwise it is None:
+the loss is spread out, and saying nothing is the answer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Protocol
+
+from retransmit_core.api import MAX_PATHS, NodeStatus, PathCount
+from retransmit_core.podindex import canonical_ip
+
+from .placement import NodeFacts
+from .remotenames import ServiceIndex
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+OUTSIDE, UNKNOWN = "outside", "unknown"
+LOOPBACK = "loopback"   # in Places' memory only: the sending node itself
+HOT_SHARE = 0.5
+HOT_MINIMUM = 10
+PLACES_TTL = 60.0   # seconds an address's node is remembered
+
+
+class NodeOfPod(Protocol):
+    """What Places needs of the pod index (core PodIndex.node_of)."""
+
+    def node_of(self, ip: str) -> Optional[str]: ...
+
+
+@dataclass
+class Places:
+    """Address -> receiving node, from the operator's live indexes (which the watches update
+    in place). Kept across sync passes: an address's node is worked out once per
+    PLACES_TTL seconds, not once per pass and report (5,000 reports list up to 320,000
+    addresses; parsing each on every pass took seconds), and so is each report's list of
+    (receiving node, retransmits). Pod addresses come from their node's podCIDR, so a
+    remembered node rarely goes wrong; the TTL bounds how long it may."""
+
+    pods: Optional[NodeOfPod]
+    nodes: Mapping[str, NodeFacts]
+    node_addresses: Mapping[str, str]
+    services: ServiceIndex
+    _known: dict[str, str] = field(default_factory=dict)   # address as reported -> node, outside, unknown, LOOPBACK
+    _by_report: dict[int, tuple[NodeStatus, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
+    _cidrs: Optional[dict[int, dict[Any, str]]] = None   # prefix length -> network -> node
+    _since: float = 0.0
+
+    def expire(self, now: float) -> None:
+        """Forget what was worked out PLACES_TTL seconds ago or earlier (`now`: monotonic)."""
+        if now - self._since >= PLACES_TTL:
+            self._known, self._by_report, self._cidrs, self._since = {}, {}, None, now
+
+    def node_of(self, ip: str, sender: str) -> str:
+        place = self._known.get(ip)
+        if place is None:
+            place = self._known[ip] = self._receiver(ip)
+        return sender if place is LOOPBACK else place
+
+    def sent_to(self, report: NodeStatus) -> tuple[tuple[str, int], ...]:
+        """The report's retransmits by receiving node (its byRemote, addresses named)."""
+        known = self._by_report.get(id(report))
+        if known is not None and known[0] is report:
+            return known[1]
+        by_place: Counter[str] = Counter()
+        for remote in report.by_remote:
+            by_place[self.node_of(remote.ip, report.node)] += remote.retransmits
+        pairs = tuple(by_place.items())
+        self._by_report[id(report)] = (report, pairs)   # the report is kept with it: its id stays its own
+        return pairs
+
+    def _receiver(self, ip: str) -> str:
+        key = canonical_ip(ip)
+        if key is None:
+            return UNKNOWN
+        if ipaddress.ip_address(key).is_loopback:
+            return LOOPBACK
+        node = (self.pods.node_of(key) if self.pods is not None else None) or self.node_addresses.get(key)
+        if node:
+            return node
+        if self.services.at(key) is not None:
+            return UNKNOWN
+        return self._in_pod_cidr(key) or OUTSIDE
+
+    def _in_pod_cidr(self, key: str) -> Optional[str]:
+        """The node whose spec.podCIDRs hold the address: one dict lookup per prefix length
+        in use (clusters use one or two), not one test per node."""
+        if self._cidrs is None:
+            self._cidrs = {}
+            for facts in self.nodes.values():
+                for cidr in facts.pod_cidrs:
+                    try:
+                        network = ipaddress.ip_network(cidr, strict=False)
+                    except ValueError:
+                        continue
+                    self._cidrs.setdefault(network.prefixlen, {})[network] = facts.name
+        address = ipaddress.ip_address(key)
+        for prefix, networks in self._cidrs.items():
+            if prefix <= address.max_prefixlen:
+                node = networks.get(ipaddress.ip_network(f"{key}/{prefix}", strict=False))
+                if node:
+                    return node
+        return None
+
+    def zone_of(self, place: str) -> Optional[str]:
+        facts = self.nodes.get(place)
+        if facts is None:
+            return place if place in (OUTSIDE, UNKNOWN) else None
+        return facts.labels.get(ZONE_LABEL)
+
+
+@dataclass(frozen=True)
+class PathMatrix:
+    by_node_pair: list[PathCount]
+    by_zone_pair: list[PathCount]
+    hot_path: Optional[str]
+
+
+def path_matrix(nodes: Iterable[NodeStatus], places: Places, total: int, limit: int = MAX_PATHS) -> PathMatrix:
+    """The busiest node pairs and zone pairs (at most `limit` each) and the one that stands
+    out; `total` is all the trace's retransmits (the percentages' whole)."""
+    by_node: Counter[tuple[str, str]] = Counter()
+    for node in nodes:
+        for place, n in places.sent_to(node):
+            by_node[(node.node, place)] += n
+    zones: dict[str, Optional[str]] = {}
+    for pair in by_node:
+        for place in pair:
+            if place not in zones:
+                zones[place] = places.zone_of(place)
+    by_zone: Counter[tuple[str, str]] = Counter()
+    if any(zone not in (None, OUTSIDE, UNKNOWN) for zone in zones.values()):
+        for (a, b), n in by_node.items():
+            by_zone[(zones[a] or UNKNOWN, zones[b] or UNKNOWN)] += n
+    node_pairs, zone_pairs = _ranked(by_node, total, limit), _ranked(by_zone, total, limit)
+    return PathMatrix(node_pairs, zone_pairs, hot_path(node_pairs, zone_pairs, zones, total))
+
+
+def _ranked(counts: Counter[tuple[str, str]], total: int, limit: int) -> list[PathCount]:
+    ordered = sorted(((pair, n) for pair, n in counts.items() if n > 0), key=lambda item: (-item[1], item[0]))[:limit]
+    return [PathCount(source=a, destination=b, retransmits=n, percent=min(100, n * 100 // total) if total else 0)
+            for (a, b), n in ordered]
+
+
+def _stands_out(pair: PathCount, total: int) -> bool:
+    return total > 0 and pair.retransmits >= HOT_MINIMUM and pair.retransmits >= HOT_SHARE * total
+
+
+def hot_path(node_pairs: list[PathCount], zone_pairs: list[PathCount], zones: Mapping[str, Optional[str]],
+             total: int) -> Optional[str]:
+    """One sentence naming the pair that holds most of the retransmits, or None."""
+    if node_pairs and _stands_out(node_pairs[0], total):
+        top = node_pairs[0]
+        return f"{top.percent}% of retransmits went {_node_path(top.source, top.destination, zones)}"
+    if zone_pairs and _stands_out(zone_pairs[0], total):
+        top = zone_pairs[0]
+        where = f"within zone {top.source}" if top.source == top.destination else \
+            f"from zone {top.source} to {_zone_place(top.destination)}"
+        return f"{top.percent}% of retransmits went {where}"
+    return None
+
+
+def _node_path(source: str, destination: str, zones: Mapping[str, Optional[str]]) -> str:
+    def named(node: str) -> str:
+        zone = zones.get(node)
+        return f"node {node}" + (f" (zone {zone})" if zone and zone not in (OUTSIDE, UNKNOWN) else "")
+    if destination == source:
+        return f"between pods and processes of {named(source)}"
+    if destination == OUTSIDE:
+        return f"from {named(source)} to addresses outside the cluster"
+    if destination == UNKNOWN:
+        return f"from {named(source)} to Service or unknown addresses"
+    return f"from {named(source)} to {named(destination)}"
+
+
+def _zone_place(zone: str) -> str:
+    if zone == OUTSIDE:
+        return "addresses outside the cluster"
+    if zone == UNKNOWN:
+        return "Service or unknown addresses"
+    return f"zone {zone}"
