@@ -116,8 +116,8 @@ def test_args_expand_env_references_like_kubelet():
 
 
 def test_container_without_command_runs_its_images_entrypoint_with_its_args():
-    container = {"name": "agent", "image": "localhost/retransmit-operator:dev", "args": ["check"]}
-    argv, _ = container_command(container, {}, {"localhost/retransmit-operator:dev": ["retransmit-agent"]}, "/d")
+    container = {"name": "agent", "image": "localhost/retransmit-agent:dev", "args": ["check"]}
+    argv, _ = container_command(container, {}, {"localhost/retransmit-agent:dev": ["retransmit-agent"]}, "/d")
     assert argv == ["retransmit-agent", "check"]
 
 
