@@ -15,8 +15,9 @@
 #         sources name, through a throwaway apt configuration under $CACHE/debian-5.10/apt;
 #         extracted to $CACHE/debian-5.10/<release>/ (boot/ kept), its modules moved to
 #         /lib/modules/<release> and indexed by depmod (vng loads 9p and virtio from there).
-#         There are no 5.10 headers: in that guest bcc compiles against 6.1's
-#         (tests/harness/kernelvm.py sets BCC_KERNEL_SOURCE).
+#         There are no 5.10 headers: /lib/modules/<release>/build and source link 6.1's,
+#         so bcc in that guest compiles against them (the program reads only tracepoint
+#         fields, laid out by the guest's own format files).
 # A second run does nothing but checks. tests/harness/kernelvm.py finds the kernels the same
 # way (the newest /boot/vmlinuz-6.1.*-amd64 that has headers; the newest extracted 5.10
 # whose modules are indexed).
@@ -122,5 +123,15 @@ else
   [ "$old" = "$rel" ] || { echo "kernelvm_setup: $OLD/$rel/boot/vmlinuz-$rel or its modules missing after extraction" >&2; exit 1; }
   echo ">> Debian 11 kernel: $OLD/$old (modules in /lib/modules/$old)"
 fi
+
+# No 5.10 headers exist on this host: bcc in that guest compiles against 6.1's, linked as
+# `make kernel-headers` links them for the host's own kernel (build -> the -amd64 folder,
+# source -> -common). BCC_KERNEL_SOURCE cannot stand in: bcc takes it as one unified tree,
+# and Debian splits its headers in two.
+headers_dir=/usr/src/$headers                       # linux-headers-6.1.0-N-amd64
+ln -sfn "$headers_dir" "/lib/modules/$old/build"
+ln -sfn "${headers_dir%-amd64}-common" "/lib/modules/$old/source"
+test -e "/lib/modules/$old/build/include" -a -e "/lib/modules/$old/source/include" \
+  || { echo "kernelvm_setup: $headers_dir or its -common folder is missing" >&2; exit 1; }
 
 echo ">> VM kernels: /boot/vmlinuz-$release and $OLD/$old/boot/vmlinuz-$old, vng in $VENV/bin"
