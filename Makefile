@@ -27,8 +27,9 @@ help:
 	@echo "make test       set up, then run every test"
 	@echo "make setup      only install what the project needs (idempotent)"
 	@echo "make cluster-up / cluster-down   a real control plane on 127.0.0.1 for kubectl"
-	@echo "make cluster-up REAL_NODE=1      ... plus a real kubelet + containerd node with the image"
-	@echo "make image      build the container image with podman and check it counts"
+	@echo "make cluster-up REAL_NODE=1      ... plus a real kubelet + containerd node with both images"
+	@echo "make image      build the operator and agent images with podman and check them"
+	@echo "make image-agent-arm64   the arm64 agent image, built and checked under qemu-user emulation"
 	@echo "make bench      measure overhead and scale into bench/results/"
 	@echo "make scan       checkov over Dockerfile, manifests/, chart and the rendered agent DaemonSet"
 	@echo "make manifests  render manifests/ from the Helm chart (the source of truth)"
@@ -91,9 +92,10 @@ demo: setup k8s-binaries
 demo-local: setup
 	$(PY) -m tests.harness.demo_local
 
-# Every layer in one pytest run. pytest exit 5 (nothing collected) is a failure.
+# Every layer in one pytest run. pytest exit 5 (nothing collected) is a failure. The arm64
+# image under emulation is not a layer: `make image-agent-arm64` (tens of minutes).
 test: setup kernel-vm k8s-binaries real-node-tools
-	@$(PY) -m pytest tests; rc=$$?; \
+	@$(PY) -m pytest -m 'not emulated' tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-unit: venv
@@ -133,65 +135,103 @@ real-node-tools:
 	else echo ">> containerd, runc, CNI plugins present"; fi
 
 # Prints `export KUBECONFIG=...` on its last line: eval "$(make -s cluster-up | tail -1)".
-# REAL_NODE=1 adds a real kubelet + containerd node running the image (IMAGE) beside the
-# simulated nodes: `helm install` onto it with image.pullPolicy=Never (README: a real node).
+# REAL_NODE=1 adds a real kubelet + containerd node running the images (OPERATOR_IMAGE,
+# AGENT_IMAGE) beside the simulated nodes: `helm install` onto it with pullPolicy Never
+# (README: a real node).
 cluster-up: venv tools k8s-binaries $(if $(REAL_NODE),real-node-tools image-build)
 	@RTRACE_CLUSTER_DIR=$(CLUSTER_DIR) $(PY) -m tests.harness.cluster_cli up --state $(CLUSTER_DIR) \
-	  $(if $(REAL_NODE),--real-node --image $(IMAGE))
+	  $(if $(REAL_NODE),--real-node --image $(OPERATOR_IMAGE) --image $(AGENT_IMAGE))
 
 cluster-down:
 	@$(PY) -m tests.harness.cluster_cli down --state $(CLUSTER_DIR)
 
-## ---- image (issue: ship it) -------------------------------------------------
-# `make image` builds the one image (operator + agent) with podman from a Debian base made
-# here with debootstrap (no registry is reachable), then runs the image's agent in a
-# container (privileged, then capabilities-only, as the operator renders them) against real
-# retransmits and compares with a reference counter (tests/deploy/test_image.py). The Dockerfile names the public
-# base; only this build maps it to the local import. crun fails on this machine's hybrid
-# cgroups and podman's default ulimits exceed the hard limit: hence runc and the ulimits.
-IMAGE        ?= localhost/retransmit-operator:dev
-BASE_IMAGE   := docker.io/library/debian:bookworm-slim
-BASE_TAR     := $(CACHE)/debian-bookworm-minbase.tar
-DEBIAN_MIRROR ?= http://deb.debian.org/debian
+## ---- images (issue: ship it) ------------------------------------------------
+# `make image` builds the two images with podman from the one multi-stage Dockerfile:
+#   OPERATOR_IMAGE  --target operator: the kopf operator, no bcc/clang/headers
+#   AGENT_IMAGE     --target agent: the bcc agent with generic kernel headers
+# then checks them (tests/deploy/test_image.py): the operator image's contents and user,
+# and the image's agent in a container (privileged, then capabilities-only, as the
+# operator renders them) against real retransmits and a reference counter.
+# No registry is reachable here: the Dockerfile's base (BASE_IMAGE build argument, by
+# default the public debian:bookworm-slim) is a local debootstrap import, made from THIS
+# host's apt sources (tests/harness/image_base.sh), per architecture. crun fails on this
+# machine's hybrid cgroups and podman's default ulimits exceed the hard limit: hence runc
+# and the ulimits.
+# `make image-agent-arm64` builds the arm64 agent image under qemu-user emulation
+# (Debian's qemu-user-static registers it with binfmt_misc) and checks it (see there).
+OPERATOR_IMAGE ?= localhost/retransmit-operator:dev
+AGENT_IMAGE    ?= localhost/retransmit-agent:dev
+IMAGE_ARCH     ?= $(shell dpkg --print-architecture)
+QEMU_ARCH      := $(if $(filter arm64,$(IMAGE_ARCH)),aarch64,$(IMAGE_ARCH))
+BASE_IMAGE     := localhost/retransmit-base:bookworm-slim-$(IMAGE_ARCH)
+BASE_TAR       := $(CACHE)/debian-bookworm-slim-$(IMAGE_ARCH).tar
 IMAGE_APT    := podman buildah runc debootstrap
 PODMAN       := podman --runtime runc --cgroup-manager cgroupfs
 ULIMITS      := --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
 CHECKOV_VENV := $(CACHE)/checkov-venv
 CHECKOV      := $(CHECKOV_VENV)/bin/checkov
-export RTRACE_IMAGE := $(IMAGE)
+# The tests read the images' names from these (not RTRACE_AGENT_IMAGE: that one is the
+# operator's own setting).
+export RTRACE_TEST_OPERATOR_IMAGE := $(OPERATOR_IMAGE)
+export RTRACE_TEST_AGENT_IMAGE := $(AGENT_IMAGE)
 
-.PHONY: image image-tools image-base image-build manifests checkov scan test-deploy
+.PHONY: image image-tools image-base image-build image-build-operator image-build-agent image-agent-arm64 \
+        manifests checkov scan test-deploy
 
 image-tools:
-	@missing=$$(for p in $(IMAGE_APT); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	@missing=$$(for p in $(IMAGE_APT) $(if $(filter $(IMAGE_ARCH),$(shell dpkg --print-architecture)),,qemu-user-static binfmt-support); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo ">> apt-get install $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else echo ">> podman, buildah, runc, debootstrap present"; fi
+ifneq ($(IMAGE_ARCH),$(shell dpkg --print-architecture))
+	@mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+	@grep -qs '^enabled' /proc/sys/fs/binfmt_misc/qemu-$(QEMU_ARCH) || update-binfmts --enable qemu-$(QEMU_ARCH)
+	@echo ">> $(IMAGE_ARCH) programs run under qemu-$(QEMU_ARCH) (binfmt_misc)"
+endif
 
-# A minimal bookworm root filesystem, cached as a tarball outside the clone (about 40 s).
+# A slim bookworm root filesystem from the host's apt sources, cached as a tarball outside
+# the clone (about 35 s for the host's architecture).
+# Delete it to make it again (after editing the script, or for newer packages).
 $(BASE_TAR): | image-tools
-	@mkdir -p $(CACHE); rm -rf $(CACHE)/debootstrap.tmp
-	debootstrap --variant=minbase bookworm $(CACHE)/debootstrap.tmp $(DEBIAN_MIRROR) >/dev/null
-	tar -C $(CACHE)/debootstrap.tmp -cf $@.tmp . && mv $@.tmp $@ && rm -rf $(CACHE)/debootstrap.tmp
+	@mkdir -p $(CACHE)
+	bash $(ROOT)/tests/harness/image_base.sh $(IMAGE_ARCH) $@
 
+# Imported again only when the tarball changed (its image id is kept beside it).
 image-base: image-tools $(BASE_TAR)
-	@podman image exists localhost/debian:bookworm-slim || \
-	  podman import $(BASE_TAR) localhost/debian:bookworm-slim >/dev/null
-	@podman tag localhost/debian:bookworm-slim $(BASE_IMAGE)
-	@echo ">> $(BASE_IMAGE) = local debootstrap import"
+	@if [ "$$(podman image inspect --format '{{.Id}}' $(BASE_IMAGE) 2>/dev/null)" != "$$(cat $(BASE_TAR).id 2>/dev/null)" ] \
+	   || [ $(BASE_TAR) -nt $(BASE_TAR).id ]; then \
+	  podman import --arch $(IMAGE_ARCH) $(BASE_TAR) $(BASE_IMAGE) >/dev/null; \
+	  podman image inspect --format '{{.Id}}' $(BASE_IMAGE) > $(BASE_TAR).id; \
+	fi
+	@echo ">> $(BASE_IMAGE) = debootstrap from the host's apt sources"
 
 # Behind a TLS-intercepting proxy pip needs the host's CA bundle (PIP_CERT): lend it to
 # the build read-only; it does not end up in the image.
 HOST_PIP_CERT := $(or $(PIP_CERT),$(shell test -f /etc/pip.conf && sed -n 's/^cert *= *//p' /etc/pip.conf))
 BUILD_CA := $(if $(HOST_PIP_CERT),--volume $(HOST_PIP_CERT):/run/build-ca.crt:ro --build-arg PIP_CERT=/run/build-ca.crt)
+BUILD := $(PODMAN) build --pull=never --network host --arch $(IMAGE_ARCH) $(ULIMITS) $(BUILD_CA) \
+         --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TARGETARCH=$(IMAGE_ARCH)
 
-image-build: image-base
-	$(PODMAN) build --pull=never --network host $(ULIMITS) $(BUILD_CA) -t $(IMAGE) $(ROOT)
-	@podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(IMAGE)
+image-build-operator: image-base
+	$(BUILD) --target operator -t $(OPERATOR_IMAGE) $(ROOT)
+image-build-agent: image-base
+	$(BUILD) --target agent -t $(AGENT_IMAGE) $(ROOT)
+
+image-build: image-build-agent image-build-operator
+	@podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(OPERATOR_IMAGE)
+	@podman image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' $(AGENT_IMAGE)
 
 image: venv image-build
 	$(PY) -m pytest tests/deploy/test_image.py -q
+
+# The arm64 agent image (AGENT_IMAGE with -arm64 appended to its tag), built under emulation
+# by its test's fixture, then checked under emulation (tests/deploy/test_image_arm64.py):
+# its programs and headers are arm64, bcc imports and the agent's CLI runs. Not part of
+# `make test` (tens of minutes on 2 cores the first time).
+image-agent-arm64: venv
+	$(PY) -m pytest tests/deploy/test_image_arm64.py -q
 
 # manifests/ is rendered from the chart (the one source of truth): edit the chart, then
 # run this; tests/deploy/test_chart.py fails when the two drift.

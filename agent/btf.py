@@ -8,6 +8,7 @@ Never the generic headers' offsets: those belong to another kernel.
 
     btf = Btf.load()                                   # BtfError when absent or unreadable
     btf.member("tcp_sock", "srtt_us")                  # Member(bit_offset=..., bit_size=32)
+    btf.enum("skb_drop_reason")                        # {2: "SKB_DROP_REASON_NOT_SPECIFIED", ...}
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Btf:
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
             type_id = len(self._offsets)
             self._offsets.append(pos)
-            if kind in (KIND_STRUCT, KIND_UNION) and name_off:
+            if kind in (KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64) and name_off:
                 self._by_name.setdefault(self._name(name_off), []).append(type_id)
             pos += 12 + _FIXED_EXTRA.get(kind, 0) + _PER_ENTRY.get(kind, 0) * vlen
 
@@ -128,3 +129,21 @@ class Btf:
                 if found:
                     return found
         raise BtfError(f"struct {struct_name} has no member {name} in this kernel's BTF")
+
+    def enum(self, enum_name: str) -> dict[int, str]:
+        """The values and names of `enum enum_name` (BtfError when this kernel has none)."""
+        for type_id in self._by_name.get(enum_name, []):
+            kind, vlen, kind_flag, _size, pos = self._record(type_id)
+            if kind == KIND_ENUM:     # entries: name_off, a 32-bit value (signed when kind_flag)
+                fmt, step = ("<Ii" if kind_flag else "<II"), 8
+            elif kind == KIND_ENUM64:  # entries: name_off, low 32 bits, high 32 bits
+                fmt, step = "<III", 12
+            else:
+                continue
+            values = {}
+            for i in range(vlen):
+                name_off, *parts = struct.unpack_from(fmt, self._data, pos + step * i)
+                value = parts[0] if len(parts) == 1 else parts[0] | parts[1] << 32
+                values[value] = self._name(name_off)
+            return values
+        raise BtfError(f"enum {enum_name} is not in this kernel's BTF")

@@ -25,6 +25,7 @@ from .kernelinfo import (
     read_layout,
     ringbuf_supported,
 )
+from .drops import REASON_SINCE, probe_drops
 from .preflight import (
     TRACEFS_CANDIDATES,
     UNPRIVILEGED,
@@ -66,6 +67,8 @@ class HostFacts:
     bcc_version: Optional[str]              # None: python module bcc missing
     bcc_has_ringbuf_api: bool = True
     misses_counted: bool = True             # see kernelinfo.misses_counted
+    drops_problem: str = "not probed"       # "" when drops are counted by reason (drops.probe_drops)
+    segs_problem: str = ""                  # "" when BTF has the flows' segment counters too
 
 
 def _mount_kind(path: str, mountinfo: str) -> str:
@@ -132,11 +135,13 @@ def gather_facts(tracefs: Optional[str] = None) -> HostFacts:
             ringbuf = ringbuf_supported()
         except OSError:
             ringbuf = None
+    offsets, btf_problem = resolve_sock_offsets(BTF_PATH)
     return HostFacts(
         release=release, tracefs=found, tracefs_how=how, tracepoints=tracepoints, layout=layout,
-        btf_problem=resolve_sock_offsets(BTF_PATH)[1], ringbuf=ringbuf, jiffies64=helper_supported(BPF_FUNC_JIFFIES64),
+        btf_problem=btf_problem, segs_problem=offsets.segs_problem if offsets else "", ringbuf=ringbuf, jiffies64=helper_supported(BPF_FUNC_JIFFIES64),
         capabilities=caps, headers=_headers(release), bcc_version=bcc_version, bcc_has_ringbuf_api=has_rb_api,
         misses_counted=misses_counted(release),
+        drops_problem=probe_drops(Path(found), BTF_PATH).problem if found else "no tracefs",
     )
 
 
@@ -197,11 +202,14 @@ def evaluate(facts: HostFacts) -> list[CheckLine]:
                                "(before 6.7): missedEvents is reported as unknown"))
     if not facts.btf_problem:
         lines.append(CheckLine("retransmit causes", "ok", f"socket offsets resolved from {BTF_PATH}: "
-                               "timeout / fast / probe per retransmit, srtt and cwnd per flow"))
+                               "timeout / fast / probe per retransmit, srtt and cwnd per flow"
+                               + (f"; no retransmit ratio per flow ({facts.segs_problem})" if facts.segs_problem
+                                  else ", and its connection's segments sent and retransmitted")))
     else:
         lines.append(CheckLine("retransmit causes", "degraded", f"unknown ({facts.btf_problem}); counts unchanged",
                                "a kernel with BTF (CONFIG_DEBUG_INFO_BTF: RHEL 8.2+, RHCOS, Ubuntu 20.10+, Debian 11+, "
                                "Amazon Linux 2 5.10, COS, Bottlerocket) and /sys/kernel/btf mounted into the agent"))
+    lines.append(drops_line(facts.drops_problem))
     if facts.headers:
         lines.append(CheckLine("kernel headers", "ok", facts.headers))
     else:
@@ -215,6 +223,17 @@ def evaluate(facts: HostFacts) -> list[CheckLine]:
                                "install python3-bpfcc (Debian/Ubuntu) or python3-bcc (RHEL)"))
     lines.append(mode_line(facts, ok=not any(line.status == "fail" for line in lines)))
     return lines
+
+
+def drops_line(problem: str) -> CheckLine:
+    """Whether the agent counts the traced flows' dropped TCP packets by reason (beside the
+    retransmits; spec.drops: false turns them off per trace)."""
+    if not problem:
+        return CheckLine("drop reasons", "ok", "skb:kfree_skb has `reason` and BTF gives sk_buff's offsets: "
+                         "TCP drops of the traced flows counted per flow and reason")
+    return CheckLine("drop reasons", "degraded", f"off: {problem}; retransmits counted as before",
+                     f"Linux {REASON_SINCE}+ (its skb:kfree_skb has `reason`) with BTF tells which box dropped "
+                     "a retransmitting flow's packets")
 
 
 def mode_line(facts: HostFacts, ok: bool) -> CheckLine:

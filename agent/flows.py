@@ -97,6 +97,8 @@ class SocketState:
     packets_out: int    # segments in flight
     retrans_out: int    # retransmitted segments in flight
     timeouts: int       # consecutive unrecovered retransmission timeouts (the black-hole signal)
+    data_segs_out: Optional[int] = None   # data segments sent over the connection's life; None: not read
+    total_retrans: Optional[int] = None   # segments retransmitted over its life; None with data_segs_out
 
     def to_api(self) -> SocketSnapshot:
         return SocketSnapshot(srtt_microseconds=self.srtt_us, congestion_window=self.snd_cwnd,
@@ -146,6 +148,8 @@ class FlowCounters:
             last_seen=self.last_seen,
             by_cause=self.by_cause,
             socket=self.socket.to_api() if self.socket else None,
+            data_segs_out=self.socket.data_segs_out if self.socket else None,
+            total_retrans=self.socket.total_retrans if self.socket else None,
         )
 
 

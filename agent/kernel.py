@@ -42,9 +42,11 @@ from .flows import (
     wall_clock_offset_ns,
 )
 from .bccerrors import bcc_failure, stderr_captured
-from .kernelconfig import FAMILY_BITS, KernelConfig, compile_flags, require_fitting_layout
+from .drops import DropSnapshot, DropSupport, probe_drops, read_drops
+from .kernelconfig import FAMILY_BITS, KernelConfig, compile_flags, drops_counted, require_fitting_layout
 from .kernelinfo import VMLINUX_BTF, KernelFeatures, misses_counted, probe_features
 from .runs import FlowEntry, merge_pending_runs
+from .segments import TcpSegments, read_tcp_segments
 from .preflight import (
     KernelProblem,
     find_tracefs,
@@ -55,6 +57,7 @@ from .preflight import (
 
 __all__ = ["KernelConfig", "KernelProblem", "KernelSnapshot", "RetransmitProgram", "FlowCounters"]
 
+DROP_PROBE = "kfree_skb"      # the drop program's probe name in _probe_stats and kernel_cost
 MAX_PENDING_EVENTS = 10_000   # samples kept between drains; more are counted as lost
 
 
@@ -80,21 +83,30 @@ class KernelSnapshot:
     by_state: dict[str, int]
     flow_counters: list[FlowCounters]
     by_cause: dict[str, int] = field(default_factory=dict)   # retransmits + SYN-ACKs per cause
+    drops: Optional[DropSnapshot] = None   # None: the program counts no drops (drops.py: why not)
     taken_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    # The namespace's Tcp OutSegs and RetransSegs since the program started (the node's for
+    # the agent, which has the host's network; every segment, not only the filters' flows).
+    # None when /proc/net/snmp cannot be read.
+    tcp_segments: Optional[TcpSegments] = None
 
 
 def _socket_state(sock: Any) -> Optional[SocketState]:
     """A struct sock_info from a map value, None when the kernel read no socket."""
     if not sock.valid:
         return None
+    segs = bool(sock.segs_valid)   # 0 without HAVE_SOCK_SEGS: absent, not zero
     return SocketState(srtt_us=sock.srtt_us, snd_cwnd=sock.snd_cwnd, packets_out=sock.packets_out,
-                       retrans_out=sock.retrans_out, timeouts=sock.timeouts)
+                       retrans_out=sock.retrans_out, timeouts=sock.timeouts,
+                       data_segs_out=sock.data_segs_out if segs else None,
+                       total_retrans=sock.total_retrans if segs else None)
 
 
 class RetransmitProgram:
     """The attached kernel program. Thread-safe; use open() to create one."""
 
-    def __init__(self, bpf: Any, config: KernelConfig, features: KernelFeatures, tracefs: Path) -> None:
+    def __init__(self, bpf: Any, config: KernelConfig, features: KernelFeatures, tracefs: Path,
+                 drops: Optional[DropSupport] = None) -> None:
         self._bpf = bpf
         self._config = config
         self.features = features
@@ -107,6 +119,9 @@ class RetransmitProgram:
         self._local_ips: Optional[frozenset[str]] = None
         self._floors: dict[tuple, tuple[int, int]] = {}
         self._generation = 0
+        self.drop_support = drops   # what the kernel offers for drops (None: not probed)
+        self.counts_drops = drops_counted(config, drops)   # the kfree_skb probe is attached
+        self._segments_at_start: Optional[TcpSegments] = None   # read when counting starts
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -138,9 +153,10 @@ class RetransmitProgram:
             ) from None
         features = probe_features(path, ringbuf=ringbuf, jiffies64=jiffies64, btf_path=btf)
         require_fitting_layout(config, features)
+        drops = probe_drops(path, btf) if config.drops else None
         source = resources.files("retransmit_bpf")
         with resources.as_file(source) as folder:
-            cflags = compile_flags(config, folder, features, without, run_slots)
+            cflags = compile_flags(config, folder, features, without, run_slots, drops)
             with stderr_captured() as output:
                 try:
                     bpf = BPF(src_file=str(folder / "retransmit.bpf.c").encode(), cflags=cflags)
@@ -150,7 +166,7 @@ class RetransmitProgram:
                     failure = None
             if failure is not None:
                 raise bcc_failure(failure, output)
-        program = cls(bpf, config, features, path)
+        program = cls(bpf, config, features, path, drops)
         try:
             program._start()
         except Exception:
@@ -172,6 +188,7 @@ class RetransmitProgram:
         self._write_local_ips(c.local_ips or frozenset())
         self._local_ips = c.local_ips
         self._write_config()  # last: families != 0 is what starts counting
+        self._segments_at_start = read_tcp_segments()
 
     def close(self) -> None:
         """Detach the program and free its maps."""
@@ -299,7 +316,11 @@ class RetransmitProgram:
                     states[i] += n
             flows = list(self._read_flows(offset))
             lost += self._dropped_in_python
-            missed = sum(f.get("recursion_misses", 0) for f in self._probe_stats().values())
+            probes = self._probe_stats()
+            missed = sum(f.get("recursion_misses", 0) for name, f in probes.items()
+                         if name != DROP_PROBE)   # kfree_skb's misses are no retransmits missed
+            drops = read_drops(self._bpf, self.drop_support.reasons,
+                               probes.get(DROP_PROBE, {}).get("recursion_misses", 0)) if self.counts_drops else None
         by_state = {}
         for number, n in enumerate(states):
             if n:
@@ -310,7 +331,13 @@ class RetransmitProgram:
             failed_attempts=failed if self.features.layout.has("err") else None,
             missed_events=missed if misses_counted(os.uname().release) else None,
             by_cause=causes_by_name(causes),
+            drops=drops,
+            tcp_segments=self._segments_since_start(),
         )
+
+    def _segments_since_start(self) -> Optional[TcpSegments]:
+        now = read_tcp_segments()
+        return now.since(self._segments_at_start) if now and self._segments_at_start else None
 
     def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
         """Flow map entries plus the runs still pending on each CPU (see struct run).
@@ -377,8 +404,9 @@ class RetransmitProgram:
         with self._lock:
             if self._bpf is None:
                 return {}
-            return {name.decode().rsplit("__", 1)[-1]: len(self._bpf.dump_func(name)) // 8
-                    for name in (b"tracepoint__tcp__tcp_retransmit_skb", b"tracepoint__tcp__tcp_retransmit_synack")}
+            names = [b"tracepoint__tcp__tcp_retransmit_skb", b"tracepoint__tcp__tcp_retransmit_synack"]
+            names += [b"tracepoint__skb__kfree_skb"] if self.counts_drops else []
+            return {name.decode().rsplit("__", 1)[-1]: len(self._bpf.dump_func(name)) // 8 for name in names}
 
     def kernel_cost(self) -> dict[str, tuple[int, int]]:
         """Per probe: (run_time_ns, run_cnt) from the kernel's BPF statistics.

@@ -15,6 +15,7 @@ from retransmit_core.kernelvocab import (
     DEFAULT_RING_PAGES,
     DEFAULT_SAMPLES_PER_SECOND,
     RETRANSMIT_CAUSES,
+    SOCKET_READ_INTERVAL_MS,
     TCP_STATE_NUMBERS,
     TCP_STATES,
 )
@@ -22,6 +23,7 @@ from retransmit_core.api import RetransmitTraceSpec
 
 from .flows import AF_INET, AF_INET6, KIND_RETRANSMIT, KIND_SYNACK
 
+from .drops import DropSupport, drop_defines
 from .kernelinfo import KernelFeatures
 from .preflight import KernelProblem
 
@@ -49,6 +51,7 @@ class KernelConfig:
     flow_capacity: int = DEFAULT_FLOW_CAPACITY
     ring_pages: int = DEFAULT_RING_PAGES
     filter_capacity: int = DEFAULT_FILTER_CAPACITY
+    drops: bool = True   # also count drops by reason where the kernel can (drops.py); False: never
 
     def __post_init__(self) -> None:
         if not self.families or not set(self.families) <= set(FAMILY_BITS):
@@ -83,12 +86,14 @@ class KernelConfig:
             states=frozenset(str(getattr(x, "value", x)) for x in f.states),
             local_ips=None if local_ips is None else frozenset(local_ips),
             samples_per_second=spec.events.max_per_second,
+            drops=spec.drops,
         )
 
 
 def program_defines() -> dict[str, int]:
     """The constants the program shares with Python, defined once here (as -D flags)."""
     return {
+        "SOCK_READ_INTERVAL_NS": SOCKET_READ_INTERVAL_MS * 1_000_000,
         "AF_INET_": AF_INET, "AF_INET6_": AF_INET6,
         "FAMILY_IPV4": FAMILY_BITS["IPv4"], "FAMILY_IPV6": FAMILY_BITS["IPv6"],
         "KIND_RETRANSMIT": KIND_RETRANSMIT, "KIND_SYNACK": KIND_SYNACK,
@@ -103,12 +108,14 @@ PROGRAM_PARTS = ("filters", "flows", "samples", "sock_stats")
 
 
 def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures,
-                  without: Iterable[str] = (), run_slots: Optional[int] = None) -> list[str]:
+                  without: Iterable[str] = (), run_slots: Optional[int] = None,
+                  drops: Optional[DropSupport] = None) -> list[str]:
     """cflags for retransmit.bpf.c: the compile-time half of the configuration.
 
     For the cost breakdown only: `without` leaves PROGRAM_PARTS out (the result no longer
     counts what the agent promises); `run_slots` replaces the program's RUN_SLOTS (pending
-    runs per CPU, a power of two; more than 2 lets more flows than flow_capacity show)."""
+    runs per CPU, a power of two; more than 2 lets more flows than flow_capacity show).
+    drops: what the kernel offers for counting drops (drops.probe_drops); None: no drops."""
     without = tuple(without)
     unknown = set(without) - set(PROGRAM_PARTS)
     if unknown:
@@ -121,7 +128,8 @@ def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures,
         f"-DRINGBUF_PAGES={config.ring_pages}",
         f"-DFILTER_CAPACITY={config.filter_capacity}",
     ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()] + [
-        f"-DWITHOUT_{part.upper()}" for part in without] + ([f"-DRUN_SLOTS={run_slots}"] if run_slots else [])
+        f"-DWITHOUT_{part.upper()}" for part in without] + ([f"-DRUN_SLOTS={run_slots}"] if run_slots else []) + [
+        f"-D{name}={value}" for name, value in drop_defines_for(config, drops).items()]
 
 
 def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> None:
@@ -136,3 +144,13 @@ def require_fitting_layout(config: KernelConfig, features: KernelFeatures) -> No
             f"a TCP state filter ({', '.join(sorted(config.states))}) needs the `state` field of "
             f"tcp:tcp_retransmit_skb, which Linux {os.uname().release} does not have (added in 5.0): "
             "remove the states filter (spec.filter.states / --state); retransmits are counted under UNKNOWN")
+
+
+def drops_counted(config: KernelConfig, drops: Optional[DropSupport]) -> bool:
+    """The program counts drops: the trace wants them and the kernel can (drops.probe_drops)."""
+    return config.drops and drops is not None and drops.available
+
+
+def drop_defines_for(config: KernelConfig, drops: Optional[DropSupport]) -> dict[str, int]:
+    """bpf/drops.h's -D constants when the program counts drops, else none (no kfree_skb probe)."""
+    return drop_defines(drops) if drops_counted(config, drops) else {}

@@ -169,19 +169,51 @@ SOCK_FIELDS: dict[str, tuple[str, str]] = {
     "SOCK_PACKETS_OUT": ("tcp_sock", "packets_out"),
     "SOCK_RETRANS_OUT": ("tcp_sock", "retrans_out"),
 }
+# The connection's own segment counters, read with the fields above: a flow's retransmit
+# ratio as the kernel counted it. Optional (-DHAVE_SOCK_SEGS): data_segs_out came in Linux
+# 4.6, and a kernel whose BTF lacks either leaves the ratio out, never a made-up zero.
+SOCK_SEGS_FIELDS: dict[str, tuple[str, str]] = {
+    "SOCK_DATA_SEGS_OUT": ("tcp_sock", "data_segs_out"),
+    "SOCK_TOTAL_RETRANS": ("tcp_sock", "total_retrans"),
+}
 # Each field's size in bits as the program reads it; another size means another layout.
 SOCK_FIELD_BITS = {"SOCK_CA_STATE": (1, 8), "SOCK_RETRANSMITS": (8, 8), "SOCK_SRTT_US": (32, 32),
-                   "SOCK_SND_CWND": (32, 32), "SOCK_PACKETS_OUT": (32, 32), "SOCK_RETRANS_OUT": (32, 32)}
+                   "SOCK_SND_CWND": (32, 32), "SOCK_PACKETS_OUT": (32, 32), "SOCK_RETRANS_OUT": (32, 32),
+                   "SOCK_DATA_SEGS_OUT": (32, 32), "SOCK_TOTAL_RETRANS": (32, 32)}
 
 
 @dataclass(frozen=True)
 class SockOffsets:
-    """Where the socket fields the program reads live on this kernel: -D constants."""
+    """Where the socket fields the program reads live on this kernel: -D constants.
+
+    segs: the segment counters (SOCK_SEGS_FIELDS) are among them; segs_problem says why not."""
 
     defines: tuple[tuple[str, int], ...]
+    segs: bool = False
+    segs_problem: str = ""
 
     def switches(self) -> list[str]:
-        return ["-DHAVE_SOCK_BTF"] + [f"-D{name}={value}" for name, value in self.defines]
+        return (["-DHAVE_SOCK_BTF"] + (["-DHAVE_SOCK_SEGS"] if self.segs else [])
+                + [f"-D{name}={value}" for name, value in self.defines])
+
+
+def _byte_offsets(btf, fields: dict[str, tuple[str, str]]) -> tuple[list[tuple[str, int]], str]:
+    """(defines, "") for whole, byte-aligned members of SOCK_FIELD_BITS' sizes, or ([], why not)."""
+    from .btf import BtfError
+
+    defines: list[tuple[str, int]] = []
+    for name, (struct_name, member_name) in fields.items():
+        try:
+            member = btf.member(struct_name, member_name)
+        except BtfError as e:
+            return [], str(e)
+        low, high = SOCK_FIELD_BITS[name]
+        if not low <= member.bit_size <= high:
+            return [], f"{member_name} is {member.bit_size} bits in this kernel's BTF, not {high}"
+        if member.bit_offset % 8:
+            return [], f"{member_name} is not byte-aligned in this kernel's BTF"
+        defines.append((name, member.byte_offset))
+    return defines, ""
 
 
 def resolve_sock_offsets(btf_path: str) -> tuple[Optional[SockOffsets], str]:
@@ -195,24 +227,21 @@ def resolve_sock_offsets(btf_path: str) -> tuple[Optional[SockOffsets], str]:
         return None, "causes need a little-endian kernel (bitfield layout)"
     try:
         btf = Btf.load(btf_path)
-        members = {name: btf.member(struct_name, member) for name, (struct_name, member) in SOCK_FIELDS.items()}
+        ca = btf.member(*SOCK_FIELDS["SOCK_CA_STATE"])
     except BtfError as e:
         return None, str(e)
-    defines: list[tuple[str, int]] = []
-    for name, member in members.items():
-        low, high = SOCK_FIELD_BITS[name]
-        if not low <= member.bit_size <= high:
-            return None, f"{SOCK_FIELDS[name][1]} is {member.bit_size} bits in this kernel's BTF, not {high}"
-        if name == "SOCK_CA_STATE":
-            defines += [("SOCK_CA_STATE_BYTE", member.byte_offset), ("SOCK_CA_STATE_SHIFT", member.bit_offset % 8),
-                        ("SOCK_CA_STATE_MASK", (1 << member.bit_size) - 1)]
-            if member.bit_offset % 8 + member.bit_size > 8:
-                return None, "icsk_ca_state crosses a byte boundary in this kernel's BTF"
-        else:
-            if member.bit_offset % 8:
-                return None, f"{SOCK_FIELDS[name][1]} is not byte-aligned in this kernel's BTF"
-            defines.append((name, member.byte_offset))
-    return SockOffsets(tuple(defines)), ""
+    low, high = SOCK_FIELD_BITS["SOCK_CA_STATE"]
+    if not low <= ca.bit_size <= high:
+        return None, f"icsk_ca_state is {ca.bit_size} bits in this kernel's BTF, not {high}"
+    if ca.bit_offset % 8 + ca.bit_size > 8:
+        return None, "icsk_ca_state crosses a byte boundary in this kernel's BTF"
+    defines = [("SOCK_CA_STATE_BYTE", ca.byte_offset), ("SOCK_CA_STATE_SHIFT", ca.bit_offset % 8),
+               ("SOCK_CA_STATE_MASK", (1 << ca.bit_size) - 1)]
+    plain, problem = _byte_offsets(btf, {name: f for name, f in SOCK_FIELDS.items() if name != "SOCK_CA_STATE"})
+    if problem:
+        return None, problem
+    segs, segs_problem = _byte_offsets(btf, SOCK_SEGS_FIELDS)
+    return SockOffsets(tuple(defines + plain + segs), segs=bool(segs), segs_problem=segs_problem), ""
 
 
 @dataclass(frozen=True)
@@ -237,6 +266,9 @@ class KernelFeatures:
         """One line on the mode the program runs in, for logs and the node's report."""
         fields = ", ".join(f"{name} {'yes' if self.layout.has(name) else 'no'}" for name in OPTIONAL_FIELDS)
         causes = "causes from BTF" if self.sock else f"causes unknown ({self.sock_problem})"
+        if self.sock:
+            causes += ("; flow ratios from BTF" if self.sock.segs
+                       else f"; no flow ratios ({self.sock.segs_problem})")
         return (f"tracepoint fields: {fields}; {'ring buffer' if self.ringbuf else 'perf buffer'}; "
                 f"{'bpf_jiffies64' if self.jiffies64 else 'clock per event'}; {causes}")
 

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Optional, Sequence
 from retransmit_core.api import Endpoint, KernelCheck, NodeStatus, Phase, RecentEvent
 from retransmit_core.podindex import Owner, owner_in_table, with_owner
 
+from .drops import drop_fields
 from .kernel import KernelSnapshot
 from .resume import (
     Baseline,
@@ -92,6 +93,7 @@ def node_entry(
                              kernel=facts.kernel_release, kernel_checks=list(facts.kernel_checks),
                              agent_version=facts.agent_version, last_report_time=now)
         entry = cumulative_entry(baseline, pending, merge_flows(baseline, []), top_flows, keep_events)
+        entry = entry.model_copy(update=drop_fields(baseline.drops, None, entry.top_flows))
         pods = cumulative_pods(baseline, {}, previous_pods)
         remotes = cumulative_remotes(baseline, {}, previous_remotes or {})
         return NodeEntry(entry.model_copy(update={"top_pods": ranked_pods(pods, facts.node, top_flows),
@@ -108,6 +110,8 @@ def node_entry(
         by_state=snapshot.by_state,
         by_cause=snapshot.by_cause,
         flows=len(snapshot.flow_counters),
+        out_segs=snapshot.tcp_segments.out_segs if snapshot.tcp_segments else None,
+        retrans_segs=snapshot.tcp_segments.retrans_segs if snapshot.tcp_segments else None,
         recent_events=list(recent_events)[:keep_events],
         kernel_checks=list(facts.kernel_checks),
         kernel=facts.kernel_release,
@@ -118,6 +122,7 @@ def node_entry(
     remotes = cumulative_remotes(baseline, remote_totals(snapshot.flow_counters), previous_remotes or {})
     entry = cumulative_entry(baseline, fresh, merged, top_flows, keep_events).model_copy(
         update={"by_remote": ranked_remotes(remotes)})
+    entry = entry.model_copy(update=drop_fields(baseline.drops, snapshot.drops, entry.top_flows))
     if owners is None:
         return NodeEntry(entry, cumulative_pods(baseline, {}, previous_pods), remotes, None)
 

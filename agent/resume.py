@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from retransmit_core.api import MAX_REMOTES, Flow, NodeStatus, PodCount, RecentEvent, RemoteCount, add_counts, add_known
 from retransmit_core.ranking import busiest_first_key, pod_key
+from retransmit_core.ratio import retransmit_ratio
 
+from .drops import DropBaseline
 from .flows import FlowCounters
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,9 @@ class Baseline:
     recent_events: Sequence[RecentEvent] = ()
     top_pods: Mapping[PodKey, int] = field(default_factory=dict)
     by_remote: Mapping[str, int] = field(default_factory=dict)
+    drops: DropBaseline = field(default_factory=DropBaseline)   # drop fields: drops.drop_fields
+    out_segs: Optional[int] = None       # the node's Tcp OutSegs during the trace; None: unknown
+    retrans_segs: Optional[int] = None
 
     @classmethod
     def from_entry(cls, entry: Optional[NodeStatus]) -> "Baseline":
@@ -84,6 +89,9 @@ class Baseline:
             recent_events=tuple(entry.recent_events),
             top_pods={(p.namespace, p.pod): p.retransmits for p in entry.top_pods},
             by_remote={r.ip: r.retransmits for r in entry.by_remote},
+            drops=DropBaseline.from_entry(entry),
+            out_segs=entry.out_segs,
+            retrans_segs=entry.retrans_segs,
         )
 
     @property
@@ -92,7 +100,7 @@ class Baseline:
             self.retransmits == 0 and self.synack_retransmits == 0 and self.lost_events == 0
             and not self.missed_events and not self.failed_attempts
             and not self.top_flows and not self.recent_events and self.flows == 0
-            and not self.top_pods and not self.by_remote
+            and not self.top_pods and not self.by_remote and self.drops.empty
         )
 
 
@@ -172,7 +180,12 @@ class CumulativeFlow:
         old, fresh = self.old, self.fresh.to_flow() if self.fresh else None
         if fresh is None or old is None:
             return fresh or old
+        # The connection's counters (and the ratio of the two) come whole from the latest read.
+        counters = fresh if fresh.data_segs_out is not None else old
         return fresh.model_copy(update={
+            "data_segs_out": counters.data_segs_out,
+            "total_retrans": counters.total_retrans,
+            "retrans_ratio": counters.retrans_ratio,
             "retransmits": self.retransmits,
             "synack_retransmits": self.synack_retransmits,
             "first_seen": _min_time(old.first_seen, fresh.first_seen),
@@ -201,13 +214,18 @@ def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequen
                      keep: int) -> NodeStatus:
     """The entry to write: this agent's counts `fresh` plus what earlier agents reported.
 
-    Totals, byState, byCause, lostEvents, missedEvents and failedAttempts add (the last two stay
-    unknown only when neither knows); `flows` never shrinks; top flows: the first top_n (0 = all)
+    Totals, byState, byCause, lostEvents, missedEvents, failedAttempts, outSegs and retransSegs
+    add (the last four stay unknown only when neither knows); `flows` never shrinks; top flows: the first top_n (0 = all)
     of `merged_flows` (merge_flows: ranked already); recent events: this agent's first, then older ones.
     """
     events = (list(fresh.recent_events) + list(baseline.recent_events))[:keep] if keep > 0 else []
     top = merged_flows[:top_n] if top_n > 0 else merged_flows
+    out_segs = add_known(baseline.out_segs, fresh.out_segs)
+    retrans_segs = add_known(baseline.retrans_segs, fresh.retrans_segs)
     return fresh.model_copy(update={
+        "out_segs": out_segs,
+        "retrans_segs": retrans_segs,
+        "retrans_ratio": retransmit_ratio(retrans_segs, out_segs),   # model_copy runs no validator
         "retransmits": baseline.retransmits + fresh.retransmits,
         "synack_retransmits": baseline.synack_retransmits + fresh.synack_retransmits,
         "lost_events": baseline.lost_events + fresh.lost_events,

@@ -40,17 +40,22 @@ from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
 ROOT = Path(__file__).resolve().parents[1]
 AGENT = Path(sys.executable).parent / "retransmit-agent"
 
-FLOOR_SOURCE = r"""
+def floor_source(category: str, event: str, prelude: str = "") -> str:
+    """The floor on a tracepoint: a program that only counts its hits in one per-CPU counter."""
+    return prelude + f"""
 BPF_PERCPU_ARRAY(hits, u64, 1);
-TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
-{
+TRACEPOINT_PROBE({category}, {event})
+{{
     u32 zero = 0;
     u64 *n = hits.lookup(&zero);
     if (n)
         (*n)++;
     return 0;
-}
+}}
 """
+
+
+FLOOR_SOURCE = floor_source("tcp", "tcp_retransmit_skb")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@
  *   USE_RINGBUF     BPF ring buffer (5.8+, RHEL 8.4+), else a perf buffer
  *   HAVE_SOCK_BTF   the node's BTF gave the socket fields' offsets (SOCK_* constants):
  *                   each retransmit gets a cause and the flow the socket's RTT and window
+ *   HAVE_SOCK_SEGS  ... and of tcp_sock's data_segs_out and total_retrans: the flow carries
+ *                   the segments its connection sent and retransmitted (the kernel's ratio)
  *   HAVE_PROBE_READ_KERNEL  bpf_probe_read_kernel() (5.5+), else bpf_probe_read()
  * and FLOW_CAPACITY, RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
  * `cidrs4`, `cidrs6`, `local4`, `local6`, filled by the agent.
@@ -223,9 +225,16 @@ static __always_inline void extend_run(struct run *run, u32 state, u8 cause, str
     run->by_cause[cause & (CAUSE_SLOTS - 1)]++;
     run->last_ns = now;
     run->last_state = state;
-    /* the run's socket statistics stay those read at its start (see read_sock_stats) */
+    /* the run's socket statistics are those of its latest read (see read_sock_stats) */
     run->sock.ca_state = sock->ca_state;
     run->sock.timeouts = sock->timeouts;
+}
+
+/* Whether a run's socket statistics are due for another read at `now`. Signed: per-CPU
+ * times estimated from jiffies may step back a little when the clock is calibrated. */
+static __always_inline int sock_read_due(struct run *run, u64 now)
+{
+    return (s64)(now - run->read_ns) >= (s64)SOCK_READ_INTERVAL_NS;
 }
 
 /* Move the run in this slot into the flow map and start a new one: flow `key` on socket `sk`. */
@@ -255,6 +264,7 @@ static __always_inline void start_run(struct run *run, struct flow_key *key, con
     run->last_ns = now;
     run->last_state = state;
     run->sock = *sock;
+    run->read_ns = now;
 }
 
 static __always_inline void fill_event(struct event *e, struct flow_key *key, u8 kind, u32 state,
@@ -366,10 +376,28 @@ static __always_inline void read_sock_state(const void *sk, struct sock_info *so
 #define SOCK_STATS_SPAN (MAX2(MAX2(SOCK_SRTT_US, SOCK_SND_CWND), MAX2(SOCK_PACKETS_OUT, SOCK_RETRANS_OUT)) \
                          + 4 - SOCK_STATS_FIRST)
 
-/* At the first retransmit of a run (a burst of one flow on one CPU): RTT, window and
- * segments in flight. Read once per run, not per event, to keep the cost per event low; in
- * one bpf_probe_read when the four fields lie within 256 bytes (they do in 5.x-6.x
- * kernels): a call costs about as much as copying a few hundred bytes. */
+/* The connection's segment counters, data_segs_out and total_retrans (HAVE_SOCK_SEGS):
+ * both are counted before the tracepoint fires, so a read includes the event being handled.
+ * Two reads of 4 bytes: in 6.x kernels they lie 660 bytes apart, far from the fields below. */
+static __always_inline void read_sock_segs(const void *sk, struct sock_info *sock)
+{
+#ifdef HAVE_SOCK_SEGS
+    const char *base = sk;
+    u32 sent = 0, retransmitted = 0;
+    if (read_kernel(&sent, 4, base + SOCK_DATA_SEGS_OUT) ||
+        read_kernel(&retransmitted, 4, base + SOCK_TOTAL_RETRANS))
+        return;   /* a failed read changes nothing shown: never half of a pair */
+    sock->data_segs_out = sent;
+    sock->total_retrans = retransmitted;
+    sock->segs_valid = 1;
+#endif
+}
+
+/* At the first retransmit of a run (a burst of one flow on one CPU), and again at a
+ * retransmit of the run once SOCK_READ_INTERVAL_NS has passed since: RTT, window, segments
+ * in flight and the segment counters. Not per event, to keep the cost per event low (a
+ * time compare); in one bpf_probe_read when the four fields lie within 256 bytes (they do
+ * in 5.x-6.x kernels): a call costs about as much as copying a few hundred bytes. */
 #if SOCK_STATS_SPAN <= 256
 struct sock_span {
     u8 bytes[256];
@@ -394,6 +422,7 @@ static __always_inline void read_sock_stats(const void *sk, struct sock_info *so
     sock->snd_cwnd = span_u32(span, SOCK_SND_CWND);
     sock->packets_out = span_u32(span, SOCK_PACKETS_OUT);
     sock->retrans_out = span_u32(span, SOCK_RETRANS_OUT);
+    read_sock_segs(sk, sock);
 }
 #else
 static __always_inline void read_sock_stats(const void *sk, struct sock_info *sock)
@@ -406,6 +435,7 @@ static __always_inline void read_sock_stats(const void *sk, struct sock_info *so
         read_kernel(&sock->retrans_out, 4, base + SOCK_RETRANS_OUT))
         return;
     sock->srtt_us = srtt >> 3;   /* the kernel keeps srtt_us scaled by 8 */
+    read_sock_segs(sk, sock);
 }
 #endif
 #endif
@@ -539,6 +569,12 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
         u8 cause = cause_of(&sock, state);
         u64 now = now_ns(clk);
         extend_run(run, state, cause, &sock, now);
+#if defined(HAVE_SOCK_BTF) && !defined(WITHOUT_SOCK_STATS)
+        if (sock.valid && sock_read_due(run, now)) {
+            read_sock_stats(args->skaddr, &run->sock);
+            run->read_ns = now;
+        }
+#endif
         return count_event(args, cfg, t, &run->key, KIND_RETRANSMIT, state, cause, now);
     }
 #endif
@@ -554,3 +590,186 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
     struct sock_info sock = {};   /* a request socket: cause unknown */
     return handle(args, &key, KIND_SYNACK, TCP_SYN_RECV_, args->req, &sock);
 }
+
+#ifdef HAVE_DROP_REASONS
+/* ---- drops: the kernel's drops of TCP packets of the traced flows, per flow and per reason.
+ *
+ * The part of this file compiled with HAVE_DROP_REASONS, when the kernel's
+ * skb:kfree_skb has a `reason` field (Linux 5.17+), its BTF gives struct sk_buff's offsets,
+ * and the trace did not turn drops off (spec.drops). It shares the filter maps (config,
+ * ports, cidrs4/6, local4/6) with the retransmit program, so a drop counts when its flow
+ * would count as a retransmitting one.
+ *
+ * kfree_skb fires for every freed-as-dropped packet on the node, far more often than a
+ * retransmit: the cheap tests come first. The tracepoint's `protocol` (no memory read)
+ * leaves IPv4 and IPv6; one read of struct sk_buff and one of the IP header leave TCP;
+ * then the flow filters. Normal frees go through consume_skb (a tracepoint of its own), but
+ * kfree_skb() calls without a reason still report NOT_SPECIFIED, and on Linux 6.18 a TCP
+ * sender's incoming ACKs do so with no loss anywhere: NOT_SPECIFIED is no evidence of a
+ * drop, and is left out first, before anything is read.
+ *
+ * Which end is local: a packet the node received (skb_iif set by the receive path) is an
+ * inbound drop to its destination, else an outbound drop from its source. With a local-IP
+ * filter (the trace's pods) the end in the filter is the local one, whatever the path; a
+ * packet whose both ends are traced (two pods of one node) counts at the end the direction
+ * names.
+ */
+#include "drops.h"
+
+/* bcc declares the tracepoint's `reason` as `enum skb_drop_reason`, which the generic headers
+ * bcc compiles against do not define (the program includes none of the kernel's networking
+ * headers): defined here as what the format file says it is, a 4-byte value. Its values
+ * are never used in C: the agent names them from the node's BTF. */
+enum skb_drop_reason { RTRACE_SKB_DROP_REASON_SIZE_ = 0x7fffffff };
+
+BPF_TABLE("lru_hash", struct drop_key, u64, drops, DROP_FLOW_CAPACITY);
+BPF_PERCPU_ARRAY(drop_totals, u64, DROP_REASON_SLOTS);   /* exact, by reason: every counted drop */
+
+#define IPPROTO_TCP_ 6
+
+/* The struct sk_buff fields behind an skb's IP header: one read when they lie close together
+ * (56 bytes on 6.18), else one read each. */
+#define SKB_MIN3(a, b, c) ((a) < (b) ? ((a) < (c) ? (a) : (c)) : ((b) < (c) ? (b) : (c)))
+#define SKB_MAX3(a, b, c) ((a) > (b) ? ((a) > (c) ? (a) : (c)) : ((b) > (c) ? (b) : (c)))
+#define SKB_SPAN_FIRST SKB_MIN3(SKB_IIF, SKB_NETWORK_HEADER, SKB_HEAD)
+#define SKB_SPAN_SIZE (SKB_MAX3(SKB_IIF + 4, SKB_NETWORK_HEADER + 2, SKB_HEAD + 8) - SKB_SPAN_FIRST)
+
+static __always_inline int read_skb(const char *skb, u32 *iif, u16 *network_header, const char **head)
+{
+#if SKB_SPAN_SIZE <= 64
+    u8 span[64];
+    if (bpf_probe_read_kernel(span, SKB_SPAN_SIZE, skb + SKB_SPAN_FIRST))
+        return -1;
+    __builtin_memcpy(iif, span + (SKB_IIF - SKB_SPAN_FIRST), 4);
+    __builtin_memcpy(network_header, span + (SKB_NETWORK_HEADER - SKB_SPAN_FIRST), 2);
+    __builtin_memcpy(head, span + (SKB_HEAD - SKB_SPAN_FIRST), 8);
+    return 0;
+#else
+    if (bpf_probe_read_kernel(iif, 4, skb + SKB_IIF) ||
+        bpf_probe_read_kernel(network_header, 2, skb + SKB_NETWORK_HEADER) ||
+        bpf_probe_read_kernel(head, 8, skb + SKB_HEAD))
+        return -1;
+    return 0;
+#endif
+}
+
+static __always_inline int drop_local_ip(struct drop_key *key)
+{
+    if (key->family == AF_INET_) {
+        u32 saddr;
+        __builtin_memcpy(&saddr, key->saddr, 4);
+        return local4.lookup(&saddr) != 0;
+    }
+    struct ip6_addr a = {};
+    __builtin_memcpy(a.addr, key->saddr, 16);
+    return local6.lookup(&a) != 0;
+}
+
+static __always_inline int drop_remote_in_cidrs(struct drop_key *key)
+{
+    if (key->family == AF_INET_) {
+        struct cidr4_key c = {.prefixlen = 32};
+        __builtin_memcpy(c.addr, key->daddr, 4);
+        return cidrs4.lookup(&c) != 0;
+    }
+    struct cidr6_key c = {.prefixlen = 128};
+    __builtin_memcpy(c.addr, key->daddr, 16);
+    return cidrs6.lookup(&c) != 0;
+}
+
+/* Make the other end the local one. */
+static __always_inline void drop_flip(struct drop_key *key)
+{
+    u8 tmp[16];
+    __builtin_memcpy(tmp, key->saddr, 16);
+    __builtin_memcpy(key->saddr, key->daddr, 16);
+    __builtin_memcpy(key->daddr, tmp, 16);
+    u16 port = key->sport;
+    key->sport = key->dport;
+    key->dport = port;
+    key->direction = key->direction == DROP_INBOUND ? DROP_OUTBOUND : DROP_INBOUND;
+}
+
+TRACEPOINT_PROBE(skb, kfree_skb)
+{
+    const void *skbaddr = args->skbaddr;
+    u16 protocol = args->protocol;
+    u32 reason = args->reason;
+    if (reason == DROP_REASON_NOT_SPECIFIED)
+        return 0;
+    if (protocol != ETH_P_IP_ && protocol != ETH_P_IPV6_)
+        return 0;
+    u32 zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->families)   /* not configured yet */
+        return 0;
+    u32 iif = 0;
+    u16 network_header = 0;
+    const char *head = 0;
+    if (read_skb(skbaddr, &iif, &network_header, &head) || !head || network_header == 0xffff)
+        return 0;   /* 0xffff: no network header set (the skb never reached IP) */
+    const char *ip = head + network_header;
+
+    /* Start with the packet's source as the local end (outbound), flipped below. */
+    struct drop_key key = {};
+    u8 hdr[44];   /* IPv6 header + TCP ports, or IPv4 (20 bytes without options) + ports */
+    if (protocol == ETH_P_IP_) {
+        if (!(cfg->families & FAMILY_IPV4))
+            return 0;
+        if (bpf_probe_read_kernel(hdr, 24, ip) || (hdr[0] >> 4) != 4 || hdr[9] != IPPROTO_TCP_)
+            return 0;
+        u32 ihl = (hdr[0] & 0xf) * 4;
+        if (ihl != 20 && bpf_probe_read_kernel(hdr + 20, 4, ip + (ihl & 0x3c)))
+            return 0;   /* options: the ports follow them */
+        key.family = AF_INET_;
+        __builtin_memcpy(key.saddr, hdr + 12, 4);
+        __builtin_memcpy(key.daddr, hdr + 16, 4);
+        key.sport = ((u16)hdr[20] << 8) | hdr[21];
+        key.dport = ((u16)hdr[22] << 8) | hdr[23];
+    } else {
+        if (!(cfg->families & FAMILY_IPV6))
+            return 0;
+        /* Only a TCP header right after the fixed header: extension headers are rare on TCP. */
+        if (bpf_probe_read_kernel(hdr, 44, ip) || (hdr[0] >> 4) != 6 || hdr[6] != IPPROTO_TCP_)
+            return 0;
+        key.family = AF_INET6_;
+        __builtin_memcpy(key.saddr, hdr + 8, 16);
+        __builtin_memcpy(key.daddr, hdr + 24, 16);
+        key.sport = ((u16)hdr[40] << 8) | hdr[41];
+        key.dport = ((u16)hdr[42] << 8) | hdr[43];
+    }
+    key.direction = DROP_OUTBOUND;
+    if (iif)
+        drop_flip(&key);   /* received: the destination is local */
+
+    if (cfg->local_ips_enabled && !drop_local_ip(&key)) {
+        drop_flip(&key);
+        if (!drop_local_ip(&key))
+            return 0;
+    }
+    if (cfg->ports_enabled) {
+        u32 sport = key.sport, dport = key.dport;
+        u8 *s = ports.lookup(&sport), *d = ports.lookup(&dport);
+        if (!(s && *s) && !(d && *d))
+            return 0;
+    }
+    if (cfg->cidrs_enabled && !drop_remote_in_cidrs(&key))
+        return 0;
+
+    key.reason = reason;
+    u32 slot = reason < DROP_REASON_SLOTS ? reason : 0;
+    u64 *total = drop_totals.lookup(&slot);
+    if (total)
+        (*total)++;
+    u64 *count = drops.lookup(&key);
+    if (count) {
+        __sync_fetch_and_add(count, 1);
+    } else {
+        u64 one = 1;
+        if (drops.insert(&key, &one))   /* another CPU inserted it first */
+            if ((count = drops.lookup(&key)))
+                __sync_fetch_and_add(count, 1);
+    }
+    return 0;
+}
+#endif /* HAVE_DROP_REASONS */

@@ -53,11 +53,21 @@ struct sock_info {
     u32 snd_cwnd;          /* congestion window, segments */
     u32 packets_out;       /* segments in flight */
     u32 retrans_out;       /* retransmitted segments in flight */
+    u32 data_segs_out;     /* data segments sent over the connection's life, retransmits included */
+    u32 total_retrans;     /* segments retransmitted over the connection's life */
     u8 ca_state;
     u8 timeouts;           /* consecutive unrecovered timeouts (icsk_retransmits) */
     u8 valid;
-    u8 pad;
+    u8 segs_valid;         /* data_segs_out and total_retrans were read (HAVE_SOCK_SEGS) */
 };
+
+/* How old a run's socket statistics may grow before a retransmit of the run reads them
+ * again (SOCK_READ_INTERVAL_NS, from the agent's compile flags): a flow's counters and RTT
+ * are then from at most that long before its latest retransmit, for one read per interval
+ * per busy socket instead of one per event. */
+#ifndef SOCK_READ_INTERVAL_NS
+#error "SOCK_READ_INTERVAL_NS comes from the agent's compile flags (agent/kernelconfig.py)"
+#endif
 
 /* The single entry of the `config` array; written by the agent before counting. */
 struct config {
@@ -134,6 +144,7 @@ struct run {
     u64 last_ns;           /* ... of its latest event */
     u64 by_cause[CAUSE_SLOTS];
     struct sock_info sock; /* at the run's latest event */
+    u64 read_ns;           /* when sock's statistics were read (see SOCK_READ_INTERVAL_NS) */
 };
 
 /* Per CPU: jiffies -> ns calibration, so most events need bpf_jiffies64() (a load) rather

@@ -16,11 +16,12 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pydantic.alias_generators import to_camel
 
-from .kernelvocab import DEFAULT_SAMPLES_PER_SECOND, RETRANSMIT_CAUSES, TCP_STATES
+from .kernelvocab import DEFAULT_SAMPLES_PER_SECOND, RETRANSMIT_CAUSES, SOCKET_READ_INTERVAL_MS, TCP_STATES
+from .ratio import retransmit_ratio
 
 GROUP = "retransmit.dev"
 VERSION = "v1alpha1"
@@ -247,6 +248,7 @@ class RetransmitTraceSpec(ApiModel):
                                  ]))
     top_flows: int = Field(DEFAULT_TOP_FLOWS, ge=1, le=100, description="How many flows each node and the summary keep, busiest first.")
     events: Events = Field(default_factory=Events, description="Per-event samples.", json_schema_extra={"default": {}})
+    drops: bool = Field(True, description="Also count the kernel's drops of the traced flows' TCP packets by reason (skb:kfree_skb; nodes with Linux 5.17+ and BTF). false saves the cost on nodes that drop or free many packets.")
 
     @field_validator("node_selector")
     @classmethod
@@ -314,7 +316,7 @@ class ServiceCount(ApiModel):
 class SocketSnapshot(ApiModel):
     """The retransmitting socket, read through the node's BTF (absent without BTF)."""
 
-    srtt_microseconds: int = Field(ge=0, description="Smoothed round-trip time, at the first retransmit of the flow's latest burst.")
+    srtt_microseconds: int = Field(ge=0, description=f"Smoothed round-trip time, read at the first retransmit of the flow's latest burst and again at a retransmit {SOCKET_READ_INTERVAL_MS} ms or more after the last read: at most that long before the flow's latest retransmit.")
     congestion_window: int = Field(ge=0, description="Congestion window in segments, same moment.")
     segments_in_flight: int = Field(ge=0, description="Segments sent and not yet acknowledged, same moment.")
     retransmitted_in_flight: int = Field(ge=0, description="Retransmitted segments not yet acknowledged, same moment.")
@@ -332,6 +334,30 @@ ByCause = Annotated[dict[Literal[RETRANSMIT_CAUSES], int], Field(
     json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))]
 
 
+# ---------------------------------------------------------------- drops (skb:kfree_skb reasons)
+
+MAX_DROPPED_FLOWS = 20   # flows in a report's droppedFlows: the busiest
+
+ByReason = Annotated[dict[str, int], Field(
+    default_factory=dict,
+    description="TCP packets the kernel dropped, by its drop reason (enum skb_drop_reason without "
+                "SKB_DROP_REASON_, e.g. NETFILTER_DROP, TCP_OFO_DROP, SOCKET_RCVBUFF, NOT_SPECIFIED).",
+    json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))]   # atomic: see ByCause
+
+
+class DroppedFlow(ApiModel):
+    """A flow whose TCP packets a traced node dropped, seen from that node's traced end: `local`
+    is the end on this node (the receiver of an inbound drop, the sender of an outbound one)."""
+
+    local: Endpoint = Field(description="The flow's end on this node.")
+    remote: Endpoint = Field(description="The peer.")
+    family: IPFamily = Field(description="IPv4 or IPv6.")
+    drops: int = Field(0, ge=0, description="Packets of the flow this node dropped (inbound + outbound).")
+    inbound: int = Field(0, ge=0, description="Dropped on their way in to the local end (sent by the remote end).")
+    outbound: int = Field(0, ge=0, description="Dropped on their way out from the local end.")
+    by_reason: ByReason
+
+
 class Flow(ApiModel):
     """Retransmits of one connection. `local` is the side that retransmitted."""
 
@@ -346,6 +372,20 @@ class Flow(ApiModel):
     node: Optional[str] = Field(None, description="Node that saw the flow (set in status.summary.topFlows).")
     by_cause: ByCause
     socket: Optional[SocketSnapshot] = Field(None, description="The retransmitting socket (needs BTF on the node; absent for SYN-ACK-only flows).")
+    drops: Optional[dict[str, int]] = Field(None, description="This flow's TCP packets its node dropped, by reason (skb:kfree_skb, Linux 5.17+); absent when that node dropped none or does not count drops.",
+                                            json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
+    data_segs_out: Optional[int] = Field(None, ge=0, description="Data segments the connection sent over its life, retransmissions included (tcp_sock data_segs_out, as ss -ti and TCP_INFO show it), read with socket. Absent where the node's BTF lacks it.")
+    total_retrans: Optional[int] = Field(None, ge=0, description="Segments the connection retransmitted over its life (tcp_sock total_retrans), same read. It counts segments where retransmits counts events, and from the connection's start, not the trace's.")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="totalRetrans / dataSegsOut: the share of the connection's segments that were retransmissions, about its loss rate. Set from the two counters, never on its own.")
+    peer_drops: Optional[dict[str, int]] = Field(None, description="In status.summary.topFlows: this flow's packets the node at the remote end dropped on their way in, by reason (that node's report lists the flow reversed); absent when that end dropped none or is no traced node counting drops.",
+                                                 json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
+    loss_at: Optional[str] = Field(None, description="In status.summary.topFlows: where this flow's packets were lost, as far as the traced nodes tell: the nodes that dropped them and why, or 'not dropped on a traced node' (the loss is on the wire or on an untraced box) when both ends' nodes count drops and neither dropped any; absent when a node that would know does not count drops.")
+
+    @model_validator(mode="after")
+    def _ratio_from_counters(self) -> "Flow":
+        # One definition (retransmit_core.ratio): whatever a reader sends, the ratio follows the counters.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.total_retrans, self.data_segs_out)
+        return self
 
 
 class RecentEvent(ApiModel):
@@ -414,6 +454,9 @@ class NodeStatus(ApiModel):
     missed_events: Optional[int] = Field(None, ge=0, description="Tracepoint hits the kernel did not run this program for (another BPF program was running on that CPU: recursion protection); the true count may be higher by this much. Absent where the kernel cannot count them (before Linux 6.7).")
     failed_attempts: Optional[int] = Field(None, ge=0, description="Retransmits the kernel tried and could not send (e.g. its queue was full); in no other count. Absent where the kernel cannot tell (before Linux 6.17).")
     by_cause: ByCause
+    out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the node sent during the trace, retransmissions included (Tcp OutSegs of /proc/net/snmp in the node's own network namespace: the node's and its hostNetwork pods' connections, IPv4 and IPv6, every port, whatever the trace's filters). Absent when the agent cannot read it.")
+    retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments the node retransmitted during the trace (Tcp RetransSegs, same counters). Segments sent while no agent ran (a restart) are in neither.")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs: the share of the node's segments that were retransmissions. Set from the two counters, never on its own.")
     kernel_checks: list[KernelCheck] = Field(default_factory=list, description="The agent's kernel check at start: one line per requirement, why the node cannot trace or runs degraded.")
     flows: int = Field(0, ge=0, description="Distinct flows seen.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.",
@@ -426,7 +469,17 @@ class NodeStatus(ApiModel):
     kernel: Optional[str] = Field(None, description="Kernel release of the node.")
     agent_version: Optional[str] = Field(None, description="Version of the agent that wrote this entry.")
     message: Optional[str] = Field(None, description="What went wrong and how to fix it, when phase is Failed.")
+    drops: Optional[int] = Field(None, ge=0, description="TCP packets of the traced flows this node's kernel dropped (skb:kfree_skb), inbound to and outbound from its traced addresses. Absent when the node does not count drops: kernel before 5.17 (no reason field), no BTF, or spec.drops false (kernelChecks says which).")
+    drops_by_reason: Optional[dict[str, int]] = Field(None, description="drops by the kernel's reason (enum skb_drop_reason without SKB_DROP_REASON_, e.g. NETFILTER_DROP, TCP_OFO_DROP, SOCKET_RCVBUFF); exact. Absent when drops is.",
+                                                      json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
+    dropped_flows: Optional[list[DroppedFlow]] = Field(None, max_length=MAX_DROPPED_FLOWS, description=f"The flows with the most dropped packets on this node, at most {MAX_DROPPED_FLOWS}, each from this node's end: a receiver's inbound drops carry the reversed tuple of the sender's retransmitting flow.")
     needs_privileged: Optional[bool] = Field(None, description="True when the agent, not privileged, found it may not load BPF (its capabilities, the kernel's, or the kernel's answer EPERM) and a privileged agent may: phase is Failed and the message says why. In the operator's auto security mode a privileged agent then takes over this node for the trace.")
+
+    @model_validator(mode="after")
+    def _ratio_from_segments(self) -> "NodeStatus":
+        # As Flow's: one definition (retransmit_core.ratio), following the counters.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.retrans_segs, self.out_segs)
+        return self
 
 
 MAX_NODE_ROWS = 500   # rows in status.nodes[]: at 5,000 nodes the trace stays far below 512 KiB
@@ -451,6 +504,15 @@ class UncoveredNodes(ApiModel):
 
 
 MAX_PATHS = 20   # node pairs and zone pairs each in the summary, the busiest
+MAX_DROP_ROWS = 10   # (node, reason) rows in summary.topDrops
+
+
+class NodeDropCount(ApiModel):
+    """TCP packets of the traced flows one node's kernel dropped for one reason."""
+
+    node: str = Field(description="The node that dropped them.")
+    reason: str = Field(description="The kernel's drop reason (enum skb_drop_reason without SKB_DROP_REASON_).")
+    drops: int = Field(0, ge=0, description="Packets dropped.")
 
 
 class PathCount(ApiModel):
@@ -495,9 +557,19 @@ class Summary(ApiModel):
     top_services: list[ServiceCount] = Field(default_factory=list, description="Services as remote ends, by the retransmits of the nodes' top flows towards them, busiest first, at most spec.topFlows.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes (atomic, as byCause).",
                                      json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
+    out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the traced nodes sent during the trace (their reports' outSegs summed, where known).")
+    retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments they retransmitted (retransSegs summed over the same nodes).")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs over the traced nodes. Set from the two sums, never on its own.")
+    top_drops: list[NodeDropCount] = Field(default_factory=list, max_length=MAX_DROP_ROWS, description=f"Which traced nodes dropped the traced flows' packets and why (skb:kfree_skb reasons, Linux 5.17+), busiest first, at most {MAX_DROP_ROWS}; empty when none did or no node counts drops.")
     by_node_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"Retransmits by sending and receiving node (from the nodes' byRemote), busiest first, at most {MAX_PATHS}.")
     by_zone_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"The same by the nodes' topology.kubernetes.io/zone, busiest first, at most {MAX_PATHS}; empty when no node has a zone.")
     hot_path: Optional[str] = Field(None, description="The node or zone pair that holds most of the retransmits, when one does (e.g. '82% of retransmits went from zone a to zone b'); absent when none stands out.")
+
+    @model_validator(mode="after")
+    def _ratio_from_segments(self) -> "Summary":
+        # As NodeStatus's: one definition (retransmit_core.ratio), following the sums.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.retrans_segs, self.out_segs)
+        return self
 
 
 class Condition(ApiModel):
@@ -519,6 +591,7 @@ class NodeRow(ApiModel):
     retransmits: int = Field(0, ge=0, description="The node's tcp_retransmit_skb events.")
     synack_retransmits: int = Field(0, ge=0, description="The node's tcp_retransmit_synack events.")
     lost_events: int = Field(0, ge=0, description="The node's dropped samples (counts stay exact).")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="The node report's retransRatio: retransSegs / outSegs of the node's own network namespace during the trace.")
     last_report_time: Optional[datetime] = Field(None, description="When the node's agent last wrote its report.")
     reporting: bool = Field(False, description="The node counts as reporting: Running and written within the heartbeat bound.")
     departed: bool = Field(False, description="The node left the cluster or the trace's selector; its report keeps its final counts.")

@@ -30,3 +30,11 @@ DEFAULT_RING_PAGES = 64
 DEFAULT_FILTER_CAPACITY = 1024
 # Samples per second per node that the kernel sends to user space (spec.events.maxPerSecond).
 DEFAULT_SAMPLES_PER_SECOND = 100
+# Entries in the kernel's LRU map of dropped packets per (flow, direction, reason). The
+# per-reason totals stay exact beyond it.
+DEFAULT_DROP_FLOW_CAPACITY = 4096
+# How old a flow's socket statistics (RTT, window, segment counters) may grow while the flow
+# keeps retransmitting: the program reads them again at the first retransmit after this long
+# (-DSOCK_READ_INTERVAL_NS). Short beside any report interval (1 s and more), long beside a
+# burst's retransmits (microseconds apart): a busy socket costs ten reads a second.
+SOCKET_READ_INTERVAL_MS = 100

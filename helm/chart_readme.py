@@ -162,7 +162,9 @@ def render(values_text: str, chart_text: str) -> str:
         "",
         "```sh",
         "helm install retransmit-operator helm/retransmit-operator \\",
-        "  --set image.repository=registry.example.com/tools/retransmit-operator --set image.tag=0.1.0",
+        "  --set operator.image.repository=registry.example.com/tools/retransmit-operator \\",
+        "  --set operator.image.tag=0.1.0 \\",
+        "  --set agent.image.repository=registry.example.com/tools/retransmit-agent --set agent.image.tag=0.1.0",
         "```",
         "",
         "Installing, upgrading, uninstalling and troubleshooting: the repository's README.md. "

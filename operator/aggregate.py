@@ -31,7 +31,7 @@ from retransmit_core.api import (
 from retransmit_core.podindex import PodLookup, with_owner
 from retransmit_core.ranking import pod_key
 
-from .paths import Places, path_matrix
+from .paths import UNKNOWN, Places, path_matrix
 from .remotenames import ClusterNames
 from .tally import Tally, TraceTally
 
@@ -86,6 +86,28 @@ def summary_services(nodes: Iterable[NodeStatus], names: Optional[ClusterNames],
     return [ServiceCount(namespace=ns, service=name, retransmits=n) for (ns, name), n in ranked]
 
 
+NOT_DROPPED = "not dropped on a traced node: lost on the wire or on an untraced box"
+
+
+def loss_at(flow: Flow, counting_drops: frozenset[str], traced: frozenset[str], places: Places) -> Optional[str]:
+    """Where a summary top flow's packets were lost, as far as the traced nodes tell (the
+    sender's node's own drops of the flow, the receiver's inbound drops: peerDrops); None when
+    a node that would know does not count drops, or the receiver is a Service address (the
+    receiver's node sees the translated tuple, so its drops cannot be matched)."""
+    sender = flow.node or ""
+    receiver = places.node_of(flow.remote.ip, sender)
+    said = [f"dropped on {where} ({_reasons(drops)})"
+            for where, drops in ((sender, flow.drops), (receiver, flow.peer_drops)) if drops]
+    if said:
+        return "; ".join(said)
+    receiver_knows = receiver in counting_drops or (receiver not in traced and receiver != UNKNOWN)
+    return NOT_DROPPED if sender in counting_drops and receiver_knows else None
+
+
+def _reasons(drops: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(drops.items(), key=lambda item: (-item[1], item[0])))
+
+
 def summary_pods(nodes: list[NodeStatus], top_n: int) -> list[PodCount]:
     """The busiest pods cluster-wide: the nodes' topPods summed (exact, local side)."""
     return TraceTally.of(nodes).top_pods(top_n)
@@ -123,6 +145,10 @@ def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, p
     matrix (paths.py); without it there is none."""
     sums = tally if tally is not None else TraceTally.of(nodes).snapshot(top_n)
     matrix = path_matrix(nodes, places, sums.retransmits + sums.synack_retransmits) if places is not None else None
+    flows = attributed_flows(sums.top_flows[:top_n], pod_index, names)
+    if places is not None:
+        traced = frozenset(n.node for n in nodes)
+        flows = [f.model_copy(update={"loss_at": loss_at(f, sums.counting_drops, traced, places)}) for f in flows]
     reporting_nodes = sum(1 for node in nodes if node.node not in departed and reporting(node, now, stale_after))
     return Summary(
         retransmits=sums.retransmits,
@@ -130,11 +156,14 @@ def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, p
         lost_events=sums.lost_events,
         missed_events=sums.missed_events,
         failed_attempts=sums.failed_attempts,
+        out_segs=sums.out_segs,
+        retrans_segs=sums.retrans_segs,
         by_cause=sums.by_cause,
         nodes_desired=nodes_desired,
         nodes_reporting=reporting_nodes,
         nodes=f"{reporting_nodes}/{nodes_desired}",
-        top_flows=attributed_flows(sums.top_flows[:top_n], pod_index, names),
+        top_flows=flows,
+        top_drops=sums.top_drops,
         top_pods=sums.top_pods[:top_n],
         top_services=summary_services(nodes, names, top_n),
         by_state=sums.by_state,
@@ -164,7 +193,8 @@ def node_rows(nodes: Iterable[NodeStatus], now: Optional[datetime], stale_after:
             message = message[: MAX_ROW_MESSAGE - 3] + "..."
         rows.append(NodeRow(
             node=n.node, phase=n.phase, retransmits=n.retransmits, synack_retransmits=n.synack_retransmits,
-            lost_events=n.lost_events, last_report_time=n.last_report_time, reporting=counts, departed=gone,
+            lost_events=n.lost_events, retrans_ratio=n.retrans_ratio, last_report_time=n.last_report_time,
+            reporting=counts, departed=gone,
             message=message,
         ))
     return rows, max(0, len(ranked) - limit)

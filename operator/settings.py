@@ -69,7 +69,7 @@ class Settings(BaseSettings):
 
     namespace: str = Field(DEFAULT_NAMESPACE, min_length=1,
                            description="Namespace the operator runs in; agents' DaemonSets go there.")
-    agent_image: str = Field("retransmit-operator:0.1.0", min_length=1, description="Image of the agent container.")
+    agent_image: str = Field("retransmit-agent:0.1.0", min_length=1, description="Image of the agent container (the Dockerfile's `agent` target).")
     agent_image_pull_policy: PullPolicy = Field("IfNotPresent", description="The agent container's imagePullPolicy.")
     agent_service_account: str = Field("retransmit-agent", min_length=1, description="ServiceAccount of the agent pods.")
     agent_security_mode: SecurityMode = Field(

@@ -18,10 +18,20 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Iterable, Optional
 
-from retransmit_core.api import Flow, NodeStatus, PodCount, add_counts
+from retransmit_core.api import MAX_DROP_ROWS, Flow, NodeDropCount, NodeStatus, PodCount, add_counts
 from retransmit_core.ranking import flow_key, pod_key
 
 PodName = tuple[str, str]   # (namespace, pod)
+FlowTuple = tuple[str, str, int, str, int]   # (family, local ip, local port, remote ip, remote port)
+
+
+def flow_tuple(flow: Flow) -> FlowTuple:
+    return (str(flow.family), flow.local.ip, flow.local.port, flow.remote.ip, flow.remote.port)
+
+
+def reversed_tuple(flow: Flow) -> FlowTuple:
+    """The tuple the other end's node sees the flow as (a receiver's droppedFlows entry)."""
+    return (str(flow.family), flow.remote.ip, flow.remote.port, flow.local.ip, flow.local.port)
 
 
 @dataclass
@@ -46,10 +56,14 @@ class Tally:
     lost_events: int
     missed_events: Optional[int]     # None when no node's kernel can tell
     failed_attempts: Optional[int]
+    out_segs: Optional[int]          # None when no node could read its segment counters
+    retrans_segs: Optional[int]
     by_cause: dict[str, int]
     by_state: dict[str, int]
     top_pods: list[PodCount]         # busiest first, top_n
-    top_flows: list[tuple[str, Flow]]  # (node, flow) busiest first, top_n; not attributed yet
+    top_flows: list[tuple[str, Flow]]  # (node, flow) busiest first, top_n; peerDrops set, not attributed yet
+    top_drops: list[NodeDropCount]   # (node, reason) busiest first
+    counting_drops: frozenset[str]   # nodes whose kernels count drops (their reports have `drops`)
 
 
 class TraceTally:
@@ -60,10 +74,14 @@ class TraceTally:
         self._entries: dict[str, NodeStatus] = {}
         self._flows: dict[str, tuple[tuple[tuple, str, Flow], ...]] = {}   # node -> (rank key, node, flow)
         self._sums = {"retransmits": 0, "synack_retransmits": 0, "lost_events": 0}
-        self._known = {"missed_events": [0, 0], "failed_attempts": [0, 0]}   # field -> [sum, reports that know]
+        # field -> [sum, reports that know]
+        self._known = {name: [0, 0] for name in ("missed_events", "failed_attempts", "out_segs", "retrans_segs")}
         self._by_cause: dict[str, int] = {}
         self._by_state: dict[str, int] = {}
         self._pods: dict[PodName, _PodTotal] = {}
+        self._inbound_drops: dict[FlowTuple, dict[str, int]] = {}   # a dropped flow, from the dropping end -> by reason
+        self._node_drops: dict[tuple[str, str], int] = {}           # (node, reason) -> drops
+        self._counting_drops: set[str] = set()
 
     @classmethod
     def of(cls, nodes: Iterable[NodeStatus]) -> "TraceTally":
@@ -110,6 +128,17 @@ class TraceTally:
                 total.nodes.pop(entry.node, None)
             if total.listings <= 0:
                 del self._pods[key]
+        if entry.drops is not None:
+            (self._counting_drops.add if sign > 0 else self._counting_drops.discard)(entry.node)
+        for reason, n in (entry.drops_by_reason or {}).items():
+            _add_counts(self._node_drops, {(entry.node, reason): n}, sign)
+        for dropped in entry.dropped_flows or ():
+            if dropped.inbound:
+                key = (str(dropped.family), dropped.local.ip, dropped.local.port, dropped.remote.ip, dropped.remote.port)
+                reasons = self._inbound_drops.setdefault(key, {})
+                _add_counts(reasons, dropped.by_reason, sign)
+                if not reasons:
+                    del self._inbound_drops[key]
 
     def top_flows(self, top_n: int) -> list[tuple[str, Flow]]:
         """The busiest of every node's top flows as (node, flow); top_n 0 = all. Ranked on the
@@ -117,7 +146,16 @@ class TraceTally:
         candidates = chain.from_iterable(self._flows.values())
         chosen = (heapq.nsmallest(top_n, candidates, key=_rank) if top_n > 0
                   else sorted(candidates, key=_rank))
-        return [(node, flow) for _, node, flow in chosen]
+        return [(node, self._with_peer_drops(flow)) for _, node, flow in chosen]
+
+    def _with_peer_drops(self, flow: Flow) -> Flow:
+        """The flow with the drops of its packets on their way in at the other end's node."""
+        peer = self._inbound_drops.get(reversed_tuple(flow))
+        return flow.model_copy(update={"peer_drops": dict(sorted(peer.items()))}) if peer else flow
+
+    def top_drops(self, limit: int = MAX_DROP_ROWS) -> list[NodeDropCount]:
+        ranked = heapq.nsmallest(limit, self._node_drops.items(), key=lambda item: (-item[1], item[0]))
+        return [NodeDropCount(node=node, reason=reason, drops=n) for (node, reason), n in ranked if n > 0]
 
     def top_pods(self, top_n: int) -> list[PodCount]:
         """The busiest local pods, the nodes' topPods summed (exact: each agent counts every flow)."""
@@ -132,10 +170,14 @@ class TraceTally:
             lost_events=self._sums["lost_events"],
             missed_events=_known_sum(self._known["missed_events"]),
             failed_attempts=_known_sum(self._known["failed_attempts"]),
+            out_segs=_known_sum(self._known["out_segs"]),
+            retrans_segs=_known_sum(self._known["retrans_segs"]),
             by_cause=add_counts(self._by_cause),
             by_state=add_counts(self._by_state),
             top_pods=self.top_pods(top_n),
             top_flows=self.top_flows(top_n),
+            top_drops=self.top_drops(),
+            counting_drops=frozenset(self._counting_drops),
         )
 
 

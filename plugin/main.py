@@ -34,7 +34,7 @@ from retransmit_core.naming import DEFAULT_NAMESPACE, trace_selector
 from retransmit_core.validation import format_error
 from retransmit_core.version import package_version
 
-from .tables import JSONPATH, OUTPUTS, RESOURCE, Output, format_trace, parse_output, progress_line, table
+from .tables import JSONPATH, OUTPUTS, RESOURCE, SORT_KEYS, Output, format_trace, parse_output, progress_line, table
 
 PROG = "kubectl retransmit"
 EXIT_FAILED, EXIT_USAGE, EXIT_NO_CLUSTER, EXIT_NO_CRD, EXIT_FORBIDDEN, EXIT_NOT_FOUND = 1, 2, 3, 4, 5, 6
@@ -175,7 +175,7 @@ class Cluster:
 def print_result(trace: dict[str, Any], ns: argparse.Namespace) -> None:
     # jsonpath prints exactly what the template says, as kubectl's does: no newline added.
     end = "" if ns.output.form == JSONPATH else "\n"
-    print(format_trace(trace, ns.output, ns.namespace_rows), end=end, flush=True)
+    print(format_trace(trace, ns.output, ns.namespace_rows, sort=ns.sort), end=end, flush=True)
 
 
 def wait_finished(cluster: Cluster, name: str, every: float, on_update: Callable[[dict[str, Any]], None]) -> dict:
@@ -350,6 +350,9 @@ def global_flags(p: argparse.ArgumentParser, top: bool) -> None:
 def output_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=output_flag, default=Output("table"), metavar="FORM",
                    help=f"{'|'.join(OUTPUTS)}|{JSONPATH}=TEMPLATE (default table)")
+    p.add_argument("--sort", choices=SORT_KEYS, default=SORT_KEYS[0],
+                   help="order of the top flows in the tables: retransmits (busiest first, the default) or "
+                        "ratio (each connection's retransmitted/sent segments, highest first)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional, Sequence
 import yaml
 
 from retransmit_core.api import GROUP, KIND, format_endpoint, parse_duration
+from retransmit_core.ratio import format_ratio
 
 from . import jsonpath
 
@@ -59,12 +60,24 @@ def object_name(trace: dict[str, Any]) -> str:
     return f"{RESOURCE}/{trace['metadata']['name']}"
 
 
+# --sort: how the tables order the top flows. retransmits: as the operator ranked them
+# (busiest first); ratio: by retransmitRatio, highest first, flows without one last.
+SORT_KEYS = ("retransmits", "ratio")
+
+
+def sort_flows(flows: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """The top flows in --sort `key`'s order (stable: ties keep the operator's order)."""
+    if key == "ratio":
+        return sorted(flows, key=lambda f: (f.get("retransRatio") is None, -(f.get("retransRatio") or 0.0)))
+    return list(flows)
+
+
 def format_trace(trace: dict[str, Any], output: Output, namespaces: Optional[Sequence[str]] = None,
-                 now: Optional[datetime] = None) -> str:
+                 now: Optional[datetime] = None, sort: str = "retransmits") -> str:
     """The trace in one -o form (without a trailing newline). `namespaces` narrows the tables'
-    pod rows; the other forms print the object as stored."""
+    pod rows and `sort` orders their flows; the other forms print the object as stored."""
     if output.form in ("table", "wide"):
-        return render(trace, now, namespaces=namespaces, wide=output.form == "wide")
+        return render(trace, now, namespaces=namespaces, wide=output.form == "wide", sort=sort)
     if output.form == "name":
         return object_name(trace)
     shown = without_managed_fields(trace)
@@ -104,6 +117,13 @@ def endpoint(side: dict[str, Any]) -> str:
     if side.get("outside"):
         return f"{text} (outside the cluster)"
     return text
+
+
+def segments(flow: dict[str, Any]) -> Optional[str]:
+    """'58/1000': the connection's retransmitted and sent segments, None when not read."""
+    if flow.get("dataSegsOut") is None:
+        return None
+    return f"{flow.get('totalRetrans', 0)}/{flow['dataSegsOut']}"
 
 
 def causes(by_cause: Optional[dict[str, int]]) -> str:
@@ -150,16 +170,22 @@ def in_namespaces(namespace: Optional[str], namespaces: Optional[Sequence[str]])
 
 
 def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Optional[Sequence[str]] = None,
-           wide: bool = False) -> str:
+           wide: bool = False, sort: str = "retransmits") -> str:
     """The whole result: summary, top flows, top pods, by state, by cause, per node. With
     `namespaces`, only the flows and pods whose local pod is in one of them (totals stay the
-    trace's); `wide` adds each flow's family, first and last retransmit and round-trip time,
-    and each node's reporting and departed marks."""
+    trace's); `wide` adds each flow's family, first and last retransmit, round-trip time and
+    segment counters, and each node's reporting and departed marks; `sort` (SORT_KEYS)
+    orders the flows."""
     status = trace.get("status") or {}
     summary = status.get("summary") or {}
     out = [progress_line(trace, now)]
-    if summary.get("hotPath"):
-        out.append(f"WHERE: {summary['hotPath']}")   # the answer first: the pair that holds most of the loss
+    where = [summary["hotPath"]] if summary.get("hotPath") else []
+    drops = summary.get("topDrops") or []
+    if drops:
+        top = drops[0]
+        where.append(f"most dropped on node {top.get('node')}: {top.get('reason')} {top.get('drops', 0)}")
+    if where:
+        out.append(f"WHERE: {'; '.join(where)}")   # the answer first: the path that holds the loss, the box that dropped
     out.append("")
     totals = [("retransmits", summary.get("retransmits", 0)),
               ("SYN-ACK retransmits", summary.get("synackRetransmits", 0)),
@@ -167,18 +193,25 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
     for key, label in (("missedEvents", "missed hits"), ("failedAttempts", "failed attempts")):
         if summary.get(key) is not None:
             totals.append((label, summary[key]))
+    if summary.get("outSegs") is not None:   # the nodes' own segment counters: the count's denominator
+        totals.append(("nodes retransmitted/sent segments",
+                       f"{summary.get('retransSegs', 0)}/{summary['outSegs']} ({format_ratio(summary.get('retransRatio'))})"))
     out.append("   ".join(f"{label} {value}" for label, value in totals))
-    flows = [f for f in summary.get("topFlows") or [] if in_namespaces(f.get("local", {}).get("namespace"), namespaces)]
+    flows = sort_flows([f for f in summary.get("topFlows") or []
+                        if in_namespaces(f.get("local", {}).get("namespace"), namespaces)], sort)
     if flows:
-        out += ["", "TOP FLOWS"]
-        headers = ("NODE", "LOCAL (RETRANSMITTING)", "REMOTE", "RETRANSMITS", "SYN-ACK", "LAST STATE", "CAUSES")
-        extra = ("FAMILY", "FIRST SEEN", "LAST SEEN", "SRTT (us)") if wide else ()
-        out += table(headers + extra,
+        out += ["", "TOP FLOWS" + (" (by retransmit ratio)" if sort == "ratio" else "")]
+        headers = ("NODE", "LOCAL (RETRANSMITTING)", "REMOTE", "RETRANSMITS", "RATIO", "SYN-ACK", "LAST STATE", "CAUSES")
+        extra = ("FAMILY", "FIRST SEEN", "LAST SEEN", "SRTT (us)", "RETRANS/SENT") if wide else ()
+        lost_at = any(f.get("lossAt") for f in flows)   # the traced nodes' drops say where (kernels 5.17+)
+        out += table(headers + extra + (("LOST AT",) if lost_at else ()),
                      ((f.get("node"), endpoint(f.get("local", {})), endpoint(f.get("remote", {})), f.get("retransmits", 0),
-                       f.get("synackRetransmits", 0), f.get("lastState"), causes(f.get("byCause")))
+                       format_ratio(f.get("retransRatio")), f.get("synackRetransmits", 0), f.get("lastState"),
+                       causes(f.get("byCause")))
                       + ((f.get("family"), f.get("firstSeen"), f.get("lastSeen"),
-                          (f.get("socket") or {}).get("srttMicroseconds")) if wide else ()) for f in flows),
-                     right=(3, 4))
+                          (f.get("socket") or {}).get("srttMicroseconds"), segments(f)) if wide else ())
+                      + ((f.get("lossAt") or "-",) if lost_at else ()) for f in flows),
+                     right=(3, 4, 5))
     pods = [p for p in summary.get("topPods") or [] if in_namespaces(p.get("namespace"), namespaces)]
     if pods:
         out += ["", "TOP PODS"]
@@ -196,6 +229,10 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
             out += table(("FROM", "TO", "RETRANSMITS", "%"),
                          ((p.get("source"), p.get("destination"), p.get("retransmits", 0), p.get("percent", 0))
                           for p in pairs[:PATHS_SHOWN]), right=(2, 3))
+    if drops:
+        out += ["", "DROPPED BY TRACED NODES"]
+        out += table(("NODE", "REASON", "DROPS"),
+                     ((d.get("node"), d.get("reason"), d.get("drops", 0)) for d in drops), right=(2,))
     for key, title in (("byState", "BY TCP STATE"), ("byCause", "BY CAUSE")):
         counts = summary.get(key) or {}
         if counts:
@@ -217,10 +254,10 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
     if nodes:
         out += ["", "NODES"]
         extra = ("REPORTING", "DEPARTED") if wide else ()
-        out += table(("NODE", "PHASE", "RETRANSMITS", "SYN-ACK", "LOST", "LAST REPORT") + extra + ("MESSAGE",),
-                     ((n.get("node"), n.get("phase"), n.get("retransmits", 0), n.get("synackRetransmits", 0),
-                       n.get("lostEvents", 0), n.get("lastReportTime"))
+        out += table(("NODE", "PHASE", "RETRANSMITS", "SEGMENT RATIO", "SYN-ACK", "LOST", "LAST REPORT") + extra + ("MESSAGE",),
+                     ((n.get("node"), n.get("phase"), n.get("retransmits", 0), format_ratio(n.get("retransRatio")),
+                       n.get("synackRetransmits", 0), n.get("lostEvents", 0), n.get("lastReportTime"))
                       + (("yes" if n.get("reporting") else "no", "yes" if n.get("departed") else "no") if wide else ())
                       + (n.get("message"),) for n in nodes),
-                     right=(2, 3, 4))
+                     right=(2, 3, 4, 5))
     return "\n".join(out)

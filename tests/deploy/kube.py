@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
 from helm.render_manifests import CHART, MANIFESTS, tool
 
@@ -27,6 +29,25 @@ def kubectl(cp, *args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def helm(cp, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return run(cp, "helm", *args, **kwargs)
+
+
+def get_json(cp, *args: str) -> Optional[dict]:
+    """`kubectl get ... -o json`, None when it fails (not found)."""
+    done = kubectl(cp, "get", *args, "-o", "json", check=False)
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def wait_for(what: str, probe: Callable[[], Optional[object]], timeout: float = 180, every: float = 1.0):
+    """Poll until probe() returns something truthy; fail naming `what` (never a timing assertion:
+    the timeout only bounds a wait for a state that must come)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def install_crd(cp) -> None:
@@ -74,4 +95,4 @@ def access_review(cp, sa: tuple[str, str], verb: str, group: str, resource: str,
     return bool(review.status.allowed)
 
 
-__all__ = ["CHART", "kubectl", "helm", "install_crd", "unique", "can_i", "access_review"]
+__all__ = ["CHART", "kubectl", "helm", "get_json", "wait_for", "install_crd", "unique", "can_i", "access_review"]

@@ -44,8 +44,8 @@ AGENT_ACCEPTED: dict[str, str] = {
     "CKV_K8S_31": "seccomp Unconfined: runtime default profiles refuse bpf() and perf_event_open() without SYS_ADMIN",
     "CKV_K8S_29": "the container's securityContext is the one that matters here (privileged or the three capabilities); a pod-level one adds nothing",
     "CKV_K8S_38": "the agent writes its node's entry into the trace status with its own ServiceAccount token",
-    "CKV_K8S_43": "the image reference is the operator's RTRACE_AGENT_IMAGE, a digest once you publish one (image.tag)",
-    "CKV_K8S_15": "IfNotPresent with a versioned tag or digest (image.pullPolicy)",
+    "CKV_K8S_43": "the image reference is the operator's RTRACE_AGENT_IMAGE, a digest once you publish one (agent.image.tag)",
+    "CKV_K8S_15": "IfNotPresent with a versioned tag or digest (agent.image.pullPolicy)",
     "CKV2_K8S_6": "hostNetwork pods are outside NetworkPolicy's reach",
 }
 

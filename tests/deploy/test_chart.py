@@ -42,12 +42,16 @@ def test_helm_lint_is_clean(variant):
 
 @pytest.mark.parametrize("setting, message", [
     (["--set", "agent.securityMode=root"], "at '/agent/securityMode': value must be one of 'auto', 'privileged', 'capabilities'"),
-    (["--set", "image.pullPolicy=Sometimes"], "at '/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'"),
+    (["--set", "agent.image.pullPolicy=Sometimes"], "at '/agent/image/pullPolicy': value must be one of 'Always', 'IfNotPresent', 'Never'"),
+    (["--set", "operator.image.pullPolicy=Sometimes"], "at '/operator/image/pullPolicy': value must be one of"),
     (["--set", "operator.resources.limits.memory=lots"], "at '/operator/resources/limits/memory': 'lots' does not match pattern"),
     (["--set", "openshift.enabled=yes"], "at '/openshift/enabled': got string, want boolean"),
     (["--set", "agent.metricsPort=80"], "at '/agent/metricsPort': minimum"),
     (["--set", "agent.metricsPort=65437"], "at '/agent/metricsPort': maximum"),
-    (["--set", "image.tag=v1:2"], "at '/image/tag'"),
+    (["--set", "operator.image.tag=v1:2"], "at '/operator/image/tag'"),
+    (["--set", "agent.image.repository=reg/agent:v1"], "at '/agent/image/repository'"),
+    # The one image of earlier releases is gone: its value says so rather than being ignored.
+    (["--set", "image.repository=reg/rt"], "additional properties 'image' not allowed"),
     (["--set", "agent.securityMod=capabilities"], "additional properties 'securityMod' not allowed"),
 ])
 def test_values_schema_refuses_bad_values_with_a_clear_message(setting, message):
@@ -145,10 +149,12 @@ def test_the_agents_scc_admits_the_pods_the_operator_renders_and_nothing_more(mo
 
 def test_operator_settings_come_from_values():
     env = operator_env(objects("--set", "agent.securityMode=capabilities",
-                               "--set", "image.repository=quay.io/me/rt", "--set", "image.tag=v9",
+                               "--set", "agent.image.repository=quay.io/me/rt-agent", "--set", "agent.image.tag=v9",
+                               "--set", "agent.image.pullPolicy=Always",
                                "--set", "agent.resources.limits.memory=300Mi"))
     assert env["RTRACE_AGENT_SECURITY_MODE"] == "capabilities"
-    assert env["RTRACE_AGENT_IMAGE"] == "quay.io/me/rt:v9"
+    assert env["RTRACE_AGENT_IMAGE"] == "quay.io/me/rt-agent:v9"
+    assert env["RTRACE_AGENT_IMAGE_PULL_POLICY"] == "Always"
     assert json.loads(env["RTRACE_AGENT_RESOURCES"])["limits"]["memory"] == "300Mi"
     assert env["RTRACE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
@@ -162,7 +168,7 @@ def test_operator_reads_the_env_the_chart_gives_it():
     settings = Settings.from_env(env)
     assert settings.agent_service_account == "retransmit-operator-agent"
     assert "ServiceAccount/" + settings.agent_service_account in objs
-    assert settings.agent_image == "ghcr.io/retransmit-operator/retransmit-operator:0.1.0"
+    assert settings.agent_image == "ghcr.io/retransmit-operator/retransmit-agent:0.1.0"
     assert settings.agent_resources["limits"] == {"cpu": "1", "memory": "512Mi"}
     assert settings.metrics_port == 8080 and settings.agent_metrics_port == 9464
     # The chart's defaults are the model's (tests/unit/test_chart_values.py checks the files).
@@ -174,10 +180,24 @@ def test_operator_reads_the_env_the_chart_gives_it():
     assert {name for name in operator_env(objs) if name.startswith("RTRACE_")} <= read
 
 
-def test_image_tag_may_be_a_digest():
-    digest = "sha256:" + "ab" * 32
-    env = operator_env(objects("--set", f"image.tag={digest}"))
-    assert env["RTRACE_AGENT_IMAGE"] == f"ghcr.io/retransmit-operator/retransmit-operator@{digest}"
+def test_operator_and_agent_images_are_separate_values():
+    """The Deployment runs the operator image; the agent image reaches the operator (which
+    puts it in every agent DaemonSet) only through RTRACE_AGENT_IMAGE."""
+    objs = objects("--set", "operator.image.repository=reg.example/rt-operator", "--set", "operator.image.tag=1.2",
+                   "--set", "operator.image.pullPolicy=Never")
+    container = objs["Deployment/retransmit-operator"]["spec"]["template"]["spec"]["containers"][0]
+    assert (container["image"], container["imagePullPolicy"]) == ("reg.example/rt-operator:1.2", "Never")
+    env = operator_env(objs)
+    assert (env["RTRACE_AGENT_IMAGE"], env["RTRACE_AGENT_IMAGE_PULL_POLICY"]) == (
+        "ghcr.io/retransmit-operator/retransmit-agent:0.1.0", "IfNotPresent")
+
+
+def test_image_tags_may_be_digests():
+    operator_digest, agent_digest = "sha256:" + "ab" * 32, "sha256:" + "cd" * 32
+    objs = objects("--set", f"operator.image.tag={operator_digest}", "--set", f"agent.image.tag={agent_digest}")
+    container = objs["Deployment/retransmit-operator"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"ghcr.io/retransmit-operator/retransmit-operator@{operator_digest}"
+    assert operator_env(objs)["RTRACE_AGENT_IMAGE"] == f"ghcr.io/retransmit-operator/retransmit-agent@{agent_digest}"
 
 
 def test_operator_pod_is_locked_down():

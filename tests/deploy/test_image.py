@@ -1,11 +1,14 @@
-"""The image, for real: build it (make image-build: podman from a debootstrap base), run its
-agent in a privileged container with only the host mounts a DaemonSet gives it, make real
-retransmits in a private network namespace, and compare with a reference counter."""
+"""The images, for real: build both (make image-build: podman from a base made from this
+host's apt sources). The operator image: small, non-root, none of the agent's bcc, clang or
+kernel headers, and it reconciles as an arbitrary uid. The agent image: its agent runs in a
+privileged container with only the host mounts a DaemonSet gives it, against real
+retransmits in a private network namespace, compared with a reference counter."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -13,47 +16,84 @@ from pathlib import Path
 
 import pytest
 
-from helm.render_manifests import ROOT
+from tests.deploy.images import AGENT_IMAGE, OPERATOR_IMAGE, PODMAN, ULIMITS, build, inspect, paths_in
 from tests.harness.netns import LossNamespace
 from tests.harness.refcount import ReferenceCounter, involving, per_flow
 
 pytestmark = pytest.mark.deploy
 
-IMAGE = os.environ.get("RTRACE_IMAGE", "localhost/retransmit-operator:dev")
-# crun fails on this machine's hybrid cgroups; podman's default ulimits exceed its hard limit.
-PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
-ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+# The issue's target for the operator image (podman's size: the unpacked layers, in bytes).
+OPERATOR_IMAGE_MAX_BYTES = 150_000_000
+# Paths of the agent's toolchain that the operator image must not carry: bcc (its Python
+# package and library), clang/LLVM, kernel headers.
+AGENT_ONLY = re.compile(r"(^|/)(bcc|libbcc[^/]*|clang[^/]*|libclang[^/]*|llvm[^/]*|libLLVM[^/]*|kernel-headers"
+                        r"|linux-headers-[^/]*)(/|$)")
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
-    """The image as the tree is now (layers are cached: seconds when nothing changed)."""
-    subprocess.run(["make", "-s", "-C", str(ROOT), "image-build", f"IMAGE={IMAGE}"], check=True,
-                   stdout=subprocess.DEVNULL)
-    return IMAGE
+def images() -> dict[str, str]:
+    """Both images as the tree is now (layers are cached: seconds when nothing changed)."""
+    build()
+    return {"operator": OPERATOR_IMAGE, "agent": AGENT_IMAGE}
+
+
+@pytest.fixture(scope="module")
+def agent_image(images) -> str:
+    return images["agent"]
+
+
+@pytest.fixture(scope="module")
+def operator_image(images) -> str:
+    return images["operator"]
 
 
 def podman_run(*args: str, name: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([*PODMAN, "run", "--rm", "--name", name, *ULIMITS, *args], **kwargs)
 
 
-def inspect(image: str) -> dict:
-    out = subprocess.run(["podman", "image", "inspect", image], check=True, capture_output=True, text=True).stdout
-    return json.loads(out)[0]
+def test_operator_image_is_small_and_has_no_bcc_clang_or_kernel_headers(images):
+    sizes = {role: inspect(image)["Size"] for role, image in images.items()}
+    for role, image in images.items():
+        print(f"{role} image {image}: {sizes[role] / 1e6:.1f} MB")
+    found = {role: sorted({m.group(0).strip("/") for p in paths_in(image) if (m := AGENT_ONLY.search(p))})
+             for role, image in images.items()}
+    # The agent image has them all (so the pattern finds them), the operator image none.
+    assert {"bcc", "kernel-headers"} <= set(found["agent"]), found["agent"]
+    assert any(name.startswith(("libclang", "libLLVM", "llvm")) for name in found["agent"]), found["agent"]
+    assert found["operator"] == []
+    assert sizes["operator"] < OPERATOR_IMAGE_MAX_BYTES, f"operator image {sizes['operator'] / 1e6:.1f} MB"
 
 
-def test_image_runs_the_operator_as_a_non_root_user(image):
-    config = inspect(image)["Config"]
+def test_operator_image_runs_the_operator_as_a_non_root_user(operator_image):
+    config = inspect(operator_image)["Config"]
     assert config["User"] == "65532:65532"
     assert config["Cmd"] == ["retransmit-operator"]
-    done = subprocess.run([*PODMAN, "run", "--rm", *ULIMITS, image, "sh", "-c",
-                           "id -u; command -v retransmit-operator; command -v retransmit-agent; retransmit-operator --help"],
+    done = subprocess.run([*PODMAN, "run", "--rm", *ULIMITS, operator_image, "python", "-c",
+                           "import os, shutil, importlib.util as u; print(os.getuid()); "
+                           "print(shutil.which('retransmit-operator'), shutil.which('retransmit-agent')); "
+                           "print([m for m in ('bcc', 'retransmit_agent', 'retransmit_operator') if u.find_spec(m)])"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[0] == "65532"
-    assert lines[1:3] == ["/opt/retransmit/venv/bin/retransmit-operator", "/usr/local/bin/retransmit-agent"]
-    assert "usage: retransmit-operator" in done.stdout
+    assert done.stdout.splitlines() == ["65532", "/opt/retransmit/venv/bin/retransmit-operator None",
+                                        "['retransmit_operator']"]
+    usage = subprocess.run([*PODMAN, "run", "--rm", *ULIMITS, operator_image, "retransmit-operator", "--help"],
+                           capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and "usage: retransmit-operator" in usage.stdout, usage.stderr
+
+
+def test_agent_image_carries_its_architectures_generic_headers(agent_image):
+    config = inspect(agent_image)["Config"]
+    assert config["Cmd"] == ["retransmit-agent"]
+    arch = inspect(agent_image)["Architecture"]
+    done = subprocess.run([*PODMAN, "run", "--rm", *ULIMITS, agent_image, "sh", "-c",
+                           "command -v retransmit-agent; cat $RTRACE_KERNEL_HEADERS/DEBIAN-PACKAGE; "
+                           "ls $RTRACE_KERNEL_HEADERS/arch"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    wrapper, package, *arch_dirs = done.stdout.split()
+    assert wrapper == "/usr/local/bin/retransmit-agent"
+    assert package.startswith("linux-headers-") and package.endswith(f"-{arch}")
+    assert arch_dirs == [{"amd64": "x86", "arm64": "arm64"}[arch]]
 
 
 def podman_security(context: dict) -> list[str]:
@@ -71,7 +111,7 @@ def podman_security(context: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", ["privileged", "capabilities"])
-def test_image_agent_counts_real_retransmits_with_its_generic_kernel_headers(image, mode):
+def test_agent_image_counts_real_retransmits_with_its_generic_kernel_headers(agent_image, mode):
     """The agent container with the securityContext the operator renders for `mode`, and
     no /lib/modules or /usr/src from the host (as on RHCOS): bcc must compile against the
     image's generic headers, and the counts must match the reference counter exactly."""
@@ -84,7 +124,7 @@ def test_image_agent_counts_real_retransmits_with_its_generic_kernel_headers(ima
         agent = podman_run(
             *podman_security(security_context(mode)), "--network", "host",
             "-v", "/sys/kernel/debug:/sys/kernel/debug:ro", "-v", "/sys/kernel/tracing:/sys/kernel/tracing:ro",
-            image, "retransmit-agent", "local", "--duration", "300s", "--output", "json", "--top", "0",
+            agent_image, "retransmit-agent", "local", "--duration", "300s", "--output", "json", "--top", "0",
             *[arg for ip in ours for arg in ("--remote-cidr", f"{ip}/32")],
             name=name, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -116,7 +156,7 @@ def test_image_agent_counts_real_retransmits_with_its_generic_kernel_headers(ima
     print(f"image agent ({mode}): {report['retransmits']} retransmits over {len(got)} flows, reference {want_total}")
 
 
-def test_image_operator_reconciles_as_an_arbitrary_uid_without_a_passwd_entry(image, control_plane, tmp_path):
+def test_operator_image_reconciles_as_an_arbitrary_uid_without_a_passwd_entry(operator_image, control_plane, tmp_path):
     """containerd and CRI-O add no passwd entry for the image's user, and OpenShift's
     restricted-v2 SCC picks an arbitrary uid with gid 0: the operator must start and act
     as such a user (kopf's default identity called getpwuid() and crash-looped there).
@@ -140,7 +180,7 @@ def test_image_operator_reconciles_as_an_arbitrary_uid_without_a_passwd_entry(im
         "--cap-drop=ALL", "--security-opt", "no-new-privileges",
         "-v", f"{kubeconfig}:/run/kubeconfig:ro", "-e", "KUBECONFIG=/run/kubeconfig",
         "-e", f"RTRACE_NAMESPACE={ns}", "-e", f"RTRACE_METRICS_PORT={health_port}",
-        image, name=name, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        operator_image, name=name, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with control_plane.api_client() as api:
             apps = kubernetes.client.AppsV1Api(api)
@@ -160,7 +200,8 @@ def test_image_operator_reconciles_as_an_arbitrary_uid_without_a_passwd_entry(im
                         raise
                 assert time.monotonic() < deadline, "the operator running as uid 1000680000 made no DaemonSet"
                 time.sleep(1)
-        uid = subprocess.run([*PODMAN, "exec", name, "id", "-u"], capture_output=True, text=True, check=True)
+        uid = subprocess.run([*PODMAN, "exec", name, "python", "-c", "import os; print(os.getuid())"],
+                             capture_output=True, text=True, check=True)
         assert uid.stdout.strip() == "1000680000"
     finally:
         kubectl(control_plane, "delete", "rtrace", trace, "--ignore-not-found", check=False)

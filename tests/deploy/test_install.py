@@ -10,36 +10,16 @@ import base64
 import json
 import os
 import subprocess
-import time
-from typing import Callable, Optional
 
 import pytest
 import yaml
 
 from helm.render_manifests import MANIFESTS
-from tests.deploy.kube import CHART, can_i, helm, kubectl, unique
+from tests.deploy.kube import CHART, can_i, get_json, helm, kubectl, unique, wait_for
 from tests.harness.netns import LossNamespace
 from tests.harness.refcount import ReferenceCounter, involving, per_flow
 
 pytestmark = pytest.mark.deploy
-
-
-def wait_for(what: str, probe: Callable[[], Optional[object]], timeout: float = 180, every: float = 1.0):
-    """Poll until probe() returns something truthy; fail naming `what` (never a timing assertion:
-    the timeout only bounds a wait for a state that must come)."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def get_json(cp, *args: str) -> Optional[dict]:
-    done = kubectl(cp, "get", *args, "-o", "json", check=False)
-    return json.loads(done.stdout) if done.returncode == 0 else None
 
 
 def token_subject(token: str) -> str:

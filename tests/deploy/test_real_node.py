@@ -1,5 +1,5 @@
 """The chart on a real node: kubelet + containerd on this host (tests/harness/realnode.py) run
-the project image as real containers, with the image, mounts, probes, securityContext and
+the project's images as real containers, with the images, mounts, probes, securityContext and
 resource limits the chart and the operator render (the node simulator applies none of them).
 
 One module, in order: helm install with the chart's defaults (security mode auto: agents
@@ -11,29 +11,27 @@ with the host as it was before. Each trace's agent counts lossy
 IPv4, IPv6 and SYN-ACK traffic between two pods of the node with addresses of their own; its
 node report must equal the reference counter.
 
-Test values (beside the chart's defaults): the local image with pullPolicy Never (no
+Test values (beside the chart's defaults): the local images with pullPolicy Never (no
 registry), and the operator pinned to the real node (simulated nodes may share the cluster).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from collections import Counter
 from datetime import datetime
 from typing import Any, Optional
 
 import kubernetes
 import pytest
-from helm.render_manifests import ROOT
 
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION, NodeStatus
 from retransmit_core.naming import (
     agent_selector_labels, daemonset_name, privileged_daemonset_name, report_name,
 )
 from retransmit_operator.privilege import recorded_privileged_nodes
+from tests.deploy.images import AGENT_IMAGE, OPERATOR_IMAGE, build, chart_values
 from tests.deploy.kube import CHART, helm, kubectl, unique
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_gone, wait_until
@@ -43,18 +41,16 @@ from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1500)]
 
-IMAGE = os.environ.get("RTRACE_IMAGE", "localhost/retransmit-operator:dev")
 ARBITRARY_UID = 1000680000          # as OpenShift's restricted-v2 SCC assigns, with gid 0
 TEST_LABEL = "rtrace.dev/real-node-test"
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
-    """The image as the tree is now (layers cached: seconds when nothing changed), and the
+def images() -> list[str]:
+    """Both images as the tree is now (layers cached: seconds when nothing changed), and the
     node's runtime packages."""
-    subprocess.run(["make", "-s", "-C", str(ROOT), "real-node-tools", "image-build", f"IMAGE={IMAGE}"],
-                   check=True, stdout=subprocess.DEVNULL)
-    return IMAGE
+    build("real-node-tools")
+    return [OPERATOR_IMAGE, AGENT_IMAGE]
 
 
 class Node:
@@ -68,8 +64,8 @@ class Node:
 
 
 @pytest.fixture(scope="module")
-def real(control_plane, image):
-    node = RealNode(control_plane, image=image)
+def real(control_plane, images):
+    node = RealNode(control_plane, images=images)
     before = HostState.capture(node.state, re.compile(f"^{BRIDGE}$"))
     node.start()
     print(f"\nreal node set-up {node.timings['total']:.1f}s: "
@@ -96,10 +92,8 @@ class Release:
         self.cp, self.node = cp, node
         self.name = unique("rn")
         self.ns = unique("rtrace-rn")
-        repository, tag = IMAGE.rsplit(":", 1)
         self.values = ["--set", f"namespace.name={self.ns}", "--set", f"fullnameOverride={self.name}",
-                       "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
-                       "--set", "image.pullPolicy=Never",
+                       *chart_values("Never"),
                        "--set-json", f"operator.nodeSelector={json.dumps({'kubernetes.io/hostname': node.name})}"]
 
     def install(self, *extra: str) -> None:
@@ -268,7 +262,7 @@ def run_trace_and_compare(cp, release: Release, real: Node, reference, core, nam
     agent = wait_until(lambda: next((p for p in release.pods(**labels) if ready(p)), None),
                        f"the agent pod of {trace.name} Running and Ready", timeout=240)
     assert agent["spec"]["nodeName"] == node.name
-    assert container_status(agent, "agent")["image"].endswith(IMAGE.split("/", 1)[1])
+    assert container_status(agent, "agent")["image"].endswith(AGENT_IMAGE.split("/", 1)[1])
     trace.wait_entry("agent attached and reporting", lambda e: e.phase == "Running")
 
     before = reference.read()
@@ -334,6 +328,7 @@ def test_default_install_runs_on_real_containers_and_counts_like_the_reference(
     operator = wait_until(lambda: next((p for p in release.pods(**{"app.kubernetes.io/component": "operator"})
                                         if ready(p)), None), "the operator pod Ready", timeout=300)
     assert operator["spec"]["nodeName"] == real.node.name
+    assert container_status(operator, "operator")["image"].endswith(OPERATOR_IMAGE.split("/", 1)[1])
     pid = main_pid(real.node, operator, "operator")
     assert proc_status(pid)["Uid"].split()[0] == "65532"          # the image's user: non-root
     assert "ro" in mounts(pid)["/"][0].split(",")                   # read-only root filesystem

@@ -1,7 +1,7 @@
 """`make cluster-up` / `make cluster-down`: the test control plane plus node simulator, run by
 hand in the background so kubectl, helm and the operator can be pointed at it.
 
-    python -m tests.harness.cluster_cli up   [--state DIR] [--nodes node-a,node-b] [--real-node [--image IMG]]
+    python -m tests.harness.cluster_cli up   [--state DIR] [--nodes node-a,node-b] [--real-node [--image IMG]...]
     python -m tests.harness.cluster_cli down [--state DIR]
     python -m tests.harness.cluster_cli run  [--state DIR]   # foreground, what `up` starts
 
@@ -9,8 +9,10 @@ State (kubeconfig, logs, pid file, pod dirs) lives in DIR (default /tmp/rtrace-c
 `up` prints `export KUBECONFIG=DIR/kubeconfig` on its last line.
 
 --real-node adds a real node (tests/harness/realnode.py: kubelet + containerd on this host,
-state in DIR/real-node) beside the simulated ones, with the project image IMG (default
-$RTRACE_IMAGE) imported: `helm install` onto it with image.pullPolicy=Never.
+state in DIR/real-node) beside the simulated ones, with the project's images IMG (each
+--image; by default $RTRACE_TEST_OPERATOR_IMAGE and $RTRACE_TEST_AGENT_IMAGE, which the
+Makefile sets) imported: `helm install` onto it with operator.image.pullPolicy=Never and
+agent.image.pullPolicy=Never.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 DEFAULT_STATE = Path(os.environ.get("RTRACE_CLUSTER_DIR", "/tmp/rtrace-cluster"))
 
@@ -42,7 +45,7 @@ def _pid(state: Path):
     return pid
 
 
-def run(state: Path, nodes: list[str], real_node: bool = False, image: str = "") -> int:
+def run(state: Path, nodes: list[str], real_node: bool = False, images: Sequence[str] = ()) -> int:
     """Foreground: start both, write DIR/kubeconfig and DIR/ready, wait for SIGTERM/SIGINT."""
     from .controlplane import ControlPlane
     from .nodesim import NodeSimulator
@@ -57,7 +60,7 @@ def run(state: Path, nodes: list[str], real_node: bool = False, image: str = "")
     shutil.rmtree(cp_dir, ignore_errors=True)
     with ControlPlane(workdir=cp_dir) as cp:
         with NodeSimulator(cp.kubeconfig, nodes, state_dir=state / "nodes") as sim, \
-                (RealNode(cp, image=image or None, state_dir=state / "real-node") if real_node
+                (RealNode(cp, images=images, state_dir=state / "real-node") if real_node
                  else contextlib.nullcontext()) as real:
             kubeconfig = state / "kubeconfig"
             shutil.copy(cp.kubeconfig, kubeconfig)
@@ -67,14 +70,15 @@ def run(state: Path, nodes: list[str], real_node: bool = False, image: str = "")
                   f"{sim.state_dir / 'pods'}", flush=True)
             if real is not None:
                 print(f"real node {real.name} (kubelet + containerd) up in {real.timings['total']:.1f}s "
-                      f"with image {image or '(none)'}; logs in {real.state}", flush=True)
+                      f"with images {', '.join(images) or '(none)'}; logs in {real.state}", flush=True)
             done.wait()
     (state / "ready").unlink(missing_ok=True)
     (state / "cluster.pid").unlink(missing_ok=True)
     return 0
 
 
-def up(state: Path, nodes: list[str], real_node: bool = False, image: str = "", timeout: float = 420) -> int:
+def up(state: Path, nodes: list[str], real_node: bool = False, images: Sequence[str] = (),
+       timeout: float = 420) -> int:
     if _pid(state) and (state / "ready").exists():
         print(f"cluster already running (pid {_pid(state)})", file=sys.stderr)
         print(f"export KUBECONFIG={state / 'kubeconfig'}")
@@ -85,7 +89,7 @@ def up(state: Path, nodes: list[str], real_node: bool = False, image: str = "", 
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.harness.cluster_cli", "run", "--state", str(state),
-             "--nodes", ",".join(nodes), *(["--real-node", "--image", image] if real_node else [])],
+             "--nodes", ",".join(nodes), *(["--real-node", *(arg for image in images for arg in ("--image", image))] if real_node else [])],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=Path(__file__).resolve().parents[2], start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -152,15 +156,18 @@ def main(argv=None) -> int:
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE)
     parser.add_argument("--nodes", default="node-a,node-b")
     parser.add_argument("--real-node", action="store_true", help="add a real kubelet + containerd node")
-    parser.add_argument("--image", default=os.environ.get("RTRACE_IMAGE", ""),
-                        help="project image to import into the real node (podman)")
+    parser.add_argument("--image", action="append", dest="images",
+                        help="a project image to import into the real node (podman); repeatable")
     args = parser.parse_args(argv)
+    if args.images is None:
+        args.images = [image for image in (os.environ.get("RTRACE_TEST_OPERATOR_IMAGE"),
+                                           os.environ.get("RTRACE_TEST_AGENT_IMAGE")) if image]
     nodes = [n for n in args.nodes.split(",") if n]
     if args.command == "up":
-        return up(args.state, nodes, args.real_node, args.image)
+        return up(args.state, nodes, args.real_node, args.images)
     if args.command == "down":
         return down(args.state)
-    return run(args.state, nodes, args.real_node, args.image)
+    return run(args.state, nodes, args.real_node, args.images)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-TRACEPOINTS = ("tcp_retransmit_skb", "tcp_retransmit_synack")
+# (category, event): the tcp tracepoints, and skb:kfree_skb whose `reason` (5.17+) turns
+# drop counting on; a field name is masked wherever it is declared.
+TRACEPOINTS = (("tcp", "tcp_retransmit_skb"), ("tcp", "tcp_retransmit_synack"), ("skb", "kfree_skb"))
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -45,8 +47,8 @@ def mask_formats(drop: Sequence[str], workdir: Path) -> list[str]:
     Only call inside a private mount namespace: the mounts would otherwise be the host's."""
     covered = []
     for root in TRACEFS_ROOTS:
-        for event in TRACEPOINTS:
-            live = Path(root) / "events" / "tcp" / event / "format"
+        for category, event in TRACEPOINTS:
+            live = Path(root) / "events" / category / event / "format"
             if not live.is_file():
                 continue
             copy = workdir / f"{root.strip('/').replace('/', '_')}_{event}.format"
@@ -118,15 +120,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps({"error": str(problem), "masked": covered}), flush=True)
             return 1
         with program:
+            from retransmit_agent.check import evaluate, gather_facts
+
+            checks = {line.name: line.render() for line in evaluate(gather_facts())}
             print(json.dumps({"features": program.features.describe(), "switches": program.features.switches(),
-                              "instructions": program.instruction_counts(), "masked": covered}), flush=True)
+                              "instructions": program.instruction_counts(), "masked": covered,
+                              "counts_drops": program.counts_drops, "checks": checks}), flush=True)
             sys.stdin.readline()
             snap = program.snapshot()
         flows = [[f.family, f.local_ip, f.local_port, f.remote_ip, f.remote_port, f.retransmits,
                   f.synack_retransmits, f.last_state] for f in snap.flow_counters]
         print(json.dumps({"retransmits": snap.retransmits, "synack_retransmits": snap.synack_retransmits,
                           "failed_attempts": snap.failed_attempts, "by_state": snap.by_state,
-                          "flows": flows}), flush=True)
+                          "flows": flows, "drops": None if snap.drops is None else snap.drops.by_reason}),
+              flush=True)
     return 0
 
 

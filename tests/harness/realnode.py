@@ -2,12 +2,13 @@
 host, so the chart's pods run as real containers (image, mounts, probes, securityContext,
 resource limits) next to the node simulator's processes.
 
-    with ControlPlane() as cp, RealNode(cp, image="localhost/retransmit-operator:dev") as node:
+    with ControlPlane() as cp, RealNode(cp, images=["localhost/retransmit-operator:dev",
+                                                "localhost/retransmit-agent:dev"]) as node:
         node.name            # the Node's name (NODE_NAME)
         node.pod_pids(uid)   # host pids of a pod's processes; node.netns_path(uid) for its netns
         node.container_cgroup(pod, "agent", "memory")   # a container's cgroup dir (v1 or v2)
 
-What start() does (20-50 s when the image must be imported, about 1.5 s when it is unchanged;
+What start() does (20-50 s when an image must be imported, about 1.5 s when they are unchanged;
 see `timings`):
   - one real node per host: a lock in /run/rtrace-slots, fixed bridge and pod CIDRs;
     records the host state it may change (realnode_host.HostState) into its state dir;
@@ -20,8 +21,8 @@ see `timings`):
     restrict_oom_score_adj, runtime binary: the test-only capability filter
     runc_capfilter.py, because this host's bounding set lacks CAP_SYS_RESOURCE);
   - the sandbox image (SANDBOX_IMAGE, made from the `pause` program make k8s-binaries builds)
-    and the project image (podman save; ctr import) in namespace k8s.io. containerd's root
-    (images only) stays in the cache dir, so an unchanged image is not imported again;
+    and the project's images (podman save; ctr import) in namespace k8s.io. containerd's
+    root (images only) stays in the cache dir, so an unchanged image is not imported again;
   - kubelet (node client and serving certificates from the control plane's CA, webhook
     authentication and authorization, cgroupfs, image GC off), waits for the Node to be
     Ready and sets its podCIDRs.
@@ -51,7 +52,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -158,9 +159,9 @@ def podman_archive(image: str, out: Path) -> Path:
 # ---- the node ---------------------------------------------------------------------------
 
 class RealNode:
-    def __init__(self, cp: ControlPlane, *, image: Optional[str] = None, state_dir: Optional[Path] = None,
+    def __init__(self, cp: ControlPlane, *, images: Sequence[str] = (), state_dir: Optional[Path] = None,
                  name: str = NODE_NAME, start_timeout: float = 180.0):
-        self.cp, self.image, self.name, self.start_timeout = cp, image, name, start_timeout
+        self.cp, self.images, self.name, self.start_timeout = cp, tuple(images), name, start_timeout
         self._own_state = state_dir is None
         self.state = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="rtrace-realnode-"))
         self.store = cache_dir() / "real-node-containerd"     # images only, see _open_store
@@ -387,9 +388,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def _ensure_images(self, pause: Path) -> None:
         self._ensure_image(SANDBOX_IMAGE, hashlib.sha256(pause.read_bytes()).hexdigest(),
                            lambda: sandbox_image_archive(pause, self.state / "pause-oci.tar"))
-        if self.image:
-            self._ensure_image(self.image, podman_image_id(self.image),
-                               lambda: podman_archive(self.image, self.state / "image.tar"))
+        for image in self.images:
+            self._ensure_image(image, podman_image_id(image),
+                               lambda image=image: podman_archive(image, self.state / "image.tar"))
         self._prune_images()
 
     def _imported(self) -> dict[str, str]:
@@ -416,7 +417,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def _prune_images(self) -> None:
         """Drop image references to older versions (containerd's GC then frees their layers)."""
         rows = [line.split() for line in self.ctr("images", "ls").stdout.splitlines()[1:] if line.strip()]
-        wanted = {SANDBOX_IMAGE, *([self.image] if self.image else [])}
+        wanted = {SANDBOX_IMAGE, *self.images}
         keep = {row[2] for row in rows if row[0] in wanted}
         for row in rows:
             if row[0] not in wanted and row[2] not in keep:

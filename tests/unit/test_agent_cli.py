@@ -10,10 +10,11 @@ from rich.console import Console
 
 from retransmit_agent.cli import build_parser, local_options
 from retransmit_agent.filters import UsageError
-from retransmit_agent.flows import FlowCounters
+from retransmit_agent.flows import FlowCounters, SocketState
 from retransmit_agent.kernel import KernelConfig, KernelSnapshot
 from retransmit_agent.nodeentry import NodeFacts, node_entry
 from retransmit_agent.livetable import render_report
+from retransmit_agent.segments import TcpSegments
 
 pytestmark = pytest.mark.unit
 
@@ -64,3 +65,22 @@ def test_table_shows_totals_and_flows():
     for part in ("retransmits 42", "SYN-ACK retransmits 1", "lost samples 3", "FIN_WAIT1 42",
                  "[fd00::1]:443", "[fd00::2]:50000", "12:30:05", "top flows on node-a", "12s of 30s"):
         assert part in text
+    assert "node retransmitted/sent unknown" in text    # no segment counters in this snapshot
+
+
+def test_table_shows_each_flows_ratio_and_the_nodes_segments():
+    t = datetime(2026, 1, 1, 12, 30, 5, tzinfo=timezone.utc)
+    read = SocketState(srtt_us=900, snd_cwnd=10, packets_out=2, retrans_out=0, timeouts=0,
+                       data_segs_out=2000, total_retrans=117)
+    flow = FlowCounters("IPv4", "198.18.0.1", 443, "198.18.0.2", 50000, 90, 0, "ESTABLISHED", t, t, socket=read)
+    snapshot = KernelSnapshot(retransmits=90, synack_retransmits=0, lost_events=0, sampled_events=0,
+                              failed_attempts=0, missed_events=0, by_state={"ESTABLISHED": 90},
+                              flow_counters=[flow], tcp_segments=TcpSegments(out_segs=9000, retrans_segs=120))
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render_report(node_entry(snapshot, NodeFacts("node-a"), top_flows=10, keep_events=20, now=t).entry,
+                                5.0, None))
+    text = console.export_text()
+    assert "node retransmitted/sent 120/9000 (1.33%)" in text
+    row = next(line for line in text.splitlines() if "198.18.0.1:443" in line)
+    cells = [c.strip() for c in row.split("│") if c.strip()]
+    assert cells[3:5] == ["90", "5.85%"]

@@ -28,12 +28,26 @@ def code(name: str) -> str:
 def test_program_reads_tracepoint_fields_and_btf_resolved_socket_offsets_only():
     # no hand-written tracepoint struct, no kernel structs (the image's generic headers
     # belong to another kernel): socket memory only at offsets from this node's BTF
-    program = code("retransmit.bpf.c")
-    assert not re.search(r"struct\s+(sock|sk_buff|inet_sock|tcp_sock|trace_event_raw_\w+)\b", program)
+    program, _, drops = code("retransmit.bpf.c").partition("#ifdef HAVE_DROP_REASONS")
+    assert not re.search(r"struct\s+(sock|sk_buff|inet_sock|tcp_sock|trace_event_raw_\w+)\b", program + drops)
     reads = re.findall(r"read_kernel\(([^;]*?)\)\s*(?:\|\||\))", program)
-    assert len(reads) == 8
+    # causes (2 + 1), RTT and window (1 span or 4 fields), segment counters (2)
+    assert len(reads) == 10
     assert all(re.search(r"base \+ SOCK_[A-Z_]+$", args.strip()) for args in reads), reads
-    assert "bpf_probe_read(" not in program.replace("#define read_kernel bpf_probe_read", "")
+    assert "bpf_probe_read(" not in program.replace("#define read_kernel bpf_probe_read", "") + drops
+
+
+def test_drop_part_reads_sk_buff_only_at_btf_offsets_then_the_ip_header():
+    # the drop part (skb:kfree_skb) reads struct sk_buff at SKB_* offsets from the node's BTF,
+    # and packet bytes only from the IP header those give (head + network_header)
+    drops = code("retransmit.bpf.c").partition("#ifdef HAVE_DROP_REASONS")[2]
+    reads = [args.split(",")[-1].strip() for args in re.findall(r"bpf_probe_read_kernel\(([^;]*?)\)\s*(?:\|\||\))", drops)]
+    skb_reads = [r for r in reads if r.startswith("skb + ")]
+    assert skb_reads and all(re.fullmatch(r"skb \+ (SKB_[A-Z_]+|SKB_SPAN_FIRST)", r) for r in skb_reads), reads
+    assert set(reads) - set(skb_reads) == {"ip", "ip + (ihl & 0x3c"}, reads   # the regex stops at the first ")"
+    # the cheapest tests come first: the reason and the protocol are tracepoint fields
+    probe = drops[drops.index("TRACEPOINT_PROBE(skb, kfree_skb)"):]
+    assert probe.index("DROP_REASON_NOT_SPECIFIED") < probe.index("ETH_P_IP_") < probe.index("read_skb(")
 
 
 def test_samples_are_submitted_without_waking_user_space():

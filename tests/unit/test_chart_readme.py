@@ -26,7 +26,7 @@ def test_the_committed_chart_readme_is_the_generators_output():
 
 def test_every_value_of_the_chart_has_a_row():
     text = chart_readme.current()
-    for key in ("image.repository", "agent.securityMode", "maxRunningTraces", "monitoring.podMonitor.labels"):
+    for key in ("operator.image.repository", "agent.image.tag", "agent.securityMode", "maxRunningTraces", "monitoring.podMonitor.labels"):
         assert f"| `{key}` |" in text
 
 

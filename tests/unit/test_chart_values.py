@@ -29,7 +29,7 @@ CHART_VALUES = {
     "agent.metricsPort": "agent_metrics_port",
     "agent.securityMode": "agent_security_mode",
     "agent.resources": "agent_resources",
-    "image.pullPolicy": "agent_image_pull_policy",
+    "agent.image.pullPolicy": "agent_image_pull_policy",
     "operator.metricsPort": "metrics_port",
     "operator.logLevel": "log_level",
     "namespace.name": "namespace",
@@ -51,6 +51,8 @@ def schema_of(dotted: str) -> dict:
     node = SCHEMA
     for key in dotted.split("."):
         node = node["properties"][key]
+        if "$ref" in node:          # "#/definitions/<name>"
+            node = SCHEMA["definitions"][node["$ref"].rsplit("/", 1)[1]]
     return node
 
 
@@ -94,7 +96,7 @@ def test_operator_metrics_port_bounds_are_inside_the_settings_bounds():
     assert model["minimum"] <= chart["minimum"] == 1024
 
 
-@pytest.mark.parametrize("chart_value", ["agent.securityMode", "image.pullPolicy"])
+@pytest.mark.parametrize("chart_value", ["agent.securityMode", "agent.image.pullPolicy"])
 def test_chart_choices_are_the_settings_choices(chart_value):
     assert schema_of(chart_value)["enum"] == MODEL[CHART_VALUES[chart_value]]["enum"]
 

@@ -15,6 +15,7 @@ from tests.harness.nodesim.podspec import (
 )
 
 pytestmark = pytest.mark.unit
+from tests.harness.nodesim.podspec import container_path
 
 SETTINGS = Settings(namespace="rt-system", agent_image="example/agent:1", agent_service_account="agent-sa")
 NODE_IPS = ["198.18.0.1", "fd00:0:1:0::1"]
@@ -115,8 +116,8 @@ def test_args_expand_env_references_like_kubelet():
 
 
 def test_container_without_command_runs_its_images_entrypoint_with_its_args():
-    container = {"name": "agent", "image": "localhost/retransmit-operator:dev", "args": ["check"]}
-    argv, _ = container_command(container, {}, {"localhost/retransmit-operator:dev": ["retransmit-agent"]}, "/d")
+    container = {"name": "agent", "image": "localhost/retransmit-agent:dev", "args": ["check"]}
+    argv, _ = container_command(container, {}, {"localhost/retransmit-agent:dev": ["retransmit-agent"]}, "/d")
     assert argv == ["retransmit-agent", "check"]
 
 
@@ -124,6 +125,19 @@ def test_container_without_command_or_known_image_is_refused_with_the_reason():
     container = {"name": "web", "image": "nginx"}
     with pytest.raises(ValueError, match=r"container web has no command and image 'nginx' has no entrypoint"):
         container_command(container, {}, {}, "/d")
+
+
+def test_a_container_of_an_image_with_its_own_build_finds_that_builds_scripts_first():
+    bins = {"localhost/rtrace:v0.1.0": "/tmp/v0.1.0/bin"}
+    old, new = ({"name": "operator", "image": image, "command": ["retransmit-operator"]}
+                for image in ("localhost/rtrace:v0.1.0", "localhost/rtrace:head"))
+    assert container_path(old, "/venv/bin:/usr/bin", bins) == "/tmp/v0.1.0/bin:/venv/bin:/usr/bin"
+    assert container_path(new, "/venv/bin:/usr/bin", bins) == "/venv/bin:/usr/bin"
+    assert container_path({"name": "no-image"}, "/venv/bin", bins) == "/venv/bin"
+    # ... and it is the container's $PATH, where its command is looked up.
+    pod = plain_pod(old)
+    env = container_env(old, context(pod, path=container_path(old, "/venv/bin:/usr/bin", bins)))
+    assert env["PATH"] == "/tmp/v0.1.0/bin:/venv/bin:/usr/bin"
 
 
 # ---- env ----------------------------------------------------------------------------------

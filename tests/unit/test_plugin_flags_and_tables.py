@@ -251,7 +251,8 @@ def test_jsonpath_prints_what_the_template_selects(template, want):
 
 def test_wide_adds_columns_and_n_keeps_only_that_namespaces_rows():
     flow = {**TRACE["status"]["summary"]["topFlows"][0], "family": "IPv4", "firstSeen": "2026-11-30T10:00:01Z",
-            "lastSeen": "2026-11-30T10:00:09Z", "socket": {"srttMicroseconds": 2500}}
+            "lastSeen": "2026-11-30T10:00:09Z", "socket": {"srttMicroseconds": 2500},
+            "dataSegsOut": 4000, "totalRetrans": 220, "retransRatio": 0.055}
     other = {**flow, "local": {"ip": "198.18.0.3", "port": 80, "pod": "db", "namespace": "data"}, "retransmits": 20}
     trace = {**TRACE, "status": {**TRACE["status"], "summary": {
         **TRACE["status"]["summary"], "topFlows": [flow, other],
@@ -260,9 +261,9 @@ def test_wide_adds_columns_and_n_keeps_only_that_namespaces_rows():
     assert "FIRST SEEN" not in table_text and "SRTT" not in table_text and "REPORTING" not in table_text
     lines = wide.splitlines()
     header, first = lines[lines.index("TOP FLOWS") + 1:][:2]
-    assert [c.strip() for c in header.split("  ") if c.strip()][-5:] == [
-        "CAUSES", "FAMILY", "FIRST SEEN", "LAST SEEN", "SRTT (us)"]
-    assert first.split()[-4:] == ["IPv4", "2026-11-30T10:00:01Z", "2026-11-30T10:00:09Z", "2500"]
+    assert [c.strip() for c in header.split("  ") if c.strip()][-6:] == [
+        "CAUSES", "FAMILY", "FIRST SEEN", "LAST SEEN", "SRTT (us)", "RETRANS/SENT"]
+    assert first.split()[-5:] == ["IPv4", "2026-11-30T10:00:01Z", "2026-11-30T10:00:09Z", "2500", "220/4000"]
     assert "REPORTING" in wide and "DEPARTED" in wide
     everything = format_trace(trace, Output("table"))
     only_shop = format_trace(trace, Output("table"), namespaces=["shop"])
@@ -285,7 +286,6 @@ def test_service_node_and_outside_ends_read_as_who_has_the_address():
     assert lines[header + 2].split() == ["shop", "web", "10"]
 
 
-
 def test_the_answer_where_comes_first_then_the_path_tables():
     pairs = [{"source": "node-a", "destination": "node-b", "retransmits": 82, "percent": 82},
              {"source": "node-b", "destination": "outside", "retransmits": 3, "percent": 3}]
@@ -298,3 +298,57 @@ def test_the_answer_where_comes_first_then_the_path_tables():
     assert [line.split() for line in lines[header + 2:header + 4]] == [["node-a", "node-b", "82", "82"],
                                                                        ["node-b", "outside", "3", "3"]]
     assert "WHERE:" not in render(TRACE) and "PATHS" not in render(TRACE)   # nothing stands out: nothing said
+
+
+def test_flows_show_their_ratio_beside_the_count_and_sort_by_it_on_request():
+    low = {**TRACE["status"]["summary"]["topFlows"][0], "local": {"ip": "198.18.0.2", "port": 5201},
+           "dataSegsOut": 10000, "totalRetrans": 100, "retransRatio": 0.01}
+    high = {**low, "local": {"ip": "198.18.0.3", "port": 80}, "retransmits": 20, "retransRatio": 0.2}
+    unread = {**low, "local": {"ip": "198.18.0.4", "port": 81}, "retransmits": 50}
+    del unread["retransRatio"]
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "topFlows": [low, unread, high]}}}
+
+    def flow_rows(text):
+        rows = text.split("\n\n")[2].splitlines()
+        header = rows[1].split()
+        return rows[0], header[header.index("RETRANSMITS"):][:2], [row.split()[1:5] for row in rows[2:]]
+
+    title, columns, rows = flow_rows(format_trace(trace, Output("table")))
+    assert title == "TOP FLOWS" and columns == ["RETRANSMITS", "RATIO"]
+    assert [r[0] for r in rows] == ["198.18.0.2:5201", "198.18.0.4:81", "198.18.0.3:80"]
+    assert [r[3] for r in rows] == ["1.00%", "-", "20.00%"]
+    title, _, rows = flow_rows(format_trace(trace, Output("table"), sort="ratio"))
+    assert title == "TOP FLOWS (by retransmit ratio)"
+    assert [r[0] for r in rows] == ["198.18.0.3:80", "198.18.0.2:5201", "198.18.0.4:81"]   # unknown last
+    ns = build_parser().parse_args(["show", "shop", "--sort", "ratio"])
+    assert ns.sort == "ratio" and build_parser().parse_args(["show", "shop"]).sort == "retransmits"
+
+
+def test_the_nodes_segment_ratio_is_beside_the_totals_and_in_each_node_row():
+    trace = {**TRACE, "status": {**TRACE["status"],
+                                 "summary": {**TRACE["status"]["summary"], "outSegs": 20000, "retransSegs": 300,
+                                             "retransRatio": 0.015},
+                                 "nodes": [{"node": "node-a", "phase": "Running", "retransmits": 120, "retransRatio": 0.02}]}}
+    text = render(trace)
+    assert "nodes retransmitted/sent segments 300/20000 (1.50%)" in text
+    lines = text.splitlines()
+    header = lines.index("NODES")
+    assert lines[header + 1].split()[:5] == ["NODE", "PHASE", "RETRANSMITS", "SEGMENT", "RATIO"]
+    assert lines[header + 2].split()[:4] == ["node-a", "Running", "120", "2.00%"]
+    assert "retransmitted/sent" not in render(TRACE)   # no counters read: no ratio made up
+
+
+def test_the_dropping_node_and_reason_lead_and_each_flow_says_where_it_was_lost():
+    flow = {**TRACE["status"]["summary"]["topFlows"][0], "lossAt": "dropped on node-b (NETFILTER_DROP 37)"}
+    trace = {**TRACE, "status": {**TRACE["status"], "summary": {
+        **TRACE["status"]["summary"], "hotPath": "90% of retransmits went from node node-a to node node-b",
+        "topDrops": [{"node": "node-b", "reason": "NETFILTER_DROP", "drops": 37}], "topFlows": [flow]}}}
+    lines = render(trace).splitlines()
+    assert lines[1] == ("WHERE: 90% of retransmits went from node node-a to node node-b; "
+                        "most dropped on node node-b: NETFILTER_DROP 37")
+    header = lines.index("TOP FLOWS")
+    assert lines[header + 1].rstrip().endswith("LOST AT") and lines[header + 2].endswith("dropped on node-b (NETFILTER_DROP 37)")
+    dropped = lines.index("DROPPED BY TRACED NODES")
+    assert lines[dropped + 2].split() == ["node-b", "NETFILTER_DROP", "37"]
+    assert "LOST AT" not in render(TRACE) and "DROPPED" not in render(TRACE)

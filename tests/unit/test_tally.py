@@ -33,6 +33,7 @@ def random_entry(rng: random.Random, node: str) -> NodeStatus:
         node=node, phase="Running", retransmits=rng.randrange(100), synack_retransmits=rng.randrange(5),
         lost_events=rng.randrange(3), missed_events=rng.choice([None, rng.randrange(4)]),
         failed_attempts=rng.choice([None, 0, rng.randrange(4)]),
+        **rng.choice([{}, {"out_segs": (out := rng.randrange(1, 9000)), "retrans_segs": rng.randrange(out)}]),
         by_state={s: n for s in ("ESTABLISHED", "SYN_SENT") if (n := rng.randrange(3))},
         by_cause={c: n for c in ("timeout", "fast") if (n := rng.randrange(3))},
         top_flows=flows, top_pods=pods, last_report_time=NOW)
@@ -40,6 +41,7 @@ def random_entry(rng: random.Random, node: str) -> NodeStatus:
 
 def sums(summary) -> tuple:
     return (summary.retransmits, summary.synack_retransmits, summary.lost_events, summary.missed_events,
+            summary.out_segs, summary.retrans_segs, summary.retrans_ratio,
             summary.failed_attempts, summary.by_cause, summary.by_state, summary.top_pods, summary.top_flows)
 
 
@@ -61,6 +63,11 @@ def test_kept_sums_equal_sums_from_scratch_after_any_changes(seed):
             from_scratch = aggregate_summary(reports, len(nodes), top_n, None)
             incremental = aggregate_summary(reports, len(nodes), top_n, None, tally=kept.snapshot(top_n))
             assert sums(incremental) == sums(from_scratch)
+            known = [e for e in reports if e.out_segs is not None]
+            assert (incremental.out_segs, incremental.retrans_segs) == (
+                (sum(e.out_segs for e in known), sum(e.retrans_segs for e in known)) if known else (None, None))
+            if known and incremental.out_segs:
+                assert incremental.retrans_ratio == round(incremental.retrans_segs / incremental.out_segs, 6)
     # Everything taken out leaves nothing behind (no zero pods, no empty state keys).
     for node in nodes:
         kept.drop(node)

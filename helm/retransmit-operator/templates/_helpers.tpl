@@ -51,12 +51,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-agent" (include "retransmit-operator.fullname" . | trunc 57 | trimSuffix "-") }}
 {{- end }}
 
-{{/* repository:tag, or repository@sha256:... when image.tag is a digest. */}}
+{{/* An image reference from (dict "root" . "image" .Values.<x>.image): repository:tag, or
+repository@sha256:... when its tag is a digest; an empty tag is the chart's appVersion. */}}
 {{- define "retransmit-operator.image" -}}
-{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- $tag := default .root.Chart.AppVersion .image.tag }}
 {{- if hasPrefix "sha256:" $tag }}
-{{- printf "%s@%s" .Values.image.repository $tag }}
+{{- printf "%s@%s" .image.repository $tag }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- printf "%s:%s" .image.repository $tag }}
 {{- end }}
 {{- end }}

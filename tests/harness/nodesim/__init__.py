@@ -39,6 +39,10 @@ own), liveness/startup probes, resource limits, securityContext beyond capabilit
 Use it from Python (threads in this process) or from the command line:
     python -m tests.harness.nodesim --kubeconfig admin.kubeconfig --nodes node-a,node-b
 
+Another build for an image: a container whose image has a folder in `image_bins` finds that
+folder's console scripts first on its $PATH (tests/deploy/test_upgrade.py runs the release
+v0.1.0's operator and agents for v0.1.0's images that way).
+
 The package by concern: podspec (a container's argv, env and cwd from the pod spec, pure),
 network (address plan, bridge and per-pod namespaces, the apiserver proxy), process (one
 pod's containers as processes, probes, pod status), node (Node registration, heartbeats,

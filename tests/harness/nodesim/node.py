@@ -23,6 +23,7 @@ import yaml
 
 from ..controlplane import SERVICE_ACCOUNT_ISSUER, acquire_slot, kubernetes_version
 from .network import PodNetwork, SimNode, release_proxy, share_proxy
+from .podspec import container_path
 from .process import PodWorker, now_iso
 
 log = logging.getLogger("rtrace.nodesim")
@@ -92,6 +93,10 @@ class NodeSimulator:
         # Pods find the project's console scripts (retransmit-agent, ...) like the simulator does.
         venv_bin = str(Path(sys.executable).parent)
         self.path = path or os.pathsep.join([venv_bin, os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+        # image -> a folder of console scripts put first on such containers' $PATH (a test
+        # sets it, e.g. an older release's build for that release's image; containers started
+        # afterwards see it).
+        self.image_bins: dict[str, str] = {}
         self.nodes: list[SimNode] = []
         self.nodes_by_name: dict[str, SimNode] = {}
         self.network: Optional[PodNetwork] = None
@@ -174,6 +179,10 @@ class NodeSimulator:
         atexit.unregister(self.stop)
 
     # -- public helpers --
+
+    def container_path(self, spec: dict) -> str:
+        """$PATH of a container: `image_bins[its image]` first, then the simulator's own."""
+        return container_path(spec, self.path, self.image_bins)
 
     def log_path(self, namespace: str, pod: str, container: Optional[str] = None) -> Path:
         """The log file of a container (the pod's first container by default); newest pod of

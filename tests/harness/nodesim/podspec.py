@@ -140,6 +140,14 @@ def container_command(spec: dict, env: Mapping[str, str], image_entrypoints: Map
     return argv, spec.get("workingDir") or default_cwd
 
 
+def container_path(spec: dict, path: str, image_bins: Mapping[str, str]) -> str:
+    """$PATH of a container: the folder `image_bins` names for its image first, then `path`.
+    The simulator has no images; this is how a test makes a container of a given image run
+    another build of the project (an older release's console scripts) by the same command."""
+    folder = image_bins.get(spec.get("image", ""))
+    return f"{folder}:{path}" if folder else path
+
+
 def container_port(spec: dict, port: int | str) -> int:
     """A probe's port: a number, or the name of one of the container's ports."""
     if isinstance(port, int) or str(port).isdigit():

@@ -271,13 +271,13 @@ class PodWorker(threading.Thread):
         return argv, env, cwd
 
     def _env(self, spec: dict) -> dict[str, str]:
-        return container_env(spec, self._context())
+        return container_env(spec, self._context(spec))
 
-    def _context(self) -> PodContext:
+    def _context(self, spec: dict) -> PodContext:
         return PodContext(
             pod=self.pod, node_name=self.node.name, pod_ips=self.pod_ips,
             host_ips=[self.node.ip_v4, self.node.ip_v6],
-            path=self.sim.path, home=os.environ.get("HOME", "/root"),
+            path=self.sim.container_path(spec), home=os.environ.get("HOME", "/root"),
             apiserver_service=self.sim.apiserver_service, kubeconfig=self.kubeconfig_path,
             config_maps=lambda name, optional: self.sim.read_config_map(self.namespace, name, optional),
             secrets=lambda name, optional: self.sim.read_secret(self.namespace, name, optional))
