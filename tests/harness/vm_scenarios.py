@@ -248,10 +248,10 @@ def causes_section(started: float) -> tuple[dict, bool]:
 
 # What one boot runs, in order: (key in the result, section). Each section returns (its JSON
 # entry, whether it matched); an exception fails that section alone, with its traceback.
-# The extension point for the features still being built (issue 23): the per-flow loss ratio
-# and drop reasons (skb:kfree_skb `reason`, 5.17+: on 6.1; on 5.10 off with the reason
-# stated) become sections here, with their assertions in tests/kernel/test_vm_kernels.py,
-# so both kernels run them in the boots they already have.
+# The extension point for issue 23's newer features: counting the per-flow loss ratio and the
+# drops by reason (skb:kfree_skb `reason`, 5.17+: on 6.1; on 5.10 off, which `check` already
+# states) against references become sections here, with their assertions in
+# tests/kernel/test_vm_kernels.py, so both kernels run them in the boots they already have.
 SECTIONS: tuple[tuple[str, Callable[[float], tuple[dict, bool]]], ...] = (
     ("check", check_section),
     ("counting", counting_section),
