@@ -78,8 +78,9 @@ $(TOOLS)/helm $(TOOLS)/kubectl:
 
 tools: venv $(TOOLS)/helm $(TOOLS)/kubectl
 
-# The second kernel for the kernel layer (tests/kernel/test_second_kernel.py): Debian's 6.1
-# image matching the installed headers, qemu, busybox-static, virtme-ng in $(CACHE)/virtme-ng.
+# The VM kernels for the kernel layer (tests/kernel/test_vm_kernels.py): Debian 12's 6.1 image
+# matching the installed headers, qemu, busybox-static, virtme-ng in $(CACHE)/virtme-ng, and
+# Debian 11's 5.10 image fetched into $(CACHE)/debian-5.10 (modules in /lib/modules).
 kernel-vm: kernel-headers
 	@bash tests/harness/kernelvm_setup.sh $(CACHE)
 

@@ -1,13 +1,14 @@
-"""Run a command as root inside Debian's own 6.1 kernel, booted by virtme-ng (a second real kernel).
+"""Run a command as root inside one of Debian's own kernels (12's 6.1, 11's 5.10), booted by virtme-ng.
 
     result = run_in_vm(".venv/bin/python -m tests.harness.vm_scenarios --out {rwdir}/result.json",
-                       rwdir=tmp_path, timeout=900)
-    result.returncode, result.output, result.rwdir
+                       rwdir=tmp_path, kernel="5.10", timeout=900)
+    result.returncode, result.output, result.rwdir, result.release
 
-`make kernel-vm` (tests/harness/kernelvm_setup.sh) installs the kernel image, qemu,
-busybox-static and virtme-ng. The guest sees the host's whole file system read-only over
-9p (so this checkout, its .venv and Debian's bcc work unchanged inside) and can write only
-to `rwdir`. One call = one boot; vng exits with the command's exit status.
+`make kernel-vm` (tests/harness/kernelvm_setup.sh) installs the 6.1 image, fetches the 5.10
+one into the cache (its modules into /lib/modules), and installs qemu, busybox-static and
+virtme-ng. The guest sees the host's whole file system read-only over 9p (so this checkout,
+its .venv and Debian's bcc work unchanged inside) and can write only to `rwdir`. One call =
+one boot; vng exits with the command's exit status.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import shlex
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,18 +43,38 @@ class VMResult:
     returncode: int   # the guest command's exit status, as vng returns it
     output: str       # vng's stdout and stderr interleaved (guest command output included)
     rwdir: Path       # the folder the guest could write to
+    release: str      # the booted kernel's release, e.g. 5.10.0-32-amd64
+    seconds: float    # wall time of the boot, command and power-off
 
 
-def kernel_image() -> Path:
-    """The newest /boot/vmlinuz-6.1.*-amd64 whose headers are installed (bcc needs them inside).
+# The kernels `make kernel-vm` provides, by version: where their images are. Debian 12's 6.1
+# is an installed package; Debian 11's 5.10 is only extracted into the cache (no dpkg entry).
+IMAGES = {
+    "6.1": (Path("/boot"), "vmlinuz-6.1.*-amd64"),
+    "5.10": (CACHE / "debian-5.10", "*/boot/vmlinuz-5.10.*-amd64"),
+}
+KERNELS = tuple(IMAGES)
 
-    The same rule kernelvm_setup.sh installs by: image ABI number = headers ABI number.
+
+def _version_key(image: Path) -> list:
+    return [int(x) if x.isdigit() else x for x in image.name.replace("-", ".").split(".")]
+
+
+def kernel_image(kernel: str = "6.1") -> Path:
+    """The newest image of `kernel` (one of KERNELS) that can boot and compile here: its modules
+    indexed in /lib/modules (vng loads 9p and virtio from there) and headers at its build link.
+
+    The same rule kernelvm_setup.sh installs by (for 6.1: image ABI number = headers ABI number).
     """
-    images = sorted(Path("/boot").glob("vmlinuz-6.1.*-amd64"),
-                    key=lambda p: [int(x) if x.isdigit() else x for x in p.name.replace("-", ".").split(".")])
-    usable = [p for p in images if (Path("/lib/modules") / p.name.removeprefix("vmlinuz-") / "build" / "include").is_dir()]
+    if kernel not in IMAGES:
+        raise VMError(f"kernel {kernel!r}: not one of {', '.join(KERNELS)}")
+    folder, pattern = IMAGES[kernel]
+    images = sorted(folder.glob(pattern), key=_version_key)
+    modules = [Path("/lib/modules") / release_of(p) for p in images]
+    usable = [p for p, m in zip(images, modules) if (m / "modules.dep").is_file() and (m / "build" / "include").is_dir()]
     if not usable:
-        raise VMError(f"no /boot/vmlinuz-6.1.*-amd64 with headers (found {[p.name for p in images]}): run `make kernel-vm`")
+        raise VMError(f"no {folder}/{pattern} with modules and headers in /lib/modules "
+                      f"(found {[p.name for p in images]}): run `make kernel-vm`")
     return usable[-1]
 
 
@@ -82,10 +104,11 @@ def vng_command(image: Path, rwdir: Path, script: Path, memory: str, cpus: int) 
     ]
 
 
-def run_in_vm(command: str, rwdir: Path, timeout: float = 900.0, memory: str = "1G", cpus: int = 2) -> VMResult:
-    """Boot the 6.1 kernel, run `command` (a shell line; `{rwdir}` is replaced) as root in the
-    checkout's folder, power off. Raises VMError when vng cannot start or exceeds `timeout`."""
-    image = kernel_image()
+def run_in_vm(command: str, rwdir: Path, kernel: str = "6.1", timeout: float = 900.0, memory: str = "1G",
+              cpus: int = 2) -> VMResult:
+    """Boot `kernel` (one of KERNELS), run `command` (a shell line; `{rwdir}` is replaced) as root
+    in the checkout's folder, power off. Raises VMError when vng cannot start or exceeds `timeout`."""
+    image = kernel_image(kernel)
     rwdir = Path(rwdir).resolve()
     rwdir.mkdir(parents=True, exist_ok=True)
     # The command goes through a script file in rwdir rather than vng's command line, so
@@ -108,10 +131,11 @@ def run_in_vm(command: str, rwdir: Path, timeout: float = 900.0, memory: str = "
                                 text=True, errors="replace", start_new_session=True)
     except OSError as exc:
         raise VMError(f"cannot start vng: {exc}: run `make kernel-vm`") from exc
+    started = time.monotonic()
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         raise VMError(f"the {release_of(image)} VM did not finish within {timeout:.0f}s; output:\n{output[-4000:]}") from None
-    return VMResult(proc.returncode, output, rwdir)
+    return VMResult(proc.returncode, output, rwdir, release_of(image), round(time.monotonic() - started, 1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -16,6 +17,21 @@ from typing import Callable, Optional
 from retransmit_core.kernelvocab import TCP_STATES
 
 SOURCE = r"""
+#ifdef TP_NO_FAMILY
+#include <net/sock.h>
+/* Before 5.12 neither tracepoint has `family`: read the socket's own, as the tracepoint's
+   field would have said (sock_common's head has kept its layout since 4.15). */
+static __always_inline u16 socket_family(const void *skaddr)
+{
+    u16 family = 0;
+    bpf_probe_read_kernel(&family, sizeof(family), &((const struct sock *)skaddr)->__sk_common.skc_family);
+    return family;
+}
+#define FAMILY(args) socket_family(args->skaddr)
+#else
+#define FAMILY(args) (args->family)
+#endif
+
 struct ref_key {
     u16 family;
     u16 lport;
@@ -31,7 +47,7 @@ BPF_HASH(counts, struct ref_key, u64, 262144);
 TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
     struct ref_key k = {};
-    k.family = args->family;
+    k.family = FAMILY(args);
     k.lport = args->sport;
     k.rport = args->dport;
     k.state = args->state;
@@ -52,7 +68,7 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
     struct ref_key k = {};
-    k.family = args->family;
+    k.family = FAMILY(args);
     k.lport = args->sport;
     k.rport = args->dport;
     k.synack = 1;
@@ -90,8 +106,11 @@ class RefEvent:
 
 
 class ReferenceCounter:
-    def __init__(self) -> None:
+    def __init__(self, socket_family: Optional[bool] = None) -> None:
+        """socket_family: read each socket's family from the socket, not the tracepoint
+        (None: only where the tracepoints have no `family`, before 5.12)."""
         self._bpf = None
+        self._socket_family = socket_family
 
     def start(self) -> "ReferenceCounter":
         from bcc import BPF
@@ -99,8 +118,12 @@ class ReferenceCounter:
         fmt = "/sys/kernel/debug/tracing/events/tcp/tcp_retransmit_skb/format"
         if not os.path.exists(fmt):
             fmt = "/sys/kernel/tracing/events/tcp/tcp_retransmit_skb/format"
-        has_err = "int err;" in open(fmt).read()
-        self._bpf = BPF(text=SOURCE.encode(), cflags=["-DTP_HAS_ERR"] if has_err else [])
+        fields = open(fmt).read()
+        socket_family = self._socket_family
+        if socket_family is None:
+            socket_family = not re.search(r"\bfamily;", fields)
+        cflags = (["-DTP_HAS_ERR"] if "int err;" in fields else []) + (["-DTP_NO_FAMILY"] if socket_family else [])
+        self._bpf = BPF(text=SOURCE.encode(), cflags=cflags)
         return self
 
     def stop(self) -> None:
