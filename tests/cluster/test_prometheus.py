@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from retransmit_agent.preflight import effective_capabilities, security_mode
+from retransmit_agent.preflight import security_mode
 from retransmit_operator.main import EmbeddedOperator
 from retransmit_core.naming import agent_selector_labels
 from retransmit_core.version import package_version
@@ -164,6 +164,12 @@ def agent_targets(core: Any, trace: str) -> dict[str, tuple[str, str]]:
     return wait_until(ready, f"agent pods of {trace} running on both nodes", timeout=120)
 
 
+def process_capabilities(pid: int) -> int:
+    """CapEff of a process as a bit mask."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("CapEff:"))
+    return int(line.split()[1], 16)
+
+
 def test_promtool_accepts_the_shipped_rule_file():
     done = promtool("check", "rules", str(RULES))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -171,7 +177,7 @@ def test_promtool_accepts_the_shipped_rule_file():
 
 
 def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboard_query_returns_data(
-        operator_http, reference, pods, traces, agent_state, core, tmp_path):
+        operator_http, reference, pods, traces, agent_state, core, tmp_path, node_simulator):
     rules = shipped_rules_with_short_for(tmp_path)
     checked = promtool("check", "rules", str(rules))
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -208,12 +214,15 @@ def test_prometheus_fires_the_retransmit_alert_under_loss_only_and_every_dashboa
             assert not operator_alerts(prom)
 
             # Each agent says what it runs: this machine's kernel, this version, and the
-            # security mode of its capabilities (host processes with ours).
+            # security mode of its own capabilities (the simulator gives an agent pod only
+            # what its security context adds: BPF and PERFMON in the default auto mode).
             info = {s["metric"]["node"]: s["metric"] for s in prom.query(f'rtrace_agent_info{{trace="{t}"}} == 1')}
             assert set(info) == {NODE_A, NODE_B}
             for node, labels in info.items():
+                pid = node_simulator.pids(SYSTEM_NS, agents[node][1])["agent"]
                 assert (labels["version"], labels["kernel"], labels["mode"]) == (
-                    package_version(), os.uname().release, security_mode(effective_capabilities())), labels
+                    package_version(), os.uname().release, security_mode(process_capabilities(pid))), labels
+                assert labels["mode"] == "capabilities", labels   # the chart's default, as rendered
                 # The target's own labels are kept beside the metric's.
                 assert labels["namespace"] == SYSTEM_NS and labels["pod"] in agent_pods, labels
             # `up` keeps them too.
