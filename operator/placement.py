@@ -105,6 +105,11 @@ def selects(node: NodeFacts, selector: Mapping[str, str]) -> bool:
     return all(node.labels.get(key) == value for key, value in selector.items())
 
 
+def places_agent(node: NodeFacts, where: Placement) -> bool:
+    """The DaemonSet with `where` puts an agent on `node`: selected, and no blocking taint."""
+    return selects(node, where.node_selector) and not blocking_taints(node, where.tolerations)
+
+
 def taint_text(taint: Mapping[str, Any]) -> str:
     """'dedicated=db:NoSchedule', as kubectl taint writes it."""
     value = taint.get("value")

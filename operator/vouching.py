@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Optional
 
 from retransmit_core.naming import TRACE_LABEL
 
-from .placement import NodeFacts, Placement, blocking_taints, selects
+from .placement import NodeFacts, Placement, places_agent
 from .reportindex import StoredReport
 
 IGNORED_REASON = "ReportIgnored"
@@ -36,7 +36,7 @@ def unvouched(reports: Iterable[StoredReport], agent_nodes: frozenset[str], node
         facts = nodes.get(node)
         if facts is None or where is None:
             continue
-        if selects(facts, where.node_selector) and not blocking_taints(facts, where.tolerations):
+        if places_agent(facts, where):
             continue
         out.add(node)
     return frozenset(out)
