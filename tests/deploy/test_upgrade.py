@@ -1,6 +1,6 @@
 """Upgrade from the release v0.1.0 to this tree, by the README's path, with a trace running.
 
-`helm install` of v0.1.0's chart (its crds/ and templates, taken from the tag `v0.1.0` of
+`helm install` of v0.1.0's chart (its crds/ and templates, taken from the release commit v0.1.0 of
 the repository this test runs in), a trace that counts real retransmits (nftables loss in a
 network namespace of the test's own, checked against the reference counter), then the
 README's Upgrade steps: this tree's CRDs by `kubectl apply --server-side --force-conflicts`,
@@ -46,23 +46,33 @@ pytestmark = pytest.mark.deploy
 
 REPO = Path(__file__).resolve().parents[2]
 TAG = "v0.1.0"
+RELEASE_COMMITS = {"v0.1.0": "5002d828eceb5851f0862098e1bc9852a12da8d2"}   # the tag's commit on main
 CHART_PATH = "helm/retransmit-operator"             # inside the repository, at the tag and here
 CRD_NAMES = ("retransmittraces.retransmit.dev", "retransmitnodereports.retransmit.dev")
 NODES = ("node-a", "node-b")
 
 
-# ---- the release v0.1.0, from the repository's tag --------------------------------------
+# ---- the release v0.1.0, from its commit in this repository ----------------------------
 
 def release_tree(tag: str, into: Path) -> Path:
-    """The tree of `tag` (git archive of this repository), extracted into `into`."""
-    found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "-q", "--verify", f"refs/tags/{tag}^{{commit}}"],
+    """The tree of the release `tag` (git archive of this repository), extracted into `into`.
+
+    The release is found by its commit, pinned in RELEASE_COMMITS, because CI clones main
+    without tags; the commit is an ancestor of main, so every full clone holds it. Where the
+    tag exists too, it must name the same commit."""
+    commit = RELEASE_COMMITS[tag]
+    found = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
                            capture_output=True, text=True)
     if found.returncode != 0:
         raise AssertionError(
-            f"the tag {tag} is missing in {REPO}: this test installs that release's chart and runs its code. "
-            f"Fetch the tags (`git fetch --tags`) or tag the release's commit (`git tag -a {tag} COMMIT`).")
+            f"the commit {commit} of release {tag} is missing in {REPO} (a shallow clone?): this test installs "
+            f"that release's chart and runs its code. Deepen the clone (`git fetch --unshallow`).")
+    tagged = subprocess.run(["git", "-C", str(REPO), "rev-parse", "-q", "--verify", f"refs/tags/{tag}^{{commit}}"],
+                            capture_output=True, text=True)
+    assert tagged.returncode != 0 or tagged.stdout.strip() == commit, (
+        f"the tag {tag} names {tagged.stdout.strip()}, RELEASE_COMMITS names {commit}: one of them is wrong")
     archive = into.with_suffix(".tar")
-    subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "-o", str(archive), tag], check=True)
+    subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "-o", str(archive), commit], check=True)
     into.mkdir(parents=True)
     subprocess.run(["tar", "-xf", str(archive), "-C", str(into)], check=True)
     archive.unlink()
