@@ -522,6 +522,15 @@ class PathCount(ApiModel):
     destination: str = Field(description="The receiving node (or its zone); 'outside' for addresses outside the cluster, 'unknown' for a Service address or an address no pod or node has.")
     retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) from source to destination.")
     percent: int = Field(0, ge=0, le=100, description="Share of all the trace's retransmits, rounded down.")
+    data_segs_out: Optional[int] = Field(None, ge=0, description="Data segments sent over their lives by the pair's connections that the source nodes' reports list with socket counters (their topFlows: connections that retransmitted, so the ratio is theirs, not the path's whole traffic). Absent when none carries them.")
+    total_retrans: Optional[int] = Field(None, ge=0, description="Segments those same connections retransmitted over their lives.")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="totalRetrans / dataSegsOut over those connections: about the loss rate on this path of the connections that lost anything. Set from the two sums, never on its own.")
+
+    @model_validator(mode="after")
+    def _ratio_from_counters(self) -> "PathCount":
+        # As Flow's: one definition (retransmit_core.ratio), following the sums.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.total_retrans, self.data_segs_out)
+        return self
 
 
 MAX_PRIVILEGED_REASONS = 3  # reasons summary.privilegedNodes lists (the most common first)

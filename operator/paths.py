@@ -14,6 +14,12 @@ Zones are the nodes' topology.kubernetes.io/zone label. Retransmits beyond the r
 byRemote lists are in no pair, so the pairs' percentages (of all the trace's retransmits)
 may add up to less than 100.
 
+A pair's ratio is that of the connections its source nodes' reports list with socket
+counters (topFlows: data_segs_out and total_retrans over each connection's life), summed by
+the pair their remote ends fall in. Those are connections that retransmitted, so it says how
+lossy the path is for the connections that lost anything, not the share of the path's whole
+traffic: no node counts segments per remote node.
+
 A pair stands out when it holds at least HOT_SHARE of all the trace's retransmits (and at
 least HOT_MINIMUM of them): `hot_path` names the node pair (with the zones when known), or,
 when no node pair stands out but a zone pair does, the zone pair. Otherwise it is None:
@@ -61,7 +67,7 @@ class Places:
     node_addresses: Mapping[str, str]
     services: ServiceIndex
     _known: dict[str, str] = field(default_factory=dict)   # address as reported -> node, outside, unknown, LOOPBACK
-    _by_report: dict[int, tuple[NodeStatus, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
+    _by_report: dict[int, tuple[NodeStatus, "Sent"]] = field(default_factory=dict)
     _cidrs: Optional[dict[int, dict[Any, str]]] = None   # prefix length -> network -> node
     _since: float = 0.0
 
@@ -76,17 +82,23 @@ class Places:
             place = self._known[ip] = self._receiver(ip)
         return sender if place is LOOPBACK else place
 
-    def sent_to(self, report: NodeStatus) -> tuple[tuple[str, int], ...]:
-        """The report's retransmits by receiving node (its byRemote, addresses named)."""
+    def sent_to(self, report: NodeStatus) -> "Sent":
+        """The report's retransmits (its byRemote) and its flows' socket counters, by
+        receiving node."""
         known = self._by_report.get(id(report))
         if known is not None and known[0] is report:
             return known[1]
         by_place: Counter[str] = Counter()
         for remote in report.by_remote:
             by_place[self.node_of(remote.ip, report.node)] += remote.retransmits
-        pairs = tuple(by_place.items())
-        self._by_report[id(report)] = (report, pairs)   # the report is kept with it: its id stays its own
-        return pairs
+        segments: dict[str, Segments] = {}
+        for flow in report.top_flows:
+            if flow.data_segs_out is not None and flow.total_retrans is not None:
+                place = self.node_of(flow.remote.ip, report.node)
+                segments[place] = segments.get(place, NO_SEGMENTS) + Segments(flow.total_retrans, flow.data_segs_out)
+        sent = Sent(tuple(by_place.items()), tuple(segments.items()))
+        self._by_report[id(report)] = (report, sent)   # the report is kept with it: its id stays its own
+        return sent
 
     def _receiver(self, ip: str) -> str:
         key = canonical_ip(ip)
@@ -129,6 +141,30 @@ class Places:
 
 
 @dataclass(frozen=True)
+class Segments:
+    """Segments retransmitted and sent over connections' lives (tcp_sock total_retrans and
+    data_segs_out), summed."""
+
+    retransmitted: int
+    sent: int
+
+    def __add__(self, other: "Segments") -> "Segments":
+        return Segments(self.retransmitted + other.retransmitted, self.sent + other.sent)
+
+
+NO_SEGMENTS = Segments(0, 0)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One report's view of where it sent: retransmits by receiving node, and the socket
+    counters of its listed flows by receiving node."""
+
+    retransmits: tuple[tuple[str, int], ...]
+    segments: tuple[tuple[str, Segments], ...]
+
+
+@dataclass(frozen=True)
 class PathMatrix:
     by_node_pair: list[PathCount]
     by_zone_pair: list[PathCount]
@@ -139,26 +175,45 @@ def path_matrix(nodes: Iterable[NodeStatus], places: Places, total: int, limit: 
     """The busiest node pairs and zone pairs (at most `limit` each) and the one that stands
     out; `total` is all the trace's retransmits (the percentages' whole)."""
     by_node: Counter[tuple[str, str]] = Counter()
+    node_segments: dict[tuple[str, str], Segments] = {}
     for node in nodes:
-        for place, n in places.sent_to(node):
+        sent = places.sent_to(node)
+        for place, n in sent.retransmits:
             by_node[(node.node, place)] += n
+        for place, counted in sent.segments:
+            pair = (node.node, place)
+            node_segments[pair] = node_segments.get(pair, NO_SEGMENTS) + counted
     zones: dict[str, Optional[str]] = {}
     for pair in by_node:
         for place in pair:
             if place not in zones:
                 zones[place] = places.zone_of(place)
     by_zone: Counter[tuple[str, str]] = Counter()
+    zone_segments: dict[tuple[str, str], Segments] = {}
     if any(zone not in (None, OUTSIDE, UNKNOWN) for zone in zones.values()):
+        def zone_pair(a: str, b: str) -> tuple[str, str]:
+            return zones[a] or UNKNOWN, zones[b] or UNKNOWN
         for (a, b), n in by_node.items():
-            by_zone[(zones[a] or UNKNOWN, zones[b] or UNKNOWN)] += n
-    node_pairs, zone_pairs = _ranked(by_node, total, limit), _ranked(by_zone, total, limit)
+            by_zone[zone_pair(a, b)] += n
+        for (a, b), counted in node_segments.items():
+            if (a, b) in by_node:   # a pair whose flows are listed but not among the busiest remotes has no row
+                pair = zone_pair(a, b)
+                zone_segments[pair] = zone_segments.get(pair, NO_SEGMENTS) + counted
+    node_pairs = _ranked(by_node, node_segments, total, limit)
+    zone_pairs = _ranked(by_zone, zone_segments, total, limit)
     return PathMatrix(node_pairs, zone_pairs, hot_path(node_pairs, zone_pairs, zones, total))
 
 
-def _ranked(counts: Counter[tuple[str, str]], total: int, limit: int) -> list[PathCount]:
+def _ranked(counts: Counter[tuple[str, str]], segments: Mapping[tuple[str, str], Segments], total: int,
+            limit: int) -> list[PathCount]:
     ordered = sorted(((pair, n) for pair, n in counts.items() if n > 0), key=lambda item: (-item[1], item[0]))[:limit]
-    return [PathCount(source=a, destination=b, retransmits=n, percent=min(100, n * 100 // total) if total else 0)
-            for (a, b), n in ordered]
+    rows = []
+    for (a, b), n in ordered:
+        counted = segments.get((a, b))
+        rows.append(PathCount(source=a, destination=b, retransmits=n, percent=min(100, n * 100 // total) if total else 0,
+                              data_segs_out=counted.sent if counted else None,
+                              total_retrans=counted.retransmitted if counted else None))
+    return rows
 
 
 def _stands_out(pair: PathCount, total: int) -> bool:

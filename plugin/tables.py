@@ -226,9 +226,10 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
         pairs = summary.get(key) or []
         if pairs:
             out += ["", title]
-            out += table(("FROM", "TO", "RETRANSMITS", "%"),
-                         ((p.get("source"), p.get("destination"), p.get("retransmits", 0), p.get("percent", 0))
-                          for p in pairs[:PATHS_SHOWN]), right=(2, 3))
+            # RATIO: of the pair's listed connections that retransmitted (PathCount.retransRatio).
+            out += table(("FROM", "TO", "RETRANSMITS", "%", "RATIO"),
+                         ((p.get("source"), p.get("destination"), p.get("retransmits", 0), p.get("percent", 0),
+                           format_ratio(p.get("retransRatio"))) for p in pairs[:PATHS_SHOWN]), right=(2, 3, 4))
     if drops:
         out += ["", "DROPPED BY TRACED NODES"]
         out += table(("NODE", "REASON", "DROPS"),

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tests.harness.netns import NftLoss
+from tests.harness.segsender import counters
 from tests.harness.traffic import _send_all_then_drain
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,8 +216,17 @@ def _open_connections(args: argparse.Namespace) -> tuple[list[socket.socket], li
 
 
 def _connect(args: argparse.Namespace) -> list:
+    """Each flow also carries the client socket's own counters once the server's EOF came
+    (it read all the client sent, so nothing is left to retransmit): total_retrans and
+    data_segs_out from TCP_INFO, the reference for the ratios the agents read."""
     socks, flows = _open_connections(args)
-    threads = [threading.Thread(target=lambda c=c: (_send_all_then_drain(c, args.bytes), c.close())) for c in socks]
+
+    def run(sock: socket.socket, flow: dict) -> None:
+        _send_all_then_drain(sock, args.bytes)
+        counted = counters(sock)
+        flow.update(total_retrans=counted["total_retrans"], data_segs_out=counted["data_segs_out"])
+        sock.close()
+    threads = [threading.Thread(target=run, args=(c, f)) for c, f in zip(socks, flows)]
     for t in threads:
         t.start()
     for t in threads:

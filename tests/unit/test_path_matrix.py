@@ -12,7 +12,7 @@ import pytest
 
 from retransmit_agent.nodeentry import NodeFacts as AgentFacts, node_entry
 from retransmit_agent.resume import Baseline
-from retransmit_core.api import MAX_REMOTES, NodeStatus, RemoteCount
+from retransmit_core.api import MAX_REMOTES, Endpoint, Flow, IPFamily, NodeStatus, RemoteCount
 from retransmit_core.podindex import PodIndex
 from retransmit_operator.paths import OUTSIDE, UNKNOWN, Places, path_matrix
 from retransmit_operator.placement import NodeFacts
@@ -77,6 +77,24 @@ def test_the_pair_that_holds_most_retransmits_is_named():
     assert [(p.source, p.destination, p.retransmits) for p in matrix.by_zone_pair] == [
         ("zone-x", "zone-x", 920), ("zone-x", "zone-y", 40), ("zone-x", OUTSIDE, 20), ("zone-x", UNKNOWN, 20)]
     assert matrix.hot_path == "82% of retransmits went from node node-a (zone zone-x) to node node-b (zone zone-x)"
+
+
+def flow(remote_ip: str, total_retrans: int | None, data_segs_out: int | None) -> Flow:
+    return Flow(local=Endpoint(ip="10.0.1.5", port=40000), remote=Endpoint(ip=remote_ip, port=443), family=IPFamily.IPV4,
+                retransmits=1, total_retrans=total_retrans, data_segs_out=data_segs_out)
+
+
+def test_a_pairs_ratio_sums_its_listed_connections_socket_counters():
+    a = report("node-a", {"10.0.2.5": 60, "10.0.2.6": 20, "10.0.3.5": 20}).model_copy(update={"top_flows": [
+        flow("10.0.2.5", 30, 1000), flow("10.0.2.6", 10, 3000),   # to node-b: 40 of 4,000
+        flow("10.0.3.5", None, None)]})                              # to node-c: no socket counters read
+    b = report("node-b", {"10.0.4.5": 10}).model_copy(update={"top_flows": [flow("10.0.4.5", 5, 100)]})
+    matrix = path_matrix([a, b], places(), 110)
+    ratios = {(p.source, p.destination): (p.total_retrans, p.data_segs_out, p.retrans_ratio) for p in matrix.by_node_pair}
+    assert ratios == {("node-a", "node-b"): (40, 4000, 0.01), ("node-a", "node-c"): (None, None, None),
+                      ("node-b", "node-d"): (5, 100, 0.05)}
+    zones = {(p.source, p.destination): (p.total_retrans, p.data_segs_out) for p in matrix.by_zone_pair}
+    assert zones == {("zone-x", "zone-x"): (40, 4000), ("zone-x", "zone-y"): (5, 100)}
 
 
 def test_a_zone_pair_is_named_when_no_node_pair_stands_out():

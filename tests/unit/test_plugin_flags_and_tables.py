@@ -287,7 +287,7 @@ def test_service_node_and_outside_ends_read_as_who_has_the_address():
 
 
 def test_the_answer_where_comes_first_then_the_path_tables():
-    pairs = [{"source": "node-a", "destination": "node-b", "retransmits": 82, "percent": 82},
+    pairs = [{"source": "node-a", "destination": "node-b", "retransmits": 82, "percent": 82, "retransRatio": 0.0412},
              {"source": "node-b", "destination": "outside", "retransmits": 3, "percent": 3}]
     trace = {**TRACE, "status": {**TRACE["status"], "summary": {
         **TRACE["status"]["summary"], "hotPath": "82% of retransmits went from node node-a to node node-b",
@@ -295,8 +295,9 @@ def test_the_answer_where_comes_first_then_the_path_tables():
     lines = render(trace).splitlines()
     assert lines[1] == "WHERE: 82% of retransmits went from node node-a to node node-b"
     header = lines.index("PATHS (NODE TO NODE)")
-    assert [line.split() for line in lines[header + 2:header + 4]] == [["node-a", "node-b", "82", "82"],
-                                                                       ["node-b", "outside", "3", "3"]]
+    assert lines[header + 1].split() == ["FROM", "TO", "RETRANSMITS", "%", "RATIO"]
+    assert [line.split() for line in lines[header + 2:header + 4]] == [["node-a", "node-b", "82", "82", "4.12%"],
+                                                                       ["node-b", "outside", "3", "3", "-"]]
     assert "WHERE:" not in render(TRACE) and "PATHS" not in render(TRACE)   # nothing stands out: nothing said
 
 

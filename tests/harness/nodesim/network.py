@@ -92,8 +92,23 @@ class PodNetwork:
         run("ip", "link", "add", self.bridge, "type", "bridge", "mcast_snooping", "0")
         run("ip", "link", "set", self.bridge, "up")
         for node in self.nodes:
-            run("ip", "addr", "add", f"{node.ip_v4}/24", "dev", self.bridge)
-            run("ip", "-6", "addr", "add", f"{node.ip_v6}/64", "dev", self.bridge, "nodad")
+            self._add_addresses(node)
+
+    def add_node(self, node: SimNode) -> None:
+        with self._lock:
+            self._used[node.name] = set()
+        self._add_addresses(node)
+
+    def remove_node(self, node: SimNode) -> None:
+        run("ip", "addr", "del", f"{node.ip_v4}/24", "dev", self.bridge, check=False)
+        run("ip", "-6", "addr", "del", f"{node.ip_v6}/64", "dev", self.bridge, check=False)
+        with self._lock:
+            self._used.pop(node.name, None)
+
+    def _add_addresses(self, node: SimNode) -> None:
+        """The node's InternalIPs (its pod CIDRs' gateways) on the bridge."""
+        run("ip", "addr", "add", f"{node.ip_v4}/24", "dev", self.bridge)
+        run("ip", "-6", "addr", "add", f"{node.ip_v6}/64", "dev", self.bridge, "nodad")
 
     def add_local_address(self, ip: str) -> None:
         """Make `ip` an address of this host (on the bridge), e.g. the apiserver's ClusterIP."""

@@ -178,6 +178,46 @@ class NodeSimulator:
             shutil.rmtree(self.state_dir, ignore_errors=True)
         atexit.unregister(self.stop)
 
+    # -- nodes added and removed while running --
+
+    def add_node(self, name: str, labels: Optional[dict] = None) -> SimNode:
+        """Register one more node on the running simulator, with the next free address
+        slot; its pods share the bridge with the others' (a test that needs a third node
+        adds it rather than changing every test's cluster)."""
+        if name in self.nodes_by_name:
+            raise ValueError(f"node {name} is simulated already")
+        index = next(i for i in range(17) if all(n.index != i for n in self.nodes))
+        if index >= 16:
+            raise ValueError("at most 16 nodes per simulator")
+        node = SimNode(name, index, self.network.slot, {**self.common_labels, **(labels or {})})
+        self.network.add_node(node)
+        # New containers, not mutated ones: the heartbeat and the pod watch iterate them.
+        self.nodes = [*self.nodes, node]
+        self.nodes_by_name = {**self.nodes_by_name, name: node}
+        self._register(node)
+        return node
+
+    def remove_node(self, name: str) -> None:
+        """Stop simulating `name`: its pods' processes end, its Node object is deleted (the
+        API server's garbage collector takes its Lease) and its addresses leave the bridge."""
+        node = self.nodes_by_name[name]
+        self.nodes_by_name = {k: v for k, v in self.nodes_by_name.items() if k != name}
+        self.nodes = [n for n in self.nodes if n.name != name]
+        with self._workers_lock:
+            workers = [w for w in self.workers.values() if w.node is node]
+        for w in workers:
+            w.stop()
+        for w in workers:
+            w.join(15)
+        # What the pod garbage collector would do for a vanished node, at once: no pod of the
+        # next test waits on it.
+        with contextlib.suppress(Exception):
+            for pod in self.core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={name}").items:
+                self._delete_unstarted(self.api.sanitize_for_serialization(pod))
+        with contextlib.suppress(Exception):
+            self.core.delete_node(name, _request_timeout=5)
+        self.network.remove_node(node)
+
     # -- public helpers --
 
     def container_path(self, spec: dict) -> str:
