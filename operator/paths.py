@@ -44,7 +44,8 @@ OUTSIDE, UNKNOWN = "outside", "unknown"
 LOOPBACK = "loopback"   # in Places' memory only: the sending node itself
 HOT_SHARE = 0.5
 HOT_MINIMUM = 10
-PLACES_TTL = 60.0   # seconds an address's node is remembered
+PLACES_TTL = 60.0   # seconds after which an address's node is worked out again
+REFRESH_PER_PASS = 5000   # addresses worked out again per sync pass at most (about 0.1 s)
 
 
 class NodeOfPod(Protocol):
@@ -56,38 +57,58 @@ class NodeOfPod(Protocol):
 @dataclass
 class Places:
     """Address -> receiving node, from the operator's live indexes (which the watches update
-    in place). Kept across sync passes: an address's node is worked out once per
-    PLACES_TTL seconds, not once per pass and report (5,000 reports list up to 320,000
-    addresses; parsing each on every pass took seconds), and so is each report's list of
-    (receiving node, retransmits). Pod addresses come from their node's podCIDR, so a
-    remembered node rarely goes wrong; the TTL bounds how long it may."""
+    in place). Kept across sync passes: an address's node is worked out once and remembered,
+    and so is each report's list of (receiving node, retransmits); 5,000 reports list up to
+    320,000 addresses, and working them all out again took seconds.
+
+    Pod addresses come from their node's podCIDR, so a remembered place rarely goes wrong.
+    It is worked out again once PLACES_TTL seconds old, but at most REFRESH_PER_PASS
+    addresses per sync pass (the oldest reports first as the passes meet them): refreshing
+    everything at once, as this did before, stalled the operator's event loop for about 20 s
+    every minute at 5 traces x 5,000 nodes and made the lag from a node's write to its
+    trace's summary 20 s at p99. A report that changed is always worked out at once (its
+    addresses from memory while fresh). At that scale a place is thus at most a few minutes
+    old; in small clusters PLACES_TTL."""
 
     pods: Optional[NodeOfPod]
     nodes: Mapping[str, NodeFacts]
     node_addresses: Mapping[str, str]
     services: ServiceIndex
-    _known: dict[str, str] = field(default_factory=dict)   # address as reported -> node, outside, unknown, LOOPBACK
-    _by_report: dict[int, tuple[NodeStatus, "Sent"]] = field(default_factory=dict)
+    # address as reported -> (node, outside, unknown or LOOPBACK; when worked out)
+    _known: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # id(report) -> (the report, what it sent where, when worked out, when last asked for)
+    _by_report: dict[int, tuple[NodeStatus, "Sent", float, float]] = field(default_factory=dict)
     _cidrs: Optional[dict[int, dict[Any, str]]] = None   # prefix length -> network -> node
-    _since: float = 0.0
+    _swept: float = 0.0
+    _now: float = 0.0
+    _refresh_left: int = 0
 
-    def expire(self, now: float) -> None:
-        """Forget what was worked out PLACES_TTL seconds ago or earlier (`now`: monotonic)."""
-        if now - self._since >= PLACES_TTL:
-            self._known, self._by_report, self._cidrs, self._since = {}, {}, None, now
+    def begin_pass(self, now: float) -> None:
+        """A new sync pass at `now` (monotonic): a fresh refresh budget; once per PLACES_TTL,
+        forget the reports no pass asked for since the last sweep and the addresses not
+        worked out for two TTLs (gone nodes and peers), so memory follows the cluster."""
+        self._now, self._refresh_left = now, REFRESH_PER_PASS
+        if now - self._swept >= PLACES_TTL:
+            self._by_report = {k: v for k, v in self._by_report.items() if v[3] >= self._swept}
+            self._known = {k: v for k, v in self._known.items() if now - v[1] < 2 * PLACES_TTL}
+            self._cidrs, self._swept = None, now   # the nodes' podCIDRs: few, read again
 
     def node_of(self, ip: str, sender: str) -> str:
-        place = self._known.get(ip)
-        if place is None:
-            place = self._known[ip] = self._receiver(ip)
-        return sender if place is LOOPBACK else place
+        known = self._known.get(ip)
+        if known is None or self._now - known[1] >= PLACES_TTL:
+            known = self._known[ip] = (self._receiver(ip), self._now)
+        return sender if known[0] is LOOPBACK else known[0]
 
     def sent_to(self, report: NodeStatus) -> "Sent":
         """The report's retransmits (its byRemote) and its flows' socket counters, by
         receiving node."""
         known = self._by_report.get(id(report))
         if known is not None and known[0] is report:
-            return known[1]
+            fresh = self._now - known[2] < PLACES_TTL
+            if fresh or self._refresh_left <= 0:
+                self._by_report[id(report)] = (*known[:3], self._now)
+                return known[1]
+            self._refresh_left -= len(report.by_remote) + len(report.top_flows)
         by_place: Counter[str] = Counter()
         for remote in report.by_remote:
             by_place[self.node_of(remote.ip, report.node)] += remote.retransmits
@@ -97,7 +118,8 @@ class Places:
                 place = self.node_of(flow.remote.ip, report.node)
                 segments[place] = segments.get(place, NO_SEGMENTS) + Segments(flow.total_retrans, flow.data_segs_out)
         sent = Sent(tuple(by_place.items()), tuple(segments.items()))
-        self._by_report[id(report)] = (report, sent)   # the report is kept with it: its id stays its own
+        # The report is kept with it: its id stays its own while the entry lives.
+        self._by_report[id(report)] = (report, sent, self._now, self._now)
         return sent
 
     def _receiver(self, ip: str) -> str:

@@ -431,7 +431,7 @@ class Reconciler:
         slow API call (a large status write to a busy API server) does not hold the others'
         summaries back. One trace's failure does not stop the others."""
         self._pass_daemonsets = {}
-        self.places.expire(time.monotonic())
+        self.places.begin_pass(time.monotonic())
         gate = asyncio.Semaphore(SYNC_CONCURRENCY)
 
         async def one(name: str, body: dict[str, Any]) -> str:

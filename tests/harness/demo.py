@@ -2,24 +2,25 @@
 
 1. start etcd, kube-apiserver, controller-manager and scheduler on 127.0.0.1 (tests.harness.controlplane);
 2. install the CRD, the namespace and the agent's ServiceAccount + RBAC from manifests/;
-3. run the operator (`retransmit-operator`, a local process) and a simulated node named
-   after this host (tests.harness.nodesim plays its kubelet);
-4. create namespace `shop` with two labelled pods, `web` and `load`, each with a network
-   namespace and IPv4+IPv6 addresses of its own; 8% of the TCP segments arriving at either
-   pod are dropped (nftables inside the pods' namespaces);
+3. run the operator (`retransmit-operator`, a local process) and two simulated nodes, node-a
+   in zone-a and node-b in zone-b (tests.harness.nodesim plays their kubelet; both share
+   this host's kernel);
+4. create namespace `shop` with two labelled pods, `web` on node-a and `load` on node-b, each
+   with a network namespace and IPv4+IPv6 addresses of its own; 8% of the TCP data segments
+   arriving at `web` from node-b's pod addresses are dropped (nftables inside web's
+   namespace): the loss is on the path node-b -> node-a and nowhere else;
 5. apply a trace for namespace `shop` (40s, reports every 2s), drive lossy traffic between
    the pods, print `kubectl get rtrace` as the counts grow;
-6. show the trace's top flows and top pods from its status (rich tables);
-7. clean up everything (trace, operator, pods, node, control plane).
+6. show the answer with the kubectl plugin, `kubectl retransmit show`: where the loss is
+   (the node pair, the node that dropped and why), then the tables;
+7. clean up everything (trace, operator, pods, nodes, control plane).
 Needs root and `make k8s-binaries`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -29,11 +30,10 @@ from typing import Any, Optional
 
 import yaml
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION
 from retransmit_core.naming import DEFAULT_NAMESPACE
+from retransmit_operator.paths import ZONE_LABEL
 from tests.harness import podtraffic
 from tests.harness.controlplane import ControlPlane, end_process, start_process, wait_until
 
@@ -52,20 +52,17 @@ SECONDS = 40
 console = Console(width=max(140, shutil.get_terminal_size((140, 40)).columns))
 
 
-def node_name() -> str:
-    """This host's name as a Node name (RFC 1123 label)."""
-    name = re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower()).strip("-")[:50]
-    return name or "this-host"
+NODES = {"node-a": "zone-a", "node-b": "zone-b"}   # simulated node -> its topology.kubernetes.io/zone
+WEB_NODE, LOAD_NODE = "node-a", "node-b"
 
 
-def trace_manifest(node: str) -> dict[str, Any]:
+def trace_manifest() -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "RetransmitTrace",
         "metadata": {"name": TRACE},
         "spec": {
             "duration": f"{SECONDS}s",
             "namespaces": [DEMO_NS],
-            "nodeSelector": {"kubernetes.io/hostname": node},
             "reportInterval": "2s",
             "topFlows": 8,
             "events": {"keep": 5},
@@ -91,50 +88,8 @@ def kubectl(cp: ControlPlane, *args: str) -> None:
     console.print(out.stdout.rstrip() or out.stderr.rstrip(), highlight=False)
 
 
-def endpoint(side: dict) -> str:
-    ip = side.get("ip", "")
-    addr = f"[{ip}]:{side.get('port')}" if ":" in ip else f"{ip}:{side.get('port')}"
-    who = f"{side['namespace']}/{side['pod']}" if side.get("pod") else (f"node {side['node']}" if side.get("node") else "")
-    addr = escape(addr)  # "[fd00::2]:80" is no rich markup tag
-    return f"{addr}\n[dim]{escape(who)}[/dim]" if who else addr
-
-
-def flows_table(status: dict) -> Table:
-    summary = status.get("summary") or {}
-    table = Table(title=f"top flows of {TRACE}: {summary.get('retransmits', 0)} retransmits, "
-                        f"{summary.get('synackRetransmits', 0)} SYN-ACK retransmits on "
-                        f"{summary.get('nodesReporting', 0)}/{summary.get('nodesDesired', 0)} nodes")
-    for column, justify, width in (("local (retransmitted)", "left", 30), ("remote", "left", 30), ("family", "left", 6),
-                                   ("retransmits", "right", 11), ("SYN-ACK", "right", 7), ("last state", "left", 11),
-                                   ("node", "left", 8)):
-        table.add_column(column, justify=justify, min_width=width, overflow="fold")
-    for flow in summary.get("topFlows") or []:
-        table.add_row(endpoint(flow["local"]), endpoint(flow["remote"]), flow.get("family", ""),
-                      str(flow.get("retransmits", 0)), str(flow.get("synackRetransmits", 0)),
-                      flow.get("lastState") or "", flow.get("node") or "")
-    return table
-
-
-def pods_table(status: dict) -> Table:
-    summary = status.get("summary") or {}
-    table = Table(title="top pods (local side)")
-    for column in ("namespace", "pod", "node", "retransmits"):
-        table.add_column(column, justify="right" if column == "retransmits" else "left")
-    for pod in summary.get("topPods") or []:
-        table.add_row(pod.get("namespace", ""), pod.get("pod", ""), pod.get("node") or "", str(pod.get("retransmits", 0)))
-    return table
-
-
-def by_state_table(status: dict) -> Table:
-    table = Table(title="retransmits by TCP state")
-    table.add_column("state")
-    table.add_column("count", justify="right")
-    for state, count in sorted(((status.get("summary") or {}).get("byState") or {}).items(), key=lambda kv: -kv[1]):
-        table.add_row(state, str(count))
-    return table
-
-
-def load(web: podtraffic.PodNet, client: podtraffic.PodNet, web_ips: list[str], stop: threading.Event) -> None:
+def load(web: podtraffic.PodNet, client: podtraffic.PodNet, web_ips: list[str], loss_from: list[str],
+         stop: threading.Event) -> None:
     """Duplex bulk transfers in both families, plus one round of SYN-ACK retransmits."""
     round_ = 0
     while not stop.is_set():
@@ -143,8 +98,17 @@ def load(web: podtraffic.PodNet, client: podtraffic.PodNet, web_ips: list[str], 
         if round_ == 0:
             web.clear_loss()
             podtraffic.synack(web, client, web_ips[0], 8443, connections=2, seconds=3.5)
-            web.random_loss(LOSS)
+            web.data_loss_from(loss_from, LOSS)
         round_ += 1
+
+
+def show(cp: ControlPlane) -> None:
+    """The plugin's answer, as a user runs it: `kubectl retransmit show TRACE`."""
+    plugin = str(Path(sys.executable).parent / "kubectl-retransmit")
+    console.print(f"[bold]$ kubectl retransmit show {TRACE}[/bold]")
+    out = subprocess.run([plugin, "show", TRACE, "--kubeconfig", str(cp.kubeconfig)], env=cp.env(),
+                         capture_output=True, text=True)
+    console.print(out.stdout.rstrip() or out.stderr.rstrip(), markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> int:
@@ -155,7 +119,6 @@ def main() -> int:
 
     from tests.harness.nodesim import NodeSimulator
 
-    node = node_name()
     operator: Optional[subprocess.Popen] = None
     console.rule("[bold]1. control plane")
     with ControlPlane() as cp:
@@ -176,7 +139,7 @@ def main() -> int:
                                    ext.read_custom_resource_definition(f"{plural}.{GROUP}").status.conditions or []),
                        f"the CRD {plural} to be established")
 
-        console.rule(f"[bold]3. operator and simulated node {node}")
+        console.rule(f"[bold]3. operator and simulated nodes {', '.join(NODES)}")
         env = {**cp.env(), "RTRACE_NAMESPACE": SYSTEM_NS, "RTRACE_AGENT_SERVICE_ACCOUNT": AGENT_SA,
                "RTRACE_METRICS_PORT": "0", "RTRACE_SYNC_INTERVAL": "1s", "PYTHONUNBUFFERED": "1"}
         operator_log = cp.workdir / "operator.log"
@@ -184,28 +147,32 @@ def main() -> int:
                                   "--kubeconfig", str(cp.kubeconfig)], operator_log, env=env)
         console.print(f"retransmit-operator pid {operator.pid}, log {operator_log}")
         try:
-            with NodeSimulator(cp.kubeconfig, (node,)) as sim:
-                return _run(cp, sim, core, objects, node)
+            zoned = {node: {ZONE_LABEL: zone} for node, zone in NODES.items()}
+            with NodeSimulator(cp.kubeconfig, zoned) as sim:
+                return _run(cp, sim, core, objects)
         finally:
             end_process(operator, grace=10)
             api.close()
-            console.rule("[bold]cleaned up: operator, pods, node, control plane")
+            console.rule("[bold]cleaned up: operator, pods, nodes, control plane")
 
 
-def _run(cp: ControlPlane, sim: Any, core: Any, objects: Any, node: str) -> int:
-    console.rule(f"[bold]4. namespace {DEMO_NS}: pods web and load, {LOSS}% loss arriving at each")
+def _run(cp: ControlPlane, sim: Any, core: Any, objects: Any) -> int:
+    console.rule(f"[bold]4. namespace {DEMO_NS}: web on {WEB_NODE}, load on {LOAD_NODE}, "
+                 f"{LOSS}% loss on the data arriving at web from {LOAD_NODE}'s pods")
     core.create_namespace({"metadata": {"name": DEMO_NS}})
     wait_until(lambda: core.read_namespaced_service_account("default", DEMO_NS), "ServiceAccount default")
-    podtraffic.create_pod(core, DEMO_NS, "web", node, {"app": "web"})
-    podtraffic.create_pod(core, DEMO_NS, "load", node, {"app": "load"})
+    podtraffic.create_pod(core, DEMO_NS, "web", WEB_NODE, {"app": "web"})
+    podtraffic.create_pod(core, DEMO_NS, "load", LOAD_NODE, {"app": "load"})
     web_ips = podtraffic.wait_pod_ips(core, DEMO_NS, "web")
     load_ips = podtraffic.wait_pod_ips(core, DEMO_NS, "load")
     web, client = podtraffic.PodNet.of(sim, DEMO_NS, "web"), podtraffic.PodNet.of(sim, DEMO_NS, "load")
+    load_node = sim.nodes_by_name[LOAD_NODE]
+    loss_from = [str(load_node.pod_cidr_v4), str(load_node.pod_cidr_v6)]
     console.print(f"web  {', '.join(web_ips)}\nload {', '.join(load_ips)}")
     kubectl(cp, "get", "pods", "-n", DEMO_NS, "-o", "wide")
 
     console.rule("[bold]5. apply a trace")
-    manifest = trace_manifest(node)
+    manifest = trace_manifest()
     console.print(yaml.safe_dump(manifest, sort_keys=False), highlight=False)
     objects.create_cluster_custom_object(GROUP, VERSION, PLURAL, manifest)
 
@@ -214,18 +181,17 @@ def _run(cp: ControlPlane, sim: Any, core: Any, objects: Any, node: str) -> int:
 
     def attached() -> bool:
         nodes = (get().get("status") or {}).get("nodes") or []
-        return any(n.get("node") == node and n.get("phase") in ("Running", "Failed") for n in nodes)
-    wait_until(attached, "the agent to attach and report", timeout=180, interval=0.5)
+        return {n.get("node") for n in nodes if n.get("phase") in ("Running", "Failed")} >= set(NODES)
+    wait_until(attached, "the agents to attach and report", timeout=180, interval=0.5)
     kubectl(cp, "get", "daemonset,pods", "-n", SYSTEM_NS)
-    entry = next(n for n in get()["status"]["nodes"] if n["node"] == node)
-    if entry["phase"] == "Failed":
-        console.print(f"[red]the agent cannot trace on this host: {entry.get('message')}")
+    failed = [n for n in get()["status"]["nodes"] if n["phase"] == "Failed"]
+    if failed:
+        console.print(f"[red]the agent cannot trace on this host: {failed[0].get('message')}")
         return 1
 
     stop = threading.Event()
-    web.random_loss(LOSS)
-    client.random_loss(LOSS)
-    driver = threading.Thread(target=load, args=(web, client, web_ips, stop), daemon=True)
+    web.data_loss_from(loss_from, LOSS)
+    driver = threading.Thread(target=load, args=(web, client, web_ips, loss_from, stop), daemon=True)
     driver.start()
     try:
         while (get().get("status") or {}).get("phase") != "Completed":
@@ -235,19 +201,13 @@ def _run(cp: ControlPlane, sim: Any, core: Any, objects: Any, node: str) -> int:
         stop.set()
         driver.join(120)
         web.clear_loss()
-        client.clear_loss()
     wait_until(lambda: get()["status"].get("phase") == "Completed", "the trace to complete", timeout=120)
     time.sleep(3)  # the agents' final reports, then one more aggregation
 
-    console.rule("[bold]6. results (status of the RetransmitTrace, and its per-node reports)")
+    console.rule("[bold]6. results: the plugin's answer, the trace and its per-node reports")
+    show(cp)
     kubectl(cp, "get", "rtrace")
     kubectl(cp, "get", "rtreport", "-n", SYSTEM_NS, "-l", f"retransmit.dev/trace={TRACE}")
-    status = get()["status"]
-    console.print(flows_table(status))
-    console.print(pods_table(status))
-    console.print(by_state_table(status))
-    for cond in status.get("conditions") or []:
-        console.print(f"{cond['type']}={cond['status']} ({cond['reason']}): {cond.get('message', '')}", highlight=False)
 
     console.rule("[bold]7. clean up")
     objects.delete_cluster_custom_object(GROUP, VERSION, PLURAL, TRACE)

@@ -139,3 +139,37 @@ def test_the_agent_reports_every_flows_retransmits_by_remote_address_and_resumes
     many = node_entry(snapshot([(f"10.1.{i // 250}.{i % 250}", i + 1) for i in range(MAX_REMOTES + 10)]), facts,
                       top_flows=1, keep_events=0, now=now)
     assert len(many.entry.by_remote) == MAX_REMOTES and many.entry.by_remote[0].retransmits == MAX_REMOTES + 10
+
+
+def test_remembered_places_are_worked_out_again_after_the_ttl_a_bounded_number_per_pass(monkeypatch):
+    # Five pods on node-c, each the only remote of one node-a report; then all five move to
+    # node-d (same addresses, outside every podCIDR, so only the pod watch knows them).
+    import retransmit_operator.paths as paths
+    monkeypatch.setattr(paths, "REFRESH_PER_PASS", 2)
+    index = PodIndex()
+    ips = [f"10.9.0.{i}" for i in range(5)]
+    for i, ip in enumerate(ips):
+        index.observe(pod(f"p{i}", "node-c", ip))
+    where = places(index)
+    reports = [report("node-a", {ip: 10}) for ip in ips]
+
+    def to(node: str) -> int:
+        where_now = {(p.source, p.destination): p.retransmits for p in path_matrix(reports, where, 50).by_node_pair}
+        return where_now.get(("node-a", node), 0) // 10
+    where.begin_pass(1000.0)
+    assert to("node-c") == 5
+    for i, ip in enumerate(ips):
+        index.observe(pod(f"p{i}", "node-d", ip))
+    where.begin_pass(1000.0 + paths.PLACES_TTL / 2)
+    assert to("node-c") == 5                      # remembered: within the TTL nothing is worked out again
+    moved = []
+    for n in range(1, 4):                         # past the TTL: two reports' addresses per pass
+        where.begin_pass(1000.0 + paths.PLACES_TTL + n)
+        moved.append(to("node-d"))
+    assert moved == [2, 4, 5]
+    # A report that changed is worked out at once, even with no budget left in the pass.
+    monkeypatch.setattr(paths, "REFRESH_PER_PASS", 0)
+    index.observe(pod("p0", "node-b", ips[0]))
+    reports[0] = report("node-a", {ips[0]: 10})
+    where.begin_pass(2000.0)
+    assert to("node-b") == 1 and to("node-d") == 4
