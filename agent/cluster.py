@@ -58,6 +58,7 @@ from retransmit_core.version import package_version
 from .metrics import AgentInfo, AgentState, MetricsServer
 from .nodeentry import NodeEntry, NodeFacts, node_entry
 from .preflight import effective_capabilities, security_mode
+from .podsegments import PodSegmentReader
 from .podselection import PodSelection, selected_ips, with_filter_check
 from .podwatch import PodWatcher, node_addresses
 from .reportwriter import ApiError, ReportTarget, ReportWriter
@@ -115,6 +116,7 @@ class ClusterAgent:
         self.index = PodIndex(node, node_addresses())
         self.selection = PodSelection(frozenset(inv.spec.namespaces), inv.spec.pod_selector)
         self.program: Any = None
+        self.pod_segments: Optional[PodSegmentReader] = None   # from when the program counts
         self.events: deque[RecentEvent] = deque(maxlen=max(1, inv.spec.events.keep))
         self.loop = LoopState()
         self._watcher: Optional[PodWatcher] = None
@@ -202,6 +204,9 @@ class ClusterAgent:
             # The pods may have changed while the program compiled.
             if not self.selection.selects_everything:
                 self._set_local_ips(program)
+        # The pods' namespace counters start now too: read the pods known at this moment.
+        self.pod_segments = PodSegmentReader(datetime.now(timezone.utc))
+        self._read_pod_segments()
         with self.state.lock:
             self.state.attached = True
         log.info("kernel program attached on node %s for trace %s", self.facts.node, self.inv.trace)
@@ -337,9 +342,19 @@ class ClusterAgent:
 
     # ---------------------------------------------------------------- one report
 
+    def _read_pod_segments(self) -> dict:
+        """The selected local pods' own segment counters since counting began (podsegments.py);
+        the /proc reads happen outside the lock the pod watch needs."""
+        if self.pod_segments is None:
+            return {}
+        with self.lock:
+            pods = [pod for pod in self.index.pods if self.selection.matches(pod)]
+        return self.pod_segments.read(pods)
+
     def _next_entry(self, baseline: Baseline) -> NodeEntry:
         """Read the kernel and the pod index, then the pure step: the cumulative entry now."""
         addresses = node_addresses()  # the node's own addresses can change (DHCP, new bridges)
+        pod_segments = self._read_pod_segments()
         with self.lock:
             self.index.set_node_addresses(addresses)
             snapshot = self.program.snapshot() if self.program is not None else None
@@ -348,7 +363,7 @@ class ClusterAgent:
         return node_entry(snapshot, self.facts, top_flows=spec.top_flows, keep_events=spec.events.keep,
                           now=datetime.now(timezone.utc), recent_events=list(self.events)[::-1],
                           baseline=baseline, previous_pods=self.loop.pod_counts,
-                          previous_remotes=self.loop.remote_counts, owners=owners)
+                          previous_remotes=self.loop.remote_counts, owners=owners, pod_segments=pod_segments)
 
     def _report(self, final: bool = False, timeout: Optional[float] = None) -> bool:
         """Write what the schedule says is due (`final`: the report, with `timeout`). True when

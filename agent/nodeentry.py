@@ -19,11 +19,13 @@ from retransmit_core.podindex import Owner, owner_in_table, with_owner
 
 from .drops import drop_fields
 from .kernel import KernelSnapshot
+from .segments import TcpSegments
 from .resume import (
     Baseline,
     CumulativeFlow,
     PodKey,
     cumulative_entry,
+    cumulative_pod_segments,
     cumulative_pods,
     cumulative_remotes,
     merge_flows,
@@ -75,6 +77,7 @@ def node_entry(
     previous_pods: Optional[Mapping[PodKey, int]] = None,
     previous_remotes: Optional[Mapping[str, int]] = None,
     owners: Optional[Mapping[str, Owner]] = None,
+    pod_segments: Mapping[PodKey, TcpSegments] = {},
 ) -> NodeEntry:
     """This node's cumulative entry at `now`.
 
@@ -84,7 +87,9 @@ def node_entry(
     them and the baseline's go in. previous_pods: the last step's pod_counts (a pod's count
     never drops when the kernel map evicts its flows); previous_remotes likewise by remote
     address. owners: the pod index's lookup_table();
-    None attributes nothing (no pods, ends as the kernel saw them).
+    None attributes nothing (no pods, ends as the kernel saw them). pod_segments: each local
+    pod's own namespace's segments since this agent began counting (PodSegmentReader.read);
+    the baseline's are added, and the top pods carry them.
     """
     previous_pods = previous_pods or {}
     if snapshot is None:
@@ -96,7 +101,8 @@ def node_entry(
         entry = entry.model_copy(update=drop_fields(baseline.drops, None, entry.top_flows))
         pods = cumulative_pods(baseline, {}, previous_pods)
         remotes = cumulative_remotes(baseline, {}, previous_remotes or {})
-        return NodeEntry(entry.model_copy(update={"top_pods": ranked_pods(pods, facts.node, top_flows),
+        segments = cumulative_pod_segments(baseline, {})
+        return NodeEntry(entry.model_copy(update={"top_pods": ranked_pods(pods, facts.node, top_flows, segments),
                                                   "by_remote": ranked_remotes(remotes)}), pods, remotes, None)
 
     fresh = NodeStatus(
@@ -131,7 +137,7 @@ def node_entry(
     attributed = entry.model_copy(update={
         "top_flows": [f.model_copy(update=_attributed_ends(f.local, f.remote, owner_of)) for f in entry.top_flows],
         "recent_events": [e.model_copy(update=_attributed_ends(e.local, e.remote, owner_of)) for e in entry.recent_events],
-        "top_pods": ranked_pods(pods, facts.node, top_flows),
+        "top_pods": ranked_pods(pods, facts.node, top_flows, cumulative_pod_segments(baseline, pod_segments)),
     })
     return NodeEntry(attributed, pods, remotes, retransmits_by_pod_port(merged, owner_of))
 

@@ -8,6 +8,8 @@
   name starts from zero.
 - `pod_totals` / `cumulative_pods` / `ranked_pods` give each local pod's retransmits over
   every flow in the kernel map (not only the top flows), resumed like the totals;
+  `cumulative_pod_segments` each pod's own namespace's segment counters (podsegments.py),
+  resumed like the node's: the report's earlier counts plus this agent's;
   `remote_totals` / `cumulative_remotes` / `ranked_remotes` the same by remote address.
 """
 
@@ -25,6 +27,7 @@ from retransmit_core.ratio import retransmit_ratio
 
 from .drops import DropBaseline
 from .flows import FlowCounters
+from .segments import TcpSegments
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class Baseline:
     drops: DropBaseline = field(default_factory=DropBaseline)   # drop fields: drops.drop_fields
     out_segs: Optional[int] = None       # the node's Tcp OutSegs during the trace; None: unknown
     retrans_segs: Optional[int] = None
+    pod_segments: Mapping[PodKey, TcpSegments] = field(default_factory=dict)   # the top pods' that had them
 
     @classmethod
     def from_entry(cls, entry: Optional[NodeStatus]) -> "Baseline":
@@ -92,6 +96,8 @@ class Baseline:
             drops=DropBaseline.from_entry(entry),
             out_segs=entry.out_segs,
             retrans_segs=entry.retrans_segs,
+            pod_segments={(p.namespace, p.pod): TcpSegments(p.out_segs, p.retrans_segs) for p in entry.top_pods
+                          if p.out_segs is not None and p.retrans_segs is not None},
         )
 
     @property
@@ -290,11 +296,24 @@ def ranked_remotes(counts: Mapping[str, int], limit: int = MAX_REMOTES) -> list[
     return [RemoteCount(ip=ip, retransmits=n) for ip, n in ordered[:limit]]
 
 
-def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int) -> list[PodCount]:
-    """The busiest pods (ties by namespace, name), at most top_n (0 = all), on `node`."""
+def cumulative_pod_segments(baseline: Baseline, fresh: Mapping[PodKey, TcpSegments]) -> dict[PodKey, TcpSegments]:
+    """Each pod's segments since the trace began: what earlier agents reported of it plus what
+    this one counted (PodSegmentReader.read, since its start), as the node's outSegs resume.
+    Segments sent while no agent ran are in neither; a pod only in the baseline keeps its."""
+    return {key: baseline.pod_segments.get(key, TcpSegments(0, 0)).plus(fresh[key]) if key in fresh
+            else baseline.pod_segments[key] for key in set(baseline.pod_segments) | set(fresh)}
+
+
+def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int,
+                segments: Mapping[PodKey, TcpSegments] = {}) -> list[PodCount]:
+    """The busiest pods (ties by namespace, name), at most top_n (0 = all), on `node`, each
+    with its segment counters where `segments` has them."""
     ordered = sorted(((key, n) for key, n in counts.items() if n > 0), key=lambda item: pod_key(item[1], *item[0]))
     if top_n > 0:
         ordered = ordered[:top_n]
-    return [PodCount(namespace=ns, pod=pod, node=node, retransmits=n) for (ns, pod), n in ordered]
+    return [PodCount(namespace=ns, pod=pod, node=node, retransmits=n,
+                     out_segs=segments[(ns, pod)].out_segs if (ns, pod) in segments else None,
+                     retrans_segs=segments[(ns, pod)].retrans_segs if (ns, pod) in segments else None)
+            for (ns, pod), n in ordered]
 
 

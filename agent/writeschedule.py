@@ -19,15 +19,17 @@ from retransmit_core.schedule import Write, next_write, report_period
 
 
 # Fields that change on every busy node at every read without saying anything new about
-# retransmits: the node's segment counters (and their ratio) go out with each write but never
-# cause one alone, else every heartbeat of a node that sends anything would be a report write.
+# retransmits: the node's segment counters (and their ratio), and each top pod's, go out with
+# each write but never cause one alone, else every heartbeat of a node that sends anything
+# would be a report write.
 RIDE_ALONG = ("lastReportTime", "outSegs", "retransSegs", "retransRatio")
 
 
 def _comparable(entry: NodeStatus) -> dict[str, Any]:
     doc = to_api(entry)
-    for name in RIDE_ALONG:
-        doc.pop(name, None)
+    for row in [doc] + doc.get("topPods", []):
+        for name in RIDE_ALONG:
+            row.pop(name, None)
     return doc
 
 

@@ -406,6 +406,15 @@ class PodCount(ApiModel):
     namespace: str = Field(description="Pod namespace.")
     node: Optional[str] = Field(None, description="Node the pod runs on.")
     retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent, over every flow its node's agent knows.")
+    out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the pod sent during the trace, retransmissions included (Tcp OutSegs of the pod's own network namespace, read by its node's agent through /proc/PID/net/snmp of a process in it: every connection of the pod, whatever the trace's filters). Absent for hostNetwork pods (they share the node's counters: the node's outSegs) and when the agent found no process in the pod's namespace.")
+    retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments the pod retransmitted during the trace (Tcp RetransSegs, same counters). Segments sent while no agent ran (a restart) are in neither.")
+    retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs: the share of the pod's segments that were retransmissions. Set from the two counters, never on its own.")
+
+    @model_validator(mode="after")
+    def _ratio_from_segments(self) -> "PodCount":
+        # As NodeStatus's: one definition (retransmit_core.ratio), following the counters.
+        self.__dict__["retrans_ratio"] = retransmit_ratio(self.retrans_segs, self.out_segs)
+        return self
 
 
 MAX_REMOTES = 64   # remote addresses in a report's byRemote: the busiest, for the trace's path matrix
@@ -462,7 +471,7 @@ class NodeStatus(ApiModel):
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.",
                                      json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows, at most spec.topFlows.")
-    top_pods: list[PodCount] = Field(default_factory=list, description="Local-side pods on this node with their retransmits (tcp_retransmit_skb + synack) over every flow the agent knows, busiest first, at most spec.topFlows.")
+    top_pods: list[PodCount] = Field(default_factory=list, description="Local-side pods on this node with their retransmits (tcp_retransmit_skb + synack) over every flow the agent knows and their own network namespaces' segment counters (outSegs, retransSegs, retransRatio), busiest first, at most spec.topFlows.")
     recent_events: list[RecentEvent] = Field(default_factory=list, description="Most recent samples, at most spec.events.keep.")
     by_remote: list[RemoteCount] = Field(default_factory=list, max_length=MAX_REMOTES, description=f"Where this node's retransmits went: by remote address over every flow the agent knows, busiest first, at most {MAX_REMOTES} (the trace's path matrix names their nodes and zones).")
     last_report_time: Optional[datetime] = Field(None, description="When the agent last wrote this report (at least every few report intervals: the heartbeat).")
@@ -562,7 +571,7 @@ class Summary(ApiModel):
     nodes_not_covered: list[UncoveredNodes] = Field(default_factory=list, max_length=3, description="Linux nodes the trace does not reach, by reason; empty when it covers every one.")
     privileged_nodes: list[PrivilegedNodes] = Field(default_factory=list, max_length=MAX_PRIVILEGED_REASONS, description=f"Nodes whose agents run privileged because capabilities were not enough there (the operator's auto security mode), by reason, the {MAX_PRIVILEGED_REASONS} most common; empty when every agent runs with capabilities only (or the mode is explicit).")
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows cluster-wide (at most spec.topFlows), each with its node; remote pods attributed from the operator's pod index.")
-    top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods), busiest first, at most spec.topFlows.")
+    top_pods: list[PodCount] = Field(default_factory=list, description="Pods by the retransmits they sent (the sum of the nodes' topPods, segment counters summed where known), busiest first, at most spec.topFlows.")
     top_services: list[ServiceCount] = Field(default_factory=list, description="Services as remote ends, by the retransmits of the nodes' top flows towards them, busiest first, at most spec.topFlows.")
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on all nodes (atomic, as byCause).",
                                      json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))

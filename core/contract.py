@@ -27,6 +27,12 @@ ENV_POD_NAMESPACE = "RTRACE_POD_NAMESPACE"  # metadata.namespace
 # The agent binds /metrics, /readyz and /livez to this address (the node's IP: the pod is
 # hostNetwork), so probes reach this pod's agent even when several nodes share one host.
 ENV_POD_IP = "RTRACE_POD_IP"                # status.podIP
+# The host's /proc, mounted read-only at HOST_PROC_MOUNT: the agent is not hostPID, so its own
+# /proc shows only its container's processes, and it finds each pod's network namespace
+# through a process of the pod (retransmit_agent.podsegments). Unset: "/proc" (an agent in
+# the host's PID namespace, `retransmit-agent local`).
+ENV_HOST_PROC = "RTRACE_HOST_PROC"
+HOST_PROC_MOUNT = "/host/proc"
 DOWNWARD_API_ENV: dict[str, str] = {
     ENV_NODE_NAME: "spec.nodeName",
     ENV_POD_NAMESPACE: "metadata.namespace",

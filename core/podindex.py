@@ -79,6 +79,8 @@ class PodFacts:
     ips: tuple[str, ...]
     host_ips: tuple[str, ...]
     terminal: bool
+    # metadata.creationTimestamp as the API gives it (RFC 3339, whole seconds); None if absent.
+    created: Optional[str] = None
 
     @classmethod
     def from_object(cls, pod: Mapping[str, Any]) -> "PodFacts":
@@ -98,6 +100,7 @@ class PodFacts:
             ips=canonical_ips(ips),
             host_ips=canonical_ips(host_ips),
             terminal=status.get("phase") in TERMINAL_PHASES,
+            created=meta.get("creationTimestamp"),
         )
 
 

@@ -32,7 +32,14 @@ import json
 from typing import Any, Iterable, Optional
 
 from retransmit_core.api import RetransmitTraceSpec
-from retransmit_core.contract import DOWNWARD_API_ENV, METRICS_PORT_SPAN, AgentInvocation, render_agent_args
+from retransmit_core.contract import (
+    DOWNWARD_API_ENV,
+    ENV_HOST_PROC,
+    HOST_PROC_MOUNT,
+    METRICS_PORT_SPAN,
+    AgentInvocation,
+    render_agent_args,
+)
 from retransmit_core.naming import (
     AGENT_PRIVILEGE_LABEL,
     METRICS_PORT_ANNOTATION,
@@ -59,6 +66,11 @@ HOST_MOUNTS: tuple[tuple[str, str, str, str | None], ...] = (
     ("btf", "/sys/kernel/btf", "/sys/kernel/btf", None),
     ("modules", "/lib/modules", "/lib/modules", None),
     ("usr-src", "/usr/src", "/usr/src", None),
+    # The host's processes, read-only, to read each pod's network namespace counters through
+    # /proc/PID/net/snmp (retransmit_agent.podsegments): less than hostPID, which would also
+    # let the agent signal host processes. Mounted beside the container's own /proc, which
+    # the runtime keeps; ENV_HOST_PROC tells the agent where.
+    ("host-proc", "/proc", HOST_PROC_MOUNT, None),
 )
 AGENT_CAPABILITIES = ("BPF", "PERFMON", "SYS_RESOURCE")
 
@@ -105,6 +117,7 @@ def render_pod_template(trace_name: str, trace_uid: str, spec: RetransmitTraceSp
     env = [{"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
            for name, path in DOWNWARD_API_ENV.items()]
     env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
+    env.append({"name": ENV_HOST_PROC, "value": HOST_PROC_MOUNT})
 
     mounts = [{"name": "tmp", "mountPath": "/tmp"}]
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}]

@@ -41,6 +41,10 @@ class _PodTotal:
     retransmits: int = 0
     listings: int = 0
     nodes: dict[str, str] = field(default_factory=dict)   # reporting node -> the pod's node as it says
+    # [sum, listings that know] of the pod's own segment counters, as _known's for the nodes:
+    # None for a pod no listing has them for (hostNetwork pods are in no topPods at all).
+    out_segs: list[int] = field(default_factory=lambda: [0, 0])
+    retrans_segs: list[int] = field(default_factory=lambda: [0, 0])
 
     def node(self) -> Optional[str]:
         # A pod name reused on another node keeps the node of the first report by node name.
@@ -122,6 +126,10 @@ class TraceTally:
             total = self._pods.setdefault(key, _PodTotal())
             total.retransmits += sign * pod.retransmits
             total.listings += sign
+            if pod.out_segs is not None and pod.retrans_segs is not None:
+                for known, value in ((total.out_segs, pod.out_segs), (total.retrans_segs, pod.retrans_segs)):
+                    known[0] += sign * value
+                    known[1] += sign
             if sign > 0:
                 total.nodes.setdefault(entry.node, pod.node or entry.node)
             else:
@@ -160,7 +168,8 @@ class TraceTally:
     def top_pods(self, top_n: int) -> list[PodCount]:
         """The busiest local pods, the nodes' topPods summed (exact: each agent counts every flow)."""
         ranked = heapq.nsmallest(top_n, self._pods.items(), key=lambda item: pod_key(item[1].retransmits, *item[0]))
-        return [PodCount(namespace=ns, pod=pod, node=total.node(), retransmits=total.retransmits)
+        return [PodCount(namespace=ns, pod=pod, node=total.node(), retransmits=total.retransmits,
+                         out_segs=_known_sum(total.out_segs), retrans_segs=_known_sum(total.retrans_segs))
                 for (ns, pod), total in ranked]
 
     def snapshot(self, top_n: int) -> Tally:

@@ -351,8 +351,9 @@ def output_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=output_flag, default=Output("table"), metavar="FORM",
                    help=f"{'|'.join(OUTPUTS)}|{JSONPATH}=TEMPLATE (default table)")
     p.add_argument("--sort", choices=SORT_KEYS, default=SORT_KEYS[0],
-                   help="order of the top flows in the tables: retransmits (busiest first, the default) or "
-                        "ratio (each connection's retransmitted/sent segments, highest first)")
+                   help="order of the top flows and top pods in the tables: retransmits (busiest first, the "
+                        "default) or ratio (each connection's, or pod's network namespace's, retransmitted/sent "
+                        "segments, highest first)")
 
 
 def build_parser() -> argparse.ArgumentParser:

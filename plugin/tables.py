@@ -60,16 +60,16 @@ def object_name(trace: dict[str, Any]) -> str:
     return f"{RESOURCE}/{trace['metadata']['name']}"
 
 
-# --sort: how the tables order the top flows. retransmits: as the operator ranked them
-# (busiest first); ratio: by retransmitRatio, highest first, flows without one last.
+# --sort: how the tables order the top flows and top pods. retransmits: as the operator
+# ranked them (busiest first); ratio: by retransRatio, highest first, rows without one last.
 SORT_KEYS = ("retransmits", "ratio")
 
 
-def sort_flows(flows: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    """The top flows in --sort `key`'s order (stable: ties keep the operator's order)."""
+def sort_rows(rows: Sequence[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Top flows or top pods in --sort `key`'s order (stable: ties keep the operator's order)."""
     if key == "ratio":
-        return sorted(flows, key=lambda f: (f.get("retransRatio") is None, -(f.get("retransRatio") or 0.0)))
-    return list(flows)
+        return sorted(rows, key=lambda f: (f.get("retransRatio") is None, -(f.get("retransRatio") or 0.0)))
+    return list(rows)
 
 
 def format_trace(trace: dict[str, Any], output: Output, namespaces: Optional[Sequence[str]] = None,
@@ -119,11 +119,12 @@ def endpoint(side: dict[str, Any]) -> str:
     return text
 
 
-def segments(flow: dict[str, Any]) -> Optional[str]:
-    """'58/1000': the connection's retransmitted and sent segments, None when not read."""
-    if flow.get("dataSegsOut") is None:
+def segments(row: dict[str, Any], sent: str = "dataSegsOut", retransmitted: str = "totalRetrans") -> Optional[str]:
+    """'58/1000': a connection's (or with outSegs, retransSegs a pod's) retransmitted and
+    sent segments, None when not read."""
+    if row.get(sent) is None:
         return None
-    return f"{flow.get('totalRetrans', 0)}/{flow['dataSegsOut']}"
+    return f"{row.get(retransmitted, 0)}/{row[sent]}"
 
 
 def causes(by_cause: Optional[dict[str, int]]) -> str:
@@ -175,7 +176,7 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
     `namespaces`, only the flows and pods whose local pod is in one of them (totals stay the
     trace's); `wide` adds each flow's family, first and last retransmit, round-trip time and
     segment counters, and each node's reporting and departed marks; `sort` (SORT_KEYS)
-    orders the flows."""
+    orders the flows and the pods."""
     status = trace.get("status") or {}
     summary = status.get("summary") or {}
     out = [progress_line(trace, now)]
@@ -197,7 +198,7 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
         totals.append(("nodes retransmitted/sent segments",
                        f"{summary.get('retransSegs', 0)}/{summary['outSegs']} ({format_ratio(summary.get('retransRatio'))})"))
     out.append("   ".join(f"{label} {value}" for label, value in totals))
-    flows = sort_flows([f for f in summary.get("topFlows") or []
+    flows = sort_rows([f for f in summary.get("topFlows") or []
                         if in_namespaces(f.get("local", {}).get("namespace"), namespaces)], sort)
     if flows:
         out += ["", "TOP FLOWS" + (" (by retransmit ratio)" if sort == "ratio" else "")]
@@ -212,11 +213,15 @@ def render(trace: dict[str, Any], now: Optional[datetime] = None, namespaces: Op
                           (f.get("socket") or {}).get("srttMicroseconds"), segments(f)) if wide else ())
                       + ((f.get("lossAt") or "-",) if lost_at else ()) for f in flows),
                      right=(3, 4, 5))
-    pods = [p for p in summary.get("topPods") or [] if in_namespaces(p.get("namespace"), namespaces)]
+    pods = sort_rows([p for p in summary.get("topPods") or [] if in_namespaces(p.get("namespace"), namespaces)], sort)
     if pods:
-        out += ["", "TOP PODS"]
-        out += table(("NAMESPACE", "POD", "NODE", "RETRANSMITS"),
-                     ((p.get("namespace"), p.get("pod"), p.get("node"), p.get("retransmits", 0)) for p in pods), right=(3,))
+        # RATIO: the pod's own network namespace's retransmitted/sent segments ('-' for
+        # hostNetwork pods and pods the agent found no process of); -o wide adds both counts.
+        out += ["", "TOP PODS" + (" (by retransmit ratio)" if sort == "ratio" else "")]
+        out += table(("NAMESPACE", "POD", "NODE", "RETRANSMITS", "RATIO") + (("RETRANS/SENT",) if wide else ()),
+                     ((p.get("namespace"), p.get("pod"), p.get("node"), p.get("retransmits", 0),
+                       format_ratio(p.get("retransRatio")))
+                      + ((segments(p, "outSegs", "retransSegs"),) if wide else ()) for p in pods), right=(3, 4))
     services = [s for s in summary.get("topServices") or [] if in_namespaces(s.get("namespace"), namespaces)]
     if services:
         out += ["", "TOP SERVICES (REMOTE)"]

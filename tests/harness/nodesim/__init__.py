@@ -34,7 +34,8 @@ What it does for each simulated node (node-a, node-b, ...):
 
 Not simulated: images (a container without `command` runs `image_entrypoints[image]` if
 given, else waits with reason CreateContainerConfigError), volumes other than hostPath (paths are the host's
-own), liveness/startup probes, resource limits, securityContext beyond capabilities, `kubectl logs/exec` (no kubelet API).
+own; a hostPath mounted at another path exists only through the environment: a variable whose
+value is the mountPath, or below it, names the host path instead, podspec.at_host_paths), liveness/startup probes, resource limits, securityContext beyond capabilities, `kubectl logs/exec` (no kubelet API).
 
 Use it from Python (threads in this process) or from the command line:
     python -m tests.harness.nodesim --kubeconfig admin.kubeconfig --nodes node-a,node-b

@@ -121,7 +121,34 @@ def container_env(spec: dict, ctx: PodContext) -> dict[str, str]:
             res = spec.get("resources") or {}
             kind, _, what = r["resource"].partition(".")
             env[name] = str((res.get(kind) or {}).get(what, "0"))
-    return env
+    return at_host_paths(env, moved_host_paths(ctx.pod, spec))
+
+
+def moved_host_paths(pod: dict, spec: dict) -> dict[str, str]:
+    """mountPath -> host path of the container's hostPath mounts that put the host's folder
+    somewhere else (e.g. the host's /proc at /host/proc)."""
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["spec"].get("volumes") or [] if "hostPath" in v}
+    moved = {}
+    for mount in spec.get("volumeMounts") or []:
+        path = host_paths.get(mount["name"])
+        if path is not None and path.rstrip("/") != mount["mountPath"].rstrip("/"):
+            moved[mount["mountPath"].rstrip("/")] = path.rstrip("/") or "/"
+    return moved
+
+
+def at_host_paths(env: dict[str, str], moved: Mapping[str, str]) -> dict[str, str]:
+    """The environment with every value naming a moved mount (or a path below it) pointing at
+    the host's folder instead. The simulator runs a container as a host process with no mount
+    namespace of its own, so a mount at another path does not exist; a container that is told
+    through its environment where a mount is (the agent's RTRACE_HOST_PROC) then reads the
+    host's folder itself, which is what the mount shows in a real container. Paths in the
+    command line or in files are not translated."""
+    def mapped(value: str) -> str:
+        for mount_path, host_path in moved.items():
+            if value == mount_path or value.startswith(mount_path + "/"):
+                return host_path + value[len(mount_path):]
+        return value
+    return {name: mapped(value) for name, value in env.items()}
 
 
 def container_command(spec: dict, env: Mapping[str, str], image_entrypoints: Mapping[str, list[str]],
