@@ -17,6 +17,7 @@ Shared by tests/kernel/test_ratio.py on the host's kernel and tests/harness/vm_s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from typing import Iterator, Optional
 
 from retransmit_agent.flows import FlowCounters, wall_clock_offset_ns
 from retransmit_agent.kernel import RetransmitProgram
-from retransmit_agent.segments import TcpSegments, read_tcp_segments
+from retransmit_agent.segments import TcpSegments
 from retransmit_core.kernelvocab import SOCKET_READ_INTERVAL_MS
 from retransmit_core.ratio import retransmit_ratio
 
@@ -130,16 +131,25 @@ def namespace_snmp(ns: LossNamespace, timeout: float = 30.0) -> Iterator[str]:
     """/proc/PID/net/snmp of a process in `ns`: the namespace's counters, as the agent's
     /proc/net/snmp is the node's. Yields once the process has entered the namespace."""
     holder = ns.popen("sleep", "infinity")
-    path = f"/proc/{holder.pid}/net/snmp"
     deadline = time.monotonic() + timeout
     try:
-        while read_tcp_segments(path) == read_tcp_segments("/proc/net/snmp"):   # `ip netns exec` not yet in
-            assert time.monotonic() < deadline, "the process never entered the namespace"
+        # `ip netns exec` enters the namespace, then becomes `sleep` under the same pid. Its
+        # counters cannot tell: a fresh VM's root namespace may have sent no TCP either.
+        while not _same_file(f"/proc/{holder.pid}/ns/net", f"/run/netns/{ns.name}"):
+            assert holder.poll() is None and time.monotonic() < deadline, "the process never entered the namespace"
             time.sleep(0.01)
-        yield path
+        yield f"/proc/{holder.pid}/net/snmp"
     finally:
         holder.kill()
         holder.wait()
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def namespace_segments(ns: LossNamespace) -> TcpSegments:
