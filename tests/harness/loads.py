@@ -8,10 +8,18 @@ afterwards cover the whole load. They return the connections made.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 
 from .netns import LossNamespace
+
+# With GSO, one retransmitted skb (one tracepoint event) carries up to 64 KiB of payload,
+# i.e. several MSS-sized segments, and RetransSegs counts segments. TCP always sets
+# NETIF_F_GSO on its sockets (sk_setup_caps), so `ethtool -K lo gso off` shrinks but does
+# not remove the difference. At MTU 1500 an skb holds at most ceil(65536 / 1400) segments,
+# so RetransSegs lies between the retransmit events and this many times them.
+MAX_SEGMENTS_PER_SKB = math.ceil(65536 / 1400)
 
 
 def own_cidrs(ns: LossNamespace) -> tuple[str, ...]:

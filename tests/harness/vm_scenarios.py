@@ -19,6 +19,15 @@ One boot runs every section in SECTIONS, each into its own key of the JSON resul
   IPv6 socket talking IPv4 is an IPv4 flow with plain addresses); the reference's view by
   socket (read_sockets) is kept too.
 - `causes`: timeout / fast / probe through the guest's own BTF against its TcpExt counters.
+- `ratio`: each flow's segment counters (data_segs_out, total_retrans, through the guest's own
+  BTF) against its sender's TCP_INFO, within bounds during a lossy bulk transfer and equal on
+  a dead path; and the namespace's OutSegs / RetransSegs read through /proc/PID/net/snmp (the
+  agent's segments.py) against its own /proc/net/snmp and the program's retransmit events
+  (tests/harness/ratiocheck.py, as tests/kernel/test_ratio.py compares on the host).
+- `drops`: a counted nftables drop rule under a bulk transfer, traced by the program with
+  drops on: on a kernel whose skb:kfree_skb has `reason` (6.1), NETFILTER_DROP in total and
+  per flow equals the rule's counter (tests/harness/dropcheck.py, as tests/kernel/test_drops.py
+  on the host); without it (5.10), why drops are off, and that the program counts none.
 
 `kernel` holds the release and the fields of the tracepoints' format files, read here
 rather than by the agent. Writes expectations and observations as JSON; exits 0 only when
@@ -41,8 +50,10 @@ from typing import Callable
 
 from retransmit_agent.kernel import KernelConfig, KernelSnapshot, RetransmitProgram
 from retransmit_agent.preflight import TRACEPOINTS, find_tracefs
-from tests.harness import loads
+from retransmit_agent.segments import read_tcp_segments
+from tests.harness import loads, ratiocheck
 from tests.harness.causecheck import cause_mismatches, delta, one_segment_per_skb, tcp_ext
+from tests.harness.dropcheck import drop_client_data, netfilter_drop_mismatches, nft_dropped, run_driver
 from tests.harness.netns import LossNamespace
 from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
 
@@ -50,6 +61,9 @@ from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
 LOSS = 10
 CONNECTIONS = 2
 NBYTES = 256 << 10
+# The ratio's one connection: ~720 segments, ~40 retransmits at LOSS: seconds under
+# emulation, so the program reads its counters many times during the transfer.
+RATIO_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -246,16 +260,111 @@ def causes_section(started: float) -> tuple[dict, bool]:
     return entry, not entry["mismatches"] and entry["sock_offsets"] is not None
 
 
+def ratio_section(started: float) -> tuple[dict, bool]:
+    """The flows' segment counters against the sender's TCP_INFO; the namespace's segment
+    counters read through /proc/PID/net/snmp against its own and the program's events."""
+    with LossNamespace(prefix="rtvmr") as ns, \
+            RetransmitProgram.open(KernelConfig(remote_cidrs=loads.own_cidrs(ns))) as program:
+        sock = program.features.sock
+        entry: dict = {"segs": bool(sock and sock.segs), "segs_problem": sock.segs_problem if sock else None,
+                       "sock_problem": program.features.sock_problem, "features": program.features.describe()}
+        # 1. the namespace's counters, through a process inside it, during a lossy duplex bulk
+        with ratiocheck.namespace_snmp(ns) as path:
+            start, before = read_tcp_segments(path), program.snapshot()
+            loads.bulk(ns, loss=LOSS, port=5431, connections=CONNECTIONS, nbytes=NBYTES)
+            during = read_tcp_segments(path).since(start)
+            after = program.snapshot()
+            through_proc, inside = read_tcp_segments(path), ratiocheck.namespace_segments(ns)
+        events, missed = after.retransmits - before.retransmits, after.missed_events or 0
+        min_out_segs = CONNECTIONS * NBYTES // 1448
+        entry["namespace"] = {
+            "through_proc": [through_proc.out_segs, through_proc.retrans_segs],
+            "inside": [inside.out_segs, inside.retrans_segs],
+            "during": [during.out_segs, during.retrans_segs], "events": events, "missed": missed,
+            "min_out_segs": min_out_segs,
+            "mismatches": ratiocheck.namespace_segment_mismatches(through_proc, inside, during, events, missed, min_out_segs)}
+        mismatches = list(entry["namespace"]["mismatches"])
+        if entry["segs"]:
+            sender = ratiocheck.SegSender(ns, 5432)
+            try:
+                # 2. one connection's counters during a lossy bulk, within the read interval's bounds
+                ns.random_loss(LOSS)
+                end = sender.ask(f"bulk {RATIO_BYTES}")
+                ns.clear_loss()
+                flow = ratiocheck.sender_flow(program, sender.client)
+                socket = flow.socket if flow else None
+                entry["bulk"] = {
+                    "flow": {"retransmits": flow.retransmits if flow else 0,
+                             "total_retrans": socket.total_retrans if socket else None,
+                             "data_segs_out": socket.data_segs_out if socket else None,
+                             "ratio": flow.to_flow().retrans_ratio if flow else None},
+                    "sender_end": {k: v for k, v in end.items() if k != "samples"},
+                    "floor": ratiocheck.floor_counters(flow, end["samples"]) if flow else None,
+                    "samples": len(end["samples"]),
+                    "mismatches": ratiocheck.bulk_counter_mismatches(flow, end)}
+                mismatches += entry["bulk"]["mismatches"]
+                # 3. a dead path: retransmits on timeouts, each reading the counters: equal
+                ns.drop_everything()
+                queued = sender.ask("send 1")
+                entry["dead_path"] = {"queued": queued, **ratiocheck.wait_for_equal_counters(program, sender, queued)}
+            finally:
+                ns.clear_loss()
+                sender.close()
+        else:
+            mismatches.append(f"no segment counters per flow: {entry['segs_problem'] or entry['sock_problem']}")
+    entry["mismatches"] = mismatches
+    bulk = entry.get("bulk", {})
+    print(f"vm_scenarios: ratio: flow {bulk.get('flow')} against its sender's {bulk.get('sender_end')}; "
+          f"dead path {entry.get('dead_path', {}).get('flow')}; namespace {entry['namespace']['during']} "
+          f"segments for {events} events: " + ("matched" if not mismatches else "MISMATCH " + "; ".join(mismatches)),
+          flush=True)
+    return entry, not mismatches
+
+
+def drops_section(started: float) -> tuple[dict, bool]:
+    """A counted nftables rule drops 10% of a bulk's data segments: on a kernel with drop
+    reasons the program's NETFILTER_DROP equals its counter; on one without, it counts none
+    (and says why). Both ends are traced: the client's retransmits count as before, and each
+    drop counts at the server, the end the packet was inbound to."""
+    with LossNamespace(prefix="rtvmd") as ns:
+        client, server = ns.v4
+        port = 5441
+        drop_client_data(ns, client, server, port, percent=10)
+        with RetransmitProgram.open(KernelConfig(local_ips=frozenset({client, server}))) as program:
+            connections = run_driver(ns, "tests.harness.traffic", "bulk", "--server-ip", server, "--client-ip", client,
+                                     "--port", str(port), "--connections", str(CONNECTIONS), "--bytes", str(NBYTES))
+            snapshot = program.snapshot()
+            probes = sorted(program.kernel_cost())
+        dropped = nft_dropped(ns)
+    drops = snapshot.drops
+    entry = {"counts_drops": program.counts_drops, "problem": program.drop_support.problem, "probes": probes,
+             "server": [server, port], "dropped_by_rule": dropped, "retransmits": snapshot.retransmits,
+             "by_reason": drops.by_reason if drops else None, "missed": drops.missed if drops else None,
+             "flows": sorted([f.family, f.local_ip, f.local_port, f.remote_ip, f.remote_port, f.inbound, f.outbound,
+                              dict(f.by_reason)] for f in drops.flows) if drops else None}
+    if program.counts_drops:
+        entry["mismatches"] = netfilter_drop_mismatches(drops, dropped, connections, server, port, "IPv4")
+    else:   # the program has no kfree_skb probe, so nothing to compare: it must count no drops
+        entry["mismatches"] = [] if drops is None else [f"drops off ({entry['problem']}) but counted {drops}"]
+    if dropped == 0 or snapshot.retransmits == 0:
+        entry["mismatches"].append(f"the rule dropped {dropped} and the program counted {snapshot.retransmits} "
+                                   "retransmits: the load proves nothing")
+    print(f"vm_scenarios: drops ({'on' if program.counts_drops else 'off: ' + entry['problem']}): "
+          f"{entry['by_reason']} against the rule's {dropped}, {snapshot.retransmits} retransmits: "
+          + ("matched" if not entry["mismatches"] else "MISMATCH " + "; ".join(entry["mismatches"])), flush=True)
+    return entry, not entry["mismatches"]
+
+
 # What one boot runs, in order: (key in the result, section). Each section returns (its JSON
 # entry, whether it matched); an exception fails that section alone, with its traceback.
-# The extension point for issue 23's newer features: counting the per-flow loss ratio and the
-# drops by reason (skb:kfree_skb `reason`, 5.17+: on 6.1; on 5.10 off, which `check` already
-# states) against references become sections here, with their assertions in
-# tests/kernel/test_vm_kernels.py, so both kernels run them in the boots they already have.
+# A new kernel feature to check on both kernels becomes a section here, with its assertions in
+# tests/kernel/test_vm_kernels.py, so both kernels run it in the boots they already have.
 SECTIONS: tuple[tuple[str, Callable[[float], tuple[dict, bool]]], ...] = (
     ("check", check_section),
     ("counting", counting_section),
     ("causes", causes_section),
+    ("ratio", ratio_section),
+    ("drops", drops_section),
 )
 
 

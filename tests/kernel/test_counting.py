@@ -16,15 +16,10 @@ import pytest
 
 from retransmit_agent.kernel import KernelConfig, KernelSnapshot, RetransmitProgram
 from tests.harness import loads
+from tests.harness.loads import MAX_SEGMENTS_PER_SKB
 from tests.harness.refcount import per_flow, succeeded
 
 pytestmark = pytest.mark.kernel
-
-# With GSO, one retransmitted skb (one tracepoint event) carries up to 64 KiB of payload,
-# i.e. several MSS-sized segments, and RetransSegs counts segments. TCP always sets
-# NETIF_F_GSO on its sockets (sk_setup_caps), so `ethtool -K lo gso off` shrinks but does
-# not remove the difference. At MTU 1500 an skb holds at most ceil(65536 / 1400) segments.
-MAX_SEGMENTS_PER_SKB = math.ceil(65536 / 1400)
 
 
 def flows_of(snapshot: KernelSnapshot, addresses: set[str]) -> dict:

@@ -9,27 +9,16 @@ count is of the test's own flows, whatever else the machine does.
 
 from __future__ import annotations
 
-import json
-import re
-import subprocess
-
 import pytest
 
 from retransmit_agent.btf import Btf
 from retransmit_agent.drops import reason_names
 from retransmit_agent.kernel import KernelConfig, RetransmitProgram
 from tests.harness import loads
+from tests.harness.dropcheck import drop_client_data, netfilter_drop_mismatches, nft_dropped, run_driver, within_misses
 from tests.harness.oldlayout import OldLayoutAgent
 
 pytestmark = pytest.mark.kernel
-
-
-def nft_dropped(ns) -> int:
-    """Packets the namespace's counted drop rule dropped (its `counter packets N`)."""
-    text = ns.exec("nft", "list", "chain", "inet", ns.table, "input")
-    counts = [int(n) for n in re.findall(r"counter packets (\d+)", text)]
-    assert counts, text
-    return sum(counts)
 
 
 def tcp_ext(ns) -> dict[str, int]:
@@ -37,46 +26,21 @@ def tcp_ext(ns) -> dict[str, int]:
     return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}
 
 
-def run_driver(ns, module: str, *args: str) -> list[dict]:
-    """Run a traffic driver in the namespace to its end; its last line lists the connections."""
-    proc = ns.python(module, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def within_misses(ours: int, reference: int, missed: int) -> bool:
-    """Our count equals the reference's, short by at most the kfree_skb hits the kernel did not
-    run the program for (recursion protection, counted since 6.7)."""
-    return ours <= reference <= ours + missed
-
-
 @pytest.mark.parametrize("family", ["IPv4", "IPv6"])
 def test_netfilter_drops_of_the_traced_flows_equal_the_nft_rules_counter(ns, family):
     client, server = ns.v4 if family == "IPv4" else ns.v6
     port = 5401
-    # 10% of the client's data segments to the server dropped on input, counted by the rule
-    match = "ip" if family == "IPv4" else "ip6"
-    ns.nft(f"flush chain inet {ns.table} input\n"
-           f"add rule inet {ns.table} input {match} saddr {client} tcp dport {port} tcp flags & syn == 0 "
-           f"numgen random mod 100 < 10 counter drop\n")
+    drop_client_data(ns, client, server, port, percent=10)
     with RetransmitProgram.open(KernelConfig(local_ips=frozenset({server}))) as program:
         assert program.counts_drops, program.drop_support
         flows = run_driver(ns, "tests.harness.traffic", "bulk", "--server-ip", server, "--client-ip", client, "--port", str(port),
                                "--connections", "3", "--bytes", str(1 << 20))
         snap = program.snapshot()
     dropped = nft_dropped(ns)
-    assert dropped > 0, "the rule dropped nothing: the test proves nothing"
     drops = snap.drops
-    assert within_misses(drops.by_reason.get("NETFILTER_DROP", 0), dropped, drops.missed), (drops, dropped)
-    # per flow: each connection's drops are inbound to the server, keyed from the server's end
-    # (the sender's retransmitting flow reversed), and add up to the rule's counter too
-    clients = {(c["client"][0], c["client"][1]) for c in flows}
-    per_flow = {(f.remote_ip, f.remote_port): f for f in drops.flows if f.by_reason.get("NETFILTER_DROP")}
-    assert set(per_flow) <= clients and per_flow
-    assert all(f.local_ip == server and f.local_port == port and f.family == family and f.outbound == 0
-               for f in per_flow.values())
-    assert within_misses(sum(f.by_reason["NETFILTER_DROP"] for f in per_flow.values()), dropped, drops.missed)
+    # NETFILTER_DROP equals the rule's counter, in total and summed over the flows, each
+    # inbound to the server and keyed from the server's end
+    assert netfilter_drop_mismatches(drops, dropped, flows, server, port, family) == [], (drops, dropped)
     # the kernel's other reasons for these flows are the kernel's own names
     names = set(reason_names(Btf.load().enum("skb_drop_reason")).values())
     assert set(drops.by_reason) <= names

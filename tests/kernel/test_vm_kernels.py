@@ -10,10 +10,11 @@ timeout / fast / probe from the guest's own BTF. These tests assert on that JSON
 the real old layout: its tracepoints have no `family` (the fields after `dport` sit two
 bytes earlier) and skb:kfree_skb has no drop `reason`.
 
-`check` already says whether drop reasons are counted (6.1) or off and why (5.10). Counting
-per-flow loss ratio and drops against references in the VMs is not run yet: each gets its
-own section in vm_scenarios.SECTIONS and its tests here, per kernel, in the same boots. `make kernel-vm` provides the kernels, qemu
-and virtme-ng; when a VM cannot boot, that kernel's tests fail with the reason.
+`ratio`: each flow's segment counters (data_segs_out, total_retrans) against its sender's
+TCP_INFO, and the namespace's segment counters read through /proc/PID/net/snmp against its
+own. `drops`: drops by reason against a counted nftables rule on 6.1; on 5.10 (no `reason`
+in skb:kfree_skb) off, counting nothing, with `check` saying why. `make kernel-vm` provides
+the kernels, qemu and virtme-ng; when a VM cannot boot, that kernel's tests fail with the reason.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from retransmit_core.ratio import retransmit_ratio
+from tests.harness.dropcheck import NETFILTER_DROP, within_misses
 from tests.harness.kernelvm import KERNELS, run_in_vm
+from tests.harness.loads import MAX_SEGMENTS_PER_SKB
 
 # Each kernel's first test also boots it: ~4-8 minutes on 2 loaded cores under emulation.
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(2400)]
@@ -189,6 +193,66 @@ def test_causes_come_from_the_guests_own_btf_and_agree_with_its_counters(vm):
     assert causes["mismatches"] == []
     by_cause = causes["by_cause"]
     assert by_cause.get("fast", 0) > 0 and max(by_cause, key=by_cause.get) == "fast", by_cause
+
+
+def check_lines(vm) -> dict[str, dict]:
+    return {line["name"]: line for line in section(vm, "check")["report"]["checks"]}
+
+
+def test_flow_segment_counters_are_the_connections_own(vm):
+    """data_segs_out (4.6+) and total_retrans at the guest's own BTF offsets, against the
+    sender's TCP_INFO: within the read interval's bounds during a lossy bulk, equal on a dead path."""
+    ratio = section(vm, "ratio")
+    assert ratio["segs"] is True, (ratio["segs_problem"], ratio["sock_problem"])
+    assert check_lines(vm)["retransmit causes"]["detail"].endswith(
+        ", and its connection's segments sent and retransmitted")
+    bulk = ratio["bulk"]
+    flow, end, floor = bulk["flow"], bulk["sender_end"], bulk["floor"]
+    assert flow["retransmits"] > 0
+    assert 0 < flow["total_retrans"] <= end["total_retrans"], (flow, end)
+    assert 0 < flow["data_segs_out"] <= end["data_segs_out"], (flow, end)
+    assert floor["total_retrans"] <= flow["total_retrans"] and floor["data_segs_out"] <= flow["data_segs_out"], (floor, flow)
+    assert flow["ratio"] == retransmit_ratio(flow["total_retrans"], flow["data_segs_out"]) > 0
+    assert bulk["mismatches"] == []
+    dead = ratio["dead_path"]
+    assert dead["sender"]["total_retrans"] > dead["queued"]["total_retrans"]
+    assert dead["flow"] == [dead["sender"]["total_retrans"], dead["sender"]["data_segs_out"]]
+
+
+def test_namespace_segment_counters_read_through_proc_are_its_own(vm):
+    namespace = section(vm, "ratio")["namespace"]
+    assert namespace["through_proc"] == namespace["inside"]
+    out_segs, retrans_segs = namespace["during"]
+    events, missed = namespace["events"], namespace["missed"]
+    assert out_segs > namespace["min_out_segs"] > 0
+    assert 0 < events <= retrans_segs <= (events + missed) * MAX_SEGMENTS_PER_SKB, namespace
+    assert namespace["mismatches"] == []
+
+
+def test_drops_counted_by_reason_with_the_reason_field_else_off_and_check_says_why(vm):
+    kernel, _, _, _ = vm
+    drops = section(vm, "drops")
+    # the load made drops (the rule's counter) and the client's retransmits were counted, on both
+    assert drops["dropped_by_rule"] > 0 and drops["retransmits"] > 0, drops
+    assert "tcp_retransmit_skb" in drops["probes"]
+    line = check_lines(vm)["drop reasons"]
+    if KNOWN[kernel].drop_reason:
+        assert drops["counts_drops"] is True and drops["problem"] == "", drops["problem"]
+        assert "kfree_skb" in drops["probes"]
+        dropped, missed = drops["dropped_by_rule"], drops["missed"]
+        assert within_misses(drops["by_reason"].get(NETFILTER_DROP, 0), dropped, missed), drops["by_reason"]
+        server, port = drops["server"]
+        netfilter = [row for row in drops["flows"] if NETFILTER_DROP in row[7]]
+        assert netfilter and all(row[:3] == ["IPv4", server, port] and row[6] == 0 for row in netfilter), netfilter
+        assert within_misses(sum(row[7][NETFILTER_DROP] for row in netfilter), dropped, missed)
+        assert drops["mismatches"] == []
+        assert line["status"] == "ok", line
+    else:
+        why = "skb:kfree_skb has no `reason` field (added in Linux 5.17)"
+        assert drops["counts_drops"] is False and drops["problem"] == why
+        assert "kfree_skb" not in drops["probes"]
+        assert drops["by_reason"] is None and drops["flows"] is None
+        assert (line["status"], line["detail"]) == ("degraded", f"off: {why}; retransmits counted as before")
 
 
 def test_vm_exit_status_says_every_section_matched(vm):
