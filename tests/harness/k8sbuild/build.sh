@@ -37,7 +37,7 @@ build_release() {
   etcd_version=$(pinned "$module" go.etcd.io/etcd/server/v3)
   dest="$cache/k8s-$k8s_version"
   if have "$dest" "$@"; then
-    echo ">> ${binaries[*]} $* present in $dest (kubernetes $k8s_version, etcd $etcd_version)"
+    echo ">> ${binaries[*]}${*:+ $*} present in $dest (kubernetes $k8s_version, etcd $etcd_version)"
     return 0
   fi
   if [ ! -x "$go" ]; then
@@ -51,7 +51,7 @@ build_release() {
   exec 9>"$cache/k8s-$k8s_version.lock"
   flock 9
   if have "$dest" "$@"; then
-    echo ">> ${binaries[*]} $* present in $dest (built by a concurrent run)"
+    echo ">> ${binaries[*]}${*:+ $*} present in $dest (built by a concurrent run)"
     exec 9>&-
     return 0
   fi
