@@ -113,8 +113,10 @@ clean:
 
 ## ---- control plane for tests and demo (issue: control plane) ------------------
 # etcd, kube-apiserver, kube-controller-manager, kube-scheduler built from the Go module
-# proxy (pin: tests/harness/k8sbuild/go.mod) into $(CACHE)/k8s-<version>/; a second run
-# finds them and does nothing. Cold: about 4 minutes on 2 cores.
+# proxy into $(CACHE)/k8s-<version>/ for every release pinned in tests/harness/k8sbuild/:
+# go.mod (the default release) and one v1.<minor>/go.mod per older release the chart supports
+# (tests/deploy/test_k8s_versions.py runs the chart on each). A second run
+# finds them and does nothing. Cold: about 5 minutes per release on 2 idle cores.
 # cluster-up runs them plus the node simulator in the background (state in CLUSTER_DIR).
 GO          ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 CLUSTER_DIR ?= /tmp/rtrace-cluster

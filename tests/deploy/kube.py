@@ -8,7 +8,10 @@ import time
 import uuid
 from typing import Callable, Optional
 
+import yaml
+
 from helm.render_manifests import CHART, MANIFESTS, tool
+from retransmit_core.api import GROUP, VERSION
 
 
 def run(cp, name: str, *args: str, input: Optional[str] = None, check: bool = True,
@@ -57,6 +60,14 @@ def install_crd(cp) -> None:
         kubectl(cp, "wait", "--for=condition=Established", f"crd/{name}.retransmit.dev", "--timeout=60s")
 
 
+def apply_trace(cp, name: str, addresses, **spec) -> None:
+    """`kubectl apply` a RetransmitTrace counting only flows to `addresses` (a test's own
+    namespace: the simulated nodes share this kernel with every other test's traffic)."""
+    trace = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RetransmitTrace", "metadata": {"name": name},
+             "spec": {**spec, "filter": {"remoteCIDRs": [f"{ip}/32" for ip in sorted(addresses)]}}}
+    kubectl(cp, "apply", "-f", "-", input=yaml.safe_dump(trace))
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
@@ -95,4 +106,4 @@ def access_review(cp, sa: tuple[str, str], verb: str, group: str, resource: str,
     return bool(review.status.allowed)
 
 
-__all__ = ["CHART", "kubectl", "helm", "get_json", "wait_for", "install_crd", "unique", "can_i", "access_review"]
+__all__ = ["CHART", "kubectl", "helm", "get_json", "wait_for", "install_crd", "apply_trace", "unique", "can_i", "access_review"]

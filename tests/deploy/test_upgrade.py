@@ -38,7 +38,7 @@ import yaml
 from retransmit_core.api import GROUP, PLURAL, REPORT_PLURAL, VERSION
 from retransmit_core.naming import TRACE_LABEL, daemonset_name
 from retransmit_core.watch import list_then_watch
-from tests.deploy.kube import CHART, get_json, helm, install_crd, kubectl, unique, wait_for
+from tests.deploy.kube import CHART, apply_trace, get_json, helm, install_crd, kubectl, unique, wait_for
 from tests.harness.netns import LossNamespace
 from tests.harness.refcount import ReferenceCounter, involving, per_flow
 
@@ -316,9 +316,7 @@ def test_a_running_trace_and_its_results_survive_the_upgrade_from_v0_1_0(upgrade
     with ReferenceCounter() as ref, LossNamespace(prefix="rtupg") as ns:
         ours = set(ns.v4)
         name = unique("upgraded")
-        kubectl(cp, "apply", "-f", "-", input=yaml.safe_dump({
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "RetransmitTrace", "metadata": {"name": name},
-            "spec": {"reportInterval": "2s", "filter": {"remoteCIDRs": [f"{ip}/32" for ip in sorted(ours)]}}}))
+        apply_trace(cp, name, ours, reportInterval="2s")
         try:
             def nodes_running():
                 status = (get_json(cp, "rtrace", name) or {}).get("status") or {}

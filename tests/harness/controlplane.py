@@ -52,27 +52,50 @@ class ControlPlaneError(RuntimeError):
     """The control plane could not be started; the message says what to look at."""
 
 
+def build_modules() -> dict[str, Path]:
+    """Kubernetes release -> the Go module that builds it: tests/harness/k8sbuild/go.mod (the
+    default release, also the real node's kubelet) and one k8sbuild/v1.<minor>/go.mod per
+    older release the chart supports. These go.mod pins are the one list of versions: the
+    Makefile's k8s-binaries builds each, tests/deploy/test_k8s_versions.py runs on each."""
+    modules = {}
+    for go_mod in [K8SBUILD / "go.mod", *sorted(K8SBUILD.glob("v1.*/go.mod"))]:
+        for line in go_mod.read_text().splitlines():
+            m = re.match(r"\s*(?:require\s+)?k8s\.io/kubernetes\s+(v\S+)", line)
+            if m:
+                modules[m.group(1)] = go_mod.parent
+                break
+        else:
+            raise ControlPlaneError(f"{go_mod}: no k8s.io/kubernetes requirement")
+    return modules
+
+
+def kubernetes_versions() -> list[str]:
+    """Every release `make k8s-binaries` builds, oldest first."""
+    return sorted(build_modules(), key=lambda v: tuple(int(p) for p in v.lstrip("v").split(".")))
+
+
 def kubernetes_version() -> str:
-    """The pinned k8s.io/kubernetes release, read from tests/harness/k8sbuild/go.mod."""
-    for line in (K8SBUILD / "go.mod").read_text().splitlines():
-        m = re.match(r"\s*k8s\.io/kubernetes\s+(v\S+)", line)
-        if m:
-            return m.group(1)
-    raise ControlPlaneError(f"{K8SBUILD / 'go.mod'}: no k8s.io/kubernetes requirement")
+    """The default release: the one pinned in tests/harness/k8sbuild/go.mod."""
+    return next(v for v, d in build_modules().items() if d == K8SBUILD)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RTRACE_CACHE") or Path.home() / ".cache" / "retransmit-operator")
 
 
-def binaries_dir() -> Path:
-    """Where `make k8s-binaries` put the binaries; raises with the fix when they are missing."""
-    d = cache_dir() / f"k8s-{kubernetes_version()}"
+def binaries_dir(version: Optional[str] = None) -> Path:
+    """Where `make k8s-binaries` put the binaries of `version` (default: kubernetes_version());
+    raises with the fix when they are missing."""
+    version = version or kubernetes_version()
+    if version not in build_modules():
+        raise ControlPlaneError(f"Kubernetes {version} has no build module in {K8SBUILD}: "
+                                f"known are {', '.join(kubernetes_versions())}")
+    d = cache_dir() / f"k8s-{version}"
     missing = [b for b in BINARIES if not os.access(d / b, os.X_OK)]
     if missing:
         raise ControlPlaneError(
-            f"{', '.join(missing)} not found in {d}: run `make k8s-binaries` "
-            "(builds them from the Go module proxy once per machine)"
+            f"{', '.join(missing)} of Kubernetes {version} not found in {d}: run `make k8s-binaries` "
+            "(builds every version from the Go module proxy once per machine)"
         )
     return d
 
@@ -298,7 +321,8 @@ class ControlPlane:
     controllers: bool = True           # False: etcd + apiserver only (faster, no pods)
     keep: bool = bool(os.environ.get("RTRACE_KEEP_CLUSTER"))  # keep workdir after stop
     start_timeout: float = 120.0
-    bin_dir: Optional[Path] = None
+    version: Optional[str] = None      # a release kubernetes_versions() lists; None: the default
+    bin_dir: Optional[Path] = None     # overrides version
     # The API server may call kubelets (kubectl logs/exec/port-forward on a real node,
     # tests/harness/realnode.py): it reaches them on their InternalIP with a client
     # certificate of this CA (group system:masters, which the kubelet's webhook
@@ -323,7 +347,7 @@ class ControlPlane:
         self.stop()
 
     def start(self) -> "ControlPlane":
-        bins = Path(self.bin_dir) if self.bin_dir else binaries_dir()
+        bins = Path(self.bin_dir) if self.bin_dir else binaries_dir(self.version)
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="rtrace-cp-"))
             self._own_workdir = True

@@ -21,7 +21,7 @@ from typing import Optional
 
 import yaml
 
-from ..controlplane import SERVICE_ACCOUNT_ISSUER, acquire_slot, kubernetes_version
+from ..controlplane import SERVICE_ACCOUNT_ISSUER, acquire_slot
 from .network import PodNetwork, SimNode, release_proxy, share_proxy
 from .podspec import container_path
 from .process import PodWorker, now_iso
@@ -110,6 +110,7 @@ class NodeSimulator:
         self._boot_id = str(uuid.uuid4())
         self._transitions: dict[tuple[str, str], tuple[str, str]] = {}
         self._started = False
+        self.kubelet_version = ""       # the API server's: a kubelet of the cluster's own release
 
     # -- lifecycle --
 
@@ -121,9 +122,12 @@ class NodeSimulator:
 
     def start(self) -> "NodeSimulator":
         import atexit
+
+        import kubernetes
         atexit.register(self.stop)
         self._started = True
         try:
+            self.kubelet_version = kubernetes.client.VersionApi(self.api).get_code().git_version
             slot, self._slot_fd = acquire_slot("podnet")
             self.nodes = [SimNode(name, i, slot, {**self.common_labels, **extra})
                           for i, (name, extra) in enumerate(self._node_labels.items())]
@@ -345,7 +349,7 @@ class NodeSimulator:
                 "systemUUID": str(uuid.uuid5(uuid.NAMESPACE_DNS, node.name)),
                 "bootID": self._boot_id, "kernelVersion": platform.release(),
                 "osImage": "rtrace node simulator", "containerRuntimeVersion": "nodesim://0.1",
-                "kubeletVersion": kubernetes_version(), "kubeProxyVersion": kubernetes_version(),
+                "kubeletVersion": self.kubelet_version, "kubeProxyVersion": self.kubelet_version,
                 "operatingSystem": "linux", "architecture": "amd64",
             },
         }
