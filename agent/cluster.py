@@ -91,6 +91,7 @@ class LoopState:
     baseline: Optional[Baseline] = None    # None until the node's own report was read: no write before it
     pod_totals: Optional[PodTotals] = None   # node_entry's, fed back into the next one (None: resume)
     remote_counts: dict[str, int] = field(default_factory=dict)   # likewise
+    overflow_said: bool = False            # the log said once that per-pod counts overflowed
     last_written: Optional[NodeStatus] = None
     written_at: WriteTimes = WriteTimes()
     nodes: int = 0                         # nodes running this trace (0: not known yet)
@@ -375,6 +376,11 @@ class ClusterAgent:
         step = self._next_entry(self.loop.baseline)
         self.loop.pod_totals = step.pod_totals
         self.loop.remote_counts = step.remote_counts
+        if step.entry.pod_counts_overflow and not self.loop.overflow_said:
+            self.loop.overflow_said = True
+            log.warning("the kernel's per-address map was full: %d retransmits are in no pod's count "
+                        "(podCountsOverflow); the pods whose addresses did not fit count low",
+                        step.entry.pod_counts_overflow)
         if step.by_pod_port is not None:
             self.state.publish_entry(step.entry, step.by_pod_port)
         write = decide_write(entry_changed(self.loop.last_written, step.entry), self.loop.written_at,
