@@ -77,7 +77,7 @@ class Baseline:
     drops: DropBaseline = field(default_factory=DropBaseline)   # drop fields: drops.drop_fields
     out_segs: Optional[int] = None       # the node's Tcp OutSegs during the trace; None: unknown
     retrans_segs: Optional[int] = None
-    pod_segments: Mapping[PodKey, TcpSegments] = field(default_factory=dict)   # the top pods' that had them
+    pod_segments: Mapping[PodKey, TcpSegments] = field(default_factory=dict)   # the report's pods' that had them
 
     @classmethod
     def from_entry(cls, entry: Optional[NodeStatus]) -> "Baseline":
@@ -272,8 +272,8 @@ def cumulative_counts(base: Mapping[Any, int], fresh: Mapping[Any, int], previou
 
     A restarted agent's kernel map starts empty, so base (the report read back) + fresh is the
     key's count since the trace began. The max with `previous` (this agent's last result)
-    keeps a count from going down when the kernel's LRU map evicts a flow or a pod leaves the
-    index.
+    keeps a count from going down when the kernel's LRU map evicts a flow (so a remote's count
+    from the flows may stall: per-pod counts come from PodTotals instead, which is exact).
     """
     counts = dict(previous)
     for key in set(base) | set(fresh):

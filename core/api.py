@@ -405,7 +405,7 @@ class PodCount(ApiModel):
     pod: str = Field(description="Pod name.")
     namespace: str = Field(description="Pod namespace.")
     node: Optional[str] = Field(None, description="Node the pod runs on.")
-    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent, over every flow its node's agent knows.")
+    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent during the trace: its node's kernel counts them per local address, whatever its flow map evicts, and the agent adds each address's count to the pod owning it.")
     out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the pod sent during the trace, retransmissions included (Tcp OutSegs of the pod's own network namespace, read by its node's agent through /proc/PID/net/snmp of a process in it: every connection of the pod, whatever the trace's filters). Absent for hostNetwork pods (they share the node's counters: the node's outSegs) and when the agent found no process in the pod's namespace.")
     retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments the pod retransmitted during the trace (Tcp RetransSegs, same counters). Segments sent while no agent ran (a restart) are in neither.")
     retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs: the share of the pod's segments that were retransmissions. Set from the two counters, never on its own.")
