@@ -62,7 +62,7 @@ from .podsegments import PodSegmentReader
 from .podselection import PodSelection, selected_ips, with_filter_check
 from .podwatch import PodWatcher, node_addresses
 from .reportwriter import ApiError, ReportTarget, ReportWriter
-from .resume import Baseline, PodKey, StoredReport, read_entry, stored_report
+from .resume import Baseline, PodTotals, StoredReport, read_entry, stored_report
 from .writeschedule import WriteTimes, check_due, decide_write, entry_changed, final_attempt_timeout, final_retry_wait
 
 log = logging.getLogger("retransmit_agent.cluster")
@@ -89,8 +89,9 @@ class LoopState:
     """What the report loop carries from one wake-up to the next."""
 
     baseline: Optional[Baseline] = None    # None until the node's own report was read: no write before it
-    pod_counts: dict[PodKey, int] = field(default_factory=dict)   # node_entry's, fed back into the next one
+    pod_totals: Optional[PodTotals] = None   # node_entry's, fed back into the next one (None: resume)
     remote_counts: dict[str, int] = field(default_factory=dict)   # likewise
+    overflow_said: bool = False            # the log said once that per-pod counts overflowed
     last_written: Optional[NodeStatus] = None
     written_at: WriteTimes = WriteTimes()
     nodes: int = 0                         # nodes running this trace (0: not known yet)
@@ -362,7 +363,7 @@ class ClusterAgent:
         spec = self.inv.spec
         return node_entry(snapshot, self.facts, top_flows=spec.top_flows, keep_events=spec.events.keep,
                           now=datetime.now(timezone.utc), recent_events=list(self.events)[::-1],
-                          baseline=baseline, previous_pods=self.loop.pod_counts,
+                          baseline=baseline, previous_pods=self.loop.pod_totals,
                           previous_remotes=self.loop.remote_counts, owners=owners, pod_segments=pod_segments)
 
     def _report(self, final: bool = False, timeout: Optional[float] = None) -> bool:
@@ -373,8 +374,13 @@ class ClusterAgent:
         if self.loop.superseded:
             return True
         step = self._next_entry(self.loop.baseline)
-        self.loop.pod_counts = step.pod_counts
+        self.loop.pod_totals = step.pod_totals
         self.loop.remote_counts = step.remote_counts
+        if step.entry.pod_counts_overflow and not self.loop.overflow_said:
+            self.loop.overflow_said = True
+            log.warning("the kernel's per-address map was full: %d retransmits are in no pod's count "
+                        "(podCountsOverflow); the pods whose addresses did not fit count low",
+                        step.entry.pod_counts_overflow)
         if step.by_pod_port is not None:
             self.state.publish_entry(step.entry, step.by_pod_port)
         write = decide_write(entry_changed(self.loop.last_written, step.entry), self.loop.written_at,

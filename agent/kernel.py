@@ -36,6 +36,7 @@ from .flows import (
     FlowCounters,
     SocketState,
     causes_by_name,
+    decode_address,
     flow_counters,
     recent_event,
     state_name,
@@ -89,6 +90,14 @@ class KernelSnapshot:
     # the agent, which has the host's network; every segment, not only the filters' flows).
     # None when /proc/net/snmp cannot be read.
     tcp_segments: Optional[TcpSegments] = None
+    # Retransmits + SYN-ACK retransmits per local address (canonical text) since the program
+    # started, whatever the flow maps evicted (the `owners` map plus pending runs): what
+    # per-pod totals are summed from. A run moved into the map while it is read shows at the
+    # next snapshot (it may lag, never counts twice).
+    by_local_address: dict[str, int] = field(default_factory=dict)
+    # Retransmits that no `owners` entry took because the map was full (owner_capacity
+    # addresses): in the totals, in no address's count.
+    owners_full: int = 0
 
 
 def _socket_state(sock: Any) -> Optional[SocketState]:
@@ -301,7 +310,7 @@ class RetransmitProgram:
                 raise KernelProblem("the kernel program is closed")
             offset = wall_clock_offset_ns()
             per_cpu = self._bpf[b"totals"][0]
-            retransmits = synack = lost = sampled = failed = 0
+            retransmits = synack = lost = sampled = failed = owners_full = 0
             states = [0] * len(per_cpu[0].by_state)
             causes = [0] * len(per_cpu[0].by_cause)
             for cpu in per_cpu:
@@ -312,9 +321,18 @@ class RetransmitProgram:
                 lost += cpu.lost
                 sampled += cpu.sampled
                 failed += cpu.failed
+                owners_full += cpu.owners_full
                 for i, n in enumerate(cpu.by_state):
                     states[i] += n
-            flows = list(self._read_flows(offset))
+            # The maps before the runs: a run the kernel moves into them in between is missed
+            # by this snapshot (it lags one snapshot, never counts twice).
+            owners = self._read_owners()
+            entries = self._read_flow_entries()
+            runs = self._read_runs()
+            flows = list(self._merged_flows(entries, runs, offset))
+            for key, run in runs:
+                address = decode_address(key[0], key[1])
+                owners[address] = owners.get(address, 0) + run.retransmits
             lost += self._dropped_in_python
             probes = self._probe_stats()
             missed = sum(f.get("recursion_misses", 0) for name, f in probes.items()
@@ -333,25 +351,25 @@ class RetransmitProgram:
             by_cause=causes_by_name(causes),
             drops=drops,
             tcp_segments=self._segments_since_start(),
+            by_local_address=owners,
+            owners_full=owners_full,
         )
 
     def _segments_since_start(self) -> Optional[TcpSegments]:
         now = read_tcp_segments()
         return now.since(self._segments_at_start) if now and self._segments_at_start else None
 
-    def _read_flows(self, offset: int) -> Iterator[FlowCounters]:
-        """Flow map entries plus the runs still pending on each CPU (see struct run).
+    def _read_owners(self) -> dict[str, int]:
+        """The `owners` map: retransmits + SYN-ACK retransmits per local address."""
+        counts: dict[str, int] = {}
+        for key, value in self._entries(self._bpf[b"owners"]):
+            size = 4 if key.family == AF_INET else 16   # struct owner_key: IPv4 in the first 4 bytes
+            address = decode_address(key.family, bytes(key.addr)[:size])
+            counts[address] = counts.get(address, 0) + value.retransmits + value.synack_retransmits
+        return counts
 
-        The map is read before the runs: a run the kernel moves into the map in between
-        is missed by this snapshot (never counted twice), so a flow's count can lag for
-        one snapshot; floors keep each flow's reported counts from going backwards.
-        """
-        entries: dict[tuple, FlowEntry] = {}
-        for family, name in ((AF_INET, b"flows4"), (AF_INET6, b"flows6")):
-            for key, stats in self._entries(self._bpf[name]):
-                entries[self._raw_key(family, key)] = FlowEntry(
-                    stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state,
-                    tuple(stats.by_cause), _socket_state(stats.sock))
+    def _read_runs(self) -> list[tuple[tuple, FlowEntry]]:
+        """The runs still pending on each CPU (see struct run), keyed as _raw_key keys flows."""
         runs: list[tuple[tuple, FlowEntry]] = []
         table = self._bpf[b"runs"]
         for run in (run for slot in range(len(table)) for run in table[slot]):   # every slot of every CPU
@@ -362,6 +380,22 @@ class RetransmitProgram:
                 runs.append((key, FlowEntry(
                     run.retransmits, 0, run.first_ns, run.last_ns, run.last_state,
                     tuple(run.by_cause), _socket_state(run.sock))))
+        return runs
+
+    def _read_flow_entries(self) -> dict[tuple, FlowEntry]:
+        """The flow maps' entries, keyed by _raw_key."""
+        entries: dict[tuple, FlowEntry] = {}
+        for family, name in ((AF_INET, b"flows4"), (AF_INET6, b"flows6")):
+            for key, stats in self._entries(self._bpf[name]):
+                entries[self._raw_key(family, key)] = FlowEntry(
+                    stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state,
+                    tuple(stats.by_cause), _socket_state(stats.sock))
+        return entries
+
+    def _merged_flows(self, entries: dict[tuple, FlowEntry], runs: list[tuple[tuple, FlowEntry]],
+                      offset: int) -> Iterator[FlowCounters]:
+        """Flow map entries plus the runs still pending on each CPU (read after the maps), each
+        flow's counts floored: a run that lagged one snapshot never makes a count go back."""
         merged, self._floors = merge_pending_runs(entries, runs, self._floors)
         for (family, saddr, daddr, sport, dport), e in merged.items():
             yield flow_counters(family, saddr, daddr, sport, dport, e.retransmits, e.synack_retransmits,

@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 from retransmit_core.kernelvocab import (
     DEFAULT_FILTER_CAPACITY,
     DEFAULT_FLOW_CAPACITY,
+    DEFAULT_OWNER_CAPACITY,
     DEFAULT_RING_PAGES,
     DEFAULT_SAMPLES_PER_SECOND,
     RETRANSMIT_CAUSES,
@@ -39,7 +40,8 @@ class KernelConfig:
     else only flows whose local address is in the set (an empty set matches nothing);
     samples_per_second: sampled events sent to user space (0 = none); flow_capacity:
     entries per family in the LRU flow maps; ring_pages: ring buffer size (power of two);
-    filter_capacity: entries per family in the local-IP and remote-CIDR filter maps.
+    filter_capacity: entries per family in the local-IP and remote-CIDR filter maps;
+    owner_capacity: local addresses (both families) in the per-address map behind per-pod totals.
     """
 
     families: frozenset[str] = frozenset(FAMILY_BITS)
@@ -51,6 +53,7 @@ class KernelConfig:
     flow_capacity: int = DEFAULT_FLOW_CAPACITY
     ring_pages: int = DEFAULT_RING_PAGES
     filter_capacity: int = DEFAULT_FILTER_CAPACITY
+    owner_capacity: int = DEFAULT_OWNER_CAPACITY
     drops: bool = True   # also count drops by reason where the kernel can (drops.py); False: never
 
     def __post_init__(self) -> None:
@@ -72,6 +75,8 @@ class KernelConfig:
             raise ValueError("filter_capacity must be at least 1")
         if self.flow_capacity < 1:
             raise ValueError("flow_capacity must be at least 1")
+        if self.owner_capacity < 1:
+            raise ValueError("owner_capacity must be at least 1")
         if self.ring_pages < 1 or self.ring_pages & (self.ring_pages - 1):
             raise ValueError(f"ring_pages {self.ring_pages} is not a power of two")
 
@@ -127,6 +132,7 @@ def compile_flags(config: KernelConfig, include: Path, features: KernelFeatures,
         f"-DFLOW_CAPACITY={config.flow_capacity}",
         f"-DRINGBUF_PAGES={config.ring_pages}",
         f"-DFILTER_CAPACITY={config.filter_capacity}",
+        f"-DOWNER_CAPACITY={config.owner_capacity}",
     ] + features.switches() + [f"-D{name}={value}" for name, value in program_defines().items()] + [
         f"-DWITHOUT_{part.upper()}" for part in without] + ([f"-DRUN_SLOTS={run_slots}"] if run_slots else []) + [
         f"-D{name}={value}" for name, value in drop_defines_for(config, drops).items()]

@@ -24,12 +24,11 @@ from .resume import (
     Baseline,
     CumulativeFlow,
     PodKey,
+    PodTotals,
     cumulative_entry,
     cumulative_pod_segments,
-    cumulative_pods,
     cumulative_remotes,
     merge_flows,
-    pod_totals,
     ranked_pods,
     ranked_remotes,
     remote_totals,
@@ -59,7 +58,7 @@ class NodeEntry:
     """One step's output."""
 
     entry: NodeStatus                                  # the cumulative entry to write
-    pod_counts: dict[PodKey, int]                      # every local pod's count: the next step's previous_pods
+    pod_totals: PodTotals                              # every local pod's count: the next step's previous_pods
     remote_counts: dict[str, int]                      # every remote address's count: the next step's previous_remotes
     # For /metrics; None: nothing to publish (no program yet, or no attribution asked for).
     by_pod_port: Optional[dict[PodPortKey, int]]
@@ -74,7 +73,7 @@ def node_entry(
     now: datetime,
     recent_events: Sequence[RecentEvent] = (),
     baseline: Baseline = Baseline(),
-    previous_pods: Optional[Mapping[PodKey, int]] = None,
+    previous_pods: Optional[PodTotals] = None,
     previous_remotes: Optional[Mapping[str, int]] = None,
     owners: Optional[Mapping[str, Owner]] = None,
     pod_segments: Mapping[PodKey, TcpSegments] = {},
@@ -84,14 +83,14 @@ def node_entry(
     snapshot: the kernel's counters, None while there is no program (phase Failed with
     `facts.problem`, else Pending; the baseline's counts stay). top_flows: how many flows the
     entry keeps (0 = all). recent_events: this agent's samples, newest first; keep_events of
-    them and the baseline's go in. previous_pods: the last step's pod_counts (a pod's count
-    never drops when the kernel map evicts its flows); previous_remotes likewise by remote
-    address. owners: the pod index's lookup_table();
+    them and the baseline's go in. previous_pods: the last step's pod_totals (None: the
+    first step, resumed from the baseline's pods); previous_remotes: the last step's
+    remote_counts. owners: the pod index's lookup_table();
     None attributes nothing (no pods, ends as the kernel saw them). pod_segments: each local
     pod's own namespace's segments since this agent began counting (PodSegmentReader.read);
     the baseline's are added, and the top pods carry them.
     """
-    previous_pods = previous_pods or {}
+    pods = previous_pods if previous_pods is not None else PodTotals.resumed(baseline)
     if snapshot is None:
         pending = NodeStatus(node=facts.node, phase=Phase.FAILED if facts.problem else Phase.PENDING,
                              message=facts.problem, needs_privileged=bool(facts.problem and facts.needs_privileged) or None,
@@ -99,10 +98,9 @@ def node_entry(
                              agent_version=facts.agent_version, last_report_time=now)
         entry = cumulative_entry(baseline, pending, merge_flows(baseline, []), top_flows, keep_events)
         entry = entry.model_copy(update=drop_fields(baseline.drops, None, entry.top_flows))
-        pods = cumulative_pods(baseline, {}, previous_pods)
         remotes = cumulative_remotes(baseline, {}, previous_remotes or {})
         segments = cumulative_pod_segments(baseline, {})
-        return NodeEntry(entry.model_copy(update={"top_pods": ranked_pods(pods, facts.node, top_flows, segments),
+        return NodeEntry(entry.model_copy(update={"top_pods": ranked_pods(pods.pods, facts.node, segments),
                                                   "by_remote": ranked_remotes(remotes)}), pods, remotes, None)
 
     fresh = NodeStatus(
@@ -111,6 +109,7 @@ def node_entry(
         retransmits=snapshot.retransmits,
         synack_retransmits=snapshot.synack_retransmits,
         lost_events=snapshot.lost_events,
+        pod_counts_overflow=snapshot.owners_full,
         missed_events=snapshot.missed_events,
         failed_attempts=snapshot.failed_attempts,
         by_state=snapshot.by_state,
@@ -130,14 +129,14 @@ def node_entry(
         update={"by_remote": ranked_remotes(remotes)})
     entry = entry.model_copy(update=drop_fields(baseline.drops, snapshot.drops, entry.top_flows))
     if owners is None:
-        return NodeEntry(entry, cumulative_pods(baseline, {}, previous_pods), remotes, None)
+        return NodeEntry(entry, pods, remotes, None)
 
     owner_of = _memoized_owners(owners, facts.node)
-    pods = cumulative_pods(baseline, pod_totals(snapshot.flow_counters, _pod_of(owner_of)), previous_pods)
+    pods = pods.attribute(snapshot.by_local_address, owner_of)
     attributed = entry.model_copy(update={
         "top_flows": [f.model_copy(update=_attributed_ends(f.local, f.remote, owner_of)) for f in entry.top_flows],
         "recent_events": [e.model_copy(update=_attributed_ends(e.local, e.remote, owner_of)) for e in entry.recent_events],
-        "top_pods": ranked_pods(pods, facts.node, top_flows, cumulative_pod_segments(baseline, pod_segments)),
+        "top_pods": ranked_pods(pods.pods, facts.node, cumulative_pod_segments(baseline, pod_segments)),
     })
     return NodeEntry(attributed, pods, remotes, retransmits_by_pod_port(merged, owner_of))
 
@@ -166,14 +165,6 @@ def _memoized_owners(owners: Mapping[str, Owner], node: str) -> Callable[[str], 
             known[ip] = owner_in_table(owners, ip, node)
         return known[ip]
     return owner_of
-
-
-def _pod_of(owner_of: Callable[[str], Optional[Owner]]) -> Callable[[str], Optional[PodKey]]:
-    """(namespace, pod) owning a local address; None for the node's own and unknown ones."""
-    def pod_of(ip: str) -> Optional[PodKey]:
-        owner = owner_of(ip)
-        return (owner.namespace, owner.pod) if owner and owner.pod and owner.namespace else None
-    return pod_of
 
 
 def _attributed_ends(local: Endpoint, remote: Endpoint, owner_of: Callable[[str], Optional[Owner]]) -> dict:

@@ -6,8 +6,9 @@
   report is never trimmed, so the baseline is exact. Only the own trace's report (its
   controlling owner's uid, `stored_report`) is a baseline: a trace re-created under the same
   name starts from zero.
-- `pod_totals` / `cumulative_pods` / `ranked_pods` give each local pod's retransmits over
-  every flow in the kernel map (not only the top flows), resumed like the totals;
+- `PodTotals.attribute` / `ranked_pods` give each local pod's retransmits from the kernel's
+  per-address counts (exact whatever the flow map evicts), resumed from every pod the report
+  held (it keeps them all, not only the top N);
   `cumulative_pod_segments` each pod's own namespace's segment counters (podsegments.py),
   resumed like the node's: the report's earlier counts plus this agent's;
   `remote_totals` / `cumulative_remotes` / `ranked_remotes` the same by remote address.
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from retransmit_core.api import MAX_REMOTES, Flow, NodeStatus, PodCount, RecentEvent, RemoteCount, add_counts, add_known
+from retransmit_core.api import MAX_NODE_PODS, MAX_REMOTES, Flow, NodeStatus, PodCount, RecentEvent, RemoteCount, add_counts, add_known
+from retransmit_core.podindex import Owner
 from retransmit_core.ranking import busiest_first_key, pod_key
 from retransmit_core.ratio import retransmit_ratio
 
@@ -62,6 +64,7 @@ class Baseline:
     retransmits: int = 0
     synack_retransmits: int = 0
     lost_events: int = 0
+    pod_counts_overflow: int = 0
     missed_events: Optional[int] = None
     failed_attempts: Optional[int] = None
     flows: int = 0
@@ -74,7 +77,7 @@ class Baseline:
     drops: DropBaseline = field(default_factory=DropBaseline)   # drop fields: drops.drop_fields
     out_segs: Optional[int] = None       # the node's Tcp OutSegs during the trace; None: unknown
     retrans_segs: Optional[int] = None
-    pod_segments: Mapping[PodKey, TcpSegments] = field(default_factory=dict)   # the top pods' that had them
+    pod_segments: Mapping[PodKey, TcpSegments] = field(default_factory=dict)   # the report's pods' that had them
 
     @classmethod
     def from_entry(cls, entry: Optional[NodeStatus]) -> "Baseline":
@@ -84,6 +87,7 @@ class Baseline:
             retransmits=entry.retransmits,
             synack_retransmits=entry.synack_retransmits,
             lost_events=entry.lost_events,
+            pod_counts_overflow=entry.pod_counts_overflow,
             missed_events=entry.missed_events,
             failed_attempts=entry.failed_attempts,
             flows=entry.flows,
@@ -104,6 +108,7 @@ class Baseline:
     def empty(self) -> bool:
         return (
             self.retransmits == 0 and self.synack_retransmits == 0 and self.lost_events == 0
+            and self.pod_counts_overflow == 0
             and not self.missed_events and not self.failed_attempts
             and not self.top_flows and not self.recent_events and self.flows == 0
             and not self.top_pods and not self.by_remote and self.drops.empty
@@ -220,7 +225,7 @@ def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequen
                      keep: int) -> NodeStatus:
     """The entry to write: this agent's counts `fresh` plus what earlier agents reported.
 
-    Totals, byState, byCause, lostEvents, missedEvents, failedAttempts, outSegs and retransSegs
+    Totals, byState, byCause, lostEvents, podCountsOverflow, missedEvents, failedAttempts, outSegs and retransSegs
     add (the last four stay unknown only when neither knows); `flows` never shrinks; top flows: the first top_n (0 = all)
     of `merged_flows` (merge_flows: ranked already); recent events: this agent's first, then older ones.
     """
@@ -235,6 +240,7 @@ def cumulative_entry(baseline: Baseline, fresh: NodeStatus, merged_flows: Sequen
         "retransmits": baseline.retransmits + fresh.retransmits,
         "synack_retransmits": baseline.synack_retransmits + fresh.synack_retransmits,
         "lost_events": baseline.lost_events + fresh.lost_events,
+        "pod_counts_overflow": baseline.pod_counts_overflow + fresh.pod_counts_overflow,
         "missed_events": add_known(baseline.missed_events, fresh.missed_events),
         "failed_attempts": add_known(baseline.failed_attempts, fresh.failed_attempts),
         "flows": max(baseline.flows, len(merged_flows), fresh.flows),
@@ -256,13 +262,6 @@ def totals_by(flows: Iterable[FlowCounters], key_of: Callable[[FlowCounters], Op
     return totals
 
 
-def pod_totals(flows: Iterable[FlowCounters], pod_of: Callable[[str], Optional[PodKey]]) -> dict[PodKey, int]:
-    """Retransmits by local pod. `pod_of(ip)` names the pod owning a local address, None for
-    addresses that are no pod (hostNetwork pods, the node's own addresses, unknown ones):
-    those flows are skipped."""
-    return totals_by(flows, lambda flow: pod_of(flow.local_ip))
-
-
 def remote_totals(flows: Iterable[FlowCounters]) -> dict[str, int]:
     """Retransmits by remote address (canonical text, as the kernel's flows carry it)."""
     return totals_by(flows, lambda flow: flow.remote_ip)
@@ -273,8 +272,8 @@ def cumulative_counts(base: Mapping[Any, int], fresh: Mapping[Any, int], previou
 
     A restarted agent's kernel map starts empty, so base (the report read back) + fresh is the
     key's count since the trace began. The max with `previous` (this agent's last result)
-    keeps a count from going down when the kernel's LRU map evicts a flow or a pod leaves the
-    index.
+    keeps a count from going down when the kernel's LRU map evicts a flow (so a remote's count
+    from the flows may stall: per-pod counts come from PodTotals instead, which is exact).
     """
     counts = dict(previous)
     for key in set(base) | set(fresh):
@@ -282,8 +281,50 @@ def cumulative_counts(base: Mapping[Any, int], fresh: Mapping[Any, int], previou
     return counts
 
 
-def cumulative_pods(baseline: Baseline, fresh: Mapping[PodKey, int], previous: Mapping[PodKey, int]) -> dict[PodKey, int]:
-    return cumulative_counts(baseline.top_pods, fresh, previous)
+@dataclass(frozen=True)
+class PodTotals:
+    """Each local pod's retransmits since the trace began on this node, carried from one
+    report step to the next: what earlier agents reported (the baseline) plus what this
+    agent's kernel counted per local address since it started."""
+
+    pods: Mapping[PodKey, int] = field(default_factory=dict)
+    # Each local address's kernel count (KernelSnapshot.by_local_address) already given to a
+    # pod or set aside as no pod's: the next step attributes only what came since.
+    attributed: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def resumed(cls, baseline: "Baseline") -> "PodTotals":
+        """Where a new agent starts: every pod the node's report held, nothing read yet (its
+        kernel program, and so its per-address counts, start at zero)."""
+        return cls(pods=dict(baseline.top_pods))
+
+    def attribute(self, by_address: Mapping[str, int],
+                  owner_of: Callable[[str], Optional[Owner]]) -> "PodTotals":
+        """Add each address's retransmits since the last step to the pod owning it NOW.
+
+        Deltas, not totals, so a reused address (a pod deleted, its IP given to a new pod)
+        moves no history: what the old pod sent from it stays the old pod's, only what
+        came since goes to the new one. The node's own addresses (hostNetwork pods) are no
+        pod's: their counts are set aside. An address the pod index does not know yet (a
+        pod just started, its watch event not in) is left unread until it does, so a new
+        pod's first retransmits are not lost. A count below the last step's (a pending run
+        moved into the map while the kernel was read: it shows at the next read) attributes
+        nothing until it passes it, so nothing counts twice.
+        """
+        pods = dict(self.pods)
+        attributed = dict(self.attributed)
+        for address, count in by_address.items():
+            delta = count - attributed.get(address, 0)
+            if delta <= 0:
+                continue
+            owner = owner_of(address)
+            if owner is None:
+                continue
+            attributed[address] = count
+            if owner.pod and owner.namespace:
+                key = (owner.namespace, owner.pod)
+                pods[key] = pods.get(key, 0) + delta
+        return PodTotals(pods, attributed)
 
 
 def cumulative_remotes(baseline: Baseline, fresh: Mapping[str, int], previous: Mapping[str, int]) -> dict[str, int]:
@@ -304,13 +345,12 @@ def cumulative_pod_segments(baseline: Baseline, fresh: Mapping[PodKey, TcpSegmen
             else baseline.pod_segments[key] for key in set(baseline.pod_segments) | set(fresh)}
 
 
-def ranked_pods(counts: Mapping[PodKey, int], node: str, top_n: int,
+def ranked_pods(counts: Mapping[PodKey, int], node: str,
                 segments: Mapping[PodKey, TcpSegments] = {}) -> list[PodCount]:
-    """The busiest pods (ties by namespace, name), at most top_n (0 = all), on `node`, each
-    with its segment counters where `segments` has them."""
+    """Every pod with a count, busiest first (ties by namespace, name), on `node`, each with its
+    segment counters where `segments` has them; at most MAX_NODE_PODS (api.py: why)."""
     ordered = sorted(((key, n) for key, n in counts.items() if n > 0), key=lambda item: pod_key(item[1], *item[0]))
-    if top_n > 0:
-        ordered = ordered[:top_n]
+    ordered = ordered[:MAX_NODE_PODS]
     return [PodCount(namespace=ns, pod=pod, node=node, retransmits=n,
                      out_segs=segments[(ns, pod)].out_segs if (ns, pod) in segments else None,
                      retrans_segs=segments[(ns, pod)].retrans_segs if (ns, pod) in segments else None)

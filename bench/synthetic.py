@@ -13,11 +13,12 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Optional
 
 from retransmit_agent.flows import AF_INET, AF_INET6, KIND_RETRANSMIT, flow_counters, recent_event
 from retransmit_agent.kernel import KernelSnapshot
 from retransmit_agent.nodeentry import NodeFacts, node_entry
-from retransmit_agent.resume import PodKey
+from retransmit_agent.resume import PodTotals
 from retransmit_core.api import DEFAULT_EVENTS_KEPT, DEFAULT_TOP_FLOWS, NodeStatus
 from retransmit_core.kernelvocab import TCP_STATE_NUMBERS
 from retransmit_core.podindex import Owner
@@ -46,7 +47,7 @@ class SyntheticNode:
     keep_events: int = DEFAULT_EVENTS_KEPT
     flows: list[list] = field(default_factory=list)   # [family, saddr, daddr, sport, dport, count, state]
     owners: dict[str, Owner] = field(default_factory=dict)   # local IP -> its pod, as the pod index's lookup table
-    pod_counts: dict[PodKey, int] = field(default_factory=dict)   # the last entry's, as the agent carries them
+    pod_totals: Optional[PodTotals] = None   # the last entry's, as the agent carries them (None: none yet)
     remote_counts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,11 +79,13 @@ class SyntheticNode:
         counters = [flow_counters(f[0], f[1], f[2], f[3], f[4], f[5], 0, self._start_ns, now - i * 10**6, f[6], offset)
                     for i, f in enumerate(self.flows)]
         by_state: dict[str, int] = {}
+        by_local_address: dict[str, int] = {}   # as the kernel's `owners` map counts them
         for c in counters:
             by_state[c.last_state] = by_state.get(c.last_state, 0) + c.retransmits
+            by_local_address[c.local_ip] = by_local_address.get(c.local_ip, 0) + c.retransmits
         return KernelSnapshot(retransmits=self.retransmits, synack_retransmits=0, lost_events=self.retransmits // 2,
                               sampled_events=100, failed_attempts=0, missed_events=0, by_state=by_state,
-                              flow_counters=counters)
+                              flow_counters=counters, by_local_address=by_local_address)
 
     def next_entry(self) -> NodeStatus:
         """The report the cluster agent would write now (its node_entry step, no baseline)."""
@@ -94,8 +97,8 @@ class SyntheticNode:
             events.append(recent_event(now - i * 10**7, f[0], KIND_RETRANSMIT, f[6], f[3], f[4], f[1], f[2], offset))
         step = node_entry(self.snapshot(), NodeFacts(self.name, self.kernel, self.agent_version),
                           top_flows=self.top_flows, keep_events=self.keep_events, now=datetime.now(timezone.utc),
-                          recent_events=events, previous_pods=self.pod_counts,
+                          recent_events=events, previous_pods=self.pod_totals,
                           previous_remotes=self.remote_counts, owners=self.owners)
-        self.pod_counts = step.pod_counts
+        self.pod_totals = step.pod_totals
         self.remote_counts = step.remote_counts
         return step.entry

@@ -28,7 +28,7 @@
  *   HAVE_SOCK_SEGS  ... and of tcp_sock's data_segs_out and total_retrans: the flow carries
  *                   the segments its connection sent and retransmitted (the kernel's ratio)
  *   HAVE_PROBE_READ_KERNEL  bpf_probe_read_kernel() (5.5+), else bpf_probe_read()
- * and FLOW_CAPACITY, RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
+ * and FLOW_CAPACITY, OWNER_CAPACITY, RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
  * `cidrs4`, `cidrs6`, `local4`, `local6`, filled by the agent.
  * WITHOUT_FILTERS, WITHOUT_FLOWS, WITHOUT_SAMPLES, WITHOUT_SOCK_STATS leave a part out, so
  * bench/kernel_breakdown.py can price each part in one run; the agent never sets them.
@@ -45,6 +45,11 @@ BPF_HASH(local6, struct ip6_addr, u8, FILTER_CAPACITY);
 /* Small keys per family: hashing a 12-byte key is much cheaper than a 40-byte one. */
 BPF_TABLE("lru_hash", struct flow_key4, struct flow_stats, flows4, FLOW_CAPACITY);
 BPF_TABLE("lru_hash", struct flow_key6, struct flow_stats, flows6, FLOW_CAPACITY);
+
+/* Plain hash, not LRU: an evicted address would lose its pod's count. Bounded by
+ * OWNER_CAPACITY (the addresses a node's pods and the node itself can hold); past it the
+ * retransmits are counted in totals.owners_full. */
+BPF_HASH(owners, struct owner_key, struct owner_counts, OWNER_CAPACITY);
 
 BPF_PERCPU_ARRAY(totals, struct totals, 1);
 BPF_PERCPU_ARRAY(runs, struct run, RUN_SLOTS);
@@ -119,10 +124,40 @@ static __always_inline int insert_flow(struct flow_key *key, struct flow_stats *
     return flows6.insert(&k, add);
 }
 
+/* Add counts to the local address's `owners` entry. Called where counts enter the flow maps
+ * (add_to_flow), so every counted event reaches it once: a run's events when the run is
+ * flushed (the agent adds pending runs, as for flows), a SYN-ACK at once. Not per event: the
+ * run path stays a per-CPU increment. */
+static __always_inline void add_to_owner(struct flow_key *key, struct flow_stats *add)
+{
+    struct owner_key k = {.family = key->family};
+    __builtin_memcpy(k.addr, key->saddr, 16);
+    struct owner_counts *counts = owners.lookup(&k);
+    if (!counts) {
+        struct owner_counts fresh = {.retransmits = add->retransmits,
+                                     .synack_retransmits = add->synack_retransmits};
+        if (owners.insert(&k, &fresh) == 0)
+            return;
+        counts = owners.lookup(&k);   /* another CPU inserted it first, or the map is full */
+        if (!counts) {
+            u32 zero = 0;
+            struct totals *t = totals.lookup(&zero);
+            if (t)
+                t->owners_full += add->retransmits + add->synack_retransmits;
+            return;
+        }
+    }
+    if (add->retransmits)
+        __sync_fetch_and_add(&counts->retransmits, add->retransmits);
+    if (add->synack_retransmits)
+        __sync_fetch_and_add(&counts->synack_retransmits, add->synack_retransmits);
+}
+
 /* Add counts to a flow's map entry: inserted whole on first sight (a reader never sees a
- * half-made entry), else merged into the entry found. */
+ * half-made entry), else merged into the entry found; and to its local address's total. */
 static __always_inline void add_to_flow(struct flow_key *key, struct flow_stats *add)
 {
+    add_to_owner(key, add);
     struct flow_stats *stats = lookup_flow(key);
     if (!stats) {
         if (insert_flow(key, add) == 0)

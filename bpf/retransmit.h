@@ -17,6 +17,9 @@
 #ifndef RINGBUF_PAGES
 #error "RINGBUF_PAGES (ring buffer size in pages, a power of two) comes from the agent's compile flags"
 #endif
+#ifndef OWNER_CAPACITY
+#error "OWNER_CAPACITY (entries in `owners`, retransmits per local address) comes from the agent's compile flags"
+#endif
 #ifndef FILTER_CAPACITY
 #error "FILTER_CAPACITY (entries in each filter map: CIDRs, local IPs) comes from the agent's compile flags"
 #endif
@@ -169,6 +172,21 @@ struct totals {
                                   any filter; counted nowhere else: older kernels never report them */
     u64 by_state[STATE_SLOTS]; /* retransmits + synack retransmits per TCP state */
     u64 by_cause[CAUSE_SLOTS]; /* retransmits + SYN-ACK retransmits per CAUSE_*; SYN-ACKs are CAUSE_UNKNOWN */
+    u64 owners_full;           /* retransmits + SYN-ACK retransmits no `owners` entry took: the
+                                  map was full (OWNER_CAPACITY addresses) */
+};
+
+/* `owners`: retransmits per local (retransmitting) address, whatever the flow maps evict:
+ * the agent sums them per pod. IPv4 addresses occupy the first 4 bytes of addr. */
+struct owner_key {
+    u16 family;            /* AF_INET_ or AF_INET6_ */
+    u16 pad;
+    u8 addr[16];
+};
+
+struct owner_counts {
+    u64 retransmits;
+    u64 synack_retransmits;
 };
 
 /* Global one-second sampling window (shared by all CPUs). */

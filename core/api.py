@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pydantic.alias_generators import to_camel
 
-from .kernelvocab import DEFAULT_SAMPLES_PER_SECOND, RETRANSMIT_CAUSES, SOCKET_READ_INTERVAL_MS, TCP_STATES
+from .kernelvocab import DEFAULT_OWNER_CAPACITY, DEFAULT_SAMPLES_PER_SECOND, RETRANSMIT_CAUSES, SOCKET_READ_INTERVAL_MS, TCP_STATES
 from .ratio import retransmit_ratio
 
 GROUP = "retransmit.dev"
@@ -405,7 +405,7 @@ class PodCount(ApiModel):
     pod: str = Field(description="Pod name.")
     namespace: str = Field(description="Pod namespace.")
     node: Optional[str] = Field(None, description="Node the pod runs on.")
-    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent, over every flow its node's agent knows.")
+    retransmits: int = Field(0, ge=0, description="Retransmits (skb and SYN-ACK) this pod sent during the trace: its node's kernel counts them per local address, whatever its flow map evicts, and the agent adds each address's count to the pod owning it.")
     out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the pod sent during the trace, retransmissions included (Tcp OutSegs of the pod's own network namespace, read by its node's agent through /proc/PID/net/snmp of a process in it: every connection of the pod, whatever the trace's filters). Absent for hostNetwork pods (they share the node's counters: the node's outSegs) and when the agent found no process in the pod's namespace.")
     retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments the pod retransmitted during the trace (Tcp RetransSegs, same counters). Segments sent while no agent ran (a restart) are in neither.")
     retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs: the share of the pod's segments that were retransmissions. Set from the two counters, never on its own.")
@@ -417,6 +417,12 @@ class PodCount(ApiModel):
         return self
 
 
+# Pod rows in a node report's topPods: every pod with a count, so a restarted agent resumes
+# each. The kernel counts per local address in at most DEFAULT_OWNER_CAPACITY addresses, so a
+# node has no more pods with counts unless addresses are reused by many pods in one trace;
+# past it the least busy rows are left out. A row is about 150 bytes of JSON: a node with a
+# few hundred pods adds tens of KB, this bound about 600 KB.
+MAX_NODE_PODS = DEFAULT_OWNER_CAPACITY
 MAX_REMOTES = 64   # remote addresses in a report's byRemote: the busiest, for the trace's path matrix
 
 
@@ -471,7 +477,8 @@ class NodeStatus(ApiModel):
     by_state: dict[str, int] = Field(default_factory=dict, description="Retransmits per TCP state on this node.",
                                      json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
     top_flows: list[Flow] = Field(default_factory=list, description="Busiest flows, at most spec.topFlows.")
-    top_pods: list[PodCount] = Field(default_factory=list, description="Local-side pods on this node with their retransmits (tcp_retransmit_skb + synack) over every flow the agent knows and their own network namespaces' segment counters (outSegs, retransSegs, retransRatio), busiest first, at most spec.topFlows.")
+    top_pods: list[PodCount] = Field(default_factory=list, max_length=MAX_NODE_PODS, description=f"Every local-side pod on this node that retransmitted, busiest first (not only spec.topFlows of them: a restarted agent resumes each), with its retransmits (tcp_retransmit_skb + synack, counted by the kernel per local address, whatever the flow map evicts; exact unless podCountsOverflow) and its own network namespace's segment counters (outSegs, retransSegs, retransRatio). At most {MAX_NODE_PODS}.")
+    pod_counts_overflow: int = Field(0, ge=0, description=f"Retransmits (skb and SYN-ACK) in this node's totals but in no pod's count, because the kernel's per-address map was full (it holds {DEFAULT_OWNER_CAPACITY} local addresses, both families: far more than a node's pods). Nonzero: topPods undercounts the pods whose addresses did not fit.")
     recent_events: list[RecentEvent] = Field(default_factory=list, description="Most recent samples, at most spec.events.keep.")
     by_remote: list[RemoteCount] = Field(default_factory=list, max_length=MAX_REMOTES, description=f"Where this node's retransmits went: by remote address over every flow the agent knows, busiest first, at most {MAX_REMOTES} (the trace's path matrix names their nodes and zones).")
     last_report_time: Optional[datetime] = Field(None, description="When the agent last wrote this report (at least every few report intervals: the heartbeat).")

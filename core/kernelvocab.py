@@ -22,6 +22,13 @@ RETRANSMIT_CAUSES: tuple[str, ...] = ("unknown", "timeout", "fast", "probe")
 # Entries per IP family in the kernel's LRU flow maps. Totals stay exact beyond it; only
 # the per-flow detail of the least recently retransmitting flows is evicted.
 DEFAULT_FLOW_CAPACITY = 16384
+# Entries in the kernel's map of retransmits per local address (`owners`: per-pod totals).
+# Not LRU, so nothing evicts a count: it must hold every local address that retransmits
+# during a trace, both families: a node's pods (kubelet's maxPods, 110 by default, rarely
+# above 250; two addresses each when dual-stack) plus the node's own addresses. Past it, a
+# new address's retransmits are counted in no pod's row but in the node report's
+# podCountsOverflow (the node's totals stay exact).
+DEFAULT_OWNER_CAPACITY = 4096
 # Ring (or perf) buffer size in pages, a power of two: room for bursts of samples.
 DEFAULT_RING_PAGES = 64
 # Entries per family in each filter map (remote CIDRs, the selected pods' local addresses).

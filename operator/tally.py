@@ -166,7 +166,8 @@ class TraceTally:
         return [NodeDropCount(node=node, reason=reason, drops=n) for (node, reason), n in ranked if n > 0]
 
     def top_pods(self, top_n: int) -> list[PodCount]:
-        """The busiest local pods, the nodes' topPods summed (exact: each agent counts every flow)."""
+        """The busiest local pods, the nodes' topPods summed (exact: each report lists every pod
+        of its node, counted per local address by the kernel)."""
         ranked = heapq.nsmallest(top_n, self._pods.items(), key=lambda item: pod_key(item[1].retransmits, *item[0]))
         return [PodCount(namespace=ns, pod=pod, node=total.node(), retransmits=total.retransmits,
                          out_segs=_known_sum(total.out_segs), retrans_segs=_known_sum(total.retrans_segs))

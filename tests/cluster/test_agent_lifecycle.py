@@ -12,6 +12,7 @@ import re
 import signal
 import threading
 import uuid
+from collections import Counter
 from datetime import datetime, timezone
 
 import kubernetes
@@ -156,3 +157,42 @@ def test_sigterm_after_a_heartbeat_writes_the_final_report(operator, pods, trace
 
 def _report_time(report: dict) -> datetime:
     return NodeStatus.model_validate(report["spec"]).last_report_time
+
+
+def test_every_pods_count_resumes_exactly_after_a_restart_on_a_node_with_more_pods_than_top_flows(
+        operator, reference, pods, traces, node_simulator):
+    trace = traces(namespaces=[pods.namespace], nodeSelector={"kubernetes.io/hostname": NODE_A}, topFlows=1)
+    trace.wait_entry("attached", running)
+    start = reference.read()
+
+    def want() -> dict[str, int]:
+        """The reference's retransmits (skb + SYN-ACK) since the start, by the pod sending them."""
+        out: Counter = Counter()
+        for (_, local_ip, *_), (r, s) in expected(reference.read(), set(pods.owners), start).items():
+            out[pods.owners[local_ip]] += r + s
+        return dict(out)
+
+    def reported(e: NodeStatus) -> dict[str, int]:
+        return {p.pod: p.retransmits for p in e.top_pods if p.namespace == pods.namespace}
+
+    pods.lossy_bulk(connections=2)
+    first = want()
+    assert set(first) == {"server", "client"}, f"both pods should have retransmitted: {first}"
+    before = trace.wait_entry("every pod's count, not only the top one", lambda e: reported(e) == first)
+    assert len(before.top_flows) == 1
+
+    # SIGTERM loses nothing: the restarted agent resumes every pod from the report.
+    old_pid = _agent_pid(node_simulator, trace)
+    os.kill(old_pid, signal.SIGTERM)
+    def restarted_and_attached() -> bool:
+        try:
+            pid = next(iter(node_simulator.pids(SYSTEM_NS, trace.agent_pod()).values()), old_pid)
+            return pid != old_pid and _agent_metrics(trace).get("rtrace_program_attached") == 1
+        except (OSError, LookupError):   # the new agent not serving /metrics yet
+            return False
+    wait_until(restarted_and_attached, "the restarted agent's program attached", timeout=180, interval=0.5)
+    pods.lossy_bulk(connections=2)
+    both = want()
+    assert all(both[pod] > n for pod, n in first.items()), f"the second load should have retransmitted: {both}"
+    after = trace.wait_entry("every pod's resumed plus new count", lambda e: reported(e) == both, timeout=180)
+    assert sum(both.values()) == after.retransmits + after.synack_retransmits

@@ -65,10 +65,10 @@ def test_fields_parsed_from_the_format_file(tmp_path):
 
 def test_compile_flags_carry_the_compile_time_configuration(tmp_path):
     layout = read_layout(make_tracefs(tmp_path))
-    flags = compile_flags(KernelConfig(flow_capacity=99, ring_pages=8, filter_capacity=7), tmp_path,
+    flags = compile_flags(KernelConfig(flow_capacity=99, ring_pages=8, filter_capacity=7, owner_capacity=5), tmp_path,
                           KernelFeatures(layout, jiffies64=True, ringbuf=True))
-    assert flags[:8] == [f"-I{tmp_path}", "-DFLOW_CAPACITY=99", "-DRINGBUF_PAGES=8", "-DFILTER_CAPACITY=7",
-                         "-DHAVE_SKB_STATE", "-DHAVE_SKB_ERR", "-DHAVE_JIFFIES64", "-DUSE_RINGBUF"]
+    assert flags[:9] == [f"-I{tmp_path}", "-DFLOW_CAPACITY=99", "-DRINGBUF_PAGES=8", "-DFILTER_CAPACITY=7",
+                         "-DOWNER_CAPACITY=5", "-DHAVE_SKB_STATE", "-DHAVE_SKB_ERR", "-DHAVE_JIFFIES64", "-DUSE_RINGBUF"]
     # the constants shared with Python, from their one definition
     assert {"-DAF_INET6_=10", "-DKIND_SYNACK=1", "-DTCP_SYN_RECV_=3", "-DCAUSE_TIMEOUT=1",
             "-DFAMILY_IPV6=2"} <= set(flags)

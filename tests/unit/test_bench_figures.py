@@ -10,7 +10,7 @@ import pytest
 
 from bench import figures
 from bench.controlplane_bench import parse_write_metrics
-from bench.synthetic import SyntheticNode
+from bench.synthetic import FLOWS_PER_NODE, SyntheticNode
 from retransmit_core.api import DEFAULT_EVENTS_KEPT, DEFAULT_TOP_FLOWS, NodeStatus, to_api
 
 pytestmark = pytest.mark.unit
@@ -84,7 +84,7 @@ def test_a_simulated_node_writes_a_valid_full_size_entry_that_only_grows():
     assert NodeStatus.model_validate(to_api(first)) == first
     assert len(first.top_flows) == DEFAULT_TOP_FLOWS and len(first.recent_events) == DEFAULT_EVENTS_KEPT
     assert all(f.local.pod and f.local.namespace for f in first.top_flows)
-    assert len(first.top_pods) == DEFAULT_TOP_FLOWS   # every flow has a pod of its own
+    assert len(first.top_pods) == FLOWS_PER_NODE   # every flow has a pod of its own, and every pod a row
     assert first.retransmits == sum(first.by_state.values())
     node.grow(50)
     second = node.next_entry()

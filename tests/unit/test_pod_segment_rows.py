@@ -40,7 +40,8 @@ def flow(local_ip: str, retransmits: int, port: int = 40000) -> FlowCounters:
 def snapshot(*flows: FlowCounters) -> KernelSnapshot:
     return KernelSnapshot(retransmits=sum(f.retransmits for f in flows), synack_retransmits=0, lost_events=0,
                           sampled_events=0, failed_attempts=None, missed_events=None, by_state={},
-                          flow_counters=list(flows), tcp_segments=TcpSegments(90_000, 900))
+                          flow_counters=list(flows), tcp_segments=TcpSegments(90_000, 900),
+                          by_local_address={f.local_ip: f.retransmits for f in flows})   # one flow per address
 
 
 def entry(baseline: Baseline = Baseline(), pod_segments=None) -> NodeStatus:

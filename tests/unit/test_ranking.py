@@ -154,10 +154,9 @@ PODS_BUSIEST_FIRST = [
 def test_the_agents_top_pods_are_ranked_count_then_namespace_then_name():
     counts = {(ns, pod): n for ns, pod, n in shuffled(PODS_BUSIEST_FIRST)}
     counts[("aa", "idle")] = 0   # a pod without retransmits is not ranked
-    ranked = ranked_pods(counts, "n1", 0)
+    ranked = ranked_pods(counts, "n1")
     assert [(p.namespace, p.pod, p.retransmits) for p in ranked] == PODS_BUSIEST_FIRST
     assert {p.node for p in ranked} == {"n1"}
-    assert [(p.namespace, p.pod) for p in ranked_pods(counts, "n1", 2)] == [("zz", "zz"), ("aa", "zz")]
 
 
 def test_the_summarys_top_pods_are_summed_over_nodes_and_ranked_the_same_way():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from retransmit_core.api import DEFAULT_TOP_FLOWS, MAX_NODE_ROWS, RetransmitTraceSpec
+from retransmit_core.api import DEFAULT_TOP_FLOWS, MAX_NODE_PODS, MAX_NODE_ROWS, RetransmitTraceSpec
+from retransmit_core.kernelvocab import DEFAULT_OWNER_CAPACITY
 from retransmit_core.schedule import (
     HEARTBEAT_INTERVALS,
     INTERVAL_JITTER,
@@ -59,3 +60,11 @@ def test_the_report_period_and_write_budget_are_the_schedules():
 def test_the_row_bound_and_defaults_are_the_apis():
     assert int(figure(r"lists at most (\d+) rows")) == MAX_NODE_ROWS
     assert int(figure(r"topFlows: (\d+)")) == DEFAULT_TOP_FLOWS
+
+
+def test_the_per_address_map_and_the_pod_rows_bound_are_the_codes():
+    def number(text: str) -> int:
+        return int(text.replace(",", ""))
+    assert number(figure(r"a plain hash of ([\d,]+) addresses")) == DEFAULT_OWNER_CAPACITY
+    assert number(figure(r"per-address map \(([\d,]+)\s+addresses\) was full")) == DEFAULT_OWNER_CAPACITY
+    assert number(figure(r"at most ([\d,]+) rows\), each count exact")) == MAX_NODE_PODS

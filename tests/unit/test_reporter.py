@@ -185,7 +185,7 @@ def test_the_report_document_is_named_labelled_and_owned_from_trace_and_node():
     assert body["metadata"]["ownerReferences"] == [{"apiVersion": "retransmit.dev/v1alpha1", "kind": "RetransmitTrace",
                                                      "name": "t1", "uid": "uid-t1", "controller": True}]
     assert body["spec"] == {"node": "n1", "phase": "Running", "retransmits": 3, "synackRetransmits": 0,
-                            "lostEvents": 0, "flows": 0, "byState": {"ESTABLISHED": 3}, "byCause": {},
+                            "lostEvents": 0, "podCountsOverflow": 0, "flows": 0, "byState": {"ESTABLISHED": 3}, "byCause": {},
                             "kernelChecks": [], "topFlows": [], "topPods": [], "recentEvents": [], "byRemote": []}
     assert read_entry(body, "n1", "uid-t1") == entry(retransmits=3, by_state={"ESTABLISHED": 3})  # it reads back as written
 

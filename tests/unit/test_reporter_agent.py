@@ -31,10 +31,17 @@ def counters(local_ip, local_port, retransmits, remote_ip="203.0.113.9", remote_
                         last_state="ESTABLISHED", first_seen=T0, last_seen=T0 + timedelta(seconds=1))
 
 
-def snapshot(flows):
+def snapshot(flows, by_local_address=None, owners_full=0):
+    """A snapshot of `flows`; the kernel's per-address counts are theirs unless given (when the
+    flow map evicted some, the per-address counts still hold them)."""
     total = sum(f.retransmits for f in flows)
+    if by_local_address is None:
+        by_local_address = {}
+        for f in flows:
+            by_local_address[f.local_ip] = by_local_address.get(f.local_ip, 0) + f.retransmits + f.synack_retransmits
     return KernelSnapshot(retransmits=total, synack_retransmits=sum(f.synack_retransmits for f in flows), lost_events=0, sampled_events=0,
-                          failed_attempts=0, missed_events=0, by_state={"ESTABLISHED": total}, flow_counters=flows)
+                          failed_attempts=0, missed_events=0, by_state={"ESTABLISHED": total}, flow_counters=flows,
+                          by_local_address=by_local_address, owners_full=owners_full)
 
 
 def pod(name, ns, ips, host_network=False):
@@ -108,27 +115,46 @@ def test_metrics_carry_the_baselines_flows_with_their_earlier_counts(owners):
     assert result.by_pod_port == {("shop", "web", "5432"): 134}
 
 
-def test_top_pods_count_every_flow_in_the_kernel_map_by_local_pod_and_skip_the_node(owners):
-    # 3 top flows kept, 40 flows counted: web's many small flows are all in its count.
+def test_top_pods_carry_every_pod_by_the_kernels_per_address_counts_and_skip_the_node(owners):
+    # 3 top flows kept (topFlows), yet every pod is a row: a restarted agent resumes each.
     flows = [counters(WEB, 1000 + i, 2) for i in range(30)]
     flows += [counters(DB, 5432, 20, family="IPv6", remote_ip="fd00::9", synack=3), counters("198.18.0.3", 5433, 4)]
     flows += [counters("10.1.0.5", 2200 + i, 50 + i) for i in range(8)]  # the node's own address: no pod
-    entry = step(snapshot(flows), owners).entry
+    index = PodIndex("n1", ["10.1.0.5"])
+    for i in range(6):
+        index.observe(pod(f"idle-{i}", "shop", [f"198.18.1.{i}"]))
+        flows.append(counters(f"198.18.1.{i}", 80, 1))
+    entry = step(snapshot(flows), {**owners, **index.lookup_table()}).entry
     assert len(entry.top_flows) == 3 and all(f.local.node == "n1" for f in entry.top_flows)
     assert [(p.namespace, p.pod, p.node, p.retransmits) for p in entry.top_pods] == [
-        ("shop", "web", "n1", 60), ("shop", "db", "n1", 27),
-    ]
+        ("shop", "web", "n1", 60), ("shop", "db", "n1", 27)] + [("shop", f"idle-{i}", "n1", 1) for i in range(6)]
 
 
-def test_a_restarted_agent_continues_its_pods_counts_and_they_never_drop(owners):
+def test_pod_counts_stay_exact_when_the_flow_map_evicts_their_flows(owners):
+    first = step(snapshot([counters(WEB, 1, 7), counters(WEB, 2, 3)]), owners)
+    assert [(p.pod, p.retransmits) for p in first.entry.top_pods] == [("web", 10)]
+    # Flow 2 was evicted and flow 1 retransmitted 5 more: the per-address count has all 15.
+    second = step(snapshot([counters(WEB, 1, 12)], by_local_address={WEB: 15}), owners,
+                  previous_pods=first.pod_totals)
+    assert [(p.pod, p.retransmits) for p in second.entry.top_pods] == [("web", 15)]
+
+
+def test_a_restarted_agent_continues_its_pods_counts(owners):
     baseline = Baseline.from_entry(NodeStatus(node="n1", phase=Phase.RUNNING, retransmits=500, top_pods=[
         PodCount(namespace="shop", pod="web", node="n1", retransmits=400),
-        PodCount(namespace="shop", pod="db", node="n1", retransmits=100)]))
+        PodCount(namespace="shop", pod="db", node="n1", retransmits=100),
+        PodCount(namespace="shop", pod="gone", node="n1", retransmits=1)]))
     first = step(snapshot([counters(WEB, 1, 7), counters(WEB, 2, 3)]), owners, baseline)
-    assert [(p.pod, p.retransmits) for p in first.entry.top_pods] == [("web", 410), ("db", 100)]
-    # The kernel's LRU map evicted flow 2: web's count holds.
-    second = step(snapshot([counters(WEB, 1, 8)]), owners, baseline, previous_pods=first.pod_counts)
-    assert [(p.pod, p.retransmits) for p in second.entry.top_pods] == [("web", 410), ("db", 100)]
+    assert [(p.pod, p.retransmits) for p in first.entry.top_pods] == [("web", 410), ("db", 100), ("gone", 1)]
+    second = step(snapshot([counters(WEB, 1, 8), counters(WEB, 2, 3)]), owners, baseline, previous_pods=first.pod_totals)
+    assert [(p.pod, p.retransmits) for p in second.entry.top_pods] == [("web", 411), ("db", 100), ("gone", 1)]
+
+
+def test_retransmits_the_per_address_map_could_not_hold_are_reported_and_resumed(owners):
+    entry = step(snapshot([counters(WEB, 1, 7)], owners_full=4), owners).entry
+    assert entry.pod_counts_overflow == 4
+    resumed = step(snapshot([], owners_full=1), owners, Baseline.from_entry(entry)).entry
+    assert resumed.pod_counts_overflow == 5
 
 
 def test_a_node_that_cannot_trace_keeps_its_earlier_pods(owners):
