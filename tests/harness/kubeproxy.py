@@ -175,6 +175,7 @@ class KubeProxy:
             f"--healthz-bind-address=127.0.0.1:{self.healthz_port}",
             "--v=2",
         ]
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = start_process(argv, self.log)
         deadline = time.monotonic() + 120
         while not self._healthy():
