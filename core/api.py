@@ -14,7 +14,7 @@ import ipaddress
 import re
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -121,6 +121,20 @@ class ApiModel(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
     )
+
+
+class RatioModel(ApiModel):
+    """A model whose retrans_ratio follows two of its counters, named by RATIO_OF
+    (retransmitted, sent): one definition (retransmit_core.ratio), set from the counters
+    whatever a reader sends, never on its own."""
+
+    RATIO_OF: ClassVar[tuple[str, str]]
+
+    @model_validator(mode="after")
+    def _ratio_from_counters(self) -> "RatioModel":
+        retransmitted, sent = self.RATIO_OF
+        self.__dict__["retrans_ratio"] = retransmit_ratio(getattr(self, retransmitted), getattr(self, sent))
+        return self
 
 
 def to_api(model: BaseModel) -> dict[str, Any]:
@@ -358,8 +372,10 @@ class DroppedFlow(ApiModel):
     by_reason: ByReason
 
 
-class Flow(ApiModel):
+class Flow(RatioModel):
     """Retransmits of one connection. `local` is the side that retransmitted."""
+
+    RATIO_OF = ("total_retrans", "data_segs_out")
 
     local: Endpoint = Field(description="The side that retransmitted (the tracepoint's source address).")
     remote: Endpoint = Field(description="The peer.")
@@ -381,12 +397,6 @@ class Flow(ApiModel):
                                                  json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
     loss_at: Optional[str] = Field(None, description="In status.summary.topFlows: where this flow's packets were lost, as far as the traced nodes tell: the nodes that dropped them and why, or 'not dropped on a traced node' (the loss is on the wire or on an untraced box) when both ends' nodes count drops and neither dropped any; absent when a node that would know does not count drops.")
 
-    @model_validator(mode="after")
-    def _ratio_from_counters(self) -> "Flow":
-        # One definition (retransmit_core.ratio): whatever a reader sends, the ratio follows the counters.
-        self.__dict__["retrans_ratio"] = retransmit_ratio(self.total_retrans, self.data_segs_out)
-        return self
-
 
 class RecentEvent(ApiModel):
     """One sampled retransmit."""
@@ -399,8 +409,10 @@ class RecentEvent(ApiModel):
     state: Optional[TCPState] = Field(None, description="TCP state at the retransmit.")
 
 
-class PodCount(ApiModel):
+class PodCount(RatioModel):
     """Retransmits of one pod: those it sent (its node's topPods), or on the flows it is an end of."""
+
+    RATIO_OF = ("retrans_segs", "out_segs")
 
     pod: str = Field(description="Pod name.")
     namespace: str = Field(description="Pod namespace.")
@@ -409,12 +421,6 @@ class PodCount(ApiModel):
     out_segs: Optional[int] = Field(None, ge=0, description="TCP segments the pod sent during the trace, retransmissions included (Tcp OutSegs of the pod's own network namespace, read by its node's agent through /proc/PID/net/snmp of a process in it: every connection of the pod, whatever the trace's filters). Absent for hostNetwork pods (they share the node's counters: the node's outSegs) and when the agent found no process in the pod's namespace.")
     retrans_segs: Optional[int] = Field(None, ge=0, description="TCP segments the pod retransmitted during the trace (Tcp RetransSegs, same counters). Segments sent while no agent ran (a restart) are in neither.")
     retrans_ratio: Optional[float] = Field(None, ge=0, description="retransSegs / outSegs: the share of the pod's segments that were retransmissions. Set from the two counters, never on its own.")
-
-    @model_validator(mode="after")
-    def _ratio_from_segments(self) -> "PodCount":
-        # As NodeStatus's: one definition (retransmit_core.ratio), following the counters.
-        self.__dict__["retrans_ratio"] = retransmit_ratio(self.retrans_segs, self.out_segs)
-        return self
 
 
 # Pod rows in a node report's topPods: every pod with a count, so a restarted agent resumes
@@ -457,9 +463,11 @@ def add_known(*values: Optional[int]) -> Optional[int]:
     return sum(known) if known else None
 
 
-class NodeStatus(ApiModel):
+class NodeStatus(RatioModel):
     """What one node saw in one trace, in full: the spec of its RetransmitNodeReport, written
     only by that node's agent, and the agent's own restart state (never trimmed)."""
+
+    RATIO_OF = ("retrans_segs", "out_segs")
 
     node: str = Field(description="The node this report is about (the agent's own: an admission policy checks it against the agent's token).")
     phase: Phase = Field(Phase.PENDING, description="Running while counting; Failed with a message when the node cannot trace.")
@@ -490,12 +498,6 @@ class NodeStatus(ApiModel):
                                                       json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
     dropped_flows: Optional[list[DroppedFlow]] = Field(None, max_length=MAX_DROPPED_FLOWS, description=f"The flows with the most dropped packets on this node, at most {MAX_DROPPED_FLOWS}, each from this node's end: a receiver's inbound drops carry the reversed tuple of the sender's retransmitting flow.")
     needs_privileged: Optional[bool] = Field(None, description="True when the agent, not privileged, found it may not load BPF (its capabilities, the kernel's, or the kernel's answer EPERM) and a privileged agent may: phase is Failed and the message says why. In the operator's auto security mode a privileged agent then takes over this node for the trace.")
-
-    @model_validator(mode="after")
-    def _ratio_from_segments(self) -> "NodeStatus":
-        # As Flow's: one definition (retransmit_core.ratio), following the counters.
-        self.__dict__["retrans_ratio"] = retransmit_ratio(self.retrans_segs, self.out_segs)
-        return self
 
 
 MAX_NODE_ROWS = 500   # rows in status.nodes[]: at 5,000 nodes the trace stays far below 512 KiB
@@ -531,8 +533,10 @@ class NodeDropCount(ApiModel):
     drops: int = Field(0, ge=0, description="Packets dropped.")
 
 
-class PathCount(ApiModel):
+class PathCount(RatioModel):
     """Retransmits sent from one place to another: a node pair or a zone pair."""
+
+    RATIO_OF = ("total_retrans", "data_segs_out")
 
     source: str = Field(description="The sending node (or its zone).")
     destination: str = Field(description="The receiving node (or its zone); 'outside' for addresses outside the cluster, 'unknown' for a Service address or an address no pod or node has.")
@@ -541,12 +545,6 @@ class PathCount(ApiModel):
     data_segs_out: Optional[int] = Field(None, ge=0, description="Data segments sent over their lives by the pair's connections that the source nodes' reports list with socket counters (their topFlows: connections that retransmitted, so the ratio is theirs, not the path's whole traffic). Absent when none carries them.")
     total_retrans: Optional[int] = Field(None, ge=0, description="Segments those same connections retransmitted over their lives.")
     retrans_ratio: Optional[float] = Field(None, ge=0, description="totalRetrans / dataSegsOut over those connections: about the loss rate on this path of the connections that lost anything. Set from the two sums, never on its own.")
-
-    @model_validator(mode="after")
-    def _ratio_from_counters(self) -> "PathCount":
-        # As Flow's: one definition (retransmit_core.ratio), following the sums.
-        self.__dict__["retrans_ratio"] = retransmit_ratio(self.total_retrans, self.data_segs_out)
-        return self
 
 
 MAX_PRIVILEGED_REASONS = 3  # reasons summary.privilegedNodes lists (the most common first)
@@ -561,8 +559,10 @@ class PrivilegedNodes(ApiModel):
                              description=f"Some of them (at most {MAX_UNCOVERED_EXAMPLES}), by name.")
 
 
-class Summary(ApiModel):
+class Summary(RatioModel):
     """The cluster-wide answer, aggregated by the operator from status.nodes[]."""
+
+    RATIO_OF = ("retrans_segs", "out_segs")
 
     retransmits: int = Field(0, ge=0, description="tcp_retransmit_skb events on all nodes.")
     synack_retransmits: int = Field(0, ge=0, description="tcp_retransmit_synack events on all nodes.")
@@ -589,12 +589,6 @@ class Summary(ApiModel):
     by_node_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"Retransmits by sending and receiving node (from the nodes' byRemote), busiest first, at most {MAX_PATHS}.")
     by_zone_pair: list[PathCount] = Field(default_factory=list, max_length=MAX_PATHS, description=f"The same by the nodes' topology.kubernetes.io/zone, busiest first, at most {MAX_PATHS}; empty when no node has a zone.")
     hot_path: Optional[str] = Field(None, description="The node or zone pair that holds most of the retransmits, when one does (e.g. '82% of retransmits went from zone a to zone b'); absent when none stands out.")
-
-    @model_validator(mode="after")
-    def _ratio_from_segments(self) -> "Summary":
-        # As NodeStatus's: one definition (retransmit_core.ratio), following the sums.
-        self.__dict__["retrans_ratio"] = retransmit_ratio(self.retrans_segs, self.out_segs)
-        return self
 
 
 class Condition(ApiModel):
