@@ -306,6 +306,18 @@ def format_endpoint(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+class Backend(ApiModel):
+    """Where a connection to a Service address was translated to (its DNAT, as the node's
+    conntrack table holds it while the connection lives): the backend's address and port,
+    named like any remote end."""
+
+    ip: str = Field(description="IPv4 or IPv6 address the Service address was translated to.")
+    port: int = Field(ge=0, le=65535, description="TCP port it was translated to.")
+    pod: Optional[str] = Field(None, description="Pod owning that address, when known.")
+    namespace: Optional[str] = Field(None, description="Namespace of that pod.")
+    node: Optional[str] = Field(None, description="Set when the address is a node's own.")
+
+
 class Endpoint(ApiModel):
     """One side of a connection; pod/namespace filled when the IP belongs to a known pod."""
 
@@ -317,6 +329,8 @@ class Endpoint(ApiModel):
     service: Optional[str] = Field(None, description="Service whose address (cluster, external or load-balancer IP) or NodePort this is; namespace holds the Service's namespace.")
     service_port: Optional[str] = Field(None, description="The Service port's name (its number when unnamed) that the flow's port is.")
     outside: Optional[bool] = Field(None, description="True when no pod, Service or node of the cluster has this address.")
+    backend: Optional[Backend] = Field(None, description="Remote end only: the backend a Service address was translated to, read from the node's conntrack while it held the connection.")
+    unit: Optional[str] = Field(None, description="Local end only: the node's systemd unit (e.g. kubelet.service) whose socket this is, when the socket's cgroup names a node process rather than a pod.")
 
 
 class ServiceCount(ApiModel):
@@ -497,6 +511,7 @@ class NodeStatus(RatioModel):
     drops_by_reason: Optional[dict[str, int]] = Field(None, description="drops by the kernel's reason (enum skb_drop_reason without SKB_DROP_REASON_, e.g. NETFILTER_DROP, TCP_OFO_DROP, SOCKET_RCVBUFF); exact. Absent when drops is.",
                                                       json_schema_extra=k8s_extra(x_kubernetes_map_type="atomic"))
     dropped_flows: Optional[list[DroppedFlow]] = Field(None, max_length=MAX_DROPPED_FLOWS, description=f"The flows with the most dropped packets on this node, at most {MAX_DROPPED_FLOWS}, each from this node's end: a receiver's inbound drops carry the reversed tuple of the sender's retransmitting flow.")
+    socket_owners: Optional[Literal["cgroup", "address"]] = Field(None, description="How the agent tells who owns a local socket. cgroup: from the socket's cgroup (v2), read in the kernel once per new flow, so hostNetwork pods are named as pods and node processes by their systemd unit. address: from the local address alone, so hostNetwork pods and node processes all count as the node (kernelChecks says why cgroup is unavailable: no cgroup v2, no BTF).")
     needs_privileged: Optional[bool] = Field(None, description="True when the agent, not privileged, found it may not load BPF (its capabilities, the kernel's, or the kernel's answer EPERM) and a privileged agent may: phase is Failed and the message says why. In the operator's auto security mode a privileged agent then takes over this node for the trace.")
 
 
