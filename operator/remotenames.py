@@ -120,9 +120,15 @@ def _as_service(endpoint: Endpoint, service: ServiceFacts, port_name: Optional[s
 def name_remote(endpoint: Endpoint, pods: Optional[PodLookup], services: ServiceIndex,
                 nodes: Mapping[str, str]) -> Endpoint:
     """The remote end named as the module's docstring says; an end the agent named already
-    (a pod or a node of its own) stays as it is."""
-    if endpoint.pod or endpoint.node or endpoint.service:
+    (a pod or a node of its own) stays as it is, except that a node's own address at a
+    NodePort (a pod dialling its own node's NodePort) also names the Service."""
+    if endpoint.pod or endpoint.service:
         return endpoint
+    if endpoint.node:
+        by_node_port = services.node_port(endpoint.port)
+        if by_node_port is None:
+            return endpoint
+        return _as_service(endpoint, by_node_port, by_node_port.port_named(endpoint.port, node_port=True))
     ip = canonical_ip(endpoint.ip)
     if ip is None:
         return endpoint

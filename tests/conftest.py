@@ -30,6 +30,13 @@ node_simulator (session)
     Containers without `command` run `node_simulator.image_entrypoints[image]`: a test may
     set an entry (e.g. the project image -> ["retransmit-agent"]).
 
+kube_proxy (session)
+    A `tests.harness.kubeproxy.KubeProxy`: the real kube-proxy (nftables mode) routing
+    Services (ClusterIPs, NodePorts on the nodes' addresses, both families) between
+    node_simulator's pods on different nodes. One per machine at a time (its nftables tables
+    have fixed names): a second session waits for the first's to end. What it changes on
+    the host, and how that is undone: the module's docstring and docs/development.md.
+
 kube (function)
     An admin ApiClient, closed after the test.
 
@@ -61,6 +68,14 @@ def node_simulator(control_plane):
 
     with NodeSimulator(control_plane.kubeconfig, ("node-a", "node-b")) as sim:
         yield sim
+
+
+@pytest.fixture(scope="session")
+def kube_proxy(control_plane, node_simulator):
+    from tests.harness.kubeproxy import KubeProxy
+
+    with KubeProxy(control_plane.kubeconfig, node_simulator) as proxy:
+        yield proxy
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""`make cluster-up` / `make cluster-down`: the test control plane plus node simulator, run by
-hand in the background so kubectl, helm and the operator can be pointed at it.
+"""`make cluster-up` / `make cluster-down`: the test control plane plus node simulator and the
+kube-proxy that routes its Services (tests/harness/kubeproxy.py), run by hand in the background so kubectl, helm and the operator can be pointed at it.
 
     python -m tests.harness.cluster_cli up   [--state DIR] [--nodes node-a,node-b] [--real-node [--image IMG]...]
     python -m tests.harness.cluster_cli down [--state DIR]
@@ -48,6 +48,7 @@ def _pid(state: Path):
 def run(state: Path, nodes: list[str], real_node: bool = False, images: Sequence[str] = ()) -> int:
     """Foreground: start both, write DIR/kubeconfig and DIR/ready, wait for SIGTERM/SIGINT."""
     from .controlplane import ControlPlane
+    from .kubeproxy import KubeProxy
     from .nodesim import NodeSimulator
     from .realnode import RealNode
 
@@ -60,6 +61,7 @@ def run(state: Path, nodes: list[str], real_node: bool = False, images: Sequence
     shutil.rmtree(cp_dir, ignore_errors=True)
     with ControlPlane(workdir=cp_dir) as cp:
         with NodeSimulator(cp.kubeconfig, nodes, state_dir=state / "nodes") as sim, \
+                KubeProxy(cp.kubeconfig, sim, lock_timeout=60) as proxy, \
                 (RealNode(cp, images=images, state_dir=state / "real-node") if real_node
                  else contextlib.nullcontext()) as real:
             kubeconfig = state / "kubeconfig"
@@ -67,7 +69,8 @@ def run(state: Path, nodes: list[str], real_node: bool = False, images: Sequence
             (state / "ready").write_text(f"{cp.server}\n")
             print(f"control plane {cp.server} up in {cp.startup_seconds:.1f}s; nodes "
                   f"{', '.join(n.name for n in sim.nodes)}; logs in {cp_dir}, pod logs in "
-                  f"{sim.state_dir / 'pods'}", flush=True)
+                  f"{sim.state_dir / 'pods'}; kube-proxy (nftables) routes Services, log {proxy.log}",
+                  flush=True)
             if real is not None:
                 print(f"real node {real.name} (kubelet + containerd) up in {real.timings['total']:.1f}s "
                       f"with images {', '.join(images) or '(none)'}; logs in {real.state}", flush=True)

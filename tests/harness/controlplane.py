@@ -315,6 +315,8 @@ class ControlPlane:
       service_cidr this control plane's service range; the `kubernetes` Service's ClusterIP
                    (first address) is in the apiserver's certificate, so a node simulator
                    can play kube-proxy for it.
+      service_cidr_v6  the IPv6 service range beside it: Services may be dual-stack
+                   (ipFamilyPolicy PreferDualStack/RequireDualStack); IPv4 stays primary.
     """
 
     workdir: Optional[Path] = None
@@ -333,6 +335,7 @@ class ControlPlane:
     kubeconfig: Path = field(init=False, default=None)
     ca_file: Path = field(init=False, default=None)
     service_cidr: str = field(init=False, default="")
+    service_cidr_v6: str = field(init=False, default="")
     ca: Optional["CertificateAuthority"] = field(init=False, default=None)   # issues node certificates
     components: list[Component] = field(init=False, default_factory=list)
     _slot_fd: Optional[int] = field(init=False, default=None)
@@ -369,6 +372,8 @@ class ControlPlane:
         pki.mkdir(exist_ok=True)
         slot, self._slot_fd = acquire_slot("service-cidr")
         self.service_cidr = f"198.19.{slot}.0/24"
+        # fd00:0:ffff::/48 is far from the node simulator's pod ranges (fd00:0:<slot+1>::/48).
+        self.service_cidr_v6 = f"fd00:0:ffff:{slot:x}::/112"
         service_ip = str(next(ipaddress.ip_network(self.service_cidr).hosts()))
 
         ca = self.ca = CertificateAuthority(pki)
@@ -410,7 +415,7 @@ class ControlPlane:
             f"--service-account-key-file={sa.cert}",
             f"--service-account-signing-key-file={sa.key}",
             "--authorization-mode=Node,RBAC",
-            f"--service-cluster-ip-range={self.service_cidr}",
+            f"--service-cluster-ip-range={self.service_cidr},{self.service_cidr_v6}",
             "--allow-privileged=true",
             *self._kubelet_client_flags(ca),
             # The apiserver listens on loopback, which an Endpoints object may not name.
@@ -435,7 +440,7 @@ class ControlPlane:
                 "--use-service-account-credentials=true",
                 f"--cluster-signing-cert-file={ca.pair.cert}",
                 f"--cluster-signing-key-file={ca.pair.key}",
-                f"--service-cluster-ip-range={self.service_cidr}",
+                f"--service-cluster-ip-range={self.service_cidr},{self.service_cidr_v6}",
                 "--leader-elect=false", "--controllers=*",
                 "--profiling=false", "--v=1",
             ])

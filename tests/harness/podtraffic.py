@@ -137,11 +137,13 @@ def _finish(proc: subprocess.Popen, timeout: float = 300.0) -> list:
 
 
 def bulk(server: PodNet, client: PodNet, server_ip: str, port: int, connections: int = 4,
-         nbytes: int = 1 << 20, listen_ip: Optional[str] = None) -> list[dict]:
+         nbytes: int = 1 << 20, listen_ip: Optional[str] = None,
+         listen_port: Optional[int] = None) -> list[dict]:
     """Duplex bulk transfer from the client pod to the server pod; returns the flows made.
-    listen_ip: where the server listens ("::": dual-stack), default server_ip."""
+    listen_ip, listen_port: where the server listens ("::": dual-stack), default server_ip and
+    port (a Service's address and port lead elsewhere: its targetPort on the pod)."""
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    srv = server.python("serve", "--ip", listen_ip or server_ip, "--port", str(port),
+    srv = server.python("serve", "--ip", listen_ip or server_ip, "--port", str(listen_port or port),
                         "--connections", str(connections), "--bytes", str(nbytes), **pipes)
     _wait_line(srv, "listening")
     cli = client.python("connect", "--server-ip", server_ip, "--port", str(port),

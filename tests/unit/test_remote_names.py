@@ -74,6 +74,12 @@ def test_a_pod_wins_and_an_address_of_nobody_is_outside():
     assert outside.outside is True and not (outside.pod or outside.node or outside.service)
 
 
+def test_a_node_port_on_the_agents_own_node_names_the_service_and_keeps_the_node():
+    own = Endpoint(ip="198.18.0.30", port=30080, node="node-a")
+    end = name_remote(own, pods(), services(service("web")), NODES)
+    assert (end.service, end.namespace, end.service_port, end.node) == ("web", "shop", "http", "node-a")
+
+
 def test_an_end_the_agent_named_stays_and_a_deleted_service_is_forgotten():
     named = Endpoint(ip="198.19.0.110", port=80, node="node-a")
     assert name_remote(named, pods(), services(service("web")), NODES) == named

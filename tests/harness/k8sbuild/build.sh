@@ -3,7 +3,8 @@
 # proxy, for every Kubernetes release pinned here, into $CACHE/k8s-<version>/ (outside the
 # clone, so a fresh clone on the same machine reuses them):
 #   - the default release, from go.mod beside this script, plus kubelet and a tiny static
-#     `pause` (the real node's sandbox image, pause/main.go) for tests/harness/realnode.py;
+#     `pause` (the real node's sandbox image, pause/main.go) for tests/harness/realnode.py,
+#     and kube-proxy, which routes Services for the simulated nodes (tests/harness/kubeproxy.py);
 #   - each older release the chart supports, from its own module v1.<minor>/go.mod (written
 #     by pin.sh), with the etcd that release pins.
 # These go.mod files are the one list of versions (tests/harness/controlplane.py reads the
@@ -16,7 +17,7 @@ cache=${1:?usage: build.sh CACHE_DIR}
 go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 # Built from the default module only (added later: caches made before them get only these built).
-node_binaries=(kubelet pause)
+node_binaries=(kubelet pause kube-proxy)
 
 pinned() {   # pinned MODULE_DIR GO_MODULE: the version go.mod requires
   awk -v m="$2" '$1 == m && $2 ~ /^v/ {print $2}' "$1/go.mod"
@@ -98,6 +99,7 @@ build_release() {
     start=$(date +%s)
     case $b in
       kubelet) pkg=k8s.io/kubernetes/cmd/kubelet ;;
+      kube-proxy) pkg=k8s.io/kubernetes/cmd/kube-proxy ;;
       pause) pkg=./pause ;;
     esac
     echo ">> building $b ($pkg)"

@@ -140,8 +140,8 @@ class PodNetwork:
             run(*ns, "addr", "add", f"{sb.ip_v4}/{on_link4.split('/')[1]}", "dev", "eth0")
             run(*ns, "-6", "addr", "add", f"{sb.ip_v6}/{on_link6.split('/')[1]}", "dev", "eth0", "nodad")
             run(*ns, "link", "set", "eth0", "up")
-            # Everything else (the apiserver's ClusterIP) through the host; the host does not
-            # forward, so nothing leaves this machine.
+            # Everything else (ClusterIPs) through the host. Only tests/harness/kubeproxy.py
+            # turns forwarding on, and on this bridge alone: nothing leaves this machine.
             run(*ns, "route", "add", "default", "via", node.ip_v4)
             run(*ns, "-6", "route", "add", "default", "via", node.ip_v6)
         except Exception:
