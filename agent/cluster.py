@@ -55,6 +55,7 @@ from retransmit_core.schedule import (
 )
 from retransmit_core.version import package_version
 
+from .conntrack import ServiceBackends
 from .metrics import AgentInfo, AgentState, MetricsServer
 from .nodeentry import NodeEntry, NodeFacts, node_entry
 from .preflight import effective_capabilities, security_mode
@@ -120,6 +121,7 @@ class ClusterAgent:
         self.pod_segments: Optional[PodSegmentReader] = None   # from when the program counts
         self.events: deque[RecentEvent] = deque(maxlen=max(1, inv.spec.events.keep))
         self.loop = LoopState()
+        self.backends = ServiceBackends()   # Service flows' backends, from the node's conntrack
         self._watcher: Optional[PodWatcher] = None
         self._metrics: Optional[MetricsServer] = None
 
@@ -361,10 +363,13 @@ class ClusterAgent:
             snapshot = self.program.snapshot() if self.program is not None else None
             owners = self.index.lookup_table()
         spec = self.inv.spec
-        return node_entry(snapshot, self.facts, top_flows=spec.top_flows, keep_events=spec.events.keep,
+        step = node_entry(snapshot, self.facts, top_flows=spec.top_flows, keep_events=spec.events.keep,
                           now=datetime.now(timezone.utc), recent_events=list(self.events)[::-1],
                           baseline=baseline, previous_pods=self.loop.pod_totals,
                           previous_remotes=self.loop.remote_counts, owners=owners, pod_segments=pod_segments)
+        period = report_period(spec.report_interval_seconds, self.loop.nodes)
+        return dataclasses.replace(step, entry=self.backends.named(
+            step.entry, time.monotonic(), period, resumed=baseline.top_flows.values()))
 
     def _report(self, final: bool = False, timeout: Optional[float] = None) -> bool:
         """Write what the schedule says is due (`final`: the report, with `timeout`). True when

@@ -7,8 +7,9 @@ address is:
 - a pod's address (hostNetwork or not) -> the node the pod runs on, from the pod watch;
 - a node's own address -> that node; a loopback address -> the sending node itself;
 - an address inside a node's spec.podCIDRs -> that node (the pod may be gone by now);
-- a Service address -> "unknown": kube-proxy translated it to a backend this operator does
-  not see (the node's conntrack would know);
+- a Service address -> the node of the backend kube-proxy translated it to, for the
+  retransmits of the report's flows (topFlows) whose backend the agent read from its node's
+  conntrack (agent/conntrack.py); the rest of the address's retransmits -> "unknown";
 - anything else -> "outside" the cluster.
 Zones are the nodes' topology.kubernetes.io/zone label. Retransmits beyond the reports'
 byRemote lists are in no pair, so the pairs' percentages (of all the trace's retransmits)
@@ -33,7 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Protocol
 
-from retransmit_core.api import MAX_PATHS, NodeStatus, PathCount
+from retransmit_core.api import MAX_PATHS, Flow, NodeStatus, PathCount
 from retransmit_core.podindex import canonical_ip
 
 from .placement import NodeFacts
@@ -110,17 +111,35 @@ class Places:
                 return known[1]
             self._refresh_left -= len(report.by_remote) + len(report.top_flows)
         by_place: Counter[str] = Counter()
+        unknown: dict[str, int] = {}   # a Service address -> its retransmits not yet placed
         for remote in report.by_remote:
-            by_place[self.node_of(remote.ip, report.node)] += remote.retransmits
+            place = self.node_of(remote.ip, report.node)
+            by_place[place] += remote.retransmits
+            if place == UNKNOWN:
+                unknown[remote.ip] = unknown.get(remote.ip, 0) + remote.retransmits
         segments: dict[str, Segments] = {}
         for flow in report.top_flows:
+            place = self._flow_place(flow, report.node)
+            if place != UNKNOWN and flow.remote.ip in unknown:
+                # byRemote counts every flow to the address, the flow's own counts are part of it.
+                moved = min(unknown[flow.remote.ip], flow.retransmits + flow.synack_retransmits)
+                unknown[flow.remote.ip] -= moved
+                by_place[UNKNOWN] -= moved
+                by_place[place] += moved
             if flow.data_segs_out is not None and flow.total_retrans is not None:
-                place = self.node_of(flow.remote.ip, report.node)
                 segments[place] = segments.get(place, NO_SEGMENTS) + Segments(flow.total_retrans, flow.data_segs_out)
         sent = Sent(tuple(by_place.items()), tuple(segments.items()))
         # The report is kept with it: its id stays its own while the entry lives.
         self._by_report[id(report)] = (report, sent, self._now, self._now)
         return sent
+
+    def _flow_place(self, flow: Flow, sender: str) -> str:
+        """A flow's receiving node: its remote address's, or for a Service address its
+        backend's when the agent found it (a backend outside the cluster: outside)."""
+        place = self.node_of(flow.remote.ip, sender)
+        if place == UNKNOWN and flow.remote.backend is not None:
+            return self.node_of(flow.remote.backend.ip, sender)
+        return place
 
     def _receiver(self, ip: str) -> str:
         key = canonical_ip(ip)

@@ -10,6 +10,8 @@ the rest from what it watches:
 - a node's address (Node status.addresses, or a hostNetwork pod's) -> the node; with a
   Service's NodePort as the flow's port, the Service too;
 - anything else -> outside the cluster.
+A Service end's backend (the agent reads it from its node's conntrack: agent/conntrack.py) is
+named like an address: the pod that has it, else the node whose address it is.
 Pure: `ServiceIndex` is fed by the Service watch, the rest by the pod and Node watches.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
-from retransmit_core.api import Endpoint
+from retransmit_core.api import Backend, Endpoint
 from retransmit_core.podindex import PodLookup, canonical_ip, canonical_ips, with_owner
 
 
@@ -117,11 +119,37 @@ def _as_service(endpoint: Endpoint, service: ServiceFacts, port_name: Optional[s
                                        "service_port": port_name, **more})
 
 
+def name_backend(backend: Backend, pods: Optional[PodLookup], nodes: Mapping[str, str]) -> Backend:
+    """A Service backend's address named: the pod that has it (not hostNetwork), else the node
+    whose address it is; unknown addresses stay bare."""
+    if backend.pod or backend.node:
+        return backend
+    ip = canonical_ip(backend.ip)
+    if ip is None:
+        return backend
+    owner = pods.owner(ip) if pods is not None else None
+    if owner is not None and owner.pod:
+        return backend.model_copy(update={"pod": owner.pod, "namespace": owner.namespace})
+    node = nodes.get(ip) or (owner.node if owner is not None else None)
+    return backend.model_copy(update={"node": node}) if node else backend
+
+
 def name_remote(endpoint: Endpoint, pods: Optional[PodLookup], services: ServiceIndex,
                 nodes: Mapping[str, str]) -> Endpoint:
-    """The remote end named as the module's docstring says; an end the agent named already
-    (a pod or a node of its own) stays as it is, except that a node's own address at a
-    NodePort (a pod dialling its own node's NodePort) also names the Service."""
+    """The remote end named as the module's docstring says, with its backend when the agent
+    found one."""
+    named = _name_end(endpoint, pods, services, nodes)
+    if named.backend is None:
+        return named
+    backend = name_backend(named.backend, pods, nodes)
+    return named if backend == named.backend else named.model_copy(update={"backend": backend})
+
+
+def _name_end(endpoint: Endpoint, pods: Optional[PodLookup], services: ServiceIndex,
+              nodes: Mapping[str, str]) -> Endpoint:
+    """An end the agent named already (a pod or a node of its own) stays as it is, except
+    that a node's own address at a NodePort (a pod dialling its own node's NodePort) also
+    names the Service."""
     if endpoint.pod or endpoint.service:
         return endpoint
     if endpoint.node:

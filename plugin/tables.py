@@ -103,7 +103,8 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence
 
 def endpoint(side: dict[str, Any]) -> str:
     """'10.1.2.3:443 (shop/web)': address, port and who has it: a pod, a Service (with the
-    port's name, and the node for a NodePort), a node, or nobody in the cluster."""
+    port's name, the node for a NodePort, and the backend kube-proxy sent the connection to:
+    'service shop/web:http -> web-0'), a node, or nobody in the cluster."""
     ip, port = side.get("ip", "?"), side.get("port", 0)
     text = format_endpoint(ip, port)
     if side.get("pod"):
@@ -111,12 +112,28 @@ def endpoint(side: dict[str, Any]) -> str:
     if side.get("service"):
         port_name = f":{side['servicePort']}" if side.get("servicePort") else ""
         on_node = f" on node {side['node']}" if side.get("node") else ""
-        return f"{text} (service {side.get('namespace')}/{side['service']}{port_name}{on_node})"
+        to = backend(side.get("backend"), side.get("namespace"))
+        return f"{text} (service {side.get('namespace')}/{side['service']}{port_name}{on_node}{to})"
+    if side.get("backend"):   # translated, though no Service of the cluster has the address
+        return f"{text}{backend(side['backend'], None)}"
     if side.get("node"):
         return f"{text} (node {side['node']})"
     if side.get("outside"):
         return f"{text} (outside the cluster)"
     return text
+
+
+def backend(found: Optional[dict[str, Any]], namespace: Optional[str]) -> str:
+    """' -> web-0': where the connection was translated to, its pod (with the namespace when
+    not the Service's), its node, or its address; '' when not known."""
+    if not found:
+        return ""
+    if found.get("pod"):
+        pod, ns = found["pod"], found.get("namespace")
+        return f" -> {pod}" if ns == namespace else f" -> {ns}/{pod}"
+    if found.get("node"):
+        return f" -> node {found['node']}"
+    return f" -> {format_endpoint(found.get('ip', '?'), found.get('port', 0))}"
 
 
 def segments(row: dict[str, Any], sent: str = "dataSegsOut", retransmitted: str = "totalRetrans") -> Optional[str]:
