@@ -30,12 +30,15 @@ node_simulator (session)
     Containers without `command` run `node_simulator.image_entrypoints[image]`: a test may
     set an entry (e.g. the project image -> ["retransmit-agent"]).
 
-kube_proxy (session)
+kube_proxy (module)
     A `tests.harness.kubeproxy.KubeProxy`: the real kube-proxy (nftables mode) routing
     Services (ClusterIPs, NodePorts on the nodes' addresses, both families) between
     node_simulator's pods on different nodes. One per machine at a time (its nftables tables
-    have fixed names): a second session waits for the first's to end. What it changes on
-    the host, and how that is undone: the module's docstring and docs/development.md.
+    have fixed names): a second session waits for the first's to end. Module-scoped: it
+    runs only while the module that asks for it runs, and its teardown fails when the host
+    is not as before (no `kube-proxy` tables, forwarding and bridge settings restored). What
+    it changes on the host, and how that is undone: the module's docstring and
+    docs/development.md.
 
 kube (function)
     An admin ApiClient, closed after the test.
@@ -70,7 +73,7 @@ def node_simulator(control_plane):
         yield sim
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def kube_proxy(control_plane, node_simulator):
     from tests.harness.kubeproxy import KubeProxy
 

@@ -1,11 +1,15 @@
 """Services routed by the real kube-proxy (nftables mode, tests/harness/kubeproxy.py): a
 client pod on node-a reaches a server pod on node-b through a dual-stack Service's
-ClusterIPs and through its NodePort on node-b's addresses, with loss both ways.
+ClusterIPs, and through its NodePort on node-b's addresses, with loss both ways.
 
 The client's sockets talk to the Service's address (the kernel's DNAT is invisible to them),
-so the retransmits of the client-side flows name the Service; the server's sockets see the
-client pod's own address (no masquerade inside the cluster CIDR), so those flows name the
-client pod. Ground truth: the reference counter on the same tracepoints.
+so the retransmits of the client-side flows name the Service; node-a's agent reads the
+backend kube-proxy chose from the node's conntrack table (agent/conntrack.py) while the
+connection is there, so they name the server pod too. The server's sockets see the client
+pod's own address through a ClusterIP (no masquerade inside the cluster CIDR), and node-b's
+(the node that took the connection, SNAT as with externalTrafficPolicy Cluster) through the
+NodePort. Ground truth: the reference counter on the same tracepoints, per flow, per pod and
+per Service.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pytest
 
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
-from tests.harness.tracecluster import NODE_A, NODE_B, expected, running, totals
+from tests.harness.tracecluster import NODE_A, NODE_B, expected, plugin, running, totals
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -46,50 +50,58 @@ def _ready_backends(discovery, namespace: str) -> set[str]:
             if e.conditions is None or e.conditions.ready is not False for ip in e.addresses}
 
 
-def test_a_service_routed_by_kube_proxy_is_named_on_client_flows_and_counted(
-        kube_proxy, operator, reference, core, kube, namespace, node_simulator, traces):
-    import kubernetes
+class ServiceSetup:
+    """The server pod on node-b behind the Service, the client pod on node-a, a trace of
+    their namespace with both agents attached."""
 
-    podtraffic.create_pod(core, namespace, "server", NODE_B, {"app": "server"})
-    podtraffic.create_pod(core, namespace, "client", NODE_A, {"app": "client"})
-    server_ips = podtraffic.wait_pod_ips(core, namespace, "server")
-    client_ips = podtraffic.wait_pod_ips(core, namespace, "client")
-    server = podtraffic.PodNet.of(node_simulator, namespace, "server")
-    client = podtraffic.PodNet.of(node_simulator, namespace, "client")
-    svc = _dual_stack_service(core, namespace)
-    assert len(svc["cluster_ips"]) == 2 and svc["node_port"], svc
-    # The EndpointSlice controller (controller-manager) publishes the server pod's addresses.
-    discovery = kubernetes.client.DiscoveryV1Api(kube)
-    wait_until(lambda: _ready_backends(discovery, namespace) >= set(server_ips),
-               "the Service's EndpointSlices to list the server pod's IPv4 and IPv6 addresses")
+    def __init__(self, kube, core, namespace, node_simulator, traces):
+        import kubernetes
 
-    node_b = node_simulator.nodes_by_name[NODE_B]
-    # (address the client dials, port) for each way in: both ClusterIPs, the NodePort on both
-    # of node-b's addresses.
-    targets = [(ip, SERVICE_PORT) for ip in svc["cluster_ips"]]
-    targets += [(node_b.ip_v4, svc["node_port"]), (node_b.ip_v6, svc["node_port"])]
+        podtraffic.create_pod(core, namespace, "server", NODE_B, {"app": "server"})
+        podtraffic.create_pod(core, namespace, "client", NODE_A, {"app": "client"})
+        self.namespace = namespace
+        self.server_ips = podtraffic.wait_pod_ips(core, namespace, "server")
+        self.client_ips = podtraffic.wait_pod_ips(core, namespace, "client")
+        self.server = podtraffic.PodNet.of(node_simulator, namespace, "server")
+        self.client = podtraffic.PodNet.of(node_simulator, namespace, "client")
+        self.svc = _dual_stack_service(core, namespace)
+        assert len(self.svc["cluster_ips"]) == 2 and self.svc["node_port"], self.svc
+        # The EndpointSlice controller (controller-manager) publishes the server pod's addresses.
+        discovery = kubernetes.client.DiscoveryV1Api(kube)
+        wait_until(lambda: _ready_backends(discovery, namespace) >= set(self.server_ips),
+                   "the Service's EndpointSlices to list the server pod's IPv4 and IPv6 addresses")
+        self.node_b = node_simulator.nodes_by_name[NODE_B]
+        self.trace = traces(namespaces=[namespace])
+        for node in (NODE_A, NODE_B):
+            self.trace.wait_entry(f"the agent on {node} attached", running, node=node)
 
-    trace = traces(namespaces=[namespace])
-    for node in (NODE_A, NODE_B):
-        trace.wait_entry(f"the agent on {node} attached", running, node=node)
+    def backend_of(self, family: str) -> str:
+        return next(ip for ip in self.server_ips if (":" in ip) == (family == "IPv6"))
 
-    before = reference.read()
-    server.random_loss(10)
-    client.random_loss(10)
-    try:
-        for ip, port in targets:
-            # The server listens on [::] (both families) at the targetPort; kube-proxy's DNAT
-            # (and, for replies, the bridge's conntrack) is all that joins the two.
-            podtraffic.bulk(server, client, ip, port, connections=2, nbytes=1 << 20,
-                            listen_ip="::", listen_port=TARGET_PORT)
-    finally:
-        server.clear_loss()
-        client.clear_loss()
-    server.wait_quiet()
-    client.wait_quiet()
-    after = reference.read()
+    def lossy_traffic(self, reference, targets: list) -> tuple[dict, dict]:
+        """2 connections through each (address, port) of `targets` under 10% loss arriving at
+        either pod; the reference's client-side and server-side flows."""
+        before = reference.read()
+        self.server.random_loss(10)
+        self.client.random_loss(10)
+        try:
+            for ip, port in targets:
+                # The server listens on [::] (both families) at the targetPort; kube-proxy's DNAT
+                # (and, for replies, the bridge's conntrack) is all that joins the two.
+                podtraffic.bulk(self.server, self.client, ip, port, connections=2, nbytes=1 << 20,
+                                listen_ip="::", listen_port=TARGET_PORT)
+        finally:
+            self.server.clear_loss()
+            self.client.clear_loss()
+        self.server.wait_quiet()
+        self.client.wait_quiet()
+        after = reference.read()
+        return expected(after, set(self.client_ips), before), expected(after, set(self.server_ips), before)
 
-    client_flows = expected(after, set(client_ips), before)
+
+def _check_named_and_counted(setup: ServiceSetup, targets: list, client_flows: dict, server_flows: dict,
+                             server_may_see: set, control_plane) -> None:
+    namespace = setup.namespace
     per_target = Counter()
     for (_family, _lip, _lport, rip, rport), (r, s) in client_flows.items():
         assert (rip, rport) in targets, f"a client flow not towards the Service: {rip}:{rport}"
@@ -97,40 +109,48 @@ def test_a_service_routed_by_kube_proxy_is_named_on_client_flows_and_counted(
     # Loss on every way in, so each one's flows retransmitted (else this test shows nothing).
     assert set(per_target) == set(targets) and all(per_target.values()), per_target
     want_service = sum(per_target.values())
-    # The server sees the client pod itself through a ClusterIP, and node-b (the node that took
-    # the connection, SNAT as with externalTrafficPolicy Cluster) through the NodePort.
-    server_flows = expected(after, set(server_ips), before)
     seen_by_server = {rip for (_f, _l, _p, rip, _rp) in server_flows}
-    assert seen_by_server and seen_by_server <= set(client_ips) | {node_b.ip_v4, node_b.ip_v6}, server_flows
+    assert seen_by_server and seen_by_server <= server_may_see, server_flows
+    want_pods = {(namespace, "client"): want_service,
+                 (namespace, "server"): sum(r + s for r, s in server_flows.values())}
+    want = totals({**client_flows, **server_flows})
 
     last: dict = {}
 
     def summary_counts_it():
-        summary = last["summary"] = (trace.get().get("status") or {}).get("summary") or {}
+        summary = last["summary"] = (setup.trace.get().get("status") or {}).get("summary") or {}
         services = {(s["namespace"], s["service"]): s["retransmits"] for s in summary.get("topServices", [])}
-        return summary if (services.get((namespace, SERVICE)) == want_service and
-                           (summary.get("retransmits"), summary.get("synackRetransmits")) == want) else None
-    want = totals({**client_flows, **server_flows})
+        pods = {(p["namespace"], p["pod"]): p["retransmits"] for p in summary.get("topPods", [])}
+        backends = [f["remote"].get("backend") for f in summary.get("topFlows", [])
+                    if f["local"].get("pod") == "client"]
+        done = (services.get((namespace, SERVICE)) == want_service and pods == want_pods
+                and (summary.get("retransmits"), summary.get("synackRetransmits")) == want
+                and len(backends) == len(client_flows) and all(b and b.get("pod") for b in backends))
+        return summary if done else None
     try:
-        summary = wait_until(summary_counts_it, f"summary.topServices to count {want_service} retransmits "
-                             f"towards {namespace}/{SERVICE} and the totals to be {want}", timeout=180)
+        summary = wait_until(summary_counts_it, f"summary.topServices to count {want_service} retransmits towards "
+                             f"{namespace}/{SERVICE}, topPods {want_pods}, the totals {want} and every client flow "
+                             "to name its backend pod", timeout=180)
     except TimeoutError as e:
         seen = last.get("summary") or {}
-        raise AssertionError(f"{e}: topServices {seen.get('topServices')}, totals "
+        raise AssertionError(f"{e}: topServices {seen.get('topServices')}, topPods {seen.get('topPods')}, totals "
                              f"{(seen.get('retransmits'), seen.get('synackRetransmits'))}, client flows "
                              f"{[f for f in seen.get('topFlows', []) if f['local'].get('pod') == 'client']}, "
                              f"reference {client_flows}") from None
 
     named = [f for f in summary["topFlows"] if f["local"].get("pod") == "client"]
-    assert named, summary["topFlows"]
     for flow in named:
         remote = flow["remote"]
         assert (remote.get("service"), remote.get("namespace"), remote.get("servicePort")) == \
             (SERVICE, namespace, PORT_NAME), flow
         assert (remote["ip"], remote["port"]) in targets, flow
+        # The backend kube-proxy chose: the server pod, at the targetPort, in the flow's family.
+        assert remote["backend"] == {"ip": setup.backend_of(flow["family"]), "port": TARGET_PORT,
+                                     "pod": "server", "namespace": namespace}, flow
     for flow in (f for f in summary["topFlows"] if f["local"].get("pod") == "server"):
         remote = flow["remote"]
-        if remote["ip"] in client_ips:
+        assert "backend" not in remote, flow   # the accepting side: nothing was translated for it
+        if remote["ip"] in setup.client_ips:
             assert (remote.get("pod"), remote.get("namespace")) == ("client", namespace), flow
         else:
             assert remote.get("node") == NODE_B, flow
@@ -138,3 +158,32 @@ def test_a_service_routed_by_kube_proxy_is_named_on_client_flows_and_counted(
     client_entry = {(f["family"], f["local"]["ip"], f["local"]["port"], f["remote"]["ip"], f["remote"]["port"]):
                     (f["retransmits"], f.get("synackRetransmits", 0)) for f in named}
     assert client_entry == client_flows
+    # The path: the client's retransmits went to node-b (the backend's node), none to "unknown".
+    pairs = {(p["source"], p["destination"]): p["retransmits"] for p in summary.get("byNodePair") or []}
+    assert pairs.get((NODE_A, NODE_B)) == want_service and not any("unknown" in pair for pair in pairs), pairs
+    # What a person reads: the plugin names the Service and, after the arrow, its backend.
+    shown = plugin(control_plane, "show", setup.trace.name, "-n", namespace)
+    assert shown.returncode == 0, shown.stderr
+    client_lines = [line for line in shown.stdout.splitlines() if f"({namespace}/client)" in line]
+    assert client_lines and all(f"(service {namespace}/{SERVICE}:{PORT_NAME}" in line and "-> server)" in line
+                                for line in client_lines), shown.stdout
+
+
+def test_a_cluster_ip_routed_by_kube_proxy_names_the_service_and_its_backend_pod_and_counts_exactly(
+        kube_proxy, operator, reference, core, kube, namespace, node_simulator, traces, control_plane):
+    setup = ServiceSetup(kube, core, namespace, node_simulator, traces)
+    targets = [(ip, SERVICE_PORT) for ip in setup.svc["cluster_ips"]]   # both families
+    client_flows, server_flows = setup.lossy_traffic(reference, targets)
+    assert {family for family, *_ in client_flows} == {"IPv4", "IPv6"}
+    _check_named_and_counted(setup, targets, client_flows, server_flows, set(setup.client_ips), control_plane)
+
+
+def test_a_node_port_on_the_server_nodes_address_names_the_service_and_its_backend_pod_and_counts_exactly(
+        kube_proxy, operator, reference, core, kube, namespace, node_simulator, traces, control_plane):
+    setup = ServiceSetup(kube, core, namespace, node_simulator, traces)
+    node_b = setup.node_b
+    targets = [(node_b.ip_v4, setup.svc["node_port"]), (node_b.ip_v6, setup.svc["node_port"])]
+    client_flows, server_flows = setup.lossy_traffic(reference, targets)
+    assert {family for family, *_ in client_flows} == {"IPv4", "IPv6"}
+    _check_named_and_counted(setup, targets, client_flows, server_flows,
+                             set(setup.client_ips) | {node_b.ip_v4, node_b.ip_v6}, control_plane)

@@ -6,13 +6,18 @@
    in zone-a and node-b in zone-b (tests.harness.nodesim plays their kubelet; both share
    this host's kernel);
 4. create namespace `shop` with two labelled pods, `web` on node-a and `load` on node-b, each
-   with a network namespace and IPv4+IPv6 addresses of its own; 8% of the TCP data segments
-   arriving at `web` from node-b's pod addresses are dropped (nftables inside web's
-   namespace): the loss is on the path node-b -> node-a and nowhere else;
-5. apply a trace for namespace `shop` (40s, reports every 2s), drive lossy traffic between
-   the pods, print `kubectl get rtrace` as the counts grow;
+   with a network namespace and IPv4+IPv6 addresses of its own, and a dual-stack Service
+   `web` (port `http` 80 -> web's 8090) that the real kube-proxy (tests.harness.kubeproxy)
+   routes; 8% of the TCP data segments arriving at `web` from node-b's pod addresses are
+   dropped (nftables inside web's namespace): the loss is on the path node-b -> node-a and
+   nowhere else;
+5. apply a trace for namespace `shop` (40s, reports every 2s), drive lossy traffic from load
+   to web, straight to its addresses and through the Service's ClusterIPs, print
+   `kubectl get rtrace` as the counts grow;
 6. show the answer with the kubectl plugin, `kubectl retransmit show`: where the loss is
-   (the node pair, the node that dropped and why), then the tables;
+   (the node pair, the node that dropped and why), then the tables, where load's flows to
+   the ClusterIPs name the Service and the backend kube-proxy chose
+   (`(service shop/web:http -> web)`);
 7. clean up everything (trace, operator, pods, nodes, control plane).
 Needs root and `make k8s-binaries`.
 """
@@ -54,6 +59,7 @@ console = Console(width=max(140, shutil.get_terminal_size((140, 40)).columns))
 
 NODES = {"node-a": "zone-a", "node-b": "zone-b"}   # simulated node -> its topology.kubernetes.io/zone
 WEB_NODE, LOAD_NODE = "node-a", "node-b"
+SERVICE, SERVICE_PORT, TARGET_PORT = "web", 80, 8090
 
 
 def trace_manifest() -> dict[str, Any]:
@@ -64,7 +70,7 @@ def trace_manifest() -> dict[str, Any]:
             "duration": f"{SECONDS}s",
             "namespaces": [DEMO_NS],
             "reportInterval": "2s",
-            "topFlows": 8,
+            "topFlows": 10,
             "events": {"keep": 5},
         },
     }
@@ -88,13 +94,38 @@ def kubectl(cp: ControlPlane, *args: str) -> None:
     console.print(out.stdout.rstrip() or out.stderr.rstrip(), highlight=False)
 
 
-def load(web: podtraffic.PodNet, client: podtraffic.PodNet, web_ips: list[str], loss_from: list[str],
-         stop: threading.Event) -> None:
-    """Duplex bulk transfers in both families, plus one round of SYN-ACK retransmits."""
+def create_service(core: Any) -> list[str]:
+    """Service shop/web (dual-stack ClusterIPs, port `http` -> web's TARGET_PORT); its
+    ClusterIPs once the EndpointSlice controller lists web's addresses as its backends."""
+    import kubernetes
+
+    core.create_namespaced_service(DEMO_NS, {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": SERVICE},
+        "spec": {"selector": {"app": "web"}, "ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"],
+                 "ports": [{"name": "http", "protocol": "TCP", "port": SERVICE_PORT, "targetPort": TARGET_PORT}]}})
+    discovery = kubernetes.client.DiscoveryV1Api(core.api_client)
+    web_ips = set(podtraffic.wait_pod_ips(core, DEMO_NS, "web"))
+
+    def backends() -> set[str]:
+        slices = discovery.list_namespaced_endpoint_slice(
+            DEMO_NS, label_selector=f"kubernetes.io/service-name={SERVICE}").items
+        return {ip for s in slices for e in s.endpoints or [] for ip in e.addresses}
+    wait_until(lambda: backends() >= web_ips, f"Service {DEMO_NS}/{SERVICE}'s EndpointSlices to list web")
+    return list(core.read_namespaced_service(SERVICE, DEMO_NS).spec.cluster_ips)
+
+
+def load(web: podtraffic.PodNet, client: podtraffic.PodNet, web_ips: list[str], cluster_ips: list[str],
+         loss_from: list[str], stop: threading.Event) -> None:
+    """Duplex bulk transfers in both families, straight to web and through the Service (one
+    longer connection per ClusterIP, so its flows rank among the top ones), plus one round of
+    SYN-ACK retransmits."""
     round_ = 0
     while not stop.is_set():
         for i, ip in enumerate(web_ips):
             podtraffic.bulk(web, client, ip, 8080 + i, connections=3, nbytes=1 << 20)
+        for ip in cluster_ips:
+            podtraffic.bulk(web, client, ip, SERVICE_PORT, connections=1, nbytes=3 << 20,
+                            listen_ip="::", listen_port=TARGET_PORT)
         if round_ == 0:
             web.clear_loss()
             podtraffic.synack(web, client, web_ips[0], 8443, connections=2, seconds=3.5)
@@ -172,6 +203,9 @@ def _run(cp: ControlPlane, sim: Any, core: Any, objects: Any) -> int:
     loss_from = [str(load_node.pod_cidr_v4), str(load_node.pod_cidr_v6)]
     console.print(f"web  {', '.join(web_ips)}\nload {', '.join(load_ips)}")
     kubectl(cp, "get", "pods", "-n", DEMO_NS, "-o", "wide")
+    cluster_ips = create_service(core)
+    console.print(f"service {DEMO_NS}/{SERVICE} {', '.join(cluster_ips)} port http {SERVICE_PORT} -> web:{TARGET_PORT}")
+    kubectl(cp, "get", "service,endpointslices", "-n", DEMO_NS)
 
     console.rule("[bold]5. apply a trace")
     manifest = trace_manifest()
@@ -193,7 +227,7 @@ def _run(cp: ControlPlane, sim: Any, core: Any, objects: Any) -> int:
 
     stop = threading.Event()
     web.data_loss_from(loss_from, LOSS)
-    driver = threading.Thread(target=load, args=(web, client, web_ips, loss_from, stop), daemon=True)
+    driver = threading.Thread(target=load, args=(web, client, web_ips, cluster_ips, loss_from, stop), daemon=True)
     driver.start()
     try:
         while (get().get("status") or {}).get("phase") != "Completed":

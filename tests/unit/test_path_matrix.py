@@ -12,7 +12,7 @@ import pytest
 
 from retransmit_agent.nodeentry import NodeFacts as AgentFacts, node_entry
 from retransmit_agent.resume import Baseline
-from retransmit_core.api import MAX_REMOTES, Endpoint, Flow, IPFamily, NodeStatus, RemoteCount
+from retransmit_core.api import MAX_REMOTES, Backend, Endpoint, Flow, IPFamily, NodeStatus, RemoteCount
 from retransmit_core.podindex import PodIndex
 from retransmit_operator.paths import OUTSIDE, UNKNOWN, Places, path_matrix
 from retransmit_operator.placement import NodeFacts
@@ -95,6 +95,26 @@ def test_a_pairs_ratio_sums_its_listed_connections_socket_counters():
                       ("node-b", "node-d"): (5, 100, 0.05)}
     zones = {(p.source, p.destination): (p.total_retrans, p.data_segs_out) for p in matrix.by_zone_pair}
     assert zones == {("zone-x", "zone-x"): (40, 4000), ("zone-x", "zone-y"): (5, 100)}
+
+
+def test_a_service_flows_retransmits_go_to_its_backends_node_and_the_rest_stay_unknown():
+    def to_web(port: int, retransmits: int, backend: str | None, segments: int | None = None) -> Flow:
+        return Flow(local=Endpoint(ip="10.0.1.5", port=port),
+                    remote=Endpoint(ip="198.19.0.10", port=80, backend=backend and Backend(ip=backend, port=8080)),
+                    family=IPFamily.IPV4, retransmits=retransmits,
+                    total_retrans=segments, data_segs_out=segments and segments * 10)
+    # byRemote holds every flow to the Service's address (40); the listed flows name where 35 went.
+    a = report("node-a", {"198.19.0.10": 40}).model_copy(update={"top_flows": [
+        to_web(40001, 20, "10.0.2.7", segments=5),   # a backend on node-b (its podCIDR)
+        to_web(40002, 10, "10.0.3.7"),               # on node-c
+        to_web(40003, 5, None)]})                    # the table no longer held it: unknown
+    matrix = path_matrix([a], places(), 40)
+    pairs = {(p.source, p.destination): (p.retransmits, p.total_retrans, p.data_segs_out) for p in matrix.by_node_pair}
+    assert pairs == {("node-a", "node-b"): (20, 5, 50), ("node-a", "node-c"): (10, None, None),
+                     ("node-a", UNKNOWN): (10, None, None)}
+    # A flow never moves more than its address's byRemote count holds.
+    b = report("node-b", {"198.19.0.10": 3}).model_copy(update={"top_flows": [to_web(40004, 9, "10.0.3.8")]})
+    assert [(p.destination, p.retransmits) for p in path_matrix([b], places(), 3).by_node_pair] == [("node-c", 3)]
 
 
 def test_a_zone_pair_is_named_when_no_node_pair_stands_out():

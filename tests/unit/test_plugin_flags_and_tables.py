@@ -286,6 +286,20 @@ def test_service_node_and_outside_ends_read_as_who_has_the_address():
     assert lines[header + 2].split() == ["shop", "web", "10"]
 
 
+def test_a_service_end_shows_the_backend_kube_proxy_chose_after_an_arrow():
+    web = {"ip": "198.19.0.110", "port": 80, "service": "web", "namespace": "shop", "servicePort": "http"}
+    pod = {"ip": "198.18.2.3", "port": 8080, "pod": "web-0", "namespace": "shop"}
+    assert endpoint({**web, "backend": pod}) == "198.19.0.110:80 (service shop/web:http -> web-0)"
+    assert endpoint({**web, "backend": {**pod, "namespace": "data"}}) == \
+        "198.19.0.110:80 (service shop/web:http -> data/web-0)"
+    assert endpoint({**web, "backend": {"ip": "198.18.0.20", "port": 6443, "node": "node-b"}}) == \
+        "198.19.0.110:80 (service shop/web:http -> node node-b)"
+    assert endpoint({**web, "backend": {"ip": "fd00::9", "port": 8080}}) == \
+        "198.19.0.110:80 (service shop/web:http -> [fd00::9]:8080)"
+    assert endpoint({**web, "ip": "198.18.0.20", "port": 30080, "node": "node-b", "backend": pod}) == \
+        "198.19.0.110:80 (service shop/web:http on node node-b -> web-0)".replace("198.19.0.110:80", "198.18.0.20:30080")
+
+
 def test_the_answer_where_comes_first_then_the_path_tables():
     pairs = [{"source": "node-a", "destination": "node-b", "retransmits": 82, "percent": 82, "retransRatio": 0.0412},
              {"source": "node-b", "destination": "outside", "retransmits": 3, "percent": 3}]

@@ -1,11 +1,12 @@
 """Naming a flow's remote end cluster-wide (operator/remotenames.py): pod, Service (cluster,
-external and load-balancer IPs; NodePort on a node's address), node, or outside."""
+external and load-balancer IPs; NodePort on a node's address) with its backend, node, or
+outside; in both IP families, and with pods that come and go on a reused address."""
 
 from __future__ import annotations
 
 import pytest
 
-from retransmit_core.api import Endpoint, Flow, NodeStatus
+from retransmit_core.api import Backend, Endpoint, Flow, NodeStatus
 from retransmit_core.podindex import PodIndex
 from retransmit_operator.aggregate import aggregate_summary
 from retransmit_operator.remotenames import ClusterNames, ServiceIndex, name_remote, node_addresses
@@ -108,3 +109,54 @@ def test_an_updated_service_drops_its_old_addresses_and_node_ports_and_keeps_ano
     assert index.at("198.19.0.111").name == "api" and index.node_port(30090).name == "api"
     index.observe(service("api", cluster_ips=("198.19.0.111",)), deleted=True)
     assert index.at("198.19.0.111") is None and len(index) == 1
+
+
+def test_a_service_ends_backend_is_named_as_the_pod_or_node_that_has_its_address():
+    svc = services(service("web"))
+    by_pod = name_remote(Endpoint(ip="198.19.0.110", port=80, backend=Backend(ip="198.18.1.5", port=5432)),
+                         pods(), svc, NODES)
+    assert (by_pod.service, by_pod.service_port) == ("web", "http")
+    assert by_pod.backend == Backend(ip="198.18.1.5", port=5432, pod="db", namespace="shop")
+    host = name_remote(Endpoint(ip="fd00:19::110", port=80, backend=Backend(ip="fd00:0::20", port=6443)),
+                       pods(), svc, NODES)
+    assert (host.service, host.backend.node, host.backend.pod) == ("web", "node-b", None)
+    bare = name_remote(Endpoint(ip="198.19.0.110", port=80, backend=Backend(ip="203.0.113.7", port=80)),
+                       pods(), svc, NODES)
+    assert bare.backend == Backend(ip="203.0.113.7", port=80)   # no pod or node has it: the address alone
+
+
+def test_a_node_port_in_either_family_names_the_service_and_the_backend():
+    for node_ip in ("198.18.0.20", "fd00::20"):
+        end = name_remote(Endpoint(ip=node_ip, port=30080, backend=Backend(ip="198.18.1.5", port=5432)),
+                          pods(), services(service("web")), NODES)
+        assert (end.service, end.service_port, end.node, end.backend.pod) == ("web", "http", "node-b", "db")
+
+
+def test_a_dual_stack_service_is_named_by_either_address_and_an_ipv4_only_one_by_its_own():
+    svc = services(service("web"), service("v4only", cluster_ips=("198.19.0.120",)))
+    assert remote("fd00:19::110", 80, svc).service == "web" and remote("198.19.0.110", 80, svc).service == "web"
+    assert remote("198.19.0.120", 80, svc).service == "v4only"
+    assert remote("fd00:19::120", 80, svc).outside is True
+
+
+def test_a_reused_pod_address_names_the_pod_that_has_it_now_and_a_gone_one_is_forgotten():
+    index = pods()
+    index.observe({"metadata": {"name": "db", "namespace": "shop", "uid": "db"}}, deleted=True)
+    index.observe({"metadata": {"name": "cache", "namespace": "ops", "uid": "cache"}, "spec": {"nodeName": "node-b"},
+                   "status": {"phase": "Running", "podIP": "198.18.1.5", "podIPs": [{"ip": "198.18.1.5"}]}})
+    end = name_remote(Endpoint(ip="198.18.1.5", port=5432), index, services(), NODES)
+    assert (end.pod, end.namespace) == ("cache", "ops")
+    # The new pod starts before the old one's deletion is seen: the newer holder wins.
+    index.observe({"metadata": {"name": "cache-2", "namespace": "ops", "uid": "cache-2"}, "spec": {"nodeName": "node-b"},
+                   "status": {"phase": "Running", "podIP": "198.18.1.5", "podIPs": [{"ip": "198.18.1.5"}]}})
+    assert name_remote(Endpoint(ip="198.18.1.5", port=5432), index, services(), NODES).pod == "cache-2"
+    # Both gone: the address is nobody's now (not a node's either).
+    for uid in ("cache", "cache-2"):
+        index.observe({"metadata": {"name": uid, "namespace": "ops", "uid": uid}}, deleted=True)
+    assert name_remote(Endpoint(ip="198.18.1.5", port=5432), index, services(), NODES).outside is True
+
+
+def test_a_nodes_address_without_a_node_port_names_the_node_in_both_families():
+    for ip in ("198.18.0.20", "fd00::20", "fd00:0:0::20"):
+        end = remote(ip, 10250)
+        assert (end.node, end.service, end.pod, end.outside) == ("node-b", None, None, None)
