@@ -164,9 +164,9 @@ def _check_named_and_counted(setup: ServiceSetup, targets: list, client_flows: d
     # What a person reads: the plugin names the Service and, after the arrow, its backend.
     shown = plugin(control_plane, "show", setup.trace.name, "-n", namespace)
     assert shown.returncode == 0, shown.stderr
-    client_lines = [line for line in shown.stdout.splitlines() if f"({namespace}/client)" in line]
-    assert client_lines and all(f"(service {namespace}/{SERVICE}:{PORT_NAME}" in line and "-> server)" in line
-                                for line in client_lines), shown.stdout
+    service_lines = [line for line in shown.stdout.splitlines() if f"(service {namespace}/{SERVICE}:{PORT_NAME}" in line]
+    assert len(service_lines) == len(client_flows) and all(
+        f"({namespace}/client)" in line and "-> server)" in line for line in service_lines), shown.stdout
 
 
 def test_a_cluster_ip_routed_by_kube_proxy_names_the_service_and_its_backend_pod_and_counts_exactly(

@@ -20,10 +20,22 @@ node programs every Service alike). What the host gets, all of it undone by stop
   traffic is forwarded only between the bridge's own addresses: pods reach 198.18.0.0/15,
   198.19.0.0/16 (ClusterIPs) and fd00::/8 of this host's namespaces, nothing else.
 
-The `kubernetes` Service is labelled service.kubernetes.io/service-proxy-name=rtrace-nodesim
-so kube-proxy leaves it to the simulator's userspace proxy (its apiserver listens on
-127.0.0.1, which no Endpoint may name): the pods' agents and operators keep reaching the API
-through it, as before.
+The `kubernetes` Service is programmed by kube-proxy like any other. Its apiserver listens
+on 127.0.0.1, which no Endpoint may name (the control plane runs no endpoint reconciler), so
+start() gives it an EndpointSlice of its own (KUBERNETES_SLICE) naming the first node's
+IPv4 address at port 443, where a relay of the simulator's (nodesim's TcpProxy) forwards to
+the apiserver. Why not leave that Service out of kube-proxy's rules (label
+service.kubernetes.io/service-proxy-name, as an earlier version did): kube-proxy then drops
+every new connection to a service-range address it did not program ("Drop traffic to
+unallocated ClusterIPs", from the filter output and forward hooks), and host processes
+(hostNetwork agents on a real node) dialling the `kubernetes` ClusterIP timed out. Programmed,
+the ClusterIP reaches the apiserver through kube-proxy's DNAT the whole time it runs, and
+through the simulator's relay on the ClusterIP itself before and after.
+
+stop() checks that the host is as it was before start() (HostState: no `kube-proxy` table,
+the same forwarding and bridge settings, the same conntrack and forwarding sysctls) and
+raises KubeProxyError naming what differs: a test session must not leave rules behind that
+drop or route other tests' traffic.
 """
 
 from __future__ import annotations
@@ -34,17 +46,30 @@ import os
 import subprocess
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 from .controlplane import SLOT_DIR, binaries_dir, end_process, free_port, log_tail, start_process
-from .nodesim.network import run, slot_prefixes
+from .nodesim.network import release_proxy, run, share_proxy, slot_prefixes
 
 HOST_LOCK = SLOT_DIR / "kube-proxy.lock"
 TABLES = (("ip", "kube-proxy"), ("ip6", "kube-proxy"))
-# kube-proxy skips Services with this label unless it is started with the same name.
+# kube-proxy skips Services with this label unless it is started with the same name (an
+# earlier version of this harness set it on the `kubernetes` Service: removed at start).
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
-APISERVER_PROXY_NAME = "rtrace-nodesim"
+KUBERNETES_SLICE = "kubernetes-rtrace-nodesim"   # the `kubernetes` Service's EndpointSlice
+APISERVER_RELAY_PORT = 443
+# Host-wide settings kube-proxy could change (it is told not to: --conntrack-* 0), compared
+# before and after.
+GLOBAL_SYSCTLS = (
+    "net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding", "net.ipv4.conf.all.forwarding",
+    "net.ipv4.conf.all.route_localnet", "net.netfilter.nf_conntrack_max",
+    "net.netfilter.nf_conntrack_tcp_timeout_established", "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
+    "net.netfilter.nf_conntrack_tcp_be_liberal", "net.bridge.bridge-nf-call-iptables",
+    "net.bridge.bridge-nf-call-ip6tables",
+)
 
 
 class KubeProxyError(RuntimeError):
@@ -53,6 +78,38 @@ class KubeProxyError(RuntimeError):
 
 def _sysctl_path(family: str, bridge: str, key: str) -> Path:
     return Path(f"/proc/sys/net/{family}/conf/{bridge}/{key}")
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class HostState:
+    """What kube-proxy and this harness may change on the host, as read now."""
+
+    tables: tuple[str, ...]                  # kube-proxy's nftables tables present
+    settings: tuple[tuple[str, Optional[str]], ...]   # sysctls and the bridge's nf_call_* (None: absent)
+
+    @classmethod
+    def read(cls, bridge: Optional[str]) -> "HostState":
+        paths = [Path("/proc/sys") / name.replace(".", "/") for name in GLOBAL_SYSCTLS]
+        if bridge:
+            paths += [_sysctl_path("ipv4", bridge, "forwarding"), _sysctl_path("ipv6", bridge, "force_forwarding"),
+                      Path(f"/sys/class/net/{bridge}/bridge/nf_call_iptables"),
+                      Path(f"/sys/class/net/{bridge}/bridge/nf_call_ip6tables")]
+        return cls(tables=tuple(f"{f} {n}" for f, n in TABLES if table_exists(f, n)),
+                   settings=tuple((str(p), _read(p)) for p in paths))
+
+    def differences(self, later: "HostState") -> list[str]:
+        said = [f"nftables table {t} left behind" for t in later.tables if t not in self.tables]
+        before = dict(self.settings)
+        said += [f"{path} is {value}, was {before[path]}" for path, value in later.settings
+                 if path in before and value != before[path]]
+        return said
 
 
 class KubeProxy:
@@ -75,13 +132,15 @@ class KubeProxy:
         self.healthz_port = 0
         self._lock_fd: Optional[int] = None
         self._saved: dict[Path, str] = {}
-        self._labelled = False
+        self._relay: Optional[tuple] = None       # the apiserver relay the `kubernetes` slice names
+        self._slice_made = False
+        self._before: Optional[HostState] = None
 
     def __enter__(self) -> "KubeProxy":
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.stop(verify=exc[0] is None)
 
     # -- lifecycle --
 
@@ -91,15 +150,18 @@ class KubeProxy:
         try:
             self._take_host_lock()
             remove_tables()                       # a dead holder's, if any
-            self._exclude_apiserver_service()
+            self._before = HostState.read(self._bridge())
+            self._route_apiserver_service()
             self._open_bridge()
             self._spawn()
         except BaseException:
-            self.stop()
+            self.stop(verify=False)
             raise
         return self
 
-    def stop(self) -> None:
+    def stop(self, verify: bool = True) -> None:
+        """Stop kube-proxy and undo what start() did; with `verify`, raise KubeProxyError when
+        the host is not as before start()."""
         if self.proc is not None:
             end_process(self.proc)
             self.proc = None
@@ -109,17 +171,21 @@ class KubeProxy:
             with contextlib.suppress(OSError):    # the bridge may be gone, and the setting with it
                 path.write_text(value)
         self._saved.clear()
-        if self.sim.network is not None:
-            run("ip", "link", "set", "dev", self.sim.network.bridge, "type", "bridge",
-                "nf_call_iptables", "0", "nf_call_ip6tables", "0", check=False)
-        if self._labelled:
+        if self._slice_made:
             with contextlib.suppress(Exception):
-                self.sim.core.patch_namespaced_service(
-                    "kubernetes", "default", {"metadata": {"labels": {PROXY_NAME_LABEL: None}}})
-            self._labelled = False
+                self._discovery().delete_namespaced_endpoint_slice(KUBERNETES_SLICE, "default")
+            self._slice_made = False
+        if self._relay is not None:
+            release_proxy(self._relay)
+            self._relay = None
+        differences = self._before.differences(HostState.read(self._bridge())) if self._before else []
+        self._before = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if verify and differences:
+            raise KubeProxyError("kube-proxy stopped, but the host is not as before it started: "
+                                 + "; ".join(differences))
 
     # -- steps --
 
@@ -144,10 +210,38 @@ class KubeProxy:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
-    def _exclude_apiserver_service(self) -> None:
-        self.sim.core.patch_namespaced_service(
-            "kubernetes", "default", {"metadata": {"labels": {PROXY_NAME_LABEL: APISERVER_PROXY_NAME}}})
-        self._labelled = True
+    def _bridge(self) -> Optional[str]:
+        return self.sim.network.bridge if self.sim.network is not None else None
+
+    def _discovery(self) -> Any:
+        import kubernetes
+
+        return kubernetes.client.DiscoveryV1Api(self.sim.core.api_client)
+
+    def _route_apiserver_service(self) -> None:
+        """The `kubernetes` Service gets an endpoint kube-proxy can DNAT to: a relay on the
+        first node's address (see the module's docstring)."""
+        self.sim.core.patch_namespaced_service(   # a label an earlier harness set: kube-proxy would skip it
+            "kubernetes", "default", {"metadata": {"labels": {PROXY_NAME_LABEL: None}}})
+        service = self.sim.core.read_namespaced_service("kubernetes", "default")
+        api = urlparse(self.sim.server)
+        relay_ip = self.sim.nodes[0].ip_v4
+        self._relay = share_proxy(relay_ip, APISERVER_RELAY_PORT, api.hostname, api.port or 443)
+        port_name = service.spec.ports[0].name
+        body = {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": KUBERNETES_SLICE, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes",
+                                    "endpointslice.kubernetes.io/managed-by": "rtrace-nodesim"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [relay_ip], "conditions": {"ready": True}}],
+            "ports": [{"name": port_name, "port": APISERVER_RELAY_PORT, "protocol": "TCP"}],
+        }
+        discovery = self._discovery()
+        with contextlib.suppress(Exception):      # a dead holder's
+            discovery.delete_namespaced_endpoint_slice(KUBERNETES_SLICE, "default")
+        discovery.create_namespaced_endpoint_slice("default", body)
+        self._slice_made = True
 
     def _open_bridge(self) -> None:
         bridge = self.sim.network.bridge
@@ -158,6 +252,9 @@ class KubeProxy:
                                      "needs Linux 6.17+ (force_forwarding)")
             self._saved[path] = path.read_text().strip()
             path.write_text("1")
+        for name in ("nf_call_iptables", "nf_call_ip6tables"):
+            path = Path(f"/sys/class/net/{bridge}/bridge/{name}")
+            self._saved[path] = path.read_text().strip()
         run("ip", "link", "set", "dev", bridge, "type", "bridge",
             "nf_call_iptables", "1", "nf_call_ip6tables", "1")
 
