@@ -107,8 +107,9 @@ class HostState:
     def differences(self, later: "HostState") -> list[str]:
         said = [f"nftables table {t} left behind" for t in later.tables if t not in self.tables]
         before = dict(self.settings)
+        # A setting that is gone went with its bridge: nothing of it is left behind.
         said += [f"{path} is {value}, was {before[path]}" for path, value in later.settings
-                 if path in before and value != before[path]]
+                 if path in before and value is not None and value != before[path]]
         return said
 
 
