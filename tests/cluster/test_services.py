@@ -14,10 +14,15 @@ per Service.
 
 from __future__ import annotations
 
+import socket
+import ssl
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 
+from retransmit_agent.conntrack import find_backends, read_table
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
 from tests.harness.tracecluster import NODE_A, NODE_B, expected, plugin, running, totals
@@ -187,3 +192,44 @@ def test_a_node_port_on_the_server_nodes_address_names_the_service_and_its_backe
     assert {family for family, *_ in client_flows} == {"IPv4", "IPv6"}
     _check_named_and_counted(setup, targets, client_flows, server_flows,
                              set(setup.client_ips) | {node_b.ip_v4, node_b.ip_v6}, control_plane)
+
+
+TLS_HANDSHAKE = """
+import socket, ssl, sys
+ip, port, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+context = ssl.create_default_context(cafile=ca)
+with socket.create_connection((ip, port), timeout=10) as s, context.wrap_socket(s, server_hostname=ip) as tls:
+    print(tls.version())
+"""
+
+
+def test_the_kubernetes_service_is_programmed_and_reaches_the_apiserver_from_the_host_and_a_pod(
+        kube_proxy, core, control_plane, namespace, node_simulator):
+    """kube-proxy drops new connections to service-range addresses it did not program: the
+    `kubernetes` Service must be one it programs, so hostNetwork agents (the real node's) and
+    pods reach the API through it while kube-proxy runs."""
+    svc = core.read_namespaced_service("kubernetes", "default")
+    ip, port = svc.spec.cluster_ip, svc.spec.ports[0].port
+
+    def programmed() -> bool:
+        listed = subprocess.run(["nft", "list", "set", "ip", "kube-proxy", "cluster-ips"],
+                                capture_output=True, text=True)
+        return listed.returncode == 0 and ip in listed.stdout
+    wait_until(programmed, f"kube-proxy's cluster-ips set to hold the kubernetes Service's {ip}")
+    # From the host, as a hostNetwork process: the TLS handshake proves the apiserver answered
+    # (its certificate names the ClusterIP), and the node's conntrack shows kube-proxy's DNAT
+    # to the simulator's relay, read by the agent's own parser.
+    context = ssl.create_default_context(cafile=str(control_plane.ca_file))
+    with socket.create_connection((ip, port), timeout=10) as raw, context.wrap_socket(raw, server_hostname=ip) as tls:
+        local_ip, local_port = tls.getsockname()[:2]
+        found = find_backends(read_table(), [("IPv4", local_ip, local_port, ip, port)])
+        assert tls.version()
+    relay = node_simulator.nodes[0].ip_v4
+    assert [(a.backend.ip, a.backend.port) for a in found.values() if a.backend] == [(relay, 443)], found
+    # From a pod's own network namespace, through the host's DNAT.
+    podtraffic.create_pod(core, namespace, "probe", NODE_A, {"app": "probe"})
+    podtraffic.wait_pod_ips(core, namespace, "probe")
+    probe = podtraffic.PodNet.of(node_simulator, namespace, "probe")
+    done = subprocess.run(probe.enter(sys.executable, "-c", TLS_HANDSHAKE, ip, str(port), str(control_plane.ca_file)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("TLS"), done.stderr
