@@ -116,17 +116,18 @@ def create_service(core: Any) -> list[str]:
 
 def load(web: podtraffic.PodNet, client: podtraffic.PodNet, web_ips: list[str], cluster_ips: list[str],
          loss_from: list[str], stop: threading.Event) -> None:
-    """Duplex bulk transfers in both families, straight to web and through the Service (one
-    longer connection per ClusterIP, so its flows rank among the top ones), plus one round of
-    SYN-ACK retransmits."""
+    """Duplex bulk transfers in both families straight to web, plus, in the first round, one
+    longer connection through each of the Service's ClusterIPs (so its flows rank among the
+    trace's topFlows: the ones whose backend the agents report, which places their
+    retransmits at web's node in the path matrix) and SYN-ACK retransmits."""
     round_ = 0
     while not stop.is_set():
         for i, ip in enumerate(web_ips):
             podtraffic.bulk(web, client, ip, 8080 + i, connections=3, nbytes=1 << 20)
-        for ip in cluster_ips:
-            podtraffic.bulk(web, client, ip, SERVICE_PORT, connections=1, nbytes=3 << 20,
-                            listen_ip="::", listen_port=TARGET_PORT)
         if round_ == 0:
+            for ip in cluster_ips:
+                podtraffic.bulk(web, client, ip, SERVICE_PORT, connections=1, nbytes=4 << 20,
+                                listen_ip="::", listen_port=TARGET_PORT)
             web.clear_loss()
             podtraffic.synack(web, client, web_ips[0], 8443, connections=2, seconds=3.5)
             web.data_loss_from(loss_from, LOSS)
