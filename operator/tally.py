@@ -83,6 +83,9 @@ class TraceTally:
         self._by_cause: dict[str, int] = {}
         self._by_state: dict[str, int] = {}
         self._pods: dict[PodName, _PodTotal] = {}
+        # top_pods' last answer: (top_n, {pod: retransmits then}); and the pods changed since.
+        self._pods_ranked: Optional[tuple[int, dict[PodName, int]]] = None
+        self._pods_changed: set[PodName] = set()
         self._inbound_drops: dict[FlowTuple, dict[str, int]] = {}   # a dropped flow, from the dropping end -> by reason
         self._node_drops: dict[tuple[str, str], int] = {}           # (node, reason) -> drops
         self._counting_drops: set[str] = set()
@@ -123,6 +126,7 @@ class TraceTally:
         _add_counts(self._by_state, entry.by_state, sign)
         for pod in entry.top_pods:
             key = (pod.namespace, pod.pod)
+            self._pods_changed.add(key)
             total = self._pods.setdefault(key, _PodTotal())
             total.retransmits += sign * pod.retransmits
             total.listings += sign
@@ -167,8 +171,21 @@ class TraceTally:
 
     def top_pods(self, top_n: int) -> list[PodCount]:
         """The busiest local pods, the nodes' topPods summed (exact: each report lists every pod
-        of its node, counted per local address by the kernel)."""
-        ranked = heapq.nsmallest(top_n, self._pods.items(), key=lambda item: pod_key(item[1].retransmits, *item[0]))
+        of its node, counted per local address by the kernel).
+
+        Ranked among the last answer's pods and the pods changed since, not among all of them
+        (120,000 pods at 5,000 nodes: a quarter of a second per trace and pass, profiled). That
+        is the same answer while no pod of the last answer lost retransmits or left: every other
+        unchanged pod ranked below all of them then and still does. Otherwise all are ranked."""
+        last = self._pods_ranked
+        if last is not None and last[0] == top_n and all(
+                key in self._pods and self._pods[key].retransmits >= n for key, n in last[1].items()):
+            candidates = [(key, self._pods[key]) for key in set(last[1]) | self._pods_changed if key in self._pods]
+        else:
+            candidates = list(self._pods.items())
+        ranked = heapq.nsmallest(top_n, candidates, key=lambda item: pod_key(item[1].retransmits, *item[0]))
+        self._pods_ranked = (top_n, {key: total.retransmits for key, total in ranked})
+        self._pods_changed = set()
         return [PodCount(namespace=ns, pod=pod, node=total.node(), retransmits=total.retransmits,
                          out_segs=_known_sum(total.out_segs), retrans_segs=_known_sum(total.retrans_segs))
                 for (ns, pod), total in ranked]
