@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from retransmit_core.contract import HOST_CGROUP_MOUNT
+
 # Where the agent looks for the host's cgroup2 hierarchy: the DaemonSet's read-only mount of
 # the host's /sys/fs/cgroup (its unified/ directory on hybrid hosts), else the agent's own
 # view when it shares the host's (a host process, `retransmit-agent local`).
-CGROUP2_CANDIDATES = ("/host/sys/fs/cgroup", "/host/sys/fs/cgroup/unified", "/sys/fs/cgroup",
-                      "/sys/fs/cgroup/unified")
+CGROUP2_CANDIDATES = (HOST_CGROUP_MOUNT, f"{HOST_CGROUP_MOUNT}/unified", "/sys/fs/cgroup", "/sys/fs/cgroup/unified")
 ROOT_CGROUP_ID = 1      # the root cgroup's kernfs id: a mount whose top has it is the whole hierarchy
 
 _UID = r"[0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12}"

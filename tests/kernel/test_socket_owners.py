@@ -22,7 +22,7 @@ from retransmit_agent.cgroups import CgroupNames, find_cgroup2
 from retransmit_agent.kernel import KernelConfig, RetransmitProgram
 from retransmit_agent.nodeentry import NodeFacts, node_entry
 from retransmit_agent.socketowners import SocketOwners
-from retransmit_core.podindex import Owner, PodIndex
+from retransmit_core.podindex import PodIndex
 from tests.harness import loads
 from tests.harness.netns import LossNamespace, unique_suffix
 from tests.harness.refcount import succeeded
