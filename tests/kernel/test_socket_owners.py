@@ -10,7 +10,6 @@ node process share the node's: only the socket's cgroup tells them apart.
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
@@ -68,24 +67,9 @@ def cgroups():
         made.remove()
 
 
-def lossy_load_in(ns: LossNamespace, cgroup: Path, port: int, family: str = "IPv4", connections: int = 3,
-                  nbytes: int = 512 << 10) -> None:
-    """loads.bulk's load, run by a process that joins `cgroup` before it makes any socket."""
-    client, server = ns.v4 if family == "IPv4" else ns.v6
-    procs = str(cgroup / "cgroup.procs")
-
-    def join() -> None:
-        with open(procs, "w") as f:
-            f.write("0")
-    ns.random_loss(10)
-    proc = ns.python("tests.harness.traffic", "bulk", "--server-ip", server, "--client-ip", client,
-                     "--port", str(port), "--connections", str(connections), "--bytes", str(nbytes), "--duplex",
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=join)
-    try:
-        loads._finish(proc, timeout=300)
-    finally:
-        ns.clear_loss()
-    ns.wait_quiet()
+def lossy_load_in(ns: LossNamespace, cgroup: Path, port: int, family: str = "IPv4") -> None:
+    """A lossy duplex load whose sockets all carry `cgroup`."""
+    loads.bulk(ns, loss=10, family=family, port=port, connections=3, nbytes=512 << 10, cgroup=cgroup)
 
 
 def by_port(counts: Counter, own: set[str], port: int) -> dict[tuple, int]:
