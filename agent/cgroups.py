@@ -123,6 +123,10 @@ class CgroupNames:
 
     def refresh(self) -> None:
         self._paths.update(walk_cgroups(self.root))
+        try:
+            self._paths[os.stat(self.root).st_ino] = "/"   # the root cgroup: names nothing, but known
+        except OSError:
+            pass
         self._walked_at = time.monotonic()
 
     def refresh_if_unknown(self, ids: Iterable[int]) -> None:

@@ -308,7 +308,7 @@ class RetransmitProgram:
     def set_local_ips(self, ips: Optional[Iterable[str]], node_ips: Iterable[str] = (),
                       cgroups: Optional[Iterable[int]] = None) -> int:
         """Count only flows whose local address is in `ips` (None: any local address), and,
-        when `cgroups` is given and the program reads sockets' cgroups, flows from a node
+        when `cgroups` holds ids and the program reads sockets' cgroups, flows from a node
         address in `node_ips` whose socket's cgroup is in `cgroups` (hostNetwork pods).
 
         Takes effect at once, without reloading; an empty set counts nothing. Returns how many
@@ -325,7 +325,7 @@ class RetransmitProgram:
                 self._write_config()
                 self._write_cgroups(frozenset())
                 return self._write_local_ips(frozenset())
-            by_cgroup = cgroups is not None and self.reads_cgroups
+            by_cgroup = bool(cgroups) and self.reads_cgroups   # no cgroup selected: node addresses never pass
             nodes = frozenset(str(ipaddress.ip_address(ip)) for ip in node_ips) if by_cgroup else frozenset()
             left_out = self._write_local_ips(new, nodes)
             left_out += self._write_cgroups(frozenset(cgroups) if by_cgroup else frozenset())
