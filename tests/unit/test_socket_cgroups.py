@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,16 @@ import pytest
 from retransmit_agent.btf import KIND_INT, KIND_PTR, KIND_STRUCT, KIND_UNION, Btf
 from retransmit_agent.cgroups import CgroupNames, CgroupOwner, find_cgroup2, parse_cgroup_path, walk_cgroups
 from retransmit_agent.check import socket_owners_line
+from retransmit_agent.flows import FlowCounters
+from retransmit_agent.kernel import KernelSnapshot
 from retransmit_agent.kernelinfo import CgroupOffsets, cgroup_offsets, resolve_cgroup_offsets
-from retransmit_agent.nodeentry import socket_owner
+from retransmit_agent.nodeentry import NodeFacts, node_entry, socket_owner
 from retransmit_agent.podselection import PodSelection
+from retransmit_agent.resume import Baseline
 from retransmit_agent.socketowners import SocketOwners
 from retransmit_core.podindex import Owner, PodIndex
 
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 UID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 UNDERSCORED = UID.replace("-", "_")
 
@@ -232,3 +238,35 @@ def test_the_check_says_how_sockets_are_named_and_why_not_by_cgroup():
     degraded = socket_owners_line("", "no host cgroup2 hierarchy (/sys/fs/cgroup: no cgroup2)")
     assert degraded.status == "degraded" and degraded.detail.startswith("address: ")
     assert "no host cgroup2 hierarchy" in degraded.detail and "cgroup v2" in degraded.fix
+
+
+# ---------------------------------------------------------------- the agent's step
+
+def test_a_resumed_flow_keeps_the_name_its_cgroup_gave_and_a_new_pods_count_waits_for_its_pod():
+    index = PodIndex(NODE, ["198.18.9.1"])
+    index.observe(pod("ingress", UID, host_network=True))
+    flow = FlowCounters(family="IPv4", local_ip="198.18.9.1", local_port=40000, remote_ip="203.0.113.9",
+                        remote_port=443, retransmits=7, synack_retransmits=0, last_state="ESTABLISHED",
+                        first_seen=T0, last_seen=T0, cgroup=11)
+    kernel = KernelSnapshot(retransmits=7, synack_retransmits=0, lost_events=0, sampled_events=0, failed_attempts=0,
+                            missed_events=0, by_state={"ESTABLISHED": 7}, flow_counters=[flow],
+                            by_local_address={"198.18.9.1": 12}, by_local_owner={("198.18.9.1", 11): 7,
+                                                                                 ("198.18.9.1", 12): 5})
+    facts = NodeFacts(node=NODE, socket_owners="cgroup")
+    # cgroup 12 names a pod the index does not know yet: its 5 wait, not counted as the node's.
+    step = node_entry(kernel, facts, top_flows=0, keep_events=0, now=T0, owners=index.lookup_table(),
+                      cgroup_owners={11: Owner(pod="ingress", namespace="edge"), 12: None})
+    assert [(f.local.pod, f.local.namespace) for f in step.entry.top_flows] == [("ingress", "edge")]
+    assert {(p.namespace, p.pod): p.retransmits for p in step.entry.top_pods} == {("edge", "ingress"): 7}
+    assert step.entry.socket_owners == "cgroup"
+    later = node_entry(kernel, facts, top_flows=0, keep_events=0, now=T0 + timedelta(seconds=10),
+                       owners=index.lookup_table(), previous_pods=step.pod_totals,
+                       cgroup_owners={11: Owner(pod="ingress", namespace="edge"), 12: Owner(pod="late", namespace="edge")})
+    assert {(p.namespace, p.pod): p.retransmits for p in later.entry.top_pods} == {
+        ("edge", "ingress"): 7, ("edge", "late"): 5}
+    # A restarted agent: the flow is only in its report (no cgroup in the kernel any more) and
+    # keeps the pod's name rather than turning into the node's address.
+    resumed = node_entry(replace(kernel, flow_counters=[], by_local_owner={}, by_local_address={}), facts,
+                         top_flows=0, keep_events=0, now=T0 + timedelta(seconds=20), owners=index.lookup_table(),
+                         baseline=Baseline.from_entry(step.entry), cgroup_owners={})
+    assert [(f.local.pod, f.local.namespace) for f in resumed.entry.top_flows] == [("ingress", "edge")]
