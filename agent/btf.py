@@ -40,6 +40,7 @@ class Member:
 
     bit_offset: int
     bit_size: int
+    kind: int = 0          # the member's type's BTF kind, typedefs and qualifiers followed (KIND_*)
 
     @property
     def byte_offset(self) -> int:
@@ -113,7 +114,8 @@ class Btf:
             name_off, member_type, offset = struct.unpack_from("<III", self._data, pos + 12 * i)
             bit_offset, bit_size = (offset & 0xFFFFFF, offset >> 24) if kind_flag else (offset, 0)
             if name_off and self._name(name_off) == name:
-                return Member(base + bit_offset, bit_size or self._bits(member_type))
+                return Member(base + bit_offset, bit_size or self._bits(member_type),
+                              self._record(self._resolve(member_type))[0])
             if not name_off:
                 found = self._find(member_type, name, base + bit_offset)
                 if found:

@@ -21,10 +21,12 @@ from .kernelinfo import (
     TracepointLayout,
     helper_supported,
     misses_counted,
+    resolve_cgroup_offsets,
     resolve_sock_offsets,
     read_layout,
     ringbuf_supported,
 )
+from .cgroups import find_cgroup2
 from .drops import REASON_SINCE, probe_drops
 from .preflight import (
     TRACEFS_CANDIDATES,
@@ -69,6 +71,8 @@ class HostFacts:
     misses_counted: bool = True             # see kernelinfo.misses_counted
     drops_problem: str = "not probed"       # "" when drops are counted by reason (drops.probe_drops)
     segs_problem: str = ""                  # "" when BTF has the flows' segment counters too
+    cgroup_root: str = ""                   # the host's cgroup2 hierarchy, "" when none
+    cgroup_problem: str = "not probed"      # "" when sockets are named by cgroup (cgroup_root and BTF)
 
 
 def _mount_kind(path: str, mountinfo: str) -> str:
@@ -136,12 +140,16 @@ def gather_facts(tracefs: Optional[str] = None) -> HostFacts:
         except OSError:
             ringbuf = None
     offsets, btf_problem = resolve_sock_offsets(BTF_PATH)
+    root, cgroup_problem = find_cgroup2()
+    if root is not None:
+        cgroup_problem = resolve_cgroup_offsets(BTF_PATH)[1]
     return HostFacts(
         release=release, tracefs=found, tracefs_how=how, tracepoints=tracepoints, layout=layout,
         btf_problem=btf_problem, segs_problem=offsets.segs_problem if offsets else "", ringbuf=ringbuf, jiffies64=helper_supported(BPF_FUNC_JIFFIES64),
         capabilities=caps, headers=_headers(release), bcc_version=bcc_version, bcc_has_ringbuf_api=has_rb_api,
         misses_counted=misses_counted(release),
         drops_problem=probe_drops(Path(found), BTF_PATH).problem if found else "no tracefs",
+        cgroup_root=str(root or ""), cgroup_problem=cgroup_problem,
     )
 
 
@@ -210,6 +218,7 @@ def evaluate(facts: HostFacts) -> list[CheckLine]:
                                "a kernel with BTF (CONFIG_DEBUG_INFO_BTF: RHEL 8.2+, RHCOS, Ubuntu 20.10+, Debian 11+, "
                                "Amazon Linux 2 5.10, COS, Bottlerocket) and /sys/kernel/btf mounted into the agent"))
     lines.append(drops_line(facts.drops_problem))
+    lines.append(socket_owners_line(facts.cgroup_root, facts.cgroup_problem))
     if facts.headers:
         lines.append(CheckLine("kernel headers", "ok", facts.headers))
     else:
@@ -234,6 +243,21 @@ def drops_line(problem: str) -> CheckLine:
     return CheckLine("drop reasons", "degraded", f"off: {problem}; retransmits counted as before",
                      f"Linux {REASON_SINCE}+ (its skb:kfree_skb has `reason`) with BTF tells which box dropped "
                      "a retransmitting flow's packets")
+
+
+SOCKET_OWNERS = "socket owners"
+
+
+def socket_owners_line(root: str, problem: str) -> CheckLine:
+    """How the agent tells who owns a local socket (NodeStatus.socketOwners): by its cgroup, or
+    by its address alone, and why."""
+    if not problem:
+        return CheckLine(SOCKET_OWNERS, "ok", f"cgroup: from each socket's cgroup v2 id, read in the kernel once per "
+                         f"new flow, named from {root}: hostNetwork pods as pods, node processes by systemd unit")
+    return CheckLine(SOCKET_OWNERS, "degraded", f"address: by local address only ({problem}); hostNetwork pods and "
+                     "node processes count as the node, and namespaces/podSelector cannot select hostNetwork pods",
+                     "mount the host's cgroup v2 hierarchy (/sys/fs/cgroup, or its unified/ on hybrid hosts) into "
+                     "the agent, on a kernel with BTF (Linux 5.5+)")
 
 
 def mode_line(facts: HostFacts, ok: bool) -> CheckLine:

@@ -63,12 +63,14 @@ from .podsegments import PodSegmentReader
 from .podselection import PodSelection, selected_ips, with_filter_check
 from .podwatch import PodWatcher, node_addresses
 from .reportwriter import ApiError, ReportTarget, ReportWriter
+from .socketowners import SocketOwners
 from .resume import Baseline, PodTotals, StoredReport, read_entry, stored_report
 from .writeschedule import WriteTimes, check_due, decide_write, entry_changed, final_attempt_timeout, final_retry_wait
 
 log = logging.getLogger("retransmit_agent.cluster")
 
 TICK = 1.0                # seconds between drains of sampled events and liveness beats
+LOOPBACK = frozenset({"127.0.0.1", "::1"})   # node addresses too: a hostNetwork pod may talk on them
 POD_SYNC_WAIT = 15.0      # seconds to wait for the pod list before attaching a filtered program
 NODE_COUNT_REFRESH = AGENT_COUNT_REFRESH_SECONDS  # seconds between two reads of the cluster's agent count
 
@@ -117,6 +119,8 @@ class ClusterAgent:
         self.lock = threading.Lock()       # guards index and program between the loop and the pod watch
         self.index = PodIndex(node, node_addresses())
         self.selection = PodSelection(frozenset(inv.spec.namespaces), inv.spec.pod_selector)
+        self.socket_owners = SocketOwners.find()   # by cgroup where the host's cgroup2 is mounted, else by address
+        self._cgroups: Optional[frozenset[int]] = None   # the selected cgroup ids in the kernel filter
         self.program: Any = None
         self.pod_segments: Optional[PodSegmentReader] = None   # from when the program counts
         self.events: deque[RecentEvent] = deque(maxlen=max(1, inv.spec.events.keep))
@@ -193,7 +197,7 @@ class ClusterAgent:
                 local_ips = selected_ips(self.index, self.selection)
         try:
             program = RetransmitProgram.open(KernelConfig.from_spec(self.inv.spec, local_ips=local_ips),
-                                             tracefs=self.inv.tracefs)
+                                             tracefs=self.inv.tracefs, cgroups=self.socket_owners.available)
         except KernelProblem as exc:
             needs_privileged = isinstance(exc, PrivilegeProblem) and exc.needs_privileged
             self.facts = dataclasses.replace(self.facts, problem=str(exc), needs_privileged=needs_privileged)
@@ -202,6 +206,8 @@ class ClusterAgent:
             with self.state.lock:
                 self.state.failed = True
             return
+        self.socket_owners.settle(program)
+        self.facts = dataclasses.replace(self.facts, socket_owners=self.socket_owners.mode)
         with self.lock:
             self.program = program
             # The pods may have changed while the program compiled.
@@ -225,7 +231,8 @@ class ClusterAgent:
     def _set_local_ips(self, program: Any) -> None:
         """Push the selected pods' addresses into the kernel filter (caller holds the lock)."""
         ips = selected_ips(self.index, self.selection)
-        left_out = program.set_local_ips(ips)
+        cgroups = self._cgroups = self.socket_owners.selected_cgroups(self.index, self.selection)
+        left_out = program.set_local_ips(ips, node_ips=self.index.node_ips() | LOOPBACK, cgroups=cgroups)
         if left_out:
             log.warning("%d selected pod addresses do not fit the local-IP filter (%d per family): not counted",
                         left_out, program.config.filter_capacity)
@@ -360,13 +367,20 @@ class ClusterAgent:
         pod_segments = self._read_pod_segments()
         with self.lock:
             self.index.set_node_addresses(addresses)
+            if self.program is not None and not self.selection.selects_everything and \
+                    self.socket_owners.selected_cgroups(self.index, self.selection) != self._cgroups:
+                self._set_local_ips(self.program)   # hostNetwork pods' new containers' cgroups
             snapshot = self.program.snapshot() if self.program is not None else None
             owners = self.index.lookup_table()
+            cgroup_owners = self.socket_owners.named(
+                {c.cgroup for c in snapshot.flow_counters} | {cg for _ip, cg in snapshot.by_local_owner},
+                self.index.uid_table(), self.facts.node) if snapshot is not None and self.socket_owners.available else None
         spec = self.inv.spec
         step = node_entry(snapshot, self.facts, top_flows=spec.top_flows, keep_events=spec.events.keep,
                           now=datetime.now(timezone.utc), recent_events=list(self.events)[::-1],
                           baseline=baseline, previous_pods=self.loop.pod_totals,
-                          previous_remotes=self.loop.remote_counts, owners=owners, pod_segments=pod_segments)
+                          previous_remotes=self.loop.remote_counts, owners=owners, pod_segments=pod_segments,
+                          cgroup_owners=cgroup_owners)
         period = report_period(spec.report_interval_seconds, self.loop.nodes)
         return dataclasses.replace(step, entry=self.backends.named(
             step.entry, time.monotonic(), period, resumed=baseline.top_flows.values()))

@@ -127,6 +127,7 @@ class FlowCounters:
     last_seen: datetime
     by_cause: dict[str, int] = field(default_factory=dict)   # see causes_by_name
     socket: Optional[SocketState] = None                    # None: no BTF, or only SYN-ACKs
+    cgroup: int = 0     # the socket's cgroup v2 id (the inode of its cgroup2 directory); 0: unknown
 
     @property
     def key(self) -> tuple[str, str, int, str, int]:
@@ -155,7 +156,8 @@ class FlowCounters:
 
 def flow_counters(family: int, saddr: bytes, daddr: bytes, sport: int, dport: int,
                   retransmits: int, synack_retransmits: int, first_ns: int, last_ns: int,
-                  last_state: int, offset_ns: int, by_cause=(), socket: Optional[SocketState] = None) -> FlowCounters:
+                  last_state: int, offset_ns: int, by_cause=(), socket: Optional[SocketState] = None,
+                  cgroup: int = 0) -> FlowCounters:
     """A FlowCounters from a flow map key (addresses, ports) and its struct flow_stats."""
     return FlowCounters(
         family=FAMILY_NAMES[family],
@@ -170,6 +172,7 @@ def flow_counters(family: int, saddr: bytes, daddr: bytes, sport: int, dport: in
         last_seen=ktime_to_datetime(last_ns, offset_ns),
         by_cause=causes_by_name(by_cause),
         socket=socket,
+        cgroup=cgroup,
     )
 
 

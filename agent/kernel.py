@@ -44,7 +44,7 @@ from .flows import (
 )
 from .bccerrors import bcc_failure, stderr_captured
 from .drops import DropSnapshot, DropSupport, probe_drops, read_drops
-from .kernelconfig import FAMILY_BITS, KernelConfig, compile_flags, drops_counted, require_fitting_layout
+from .kernelconfig import FAMILY_BITS, LOCAL_NODE, LOCAL_SELECTED, KernelConfig, compile_flags, drops_counted, require_fitting_layout
 from .kernelinfo import VMLINUX_BTF, KernelFeatures, misses_counted, probe_features
 from .runs import FlowEntry, merge_pending_runs
 from .segments import TcpSegments, read_tcp_segments
@@ -95,6 +95,9 @@ class KernelSnapshot:
     # per-pod totals are summed from. A run moved into the map while it is read shows at the
     # next snapshot (it may lag, never counts twice).
     by_local_address: dict[str, int] = field(default_factory=dict)
+    # The same per (local address, socket cgroup id): a node address's counts split by who
+    # sent (hostNetwork pods, node processes). Cgroup 0 where none was read.
+    by_local_owner: dict[tuple[str, int], int] = field(default_factory=dict)
     # Retransmits that no `owners` entry took because the map was full (owner_capacity
     # addresses): in the totals, in no address's count.
     owners_full: int = 0
@@ -126,6 +129,7 @@ class RetransmitProgram:
         self._dropped_in_python = 0
         self._events_table = bpf[b"events"]
         self._local_ips: Optional[frozenset[str]] = None
+        self._cgroups_enabled = False
         self._floors: dict[tuple, tuple[int, int]] = {}
         self._generation = 0
         self.drop_support = drops   # what the kernel offers for drops (None: not probed)
@@ -138,7 +142,7 @@ class RetransmitProgram:
     def open(cls, config: KernelConfig, tracefs: Optional[str] = None,
              ringbuf: Optional[bool] = None, jiffies64: Optional[bool] = None,
              btf: Optional[str] = VMLINUX_BTF, without: Iterable[str] = (),
-             run_slots: Optional[int] = None) -> "RetransmitProgram":
+             run_slots: Optional[int] = None, cgroups: bool = True) -> "RetransmitProgram":
         """Check the node, compile and attach the program, then start counting with `config`.
 
         tracefs: a tracefs mount to check instead of probing the usual places.
@@ -147,6 +151,8 @@ class RetransmitProgram:
         jiffies64: None probes for bpf_jiffies64(); False reads the clock every event.
         btf: the kernel's BTF, for the socket fields behind each retransmit's cause; None or a
         missing file: causes are unknown, counts unchanged.
+        cgroups: read each new flow's socket cgroup (where BTF gives the layout); False: the
+        node has no cgroup v2 to name them by (features.cgroup None).
         without, run_slots: for bench/kernel_breakdown.py's cost per part only
         (kernelconfig.compile_flags).
         """
@@ -160,7 +166,7 @@ class RetransmitProgram:
             raise KernelProblem(
                 "python module bcc is missing: install python3-bpfcc (Debian/Ubuntu) or python3-bcc (RHEL)"
             ) from None
-        features = probe_features(path, ringbuf=ringbuf, jiffies64=jiffies64, btf_path=btf)
+        features = probe_features(path, ringbuf=ringbuf, jiffies64=jiffies64, btf_path=btf, cgroups=cgroups)
         require_fitting_layout(config, features)
         drops = probe_drops(path, btf) if config.drops else None
         source = resources.files("retransmit_bpf")
@@ -224,6 +230,7 @@ class RetransmitProgram:
         leaf.ports_enabled = int(bool(c.ports))
         leaf.cidrs_enabled = int(bool(c.remote_cidrs))
         leaf.local_ips_enabled = int(self._local_ips is not None)
+        leaf.cgroups_enabled = int(self._cgroups_enabled)
         leaf.max_per_second = c.samples_per_second
         self._generation += 1
         leaf.generation = self._generation
@@ -258,31 +265,55 @@ class RetransmitProgram:
                 keys6.append(key)
         return keys4, keys6
 
-    def _write_local_ips(self, ips: frozenset[str]) -> int:
-        """Make local4/local6 hold `ips`, as many per family as the maps hold; returns how many
+    def _write_local_ips(self, ips: frozenset[str], node_ips: frozenset[str] = frozenset()) -> int:
+        """Make local4/local6 hold `ips` (LOCAL_SELECTED) and `node_ips` (LOCAL_NODE: pass when
+        the socket's cgroup is selected), as many per family as the maps hold; returns how many
         did not fit. Stale entries go first, so the room they free serves the new ones; which
-        addresses fit is stable (sorted), so a pod does not flap in and out as others come."""
+        addresses fit is stable (sorted, selected ones first), so a pod does not flap in and
+        out as others come."""
         left_out = 0
         keep4, keep6 = self._local_keys(ips)
-        for table, keep in ((self._bpf[b"local4"], keep4), (self._bpf[b"local6"], keep6)):
-            ordered = sorted(keep, key=bytes)
+        node4, node6 = self._local_keys(node_ips - ips)
+        for table, keep, node in ((self._bpf[b"local4"], keep4, node4), (self._bpf[b"local6"], keep6, node6)):
+            ordered = [(k, LOCAL_SELECTED) for k in sorted(keep, key=bytes)]
+            ordered += [(k, LOCAL_NODE) for k in sorted(node, key=bytes)]
             fitting = ordered[: self._config.filter_capacity]
             left_out += len(ordered) - len(fitting)
-            wanted = {bytes(k): k for k in fitting}
+            wanted = {bytes(k): (k, value) for k, value in fitting}
             for key in list(table.keys()):
                 if bytes(key) not in wanted:
                     with contextlib.suppress(KeyError):
                         del table[key]
-            for key in wanted.values():
-                table[key] = table.Leaf(1)
+            for key, value in wanted.values():
+                table[key] = table.Leaf(value)
         return left_out
 
-    def set_local_ips(self, ips: Optional[Iterable[str]]) -> int:
-        """Count only flows whose local address is in `ips` (None: any local address).
+    def _write_cgroups(self, cgroups: frozenset[int]) -> int:
+        """Make `cgroups` hold the selected cgroup ids; returns how many did not fit."""
+        table = self._bpf[b"cgroups"]
+        fitting = sorted(cgroups)[: self._config.filter_capacity]
+        for key in list(table.keys()):
+            if key.value not in cgroups:
+                with contextlib.suppress(KeyError):
+                    del table[key]
+        for cgroup in fitting:
+            table[table.Key(cgroup)] = table.Leaf(1)
+        return len(cgroups) - len(fitting)
+
+    @property
+    def reads_cgroups(self) -> bool:
+        """Each new flow carries its socket's cgroup id (the node's BTF gave the layout)."""
+        return self.features.cgroup is not None
+
+    def set_local_ips(self, ips: Optional[Iterable[str]], node_ips: Iterable[str] = (),
+                      cgroups: Optional[Iterable[int]] = None) -> int:
+        """Count only flows whose local address is in `ips` (None: any local address), and,
+        when `cgroups` holds ids and the program reads sockets' cgroups, flows from a node
+        address in `node_ips` whose socket's cgroup is in `cgroups` (hostNetwork pods).
 
         Takes effect at once, without reloading; an empty set counts nothing. Returns how many
-        addresses did not fit the filter maps (KernelConfig.filter_capacity per family): their
-        flows are not counted, and the caller says so.
+        addresses and cgroup ids did not fit the filter maps (KernelConfig.filter_capacity per
+        family, and for cgroups): their flows are not counted, and the caller says so.
         """
         new = None if ips is None else frozenset(str(ipaddress.ip_address(ip)) for ip in ips)
         with self._lock:
@@ -290,10 +321,16 @@ class RetransmitProgram:
                 return 0
             if new is None:
                 self._local_ips = None
+                self._cgroups_enabled = False
                 self._write_config()
+                self._write_cgroups(frozenset())
                 return self._write_local_ips(frozenset())
-            left_out = self._write_local_ips(new)
+            by_cgroup = bool(cgroups) and self.reads_cgroups   # no cgroup selected: node addresses never pass
+            nodes = frozenset(str(ipaddress.ip_address(ip)) for ip in node_ips) if by_cgroup else frozenset()
+            left_out = self._write_local_ips(new, nodes)
+            left_out += self._write_cgroups(frozenset(cgroups) if by_cgroup else frozenset())
             self._local_ips = new
+            self._cgroups_enabled = by_cgroup
             self._write_config()
             return left_out
 
@@ -326,13 +363,16 @@ class RetransmitProgram:
                     states[i] += n
             # The maps before the runs: a run the kernel moves into them in between is missed
             # by this snapshot (it lags one snapshot, never counts twice).
-            owners = self._read_owners()
+            by_owner = self._read_owners()
             entries = self._read_flow_entries()
             runs = self._read_runs()
             flows = list(self._merged_flows(entries, runs, offset))
             for key, run in runs:
-                address = decode_address(key[0], key[1])
-                owners[address] = owners.get(address, 0) + run.retransmits
+                owner = (decode_address(key[0], key[1]), run.cgroup)
+                by_owner[owner] = by_owner.get(owner, 0) + run.retransmits
+            owners: dict[str, int] = {}
+            for (address, _cgroup), n in by_owner.items():
+                owners[address] = owners.get(address, 0) + n
             lost += self._dropped_in_python
             probes = self._probe_stats()
             missed = sum(f.get("recursion_misses", 0) for name, f in probes.items()
@@ -352,6 +392,7 @@ class RetransmitProgram:
             drops=drops,
             tcp_segments=self._segments_since_start(),
             by_local_address=owners,
+            by_local_owner=by_owner,
             owners_full=owners_full,
         )
 
@@ -359,13 +400,13 @@ class RetransmitProgram:
         now = read_tcp_segments()
         return now.since(self._segments_at_start) if now and self._segments_at_start else None
 
-    def _read_owners(self) -> dict[str, int]:
-        """The `owners` map: retransmits + SYN-ACK retransmits per local address."""
-        counts: dict[str, int] = {}
+    def _read_owners(self) -> dict[tuple[str, int], int]:
+        """The `owners` map: retransmits + SYN-ACK retransmits per (local address, cgroup id)."""
+        counts: dict[tuple[str, int], int] = {}
         for key, value in self._entries(self._bpf[b"owners"]):
             size = 4 if key.family == AF_INET else 16   # struct owner_key: IPv4 in the first 4 bytes
-            address = decode_address(key.family, bytes(key.addr)[:size])
-            counts[address] = counts.get(address, 0) + value.retransmits + value.synack_retransmits
+            owner = (decode_address(key.family, bytes(key.addr)[:size]), key.cgroup)
+            counts[owner] = counts.get(owner, 0) + value.retransmits + value.synack_retransmits
         return counts
 
     def _read_runs(self) -> list[tuple[tuple, FlowEntry]]:
@@ -379,7 +420,7 @@ class RetransmitProgram:
                        run.key.sport, run.key.dport)
                 runs.append((key, FlowEntry(
                     run.retransmits, 0, run.first_ns, run.last_ns, run.last_state,
-                    tuple(run.by_cause), _socket_state(run.sock))))
+                    tuple(run.by_cause), _socket_state(run.sock), run.cgroup)))
         return runs
 
     def _read_flow_entries(self) -> dict[tuple, FlowEntry]:
@@ -389,7 +430,7 @@ class RetransmitProgram:
             for key, stats in self._entries(self._bpf[name]):
                 entries[self._raw_key(family, key)] = FlowEntry(
                     stats.retransmits, stats.synack_retransmits, stats.first_ns, stats.last_ns, stats.last_state,
-                    tuple(stats.by_cause), _socket_state(stats.sock))
+                    tuple(stats.by_cause), _socket_state(stats.sock), stats.cgroup)
         return entries
 
     def _merged_flows(self, entries: dict[tuple, FlowEntry], runs: list[tuple[tuple, FlowEntry]],
@@ -399,7 +440,7 @@ class RetransmitProgram:
         merged, self._floors = merge_pending_runs(entries, runs, self._floors)
         for (family, saddr, daddr, sport, dport), e in merged.items():
             yield flow_counters(family, saddr, daddr, sport, dport, e.retransmits, e.synack_retransmits,
-                                e.first_ns, e.last_ns, e.last_state, offset, e.by_cause, e.socket)
+                                e.first_ns, e.last_ns, e.last_state, offset, e.by_cause, e.socket, e.cgroup)
 
     @staticmethod
     def _entries(table: Any) -> Iterable[tuple[Any, Any]]:

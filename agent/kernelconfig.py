@@ -29,6 +29,9 @@ from .kernelinfo import KernelFeatures
 from .preflight import KernelProblem
 
 FAMILY_BITS = {"IPv4": 1, "IPv6": 2}
+# local4/local6 values: a selected pod's own address; a node address, kept when the socket's
+# cgroup is in the `cgroups` map (hostNetwork pods).
+LOCAL_SELECTED, LOCAL_NODE = 1, 2
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ def program_defines() -> dict[str, int]:
         "SOCK_READ_INTERVAL_NS": SOCKET_READ_INTERVAL_MS * 1_000_000,
         "AF_INET_": AF_INET, "AF_INET6_": AF_INET6,
         "FAMILY_IPV4": FAMILY_BITS["IPv4"], "FAMILY_IPV6": FAMILY_BITS["IPv6"],
+        "LOCAL_SELECTED": LOCAL_SELECTED, "LOCAL_NODE": LOCAL_NODE,
         "KIND_RETRANSMIT": KIND_RETRANSMIT, "KIND_SYNACK": KIND_SYNACK,
         "TCP_SYN_SENT_": TCP_STATE_NUMBERS["SYN_SENT"], "TCP_SYN_RECV_": TCP_STATE_NUMBERS["SYN_RECV"],
         **{f"CAUSE_{name.upper()}": index for index, name in enumerate(RETRANSMIT_CAUSES)},

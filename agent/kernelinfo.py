@@ -244,6 +244,67 @@ def resolve_sock_offsets(btf_path: str) -> tuple[Optional[SockOffsets], str]:
     return SockOffsets(tuple(defines + plain + segs), segs=bool(segs), segs_problem=segs_problem), ""
 
 
+# ---- the socket's cgroup through BTF ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class CgroupOffsets:
+    """Where sk->sk_cgrp_data's cgroup, its kernfs node and that node's id live on this kernel:
+    the program's -D constants (bpf/retransmit.bpf.c sock_cgroup). `val_layout`: the layout
+    before 5.15 (a u64 `val` holding the pointer unless a low bit says it holds net_cls data)."""
+
+    sock_cgroup: int
+    cgroup_kn: int
+    kernfs_node_id: int
+    val_layout: bool = False
+
+    def switches(self) -> list[str]:
+        return (["-DHAVE_SOCK_CGROUP", f"-DSOCK_CGROUP={self.sock_cgroup}", f"-DCGROUP_KN={self.cgroup_kn}",
+                 f"-DKERNFS_NODE_ID={self.kernfs_node_id}"] + (["-DSOCK_CGROUP_VAL"] if self.val_layout else []))
+
+
+def cgroup_offsets(btf) -> tuple[Optional[CgroupOffsets], str]:
+    """(offsets, "") when this kernel's BTF has a layout the program reads, else (None, why not):
+    struct sock_cgroup_data with a `cgroup` pointer (5.15+) or the older u64 `val`; struct
+    cgroup's `kn` pointer; kernfs_node's `id` as one u64 (5.5+: the id is the inode number of
+    the cgroup's directory, which is how the agent finds its path)."""
+    from .btf import KIND_INT, KIND_PTR, BtfError
+
+    try:
+        data = btf.member("sock", "sk_cgrp_data")
+        try:
+            pointer, val_layout = btf.member("sock_cgroup_data", "cgroup"), False
+            if pointer.kind != KIND_PTR:
+                return None, "sock_cgroup_data.cgroup is not a pointer in this kernel's BTF"
+        except BtfError:
+            pointer, val_layout = btf.member("sock_cgroup_data", "val"), True
+            if pointer.kind != KIND_INT or pointer.bit_size != 64:
+                return None, f"sock_cgroup_data.val is not a u64 in this kernel's BTF ({pointer.bit_size} bits)"
+        kn = btf.member("cgroup", "kn")
+        ident = btf.member("kernfs_node", "id")
+    except BtfError as e:
+        return None, str(e)
+    if kn.kind != KIND_PTR:
+        return None, "cgroup.kn is not a pointer in this kernel's BTF"
+    if ident.kind != KIND_INT or ident.bit_size != 64:
+        return None, ("kernfs_node.id is not a u64 in this kernel's BTF (a union before Linux 5.5): "
+                      "a cgroup's id is not its directory's inode number")
+    if (data.bit_offset | pointer.bit_offset | kn.bit_offset | ident.bit_offset) % 8:
+        return None, "the socket's cgroup fields are not byte-aligned in this kernel's BTF"
+    return CgroupOffsets(data.byte_offset + pointer.byte_offset, kn.byte_offset, ident.byte_offset, val_layout), ""
+
+
+def resolve_cgroup_offsets(btf_path: Optional[str]) -> tuple[Optional[CgroupOffsets], str]:
+    """cgroup_offsets() of the BTF at `btf_path` (None: BTF disabled)."""
+    from .btf import Btf, BtfError
+
+    if not btf_path:
+        return None, "BTF disabled"
+    try:
+        return cgroup_offsets(Btf.load(btf_path))
+    except BtfError as e:
+        return None, str(e)
+
+
 @dataclass(frozen=True)
 class KernelFeatures:
     """Everything the program's compile-time switches depend on."""
@@ -254,13 +315,16 @@ class KernelFeatures:
     sock: Optional[SockOffsets] = None      # None: causes unknown (see sock_problem)
     sock_problem: str = "not probed"
     probe_read_kernel: bool = True
+    cgroup: Optional[CgroupOffsets] = None  # None: sockets' cgroups unread (see cgroup_problem)
+    cgroup_problem: str = "not probed"
 
     def switches(self) -> list[str]:
         names = self.layout.switches()
         names += ["HAVE_JIFFIES64"] if self.jiffies64 else []
         names += ["USE_RINGBUF"] if self.ringbuf else []
-        names += ["HAVE_PROBE_READ_KERNEL"] if self.sock and self.probe_read_kernel else []
-        return [f"-D{name}" for name in names] + (self.sock.switches() if self.sock else [])
+        names += ["HAVE_PROBE_READ_KERNEL"] if (self.sock or self.cgroup) and self.probe_read_kernel else []
+        return ([f"-D{name}" for name in names] + (self.sock.switches() if self.sock else [])
+                + (self.cgroup.switches() if self.cgroup else []))
 
     def describe(self) -> str:
         """One line on the mode the program runs in, for logs and the node's report."""
@@ -269,20 +333,25 @@ class KernelFeatures:
         if self.sock:
             causes += ("; flow ratios from BTF" if self.sock.segs
                        else f"; no flow ratios ({self.sock.segs_problem})")
+        cgroups = "sockets' cgroups from BTF" if self.cgroup else f"no sockets' cgroups ({self.cgroup_problem})"
         return (f"tracepoint fields: {fields}; {'ring buffer' if self.ringbuf else 'perf buffer'}; "
-                f"{'bpf_jiffies64' if self.jiffies64 else 'clock per event'}; {causes}")
+                f"{'bpf_jiffies64' if self.jiffies64 else 'clock per event'}; {causes}; {cgroups}")
 
 
 def probe_features(tracefs: Path, ringbuf: Optional[bool] = None, jiffies64: Optional[bool] = None,
-                   btf_path: Optional[str] = VMLINUX_BTF) -> KernelFeatures:
+                   btf_path: Optional[str] = VMLINUX_BTF, cgroups: bool = True) -> KernelFeatures:
     """Probe the running kernel; `ringbuf`/`jiffies64` force a choice (False works everywhere);
-    btf_path None (or a missing file) leaves causes unknown."""
+    btf_path None (or a missing file) leaves causes unknown and sockets' cgroups unread;
+    cgroups False leaves the latter unread too (a node without cgroup v2)."""
     sock, problem = resolve_sock_offsets(btf_path) if btf_path else (None, "BTF disabled")
+    cgroup, cgroup_problem = resolve_cgroup_offsets(btf_path) if cgroups else (None, "not asked for")
     return KernelFeatures(
         layout=read_layout(tracefs),
         jiffies64=bool(helper_supported(BPF_FUNC_JIFFIES64)) if jiffies64 is None else jiffies64,
         ringbuf=ringbuf_supported() if ringbuf is None else ringbuf,
         sock=sock,
         sock_problem=problem,
-        probe_read_kernel=bool(helper_supported(BPF_FUNC_PROBE_READ_KERNEL)) if sock else True,
+        probe_read_kernel=bool(helper_supported(BPF_FUNC_PROBE_READ_KERNEL)) if (sock or cgroup) else True,
+        cgroup=cgroup,
+        cgroup_problem=cgroup_problem,
     )

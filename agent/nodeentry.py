@@ -23,6 +23,7 @@ from .segments import TcpSegments
 from .resume import (
     Baseline,
     CumulativeFlow,
+    FlowKey,
     PodKey,
     PodTotals,
     cumulative_entry,
@@ -51,6 +52,7 @@ class NodeFacts:
     problem: Optional[str] = None                 # why this node cannot trace (phase Failed); None: it can
     # The problem is privileges a privileged agent would have (preflight.PrivilegeProblem).
     needs_privileged: bool = False
+    socket_owners: Optional[str] = None           # NodeStatus.socketOwners: "cgroup" or "address"
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ def node_entry(
     previous_remotes: Optional[Mapping[str, int]] = None,
     owners: Optional[Mapping[str, Owner]] = None,
     pod_segments: Mapping[PodKey, TcpSegments] = {},
+    cgroup_owners: Optional[Mapping[int, Optional[Owner]]] = None,
 ) -> NodeEntry:
     """This node's cumulative entry at `now`.
 
@@ -88,7 +91,9 @@ def node_entry(
     remote_counts. owners: the pod index's lookup_table();
     None attributes nothing (no pods, ends as the kernel saw them). pod_segments: each local
     pod's own namespace's segments since this agent began counting (PodSegmentReader.read);
-    the baseline's are added, and the top pods carry them.
+    the baseline's are added, and the top pods carry them. cgroup_owners: the owner of each
+    socket cgroup id the snapshot's flows and per-owner counts carry (socket_owners.py), None
+    as the value for a pod the pod index does not know yet; None: address rules alone.
     """
     pods = previous_pods if previous_pods is not None else PodTotals.resumed(baseline)
     if snapshot is None:
@@ -122,6 +127,7 @@ def node_entry(
         kernel=facts.kernel_release,
         agent_version=facts.agent_version,
         last_report_time=now,
+        socket_owners=facts.socket_owners,
     )
     merged = merge_flows(baseline, snapshot.flow_counters)
     remotes = cumulative_remotes(baseline, remote_totals(snapshot.flow_counters), previous_remotes or {})
@@ -132,22 +138,53 @@ def node_entry(
         return NodeEntry(entry, pods, remotes, None)
 
     owner_of = _memoized_owners(owners, facts.node)
-    pods = pods.attribute(snapshot.by_local_address, owner_of)
+    by_cgroup = cgroup_owners or {}
+    if cgroup_owners is not None:
+        pods = pods.attribute(snapshot.by_local_owner or {(a, 0): n for a, n in snapshot.by_local_address.items()},
+                              lambda key: socket_owner(owner_of, by_cgroup, *key, waiting=True))
+    else:
+        pods = pods.attribute(snapshot.by_local_address, owner_of)
+    cgroups = {FlowKey.of_counters(c): c.cgroup for c in snapshot.flow_counters if c.cgroup}
+
+    def ends(local: Endpoint, remote: Endpoint, family: str) -> dict:
+        cgroup = cgroups.get(FlowKey(family, local.ip, local.port, remote.ip, remote.port), 0)
+        named = socket_owner(owner_of, by_cgroup, local.ip, cgroup)
+        if not cgroup and (local.unit or local.pod) and not (named and named.pod):
+            named_local = local   # named from its cgroup before a restart: the kernel's flow is gone
+        else:
+            named_local = with_owner(local, named)
+        return {"local": named_local, "remote": with_owner(remote, owner_of(remote.ip))}
     attributed = entry.model_copy(update={
-        "top_flows": [f.model_copy(update=_attributed_ends(f.local, f.remote, owner_of)) for f in entry.top_flows],
-        "recent_events": [e.model_copy(update=_attributed_ends(e.local, e.remote, owner_of)) for e in entry.recent_events],
+        "top_flows": [f.model_copy(update=ends(f.local, f.remote, str(f.family))) for f in entry.top_flows],
+        "recent_events": [e.model_copy(update=ends(e.local, e.remote, str(e.family))) for e in entry.recent_events],
         "top_pods": ranked_pods(pods.pods, facts.node, cumulative_pod_segments(baseline, pod_segments)),
     })
-    return NodeEntry(attributed, pods, remotes, retransmits_by_pod_port(merged, owner_of))
+    return NodeEntry(attributed, pods, remotes, retransmits_by_pod_port(
+        merged, lambda flow: socket_owner(owner_of, by_cgroup, flow.key.local_ip, cgroups.get(flow.key, 0))))
+
+
+def socket_owner(owner_of: Callable[[str], Optional[Owner]], cgroup_owners: Mapping[int, Optional[Owner]],
+                 ip: str, cgroup: int, waiting: bool = False) -> Optional[Owner]:
+    """Who a local socket belongs to: the pod whose own address `ip` is; else its cgroup's
+    owner (a hostNetwork pod, a node unit); else the address's owner (the node). A cgroup
+    naming a pod the index does not know yet gives None when `waiting` (per-pod counts then
+    wait for the pod), else the address's owner."""
+    owner = owner_of(ip)
+    if (owner is not None and owner.pod) or not cgroup or cgroup not in cgroup_owners:
+        return owner
+    named = cgroup_owners[cgroup]
+    if named is None:
+        return None if waiting else owner
+    return named
 
 
 def retransmits_by_pod_port(flows: Sequence[CumulativeFlow],
-                            owner_of: Callable[[str], Optional[Owner]]) -> dict[PodPortKey, int]:
+                            owner_of: Callable[[CumulativeFlow], Optional[Owner]]) -> dict[PodPortKey, int]:
     """tcp_retransmit_skb counts by local pod (or node) and remote port over every flow, the
     kernel map's and the baseline's, with their cumulative counts."""
     counts: dict[PodPortKey, int] = {}
     for flow in flows:
-        owner = owner_of(flow.key.local_ip)
+        owner = owner_of(flow)
         namespace = (owner.namespace or "") if owner else ""
         pod = (owner.pod or owner.node or "") if owner else ""
         key = (namespace, pod, str(flow.key.remote_port))
@@ -167,6 +204,3 @@ def _memoized_owners(owners: Mapping[str, Owner], node: str) -> Callable[[str], 
     return owner_of
 
 
-def _attributed_ends(local: Endpoint, remote: Endpoint, owner_of: Callable[[str], Optional[Owner]]) -> dict:
-    """A flow's or event's ends, each named after the pod or node owning its address."""
-    return {"local": with_owner(local, owner_of(local.ip)), "remote": with_owner(remote, owner_of(remote.ip))}

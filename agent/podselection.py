@@ -72,7 +72,8 @@ def selected_ips(index: PodIndex, selection: PodSelection) -> Optional[frozenset
     """Local IPs the kernel should keep, or None for no local-IP filter at all.
 
     hostNetwork pods are never in the set: their address is the node's, so selecting
-    them would select every host-network connection of the node.
+    them would select every host-network connection of the node. Where sockets are named by
+    cgroup, they are selected by their cgroups instead (socketowners.selected_cgroups).
     """
     if selection.selects_everything:
         return None

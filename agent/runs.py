@@ -25,6 +25,7 @@ class FlowEntry:
     last_state: int
     by_cause: tuple[int, ...] = (0,) * len(RETRANSMIT_CAUSES)
     socket: Optional[SocketState] = None
+    cgroup: int = 0     # the socket's cgroup v2 id, read when the flow entered the map; 0: unknown
 
     def counts(self) -> tuple[int, ...]:
         """Everything that must never go backwards between snapshots."""
@@ -56,13 +57,15 @@ def merge_pending_runs(
             latest.last_state,
             tuple(a + b for a, b in zip(entry.by_cause, run.by_cause)),
             latest.socket or entry.socket or run.socket,
+            entry.cgroup or run.cgroup,
         )
     next_floors = {}
     for key, entry in merged.items():
         floor = floors.get(key)
         if floor is not None and any(now < low for now, low in zip(entry.counts(), floor)):
             r, s, *causes = (max(now, low) for now, low in zip(entry.counts(), floor))
-            entry = FlowEntry(r, s, entry.first_ns, entry.last_ns, entry.last_state, tuple(causes), entry.socket)
+            entry = FlowEntry(r, s, entry.first_ns, entry.last_ns, entry.last_state, tuple(causes), entry.socket,
+                              entry.cgroup)
             merged[key] = entry
         next_floors[key] = entry.counts()
     return merged, next_floors

@@ -28,8 +28,11 @@
  *   HAVE_SOCK_SEGS  ... and of tcp_sock's data_segs_out and total_retrans: the flow carries
  *                   the segments its connection sent and retransmitted (the kernel's ratio)
  *   HAVE_PROBE_READ_KERNEL  bpf_probe_read_kernel() (5.5+), else bpf_probe_read()
+ *   HAVE_SOCK_CGROUP  the node's BTF gave the path sock -> cgroup v2 -> kernfs node -> id
+ *                   (SOCK_CGROUP, SOCK_CGROUP_VAL, CGROUP_KN, KERNFS_NODE_ID): each new flow
+ *                   carries its socket's cgroup id, read once when the flow enters the map
  * and FLOW_CAPACITY, OWNER_CAPACITY, RINGBUF_PAGES, FILTER_CAPACITY. Run-time configuration: the maps `config`, `ports`,
- * `cidrs4`, `cidrs6`, `local4`, `local6`, filled by the agent.
+ * `cidrs4`, `cidrs6`, `local4`, `local6`, `cgroups`, filled by the agent.
  * WITHOUT_FILTERS, WITHOUT_FLOWS, WITHOUT_SAMPLES, WITHOUT_SOCK_STATS leave a part out, so
  * bench/kernel_breakdown.py can price each part in one run; the agent never sets them.
  */
@@ -41,6 +44,9 @@ BPF_LPM_TRIE(cidrs4, struct cidr4_key, u8, FILTER_CAPACITY);
 BPF_LPM_TRIE(cidrs6, struct cidr6_key, u8, FILTER_CAPACITY);
 BPF_HASH(local4, u32, u8, FILTER_CAPACITY);
 BPF_HASH(local6, struct ip6_addr, u8, FILTER_CAPACITY);
+/* Selected cgroup ids (hostNetwork pods' containers): consulted only for flows whose local
+ * address is a node address (local4/6 value LOCAL_NODE), where the address cannot tell. */
+BPF_HASH(cgroups, u64, u8, FILTER_CAPACITY);
 
 /* Small keys per family: hashing a 12-byte key is much cheaper than a 40-byte one. */
 BPF_TABLE("lru_hash", struct flow_key4, struct flow_stats, flows4, FLOW_CAPACITY);
@@ -130,7 +136,7 @@ static __always_inline int insert_flow(struct flow_key *key, struct flow_stats *
  * run path stays a per-CPU increment. */
 static __always_inline void add_to_owner(struct flow_key *key, struct flow_stats *add)
 {
-    struct owner_key k = {.family = key->family};
+    struct owner_key k = {.family = key->family, .cgroup = add->cgroup};
     __builtin_memcpy(k.addr, key->saddr, 16);
     struct owner_counts *counts = owners.lookup(&k);
     if (!counts) {
@@ -169,9 +175,53 @@ static __always_inline void add_to_flow(struct flow_key *key, struct flow_stats 
     merge_stats(stats, add);
 }
 
-/* The address filters (remote CIDRs, local addresses): lookups in the family's maps. */
-static __always_inline int addresses_pass(struct config *cfg, struct flow_key *key)
+#ifdef HAVE_SOCK_CGROUP
+#ifdef HAVE_PROBE_READ_KERNEL
+#define read_cgroup_ptr bpf_probe_read_kernel
+#else
+#define read_cgroup_ptr bpf_probe_read          /* before Linux 5.5 */
+#endif
+/* The cgroup v2 id of socket `sk` (kernfs_node.id of sk->sk_cgrp_data's cgroup, the inode of
+ * its cgroup2 directory), through offsets from the node's BTF; 0 when unreadable. Three
+ * reads: called once per new flow (and per filtered run start of a node address), never on
+ * the per-event path. SOCK_CGROUP_VAL: the layout before 5.15, a u64 `val` that holds the
+ * cgroup pointer unless one of its two low bits is set (net_cls/net_prio v1 data in its
+ * place: the kernel then files the socket under the root cgroup too). */
+static __always_inline u64 sock_cgroup(const void *sk)
 {
+    const char *base = sk;
+    u64 cgrp = 0, kn = 0, id = 0;
+    if (read_cgroup_ptr(&cgrp, 8, base + SOCK_CGROUP) || !cgrp)
+        return 0;
+#ifdef SOCK_CGROUP_VAL
+    if (cgrp & 3)
+        return 0;
+#endif
+    if (read_cgroup_ptr(&kn, 8, (const char *)cgrp + CGROUP_KN) || !kn)
+        return 0;
+    if (read_cgroup_ptr(&id, 8, (const char *)kn + KERNFS_NODE_ID))
+        return 0;
+    return id;
+}
+
+/* The cgroup id a new run of `key` carries: its flow map entry's (read once, when the flow
+ * entered the map), else the socket's. `known`: already read (by the cgroup filter). */
+static __always_inline u64 flow_cgroup(struct flow_key *key, const void *sk, u64 known)
+{
+    if (known)
+        return known;
+    struct flow_stats *stats = lookup_flow(key);
+    if (stats)
+        return stats->cgroup;
+    return sock_cgroup(sk);
+}
+#endif
+
+/* The address filters (remote CIDRs, local addresses): lookups in the family's maps. A node
+ * address (LOCAL_NODE) passes when the socket's cgroup is selected; `*cgroup` then holds it. */
+static __always_inline int addresses_pass(struct config *cfg, struct flow_key *key, const void *sk, u64 *cgroup)
+{
+    u8 *local = 0;
     if (key->family == AF_INET_) {
         if (cfg->cidrs_enabled) {
             struct cidr4_key c = {.prefixlen = 32};
@@ -179,10 +229,11 @@ static __always_inline int addresses_pass(struct config *cfg, struct flow_key *k
             if (!cidrs4.lookup(&c))
                 return 0;
         }
+        if (!cfg->local_ips_enabled)
+            return 1;
         u32 saddr;
         __builtin_memcpy(&saddr, key->saddr, 4);
-        if (cfg->local_ips_enabled && !local4.lookup(&saddr))
-            return 0;
+        local = local4.lookup(&saddr);
     } else {
         if (cfg->cidrs_enabled) {
             struct cidr6_key c = {.prefixlen = 128};
@@ -190,10 +241,23 @@ static __always_inline int addresses_pass(struct config *cfg, struct flow_key *k
             if (!cidrs6.lookup(&c))
                 return 0;
         }
-        if (cfg->local_ips_enabled && !local6.lookup((struct ip6_addr *)key->saddr))
-            return 0;
+        if (!cfg->local_ips_enabled)
+            return 1;
+        local = local6.lookup((struct ip6_addr *)key->saddr);
     }
-    return 1;
+    if (!local)
+        return 0;
+    if (*local != LOCAL_NODE)
+        return 1;
+#ifdef HAVE_SOCK_CGROUP
+    if (!cfg->cgroups_enabled || !sk)
+        return 0;
+    u64 id = flow_cgroup(key, sk, 0);
+    *cgroup = id;
+    return id && cgroups.lookup(&id) != 0;
+#else
+    return 0;
+#endif
 }
 
 /* ---- the clock ------------------------------------------------------------------------- */
@@ -275,11 +339,11 @@ static __always_inline int sock_read_due(struct run *run, u64 now)
 /* Move the run in this slot into the flow map and start a new one: flow `key` on socket `sk`. */
 static __always_inline void start_run(struct run *run, struct flow_key *key, const void *sk,
                                       u32 state, u32 generation, u8 cause, struct sock_info *sock,
-                                      u64 now)
+                                      u64 now, u64 cgroup)
 {
     if (run->retransmits) {
         struct flow_key done = run->key;
-        struct flow_stats add = {.retransmits = run->retransmits, .first_ns = run->first_ns,
+        struct flow_stats add = {.cgroup = run->cgroup, .retransmits = run->retransmits, .first_ns = run->first_ns,
                                  .last_ns = run->last_ns, .last_state = run->last_state,
                                  .sock = run->sock};
         __builtin_memcpy(add.by_cause, run->by_cause, sizeof(add.by_cause));
@@ -292,6 +356,7 @@ static __always_inline void start_run(struct run *run, struct flow_key *key, con
     __builtin_memcpy(&run->saddr_tail, key->saddr + tail, 4);
     __builtin_memcpy(&run->daddr_tail, key->daddr + tail, 4);
     run->generation = generation;
+    run->cgroup = cgroup;
     run->retransmits = 1;
     __builtin_memset(run->by_cause, 0, sizeof(run->by_cause));
     run->by_cause[cause & (CAUSE_SLOTS - 1)] = 1;
@@ -501,6 +566,7 @@ static __always_inline int handle(void *ctx, struct flow_key *key, u8 kind, u32 
     struct run *run = runs.lookup(&slot);
     if (!cfg || !t || !clk || !run)
         return 0;
+    u64 cgroup = 0;   /* the flow's cgroup id, once read (HAVE_SOCK_CGROUP) */
 
 #ifndef WITHOUT_FILTERS
     /* Cheap filters first: a bit test and an array index. */
@@ -514,7 +580,7 @@ static __always_inline int handle(void *ctx, struct flow_key *key, u8 kind, u32 
         if (!(s && *s) && !(d && *d))
             return 0;
     }
-    if (!addresses_pass(cfg, key))
+    if (!addresses_pass(cfg, key, sk, &cgroup))
         return 0;
 #endif
     u8 cause = cause_of(sock, state);
@@ -531,7 +597,10 @@ static __always_inline int handle(void *ctx, struct flow_key *key, u8 kind, u32 
         if (sock->valid)
             read_sock_stats(sk, sock);
 #endif
-        start_run(run, key, sk, state, cfg->generation, cause, sock, now);
+#ifdef HAVE_SOCK_CGROUP
+        cgroup = flow_cgroup(key, sk, cgroup);
+#endif
+        start_run(run, key, sk, state, cfg->generation, cause, sock, now, cgroup);
     }
 #endif
     return count_event(ctx, cfg, t, key, kind, state, cause, now);
@@ -623,7 +692,9 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
     struct flow_key key = {};
     READ_FLOW(key, args);
     struct sock_info sock = {};   /* a request socket: cause unknown */
-    return handle(args, &key, KIND_SYNACK, TCP_SYN_RECV_, args->req, &sock);
+    /* A request socket is no full socket: no cgroup read (0; the node address filter with
+     * cgroups leaves its SYN-ACKs out, unselected as unknown). */
+    return handle(args, &key, KIND_SYNACK, TCP_SYN_RECV_, 0, &sock);
 }
 
 #ifdef HAVE_DROP_REASONS
@@ -688,16 +759,20 @@ static __always_inline int read_skb(const char *skb, u32 *iif, u16 *network_head
 #endif
 }
 
+/* A selected pod's own address (a node address's drops have no socket to tell its owner). */
 static __always_inline int drop_local_ip(struct drop_key *key)
 {
+    u8 *local;
     if (key->family == AF_INET_) {
         u32 saddr;
         __builtin_memcpy(&saddr, key->saddr, 4);
-        return local4.lookup(&saddr) != 0;
+        local = local4.lookup(&saddr);
+    } else {
+        struct ip6_addr a = {};
+        __builtin_memcpy(a.addr, key->saddr, 16);
+        local = local6.lookup(&a);
     }
-    struct ip6_addr a = {};
-    __builtin_memcpy(a.addr, key->saddr, 16);
-    return local6.lookup(&a) != 0;
+    return local && *local == LOCAL_SELECTED;
 }
 
 static __always_inline int drop_remote_in_cidrs(struct drop_key *key)

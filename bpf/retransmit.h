@@ -82,7 +82,16 @@ struct config {
     u32 max_per_second;    /* sampled events per second to user space; 0 = no samples */
     u32 generation;        /* bumped by the agent on every change: ends the per-CPU runs,
                               whose flows passed the address filters of the old settings */
+    u32 cgroups_enabled;   /* 1: a flow whose local address is a node address (local4/6 value
+                              LOCAL_NODE) passes only when its socket's cgroup is in `cgroups` */
 };
+
+/* local4/local6 values (LOCAL_SELECTED, LOCAL_NODE from the agent's compile flags): a
+ * selected pod's own address passes the local-IP filter; a node address (hostNetwork pods,
+ * node processes) passes when its socket's cgroup is selected. */
+#ifndef LOCAL_NODE
+#error "LOCAL_SELECTED and LOCAL_NODE come from the agent's compile flags (agent/kernelconfig.py)"
+#endif
 
 /* The flow maps' keys: one map per family, because hashing a 12-byte key costs much less
  * than a 36-byte one. */
@@ -112,6 +121,8 @@ struct flow_key {
 };
 
 struct flow_stats {
+    u64 cgroup;              /* the socket's cgroup v2 id, read once when the flow entered the
+                                map (HAVE_SOCK_CGROUP); 0: unknown (no cgroup read, a SYN-ACK) */
     u64 retransmits;         /* tcp_retransmit_skb events */
     u64 synack_retransmits;  /* tcp_retransmit_synack events */
     u64 first_ns;            /* CLOCK_MONOTONIC(_COARSE) time of the first event */
@@ -142,6 +153,7 @@ struct run {
     u32 daddr_tail;
     u32 last_state;
     u32 generation;        /* config.generation when the run started */
+    u64 cgroup;            /* the flow's cgroup id (its flow map entry's, else the socket's) */
     u64 retransmits;       /* 0: no run pending */
     u64 first_ns;          /* time of the run's first event (see struct clock) */
     u64 last_ns;           /* ... of its latest event */
@@ -176,12 +188,16 @@ struct totals {
                                   map was full (OWNER_CAPACITY addresses) */
 };
 
-/* `owners`: retransmits per local (retransmitting) address, whatever the flow maps evict:
- * the agent sums them per pod. IPv4 addresses occupy the first 4 bytes of addr. */
+/* `owners`: retransmits per local (retransmitting) address and socket cgroup, whatever the
+ * flow maps evict: the agent sums them per pod (by cgroup where the address is shared: a
+ * node address of hostNetwork pods and node processes). IPv4 addresses occupy the first 4
+ * bytes of addr; cgroup 0 where none was read. */
 struct owner_key {
     u16 family;            /* AF_INET_ or AF_INET6_ */
     u16 pad;
     u8 addr[16];
+    u32 pad2;
+    u64 cgroup;
 };
 
 struct owner_counts {

@@ -33,6 +33,10 @@ ENV_POD_IP = "RTRACE_POD_IP"                # status.podIP
 # the host's PID namespace, `retransmit-agent local`).
 ENV_HOST_PROC = "RTRACE_HOST_PROC"
 HOST_PROC_MOUNT = "/host/proc"
+# The host's /sys/fs/cgroup, mounted read-only here: the agent names a socket by its cgroup's
+# directory in the host's cgroup v2 hierarchy (retransmit_agent.cgroups; on hybrid hosts the
+# unified/ directory inside it).
+HOST_CGROUP_MOUNT = "/host/sys/fs/cgroup"
 DOWNWARD_API_ENV: dict[str, str] = {
     ENV_NODE_NAME: "spec.nodeName",
     ENV_POD_NAMESPACE: "metadata.namespace",

@@ -47,19 +47,22 @@ def canonical_ips(texts: Iterable[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Owner:
-    """Who an address belongs to: a pod (pod + namespace) or a node (node alone)."""
+    """Who an address (or a socket) belongs to: a pod (pod + namespace) or a node (node alone,
+    with the node's systemd unit when a socket's cgroup named one)."""
 
     pod: Optional[str] = None
     namespace: Optional[str] = None
     node: Optional[str] = None
+    unit: Optional[str] = None
 
 
 def with_owner(endpoint: Endpoint, owner: Optional[Owner]) -> Endpoint:
     """The endpoint attributed to `owner`: pod and namespace for a pod's address, node for a
-    node's own (an Owner sets one or the other)."""
+    node's own (an Owner sets one or the other), and the unit of a node process's socket."""
     if owner is None:
         return endpoint
-    return endpoint.model_copy(update={"pod": owner.pod, "namespace": owner.namespace, "node": owner.node})
+    return endpoint.model_copy(update={"pod": owner.pod, "namespace": owner.namespace, "node": owner.node,
+                                       "unit": owner.unit})
 
 
 class PodLookup(Protocol):
@@ -181,6 +184,11 @@ class PodIndex:
         if key in node_ips or ipaddress.ip_address(key).is_loopback:
             return Owner(node=self.node)
         return None
+
+    def uid_table(self) -> dict[str, Owner]:
+        """Every known pod by UID (hostNetwork ones included), for naming sockets by the pod
+        UID in their cgroup's path."""
+        return {uid: Owner(pod=pod.name, namespace=pod.namespace) for uid, pod in self._pods.items()}
 
     def node_of(self, ip: str) -> Optional[str]:
         """The node of the pod (hostNetwork or not) that last held `ip`; None when no pod does."""

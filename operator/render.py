@@ -35,6 +35,7 @@ from retransmit_core.api import RetransmitTraceSpec
 from retransmit_core.contract import (
     DOWNWARD_API_ENV,
     ENV_HOST_PROC,
+    HOST_CGROUP_MOUNT,
     HOST_PROC_MOUNT,
     METRICS_PORT_SPAN,
     AgentInvocation,
@@ -71,7 +72,16 @@ HOST_MOUNTS: tuple[tuple[str, str, str, str | None], ...] = (
     # let the agent signal host processes. Mounted beside the container's own /proc, which
     # the runtime keeps; ENV_HOST_PROC tells the agent where.
     ("host-proc", "/proc", HOST_PROC_MOUNT, None),
+    # The host's cgroup hierarchies, read-only, to name each socket's owner by its cgroup v2
+    # directory (a pod's UID, a systemd unit; retransmit_agent.cgroups). On hybrid hosts the
+    # unified hierarchy is a mount below it (runtimes bind host paths recursively), kept
+    # read-only where the runtime can (recursiveReadOnly). Missing or v1 only: the agent
+    # names sockets by address and says so.
+    ("host-cgroup", "/sys/fs/cgroup", HOST_CGROUP_MOUNT, None),
 )
+# Mounts that stay read-only below their top too, where kubelet and the runtime can (Kubernetes
+# 1.31+ with a runtime that supports it; elsewhere the field is ignored or falls back).
+RECURSIVE_READ_ONLY = frozenset({"host-cgroup"})
 AGENT_CAPABILITIES = ("BPF", "PERFMON", "SYS_RESOURCE")
 
 
@@ -123,6 +133,8 @@ def render_pod_template(trace_name: str, trace_uid: str, spec: RetransmitTraceSp
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}]
     for name, host_path, mount_path, propagation in HOST_MOUNTS:
         mount = {"name": name, "mountPath": mount_path, "readOnly": True}
+        if name in RECURSIVE_READ_ONLY:
+            mount["recursiveReadOnly"] = "IfPossible"
         if propagation:
             mount["mountPropagation"] = propagation
         mounts.append(mount)

@@ -77,12 +77,19 @@ class TraceTally:
     def __init__(self) -> None:
         self._entries: dict[str, NodeStatus] = {}
         self._flows: dict[str, tuple[tuple[tuple, str, Flow], ...]] = {}   # node -> (rank key, node, flow)
+        self._flow_keys: dict[str, dict[FlowTuple, tuple]] = {}   # node -> its flows' rank keys
+        # top_flows' last answer: (top_n, its (rank key, node, flow)s); and the nodes changed since.
+        self._flows_ranked: Optional[tuple[int, list[tuple[tuple, str, Flow]]]] = None
+        self._flows_changed: set[str] = set()
         self._sums = {"retransmits": 0, "synack_retransmits": 0, "lost_events": 0}
         # field -> [sum, reports that know]
         self._known = {name: [0, 0] for name in ("missed_events", "failed_attempts", "out_segs", "retrans_segs")}
         self._by_cause: dict[str, int] = {}
         self._by_state: dict[str, int] = {}
         self._pods: dict[PodName, _PodTotal] = {}
+        # top_pods' last answer: (top_n, {pod: retransmits then}); and the pods changed since.
+        self._pods_ranked: Optional[tuple[int, dict[PodName, int]]] = None
+        self._pods_changed: set[PodName] = set()
         self._inbound_drops: dict[FlowTuple, dict[str, int]] = {}   # a dropped flow, from the dropping end -> by reason
         self._node_drops: dict[tuple[str, str], int] = {}           # (node, reason) -> drops
         self._counting_drops: set[str] = set()
@@ -102,6 +109,8 @@ class TraceTally:
         self.drop(entry.node)
         self._entries[entry.node] = entry
         self._flows[entry.node] = tuple((flow_key(flow, entry.node), entry.node, flow) for flow in entry.top_flows)
+        self._flow_keys[entry.node] = {flow_tuple(flow): key for key, _, flow in self._flows[entry.node]}
+        self._flows_changed.add(entry.node)
         self._add(entry, +1)
 
     def drop(self, node: str) -> None:
@@ -109,6 +118,8 @@ class TraceTally:
         old = self._entries.pop(node, None)
         if old is not None:
             del self._flows[node]
+            del self._flow_keys[node]
+            self._flows_changed.add(node)
             self._add(old, -1)
 
     def _add(self, entry: NodeStatus, sign: int) -> None:
@@ -123,6 +134,7 @@ class TraceTally:
         _add_counts(self._by_state, entry.by_state, sign)
         for pod in entry.top_pods:
             key = (pod.namespace, pod.pod)
+            self._pods_changed.add(key)
             total = self._pods.setdefault(key, _PodTotal())
             total.retransmits += sign * pod.retransmits
             total.listings += sign
@@ -150,10 +162,28 @@ class TraceTally:
 
     def top_flows(self, top_n: int) -> list[tuple[str, Flow]]:
         """The busiest of every node's top flows as (node, flow); top_n 0 = all. Ranked on the
-        keys made once per report: 50,000 candidates at 5,000 nodes, a hundred kept at most."""
-        candidates = chain.from_iterable(self._flows.values())
-        chosen = (heapq.nsmallest(top_n, candidates, key=_rank) if top_n > 0
-                  else sorted(candidates, key=_rank))
+        keys made once per report: 50,000 candidates at 5,000 nodes, a hundred kept at most.
+
+        As top_pods: ranked among the last answer's flows and the flows of the nodes changed
+        since, while each listed flow of a changed node is still in its report and ranks no
+        lower (counts and lastSeen only grow); otherwise among all."""
+        changed, self._flows_changed = self._flows_changed, set()
+        if top_n <= 0:
+            self._flows_ranked = None
+            return self._chosen(sorted(chain.from_iterable(self._flows.values()), key=_rank))
+        last = self._flows_ranked
+        if last is not None and last[0] == top_n and all(
+                _no_lower(self._flow_keys.get(node), flow, key) for key, node, flow in last[1] if node in changed):
+            candidates: Iterable[tuple[tuple, str, Flow]] = chain(
+                (item for item in last[1] if item[1] not in changed),
+                chain.from_iterable(self._flows[node] for node in changed if node in self._flows))
+        else:
+            candidates = chain.from_iterable(self._flows.values())
+        chosen = heapq.nsmallest(top_n, candidates, key=_rank)
+        self._flows_ranked = (top_n, chosen)
+        return self._chosen(chosen)
+
+    def _chosen(self, chosen: list[tuple[tuple, str, Flow]]) -> list[tuple[str, Flow]]:
         return [(node, self._with_peer_drops(flow)) for _, node, flow in chosen]
 
     def _with_peer_drops(self, flow: Flow) -> Flow:
@@ -167,8 +197,21 @@ class TraceTally:
 
     def top_pods(self, top_n: int) -> list[PodCount]:
         """The busiest local pods, the nodes' topPods summed (exact: each report lists every pod
-        of its node, counted per local address by the kernel)."""
-        ranked = heapq.nsmallest(top_n, self._pods.items(), key=lambda item: pod_key(item[1].retransmits, *item[0]))
+        of its node, counted per local address by the kernel).
+
+        Ranked among the last answer's pods and the pods changed since, not among all of them
+        (120,000 pods at 5,000 nodes: a quarter of a second per trace and pass, profiled). That
+        is the same answer while no pod of the last answer lost retransmits or left: every other
+        unchanged pod ranked below all of them then and still does. Otherwise all are ranked."""
+        last = self._pods_ranked
+        if last is not None and last[0] == top_n and all(
+                key in self._pods and self._pods[key].retransmits >= n for key, n in last[1].items()):
+            candidates = [(key, self._pods[key]) for key in set(last[1]) | self._pods_changed if key in self._pods]
+        else:
+            candidates = list(self._pods.items())
+        ranked = heapq.nsmallest(top_n, candidates, key=lambda item: pod_key(item[1].retransmits, *item[0]))
+        self._pods_ranked = (top_n, {key: total.retransmits for key, total in ranked})
+        self._pods_changed = set()
         return [PodCount(namespace=ns, pod=pod, node=total.node(), retransmits=total.retransmits,
                          out_segs=_known_sum(total.out_segs), retrans_segs=_known_sum(total.retrans_segs))
                 for (ns, pod), total in ranked]
@@ -198,6 +241,13 @@ def _add_counts(into: dict[str, int], counts: dict[str, int], sign: int) -> None
             into[key] = left
         else:
             into.pop(key, None)
+
+
+def _no_lower(keys: Optional[dict[FlowTuple, tuple]], flow: Flow, key: tuple) -> bool:
+    """The flow is still in its node's report (`keys`, None: the report is gone) and ranks no
+    lower than at `key`."""
+    now = keys.get(flow_tuple(flow)) if keys is not None else None
+    return now is not None and now <= key
 
 
 def _rank(candidate: tuple[tuple, str, Flow]) -> tuple:

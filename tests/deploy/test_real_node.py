@@ -3,7 +3,8 @@ the project's images as real containers, with the images, mounts, probes, securi
 resource limits the chart and the operator render (the node simulator applies none of them).
 
 One module, in order: helm install with the chart's defaults (security mode auto: agents
-with BPF and PERFMON only, as this 6.18 kernel allows), then the privileged security mode
+with BPF and PERFMON only, as this 6.18 kernel allows), a hostNetwork pod's flows named as
+that pod from their sockets' cgroup, then the privileged security mode
 with the operator at an arbitrary uid, then auto on a runtime that withholds CAP_PERFMON from
 unprivileged containers (the agent finds it may not load BPF, asks for privileged, and a
 privileged agent takes the node over), then helm uninstall and the node's teardown, compared
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections import Counter
 from datetime import datetime
 from typing import Any, Optional
@@ -35,7 +38,7 @@ from tests.deploy.images import AGENT_IMAGE, OPERATOR_IMAGE, build, chart_values
 from tests.deploy.kube import CHART, helm, kubectl, unique
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_gone, wait_until
-from tests.harness.realnode import BRIDGE, SANDBOX_IMAGE, RealNode
+from tests.harness.realnode import BRIDGE, NODE_IP, SANDBOX_IMAGE, RealNode
 from tests.harness.realnode_host import HostState
 from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
 
@@ -353,6 +356,64 @@ def test_default_install_runs_on_real_containers_and_counts_like_the_reference(
     operator = core.api_client.sanitize_for_serialization(
         core.read_namespaced_pod(operator["metadata"]["name"], release.ns))
     assert ready(operator) and container_status(operator, "operator")["restartCount"] == 0
+
+
+def test_a_host_network_pods_flows_are_named_as_that_pod(control_plane, real, release, reference, core, namespace):
+    """runc (cgroupfs driver) on this hybrid host puts each container into the unified
+    hierarchy too (kubepods/<qos>/pod<uid>/<id>): a hostNetwork pod's sockets carry that
+    cgroup, the agent (the host's /sys/fs/cgroup mounted read-only) names them as the pod, and
+    the trace of its namespace counts them. The pod's traffic is a host process that joins
+    the container's cgroup (as `kubectl exec` would) and connects from the node's address to
+    a server pod of the node, whose namespace drops 10% of what arrives."""
+    node = real.node
+    core.create_namespaced_pod(namespace, {
+        "metadata": {"name": "edge", "labels": {"app": "edge", TEST_LABEL: "traffic"}},
+        "spec": {"nodeName": node.name, "hostNetwork": True, "terminationGracePeriodSeconds": 1,
+                 "containers": [{"name": "main", "image": SANDBOX_IMAGE, "imagePullPolicy": "Never"}]}})
+    core.create_namespaced_pod(namespace, {
+        "metadata": {"name": "server", "labels": {"app": "server", TEST_LABEL: "traffic"}},
+        "spec": {"nodeName": node.name, "terminationGracePeriodSeconds": 1,
+                 "containers": [{"name": "main", "image": SANDBOX_IMAGE, "imagePullPolicy": "Never"}]}})
+    server_ips = podtraffic.wait_pod_ips(core, namespace, "server", timeout=120)
+    edge = wait_until(lambda: (lambda p: p if ready(p) else None)(core.api_client.sanitize_for_serialization(
+        core.read_namespaced_pod("edge", namespace))), "the hostNetwork pod Ready", timeout=120)
+    container = node.container_cgroup(edge, "main", "unified")   # LookupError: runc left it out of cgroup v2
+    server = podtraffic.PodNet(node.netns_path(core.read_namespaced_pod("server", namespace).metadata.uid))
+
+    trace = Trace(control_plane, node, namespace, release.ns)
+    entry = trace.wait_entry("agent attached and reporting", lambda e: e.phase == "Running")
+    assert entry.socket_owners == "cgroup", entry.kernel_checks
+
+    port, server_ip = 5451, server_ips[0]
+    before = reference.read()
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server.random_loss(10)
+    try:
+        srv = server.python("serve", "--ip", server_ip, "--port", str(port), "--connections", "3",
+                            "--bytes", str(1 << 20), **pipes)
+        podtraffic._wait_line(srv, "listening")
+        client = subprocess.Popen(["sh", "-c", 'echo $$ > "$1" && shift && exec "$@"', "sh",
+                                   str(container / "cgroup.procs"), sys.executable, "-m", "tests.harness.hostclient",
+                                   "--local-ip", NODE_IP, "--server-ip", server_ip, "--port", str(port)],
+                                  cwd=str(podtraffic.ROOT), **pipes)
+        podtraffic._finish(client)
+        podtraffic._finish(srv)
+    finally:
+        server.clear_loss()
+    server.wait_quiet()
+
+    def want() -> dict:
+        return per_flow(reference.read() - before, lambda e: succeeded(e) and (
+            e.local_ip == server_ip or (e.local_ip == NODE_IP and e.remote_ip == server_ip)) and port in (
+            e.local_port, e.remote_port))
+    entry = trace.wait_entry("the hostNetwork pod's and the server's flows, flow by flow",
+                             lambda e: {k: v for k, v in entry_flows(e).items() if port in (k[2], k[4])} == want())
+    mine = [f for f in entry.top_flows if f.local.ip == NODE_IP]
+    assert mine and sum(f.retransmits for f in mine) > 0, "the hostNetwork pod retransmitted nothing"
+    assert {(f.local.pod, f.local.namespace) for f in mine} == {("edge", namespace)}
+    pods = {(p.namespace, p.pod): p.retransmits for p in entry.top_pods}
+    assert pods[(namespace, "edge")] == sum(f.retransmits + f.synack_retransmits for f in mine)
+    trace.delete()
 
 
 def test_privileged_mode_with_the_operator_at_an_arbitrary_uid(control_plane, real, release, reference, core,

@@ -11,6 +11,8 @@ import json
 import math
 import subprocess
 import time
+from pathlib import Path
+from typing import Callable, Optional
 
 from .netns import LossNamespace
 
@@ -38,17 +40,32 @@ def _finish(proc: subprocess.Popen, timeout: float) -> list[dict]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def joining(cgroup: Optional[Path]) -> Optional[Callable[[], None]]:
+    """A preexec_fn that moves the child into cgroup v2 directory `cgroup` before it runs
+    (so every socket it makes carries that cgroup); None for no cgroup."""
+    if cgroup is None:
+        return None
+    procs = str(cgroup / "cgroup.procs")
+
+    def join() -> None:
+        with open(procs, "w") as f:
+            f.write("0")
+    return join
+
+
 def bulk(ns: LossNamespace, loss: int, family: str = "IPv4", port: int = 5001, connections: int = 4,
-         nbytes: int = 2 << 20, duplex: bool = True, settle: bool = True, dual_stack: bool = False) -> list[dict]:
+         nbytes: int = 2 << 20, duplex: bool = True, settle: bool = True, dual_stack: bool = False,
+         cgroup: Optional[Path] = None) -> list[dict]:
     """Both directions send `nbytes` per connection under `loss`% random loss (SYNs exempt).
 
-    dual_stack: the server is an IPv6 socket on [::] and IPv4 clients connect to it."""
+    dual_stack: the server is an IPv6 socket on [::] and IPv4 clients connect to it.
+    cgroup: a cgroup v2 directory the driver runs in (its sockets' cgroup)."""
     client, server = ns.v4 if family == "IPv4" else ns.v6
     ns.random_loss(loss)
     proc = ns.python("tests.harness.traffic", "bulk", "--server-ip", server, "--client-ip", client,
                      "--port", str(port), "--connections", str(connections), "--bytes", str(nbytes),
                      *(["--duplex"] if duplex else []), *(["--dual-stack"] if dual_stack else []),
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=joining(cgroup))
     try:
         flows = _finish(proc, timeout=300)
     finally:

@@ -24,6 +24,9 @@ One boot runs every section in SECTIONS, each into its own key of the JSON resul
   a dead path; and the namespace's OutSegs / RetransSegs read through /proc/PID/net/snmp (the
   agent's segments.py) against its own /proc/net/snmp and the program's retransmit events
   (tests/harness/ratiocheck.py, as tests/kernel/test_ratio.py compares on the host).
+- `cgroups`: each new flow's socket cgroup through the guest's own BTF (6.1's
+  sock_cgroup_data pointer, 5.10's older `val` word) for a load run in a pod-like cgroup, per
+  (address, cgroup) counts against the reference; where unreadable, the reason.
 - `drops`: a counted nftables drop rule under a bulk transfer, traced by the program with
   drops on: on a kernel whose skb:kfree_skb has `reason` (6.1), NETFILTER_DROP in total and
   per flow equals the rule's counter (tests/harness/dropcheck.py, as tests/kernel/test_drops.py
@@ -41,6 +44,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -359,12 +363,72 @@ def drops_section(started: float) -> tuple[dict, bool]:
 # entry, whether it matched); an exception fails that section alone, with its traceback.
 # A new kernel feature to check on both kernels becomes a section here, with its assertions in
 # tests/kernel/test_vm_kernels.py, so both kernels run it in the boots they already have.
+def cgroups_section(started: float) -> tuple[dict, bool]:
+    """Each new flow's socket cgroup, read through the guest's own BTF (6.1: sock_cgroup_data's
+    `cgroup` pointer; 5.10: the older `val` word): a lossy load run by a process in a pod-like
+    cgroup of the guest's cgroup v2 hierarchy (mounted here when the guest has none), its
+    flows' cgroup ids and per-(address, cgroup) counts against the reference counter. Where
+    the layout cannot be read, the program says why and counts as before."""
+    import uuid
+
+    from retransmit_agent.cgroups import find_cgroup2
+
+    root, root_problem = find_cgroup2()
+    mounted = None
+    if root is None:
+        mounted = Path(tempfile.mkdtemp(prefix="rtvm-cgroup2-"))
+        subprocess.run(["mount", "-t", "cgroup2", "none", str(mounted)], check=True)
+        root, _ = find_cgroup2([str(mounted)])
+    entry: dict = {"root_problem": root_problem, "mounted": mounted is not None, "root": str(root) if root else None}
+    top = root / f"rtvm-{uuid.uuid4().hex[:6]}" if root is not None else None
+    try:
+        container = None
+        if top is not None:
+            container = top / "kubepods" / "besteffort" / f"pod{uuid.uuid4()}" / "main"
+            container.mkdir(parents=True)
+        with LossNamespace(prefix="rtvmg") as ns, ReferenceCounter() as reference, \
+                RetransmitProgram.open(KernelConfig(remote_cidrs=loads.own_cidrs(ns))) as program:
+            offsets = program.features.cgroup
+            entry["offsets"] = None if offsets is None else {
+                "sock_cgroup": offsets.sock_cgroup, "cgroup_kn": offsets.cgroup_kn,
+                "kernfs_node_id": offsets.kernfs_node_id, "val_layout": offsets.val_layout}
+            entry["problem"] = program.features.cgroup_problem
+            loads.bulk(ns, loss=LOSS, port=5501, connections=CONNECTIONS, nbytes=NBYTES, cgroup=container)
+            counts = reference.read()
+            snapshot = program.snapshot()
+        own = loads.own_addresses(ns)
+        want: Counter = Counter()
+        for e, n in counts.items():
+            if e.remote_ip in own and succeeded(e):
+                want[e.local_ip] += n
+        cgroup_id = os.stat(container).st_ino if container is not None else 0
+        read = offsets is not None and container is not None
+        entry.update(cgroup_id=cgroup_id, expected={ip: n for ip, n in want.items()},
+                     flow_cgroups=sorted({f.cgroup for f in snapshot.flow_counters if f.remote_ip in own}),
+                     by_owner=[[ip, cgroup, n] for (ip, cgroup), n in sorted(snapshot.by_local_owner.items())
+                               if ip in own])
+        expected_owners = sorted([ip, cgroup_id if read else 0, n] for ip, n in want.items())
+        matched = sum(want.values()) > 0 and entry["by_owner"] == expected_owners and \
+            entry["flow_cgroups"] == [cgroup_id if read else 0]
+    finally:
+        if top is not None:
+            from tests.harness.nodesim.cgroups import remove_tree
+            remove_tree(top, root)
+        if mounted is not None:
+            subprocess.run(["umount", str(mounted)], check=False)
+    print(f"vm_scenarios: cgroups {'read at ' + str(entry['offsets']) if entry['offsets'] else 'not read: ' + entry['problem']}"
+          f"; flows carry {entry['flow_cgroups']} (the load's cgroup {entry['cgroup_id']}): "
+          + ("matched" if matched else "MISMATCH"), flush=True)
+    return entry, matched
+
+
 SECTIONS: tuple[tuple[str, Callable[[float], tuple[dict, bool]]], ...] = (
     ("check", check_section),
     ("counting", counting_section),
     ("causes", causes_section),
     ("ratio", ratio_section),
     ("drops", drops_section),
+    ("cgroups", cgroups_section),
 )
 
 

@@ -255,6 +255,30 @@ def test_drops_counted_by_reason_with_the_reason_field_else_off_and_check_says_w
         assert (line["status"], line["detail"]) == ("degraded", f"off: {why}; retransmits counted as before")
 
 
+# sock_cgroup_data's layout: the `cgroup` pointer since 5.15, the older `val` word before.
+CGROUP_VAL_LAYOUT = {"6.1": False, "5.10": True}
+
+
+def test_each_flow_carries_its_sockets_cgroup_through_the_guests_own_btf(vm):
+    """Both layouts read, or the reason why not stated: the flows of a load run in a pod-like
+    cgroup carry that cgroup's id, and per-(address, cgroup) counts equal the reference."""
+    kernel, _, _, _ = vm
+    cgroups = section(vm, "cgroups")
+    assert cgroups["offsets"] is not None, f"the {kernel} guest read no socket cgroups: {cgroups['problem']}"
+    assert cgroups["offsets"]["val_layout"] is CGROUP_VAL_LAYOUT[kernel], cgroups["offsets"]
+    assert cgroups["cgroup_id"] > 0 and cgroups["flow_cgroups"] == [cgroups["cgroup_id"]], cgroups
+    assert sum(cgroups["expected"].values()) > 0
+    assert cgroups["by_owner"] == sorted([ip, cgroups["cgroup_id"], n] for ip, n in cgroups["expected"].items())
+    # `check` ran before the section mounted anything: it names sockets by cgroup where the guest
+    # had cgroup v2, else by address with the reason.
+    line = check_lines(vm)["socket owners"]
+    if cgroups["mounted"]:
+        assert line["status"] == "degraded" and line["detail"].startswith("address: ") and \
+            "no host cgroup2 hierarchy" in line["detail"], line
+    else:
+        assert line["status"] == "ok", line
+
+
 def test_vm_exit_status_says_every_section_matched(vm):
     _, returncode, output, result = vm
     assert result["errors"] == {}, result["errors"]

@@ -73,6 +73,6 @@ def test_a_layout_without_the_address_fields_is_refused_naming_them(tmp_path):
 def test_features_describe_the_mode_in_one_line(tmp_path):
     features = KernelFeatures(read_layout(tracefs_of("5.4", tmp_path)), jiffies64=False, ringbuf=False)
     assert features.describe() == ("tracepoint fields: state yes, family no, err no; perf buffer; "
-                                   "clock per event; causes unknown (not probed)")
+                                   "clock per event; causes unknown (not probed); no sockets' cgroups (not probed)")
     assert features.switches()[0] == "-DHAVE_SKB_STATE"
     assert not [flag for flag in features.switches() if "SOCK" in flag]

@@ -22,6 +22,7 @@ from typing import Optional
 import yaml
 
 from ..controlplane import SERVICE_ACCOUNT_ISSUER, acquire_slot
+from .cgroups import SimCgroups
 from .network import PodNetwork, SimNode, release_proxy, share_proxy
 from .podspec import container_path
 from .process import PodWorker, now_iso
@@ -111,6 +112,7 @@ class NodeSimulator:
         self._transitions: dict[tuple[str, str], tuple[str, str]] = {}
         self._started = False
         self.kubelet_version = ""       # the API server's: a kubelet of the cluster's own release
+        self.cgroups: Optional[SimCgroups] = None   # pods' kubepods cgroups (None: no cgroup v2 here)
 
     # -- lifecycle --
 
@@ -134,6 +136,7 @@ class NodeSimulator:
             self.nodes_by_name = {n.name: n for n in self.nodes}
             self.network = PodNetwork(slot, self.nodes)
             self.network.setup()
+            self.cgroups = SimCgroups.create()
             self._start_apiserver_proxy()
             for node in self.nodes:
                 self._register(node)
@@ -173,6 +176,8 @@ class NodeSimulator:
                     self.core.delete_node(node.name, _request_timeout=5)
         if self.network:
             self.network.teardown()
+        if self.cgroups:
+            self.cgroups.remove()
         if self._slot_fd is not None:
             os.close(self._slot_fd)
             self._slot_fd = None
@@ -246,6 +251,15 @@ class NodeSimulator:
         if not dirs:
             raise FileNotFoundError(f"no pod {namespace}/{pod} ran on this simulator")
         return dirs[-1]
+
+    def container_cgroup(self, namespace: str, pod: str, container: str) -> Path:
+        """The cgroup v2 directory a running pod's container runs in (a process that joins it
+        is "in" the container, as after kubectl exec); LookupError when there is none."""
+        with self._workers_lock:
+            worker = next((w for w in self.workers.values() if (w.namespace, w.pod_name) == (namespace, pod)), None)
+        if worker is None or self.cgroups is None:
+            raise LookupError(f"pod {namespace}/{pod} has no cgroup on this simulator (no cgroup v2, or not running)")
+        return self.cgroups.container_dir(worker.node.name, worker.pod, container)
 
     def netns(self, namespace: str, pod: str) -> Optional[str]:
         """The network namespace name of a running pod (None for hostNetwork pods)."""

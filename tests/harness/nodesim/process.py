@@ -146,6 +146,8 @@ class PodWorker(threading.Thread):
             if self.sandbox:
                 self.sim.network.release(self.sandbox)
                 self.sandbox = None
+            if self.sim.cgroups is not None:
+                self.sim.cgroups.remove_pod(self.node.name, self.pod)
             self.sim._worker_done(self)
 
     def _run(self) -> None:
@@ -215,6 +217,8 @@ class PodWorker(threading.Thread):
             return
         granted = granted_capabilities(c.spec, self.sim.withheld_capabilities.get(self.node.name, ()))
         argv = in_sandbox(with_capabilities(argv, granted), self.sandbox)
+        if self.sim.cgroups is not None:   # in the container's kubepods cgroup, as kubelet would
+            argv = self.sim.cgroups.exec_prefix(self.sim.cgroups.container_dir(self.node.name, self.pod, c.name)) + argv
         with open(c.log_path, "a") as f:
             f.write(f"--- node simulator: start #{c.restarts} at {now_iso()}: {argv}\n")
         try:
