@@ -25,7 +25,7 @@ import pytest
 from retransmit_agent.conntrack import find_backends, read_table
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
-from tests.harness.tracecluster import NODE_A, NODE_B, expected, plugin, running, totals
+from tests.harness.tracecluster import NODE_A, NODE_B, Pods, expected, plugin, running, totals
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -62,13 +62,9 @@ class ServiceSetup:
     def __init__(self, kube, core, namespace, node_simulator, traces):
         import kubernetes
 
-        podtraffic.create_pod(core, namespace, "server", NODE_B, {"app": "server"})
-        podtraffic.create_pod(core, namespace, "client", NODE_A, {"app": "client"})
-        self.namespace = namespace
-        self.server_ips = podtraffic.wait_pod_ips(core, namespace, "server")
-        self.client_ips = podtraffic.wait_pod_ips(core, namespace, "client")
-        self.server = podtraffic.PodNet.of(node_simulator, namespace, "server")
-        self.client = podtraffic.PodNet.of(node_simulator, namespace, "client")
+        pods = Pods(core, node_simulator, namespace, node=NODE_A, server_node=NODE_B)
+        self.namespace, self.server, self.client = namespace, pods.server, pods.client
+        self.server_ips, self.client_ips = pods.server_ips, pods.client_ips
         self.svc = _dual_stack_service(core, namespace)
         assert len(self.svc["cluster_ips"]) == 2 and self.svc["node_port"], self.svc
         # The EndpointSlice controller (controller-manager) publishes the server pod's addresses.

@@ -73,10 +73,12 @@ def operator_settings(control_plane: Any, agent_state: Path, metrics_port: int =
 
 
 class Pods:
-    """A server and a client pod on node-a, labelled, each with its own netns and addresses."""
+    """A server and a client pod on node-a (or `node`; the server on `server_node` when given),
+    labelled, each with its own netns and addresses."""
 
-    def __init__(self, core: Any, sim: Any, namespace: str, node: str = NODE_A) -> None:
-        podtraffic.create_pod(core, namespace, "server", node, {"app": "server"})
+    def __init__(self, core: Any, sim: Any, namespace: str, node: str = NODE_A,
+                 server_node: Optional[str] = None) -> None:
+        podtraffic.create_pod(core, namespace, "server", server_node or node, {"app": "server"})
         podtraffic.create_pod(core, namespace, "client", node, {"app": "client"})
         self.namespace = namespace
         self.server_ips = podtraffic.wait_pod_ips(core, namespace, "server")

@@ -75,37 +75,54 @@ def test_kept_sums_equal_sums_from_scratch_after_any_changes(seed):
     assert (empty.retransmits, empty.by_state, empty.top_pods, empty.top_flows, empty.missed_events) == (0, {}, [], [], None)
 
 
+NODES = [f"node-{i}" for i in range(8)]
+
+
+def churn(rng: random.Random, kept: TraceTally, tables: dict, entry, grow, lower):
+    """300 report changes as a running trace sees them, applied to `kept` and mirrored in
+    `tables` (node -> its rows): mostly rows growing (`grow`), sometimes a row leaving its
+    node's report, a restarted agent's lower count (`lower`), a node's report gone. Yields
+    after each change, with the nodes whose reports `kept` holds now."""
+    for step in range(300):
+        node = rng.choice(NODES)
+        table = tables[node]
+        roll = rng.random()
+        if roll < 0.05:
+            kept.drop(node)
+            table.clear()
+        else:
+            if roll < 0.15 and table:
+                del table[rng.choice(sorted(table))]
+            elif roll < 0.2 and table:
+                lower(table, rng.choice(sorted(table)))
+            for _ in range(rng.randrange(1, 4)):
+                grow(table)
+            kept.put(entry(node))
+        yield step, [n for n in NODES if n in kept._entries]
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_top_pods_ranked_among_the_last_answer_and_changed_pods_equal_a_full_ranking(seed):
     """top_pods re-ranks only the last answer's pods and the pods changed since: through
     growing counts (as agents report them), a node's pods leaving its report, a node gone and
     a count going down, at one top_n as a running trace asks, it equals the full ranking."""
     rng = random.Random(seed)
-    nodes = [f"node-{i}" for i in range(8)]
-    counts = {node: {} for node in nodes}   # node -> (namespace, pod) -> retransmits
+    counts = {node: {} for node in NODES}   # node -> (namespace, pod) -> retransmits
+
+    def entry(node: str) -> NodeStatus:
+        return NodeStatus(node=node, phase="Running", last_report_time=NOW, top_pods=[
+            PodCount(namespace=ns, pod=pod, node=node, retransmits=n) for (ns, pod), n in sorted(counts[node].items())])
+
+    def grow(pods: dict) -> None:
+        key = (f"ns-{rng.randrange(3)}", f"pod-{rng.randrange(12)}")
+        pods[key] = pods.get(key, 0) + rng.randrange(0, 7)
+
+    def lower(pods: dict, key) -> None:
+        pods[key] = max(0, pods[key] - rng.randrange(1, 5))
+
     kept = TraceTally()
-    for step in range(300):
-        node = rng.choice(nodes)
-        pods = counts[node]
-        roll = rng.random()
-        if roll < 0.05:
-            kept.drop(node)
-            pods.clear()
-            continue
-        if roll < 0.15 and pods:
-            del pods[rng.choice(sorted(pods))]          # a pod deleted: no longer listed
-        elif roll < 0.2 and pods:
-            key = rng.choice(sorted(pods))
-            pods[key] = max(0, pods[key] - rng.randrange(1, 5))   # a restarted agent's lower count
-        for _ in range(rng.randrange(1, 4)):
-            key = (f"ns-{rng.randrange(3)}", f"pod-{rng.randrange(12)}")
-            pods[key] = pods.get(key, 0) + rng.randrange(0, 7)
-        kept.put(NodeStatus(node=node, phase="Running", last_report_time=NOW, top_pods=[
-            PodCount(namespace=ns, pod=pod, node=node, retransmits=n) for (ns, pod), n in sorted(pods.items())]))
-        current = [NodeStatus(node=n, phase="Running", top_pods=[PodCount(namespace=ns, pod=pod, node=n, retransmits=c)
-                                                                 for (ns, pod), c in sorted(counts[n].items())])
-                   for n in nodes if counts[n] or n in kept._entries]
-        assert kept.top_pods(4) == TraceTally.of(current).top_pods(4), f"step {step}"
+    for step, listed in churn(rng, kept, counts, entry, grow, lower):
+        assert kept.top_pods(4) == TraceTally.of(entry(n) for n in listed).top_pods(4), f"step {step}"
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -113,35 +130,24 @@ def test_top_flows_ranked_among_the_last_answer_and_changed_nodes_equal_a_full_r
     """The same for top_flows: flows growing and seen later, a flow leaving its node's report,
     a node gone, a restarted agent's lower count, at one top_n: always the full ranking."""
     rng = random.Random(seed)
-    nodes = [f"node-{i}" for i in range(8)]
-    flows = {node: {} for node in nodes}   # node -> (local port, remote) -> [retransmits, last seen]
-    kept = TraceTally()
+    flows = {node: {} for node in NODES}   # node -> (local port, remote) -> [retransmits, last seen]
 
     def entry(node: str) -> NodeStatus:
         return NodeStatus(node=node, phase="Running", last_report_time=NOW, top_flows=[
             Flow(family="IPv4", local=Endpoint(ip="10.0.0.1", port=port), remote=Endpoint(ip=remote, port=443),
                  retransmits=n, last_seen=NOW + timedelta(seconds=seen)) for (port, remote), (n, seen) in sorted(flows[node].items())])
 
-    for step in range(300):
-        node = rng.choice(nodes)
-        table = flows[node]
-        roll = rng.random()
-        if roll < 0.05:
-            kept.drop(node)
-            table.clear()
-            continue
-        if roll < 0.15 and table:
-            del table[rng.choice(sorted(table))]
-        elif roll < 0.2 and table:
-            key = rng.choice(sorted(table))
-            table[key][0] = max(0, table[key][0] - rng.randrange(1, 5))
-        for _ in range(rng.randrange(1, 4)):
-            key = (rng.randrange(30000, 30006), f"10.1.0.{rng.randrange(1, 5)}")
-            n, seen = table.get(key, [0, 0])
-            table[key] = [n + rng.randrange(0, 4), seen + rng.randrange(0, 2)]
-        kept.put(entry(node))
-        scratch = TraceTally.of(entry(n) for n in nodes if flows[n] or n in kept._entries)
-        assert kept.top_flows(5) == scratch.top_flows(5), f"step {step}"
+    def grow(table: dict) -> None:
+        key = (rng.randrange(30000, 30006), f"10.1.0.{rng.randrange(1, 5)}")
+        n, seen = table.get(key, [0, 0])
+        table[key] = [n + rng.randrange(0, 4), seen + rng.randrange(0, 2)]
+
+    def lower(table: dict, key) -> None:
+        table[key][0] = max(0, table[key][0] - rng.randrange(1, 5))
+
+    kept = TraceTally()
+    for step, listed in churn(rng, kept, flows, entry, grow, lower):
+        assert kept.top_flows(5) == TraceTally.of(entry(n) for n in listed).top_flows(5), f"step {step}"
 
 
 def report(trace: str, uid: str, entry: NodeStatus) -> dict:
