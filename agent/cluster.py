@@ -228,10 +228,14 @@ class ClusterAgent:
             if self.program is not None:
                 self._set_local_ips(self.program)
 
-    def _set_local_ips(self, program: Any) -> None:
-        """Push the selected pods' addresses into the kernel filter (caller holds the lock)."""
+    def _set_local_ips(self, program: Any, cgroups: Optional[frozenset[int]] = None) -> None:
+        """Push the selected pods' addresses (and the selected hostNetwork pods' cgroups, when
+        the caller has just worked them out: each costs a walk of the cgroup hierarchy) into the
+        kernel filter (caller holds the lock)."""
         ips = selected_ips(self.index, self.selection)
-        cgroups = self._cgroups = self.socket_owners.selected_cgroups(self.index, self.selection)
+        if cgroups is None:
+            cgroups = self.socket_owners.selected_cgroups(self.index, self.selection)
+        self._cgroups = cgroups
         left_out = program.set_local_ips(ips, node_ips=self.index.node_ips() | LOOPBACK, cgroups=cgroups)
         if left_out:
             log.warning("%d selected pod addresses do not fit the local-IP filter (%d per family): not counted",
@@ -367,9 +371,10 @@ class ClusterAgent:
         pod_segments = self._read_pod_segments()
         with self.lock:
             self.index.set_node_addresses(addresses)
-            if self.program is not None and not self.selection.selects_everything and \
-                    self.socket_owners.selected_cgroups(self.index, self.selection) != self._cgroups:
-                self._set_local_ips(self.program)   # hostNetwork pods' new containers' cgroups
+            if self.program is not None and not self.selection.selects_everything:
+                cgroups = self.socket_owners.selected_cgroups(self.index, self.selection)
+                if cgroups != self._cgroups:
+                    self._set_local_ips(self.program, cgroups)   # hostNetwork pods' new containers' cgroups
             snapshot = self.program.snapshot() if self.program is not None else None
             owners = self.index.lookup_table()
             cgroup_owners = self.socket_owners.named(

@@ -13,7 +13,7 @@ pod's UID), a node process's by its systemd unit; without, both are the node (ad
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -31,7 +31,6 @@ class SocketOwners:
 
     names: Optional[CgroupNames] = None
     problem: str = ""
-    _unknown: set[int] = field(default_factory=set)
 
     @classmethod
     def find(cls, candidates: Optional[Iterable[str]] = None) -> "SocketOwners":
