@@ -19,6 +19,7 @@ import pytest
 
 from retransmit_agent.cgroups import CgroupNames, find_cgroup2
 from retransmit_agent.kernel import KernelConfig, RetransmitProgram
+from retransmit_agent.kernelinfo import resolve_cgroup_offsets
 from retransmit_agent.nodeentry import NodeFacts, node_entry
 from retransmit_agent.socketowners import SocketOwners
 from retransmit_core.podindex import PodIndex
@@ -79,6 +80,12 @@ def by_port(counts: Counter, own: set[str], port: int) -> dict[tuple, int]:
         if e.remote_ip in own and succeeded(e) and port in (e.local_port, e.remote_port):
             out[(e.family, e.local_ip, e.local_port, e.remote_ip, e.remote_port)] += n
     return dict(out)
+
+
+def test_this_kernels_btf_gives_a_readable_cgroup_layout():
+    """The running kernel's own BTF (the kernel layer's hosts have it) yields the offsets."""
+    offsets, problem = resolve_cgroup_offsets("/sys/kernel/btf/vmlinux")
+    assert problem == "" and offsets.kernfs_node_id > 0
 
 
 def test_flows_carry_their_sockets_cgroup_and_the_agent_names_the_pod_and_the_unit(ns, reference, cgroups):

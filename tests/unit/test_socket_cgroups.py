@@ -9,7 +9,6 @@ import os
 import struct
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
@@ -175,13 +174,6 @@ def test_no_btf_falls_back_and_says_why(tmp_path):
     offsets, problem = resolve_cgroup_offsets(str(tmp_path / "vmlinux"))
     assert offsets is None and "vmlinux" in problem
     assert resolve_cgroup_offsets(None) == (None, "BTF disabled")
-
-
-def test_this_hosts_btf_has_a_readable_layout():
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        pytest.skip("no BTF on this host")
-    offsets, problem = resolve_cgroup_offsets("/sys/kernel/btf/vmlinux")
-    assert problem == "" and offsets.kernfs_node_id > 0
 
 
 # ---------------------------------------------------------------- which name wins
