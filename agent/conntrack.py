@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from retransmit_core.api import Backend, Flow, NodeStatus
+from retransmit_core.api import Backend, Flow, FlowTuple, NodeStatus, flow_tuple
 from retransmit_core.podindex import canonical_ip
 
 from .podsegments import host_proc
@@ -47,12 +47,6 @@ REMEMBERED_FLOWS = 16384   # flows whose answer (a backend or none) is kept
 LOOKUPS_PER_FLOW = 3       # table reads that may miss a flow before it is given up on
 TABLE = Path("/proc/net/nf_conntrack")
 
-FlowKey = tuple[str, str, int, str, int]   # (family, local ip, local port, remote ip, remote port), canonical
-
-
-def flow_key(flow: Flow) -> FlowKey:
-    return (str(getattr(flow.family, "value", flow.family)), flow.local.ip, flow.local.port,
-            flow.remote.ip, flow.remote.port)
 
 
 # ---------------------------------------------------------------- pure: the table's lines
@@ -140,7 +134,7 @@ class Answer:
 NO_BACKEND = Answer(None)
 
 
-def find_backends(lines: Iterable[str], flows: Iterable[FlowKey]) -> dict[FlowKey, Answer]:
+def find_backends(lines: Iterable[str], flows: Iterable[FlowTuple]) -> dict[FlowTuple, Answer]:
     """The answer for each of `flows` that the table holds:
     - a flow whose own tuple is an entry's original (it opened the connection, from this
       node): translated -> its backend; not translated -> no backend;
@@ -149,7 +143,7 @@ def find_backends(lines: Iterable[str], flows: Iterable[FlowKey]) -> dict[FlowKe
     Flows the table does not hold are left out. One pass; a line is split only when its
     original source (address and port) is one of the flows' ends, so the cost is that of
     reading the table for the lines that cannot matter."""
-    by_source: dict[str, list[tuple[FlowKey, bool]]] = {}   # "src=A sport=P" -> (flow, opened it)
+    by_source: dict[str, list[tuple[FlowTuple, bool]]] = {}   # "src=A sport=P" -> (flow, opened it)
     for key in flows:
         _family, lip, lport, rip, rport = key
         try:
@@ -158,7 +152,7 @@ def find_backends(lines: Iterable[str], flows: Iterable[FlowKey]) -> dict[FlowKe
             continue
         by_source.setdefault(f"src={local} sport={lport}", []).append((key, True))
         by_source.setdefault(f"src={remote} sport={rport}", []).append((key, False))
-    found: dict[FlowKey, Answer] = {}
+    found: dict[FlowTuple, Answer] = {}
     if not by_source:
         return found
     for line in lines:
@@ -223,8 +217,8 @@ class ServiceBackends:
         self.read = read
         self.capacity = capacity
         self.lookups = lookups
-        self.answers: OrderedDict[FlowKey, Optional[Backend]] = OrderedDict()
-        self.misses: OrderedDict[FlowKey, int] = OrderedDict()
+        self.answers: OrderedDict[FlowTuple, Optional[Backend]] = OrderedDict()
+        self.misses: OrderedDict[FlowTuple, int] = OrderedDict()
         self.read_at: Optional[float] = None
         self.reads = 0              # table reads so far (for tests and the log)
         self.problem: Optional[str] = None   # why the table could not be read, when it could not
@@ -235,11 +229,11 @@ class ServiceBackends:
         the flows of the node's report as an earlier agent wrote it, whose backends stand (the
         connection may be gone from the table by now)."""
         for flow in resumed:
-            if flow.remote.backend is not None and self.answers.get(flow_key(flow)) is None:
-                self._remember(flow_key(flow), flow.remote.backend)
+            if flow.remote.backend is not None and self.answers.get(flow_tuple(flow)) is None:
+                self._remember(flow_tuple(flow), flow.remote.backend)
         unresolved = []
         for flow in entry.top_flows:
-            key = flow_key(flow)
+            key = flow_tuple(flow)
             if flow.remote.backend is not None:
                 self._remember(key, flow.remote.backend)
             elif key in self.answers:
@@ -249,12 +243,12 @@ class ServiceBackends:
         if unresolved and (self.read_at is None or now - self.read_at >= period):
             self.read_at = now
             self._look_up(unresolved)
-        if not any(flow.remote.backend is None and self.answers.get(flow_key(flow)) is not None
+        if not any(flow.remote.backend is None and self.answers.get(flow_tuple(flow)) is not None
                    for flow in entry.top_flows):
             return entry
         return entry.model_copy(update={"top_flows": [self._with_backend(flow) for flow in entry.top_flows]})
 
-    def _look_up(self, keys: list[FlowKey]) -> None:
+    def _look_up(self, keys: list[FlowTuple]) -> None:
         try:
             found = find_backends(self.read(), keys)
         except OSError as exc:
@@ -278,7 +272,7 @@ class ServiceBackends:
                 while len(self.misses) > self.capacity:
                     self.misses.popitem(last=False)
 
-    def _remember(self, key: FlowKey, backend: Optional[Backend]) -> None:
+    def _remember(self, key: FlowTuple, backend: Optional[Backend]) -> None:
         if self.answers.get(key) is None or backend is not None:
             self.answers[key] = backend
         self.answers.move_to_end(key)
@@ -286,7 +280,7 @@ class ServiceBackends:
             self.answers.popitem(last=False)
 
     def _with_backend(self, flow: Flow) -> Flow:
-        backend = self.answers.get(flow_key(flow)) if flow.remote.backend is None else None
+        backend = self.answers.get(flow_tuple(flow)) if flow.remote.backend is None else None
         if backend is None:
             return flow
         return flow.model_copy(update={"remote": flow.remote.model_copy(update={"backend": backend})})

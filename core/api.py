@@ -412,6 +412,15 @@ class Flow(RatioModel):
     loss_at: Optional[str] = Field(None, description="In status.summary.topFlows: where this flow's packets were lost, as far as the traced nodes tell: the nodes that dropped them and why, or 'not dropped on a traced node' (the loss is on the wire or on an untraced box) when both ends' nodes count drops and neither dropped any; absent when a node that would know does not count drops.")
 
 
+
+FlowTuple = tuple[str, str, int, str, int]   # (family, local ip, local port, remote ip, remote port)
+
+
+def flow_tuple(flow: Flow) -> FlowTuple:
+    """A flow's identity within one node's report, as a hashable tuple (the models keep
+    `family` a plain string: use_enum_values)."""
+    return (str(flow.family), flow.local.ip, flow.local.port, flow.remote.ip, flow.remote.port)
+
 class RecentEvent(ApiModel):
     """One sampled retransmit."""
 

@@ -18,15 +18,10 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Iterable, Optional
 
-from retransmit_core.api import MAX_DROP_ROWS, Flow, NodeDropCount, NodeStatus, PodCount, add_counts
+from retransmit_core.api import MAX_DROP_ROWS, Flow, FlowTuple, NodeDropCount, NodeStatus, PodCount, add_counts, flow_tuple
 from retransmit_core.ranking import flow_key, pod_key
 
 PodName = tuple[str, str]   # (namespace, pod)
-FlowTuple = tuple[str, str, int, str, int]   # (family, local ip, local port, remote ip, remote port)
-
-
-def flow_tuple(flow: Flow) -> FlowTuple:
-    return (str(flow.family), flow.local.ip, flow.local.port, flow.remote.ip, flow.remote.port)
 
 
 def reversed_tuple(flow: Flow) -> FlowTuple:
