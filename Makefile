@@ -93,9 +93,10 @@ demo-local: setup
 	$(PY) -m tests.harness.demo_local
 
 # Every layer in one pytest run. pytest exit 5 (nothing collected) is a failure. The arm64
-# image under emulation is not a layer: `make image-agent-arm64` (tens of minutes).
+# image under emulation is not a layer: `make image-agent-arm64` (tens of minutes). The 30
+# slowest steps are listed at the end: where CI's time goes.
 test: setup kernel-vm k8s-binaries real-node-tools
-	@$(PY) -m pytest -m 'not emulated' tests; rc=$$?; \
+	@$(PY) -m pytest -m 'not emulated' --durations=30 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-unit: venv

@@ -75,9 +75,10 @@ def node_simulator(control_plane):
 
 @pytest.fixture(scope="module")
 def kube_proxy(control_plane, node_simulator):
-    from tests.harness.kubeproxy import KubeProxy
+    from tests.harness.kubeproxy import KubeProxy, simulator_network
 
-    with KubeProxy(control_plane.kubeconfig, node_simulator) as proxy:
+    with KubeProxy(control_plane.kubeconfig, simulator_network(node_simulator),
+                   workdir=node_simulator.state_dir) as proxy:
         yield proxy
 
 

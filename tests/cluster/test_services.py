@@ -25,6 +25,7 @@ import pytest
 from retransmit_agent.conntrack import find_backends, read_table
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_until
+from tests.harness.services import dual_stack_service, wait_backends_listed
 from tests.harness.tracecluster import NODE_A, NODE_B, Pods, expected, plugin, running, totals
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -35,42 +36,18 @@ SERVICE_PORT = 8080
 TARGET_PORT = 5201
 
 
-def _dual_stack_service(core, namespace: str) -> dict:
-    core.create_namespaced_service(namespace, {
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": SERVICE},
-        "spec": {"type": "NodePort", "selector": {"app": "server"},
-                 "ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"],
-                 "ports": [{"name": PORT_NAME, "protocol": "TCP", "port": SERVICE_PORT,
-                            "targetPort": TARGET_PORT}]}})
-    svc = core.read_namespaced_service(SERVICE, namespace)
-    return {"cluster_ips": list(svc.spec.cluster_ips), "node_port": svc.spec.ports[0].node_port}
-
-
-def _ready_backends(discovery, namespace: str) -> set[str]:
-    """The addresses of ready endpoints in the Service's EndpointSlices (both families)."""
-    slices = discovery.list_namespaced_endpoint_slice(
-        namespace, label_selector=f"kubernetes.io/service-name={SERVICE}").items
-    return {ip for s in slices for e in s.endpoints or []
-            if e.conditions is None or e.conditions.ready is not False for ip in e.addresses}
-
-
 class ServiceSetup:
     """The server pod on node-b behind the Service, the client pod on node-a, a trace of
     their namespace with both agents attached."""
 
     def __init__(self, kube, core, namespace, node_simulator, traces):
-        import kubernetes
-
         pods = Pods(core, node_simulator, namespace, node=NODE_A, server_node=NODE_B)
         self.namespace, self.server, self.client = namespace, pods.server, pods.client
         self.server_ips, self.client_ips = pods.server_ips, pods.client_ips
-        self.svc = _dual_stack_service(core, namespace)
-        assert len(self.svc["cluster_ips"]) == 2 and self.svc["node_port"], self.svc
+        self.svc = dual_stack_service(core, namespace, SERVICE, {"app": "server"}, port_name=PORT_NAME,
+                                      port=SERVICE_PORT, target_port=TARGET_PORT)
         # The EndpointSlice controller (controller-manager) publishes the server pod's addresses.
-        discovery = kubernetes.client.DiscoveryV1Api(kube)
-        wait_until(lambda: _ready_backends(discovery, namespace) >= set(self.server_ips),
-                   "the Service's EndpointSlices to list the server pod's IPv4 and IPv6 addresses")
+        wait_backends_listed(kube, namespace, SERVICE, set(self.server_ips))
         self.node_b = node_simulator.nodes_by_name[NODE_B]
         self.trace = traces(namespaces=[namespace])
         for node in (NODE_A, NODE_B):

@@ -2,9 +2,13 @@
 the project's images as real containers, with the images, mounts, probes, securityContext and
 resource limits the chart and the operator render (the node simulator applies none of them).
 
+The node runs kube-proxy (nftables mode, tests/harness/kubeproxy.py), so the operator and the
+agents reach the API server through the `kubernetes` Service's ClusterIP as on any cluster.
+
 One module, in order: helm install with the chart's defaults (security mode auto: agents
 with BPF and PERFMON only, as this 6.18 kernel allows), a hostNetwork pod's flows named as
-that pod from their sockets' cgroup, then the privileged security mode
+that pod from their sockets' cgroup, a Service routed by the node's kube-proxy named with
+its backend pod, then the privileged security mode
 with the operator at an arbitrary uid, then auto on a runtime that withholds CAP_PERFMON from
 unprivileged containers (the agent finds it may not load BPF, asks for privileged, and a
 privileged agent takes the node over), then helm uninstall and the node's teardown, compared
@@ -38,9 +42,11 @@ from tests.deploy.images import AGENT_IMAGE, OPERATOR_IMAGE, build, chart_values
 from tests.deploy.kube import CHART, helm, kubectl, unique
 from tests.harness import podtraffic
 from tests.harness.controlplane import wait_gone, wait_until
-from tests.harness.realnode import BRIDGE, NODE_IP, SANDBOX_IMAGE, RealNode
+from tests.harness.kubeproxy import KubeProxy, real_node_network
+from tests.harness.realnode import BRIDGE, NODE_IP, NODE_IP_V6, SANDBOX_IMAGE, RealNode
 from tests.harness.realnode_host import HostState
 from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
+from tests.harness.services import dual_stack_service, wait_backends_listed
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1500)]
 
@@ -57,10 +63,10 @@ def images() -> list[str]:
 
 
 class Node:
-    """The started RealNode and the host as it was before it started."""
+    """The started RealNode, its kube-proxy and the host as it was before both started."""
 
-    def __init__(self, node: RealNode, before: HostState) -> None:
-        self.node, self.before = node, before
+    def __init__(self, node: RealNode, proxy: KubeProxy, before: HostState) -> None:
+        self.node, self.proxy, self.before = node, proxy, before
 
     def host_now(self) -> HostState:
         return HostState.capture(self.node.state, re.compile(f"^{BRIDGE}$"))
@@ -73,7 +79,13 @@ def real(control_plane, images):
     node.start()
     print(f"\nreal node set-up {node.timings['total']:.1f}s: "
           + ", ".join(f"{k} {v:.1f}s" for k, v in node.timings.items() if k != "total"))
-    yield Node(node, before)
+    try:
+        proxy = KubeProxy(control_plane.kubeconfig, real_node_network(node), workdir=node.state).start()
+    except BaseException:
+        node.stop()
+        raise
+    yield Node(node, proxy, before)
+    proxy.stop(verify=False)     # the teardown test stops it first, and checks
     node.stop()
 
 
@@ -416,6 +428,94 @@ def test_a_host_network_pods_flows_are_named_as_that_pod(control_plane, real, re
     trace.delete()
 
 
+SERVICE, SERVICE_PORT_NAME, SERVICE_PORT, SERVICE_TARGET_PORT = "web", "bulk", 8080, 5701
+
+
+def test_a_service_routed_by_the_nodes_kube_proxy_names_the_service_and_its_backend_pod(
+        control_plane, real, release, reference, core, namespace):
+    """A client pod reaches a server pod of the node through a dual-stack Service's
+    ClusterIPs and through its NodePort on the node's own addresses, translated by the node's
+    kube-proxy, with 10% loss arriving at either pod. The client's sockets know only the
+    Service's address; the agent (a real container, hostNetwork) reads the backend from the
+    node's conntrack table, and the operator (a real pod reaching the API server through the
+    `kubernetes` ClusterIP) names the Service, its port and the backend pod. Per-flow, per-pod
+    and per-Service counts equal the reference counter."""
+    node = real.node
+    pods = PodPair(core, node, namespace)
+    svc = dual_stack_service(core, namespace, SERVICE, {"app": "server"}, port_name=SERVICE_PORT_NAME,
+                             port=SERVICE_PORT, target_port=SERVICE_TARGET_PORT)
+    wait_backends_listed(core.api_client, namespace, SERVICE, set(pods.server_ips))
+    targets = [(ip, SERVICE_PORT) for ip in svc["cluster_ips"]] + [
+        (NODE_IP, svc["node_port"]), (NODE_IP_V6, svc["node_port"])]
+    trace = Trace(control_plane, node, namespace, release.ns)
+    trace.wait_entry("agent attached and reporting", lambda e: e.phase == "Running")
+
+    before = reference.read()
+    pods.server.random_loss(10)
+    pods.client.random_loss(10)
+    try:
+        for ip, port in targets:    # the server listens on [::] at the targetPort: only kube-proxy's DNAT leads there
+            podtraffic.bulk(pods.server, pods.client, ip, port, connections=2, nbytes=1 << 20,
+                            listen_ip="::", listen_port=SERVICE_TARGET_PORT)
+    finally:
+        pods.server.clear_loss()
+        pods.client.clear_loss()
+    for pod in (pods.server, pods.client):
+        pod.wait_quiet()
+    counted = reference.read() - before
+    client_flows = per_flow(counted, lambda e: succeeded(e) and e.local_ip in pods.client_ips)
+    server_flows = per_flow(counted, lambda e: succeeded(e) and e.local_ip in pods.server_ips)
+    per_target = Counter()
+    for (_family, _lip, _lport, rip, rport), (r, s) in client_flows.items():
+        per_target[(rip, rport)] += r + s
+    assert set(per_target) == set(targets) and all(per_target.values()), \
+        f"every way in must retransmit, else this test shows nothing: {per_target}"
+    want_service = sum(per_target.values())
+    want_pods = {(namespace, "client"): want_service,
+                 (namespace, "server"): sum(r + s for r, s in server_flows.values())}
+    print(f"\nretransmits towards {namespace}/{SERVICE} through the real node's kube-proxy, by address: "
+          f"{dict(per_target)}; the server's: {want_pods[(namespace, 'server')]}")
+
+    last: dict = {}
+
+    def summary_counts_it() -> Optional[dict]:
+        status = trace.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace.name).get("status") or {}
+        summary = last["summary"] = status.get("summary") or {}
+        named = {(f["family"], f["local"]["ip"], f["local"]["port"], f["remote"]["ip"], f["remote"]["port"]):
+                 (f["retransmits"], f.get("synackRetransmits", 0))
+                 for f in summary.get("topFlows", []) if f["local"].get("pod") == "client"}
+        services = {(s["namespace"], s["service"]): s["retransmits"] for s in summary.get("topServices", [])}
+        pods_seen = {(p["namespace"], p["pod"]): p["retransmits"] for p in summary.get("topPods", [])}
+        backends = [f["remote"].get("backend") for f in summary.get("topFlows", []) if f["local"].get("pod") == "client"]
+        done = (named == client_flows and services.get((namespace, SERVICE)) == want_service
+                and pods_seen == want_pods and all(b and b.get("pod") for b in backends))
+        return summary if done else None
+    try:
+        summary = wait_until(summary_counts_it, f"the summary to count {want_service} retransmits towards "
+                             f"{namespace}/{SERVICE} flow by flow, topPods {want_pods}, every client flow "
+                             "naming its backend pod", timeout=180)
+    except TimeoutError as e:
+        seen = last.get("summary") or {}
+        raise AssertionError(f"{e}: topServices {seen.get('topServices')}, topPods {seen.get('topPods')}, "
+                             f"topFlows {seen.get('topFlows')}, reference client flows {client_flows}") from None
+
+    server_ip_of = {("IPv6" if ":" in ip else "IPv4"): ip for ip in pods.server_ips}
+    for flow in summary["topFlows"]:
+        remote = flow["remote"]
+        if flow["local"].get("pod") == "client":
+            assert (remote.get("service"), remote.get("namespace"), remote.get("servicePort")) == \
+                (SERVICE, namespace, SERVICE_PORT_NAME), flow
+            assert remote["backend"] == {"ip": server_ip_of[flow["family"]], "port": SERVICE_TARGET_PORT,
+                                         "pod": "server", "namespace": namespace}, flow
+        elif flow["local"].get("pod") == "server":
+            # Through a ClusterIP the client pod's own address (no masquerade inside the cluster
+            # CIDR); through the NodePort the node's (SNAT, externalTrafficPolicy Cluster).
+            assert "backend" not in remote, flow
+            assert (remote.get("pod") == "client" if remote["ip"] in pods.client_ips
+                    else remote.get("node") == node.name), flow
+    trace.delete()
+
+
 def test_privileged_mode_with_the_operator_at_an_arbitrary_uid(control_plane, real, release, reference, core,
                                                                  namespace):
     release.upgrade("--set", "agent.securityMode=privileged")
@@ -473,6 +573,7 @@ def test_helm_uninstall_and_teardown_leave_the_host_as_it_was(control_plane, rea
     wait_until(lambda: not core.list_pod_for_all_namespaces(label_selector=TEST_LABEL).items,
                "this module's traffic pods gone", timeout=300)
 
+    real.proxy.stop()     # KubeProxyError if its tables or the bridge's settings are left behind
     real.node.stop()
     after = real.host_now()
     assert real.before.differences(after) == {}

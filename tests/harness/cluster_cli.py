@@ -1,5 +1,6 @@
 """`make cluster-up` / `make cluster-down`: the test control plane plus node simulator and the
-kube-proxy that routes its Services (tests/harness/kubeproxy.py), run by hand in the background so kubectl, helm and the operator can be pointed at it.
+kube-proxy that routes Services between all nodes (tests/harness/kubeproxy.py), run by hand in
+the background so kubectl, helm and the operator can be pointed at it.
 
     python -m tests.harness.cluster_cli up   [--state DIR] [--nodes node-a,node-b] [--real-node [--image IMG]...]
     python -m tests.harness.cluster_cli down [--state DIR]
@@ -48,7 +49,7 @@ def _pid(state: Path):
 def run(state: Path, nodes: list[str], real_node: bool = False, images: Sequence[str] = ()) -> int:
     """Foreground: start both, write DIR/kubeconfig and DIR/ready, wait for SIGTERM/SIGINT."""
     from .controlplane import ControlPlane
-    from .kubeproxy import KubeProxy
+    from .kubeproxy import KubeProxy, real_node_network, simulator_network
     from .nodesim import NodeSimulator
     from .realnode import RealNode
 
@@ -60,10 +61,12 @@ def run(state: Path, nodes: list[str], real_node: bool = False, images: Sequence
     cp_dir = state / "control-plane"
     shutil.rmtree(cp_dir, ignore_errors=True)
     with ControlPlane(workdir=cp_dir) as cp:
+        # One kube-proxy for every node: they all share this host's network namespace.
         with NodeSimulator(cp.kubeconfig, nodes, state_dir=state / "nodes") as sim, \
-                KubeProxy(cp.kubeconfig, sim, lock_timeout=60) as proxy, \
                 (RealNode(cp, images=images, state_dir=state / "real-node") if real_node
-                 else contextlib.nullcontext()) as real:
+                 else contextlib.nullcontext()) as real, \
+                KubeProxy(cp.kubeconfig, simulator_network(sim), *([real_node_network(real)] if real else []),
+                          workdir=sim.state_dir, lock_timeout=60) as proxy:
             kubeconfig = state / "kubeconfig"
             shutil.copy(cp.kubeconfig, kubeconfig)
             (state / "ready").write_text(f"{cp.server}\n")

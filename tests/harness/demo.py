@@ -149,7 +149,7 @@ def main() -> int:
         return 1
     import kubernetes
 
-    from tests.harness.kubeproxy import KubeProxy
+    from tests.harness.kubeproxy import KubeProxy, simulator_network
     from tests.harness.nodesim import NodeSimulator
 
     operator: Optional[subprocess.Popen] = None
@@ -181,7 +181,8 @@ def main() -> int:
         console.print(f"retransmit-operator pid {operator.pid}, log {operator_log}")
         try:
             zoned = {node: {ZONE_LABEL: zone} for node, zone in NODES.items()}
-            with NodeSimulator(cp.kubeconfig, zoned) as sim, KubeProxy(cp.kubeconfig, sim) as proxy:
+            with NodeSimulator(cp.kubeconfig, zoned) as sim, KubeProxy(
+                    cp.kubeconfig, simulator_network(sim), workdir=sim.state_dir) as proxy:
                 console.print(f"kube-proxy (nftables) routes Services between the nodes, log {proxy.log}")
                 return _run(cp, sim, core, objects)
         finally:

@@ -1,36 +1,49 @@
-"""A real kube-proxy (nftables mode) for a node simulator's nodes: Services, EndpointSlices,
-ClusterIPs and NodePorts then work between simulated pods on different nodes.
+"""A real kube-proxy (nftables mode) for the test cluster's nodes: Services, EndpointSlices,
+ClusterIPs and NodePorts then work between pods, simulated or real, on different nodes.
 
-The simulated nodes share this host's network namespace, so ONE kube-proxy serves them all
-(it runs as the first node, --hostname-override; with externalTrafficPolicy Cluster every
-node programs every Service alike). What the host gets, all of it undone by stop():
+kube-proxy programs one network namespace, and every node of the test cluster shares this
+host's: the node simulator's nodes (one bridge per simulator) and the real kubelet node
+(tests/harness/realnode.py, its own CNI bridge). So ONE kube-proxy serves every bridge on the
+host (`Network`: a bridge and the prefixes of its pods and node addresses), as the first
+network's node (--hostname-override; with externalTrafficPolicy Cluster every node programs
+every Service alike):
+
+    with KubeProxy(cp.kubeconfig, simulator_network(sim)) as kp:            # simulated nodes
+    with KubeProxy(cp.kubeconfig, real_node_network(node)) as kp:           # the real node
+    with KubeProxy(cp.kubeconfig, simulator_network(sim), real_node_network(node)):   # both
+
+What the host gets, all of it undone by stop():
 
 - nftables tables `ip kube-proxy` and `ip6 kube-proxy` (kube-proxy's own; deleted at stop).
-  Their names are fixed by kube-proxy, so one simulator on this machine at a time may run
-  it: a machine-wide lock (HOST_LOCK) is held from start to stop, and tables found while
+  Their names are fixed by kube-proxy, so one kube-proxy on this machine at a time may run:
+  a machine-wide lock (HOST_LOCK) is held from start to stop, and tables found while
   holding it were left by a holder that died: they are removed first.
-- On the simulator's own bridge only: IPv4 forwarding (net.ipv4.conf.<bridge>.forwarding),
-  IPv6 forwarding (net.ipv6.conf.<bridge>.force_forwarding, Linux 6.17+; the global
+- On each served bridge only: IPv4 forwarding (net.ipv4.conf.<bridge>.forwarding), IPv6
+  forwarding (net.ipv6.conf.<bridge>.force_forwarding, Linux 6.17+; the global
   net.ipv6.conf.all.forwarding is not touched) and the bridge's own nf_call_iptables /
   nf_call_ip6tables, so a backend's reply to a client on the same bridge (switched at L2)
   still meets conntrack and is un-NATed. These live and die with the bridge.
 - None of the global sysctls kube-proxy would set: --conntrack-max-per-core=0 and zero
   conntrack timeouts leave nf_conntrack_* alone; --oom-score-adj=0 leaves its own process'.
-- NodePorts only on addresses inside the simulator's on-link prefixes (the nodes' IPs), and
-  traffic is forwarded only between the bridge's own addresses: pods reach 198.18.0.0/15,
-  198.19.0.0/16 (ClusterIPs) and fd00::/8 of this host's namespaces, nothing else.
+- NodePorts only on addresses inside the served prefixes (the nodes' IPs), and traffic is
+  forwarded only between the bridges' own addresses: pods reach 198.18.0.0/15 (pods, nodes
+  and ClusterIPs) and fd00::/8 of this host's namespaces, nothing else.
+- --cluster-cidr takes one prefix per family: the smallest prefix of each family that holds
+  every served one (cluster_cidrs), so traffic from any served pod to a ClusterIP keeps its
+  source address (no masquerade inside the cluster), as on a real cluster.
 
 The `kubernetes` Service is programmed by kube-proxy like any other. Its apiserver listens
 on 127.0.0.1, which no Endpoint may name (the control plane runs no endpoint reconciler), so
-start() gives it an EndpointSlice of its own (KUBERNETES_SLICE) naming the first node's
-IPv4 address at port 443, where a relay of the simulator's (nodesim's TcpProxy) forwards to
-the apiserver. Why not leave that Service out of kube-proxy's rules (label
-service.kubernetes.io/service-proxy-name, as an earlier version did): kube-proxy then drops
-every new connection to a service-range address it did not program ("Drop traffic to
+start() gives it an EndpointSlice of its own (KUBERNETES_SLICE) naming the first network's
+relay address (a node IPv4 address of this host) at port 443, where a relay (nodesim's
+TcpProxy) forwards to the apiserver. Why not leave that Service out of kube-proxy's rules
+(label service.kubernetes.io/service-proxy-name, as an earlier version did): kube-proxy then
+drops every new connection to a service-range address it did not program ("Drop traffic to
 unallocated ClusterIPs", from the filter output and forward hooks), and host processes
-(hostNetwork agents on a real node) dialling the `kubernetes` ClusterIP timed out. Programmed,
-the ClusterIP reaches the apiserver through kube-proxy's DNAT the whole time it runs, and
-through the simulator's relay on the ClusterIP itself before and after.
+(hostNetwork agents on a real node) dialling the `kubernetes` ClusterIP timed out.
+Programmed, the ClusterIP reaches the apiserver through kube-proxy's DNAT the whole time it
+runs, and through the simulator's or the real node's relay on the ClusterIP itself before
+and after.
 
 stop() checks that the host is as it was before start() (HostState: no `kube-proxy` table,
 the same forwarding and bridge settings, the same conntrack and forwarding sysctls) and
@@ -42,13 +55,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import os
 import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 from urllib.parse import urlparse
 
 from .controlplane import SLOT_DIR, binaries_dir, end_process, free_port, log_tail, start_process
@@ -59,7 +73,7 @@ TABLES = (("ip", "kube-proxy"), ("ip6", "kube-proxy"))
 # kube-proxy skips Services with this label unless it is started with the same name (an
 # earlier version of this harness set it on the `kubernetes` Service: removed at start).
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
-KUBERNETES_SLICE = "kubernetes-rtrace-nodesim"   # the `kubernetes` Service's EndpointSlice
+KUBERNETES_SLICE = "kubernetes-rtrace-relay"   # the `kubernetes` Service's EndpointSlice
 APISERVER_RELAY_PORT = 443
 # Host-wide settings kube-proxy could change (it is told not to: --conntrack-* 0), compared
 # before and after.
@@ -74,6 +88,46 @@ GLOBAL_SYSCTLS = (
 
 class KubeProxyError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class Network:
+    """One bridge of this host whose pods kube-proxy serves."""
+
+    bridge: str
+    prefixes: tuple[str, ...]   # the pods' and the nodes' addresses: an IPv4 and an IPv6 prefix
+    node: str                   # a node on it (the first network's is kube-proxy's --hostname-override)
+    relay_ip: str               # a node IPv4 address of this host on it (see KUBERNETES_SLICE)
+
+
+def simulator_network(sim: Any) -> Network:
+    """The bridge of a started NodeSimulator (all its nodes)."""
+    first = sim.nodes[0]
+    return Network(bridge=sim.network.bridge, prefixes=slot_prefixes(sim.network.slot),
+                   node=first.name, relay_ip=first.ip_v4)
+
+
+def real_node_network(node: Any) -> Network:
+    """The CNI bridge of a started RealNode."""
+    from .realnode import BRIDGE, NODE_IP, POD_CIDR_V4, POD_CIDR_V6
+
+    return Network(bridge=BRIDGE, prefixes=(str(POD_CIDR_V4), str(POD_CIDR_V6)), node=node.name, relay_ip=NODE_IP)
+
+
+def cluster_cidrs(networks: Sequence[Network]) -> list[str]:
+    """kube-proxy's --cluster-cidr: one prefix per family (its limit), the smallest that holds
+    every served prefix of that family."""
+    out = []
+    for version in (4, 6):
+        prefixes = [ipaddress.ip_network(p) for n in networks for p in n.prefixes
+                    if ipaddress.ip_network(p).version == version]
+        if not prefixes:
+            continue
+        cover = prefixes[0]
+        while not all(p.subnet_of(cover) for p in prefixes):
+            cover = cover.supernet()
+        out.append(str(cover))
+    return out
 
 
 def _sysctl_path(family: str, bridge: str, key: str) -> Path:
@@ -95,9 +149,9 @@ class HostState:
     settings: tuple[tuple[str, Optional[str]], ...]   # sysctls and the bridge's nf_call_* (None: absent)
 
     @classmethod
-    def read(cls, bridge: Optional[str]) -> "HostState":
+    def read(cls, bridges: Sequence[str]) -> "HostState":
         paths = [Path("/proc/sys") / name.replace(".", "/") for name in GLOBAL_SYSCTLS]
-        if bridge:
+        for bridge in bridges:
             paths += [_sysctl_path("ipv4", bridge, "forwarding"), _sysctl_path("ipv6", bridge, "force_forwarding"),
                       Path(f"/sys/class/net/{bridge}/bridge/nf_call_iptables"),
                       Path(f"/sys/class/net/{bridge}/bridge/nf_call_ip6tables")]
@@ -114,19 +168,21 @@ class HostState:
 
 
 class KubeProxy:
-    """kube-proxy for `sim` (a started NodeSimulator) against the cluster in `kubeconfig`
-    (an admin kubeconfig).
+    """kube-proxy for `networks` (at least one) against the cluster in `kubeconfig` (an admin
+    kubeconfig); its log and state in `workdir` (default: beside the kubeconfig).
 
-        with KubeProxy(cp.kubeconfig, sim) as kp:   # Services now route between pods
+        with KubeProxy(cp.kubeconfig, simulator_network(sim)) as kp:   # Services now route between pods
             ...
     """
 
-    def __init__(self, kubeconfig: Any, sim: Any, *, bin_dir: Optional[Path] = None,
+    def __init__(self, kubeconfig: Any, *networks: Network, bin_dir: Optional[Path] = None,
                  workdir: Optional[Path] = None, lock_timeout: float = 900.0):
+        if not networks:
+            raise ValueError("KubeProxy serves at least one Network")
         self.kubeconfig = Path(kubeconfig)
-        self.sim = sim
+        self.networks = networks
         self.binary = Path(bin_dir or binaries_dir()) / "kube-proxy"
-        self.workdir = Path(workdir or sim.state_dir)
+        self.workdir = Path(workdir or self.kubeconfig.parent)
         self.log = self.workdir / "kube-proxy.log"
         self.lock_timeout = lock_timeout
         self.proc: Optional[subprocess.Popen] = None
@@ -136,6 +192,7 @@ class KubeProxy:
         self._relay: Optional[tuple] = None       # the apiserver relay the `kubernetes` slice names
         self._slice_made = False
         self._before: Optional[HostState] = None
+        self._api: Any = None
 
     def __enter__(self) -> "KubeProxy":
         return self.start()
@@ -151,9 +208,10 @@ class KubeProxy:
         try:
             self._take_host_lock()
             remove_tables()                       # a dead holder's, if any
-            self._before = HostState.read(self._bridge())
+            self._before = HostState.read(self._bridges())
             self._route_apiserver_service()
-            self._open_bridge()
+            for network in self.networks:
+                self._open_bridge(network.bridge)
             self._spawn()
         except BaseException:
             self.stop(verify=False)
@@ -179,8 +237,11 @@ class KubeProxy:
         if self._relay is not None:
             release_proxy(self._relay)
             self._relay = None
-        differences = self._before.differences(HostState.read(self._bridge())) if self._before else []
+        differences = self._before.differences(HostState.read(self._bridges())) if self._before else []
         self._before = None
+        if self._api is not None:
+            self._api.close()
+            self._api = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -211,22 +272,32 @@ class KubeProxy:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
-    def _bridge(self) -> Optional[str]:
-        return self.sim.network.bridge if self.sim.network is not None else None
+    def _bridges(self) -> list[str]:
+        return [network.bridge for network in self.networks]
+
+    def _client(self) -> Any:
+        import kubernetes
+
+        if self._api is None:
+            self._api = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
+        return self._api
 
     def _discovery(self) -> Any:
         import kubernetes
 
-        return kubernetes.client.DiscoveryV1Api(self.sim.core.api_client)
+        return kubernetes.client.DiscoveryV1Api(self._client())
 
     def _route_apiserver_service(self) -> None:
         """The `kubernetes` Service gets an endpoint kube-proxy can DNAT to: a relay on the
-        first node's address (see the module's docstring)."""
-        self.sim.core.patch_namespaced_service(   # a label an earlier harness set: kube-proxy would skip it
+        first network's relay address (see the module's docstring)."""
+        import kubernetes
+
+        core = kubernetes.client.CoreV1Api(self._client())
+        core.patch_namespaced_service(   # a label an earlier harness set: kube-proxy would skip it
             "kubernetes", "default", {"metadata": {"labels": {PROXY_NAME_LABEL: None}}})
-        service = self.sim.core.read_namespaced_service("kubernetes", "default")
-        api = urlparse(self.sim.server)
-        relay_ip = self.sim.nodes[0].ip_v4
+        service = core.read_namespaced_service("kubernetes", "default")
+        api = urlparse(self._client().configuration.host)
+        relay_ip = self.networks[0].relay_ip
         self._relay = share_proxy(relay_ip, APISERVER_RELAY_PORT, api.hostname, api.port or 443)
         port_name = service.spec.ports[0].name
         body = {
@@ -244,8 +315,7 @@ class KubeProxy:
         discovery.create_namespaced_endpoint_slice("default", body)
         self._slice_made = True
 
-    def _open_bridge(self) -> None:
-        bridge = self.sim.network.bridge
+    def _open_bridge(self, bridge: str) -> None:
         for path in (_sysctl_path("ipv4", bridge, "forwarding"),
                      _sysctl_path("ipv6", bridge, "force_forwarding")):
             if not path.exists():
@@ -260,13 +330,13 @@ class KubeProxy:
             "nf_call_iptables", "1", "nf_call_ip6tables", "1")
 
     def _spawn(self) -> None:
-        v4, v6 = slot_prefixes(self.sim.network.slot)
         self.healthz_port = free_port()
+        served = [prefix for network in self.networks for prefix in network.prefixes]
         argv = [
             str(self.binary), f"--kubeconfig={self.kubeconfig}", "--proxy-mode=nftables",
-            f"--hostname-override={self.sim.nodes[0].name}",
-            f"--cluster-cidr={v4},{v6}",
-            f"--nodeport-addresses={v4},{v6}",
+            f"--hostname-override={self.networks[0].node}",
+            f"--cluster-cidr={','.join(cluster_cidrs(self.networks))}",
+            f"--nodeport-addresses={','.join(served)}",
             "--conntrack-max-per-core=0", "--conntrack-tcp-timeout-established=0",
             "--conntrack-tcp-timeout-close-wait=0", "--oom-score-adj=0",
             f"--metrics-bind-address=127.0.0.1:{free_port()}",

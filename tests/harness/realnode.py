@@ -13,7 +13,8 @@ see `timings`):
   - one real node per host: a lock in /run/rtrace-slots, fixed bridge and pod CIDRs;
     records the host state it may change (realnode_host.HostState) into its state dir;
   - a bridge (BRIDGE) holding the node IP (the pods' gateway) and the `kubernetes` Service's
-    ClusterIP, which a proxy forwards to the API server on 127.0.0.1 (kube-proxy's job);
+    ClusterIP, which a proxy forwards to the API server on 127.0.0.1 while no kube-proxy runs
+    (kubeproxy.KubeProxy with real_node_network(node) routes every Service, that one too);
   - a process holding a private mount namespace whose / is made rshared: containerd and
     kubelet run in it (nsenter), so the DaemonSet's HostToContainer mounts work and none of
     their mounts (overlays, netns, tmpfs volumes) shows on the host;
