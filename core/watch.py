@@ -30,7 +30,7 @@ class WatchExpired(Exception):
 def list_then_watch(
     list_objects: Callable[[], Mapping[str, Any]],
     watch_from: Callable[[Optional[str]], Iterable[Mapping[str, Any]]],
-    replace: Callable[[list], None],
+    replace: Callable[[list, Optional[str]], None],
     observe: Callable[..., None],
     stop: threading.Event,
     what: str,
@@ -40,14 +40,15 @@ def list_then_watch(
 
     list_objects(): the list as a JSON dict (items, metadata.resourceVersion);
     watch_from(version): watch events (dicts with type and raw_object) from that version;
-    replace(items) after each list; observe(obj, deleted=...) for each change.
+    replace(items, version) after each list, with the list's resourceVersion (the watch
+    delivers every change after it); observe(obj, deleted=...) for each change.
     """
     failures = 0
     while not stop.is_set():
         try:
             listed = list_objects()
-            replace(list(listed.get("items") or []))
             version = (listed.get("metadata") or {}).get("resourceVersion")
+            replace(list(listed.get("items") or []), version)
             failures = 0
             while not stop.is_set():
                 for event in watch_from(version):

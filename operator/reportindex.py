@@ -155,13 +155,13 @@ class ReportIndex:
     def observe(self, obj: dict[str, Any], deleted: bool = False) -> None:
         self._observe("reports", obj, deleted)
 
-    def replace(self, objs: Iterable[dict[str, Any]]) -> None:
+    def replace(self, objs: Iterable[dict[str, Any]], _version: Optional[str] = None) -> None:
         self._replace("reports", objs)
 
     def observe_heartbeat(self, obj: dict[str, Any], deleted: bool = False) -> None:
         self._observe("heartbeats", obj, deleted)
 
-    def replace_heartbeats(self, objs: Iterable[dict[str, Any]]) -> None:
+    def replace_heartbeats(self, objs: Iterable[dict[str, Any]], _version: Optional[str] = None) -> None:
         self._replace("heartbeats", objs)
 
     def _heard(self, key: Key, report: StoredReport) -> StoredReport:
