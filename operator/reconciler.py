@@ -323,7 +323,7 @@ class Reconciler:
                                ) -> tuple[Optional[dict[str, Any]], Optional[str], list[Event]]:
         ns, ds_name = self.settings.namespace, daemonset_name(name)
         recorded = recorded_privileged_nodes(daemonset)
-        wanted_privileged = (privileged_nodes(recorded, (r.entry for r in self.reports.for_trace(name, uid, heartbeats=False)))
+        wanted_privileged = (privileged_nodes(recorded, self.reports.asking_privileged(name, uid))
                              if self.settings.agent_security_mode == AUTO else {})
         rendered = render_daemonset(name, uid, spec, self.settings, port, wanted_privileged)
         wanted = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
