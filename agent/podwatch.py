@@ -98,7 +98,7 @@ class PodWatcher(threading.Thread):
             return self._watch.stream(self._core.list_pod_for_all_namespaces, field_selector=selector,
                                       resource_version=version, timeout_seconds=300, _request_timeout=330)
 
-        def replace(pods: list) -> None:
+        def replace(pods: list, _version: Optional[str]) -> None:
             with self._lock:
                 self._index.replace_all(pods)
             self._on_change()

@@ -1,9 +1,12 @@
 """List, then watch: the one loop that mirrors a set of API objects into memory, for the
-operator (every node report, every heartbeat Lease) and the agent (its node's pods).
+operator (every node report, every heartbeat Lease, its agents' DaemonSets) and the agent
+(its node's pods).
 
 List once, then watch from the list's resourceVersion, resuming from the last version seen
 after each server-side timeout; list again only when the watch failed or expired (410 Gone:
-an ERROR event). Failures back off (retransmit_core.backoff). Blocking: run it in a thread.
+an ERROR event). Failures back off (retransmit_core.backoff) until a watch works again: a
+list that succeeds followed by a watch that is refused (RBAC without `watch`) is a failure
+that grows the pause, not a relist every second. Blocking: run it in a thread.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class WatchExpired(Exception):
 def list_then_watch(
     list_objects: Callable[[], Mapping[str, Any]],
     watch_from: Callable[[Optional[str]], Iterable[Mapping[str, Any]]],
-    replace: Callable[[list], None],
+    replace: Callable[[list, Optional[str]], None],
     observe: Callable[..., None],
     stop: threading.Event,
     what: str,
@@ -40,17 +43,20 @@ def list_then_watch(
 
     list_objects(): the list as a JSON dict (items, metadata.resourceVersion);
     watch_from(version): watch events (dicts with type and raw_object) from that version;
-    replace(items) after each list; observe(obj, deleted=...) for each change.
+    replace(items, version) after each list, with the list's resourceVersion (the watch
+    delivers every change after it); observe(obj, deleted=...) for each change.
     """
     failures = 0
     while not stop.is_set():
         try:
             listed = list_objects()
-            replace(list(listed.get("items") or []))
             version = (listed.get("metadata") or {}).get("resourceVersion")
-            failures = 0
+            replace(list(listed.get("items") or []), version)
             while not stop.is_set():
                 for event in watch_from(version):
+                    # The watch works: a later failure backs off from the start again. Not
+                    # after the list alone: a watch refused at once (a 403) must back off too.
+                    failures = 0
                     if stop.is_set():
                         return
                     kind = event.get("type")
@@ -60,6 +66,7 @@ def list_then_watch(
                     version = (obj.get("metadata") or {}).get("resourceVersion") or version
                     if kind in CHANGES:
                         observe(obj, deleted=kind == "DELETED")
+                failures = 0   # ended by the server's timeout: resumed from `version`
         except Exception as exc:  # noqa: BLE001 - API server away, expired version: list again after a pause
             if stop.is_set():
                 return

@@ -44,11 +44,16 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
 
     @kopf.on.startup(registry=registry, id="start-sync")
     async def startup(**_: Any) -> None:
-        # The nodes' reports and their heartbeat Leases: one label-selected watch of each kind
-        # in the operator's namespace, each in its own thread.
+        # The nodes' reports, their heartbeat Leases and the agents' DaemonSets: one
+        # label-selected watch of each kind in the operator's namespace, each in its own thread.
+        # The DaemonSets as a last term saw them may have changed since (another replica led):
+        # passes read them from the API server until the new watch has listed them.
         stop_watch[0] = threading.Event()
-        for watch, thread in ((kube.watch_reports, "rtrace-report-watch"), (kube.watch_heartbeats, "rtrace-heartbeat-watch")):
-            threading.Thread(target=watch, args=(settings.namespace, reconciler.reports, stop_watch[0]),
+        reconciler.daemonsets.reset()
+        for watch, into, thread in ((kube.watch_reports, reconciler.reports, "rtrace-report-watch"),
+                                    (kube.watch_heartbeats, reconciler.reports, "rtrace-heartbeat-watch"),
+                                    (kube.watch_daemonsets, reconciler.daemonsets, "rtrace-daemonset-watch")):
+            threading.Thread(target=watch, args=(settings.namespace, into, stop_watch[0]),
                              name=thread, daemon=True).start()
         tasks.append(asyncio.create_task(reconciler.sync_forever(), name="rtrace-sync"))
         log.info("operator started: agents in namespace %s, image %s, security mode %s",

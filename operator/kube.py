@@ -2,9 +2,9 @@
 
 The kubernetes client is synchronous; KubeApi runs each call in a worker thread so kopf's
 event loop never blocks. Writes use server-side apply with the operator's own field manager.
-The nodes' reports and their heartbeat Leases come from two label-selected watches in the
-operator's namespace (`watch_reports`, `watch_heartbeats`, a thread each), whatever the
-number of traces: never one per trace.
+The nodes' reports, their heartbeat Leases and the agents' DaemonSets come from three
+label-selected watches in the operator's namespace (`watch_reports`, `watch_heartbeats`,
+`watch_daemonsets`, a thread each), whatever the number of traces: never one per trace.
 """
 
 from __future__ import annotations
@@ -176,11 +176,14 @@ class KubeApi:
         )
         return self._client.sanitize_for_serialization(result)
 
-    async def annotate_daemonset(self, namespace: str, name: str, annotations: dict[str, Optional[str]]) -> None:
-        """Set (None: remove) annotations of a DaemonSet, metadata only: its pods do not roll."""
-        await self._call("annotate daemonset", self._apps.patch_namespaced_daemon_set, name, namespace,
-                         {"metadata": {"annotations": annotations}}, field_manager=FIELD_MANAGER,
-                         _content_type="application/merge-patch+json")
+    async def annotate_daemonset(self, namespace: str, name: str, annotations: dict[str, Optional[str]]
+                                 ) -> dict[str, Any]:
+        """Set (None: remove) annotations of a DaemonSet, metadata only: its pods do not roll.
+        Returns the DaemonSet as written."""
+        result = await self._call("annotate daemonset", self._apps.patch_namespaced_daemon_set, name, namespace,
+                                  {"metadata": {"annotations": annotations}}, field_manager=FIELD_MANAGER,
+                                  _content_type="application/merge-patch+json")
+        return self._client.sanitize_for_serialization(result)
 
     async def delete_daemonset(self, namespace: str, name: str) -> bool:
         """Delete it (pods follow in the background); False when it was already gone."""
@@ -224,10 +227,16 @@ class KubeApi:
         self._mirror(namespace, (LEASE_GROUP, LEASE_VERSION, LEASE_PLURAL), HEARTBEATS_SELECTOR, "node heartbeats",
                      index.replace_heartbeats, index.observe_heartbeat, stop, timeout)
 
+    def watch_daemonsets(self, namespace: str, cache: Any, stop: threading.Event, timeout: int = 60) -> None:
+        """Keep `cache` (a DaemonSetCache) equal to the agents' DaemonSets in `namespace`."""
+        self._mirror(namespace, ("apps", "v1", "daemonsets"), AGENTS_SELECTOR, "agents' DaemonSets",
+                     cache.replace, cache.observe, stop, timeout)
+
     def _mirror(self, namespace: str, resource: tuple[str, str, str], selector: str, what: str,
-                replace: Callable[[list], None], observe: Callable[..., None], stop: threading.Event,
+                replace: Callable[[list, Optional[str]], None], observe: Callable[..., None], stop: threading.Event,
                 timeout: int) -> None:
-        """Mirror one label-selected kind into `index` (retransmit_core.watch). Blocking: a thread."""
+        """Mirror one label-selected kind into `index` (retransmit_core.watch). Blocking: a thread.
+        The custom-objects client reads any group's namespaced list as JSON, built-in kinds too."""
         from kubernetes import watch
 
         group, version, plural = resource

@@ -20,8 +20,10 @@ Why each one:
   NodePort (remotenames.py).
 - daemonsets get/create/patch/delete (operator namespace only): the agents. Server-side apply
   is a patch, and a patch that creates needs create too; so is writing the cluster's agent
-  count on each (retransmit.dev/cluster-agents). list: the slots (ports, the running traces)
-  in use, read when a trace needs a DaemonSet (slots.py), and the agent count, every pass.
+  count on each (retransmit.dev/cluster-agents). list/watch: the one label-selected watch of
+  the agents' DaemonSets (daemonsets.py), which each pass reads (their status, the slots in
+  use: slots.py) instead of a GET per trace; get and list: the same reads while that watch
+  has not listed yet (operator start, a new leadership term).
 - retransmitnodereports list/watch (operator namespace only): the one label-selected watch
   of the nodes' reports. retransmitnodereports/status patch: marking reports of nodes that
   left the trace (server-side apply).
@@ -50,7 +52,7 @@ CLUSTER_RULES: list[dict[str, Any]] = [
 ]
 # In the operator's own namespace (RTRACE_NAMESPACE).
 NAMESPACE_RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "create", "patch", "delete"]},
+    {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [GROUP], "resources": [REPORT_PLURAL], "verbs": ["list", "watch"]},
     {"apiGroups": [GROUP], "resources": [f"{REPORT_PLURAL}/status"], "verbs": ["patch"]},
     {"apiGroups": [LEASE_GROUP], "resources": [LEASE_PLURAL], "verbs": ["list", "watch"]},

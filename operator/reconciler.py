@@ -4,11 +4,13 @@
 spec changed, and the periodic sync that aggregates the nodes' reports (kept current by two
 label-selected watches, one of the reports and one of their heartbeat Leases, whatever the
 number of traces: `ReportIndex`) into the trace's status and ends the trace at
-startTime + duration. The trace's status is written only when it changed, so at most once
-per sync interval. The periodic sync is our own loop over the traces kopf's watch delivers,
-not a kopf timer: kopf puts a finalizer on every object with a timer, and then deleting a
-trace would hang while the operator is down. Here the trace has no finalizer; its DaemonSet
-goes by garbage collection. The logic is the pure modules' (render, aggregate, conditions,
+startTime + duration. The agents' DaemonSets a pass reads come from a third watch
+(`DaemonSetCache`, kept in step with the operator's own writes), not from a GET per trace.
+The trace's status is written only when it changed, so at most once per sync interval. The
+periodic sync is our own loop over the traces kopf's watch delivers, not a kopf timer: kopf
+puts a finalizer on every object with a timer, and then deleting a trace would hang while
+the operator is down. Here the trace has no finalizer; its DaemonSet goes by garbage
+collection. The logic is the pure modules' (render, aggregate, conditions,
 validation, objects); handlers.py only registers entry points into this class.
 """
 
@@ -55,6 +57,7 @@ from .conditions import (
     Observation, compute_status, is_due, refused_message, rolled_event, scheduled_event, transitions,
     utcnow,
 )
+from .daemonsets import DaemonSetCache
 from .kube import ApiFailure, KubeApi
 from .metrics import OperatorMetrics
 from .objects import newer, operator_status
@@ -98,6 +101,7 @@ class Reconciler:
         self.metrics = metrics
         self.pods = PodIndex()
         self.reports = ReportIndex()
+        self.daemonsets = DaemonSetCache()   # the agents' DaemonSets (daemonsets.py)
         self.agent_pods: dict[str, dict[str, AgentPod]] = {}  # trace -> agent pod uid -> where, running
         # trace -> every node where the pod watch showed an agent pod of it (vouching.py)
         self.agent_nodes_seen: dict[str, set[str]] = {}
@@ -169,13 +173,13 @@ class Reconciler:
         waiting: Optional[str] = None
 
         if spec_error is not None:
-            if await self.kube.delete_daemonset(ns, ds_name):
-                await self.kube.delete_daemonset(ns, privileged_daemonset_name(name))
+            if await self._delete_daemonset(ds_name):
+                await self._delete_daemonset(privileged_daemonset_name(name))
                 log.info("trace %s: spec invalid, DaemonSet %s/%s deleted", name, ns, ds_name)
         elif completion is None and is_due(start, spec.duration_seconds, now):
             # The end: agents get SIGTERM and flush a final report; the summary keeps following.
-            await self.kube.delete_daemonset(ns, ds_name)
-            await self.kube.delete_daemonset(ns, privileged_daemonset_name(name))
+            await self._delete_daemonset(ds_name)
+            await self._delete_daemonset(privileged_daemonset_name(name))
             completion = now
         elif completion is None:
             daemonset, spec_error, events, waiting = await self._ensure_daemonset(body, spec, roll=roll)
@@ -255,14 +259,14 @@ class Reconciler:
         """The trace's agents as its spec says: (DaemonSet, why the spec cannot run, events,
         why the trace waits for a slot)."""
         name, uid = body["metadata"]["name"], body["metadata"]["uid"]
-        ns, ds_name = self.settings.namespace, daemonset_name(name)
-        daemonset = await self.kube.get_daemonset(ns, ds_name)
+        daemonset = await self._daemonset(daemonset_name(name))
         if daemonset is not None:
             return (*await self._apply_daemonset(name, uid, spec, daemonset, port_of(daemonset), roll=roll), None)
         async with self._admission:
             # A new DaemonSet takes a slot: read the slots in use from the agents' DaemonSets
-            # (not from memory: right after an operator restart, memory knows none).
-            used = slots_in_use(await self.kube.list_agent_daemonsets(ns))
+            # (the watch's, with every DaemonSet this operator wrote since; before the watch
+            # listed them, from the API server: right after a restart memory knows none).
+            used = slots_in_use(await self._agent_daemonsets())
             waiting = waiting_reason(name, list(used), self._waiting_before(body, used), self.settings.max_running_traces)
             port = None if waiting else choose_port(name, self.settings.agent_metrics_port, METRICS_PORT_SPAN,
                                                      (p for t, p in used.items() if t != name and p is not None))
@@ -271,6 +275,30 @@ class Reconciler:
                     f"all {METRICS_PORT_SPAN} agent ports from {self.settings.agent_metrics_port} are held by running "
                     "traces: this trace starts when one of them completes or is deleted")
             return (*await self._apply_daemonset(name, uid, spec, None, port, roll=roll), None)
+
+    async def _daemonset(self, name: str) -> Optional[dict[str, Any]]:
+        """An agents' DaemonSet as the watch last showed it or this operator last wrote it;
+        until the watch has listed them, as the API server says."""
+        if self.daemonsets.synced.is_set():
+            return self.daemonsets.get(name)
+        return await self.kube.get_daemonset(self.settings.namespace, name)
+
+    async def _agent_daemonsets(self) -> list[dict[str, Any]]:
+        """Every trace's agents' DaemonSets (the slots in use), as _daemonset reads one."""
+        if self.daemonsets.synced.is_set():
+            return self.daemonsets.all()
+        return await self.kube.list_agent_daemonsets(self.settings.namespace)
+
+    async def _write_daemonset(self, rendered: dict[str, Any]) -> dict[str, Any]:
+        applied = await self.kube.apply_daemonset(rendered)
+        self.daemonsets.record(applied)   # the next pass starts from what we wrote
+        return applied
+
+    async def _delete_daemonset(self, name: str) -> bool:
+        """Delete an agents' DaemonSet of the operator's namespace; False when it was gone already."""
+        deleted = await self.kube.delete_daemonset(self.settings.namespace, name)
+        self.daemonsets.forget(name)
+        return deleted
 
     def _waiting_before(self, body: dict[str, Any], used: dict[str, Optional[int]]) -> list[str]:
         """Traces that wait for a slot and were created before this one: they go first."""
@@ -295,7 +323,7 @@ class Reconciler:
                                ) -> tuple[Optional[dict[str, Any]], Optional[str], list[Event]]:
         ns, ds_name = self.settings.namespace, daemonset_name(name)
         recorded = recorded_privileged_nodes(daemonset)
-        wanted_privileged = (privileged_nodes(recorded, (r.entry for r in self.reports.for_trace(name, uid, heartbeats=False)))
+        wanted_privileged = (privileged_nodes(recorded, self.reports.asking_privileged(name, uid))
                              if self.settings.agent_security_mode == AUTO else {})
         rendered = render_daemonset(name, uid, spec, self.settings, port, wanted_privileged)
         wanted = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
@@ -304,14 +332,14 @@ class Reconciler:
             events = await self._apply_privileged_agents(name, uid, spec, daemonset, recorded, roll=roll)
             return daemonset, None, events
         try:
-            applied = await self.kube.apply_daemonset(rendered)
+            applied = await self._write_daemonset(rendered)
         except ApiFailure as e:
             if e.status not in (400, 422):
                 raise
             # The API server refused what the spec rendered to: the spec is at fault.
             if daemonset is not None:
-                await self.kube.delete_daemonset(ns, ds_name)
-                await self.kube.delete_daemonset(ns, privileged_daemonset_name(name))
+                await self._delete_daemonset(ds_name)
+                await self._delete_daemonset(privileged_daemonset_name(name))
             return None, refused_message(name, e.message), []
         self.metrics.daemonset_applies.inc()
         events = await self._apply_privileged_agents(name, uid, spec, applied, recorded, roll=roll)
@@ -331,17 +359,17 @@ class Reconciler:
         nodes = recorded_privileged_nodes(daemonset)
         if not nodes:
             if before:
-                await self.kube.delete_daemonset(ns, ds_name)
+                await self._delete_daemonset(ds_name)
                 log.info("trace %s: no node needs a privileged agent now; DaemonSet %s/%s deleted", name, ns, ds_name)
             return []
-        current = await self.kube.get_daemonset(ns, ds_name)
+        current = await self._daemonset(ds_name)
         rendered = render_privileged_daemonset(name, uid, spec, self.settings, port_of(daemonset), nodes)
         wanted = rendered["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         have = ((current or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
         if current is not None and have == wanted and not roll:
             self._privileged_agents[name] = current
             return []
-        self._privileged_agents[name] = await self.kube.apply_daemonset(rendered)
+        self._privileged_agents[name] = await self._write_daemonset(rendered)
         self.metrics.daemonset_applies.inc()
         added = {node: reason for node, reason in nodes.items() if node not in before} if current is not None \
             else nodes
@@ -476,7 +504,7 @@ class Reconciler:
             note = lowered_note(ds, count, now)
             if note is not None:
                 change[AGENTS_LOWERED_ANNOTATION] = note
-            await self.kube.annotate_daemonset(ns, ds["metadata"]["name"], change)
+            self.daemonsets.record(await self.kube.annotate_daemonset(ns, ds["metadata"]["name"], change))
             log.info("DaemonSet %s/%s: the cluster's agents are %d (was %s)", ns, ds["metadata"]["name"], count, written)
 
     async def sync_forever(self) -> None:

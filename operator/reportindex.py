@@ -102,6 +102,10 @@ class ReportIndex:
         self._by_trace: dict[str, dict[Key, StoredReport]] = {}
         self._tallies: dict[tuple[str, str], TraceTally] = {}   # (trace, its uid)
         self._heard_memo: dict[Key, tuple[StoredReport, Optional[datetime], StoredReport]] = {}
+        # (trace, uid) -> the reports whose agent asked for a privileged one (the auto security
+        # mode, privilege.py): few, kept with every change, so a pass finds them without
+        # going over every report of the trace.
+        self._asking: dict[tuple[str, str], dict[Key, StoredReport]] = {}
 
     def _observe(self, kind: str, obj: dict[str, Any], deleted: bool) -> None:
         item = None if deleted else self.KINDS[kind](obj)
@@ -123,7 +127,7 @@ class ReportIndex:
         with self._lock:
             self._tables[kind] = items
             if kind == "reports":
-                self._by_trace, self._tallies, self._heard_memo = {}, {}, {}
+                self._by_trace, self._tallies, self._heard_memo, self._asking = {}, {}, {}, {}
                 for key, report in items.items():
                     self._index(key, report)
             self.events += 1
@@ -135,6 +139,8 @@ class ReportIndex:
         self._by_trace.setdefault(report.trace, {})[key] = report
         for uid in report.owner_uids:
             self._tallies.setdefault((report.trace, uid), TraceTally()).put(report.entry)
+            if report.entry.needs_privileged:
+                self._asking.setdefault((report.trace, uid), {})[key] = report
 
     def _unindex(self, key: Key) -> None:
         old = self._tables["reports"].get(key)
@@ -150,18 +156,23 @@ class ReportIndex:
                 tally.drop(old.entry.node)
                 if not len(tally):
                     del self._tallies[(old.trace, uid)]
+            asking = self._asking.get((old.trace, uid))
+            if asking is not None:
+                asking.pop(key, None)
+                if not asking:
+                    del self._asking[(old.trace, uid)]
         self._heard_memo.pop(key, None)
 
     def observe(self, obj: dict[str, Any], deleted: bool = False) -> None:
         self._observe("reports", obj, deleted)
 
-    def replace(self, objs: Iterable[dict[str, Any]]) -> None:
+    def replace(self, objs: Iterable[dict[str, Any]], _version: Optional[str] = None) -> None:
         self._replace("reports", objs)
 
     def observe_heartbeat(self, obj: dict[str, Any], deleted: bool = False) -> None:
         self._observe("heartbeats", obj, deleted)
 
-    def replace_heartbeats(self, objs: Iterable[dict[str, Any]]) -> None:
+    def replace_heartbeats(self, objs: Iterable[dict[str, Any]], _version: Optional[str] = None) -> None:
         self._replace("heartbeats", objs)
 
     def _heard(self, key: Key, report: StoredReport) -> StoredReport:
@@ -192,6 +203,13 @@ class ReportIndex:
             tally = self._tallies.get((trace, uid))
             sums = (tally or TraceTally()).snapshot(top_n) if top_n > 0 else None
         return sorted(found, key=lambda r: r.entry.node), sums
+
+    def asking_privileged(self, trace: str, uid: str) -> list[NodeStatus]:
+        """The entries of this very trace's reports whose agent asked for a privileged one
+        (needsPrivileged), by node name."""
+        with self._lock:
+            found = [r.entry for r in self._asking.get((trace, uid), {}).values()]
+        return sorted(found, key=lambda e: e.node)
 
     def __len__(self) -> int:
         with self._lock:

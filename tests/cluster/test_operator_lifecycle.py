@@ -208,10 +208,12 @@ def traces(custom):
                 raise
 
 
-def api_requests(operator: OperatorProcess) -> float:
-    """The operator's own API requests so far (rtrace_operator_api_requests_total, all labels)."""
+def api_requests(operator: OperatorProcess, operation: str | None = None) -> float:
+    """The operator's own API requests so far (rtrace_operator_api_requests_total), of every
+    operation or of one ("get daemonset"), whatever the answer's code."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in operator.metrics().splitlines()
-               if line.startswith("rtrace_operator_api_requests_total{"))
+               if line.startswith("rtrace_operator_api_requests_total{")
+               and (operation is None or f'operation="{operation}"' in line))
 
 
 def sync_passes(operator: OperatorProcess) -> float:
@@ -325,6 +327,20 @@ def test_sample_trace_gets_an_owned_daemonset_rendered_from_its_spec(operator, o
     assert condition(running, "AgentsReady")["status"] == "False"
     assert condition(running, "Ready")["observedGeneration"] == 1
     wait_event(core, name, "AgentsScheduled")
+
+
+def test_a_running_traces_passes_read_its_daemonset_from_the_watch_not_with_a_get(operator, operator_namespace, traces,
+                                                                                   custom, apps):
+    """The agents' DaemonSets come from the operator's watch (list + watch in its namespace,
+    granted by rbac.NAMESPACE_RULES): nodesDesired follows the DaemonSet controller's status,
+    which no write of the operator returned, and passes make no GET or list of DaemonSets."""
+    name = traces({"nodeSelector": SIM_SELECTOR})
+    wait_trace(custom, name, "Running with the desired count", lambda t: phase(t) == "Running"
+               and ((t["status"].get("summary") or {}).get("nodesDesired") == 2))
+    reads = api_requests(operator, "get daemonset") + api_requests(operator, "list daemonsets")
+    wait_sync_passes(operator, 3)
+    assert api_requests(operator, "get daemonset") + api_requests(operator, "list daemonsets") == reads
+    assert "watch of agents' DaemonSets" not in operator.log.read_text()   # never interrupted (a 403, say)
 
 
 def test_node_entries_from_two_agents_are_aggregated_with_remote_pod_attribution(operator, operator_namespace, traces, custom, core, admin, namespace):

@@ -167,6 +167,7 @@ ALLOWED_OPERATOR = [
     ("patch", "retransmittraces.retransmit.dev", None, "status"),
     ("create", "daemonsets.apps", "OWN", None),
     ("delete", "daemonsets.apps", "OWN", None),
+    ("watch", "daemonsets.apps", "OWN", None),
     ("list", "pods", None, None),
     ("create", "events", "default", None),
     ("watch", "retransmitnodereports.retransmit.dev", "OWN", None),

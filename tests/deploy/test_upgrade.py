@@ -31,6 +31,7 @@ import threading
 import tomllib
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -184,7 +185,7 @@ class History:
                 if deleted:
                     self.deleted.append(f"{kind}/{obj['metadata']['name']}")
 
-        def replace(items: list) -> None:
+        def replace(items: list, _version: Optional[str]) -> None:
             for item in items:
                 seen(item)
 

@@ -1,9 +1,11 @@
 """The operator's index of reports and heartbeat Leases: a node is heard at the later of its
-report's lastReportTime and its Lease's renewTime, only from Leases of the same trace, and the
-index says it is synced only once both kinds were listed."""
+report's lastReportTime and its Lease's renewTime, only from Leases of the same trace, the
+index says it is synced only once both kinds were listed, and it keeps the reports asking for
+a privileged agent per trace."""
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -66,3 +68,35 @@ def test_a_lease_named_for_another_node_than_its_holder_is_ignored():
     forged["metadata"]["name"] = report("a")["metadata"]["name"]   # holder b, name of a's report
     index.replace_heartbeats([forged])
     assert heard(index) == {"a": WRITTEN}
+
+
+def asking(node: str, trace: str, uid: str, needs: bool) -> dict:
+    entry = NodeStatus(node=node, phase="Failed" if needs else "Running", retransmits=1, last_report_time=WRITTEN,
+                       message="no BPF with capabilities" if needs else None, needs_privileged=needs or None)
+    return report_object(trace, uid, node, NS, entry)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_reports_asking_for_privileged_agents_are_kept_per_trace_through_any_changes(seed):
+    """What a pass reads instead of going over every report: the same as going over them."""
+    rng = random.Random(seed)
+    owners = [("shop", "uid-1"), ("shop", "uid-0"), ("web", "uid-9")]   # uid-0: an earlier trace "shop"
+    index = ReportIndex()
+    index.replace([])
+    index.replace_heartbeats([])
+    current: dict[tuple[str, str], dict] = {}
+    for step in range(80):
+        trace, uid = rng.choice(owners)
+        node = f"node-{rng.randrange(6)}"
+        roll = rng.random()
+        if roll < 0.2 and (trace, node) in current:
+            index.observe(current.pop((trace, node)), deleted=True)
+        elif roll < 0.25:   # a relist, after deletions the watch missed
+            current = {k: v for k, v in current.items() if rng.random() < 0.7}
+            index.replace(list(current.values()))
+        else:
+            current[(trace, node)] = asking(node, trace, uid, rng.random() < 0.4)
+            index.observe(current[(trace, node)])
+        for t, u in owners:
+            scanned = [r.entry for r in index.for_trace(t, u, heartbeats=False) if r.entry.needs_privileged]
+            assert index.asking_privileged(t, u) == scanned, f"step {step}"
