@@ -46,7 +46,7 @@ from tests.harness.kubeproxy import KubeProxy, real_node_network
 from tests.harness.realnode import BRIDGE, NODE_IP, NODE_IP_V6, SANDBOX_IMAGE, RealNode
 from tests.harness.realnode_host import HostState
 from tests.harness.refcount import ReferenceCounter, per_flow, succeeded
-from tests.harness.services import dual_stack_service, wait_backends_listed
+from tests.harness.services import dual_stack_service, wait_backends_listed, wait_service_counted
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1500)]
 
@@ -476,28 +476,9 @@ def test_a_service_routed_by_the_nodes_kube_proxy_names_the_service_and_its_back
     print(f"\nretransmits towards {namespace}/{SERVICE} through the real node's kube-proxy, by address: "
           f"{dict(per_target)}; the server's: {want_pods[(namespace, 'server')]}")
 
-    last: dict = {}
-
-    def summary_counts_it() -> Optional[dict]:
-        status = trace.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace.name).get("status") or {}
-        summary = last["summary"] = status.get("summary") or {}
-        named = {(f["family"], f["local"]["ip"], f["local"]["port"], f["remote"]["ip"], f["remote"]["port"]):
-                 (f["retransmits"], f.get("synackRetransmits", 0))
-                 for f in summary.get("topFlows", []) if f["local"].get("pod") == "client"}
-        services = {(s["namespace"], s["service"]): s["retransmits"] for s in summary.get("topServices", [])}
-        pods_seen = {(p["namespace"], p["pod"]): p["retransmits"] for p in summary.get("topPods", [])}
-        backends = [f["remote"].get("backend") for f in summary.get("topFlows", []) if f["local"].get("pod") == "client"]
-        done = (named == client_flows and services.get((namespace, SERVICE)) == want_service
-                and pods_seen == want_pods and all(b and b.get("pod") for b in backends))
-        return summary if done else None
-    try:
-        summary = wait_until(summary_counts_it, f"the summary to count {want_service} retransmits towards "
-                             f"{namespace}/{SERVICE} flow by flow, topPods {want_pods}, every client flow "
-                             "naming its backend pod", timeout=180)
-    except TimeoutError as e:
-        seen = last.get("summary") or {}
-        raise AssertionError(f"{e}: topServices {seen.get('topServices')}, topPods {seen.get('topPods')}, "
-                             f"topFlows {seen.get('topFlows')}, reference client flows {client_flows}") from None
+    summary = wait_service_counted(
+        lambda: (trace.objects.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace.name).get("status") or {}
+                 ).get("summary"), namespace, SERVICE, client_flows=client_flows, want_pods=want_pods)
 
     server_ip_of = {("IPv6" if ":" in ip else "IPv4"): ip for ip in pods.server_ips}
     for flow in summary["topFlows"]:

@@ -3,7 +3,7 @@ controller lists their addresses (kube-proxy programs a backend only once it is 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 from .controlplane import wait_until
 
@@ -37,3 +37,41 @@ def wait_backends_listed(api_client: Any, namespace: str, service: str, addresse
     discovery = kubernetes.client.DiscoveryV1Api(api_client)
     wait_until(lambda: ready_backends(discovery, namespace, service) >= addresses,
                f"the EndpointSlices of Service {namespace}/{service} to list {sorted(addresses)} as ready")
+
+
+def _client_flows(summary: dict, client: str) -> dict:
+    """The summary's flows of pod `client`, as the reference counter keys them."""
+    return {(f["family"], f["local"]["ip"], f["local"]["port"], f["remote"]["ip"], f["remote"]["port"]):
+            (f["retransmits"], f.get("synackRetransmits", 0))
+            for f in summary.get("topFlows", []) if f["local"].get("pod") == client}
+
+
+def wait_service_counted(read_summary: Callable[[], dict], namespace: str, service: str, *, client_flows: dict,
+                         want_pods: dict, want_totals: Optional[tuple[int, int]] = None, client: str = "client",
+                         timeout: float = 180) -> dict:
+    """Wait until the trace's summary (read_summary()) holds the reference's `client_flows` of
+    pod `client`, flow by flow, each naming a backend pod; counts them all towards the
+    Service in topServices; has topPods `want_pods` and, when given, the totals `want_totals`.
+    Returns that summary; AssertionError with what it last saw otherwise."""
+    want_service = sum(r + s for r, s in client_flows.values())
+    last: dict = {}
+
+    def counted() -> Optional[dict]:
+        summary = last["summary"] = read_summary() or {}
+        services = {(s["namespace"], s["service"]): s["retransmits"] for s in summary.get("topServices", [])}
+        pods = {(p["namespace"], p["pod"]): p["retransmits"] for p in summary.get("topPods", [])}
+        backends = [f["remote"].get("backend") for f in summary.get("topFlows", []) if f["local"].get("pod") == client]
+        done = (_client_flows(summary, client) == client_flows and services.get((namespace, service)) == want_service
+                and pods == want_pods and all(b and b.get("pod") for b in backends)
+                and (want_totals is None or (summary.get("retransmits"), summary.get("synackRetransmits")) == want_totals))
+        return summary if done else None
+    try:
+        return wait_until(counted, f"the summary to hold {client}'s flows as the reference counts them, each naming "
+                          f"its backend pod, {want_service} retransmits towards {namespace}/{service}, topPods "
+                          f"{want_pods}" + (f", the totals {want_totals}" if want_totals else ""), timeout=timeout)
+    except TimeoutError as e:
+        seen = last.get("summary") or {}
+        raise AssertionError(f"{e}: topServices {seen.get('topServices')}, topPods {seen.get('topPods')}, totals "
+                             f"{(seen.get('retransmits'), seen.get('synackRetransmits'))}, {client}'s flows "
+                             f"{[f for f in seen.get('topFlows', []) if f['local'].get('pod') == client]}, "
+                             f"reference {client_flows}") from None
