@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from retransmit_core.api import (
     DEFAULT_TOP_FLOWS,
@@ -119,9 +119,6 @@ class Reconciler:
         self.traces: dict[str, dict[str, Any]] = {}
         self._deleted: set[str] = set()  # uids: a late write response must not resurrect a trace
         self._locks: dict[str, asyncio.Lock] = {}
-        self._sync_gate = asyncio.Semaphore(SYNC_CONCURRENCY)
-        self._phases: dict[str, str] = {}          # trace -> its phase after its last pass ("" failed)
-        self._trace_passed: dict[str, float] = {}  # trace -> when its last pass ended (its loop started)
         self.last_sync: Optional[float] = None
 
     def _lock(self, name: str) -> asyncio.Lock:
@@ -457,40 +454,37 @@ class Reconciler:
         known = self.traces.get(body["metadata"]["name"])
         return known if known is not None and newer(known, body) else body
 
-    async def _sync_trace(self, name: str, body: dict[str, Any]) -> str:
-        """One trace's pass, SYNC_CONCURRENCY traces at a time: its phase, or "" when it
-        failed (retried at its next pass; its DaemonSet was not read)."""
-        async with self._sync_gate:
-            try:
-                new = await self.reconcile(body, trigger="sync")
-                return str(new.phase) if new else "Unknown"
-            except ApiFailure as e:
-                log.warning("trace %s: sync failed, retried next pass: %s", name, e)
-            except Exception:   # counted as result="error" by reconcile()
-                log.exception("trace %s: sync failed, retried next pass", name)
-            return ""
-
-    def _count_passes(self, phases: Iterable[str]) -> None:
-        by_phase: dict[str, int] = {}
-        for phase in phases:
-            by_phase[phase or "Unknown"] = by_phase.get(phase or "Unknown", 0) + 1
-        self.metrics.set_traces(by_phase)
-        self.metrics.pod_index_addresses.set(len(self.pods))
-        self.metrics.sync_passes.inc()
-
     async def sync_once(self) -> None:
-        """One pass over every known trace together (concurrently, SYNC_CONCURRENCY at a time),
-        then the cluster's agent count from the DaemonSets the pass read. One trace's failure
-        does not stop the others."""
+        """One pass over every known trace, SYNC_CONCURRENCY traces at a time: one trace's
+        slow API call (a large status write to a busy API server) does not hold the others'
+        summaries back. One trace's failure does not stop the others."""
         self._pass_daemonsets = {}
         self.places.begin_pass(time.monotonic())
-        results = await asyncio.gather(*(self._sync_trace(name, body) for name, body in list(self.traces.items())))
+        gate = asyncio.Semaphore(SYNC_CONCURRENCY)
+
+        async def one(name: str, body: dict[str, Any]) -> str:
+            async with gate:
+                try:
+                    new = await self.reconcile(body, trigger="sync")
+                    return str(new.phase) if new else "Unknown"
+                except ApiFailure as e:
+                    log.warning("trace %s: sync failed, retried next pass: %s", name, e)
+                except Exception:   # counted as result="error" by reconcile()
+                    log.exception("trace %s: sync failed, retried next pass", name)
+                return ""   # failed: its DaemonSet was not read this pass
+
+        results = await asyncio.gather(*(one(name, body) for name, body in list(self.traces.items())))
+        phases: dict[str, int] = {}
+        for phase in results:
+            phases[phase or "Unknown"] = phases.get(phase or "Unknown", 0) + 1
         if all(results):   # every trace's DaemonSet read: the count may be shared
             try:
                 await self.share_agent_count(list(self._pass_daemonsets.values()))
             except ApiFailure as e:
                 log.warning("sharing the cluster's agent count failed, retried next pass: %s", e)
-        self._count_passes(results)
+        self.metrics.set_traces(phases)
+        self.metrics.pod_index_addresses.set(len(self.pods))
+        self.metrics.sync_passes.inc()
         self.last_sync = time.monotonic()
 
     async def share_agent_count(self, read: list[dict[str, Any]]) -> None:
@@ -514,48 +508,11 @@ class Reconciler:
             log.info("DaemonSet %s/%s: the cluster's agents are %d (was %s)", ns, ds["metadata"]["name"], count, written)
 
     async def sync_forever(self) -> None:
-        """Every trace on its own schedule (_sync_trace_forever), so one trace's slow API call
-        (a large status write to a busy API server) never delays another trace's pass: with a
-        shared pass, every trace waited for the slowest one's status write before its next
-        pass began. Here, every sync interval, what concerns all traces: a loop for each new
-        trace, the cluster's agent count from the DaemonSet cache, the metrics, the heartbeat."""
-        loops: dict[str, asyncio.Task] = {}
-        try:
-            while True:
-                started = time.monotonic()
-                self._pass_daemonsets = {}   # only sync_once reads it
-                self.places.begin_pass(started)
-                for name in [name for name, task in loops.items() if task.done()]:
-                    del loops[name]
-                for name in self.traces.keys() - loops.keys():
-                    self._trace_passed[name] = started
-                    loops[name] = asyncio.create_task(self._sync_trace_forever(name), name=f"rtrace-sync-{name}")
-                if self.daemonsets.synced.is_set():
-                    try:
-                        await self.share_agent_count(self.daemonsets.all())
-                    except ApiFailure as e:
-                        log.warning("sharing the cluster's agent count failed, retried next interval: %s", e)
-                self._count_passes([self._phases.get(name, "Unknown") for name in loops])
-                # The heartbeat (healthy()) is the oldest of this tick and each trace's last pass.
-                self.last_sync = min([time.monotonic(), *(self._trace_passed.get(name, started) for name in loops)])
-                await asyncio.sleep(max(0.2, self.settings.sync_interval - (time.monotonic() - started)))
-        finally:
-            for task in loops.values():
-                task.cancel()
-
-    async def _sync_trace_forever(self, name: str) -> None:
-        """A pass of trace `name` every sync interval (a longer pass is followed by a short
-        pause, never a second interval: the lag from a node's write to the summary stays about
-        one interval), until the trace is gone."""
+        """A pass every sync interval (a longer pass is followed by a short pause, never a
+        second interval: the lag from a node's write to the summary stays about one interval)."""
         while True:
-            body = self.traces.get(name)
-            if body is None:
-                self._phases.pop(name, None)
-                self._trace_passed.pop(name, None)
-                return
             started = time.monotonic()
-            self._phases[name] = await self._sync_trace(name, body)
-            self._trace_passed[name] = time.monotonic()
+            await self.sync_once()
             await asyncio.sleep(max(0.2, self.settings.sync_interval - (time.monotonic() - started)))
 
     def observe_trace(self, event_type: Optional[str], body: dict[str, Any]) -> None:
