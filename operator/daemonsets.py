@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterable, Optional
 
-from .objects import newer
+from .objects import newer, version_number
 
 
 def _name(obj: dict[str, Any]) -> str:
@@ -27,16 +27,8 @@ def _uid(obj: dict[str, Any]) -> Optional[str]:
     return (obj.get("metadata") or {}).get("uid")
 
 
-def _version(value: Optional[str]) -> Optional[int]:
-    """A resourceVersion as a number (etcd's are increasing integers); None when it is not one."""
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 def _written_after(obj: dict[str, Any], listed: Optional[str]) -> bool:
-    mine, at = _version((obj.get("metadata") or {}).get("resourceVersion")), _version(listed)
+    mine, at = version_number((obj.get("metadata") or {}).get("resourceVersion")), version_number(listed)
     return mine is not None and at is not None and mine > at
 
 

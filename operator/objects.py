@@ -31,7 +31,13 @@ def newer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     ma, mb = a.get("metadata") or {}, b.get("metadata") or {}
     if ma.get("uid") != mb.get("uid"):
         return False
+    va, vb = version_number(ma.get("resourceVersion")), version_number(mb.get("resourceVersion"))
+    return va is not None and vb is not None and va > vb
+
+
+def version_number(value: Optional[str]) -> Optional[int]:
+    """A resourceVersion as a number (etcd's are increasing integers); None when it is not one."""
     try:
-        return int(ma.get("resourceVersion")) > int(mb.get("resourceVersion"))
+        return int(value) if value is not None else None
     except (TypeError, ValueError):
-        return False
+        return None
