@@ -362,7 +362,10 @@ def run_shared(traces: int = 5, nodes: int = 5000, window: float = 60.0, log=pri
                 except TimeoutError as e:
                     out["summary_wait_error"] = str(e)
             passes_before = operator.metrics()
-            out.update(shared_window(admin, cp.component("kube-apiserver").proc.pid, groups, window, agents))
+            # Everything else on the machine's cores during the window: etcd, the operator, and
+            # this process (the simulated agents' requests, which on a cluster run on their nodes).
+            others = {"etcd": cp.component("etcd").proc.pid, "operator": operator.proc.pid, "bench": os.getpid()}
+            out.update(shared_window(admin, cp.component("kube-apiserver").proc.pid, groups, window, agents, others))
             passes = {k: operator.metrics()[k] - passes_before.get(k, 0.0)
                       for k in ("rtrace_operator_reconcile_seconds_sum", "rtrace_operator_reconcile_seconds_count")}
             if passes["rtrace_operator_reconcile_seconds_count"]:
@@ -382,7 +385,9 @@ def run_shared(traces: int = 5, nodes: int = 5000, window: float = 60.0, log=pri
                 f"({out['report_writes_per_second']:.1f}) and Leases ({out['lease_writes_per_second']:.1f}), "
                 f"{out['agent_writes_failed']}/{out['agent_writes']} failed, API server {out['apiserver_cpu_percent']:.0f}% CPU, "
                 f"lag p50 {out['aggregation_lag_p50_s']:.2f} s p99 {out['aggregation_lag_p99_s']:.2f} s "
-                f"({out['aggregation_lag_samples']} samples), operator pass {out.get('operator_pass_mean_s', float('nan')):.2f} s, "
+                f"({out['aggregation_lag_samples']} samples; after the write p99 {out['aggregation_lag_after_write_p99_s']:.2f} s), "
+                f"operator {out['operator_cpu_percent']:.0f}%, etcd {out['etcd_cpu_percent']:.0f}%, "
+                f"bench {out['bench_cpu_percent']:.0f}% CPU, operator pass {out.get('operator_pass_mean_s', float('nan')):.2f} s, "
                 f"report age max {out['report_age_max_s']:.1f} s (bound {sorted(bounds)} s)")
         finally:
             for watch in watches:
@@ -492,7 +497,7 @@ def schedule_window(admin: Any, apiserver: int, watch: SummaryWatch, nodes: list
 
 
 def shared_window(admin: Any, apiserver: int, groups: list[tuple[SummaryWatch, list[SyntheticNode], list[ReportWriter]]],
-                  window: float, agents: int) -> dict[str, Any]:
+                  window: float, agents: int, others: Optional[dict[str, int]] = None) -> dict[str, Any]:
     """Every node of every trace (a group: its summary watch, nodes and writers) runs the
     agent's write decision (writeschedule.decide_write) for `window` seconds, for the
     cluster's `agents` (as its DaemonSet says): a wake-up every jittered interval; its report
@@ -504,6 +509,7 @@ def shared_window(admin: Any, apiserver: int, groups: list[tuple[SummaryWatch, l
     trace's watch, received after the write was sent, whose total includes every report of
     that trace sent up to it.
     """
+    others = others or {}   # name -> pid of the other processes whose CPU is measured over the window
     agents_of = [(g, i) for g, (_, nodes, _) in enumerate(groups) for i in range(len(nodes))]
     n = len(agents_of)
     interval = SPEC_REPORT_INTERVAL
@@ -517,14 +523,19 @@ def shared_window(admin: Any, apiserver: int, groups: list[tuple[SummaryWatch, l
     writer = lambda k: groups[agents_of[k][0]][2][agents_of[k][1]]    # noqa: E731
 
     def send(k: int, record: dict[str, Any]) -> None:
-        if time.monotonic() - record["sent"] > 30:
+        if time.monotonic() - record["queued"] > 30:
             record.update(ok=False, unsent=True)   # queued too long: an agent's write would have timed out
             return
         try:
             if record["kind"] is Write.HEARTBEAT:
+                record["sent"] = time.monotonic()
                 writer(k).heartbeat(datetime.now(timezone.utc), lease_seconds)
             else:
-                writer(k).apply(node(k).next_entry())
+                # Building the report is the agent's own work on its node, before it sends:
+                # the lag starts when the request does.
+                entry = node(k).next_entry()
+                record["sent"] = time.monotonic()
+                writer(k).apply(entry)
                 with lock:
                     reported.setdefault(k, []).append(time.monotonic())
             record.update(ok=True, latency=time.monotonic() - record["sent"])
@@ -552,6 +563,7 @@ def shared_window(admin: Any, apiserver: int, groups: list[tuple[SummaryWatch, l
     heapq.heapify(due)
     before = {plural: apiserver_counters(admin, plural) for plural in (REPORT_PLURAL, LEASE_PLURAL, PLURAL)}
     cpu_before = procstat.cpu_ticks(apiserver)
+    others_before = {name: procstat.cpu_ticks(pid) for name, pid in others.items()}
     summaries_before = [len(watch.seen) for watch, _, _ in groups]
     with ThreadPoolExecutor(WRITERS) as pool:
         while due[0][0] < t0 + window:
@@ -564,7 +576,7 @@ def shared_window(admin: Any, apiserver: int, groups: list[tuple[SummaryWatch, l
             kind = decide_write(changed, written_at[k], at, interval, agents)
             if kind is not Write.NOTHING:
                 written_at[k] = written_at[k].after(kind, at)
-                record = {"sent": time.monotonic(), "kind": kind, "node": k, "group": g}
+                record = {"queued": time.monotonic(), "kind": kind, "node": k, "group": g}
                 if kind is Write.REPORT:
                     written[g][i] = node(k).retransmits
                     record.update(busy=changed, total=sum(written[g].values()))
@@ -574,13 +586,16 @@ def shared_window(admin: Any, apiserver: int, groups: list[tuple[SummaryWatch, l
         elapsed = time.monotonic() - t0
         after = {plural: apiserver_counters(admin, plural) for plural in (REPORT_PLURAL, LEASE_PLURAL, PLURAL)}
         cpu = procstat.cpu_percent(procstat.cpu_ticks(apiserver) - cpu_before, elapsed)
+        others_cpu = {f"{name}_cpu_percent": procstat.cpu_percent(procstat.cpu_ticks(pid) - others_before[name], elapsed)
+                      for name, pid in others.items()}
         summaries = sum(len(watch.seen) for watch, _, _ in groups) - sum(summaries_before)
     time.sleep(5)   # let the last writes reach the summary
-    lags = []
+    lags, after_stored = [], []
     for r in records:
         seen = groups[r["group"]][0].first_at_least(r["total"], r["sent"]) if r.get("ok") and r.get("busy") else None
         if seen is not None:
             lags.append(seen - r["sent"])
+            after_stored.append(seen - r["sent"] - r["latency"])
     busy_gaps = [b - a for k, times in reported.items() if k in busy for a, b in zip(times, times[1:])]
     ok = [r for r in records if r.get("ok")]
     latencies = [r["latency"] for r in records if "latency" in r]
@@ -603,6 +618,7 @@ def shared_window(admin: Any, apiserver: int, groups: list[tuple[SummaryWatch, l
         "trace_write_bytes_per_second": rate(PLURAL, "body_bytes"),
         "trace_versions_seen": summaries,
         "apiserver_cpu_percent": cpu,
+        **others_cpu,
         "write_latency_p50_s": procstat.percentile(latencies, 50),
         "write_latency_p99_s": procstat.percentile(latencies, 99),
         "busy_write_gap_p99_s": procstat.percentile(busy_gaps, 99),
@@ -611,6 +627,11 @@ def shared_window(admin: Any, apiserver: int, groups: list[tuple[SummaryWatch, l
         "aggregation_lag_p99_s": procstat.percentile(lags, 99),
         "aggregation_lag_max_s": max(lags) if lags else None,
         "aggregation_lag_samples": len(lags),
+        # The lag's part after the API server answered the report's write: the operator's
+        # (its watch, the wait for its next pass, the pass and its status write) and the
+        # summary watch's delivery.
+        "aggregation_lag_after_write_p50_s": procstat.percentile(after_stored, 50),
+        "aggregation_lag_after_write_p99_s": procstat.percentile(after_stored, 99),
     }
 
 

@@ -46,9 +46,11 @@ def register_handlers(registry: kopf.OperatorRegistry, settings: Settings,
     async def startup(**_: Any) -> None:
         # The nodes' reports, their heartbeat Leases and the agents' DaemonSets: one
         # label-selected watch of each kind in the operator's namespace, each in its own thread.
-        # The DaemonSets as a last term saw them may have changed since (another replica led):
-        # passes read them from the API server until the new watch has listed them.
+        # The DaemonSets, reports and Leases as a last term saw them may have changed since
+        # (another replica led): passes read the DaemonSets from the API server, and wait for
+        # the reports and Leases, until the new watches have listed them.
         stop_watch[0] = threading.Event()
+        reconciler.reports.reset()
         reconciler.daemonsets.reset()
         for watch, into, thread in ((kube.watch_reports, reconciler.reports, "rtrace-report-watch"),
                                     (kube.watch_heartbeats, reconciler.reports, "rtrace-heartbeat-watch"),

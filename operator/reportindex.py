@@ -83,6 +83,50 @@ def _key(obj: dict[str, Any]) -> Key:
     return meta.get("namespace", ""), meta.get("name", "")
 
 
+@dataclass
+class _Indexes:
+    """The reports by trace, each trace's sums (tally.py) and the reports asking for a
+    privileged agent, by (trace, owner uid)."""
+
+    by_trace: dict[str, dict[Key, StoredReport]]
+    tallies: dict[tuple[str, str], TraceTally]   # (trace, its uid)
+    # The reports whose agent asked for a privileged one (the auto security mode,
+    # privilege.py): few, so a pass finds them without going over every report of the trace.
+    asking: dict[tuple[str, str], dict[Key, StoredReport]]
+
+    @classmethod
+    def of(cls, reports: dict[Key, StoredReport]) -> "_Indexes":
+        out = cls({}, {}, {})
+        for key, report in reports.items():
+            out.add(key, report)
+        return out
+
+    def add(self, key: Key, report: StoredReport) -> None:
+        self.by_trace.setdefault(report.trace, {})[key] = report
+        for uid in report.owner_uids:
+            self.tallies.setdefault((report.trace, uid), TraceTally()).put(report.entry)
+            if report.entry.needs_privileged:
+                self.asking.setdefault((report.trace, uid), {})[key] = report
+
+    def remove(self, key: Key, report: StoredReport) -> None:
+        """Undo add(key, report)."""
+        reports = self.by_trace.get(report.trace, {})
+        reports.pop(key, None)
+        if not reports:
+            self.by_trace.pop(report.trace, None)
+        for uid in report.owner_uids:
+            tally = self.tallies.get((report.trace, uid))
+            if tally is not None:
+                tally.drop(report.entry.node)
+                if not len(tally):
+                    del self.tallies[(report.trace, uid)]
+            asking = self.asking.get((report.trace, uid))
+            if asking is not None:
+                asking.pop(key, None)
+                if not asking:
+                    del self.asking[(report.trace, uid)]
+
+
 class ReportIndex:
     """Reports and heartbeats by (namespace, name); thread-safe (the watches run in threads)."""
 
@@ -98,14 +142,9 @@ class ReportIndex:
         self.synced = threading.Event()
         self._listed: set[str] = set()
         # Kept with every report change, so a pass over one trace reads only that trace's
-        # reports and sums (tally.py) whatever the number of traces and nodes.
-        self._by_trace: dict[str, dict[Key, StoredReport]] = {}
-        self._tallies: dict[tuple[str, str], TraceTally] = {}   # (trace, its uid)
+        # reports, sums and privileged askers whatever the number of traces and nodes.
+        self._idx = _Indexes({}, {}, {})
         self._heard_memo: dict[Key, tuple[StoredReport, Optional[datetime], StoredReport]] = {}
-        # (trace, uid) -> the reports whose agent asked for a privileged one (the auto security
-        # mode, privilege.py): few, kept with every change, so a pass finds them without
-        # going over every report of the trace.
-        self._asking: dict[tuple[str, str], dict[Key, StoredReport]] = {}
 
     def _observe(self, kind: str, obj: dict[str, Any], deleted: bool) -> None:
         item = None if deleted else self.KINDS[kind](obj)
@@ -119,49 +158,34 @@ class ReportIndex:
             else:
                 self._tables[kind][key] = item
                 if kind == "reports":
-                    self._index(key, item)
+                    self._idx.add(key, item)
 
     def _replace(self, kind: str, objs: Iterable[dict[str, Any]]) -> None:
-        """After a (re)list: exactly these."""
+        """After a (re)list: exactly these. The reports' indexes are built before the lock is
+        taken (25,000 reports take seconds to sum), so passes and events wait only for the swap."""
         items = {_key(obj): item for obj in objs if (item := self.KINDS[kind](obj)) is not None}
+        indexes = _Indexes.of(items) if kind == "reports" else None
         with self._lock:
             self._tables[kind] = items
-            if kind == "reports":
-                self._by_trace, self._tallies, self._heard_memo, self._asking = {}, {}, {}, {}
-                for key, report in items.items():
-                    self._index(key, report)
+            if indexes is not None:
+                self._idx, self._heard_memo = indexes, {}
             self.events += 1
             self._listed.add(kind)
             if self._listed >= set(self.KINDS):
                 self.synced.set()
 
-    def _index(self, key: Key, report: StoredReport) -> None:
-        self._by_trace.setdefault(report.trace, {})[key] = report
-        for uid in report.owner_uids:
-            self._tallies.setdefault((report.trace, uid), TraceTally()).put(report.entry)
-            if report.entry.needs_privileged:
-                self._asking.setdefault((report.trace, uid), {})[key] = report
+    def reset(self) -> None:
+        """A new leadership term: not synced until both kinds are listed again (what the last
+        term saw may be long gone); the entries stay until those lists replace them."""
+        with self._lock:
+            self._listed.clear()
+            self.synced.clear()
 
     def _unindex(self, key: Key) -> None:
         old = self._tables["reports"].get(key)
-        if old is None:
-            return
-        reports = self._by_trace.get(old.trace, {})
-        reports.pop(key, None)
-        if not reports:
-            self._by_trace.pop(old.trace, None)
-        for uid in old.owner_uids:
-            tally = self._tallies.get((old.trace, uid))
-            if tally is not None:
-                tally.drop(old.entry.node)
-                if not len(tally):
-                    del self._tallies[(old.trace, uid)]
-            asking = self._asking.get((old.trace, uid))
-            if asking is not None:
-                asking.pop(key, None)
-                if not asking:
-                    del self._asking[(old.trace, uid)]
-        self._heard_memo.pop(key, None)
+        if old is not None:
+            self._idx.remove(key, old)
+            self._heard_memo.pop(key, None)
 
     def observe(self, obj: dict[str, Any], deleted: bool = False) -> None:
         self._observe("reports", obj, deleted)
@@ -199,8 +223,8 @@ class ReportIndex:
         """for_trace's reports and, with top_n, the sums of those same reports (one moment)."""
         with self._lock:
             found = [self._heard(key, r) if heartbeats else r
-                     for key, r in self._by_trace.get(trace, {}).items() if uid in r.owner_uids]
-            tally = self._tallies.get((trace, uid))
+                     for key, r in self._idx.by_trace.get(trace, {}).items() if uid in r.owner_uids]
+            tally = self._idx.tallies.get((trace, uid))
             sums = (tally or TraceTally()).snapshot(top_n) if top_n > 0 else None
         return sorted(found, key=lambda r: r.entry.node), sums
 
@@ -208,7 +232,7 @@ class ReportIndex:
         """The entries of this very trace's reports whose agent asked for a privileged one
         (needsPrivileged), by node name."""
         with self._lock:
-            found = [r.entry for r in self._asking.get((trace, uid), {}).values()]
+            found = [r.entry for r in self._idx.asking.get((trace, uid), {}).values()]
         return sorted(found, key=lambda e: e.node)
 
     def __len__(self) -> int:

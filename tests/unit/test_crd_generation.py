@@ -67,10 +67,10 @@ def test_crd_identity_scope_names_and_status_subresource():
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
 
 
-def test_nodes_and_conditions_are_list_maps_keyed_by_node_and_type():
+def test_node_rows_are_one_atomic_list_and_conditions_a_list_map_keyed_by_type():
     status = _schema()["properties"]["status"]["properties"]
-    assert status["nodes"]["x-kubernetes-list-type"] == "map"
-    assert status["nodes"]["x-kubernetes-list-map-keys"] == ["node"]
+    assert status["nodes"]["x-kubernetes-list-type"] == "atomic"
+    assert "x-kubernetes-list-map-keys" not in status["nodes"]
     assert "node" in status["nodes"]["items"]["required"]
     assert status["conditions"]["x-kubernetes-list-type"] == "map"
     assert status["conditions"]["x-kubernetes-list-map-keys"] == ["type"]

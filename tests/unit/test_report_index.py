@@ -100,3 +100,42 @@ def test_the_reports_asking_for_privileged_agents_are_kept_per_trace_through_any
         for t, u in owners:
             scanned = [r.entry for r in index.for_trace(t, u, heartbeats=False) if r.entry.needs_privileged]
             assert index.asking_privileged(t, u) == scanned, f"step {step}"
+
+
+def test_a_new_leadership_term_is_not_synced_until_both_kinds_are_listed_again():
+    index = ReportIndex()
+    index.replace([report("a")])
+    index.replace_heartbeats([])
+    assert index.synced.is_set()
+    index.reset()   # what the last term saw may be long gone
+    assert not index.synced.is_set()
+    index.replace([report("b")])
+    assert not index.synced.is_set()
+    index.replace_heartbeats([])
+    assert index.synced.is_set() and set(heard(index)) == {"b"}
+
+
+def test_a_pass_reads_the_index_while_a_relist_is_being_summed(monkeypatch):
+    """Summing 25,000 listed reports takes seconds: a pass must not wait for it (it would
+    stall the operator's event loop), only for the swap."""
+    import threading
+
+    from retransmit_operator import reportindex
+
+    index = ReportIndex()
+    index.replace([report("a")])
+    index.replace_heartbeats([])
+    read_meanwhile: list[set[str]] = []
+    build = reportindex._Indexes.of
+
+    def slow_build(reports):
+        reader = threading.Thread(target=lambda: read_meanwhile.append(set(heard(index))))
+        reader.start()
+        reader.join(timeout=30)
+        assert not reader.is_alive(), "the pass waited for the relist's sums"
+        return build(reports)
+
+    monkeypatch.setattr(reportindex._Indexes, "of", slow_build)
+    index.replace([report("a"), report("b")])
+    assert read_meanwhile == [{"a"}]   # the old index, whole, while the new one was summed
+    assert set(heard(index)) == {"a", "b"}
