@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from datetime import datetime, timedelta
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 from retransmit_core.api import (
     MAX_NODE_ROWS,
@@ -33,7 +33,7 @@ from retransmit_core.ranking import pod_key
 
 from .paths import UNKNOWN, Places, path_matrix
 from .remotenames import ClusterNames
-from .tally import Tally, TraceTally
+from .tally import RemoteEnd, Tally, TraceTally
 
 # Entries whose agent counts: Running while the trace runs, Completed after its final report.
 REPORTING_PHASES = frozenset({Phase.RUNNING.value, Phase.COMPLETED.value})
@@ -69,19 +69,22 @@ def attributed_flows(chosen: Iterable[tuple[str, Flow]], pods: Optional[PodLooku
     }) for node, flow in chosen]
 
 
-def summary_services(nodes: Iterable[NodeStatus], names: Optional[ClusterNames], top_n: int) -> list[ServiceCount]:
+def summary_services(remote_ends: Mapping[RemoteEnd, int], names: Optional[ClusterNames], top_n: int) -> list[ServiceCount]:
     """Services as remote ends: the retransmits of every node's top flows towards each one
-    (its addresses or NodePorts), busiest first. Only flows that can be a Service's are named."""
+    (its addresses or NodePorts; `remote_ends` as the tally sums them), busiest first. Only
+    ends that can be a Service's are named."""
     if names is None or not len(names.services):
         return []
     counts: Counter[tuple[str, str]] = Counter()
-    for node in nodes:
-        for flow in node.top_flows:
-            if not (flow.remote.service or names.services.may_name(flow.remote.ip, flow.remote.port)):
-                continue   # the common case at 5,000 nodes: no address parsing per flow per pass
-            remote = flow.remote if flow.remote.service else names.remote(flow.remote)
-            if remote.service:
-                counts[(remote.namespace or "", remote.service)] += flow.retransmits + flow.synack_retransmits
+    for end, n in remote_ends.items():
+        ip, port, pod, namespace, service, node = end
+        if not (service or names.services.may_name(ip, port)):
+            continue   # the common case: a set lookup, no address parsing
+        if not service:
+            named = names.remote(Endpoint(ip=ip, port=port, pod=pod, namespace=namespace, node=node))
+            service, namespace = named.service, named.namespace
+        if service:
+            counts[(namespace or "", service)] += n
     ranked = sorted(counts.items(), key=lambda item: pod_key(item[1], *item[0]))[:top_n]
     return [ServiceCount(namespace=ns, service=name, retransmits=n) for (ns, name), n in ranked]
 
@@ -165,7 +168,7 @@ def aggregate_summary(nodes: list[NodeStatus], nodes_desired: int, top_n: int, p
         top_flows=flows,
         top_drops=sums.top_drops,
         top_pods=sums.top_pods[:top_n],
-        top_services=summary_services(nodes, names, top_n),
+        top_services=summary_services(sums.remote_ends, names, top_n),
         by_state=sums.by_state,
         nodes_not_listed=nodes_not_listed,
         by_node_pair=matrix.by_node_pair if matrix else [],

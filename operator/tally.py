@@ -22,6 +22,14 @@ from retransmit_core.api import MAX_DROP_ROWS, Flow, FlowTuple, NodeDropCount, N
 from retransmit_core.ranking import flow_key, pod_key
 
 PodName = tuple[str, str]   # (namespace, pod)
+# A flow's remote end as its agent wrote it: ip, port, and the pod, namespace, Service and node
+# the agent named (what the operator's naming of remote ends starts from).
+RemoteEnd = tuple[str, int, Optional[str], Optional[str], Optional[str], Optional[str]]
+
+
+def remote_end(flow: Flow) -> RemoteEnd:
+    r = flow.remote
+    return (r.ip, r.port, r.pod, r.namespace, r.service, r.node)
 
 
 def reversed_tuple(flow: Flow) -> FlowTuple:
@@ -63,6 +71,7 @@ class Tally:
     top_flows: list[tuple[str, Flow]]  # (node, flow) busiest first, top_n; peerDrops set, not attributed yet
     top_drops: list[NodeDropCount]   # (node, reason) busiest first
     counting_drops: frozenset[str]   # nodes whose kernels count drops (their reports have `drops`)
+    remote_ends: dict[RemoteEnd, int]  # every node's top flows' retransmits (skb and SYN-ACK) by remote end
 
 
 class TraceTally:
@@ -88,6 +97,9 @@ class TraceTally:
         self._inbound_drops: dict[FlowTuple, dict[str, int]] = {}   # a dropped flow, from the dropping end -> by reason
         self._node_drops: dict[tuple[str, str], int] = {}           # (node, reason) -> drops
         self._counting_drops: set[str] = set()
+        # Kept per report, so Services are ranked from the distinct remote ends (each named once
+        # per pass), not from 50,000 flows at 5,000 nodes (a third of a second per pass, profiled).
+        self._remote_ends: dict[RemoteEnd, int] = {}
 
     @classmethod
     def of(cls, nodes: Iterable[NodeStatus]) -> "TraceTally":
@@ -143,6 +155,13 @@ class TraceTally:
                 total.nodes.pop(entry.node, None)
             if total.listings <= 0:
                 del self._pods[key]
+        for flow in entry.top_flows:
+            end = remote_end(flow)
+            left = self._remote_ends.get(end, 0) + sign * (flow.retransmits + flow.synack_retransmits)
+            if left:
+                self._remote_ends[end] = left
+            else:
+                self._remote_ends.pop(end, None)
         if entry.drops is not None:
             (self._counting_drops.add if sign > 0 else self._counting_drops.discard)(entry.node)
         for reason, n in (entry.drops_by_reason or {}).items():
@@ -226,6 +245,7 @@ class TraceTally:
             top_flows=self.top_flows(top_n),
             top_drops=self.top_drops(),
             counting_drops=frozenset(self._counting_drops),
+            remote_ends=dict(self._remote_ends),
         )
 
 

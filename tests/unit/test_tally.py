@@ -5,6 +5,7 @@ the report index keeps one tally per trace and uid from its watch events."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -13,7 +14,7 @@ from retransmit_core.api import Endpoint, Flow, NodeStatus, PodCount
 from retransmit_core.naming import report_object
 from retransmit_operator.aggregate import aggregate_summary
 from retransmit_operator.reportindex import ReportIndex
-from retransmit_operator.tally import TraceTally
+from retransmit_operator.tally import TraceTally, remote_end
 
 pytestmark = pytest.mark.unit
 
@@ -23,7 +24,8 @@ NS = "retransmit-system"
 
 def random_entry(rng: random.Random, node: str) -> NodeStatus:
     flows = [Flow(family="IPv4", local=Endpoint(ip=f"10.0.{rng.randrange(4)}.{rng.randrange(1, 9)}", port=rng.randrange(30000, 30010)),
-                  remote=Endpoint(ip=f"10.1.0.{rng.randrange(1, 9)}", port=443), retransmits=rng.randrange(0, 6),
+                  remote=Endpoint(ip=f"10.1.0.{rng.randrange(1, 9)}", port=443, service=rng.choice([None, "web"])),
+                  retransmits=rng.randrange(0, 6),
                   synack_retransmits=rng.randrange(0, 2), last_seen=NOW - timedelta(seconds=rng.randrange(3)))
              for _ in range(rng.randrange(0, 5))]
     pods = [PodCount(namespace=f"ns-{rng.randrange(3)}", pod=f"pod-{rng.randrange(5)}",
@@ -61,8 +63,14 @@ def test_kept_sums_equal_sums_from_scratch_after_any_changes(seed):
         reports = sorted(current.values(), key=lambda e: e.node)
         for top_n in (1, 3, 50):
             from_scratch = aggregate_summary(reports, len(nodes), top_n, None)
-            incremental = aggregate_summary(reports, len(nodes), top_n, None, tally=kept.snapshot(top_n))
+            snapshot = kept.snapshot(top_n)
+            incremental = aggregate_summary(reports, len(nodes), top_n, None, tally=snapshot)
             assert sums(incremental) == sums(from_scratch)
+            ends = Counter()   # what topServices is ranked from: every listed flow, by remote end
+            for e in reports:
+                for f in e.top_flows:
+                    ends[remote_end(f)] += f.retransmits + f.synack_retransmits
+            assert snapshot.remote_ends == {end: n for end, n in ends.items() if n}
             known = [e for e in reports if e.out_segs is not None]
             assert (incremental.out_segs, incremental.retrans_segs) == (
                 (sum(e.out_segs for e in known), sum(e.retrans_segs for e in known)) if known else (None, None))
@@ -72,7 +80,8 @@ def test_kept_sums_equal_sums_from_scratch_after_any_changes(seed):
     for node in nodes:
         kept.drop(node)
     empty = kept.snapshot(10)
-    assert (empty.retransmits, empty.by_state, empty.top_pods, empty.top_flows, empty.missed_events) == (0, {}, [], [], None)
+    assert (empty.retransmits, empty.by_state, empty.top_pods, empty.top_flows, empty.missed_events,
+            empty.remote_ends) == (0, {}, [], [], None, {})
 
 
 NODES = [f"node-{i}" for i in range(8)]
