@@ -151,12 +151,32 @@ class OperatorProcess:
             return False
 
     def metrics(self) -> dict[str, float]:
-        """The operator's own unlabelled series (pass counts and times), from its /metrics."""
+        """The operator's own unlabelled series (pass counts and times) and its histograms'
+        buckets (as name{le}), from its /metrics."""
         from prometheus_client.parser import text_string_to_metric_families
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
             text = r.read().decode()
-        return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
+        return {s.name + (f"{{{s.labels['le']}}}" if s.labels else ""): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples
+                if not s.labels or set(s.labels) == {"le"}}
+
+
+def operator_window(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the operator did between two reads of its /metrics: its sync passes, one trace's
+    reconcile (the mean), and the garbage collector's pauses (every thread stops for them)."""
+    delta = lambda key: after.get(key, 0.0) - before.get(key, 0.0)  # noqa: E731
+    out: dict[str, Any] = {}
+    for key, series in (("operator_pass_mean_s", "rtrace_operator_reconcile_seconds"),
+                        ("operator_sync_pass_mean_s", "rtrace_operator_sync_pass_seconds")):
+        if delta(f"{series}_count"):
+            out[key] = delta(f"{series}_sum") / delta(f"{series}_count")
+    out["operator_sync_passes_over_2s"] = delta("rtrace_operator_sync_pass_seconds_count") - delta(
+        "rtrace_operator_sync_pass_seconds_bucket{2.0}")
+    out["operator_gc_pause_s"] = delta("rtrace_operator_gc_pause_seconds_sum")
+    out["operator_gc_pauses_over_0.5s"] = delta("rtrace_operator_gc_pause_seconds_count") - delta(
+        "rtrace_operator_gc_pause_seconds_bucket{0.5}")
+    return out
 
     def stop(self) -> None:
         end_process(self.proc, grace=30)
@@ -366,11 +386,7 @@ def run_shared(traces: int = 5, nodes: int = 5000, window: float = 60.0, log=pri
             # this process (the simulated agents' requests, which on a cluster run on their nodes).
             others = {"etcd": cp.component("etcd").proc.pid, "operator": operator.proc.pid, "bench": os.getpid()}
             out.update(shared_window(admin, cp.component("kube-apiserver").proc.pid, groups, window, agents, others))
-            passes = {k: operator.metrics()[k] - passes_before.get(k, 0.0)
-                      for k in ("rtrace_operator_reconcile_seconds_sum", "rtrace_operator_reconcile_seconds_count")}
-            if passes["rtrace_operator_reconcile_seconds_count"]:
-                out["operator_pass_mean_s"] = (passes["rtrace_operator_reconcile_seconds_sum"]
-                                               / passes["rtrace_operator_reconcile_seconds_count"])
+            out.update(operator_window(passes_before, operator.metrics()))
             now = datetime.now(timezone.utc)
             ages, bounds = [], set()
             for name in names:
@@ -386,6 +402,9 @@ def run_shared(traces: int = 5, nodes: int = 5000, window: float = 60.0, log=pri
                 f"{out['agent_writes_failed']}/{out['agent_writes']} failed, API server {out['apiserver_cpu_percent']:.0f}% CPU, "
                 f"lag p50 {out['aggregation_lag_p50_s']:.2f} s p99 {out['aggregation_lag_p99_s']:.2f} s "
                 f"({out['aggregation_lag_samples']} samples; after the write p99 {out['aggregation_lag_after_write_p99_s']:.2f} s), "
+                f"sync pass {out.get('operator_sync_pass_mean_s', float('nan')):.2f} s "
+                f"({out['operator_sync_passes_over_2s']:.0f} over 2 s), GC pauses {out['operator_gc_pause_s']:.1f} s "
+                f"({out['operator_gc_pauses_over_0.5s']:.0f} over 0.5 s), "
                 f"operator {out['operator_cpu_percent']:.0f}%, etcd {out['etcd_cpu_percent']:.0f}%, "
                 f"bench {out['bench_cpu_percent']:.0f}% CPU, operator pass {out.get('operator_pass_mean_s', float('nan')):.2f} s, "
                 f"report age max {out['report_age_max_s']:.1f} s (bound {sorted(bounds)} s)")
@@ -463,11 +482,7 @@ def scale(admin: Any, custom: Any, apiserver: int, trace: str, namespace: str, c
                 point["summary_wait_error"] = str(e)
             passes_before = operator_metrics()
             point.update(schedule_window(admin, apiserver, watch, nodes[:n], writers[:n], window))
-            passes = {k: operator_metrics()[k] - passes_before.get(k, 0.0)
-                      for k in ("rtrace_operator_reconcile_seconds_sum", "rtrace_operator_reconcile_seconds_count")}
-            if passes["rtrace_operator_reconcile_seconds_count"]:
-                point["operator_pass_mean_s"] = (passes["rtrace_operator_reconcile_seconds_sum"]
-                                                 / passes["rtrace_operator_reconcile_seconds_count"])
+            point.update(operator_window(passes_before, operator_metrics()))
             ages = freshness(custom, namespace, trace, uid)
             obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, trace)
             sizes = object_sizes(obj)

@@ -5,7 +5,12 @@ Each operator instance has its own registry, so several can live in one process 
 Metrics:
 - rtrace_operator_reconciles_total{trigger,result}: passes over a trace (create, resume,
   update, sync) and how they ended (ok, api_error, error).
-- rtrace_operator_reconcile_seconds: time per pass.
+- rtrace_operator_reconcile_seconds: time per pass over one trace.
+- rtrace_operator_sync_pass_seconds: time per sync pass over every trace (the traces run
+  concurrently; a busy node's write waits up to one pass plus the sync interval).
+- rtrace_operator_gc_pause_seconds: the Python garbage collector's pauses while /metrics is
+  served. Every thread stops for them; a full collection goes over every object the operator
+  holds (millions with 25,000 reports), so a long one shows as summary lag.
 - rtrace_operator_status_writes_total: server-side applies of a trace's status (only when
   something changed).
 - rtrace_operator_daemonset_applies_total: DaemonSet creations and rolls.
@@ -18,6 +23,8 @@ Metrics:
 
 from __future__ import annotations
 
+import gc
+import time
 from typing import Optional, Protocol
 
 from aiohttp import web
@@ -29,6 +36,8 @@ PHASES = ("Pending", "Running", "Completed", "Failed", "Unknown")
 # `or vector(0)`.
 RECONCILE_TRIGGERS = ("create", "resume", "update", "sync")
 RECONCILE_RESULTS = ("ok", "api_error", "error")
+PASS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
+GC_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
 
 class Liveness(Protocol):
@@ -51,6 +60,11 @@ class OperatorMetrics:
         self.events = Counter("rtrace_operator_events", "Kubernetes Events posted", ["reason"], registry=r)
         self.traces = Gauge("rtrace_operator_traces", "Traces by phase at the last sync", ["phase"], registry=r)
         self.sync_passes = Counter("rtrace_operator_sync_passes", "Completed passes over every known trace", registry=r)
+        self.sync_pass_seconds = Histogram("rtrace_operator_sync_pass_seconds", "Time per sync pass over every trace",
+                                           buckets=PASS_BUCKETS, registry=r)
+        self.gc_pause_seconds = Histogram("rtrace_operator_gc_pause_seconds", "Python garbage collector pauses",
+                                          buckets=GC_BUCKETS, registry=r)
+        self._gc_started: Optional[float] = None
         self.api_requests = Counter("rtrace_operator_api_requests", "Kubernetes API requests (not kopf's watches)",
                                     ["operation", "code"], registry=r)
         self.pod_index_addresses = Gauge("rtrace_operator_pod_index_addresses", "Pod IPs in the attribution index", registry=r)
@@ -62,6 +76,13 @@ class OperatorMetrics:
     def set_traces(self, by_phase: dict[str, int]) -> None:
         for phase in PHASES:
             self.traces.labels(phase=phase).set(by_phase.get(phase, 0))
+
+    def _gc_phase(self, phase: str, _info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_pause_seconds.observe(time.perf_counter() - self._gc_started)
+            self._gc_started = None
 
     async def serve(self, port: int, reconciler: Liveness, host: str = "0.0.0.0") -> None:
         async def metrics(_: web.Request) -> web.Response:
@@ -82,8 +103,11 @@ class OperatorMetrics:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
+        gc.callbacks.append(self._gc_phase)
 
     async def stop(self) -> None:
+        if self._gc_phase in gc.callbacks:
+            gc.callbacks.remove(self._gc_phase)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

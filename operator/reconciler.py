@@ -458,8 +458,9 @@ class Reconciler:
         """One pass over every known trace, SYNC_CONCURRENCY traces at a time: one trace's
         slow API call (a large status write to a busy API server) does not hold the others'
         summaries back. One trace's failure does not stop the others."""
+        started = time.monotonic()
         self._pass_daemonsets = {}
-        self.places.begin_pass(time.monotonic())
+        self.places.begin_pass(started)
         gate = asyncio.Semaphore(SYNC_CONCURRENCY)
 
         async def one(name: str, body: dict[str, Any]) -> str:
@@ -486,6 +487,7 @@ class Reconciler:
         self.metrics.pod_index_addresses.set(len(self.pods))
         self.metrics.sync_passes.inc()
         self.last_sync = time.monotonic()
+        self.metrics.sync_pass_seconds.observe(self.last_sync - started)
 
     async def share_agent_count(self, read: list[dict[str, Any]]) -> None:
         """Write the cluster's agent count (every running trace's, together) on every agents'

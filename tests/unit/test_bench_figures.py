@@ -95,3 +95,21 @@ def test_a_simulated_node_writes_a_valid_full_size_entry_that_only_grows():
 def test_simulated_nodes_differ_from_each_other():
     a, b = SyntheticNode("a", seed=1).next_entry(), SyntheticNode("b", seed=2).next_entry()
     assert {f.local.ip for f in a.top_flows}.isdisjoint({f.local.ip for f in b.top_flows})
+
+
+def test_the_operators_window_figures_come_from_its_metrics_deltas():
+    from bench.controlplane_bench import operator_window
+
+    before = {"rtrace_operator_reconcile_seconds_sum": 10.0, "rtrace_operator_reconcile_seconds_count": 100,
+              "rtrace_operator_sync_pass_seconds_sum": 5.0, "rtrace_operator_sync_pass_seconds_count": 20,
+              "rtrace_operator_sync_pass_seconds_bucket{2.0}": 20,
+              "rtrace_operator_gc_pause_seconds_sum": 1.0, "rtrace_operator_gc_pause_seconds_count": 50,
+              "rtrace_operator_gc_pause_seconds_bucket{0.5}": 50}
+    after = {"rtrace_operator_reconcile_seconds_sum": 16.0, "rtrace_operator_reconcile_seconds_count": 110,
+             "rtrace_operator_sync_pass_seconds_sum": 9.0, "rtrace_operator_sync_pass_seconds_count": 24,
+             "rtrace_operator_sync_pass_seconds_bucket{2.0}": 23,
+             "rtrace_operator_gc_pause_seconds_sum": 3.5, "rtrace_operator_gc_pause_seconds_count": 60,
+             "rtrace_operator_gc_pause_seconds_bucket{0.5}": 59}
+    assert operator_window(before, after) == {
+        "operator_pass_mean_s": 0.6, "operator_sync_pass_mean_s": 1.0, "operator_sync_passes_over_2s": 1,
+        "operator_gc_pause_s": 2.5, "operator_gc_pauses_over_0.5s": 1}

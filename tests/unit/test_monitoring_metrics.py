@@ -123,3 +123,33 @@ def test_every_reconcile_outcome_exists_at_zero_before_the_first_pass():
     reconciles = {(s.labels["trigger"], s.labels["result"]): s.value for f in families for s in f.samples
                   if s.name == "rtrace_operator_reconciles_total"}
     assert reconciles == {(t, r): 0 for t in RECONCILE_TRIGGERS for r in RECONCILE_RESULTS}
+
+
+def test_the_garbage_collectors_pauses_are_observed_while_the_operator_serves_and_not_after():
+    import asyncio
+    import gc
+
+    from tests.harness.controlplane import free_port
+
+    class Idle:
+        last_sync = None
+
+        def healthy(self) -> bool:
+            return True
+
+    metrics = OperatorMetrics()
+    paused = lambda: metrics.registry.get_sample_value("rtrace_operator_gc_pause_seconds_count")  # noqa: E731
+
+    async def serve_then_stop() -> tuple[float, float]:
+        await metrics.serve(free_port(), Idle(), host="127.0.0.1")
+        before = paused()
+        gc.collect()
+        during = paused() - before
+        await metrics.stop()
+        return before, during
+
+    before, during = asyncio.run(serve_then_stop())
+    assert during >= 1   # the full collection, timed
+    after = paused()
+    gc.collect()
+    assert paused() == after   # stopped: no callback left behind
