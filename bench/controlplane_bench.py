@@ -161,6 +161,9 @@ class OperatorProcess:
                 for fam in text_string_to_metric_families(text) for s in fam.samples
                 if not s.labels or set(s.labels) == {"le"}}
 
+    def stop(self) -> None:
+        end_process(self.proc, grace=30)
+
 
 def operator_window(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """What the operator did between two reads of its /metrics: its sync passes, one trace's
@@ -177,9 +180,6 @@ def operator_window(before: dict[str, float], after: dict[str, float]) -> dict[s
     out["operator_gc_pauses_over_0.5s"] = delta("rtrace_operator_gc_pause_seconds_count") - delta(
         "rtrace_operator_gc_pause_seconds_bucket{0.5}")
     return out
-
-    def stop(self) -> None:
-        end_process(self.proc, grace=30)
 
 
 def _watch_summaries(kubeconfig: str, trace: str, out: Any, stop: Any) -> None:

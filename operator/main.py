@@ -24,6 +24,7 @@ import kopf
 from kubernetes.config import ConfigException
 
 from .handlers import kopf_settings, register_handlers
+from .heap import Heap
 from .kube import KubeApi, client_configuration
 from .leader import LeaderElection
 from .metrics import OperatorMetrics
@@ -45,7 +46,9 @@ def operator_identity() -> str:
 
 async def run(settings: Settings, *, ready_flag: Optional[threading.Event] = None,
               stop_flag: Optional[threading.Event] = None,
-              on_registered: Optional[Callable[[Reconciler], None]] = None) -> None:
+              on_registered: Optional[Callable[[Reconciler], None]] = None, tend_heap: bool = False) -> None:
+    """Run until stopped. `tend_heap`: this process is the operator's own, so it may freeze
+    its long-lived heap (heap.py) to keep garbage-collector pauses short."""
     registry = kopf.OperatorRegistry()
     metrics = OperatorMetrics()
     kube = KubeApi(client_configuration(settings.kubeconfig), metrics)
@@ -57,6 +60,7 @@ async def run(settings: Settings, *, ready_flag: Optional[threading.Event] = Non
     election = LeaderElection(kube.client, settings.namespace, f"{operator_identity()}/{uuid.uuid4().hex[:8]}")
     http = (asyncio.create_task(metrics.serve(settings.metrics_port, reconciler), name="rtrace-http")
             if settings.metrics_port else None)
+    heap = asyncio.create_task(Heap().tend_forever(), name="rtrace-heap") if tend_heap else None
     try:
         # Lead until stopped; a leader that could not renew its Lease (an API server outage,
         # a partition) stops acting at once and stands by again, like a replica that just
@@ -85,6 +89,8 @@ async def run(settings: Settings, *, ready_flag: Optional[threading.Event] = Non
                 return   # stopped (stop_flag, or SIGTERM handled by kopf)
             log.warning("standing by after losing the Lease %s/%s", settings.namespace, election.name)
     finally:
+        if heap is not None:
+            heap.cancel()
         if http is not None:
             http.cancel()
             await metrics.stop()
@@ -160,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if settings.log_level != "DEBUG":
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     try:
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, tend_heap=True))
     except KeyboardInterrupt:
         pass
     return 0
