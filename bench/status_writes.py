@@ -93,7 +93,7 @@ def measure(custom: Any, apiserver: int, name: str, keyed: bool, status: dict, r
             if e.status == 422:
                 return False
             raise
-        return ('k:{"node"' in json.dumps(stored["metadata"]["managedFields"])) == keyed
+        return ('"k:{' in json.dumps(stored["metadata"]["managedFields"])) == keyed   # a row's key
 
     wait_until(in_layout, f"the API server to keep {name}'s rows as its CRD says")
     latencies = []
