@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from retransmit_core.api import MAX_DROP_ROWS, Flow, FlowTuple, NodeDropCount, NodeStatus, PodCount, add_counts, flow_tuple
 from retransmit_core.ranking import flow_key, pod_key
@@ -156,16 +156,11 @@ class TraceTally:
             if total.listings <= 0:
                 del self._pods[key]
         for flow in entry.top_flows:
-            end = remote_end(flow)
-            left = self._remote_ends.get(end, 0) + sign * (flow.retransmits + flow.synack_retransmits)
-            if left:
-                self._remote_ends[end] = left
-            else:
-                self._remote_ends.pop(end, None)
+            _add_count(self._remote_ends, remote_end(flow), sign * (flow.retransmits + flow.synack_retransmits))
         if entry.drops is not None:
             (self._counting_drops.add if sign > 0 else self._counting_drops.discard)(entry.node)
         for reason, n in (entry.drops_by_reason or {}).items():
-            _add_counts(self._node_drops, {(entry.node, reason): n}, sign)
+            _add_count(self._node_drops, (entry.node, reason), sign * n)
         for dropped in entry.dropped_flows or ():
             if dropped.inbound:
                 key = (str(dropped.family), dropped.local.ip, dropped.local.port, dropped.remote.ip, dropped.remote.port)
@@ -249,13 +244,18 @@ class TraceTally:
         )
 
 
-def _add_counts(into: dict[str, int], counts: dict[str, int], sign: int) -> None:
+def _add_counts(into: dict, counts: dict, sign: int) -> None:
     for key, n in counts.items():
-        left = into.get(key, 0) + sign * n
-        if left:
-            into[key] = left
-        else:
-            into.pop(key, None)
+        _add_count(into, key, sign * n)
+
+
+def _add_count(into: dict, key: Any, n: int) -> None:
+    """into[key] += n; a key whose count reaches 0 is removed (nothing left behind)."""
+    left = into.get(key, 0) + n
+    if left:
+        into[key] = left
+    else:
+        into.pop(key, None)
 
 
 def _no_lower(keys: Optional[dict[FlowTuple, tuple]], flow: Flow, key: tuple) -> bool:
